@@ -1,0 +1,210 @@
+//! [`BlockDevice`]: what a guest sees — a virtual disk of fixed size made of logical sectors.
+//!
+//! Every method takes `&self`; implementations are `Send + Sync` and lock inside so that many
+//! queues can do I/O at once. Offsets and lengths must be multiples of the logical sector size
+//! (use [`check_request`] at the top of each method); the byte-granular helpers
+//! [`read_bytes`] and [`write_bytes`] do read-modify-write for callers such as a CLI.
+//!
+//! [`BlockDevice::block_status`] reports what lies at an offset — data, zeros, or nothing
+//! (fall through to a parent) — so that copy, convert, merge and mirror can skip holes and a
+//! differencing chain can find the sectors a layer lacks.
+
+use std::io::{IoSlice, IoSliceMut};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Static facts about a [`BlockDevice`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// Size of the virtual disk in bytes (a multiple of `logical_sector_size`).
+    pub virtual_size: u64,
+    /// Logical sector size in bytes (512 or 4096): the unit of addressing.
+    pub logical_sector_size: u32,
+    /// Physical sector size in bytes: the unit below which writes are read-modify-write.
+    pub physical_sector_size: u32,
+    /// `true` if writes are refused.
+    pub read_only: bool,
+    /// A stable identity of the disk when the format has one (VHDX disk id, VHD unique id).
+    pub disk_id: Option<uuid::Uuid>,
+    /// Short name of the format ("raw", "vhd", "vhdx", ...).
+    pub format: &'static str,
+}
+
+impl DiskInfo {
+    /// Info for a writable disk of `virtual_size` bytes with 512-byte sectors.
+    pub fn new(format: &'static str, virtual_size: u64) -> Self {
+        DiskInfo {
+            virtual_size,
+            logical_sector_size: 512,
+            physical_sector_size: 512,
+            read_only: false,
+            disk_id: None,
+            format,
+        }
+    }
+}
+
+/// What a run of a disk holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BlockStatus {
+    /// Data stored in this layer (may happen to be zeros).
+    Data,
+    /// Reads as zeros, known without reading (a hole, a ZERO block, an unmapped block).
+    Zero,
+    /// Not present in this layer: a differencing layer's parent supplies it; a base layer
+    /// reads it as zeros.
+    Unallocated,
+}
+
+/// One run of [`BlockStatus`] as reported by [`BlockDevice::block_status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusRun {
+    /// What the run holds.
+    pub status: BlockStatus,
+    /// Length of the run in bytes, at least one sector and at most the length asked.
+    pub len: u64,
+    /// Where the run's data lies in the container file, when it is `Data` stored contiguously.
+    pub file_offset: Option<u64>,
+}
+
+/// A virtual disk.
+pub trait BlockDevice: Send + Sync {
+    /// Static facts: size, sector sizes, read-only, identity.
+    fn info(&self) -> DiskInfo;
+
+    /// Reads `buf.len()` bytes at `offset` (both sector-aligned).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Writes `buf` at `offset` (both sector-aligned).
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+
+    /// Scatter read: fills `bufs` in order from `offset`. The total length must be
+    /// sector-aligned; single buffers need not be.
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut tmp = vec![0u8; total];
+        self.read_at(&mut tmp, offset)?;
+        let mut pos = 0;
+        for b in bufs.iter_mut() {
+            let n = b.len();
+            b.copy_from_slice(&tmp[pos..pos + n]);
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Gather write: writes `bufs` in order from `offset`. The total length must be
+    /// sector-aligned; single buffers need not be.
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        let tmp: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+        self.write_at(&tmp, offset)
+    }
+
+    /// Makes `[offset, offset+len)` read as zeros. With `unmap` the device may release the
+    /// space (as a discard that guarantees zeros); without it the space stays allocated.
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()>;
+
+    /// Hints that `[offset, offset+len)` is no longer needed. Afterwards the range reads as
+    /// zeros or as its old contents (formats here always give zeros or the parent's data).
+    fn discard(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<()>;
+
+    /// Reports the run starting at `offset` (sector-aligned), looking at most `len` bytes.
+    fn block_status(&self, offset: u64, len: u64) -> Result<StatusRun>;
+}
+
+/// Checks that `[offset, offset+len)` is sector-aligned for `info` and inside the disk, and, for
+/// writes, that the disk is writable.
+pub fn check_request(info: &DiskInfo, offset: u64, len: u64, write: bool) -> Result<()> {
+    if write && info.read_only {
+        return Err(Error::new(ErrorKind::ReadOnly, "the disk is read-only"));
+    }
+    let sector = u64::from(info.logical_sector_size.max(1));
+    if offset % sector != 0 || len % sector != 0 {
+        return Err(Error::new(
+            ErrorKind::Unaligned,
+            format!("request {offset}+{len} is not aligned to {sector}-byte sectors"),
+        ));
+    }
+    crate::storage::check_bounds(offset, len, info.virtual_size).map(|_| ())
+}
+
+/// The aligned span `[start, end)` covering `[offset, offset+len)` for `sector`.
+fn aligned_span(offset: u64, len: u64, sector: u64) -> Result<(u64, u64)> {
+    let end = offset
+        .checked_add(len)
+        .ok_or_else(|| Error::new(ErrorKind::OutOfRange, "offset overflows u64"))?;
+    let start = offset - offset % sector;
+    let rem = end % sector;
+    let end = if rem == 0 {
+        end
+    } else {
+        end.checked_add(sector - rem)
+            .ok_or_else(|| Error::new(ErrorKind::OutOfRange, "offset overflows u64"))?
+    };
+    Ok((start, end))
+}
+
+/// Reads any byte range of `dev`, widening to sector boundaries internally.
+pub fn read_bytes(dev: &dyn BlockDevice, buf: &mut [u8], offset: u64) -> Result<()> {
+    let sector = u64::from(dev.info().logical_sector_size.max(1));
+    let (start, end) = aligned_span(offset, buf.len() as u64, sector)?;
+    if start == offset && end == offset + buf.len() as u64 {
+        return dev.read_at(buf, offset);
+    }
+    let mut tmp = vec![0u8; usize::try_from(end - start).map_err(too_big)?];
+    dev.read_at(&mut tmp, start)?;
+    let skip = (offset - start) as usize;
+    buf.copy_from_slice(&tmp[skip..skip + buf.len()]);
+    Ok(())
+}
+
+/// Writes any byte range of `dev`, doing read-modify-write of partial sectors.
+pub fn write_bytes(dev: &dyn BlockDevice, buf: &[u8], offset: u64) -> Result<()> {
+    let sector = u64::from(dev.info().logical_sector_size.max(1));
+    let (start, end) = aligned_span(offset, buf.len() as u64, sector)?;
+    if start == offset && end == offset + buf.len() as u64 {
+        return dev.write_at(buf, offset);
+    }
+    let mut tmp = vec![0u8; usize::try_from(end - start).map_err(too_big)?];
+    dev.read_at(&mut tmp, start)?;
+    let skip = (offset - start) as usize;
+    tmp[skip..skip + buf.len()].copy_from_slice(buf);
+    dev.write_at(&tmp, start)
+}
+
+fn too_big(_: std::num::TryFromIntError) -> Error {
+    Error::new(ErrorKind::InvalidInput, "request too large for memory")
+}
+
+impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
+    fn info(&self) -> DiskInfo {
+        (**self).info()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        (**self).read_vectored_at(bufs, offset)
+    }
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        (**self).write_vectored_at(bufs, offset)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        (**self).write_zeroes(offset, len, unmap)
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        (**self).discard(offset, len)
+    }
+    fn flush(&self) -> Result<()> {
+        (**self).flush()
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<StatusRun> {
+        (**self).block_status(offset, len)
+    }
+}

@@ -1,0 +1,462 @@
+//! [`FileStorage`]: a [`Storage`] on a host file with pread/pwrite.
+//!
+//! - Positional I/O only (`pread`/`pwrite`/`preadv`/`pwritev`), so any number of threads share
+//!   one descriptor without a seek lock.
+//! - Optional `O_DIRECT`: requests that are already aligned (buffer address, offset and length
+//!   multiples of the alignment, 512 bytes by default) go straight to the device; others bounce
+//!   through an [`AlignedBuf`] (unaligned writes do read-modify-write under a mutex so that two
+//!   of them sharing a sector cannot lose each other's bytes).
+//! - Holes: [`punch_hole`](Storage::punch_hole) uses `fallocate(PUNCH_HOLE | KEEP_SIZE)` and falls
+//!   back to writing zeros where the file system cannot; [`extent`](Storage::extent) uses
+//!   `SEEK_DATA`/`SEEK_HOLE`.
+//! - [`sync_data`](Storage::sync_data) is `fdatasync`, never `File::flush` (which does nothing).
+
+use std::fs::File;
+use std::io::{IoSlice, IoSliceMut};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use parking_lot::Mutex;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::storage::{Extent, Storage};
+
+/// A heap buffer whose start is aligned (for `O_DIRECT`), built in safe code by over-allocating.
+#[derive(Debug, Clone)]
+pub struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// A zeroed buffer of `len` bytes whose first byte is aligned to `align` (a power of two).
+    pub fn new(len: usize, align: usize) -> Self {
+        let align = align.max(1).next_power_of_two();
+        let raw = vec![0u8; len + align];
+        let start = raw.as_ptr().align_offset(align).min(align);
+        AlignedBuf { raw, start, len }
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.raw[self.start..self.start + self.len]
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + self.len]
+    }
+}
+
+/// How to open a [`FileStorage`].
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    read_only: bool,
+    create: bool,
+    truncate: bool,
+    direct: bool,
+    alignment: Option<usize>,
+}
+
+impl OpenOptions {
+    /// Read-write, existing file, buffered I/O.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Open read-only (writes fail with [`ErrorKind::ReadOnly`]).
+    pub fn read_only(mut self, yes: bool) -> Self {
+        self.read_only = yes;
+        self
+    }
+    /// Create the file if it does not exist.
+    pub fn create(mut self, yes: bool) -> Self {
+        self.create = yes;
+        self
+    }
+    /// Truncate the file to zero length on open.
+    pub fn truncate(mut self, yes: bool) -> Self {
+        self.truncate = yes;
+        self
+    }
+    /// Bypass the page cache with `O_DIRECT`.
+    pub fn direct(mut self, yes: bool) -> Self {
+        self.direct = yes;
+        self
+    }
+    /// Alignment required by `O_DIRECT` (default 512).
+    pub fn alignment(mut self, bytes: usize) -> Self {
+        self.alignment = Some(bytes.max(1).next_power_of_two());
+        self
+    }
+}
+
+/// A [`Storage`] on a host file.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    path: PathBuf,
+    read_only: bool,
+    /// `Some(alignment)` when opened with `O_DIRECT`.
+    direct: Option<usize>,
+    rmw: Mutex<()>,
+}
+
+impl FileStorage {
+    /// Opens `path` as `options` say.
+    pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Self> {
+        let path = path.as_ref();
+        let mut o = std::fs::OpenOptions::new();
+        o.read(true)
+            .write(!options.read_only)
+            .create(options.create && !options.read_only)
+            .truncate(options.truncate && !options.read_only);
+        if options.direct {
+            o.custom_flags(libc::O_DIRECT);
+        }
+        let file = o.open(path).map_err(|e| {
+            let what = if options.direct && e.raw_os_error() == Some(libc::EINVAL) {
+                "the file system does not support O_DIRECT for"
+            } else {
+                "cannot open"
+            };
+            Error::io(format!("{what} {}", path.display()), e)
+        })?;
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+            read_only: options.read_only,
+            direct: options.direct.then(|| options.alignment.unwrap_or(512)),
+            rmw: Mutex::new(()),
+        })
+    }
+
+    /// Creates (or truncates) `path` for reading and writing.
+    pub fn create(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open(path, &OpenOptions::new().create(true).truncate(true))
+    }
+
+    /// The path this storage was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `true` if opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The underlying file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn err(&self, what: &str, offset: u64, e: std::io::Error) -> Error {
+        Error::io(format!("{what} {} at {offset}", self.path.display()), e)
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!("{} is open read-only", self.path.display()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `true` if a request can go to the file as is.
+    fn aligned(&self, ptr: *const u8, len: usize, offset: u64) -> bool {
+        match self.direct {
+            None => true,
+            Some(a) => ptr.align_offset(a) == 0 && len % a == 0 && offset % a as u64 == 0,
+        }
+    }
+
+    fn span(&self, offset: u64, len: usize) -> Result<(u64, usize)> {
+        let a = self.direct.unwrap_or(1) as u64;
+        let start = offset - offset % a;
+        let end = offset
+            .checked_add(len as u64)
+            .and_then(|e| e.checked_next_multiple_of(a))
+            .ok_or_else(|| Error::new(ErrorKind::OutOfRange, "offset overflows u64"))?;
+        let n = usize::try_from(end - start)
+            .map_err(|_| Error::new(ErrorKind::InvalidInput, "request too large"))?;
+        Ok((start, n))
+    }
+
+    /// Reads `[start, start+n)` into an aligned buffer; bytes past EOF read as zeros.
+    fn read_span(&self, start: u64, n: usize) -> Result<AlignedBuf> {
+        let mut b = AlignedBuf::new(n, self.direct.unwrap_or(1));
+        let mut done = 0;
+        while done < n {
+            match self.file.read_at(&mut b[done..], start + done as u64) {
+                Ok(0) => break,
+                Ok(k) => done += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.err("cannot read", start, e)),
+            }
+        }
+        Ok(b)
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if self.aligned(buf.as_ptr(), buf.len(), offset) {
+            return self
+                .file
+                .read_exact_at(buf, offset)
+                .map_err(|e| self.err("cannot read", offset, e));
+        }
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .ok_or_else(|| Error::new(ErrorKind::OutOfRange, "offset overflows u64"))?;
+        let size = self.len()?;
+        crate::storage::check_bounds(offset, buf.len() as u64, size)?;
+        let (start, n) = self.span(offset, buf.len())?;
+        let b = self.read_span(start, n)?;
+        let skip = (offset - start) as usize;
+        buf.copy_from_slice(&b[skip..skip + (end - offset) as usize]);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.writable()?;
+        if self.aligned(buf.as_ptr(), buf.len(), offset) {
+            return self
+                .file
+                .write_all_at(buf, offset)
+                .map_err(|e| self.err("cannot write", offset, e));
+        }
+        let (start, n) = self.span(offset, buf.len())?;
+        let skip = (offset - start) as usize;
+        let _g = self.rmw.lock();
+        let old_len = self.len()?;
+        let mut b = if offset % self.direct.unwrap_or(1) as u64 == 0
+            && buf.len() % self.direct.unwrap_or(1) == 0
+        {
+            AlignedBuf::new(n, self.direct.unwrap_or(1))
+        } else {
+            self.read_span(start, n)?
+        };
+        b[skip..skip + buf.len()].copy_from_slice(buf);
+        self.file
+            .write_all_at(&b, start)
+            .map_err(|e| self.err("cannot write", offset, e))?;
+        // The aligned write may have extended the file past the caller's end.
+        let want = offset + buf.len() as u64;
+        if start + n as u64 > old_len.max(want) {
+            self.file
+                .set_len(old_len.max(want))
+                .map_err(|e| self.err("cannot truncate", want, e))?;
+        }
+        Ok(())
+    }
+
+    fn len(&self) -> Result<u64> {
+        self.file
+            .metadata()
+            .map(|m| m.len())
+            .map_err(|e| self.err("cannot stat", 0, e))
+    }
+
+    fn set_len(&self, len: u64) -> Result<()> {
+        self.writable()?;
+        self.file
+            .set_len(len)
+            .map_err(|e| self.err("cannot resize", len, e))
+    }
+
+    fn sync_data(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file
+            .sync_data()
+            .map_err(|e| self.err("cannot sync", 0, e))
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
+        self.writable()?;
+        let size = self.len()?;
+        let end = offset.saturating_add(len).min(size);
+        if offset >= end {
+            return Ok(());
+        }
+        let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(end - offset)) else {
+            return Err(Error::new(ErrorKind::OutOfRange, "hole beyond i64 range"));
+        };
+        // SAFETY: fallocate on a valid, owned descriptor; no memory is passed.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                n,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => {
+                // No hole support here: zeros are what the caller is promised.
+                let a = self.direct.unwrap_or(4096).max(4096);
+                let zeros = AlignedBuf::new(1 << 20, a);
+                let mut pos = offset;
+                while pos < end {
+                    let k = (end - pos).min(zeros.len() as u64) as usize;
+                    self.write_at(&zeros[..k], pos)?;
+                    pos += k as u64;
+                }
+                Ok(())
+            }
+            _ => Err(self.err("cannot punch a hole in", offset, e)),
+        }
+    }
+
+    fn extent(&self, offset: u64, len: u64) -> Result<Extent> {
+        let size = self.len()?;
+        let end = offset.saturating_add(len).min(size);
+        if offset >= end {
+            return Ok(Extent {
+                allocated: false,
+                len: 0,
+            });
+        }
+        let fd = self.file.as_raw_fd();
+        let Ok(off) = i64::try_from(offset) else {
+            return Err(Error::new(ErrorKind::OutOfRange, "offset beyond i64 range"));
+        };
+        // SAFETY: lseek on a valid descriptor; the shared file position is never used for I/O
+        // here (all reads and writes are positional), so moving it is harmless.
+        let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                // No data at or after offset: a hole up to EOF.
+                Some(libc::ENXIO) => Ok(Extent {
+                    allocated: false,
+                    len: end - offset,
+                }),
+                // No SEEK_DATA support: everything is data.
+                _ => Ok(Extent {
+                    allocated: true,
+                    len: end - offset,
+                }),
+            };
+        }
+        let data = data as u64;
+        if data > offset {
+            return Ok(Extent {
+                allocated: false,
+                len: data.min(end) - offset,
+            });
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, off, libc::SEEK_HOLE) };
+        let hole = if hole < 0 {
+            end
+        } else {
+            (hole as u64).min(end)
+        };
+        Ok(Extent {
+            allocated: true,
+            len: hole.max(offset + 1).min(end) - offset,
+        })
+    }
+
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        if self.direct.is_some() || bufs.is_empty() {
+            let mut off = offset;
+            for b in bufs.iter_mut() {
+                self.read_at(b, off)?;
+                off += b.len() as u64;
+            }
+            return Ok(());
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut bufs = bufs;
+        let mut done = 0usize;
+        while done < total {
+            let iovcnt = bufs.len().min(1024) as libc::c_int;
+            // SAFETY: IoSliceMut is ABI-compatible with iovec on unix (std guarantees it); the
+            // slices are valid for writes for their lengths and outlive the call.
+            let n = unsafe {
+                libc::preadv(
+                    self.file.as_raw_fd(),
+                    bufs.as_ptr() as *const libc::iovec,
+                    iovcnt,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(self.err("cannot read", offset + done as u64, e));
+            }
+            if n == 0 {
+                return Err(Error::new(
+                    ErrorKind::OutOfRange,
+                    format!(
+                        "read of {} at {offset} beyond end of file",
+                        self.path.display()
+                    ),
+                ));
+            }
+            done += n as usize;
+            IoSliceMut::advance_slices(&mut bufs, n as usize);
+        }
+        Ok(())
+    }
+
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        self.writable()?;
+        if self.direct.is_some() || bufs.is_empty() {
+            let mut off = offset;
+            for b in bufs {
+                self.write_at(b, off)?;
+                off += b.len() as u64;
+            }
+            return Ok(());
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut owned: Vec<IoSlice<'_>> = bufs.to_vec();
+        let mut bufs = &mut owned[..];
+        let mut done = 0usize;
+        while done < total {
+            let iovcnt = bufs.len().min(1024) as libc::c_int;
+            // SAFETY: IoSlice is ABI-compatible with iovec on unix; the slices are valid for
+            // reads for their lengths and outlive the call.
+            let n = unsafe {
+                libc::pwritev(
+                    self.file.as_raw_fd(),
+                    bufs.as_ptr() as *const libc::iovec,
+                    iovcnt,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(self.err("cannot write", offset + done as u64, e));
+            }
+            if n == 0 {
+                return Err(Error::new(ErrorKind::Io, "pwritev wrote nothing"));
+            }
+            done += n as usize;
+            IoSlice::advance_slices(&mut bufs, n as usize);
+        }
+        Ok(())
+    }
+}

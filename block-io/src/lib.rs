@@ -1,0 +1,39 @@
+//! # block-io
+//!
+//! The foundation of the vdisk family. It owns:
+//! - [`Storage`], what an image file lives in (positional `&self` I/O, length, sync, holes), with
+//!   a file backend ([`FileStorage`]: pread/pwrite, optional `O_DIRECT`, hole punching), a sparse
+//!   memory backend ([`MemStorage`]) and a fault-injecting backend ([`FaultStorage`]) that keeps
+//!   live and durable bytes apart, cuts power at a chosen write or sync, and injects EIO/ENOSPC;
+//! - [`BlockDevice`], what a guest sees (a virtual disk), and [`RawDisk`], a raw image over any
+//!   `Storage`;
+//! - [`RangeLock`] (block-granular shared/exclusive locks), [`RateLimiter`] (token bucket) and
+//!   [`FailStop`] (latch the first write or sync error), the concurrency tools every format and
+//!   online job shares.
+//!
+//! Nothing here depends on an async runtime.
+#![warn(missing_docs)]
+
+mod device;
+mod error;
+mod failstop;
+mod fault;
+mod file;
+mod memory;
+mod rangelock;
+mod ratelimit;
+mod raw;
+mod storage;
+
+pub use device::{
+    check_request, read_bytes, write_bytes, BlockDevice, BlockStatus, DiskInfo, StatusRun,
+};
+pub use error::{Error, ErrorKind, Result};
+pub use failstop::FailStop;
+pub use fault::{CutPoint, FaultStorage, Injection, WriteFate};
+pub use file::{AlignedBuf, FileStorage, OpenOptions};
+pub use memory::MemStorage;
+pub use rangelock::{RangeGuard, RangeLock};
+pub use ratelimit::RateLimiter;
+pub use raw::RawDisk;
+pub use storage::{check_bounds, Extent, Storage};
