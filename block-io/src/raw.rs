@@ -167,7 +167,7 @@ impl<S: Storage> BlockDevice for RawDisk<S> {
             StatusRun {
                 status: BlockStatus::Zero,
                 len: run,
-                file_offset: None,
+                file_offset: Some(offset),
             }
         })
     }

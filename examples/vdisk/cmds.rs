@@ -1,0 +1,365 @@
+//! The verbs other than `io` and `demo`.
+
+use std::path::Path;
+use std::time::Instant;
+
+use serde_json::json;
+use vdisk::block_io::{BlockDevice, BlockStatus};
+use vdisk::chain::Format;
+
+use crate::image::{self, parse_format, Image};
+use crate::size::parse_size;
+use crate::{CliError, CliResult};
+
+/// Bytes moved per request by convert and compare.
+const CHUNK: u64 = 2 << 20;
+
+pub fn info(path: &Path, format: Option<&str>, json: bool) -> CliResult {
+    let img = image::open(path, format, true)?;
+    let i = img.dev.info();
+    if json {
+        let v = json!({
+            "filename": path.display().to_string(),
+            "format": img.format.name(),
+            "virtual_size": i.virtual_size,
+            "actual_size": actual_size(path),
+            "file_size": img.file_size,
+            "logical_sector_size": i.logical_sector_size,
+            "physical_sector_size": i.physical_sector_size,
+            "disk_id": i.disk_id.map(|u| u.to_string()),
+        });
+        println!("{}", pretty(&v));
+    } else {
+        println!("image: {}", path.display());
+        println!("file format: {}", img.format.name());
+        println!(
+            "virtual size: {} ({} bytes)",
+            human(i.virtual_size),
+            i.virtual_size
+        );
+        println!("disk size: {}", human(actual_size(path)));
+        println!(
+            "sector size: {} logical, {} physical",
+            i.logical_sector_size, i.physical_sector_size
+        );
+        if let Some(id) = i.disk_id {
+            println!("disk id: {id}");
+        }
+    }
+    Ok(0)
+}
+
+pub fn create(
+    format: &str,
+    options: &[String],
+    backing: Option<&Path>,
+    path: &Path,
+    size: Option<&str>,
+) -> CliResult {
+    let format = parse_format(format)?;
+    let size = match size {
+        Some(s) => parse_size(s)?,
+        None if backing.is_some() => 0,
+        None => return Err(CliError::new("a size is needed unless -b names a parent")),
+    };
+    let img = image::create(format, path, size, options, backing)?;
+    img.dev.flush()?;
+    println!(
+        "Formatting '{}', fmt={} size={}",
+        path.display(),
+        format.name(),
+        img.dev.info().virtual_size
+    );
+    Ok(0)
+}
+
+pub fn convert(
+    format: Option<&str>,
+    out_format: &str,
+    options: &[String],
+    progress: bool,
+    src: &Path,
+    dst: &Path,
+) -> CliResult {
+    let out = parse_format(out_format)?;
+    let s = image::open(src, format, true)?;
+    let size = s.dev.info().virtual_size;
+    let d = image::create(out, dst, size, options, None)?;
+    let bar = progress.then(|| progress_bar(size));
+    copy(&*s.dev, &*d.dev, |done| {
+        if let Some(b) = &bar {
+            b.set_position(done);
+        }
+    })?;
+    d.dev.flush()?;
+    if let Some(b) = bar {
+        b.finish();
+    }
+    Ok(0)
+}
+
+fn progress_bar(len: u64) -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        b.set_style(style);
+    }
+    b
+}
+
+/// Copies every data run of `src` to a freshly created `dst` (which reads as zeros), skipping
+/// runs that are or read as zeros. Calls `on_progress` with the bytes done.
+pub fn copy(
+    src: &dyn BlockDevice,
+    dst: &dyn BlockDevice,
+    mut on_progress: impl FnMut(u64),
+) -> Result<(), CliError> {
+    let size = src.info().virtual_size;
+    if dst.info().virtual_size < size {
+        return Err(CliError::new("the destination is smaller than the source"));
+    }
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut pos = 0;
+    while pos < size {
+        let want = (size - pos).min(CHUNK);
+        let run = src.block_status(pos, want)?;
+        let n = run.len.min(want);
+        if run.status == BlockStatus::Data {
+            let b = &mut buf[..n as usize];
+            src.read_at(b, pos)?;
+            if b.iter().any(|&x| x != 0) {
+                dst.write_at(b, pos)?;
+            }
+        }
+        pos += n;
+        on_progress(pos);
+    }
+    Ok(())
+}
+
+pub fn compare(a: &Path, fa: Option<&str>, b: &Path, fb: Option<&str>, strict: bool) -> CliResult {
+    // Like qemu-img: 0 identical, 1 different, 2 on error.
+    let as_err = |e: CliError| CliError::with_code(e.message_text(), 2);
+    let ia = image::open(a, fa, true).map_err(as_err)?;
+    let ib = image::open(b, fb, true).map_err(as_err)?;
+    match first_difference(&*ia.dev, &*ib.dev, strict).map_err(as_err)? {
+        None => {
+            println!("Images are identical.");
+            Ok(0)
+        }
+        Some(Difference::Size) => {
+            println!("Strict mode: Image size mismatch!");
+            Ok(1)
+        }
+        Some(Difference::Status(off)) => {
+            println!("Strict mode: Offset {off} block status mismatch!");
+            Ok(1)
+        }
+        Some(Difference::At(off)) => {
+            // qemu-img reports the start of the first differing 512-byte sector.
+            println!("Content mismatch at offset {}!", off - off % 512);
+            Ok(1)
+        }
+    }
+}
+
+/// Where two disks first differ.
+pub enum Difference {
+    /// Sizes differ (strict mode only).
+    Size,
+    /// The first differing byte offset.
+    At(u64),
+    /// Allocation status differs at this offset (strict mode only).
+    Status(u64),
+}
+
+/// Finds the first difference; beyond the smaller disk, the larger must read as zeros.
+pub fn first_difference(
+    a: &dyn BlockDevice,
+    b: &dyn BlockDevice,
+    strict: bool,
+) -> Result<Option<Difference>, CliError> {
+    let (sa, sb) = (a.info().virtual_size, b.info().virtual_size);
+    if strict && sa != sb {
+        return Ok(Some(Difference::Size));
+    }
+    let common = sa.min(sb);
+    let mut ba = vec![0u8; CHUNK as usize];
+    let mut bb = vec![0u8; CHUNK as usize];
+    let mut pos = 0;
+    while pos < common {
+        let n = (common - pos).min(CHUNK);
+        let (ra, rb) = (a.block_status(pos, n)?, b.block_status(pos, n)?);
+        let step = ra.len.min(rb.len).min(n);
+        // Strict, like qemu-img: allocation status must match too.
+        if strict && ra.status != rb.status {
+            return Ok(Some(Difference::Status(pos)));
+        }
+        let zero = |s: BlockStatus| s != BlockStatus::Data;
+        if !(zero(ra.status) && zero(rb.status)) {
+            let x = &mut ba[..step as usize];
+            let y = &mut bb[..step as usize];
+            a.read_at(x, pos)?;
+            b.read_at(y, pos)?;
+            if let Some(i) = x.iter().zip(y.iter()).position(|(p, q)| p != q) {
+                return Ok(Some(Difference::At(pos + i as u64)));
+            }
+        }
+        pos += step;
+    }
+    let larger = if sa > sb { a } else { b };
+    let end = sa.max(sb);
+    while pos < end {
+        let n = (end - pos).min(CHUNK);
+        let run = larger.block_status(pos, n)?;
+        if run.status != BlockStatus::Data {
+            pos += run.len;
+            continue;
+        }
+        let x = &mut ba[..run.len.min(n) as usize];
+        larger.read_at(x, pos)?;
+        if let Some(i) = x.iter().position(|&p| p != 0) {
+            return Ok(Some(Difference::At(pos + i as u64)));
+        }
+        pos += x.len() as u64;
+    }
+    Ok(None)
+}
+
+pub fn check(path: &Path, format: Option<&str>, repair: bool, json: bool) -> CliResult {
+    let img = image::open(path, format, !repair)?;
+    let started = Instant::now();
+    // Raw images have no metadata to check; the formats add their checks here.
+    let (corruptions, repaired): (Vec<String>, Vec<String>) = match img.format {
+        Format::Raw => (Vec::new(), Vec::new()),
+        Format::Vhd | Format::Vhdx => unreachable_format(img.format)?,
+    };
+    if json {
+        let v = json!({
+            "filename": path.display().to_string(),
+            "format": img.format.name(),
+            "check-errors": corruptions.len(),
+            "corruptions": corruptions,
+            "repaired": repaired,
+        });
+        println!("{}", pretty(&v));
+    } else {
+        for c in &corruptions {
+            println!("ERROR: {c}");
+        }
+        for r in &repaired {
+            println!("Repaired: {r}");
+        }
+        if corruptions.is_empty() {
+            println!(
+                "No errors were found on the image ({} ms).",
+                started.elapsed().as_millis()
+            );
+        } else {
+            println!("{} errors were found on the image.", corruptions.len());
+        }
+    }
+    Ok(if corruptions.is_empty() { 0 } else { 2 })
+}
+
+fn unreachable_format<T>(f: Format) -> Result<T, CliError> {
+    Err(CliError::new(format!(
+        "checking {f} images is not supported by this build yet"
+    )))
+}
+
+pub fn map(path: &Path, format: Option<&str>, json: bool) -> CliResult {
+    let img: Image = image::open(path, format, true)?;
+    let size = img.dev.info().virtual_size;
+    let mut runs: Vec<(u64, u64, BlockStatus, Option<u64>)> = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let r = img.dev.block_status(pos, size - pos)?;
+        let len = r.len.min(size - pos);
+        match runs.last_mut() {
+            Some(last)
+                if last.2 == r.status
+                    && match (last.3, r.file_offset) {
+                        (Some(o), Some(n)) => o + last.1 == n,
+                        (None, None) => true,
+                        _ => false,
+                    } =>
+            {
+                last.1 += len
+            }
+            _ => runs.push((pos, len, r.status, r.file_offset)),
+        }
+        pos += len;
+    }
+    if json {
+        let v: Vec<_> = runs
+            .iter()
+            .map(|&(start, length, st, off)| {
+                let mut m = json!({
+                    "start": start,
+                    "length": length,
+                    "depth": 0,
+                    "present": st != BlockStatus::Unallocated,
+                    "zero": st != BlockStatus::Data,
+                    "data": st == BlockStatus::Data,
+                    "compressed": false,
+                });
+                if let (Some(o), serde_json::Value::Object(map)) = (off, &mut m) {
+                    map.insert("offset".into(), json!(o));
+                }
+                m
+            })
+            .collect();
+        println!("{}", pretty(&serde_json::Value::Array(v)));
+    } else {
+        println!("{:<20}{:<20}{:<20}File", "Offset", "Length", "Mapped to");
+        for (start, length, st, off) in runs {
+            if st == BlockStatus::Data {
+                let mapped = off.map_or("-".to_string(), |o| format!("{o:#x}"));
+                println!(
+                    "{:<20}{:<20}{:<20}{}",
+                    format!("{start:#x}"),
+                    format!("{length:#x}"),
+                    mapped,
+                    path.display()
+                );
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn pretty(v: &serde_json::Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+}
+
+fn actual_size(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
+}
+
+/// "1 GiB", "512 KiB", "100 B".
+pub fn human(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.3} {}", UNITS[u])
+            .replace(".000 ", " ")
+            .to_string()
+    }
+}
+
+impl CliError {
+    /// The message alone.
+    pub fn message_text(&self) -> String {
+        self.message.clone()
+    }
+}

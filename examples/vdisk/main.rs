@@ -1,0 +1,262 @@
+//! `vdisk`: a qemu-img-like command line for the vdisk crate family.
+//!
+//! ```text
+//! vdisk info [--output json] IMG
+//! vdisk create -f raw|vhd|vhdx [-o k=v,...] [-b PARENT] IMG [SIZE]
+//! vdisk convert [-f FMT] -O raw|vhd|vhdx [-o k=v,...] [-p] SRC DST
+//! vdisk compare A B                  exit 0 same, 1 different, 2 error
+//! vdisk check [-r] IMG               exit 0 clean, 2 corrupt
+//! vdisk map --output json IMG
+//! vdisk io [-r] IMG -c CMD ...       read/write [-P byte] OFF LEN, write -z, discard, flush
+//! vdisk demo                         a guided tour in a temporary folder
+//! ```
+//! Errors go to stderr as one sentence, with a non-zero exit.
+#![allow(clippy::print_stdout)]
+
+mod cmds;
+mod demo;
+mod image;
+mod io_cmd;
+mod size;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Virtual disk tool: VHD, VHDX and raw images.
+#[derive(Debug, Parser)]
+#[command(name = "vdisk", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Show what an image is.
+    Info {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// Image format (detected by content if absent).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Image file.
+        image: PathBuf,
+    },
+    /// Create an image.
+    Create {
+        /// Format: raw, vhd, vhdx.
+        #[arg(short = 'f', default_value = "raw")]
+        format: String,
+        /// Options, k=v[,k=v...] (repeatable).
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        /// Parent image (makes a differencing child).
+        #[arg(short = 'b')]
+        backing: Option<PathBuf>,
+        /// Image file to create.
+        image: PathBuf,
+        /// Virtual size, with optional K/M/G/T suffix.
+        size: Option<String>,
+    },
+    /// Copy an image into another format.
+    Convert {
+        /// Source format (detected if absent).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Destination format: raw, vhd, vhdx.
+        #[arg(short = 'O', default_value = "raw")]
+        out_format: String,
+        /// Destination options, k=v[,k=v...].
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        /// Show progress.
+        #[arg(short = 'p')]
+        progress: bool,
+        /// Source image.
+        src: PathBuf,
+        /// Destination image.
+        dst: PathBuf,
+    },
+    /// Compare the contents of two images (exit 0 same, 1 different).
+    Compare {
+        /// Format of the first image.
+        #[arg(short = 'f')]
+        format_a: Option<String>,
+        /// Format of the second image.
+        #[arg(short = 'F')]
+        format_b: Option<String>,
+        /// Strict: images of different sizes differ even if the excess is zeros.
+        #[arg(short = 's')]
+        strict: bool,
+        /// First image.
+        a: PathBuf,
+        /// Second image.
+        b: PathBuf,
+    },
+    /// Check an image's consistency (exit 0 clean).
+    Check {
+        /// Repair what is safe to repair.
+        #[arg(short = 'r', num_args = 0..=1, default_missing_value = "all")]
+        repair: Option<String>,
+        /// Image format (detected if absent).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// Image file.
+        image: PathBuf,
+    },
+    /// Show which ranges hold data, zeros, or nothing.
+    Map {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// Image format (detected if absent).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Image file.
+        image: PathBuf,
+    },
+    /// Run qemu-io-like commands against an image.
+    Io {
+        /// Open read-only.
+        #[arg(short = 'r')]
+        read_only: bool,
+        /// Image format (detected if absent).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// A command: read/write [-P byte] OFF LEN, write -z OFF LEN, discard OFF LEN, flush.
+        #[arg(short = 'c', required = true)]
+        commands: Vec<String>,
+        /// Image file.
+        image: PathBuf,
+    },
+    /// A guided tour of the family in a temporary folder.
+    Demo {
+        /// Keep the temporary folder and print its path.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+/// An error for the user: one sentence, and the exit code to leave with.
+#[derive(Debug)]
+pub struct CliError {
+    message: String,
+    code: u8,
+}
+
+impl CliError {
+    /// An error exiting with 1.
+    pub fn new(message: impl Into<String>) -> Self {
+        CliError {
+            message: message.into(),
+            code: 1,
+        }
+    }
+
+    /// An error exiting with `code`.
+    pub fn with_code(message: impl Into<String>, code: u8) -> Self {
+        CliError {
+            message: message.into(),
+            code,
+        }
+    }
+}
+
+impl From<block_io::Error> for CliError {
+    fn from(e: block_io::Error) -> Self {
+        CliError::new(e.chain_string())
+    }
+}
+
+/// What every subcommand returns: the exit code on success.
+pub type CliResult = Result<u8, CliError>;
+
+use vdisk::block_io;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Info {
+            output,
+            format,
+            image,
+        } => cmds::info(&image, format.as_deref(), output == Output::Json),
+        Cmd::Create {
+            format,
+            options,
+            backing,
+            image,
+            size,
+        } => cmds::create(
+            &format,
+            &options,
+            backing.as_deref(),
+            &image,
+            size.as_deref(),
+        ),
+        Cmd::Convert {
+            format,
+            out_format,
+            options,
+            progress,
+            src,
+            dst,
+        } => cmds::convert(
+            format.as_deref(),
+            &out_format,
+            &options,
+            progress,
+            &src,
+            &dst,
+        ),
+        Cmd::Compare {
+            format_a,
+            format_b,
+            strict,
+            a,
+            b,
+        } => cmds::compare(&a, format_a.as_deref(), &b, format_b.as_deref(), strict),
+        Cmd::Check {
+            repair,
+            format,
+            output,
+            image,
+        } => cmds::check(
+            &image,
+            format.as_deref(),
+            repair.is_some(),
+            output == Output::Json,
+        ),
+        Cmd::Map {
+            output,
+            format,
+            image,
+        } => cmds::map(&image, format.as_deref(), output == Output::Json),
+        Cmd::Io {
+            read_only,
+            format,
+            commands,
+            image,
+        } => io_cmd::run(&image, format.as_deref(), read_only, &commands),
+        Cmd::Demo { keep } => demo::run(keep),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("vdisk: {}", e.message);
+            ExitCode::from(e.code.max(1))
+        }
+    }
+}

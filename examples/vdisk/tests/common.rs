@@ -1,0 +1,69 @@
+//! Helpers shared by the CLI tests: find the `vdisk` example binary and the oracles.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The `vdisk` example binary, built once per test process with the same cargo and profile
+/// as this test (cargo builds examples as test harnesses under `cargo test`, not as programs).
+pub fn vdisk_bin() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().unwrap();
+            let profile_dir = exe.parent().unwrap().parent().unwrap();
+            let release = profile_dir.file_name().is_some_and(|n| n == "release");
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "--quiet", "--example", "vdisk"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"));
+            if release {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().unwrap();
+            assert!(status.success(), "building the vdisk example failed");
+            let p = profile_dir.join("examples").join("vdisk");
+            assert!(p.exists(), "{} missing after the build", p.display());
+            p
+        })
+        .clone()
+}
+
+/// Runs `vdisk ARGS`.
+pub fn vdisk(args: &[&str]) -> Output {
+    Command::new(vdisk_bin()).args(args).output().unwrap()
+}
+
+/// Runs `vdisk ARGS` and asserts success, returning stdout.
+pub fn vdisk_ok(args: &[&str]) -> String {
+    let o = vdisk(args);
+    assert!(
+        o.status.success(),
+        "vdisk {args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// The path of an oracle program, or `None` (with a loud warning) when it is missing.
+/// Under CI (`CI=true`) a missing oracle fails the test instead.
+pub fn oracle(name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("oracle {name} is not installed; CI must install it");
+        }
+        eprintln!("!!! WARNING: oracle {name} not found; this oracle test is SKIPPED !!!");
+    }
+    found
+}
+
+/// Runs a program and returns its output.
+pub fn run(prog: &Path, args: &[&str]) -> Output {
+    Command::new(prog).args(args).output().unwrap()
+}
