@@ -1,12 +1,34 @@
 //! # chain
 //!
-//! Opens any image with its parents and gives one `BlockDevice`: format detection by content,
-//! parent resolution under a path policy, lineage checks, and the layered disk that reads
-//! through a differencing chain and writes to the top (see DESIGN.md, "Chains and lineage").
+//! Opens any image with its parents and gives one [`block_io::BlockDevice`]:
+//! - [`detect`]: the format by content (VHDX signature, VHD footer cookie, else raw);
+//! - [`PathPolicy`]: parent paths from the child's locators, resolved inside the child's
+//!   folder tree or configured roots, with Windows separators and drive letters handled;
+//! - lineage: a child's recorded parent identity (VHDX `parent_linkage`/`parent_linkage2`
+//!   against the parent's DataWriteGuid; VHD parent unique id and timestamp against the
+//!   parent's footer) is checked on open; a mismatch is [`ChainError::LineageMismatch`]
+//!   unless [`OpenOptions::ignore_lineage`] overrides it;
+//! - [`Disk`]: reads fall through the layers sector-exactly, writes go to the top.
 //!
-//! **Status:** format detection ([`detect`]) is here; opening chains is the chain issue's work.
+//! ```no_run
+//! use chain::{Disk, OpenOptions};
+//! use block_io::BlockDevice;
+//!
+//! let disk = Disk::open("child.vhdx", &OpenOptions::new().read_only(true))?;
+//! let mut buf = vec![0u8; 4096];
+//! disk.read_at(&mut buf, 0)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![warn(missing_docs)]
 
 mod detect;
+mod disk;
+mod error;
+mod layer;
+mod policy;
 
 pub use detect::{detect, Format};
+pub use disk::{Disk, LinkCheck, OpenOptions};
+pub use error::{braced, ChainError, Tried};
+pub use layer::{open_layer, Expected, Identity, Layer, ParentLink};
+pub use policy::{Candidate, PathPolicy};

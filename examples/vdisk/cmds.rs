@@ -14,41 +14,6 @@ use crate::{CliError, CliResult};
 /// Bytes moved per request by convert and compare.
 const CHUNK: u64 = 2 << 20;
 
-pub fn info(path: &Path, format: Option<&str>, json: bool) -> CliResult {
-    let img = image::open(path, format, true)?;
-    let i = img.dev.info();
-    if json {
-        let v = json!({
-            "filename": path.display().to_string(),
-            "format": img.format.name(),
-            "virtual_size": i.virtual_size,
-            "actual_size": actual_size(path),
-            "file_size": img.file_size,
-            "logical_sector_size": i.logical_sector_size,
-            "physical_sector_size": i.physical_sector_size,
-            "disk_id": i.disk_id.map(|u| u.to_string()),
-        });
-        println!("{}", pretty(&v));
-    } else {
-        println!("image: {}", path.display());
-        println!("file format: {}", img.format.name());
-        println!(
-            "virtual size: {} ({} bytes)",
-            human(i.virtual_size),
-            i.virtual_size
-        );
-        println!("disk size: {}", human(actual_size(path)));
-        println!(
-            "sector size: {} logical, {} physical",
-            i.logical_sector_size, i.physical_sector_size
-        );
-        if let Some(id) = i.disk_id {
-            println!("disk id: {id}");
-        }
-    }
-    Ok(0)
-}
-
 pub fn create(
     format: &str,
     options: &[String],
@@ -228,17 +193,29 @@ pub fn first_difference(
 }
 
 pub fn check(path: &Path, format: Option<&str>, repair: bool, json: bool) -> CliResult {
-    let img = image::open(path, format, !repair)?;
     let started = Instant::now();
-    // Raw images have no metadata to check; the formats add their checks here.
-    let (corruptions, repaired): (Vec<String>, Vec<String>) = match img.format {
-        Format::Raw => (Vec::new(), Vec::new()),
-        Format::Vhd | Format::Vhdx => unreachable_format(img.format)?,
-    };
+    let fmt = format.map(parse_format).transpose()?;
+    let (mut corruptions, repaired) = check_one(path, fmt, repair)?;
+    // The whole chain: every parent's own structures, and every link's lineage.
+    let mut opts = image::chain_options(format, true)?;
+    opts.ignore_lineage = true;
+    match vdisk::chain::Disk::open(path, &opts) {
+        Err(e) => corruptions.push(format!("chain: {e}")),
+        Ok(disk) => {
+            for (i, link) in disk.links().iter().enumerate() {
+                if let vdisk::chain::LinkCheck::Mismatch(m) = link {
+                    corruptions.push(format!("chain link {i}: {m}"));
+                }
+            }
+            for l in disk.layers().iter().skip(1) {
+                let (c, _) = check_one(&l.path, Some(l.format), false)?;
+                corruptions.extend(c.into_iter().map(|c| format!("{}: {c}", l.path.display())));
+            }
+        }
+    }
     if json {
         let v = json!({
             "filename": path.display().to_string(),
-            "format": img.format.name(),
             "check-errors": corruptions.len(),
             "corruptions": corruptions,
             "repaired": repaired,
@@ -263,10 +240,46 @@ pub fn check(path: &Path, format: Option<&str>, repair: bool, json: bool) -> Cli
     Ok(if corruptions.is_empty() { 0 } else { 2 })
 }
 
-fn unreachable_format<T>(f: Format) -> Result<T, CliError> {
-    Err(CliError::new(format!(
-        "checking {f} images is not supported by this build yet"
-    )))
+/// Checks one image file's own structures; returns (problems left, repairs made).
+fn check_one(
+    path: &Path,
+    format: Option<Format>,
+    repair: bool,
+) -> Result<(Vec<String>, Vec<String>), CliError> {
+    use vdisk::block_io::{FileStorage, OpenOptions};
+    let s = FileStorage::open(path, &OpenOptions::new().read_only(!repair))?;
+    let format = match format {
+        Some(f) => f,
+        None => vdisk::chain::detect(&s)?,
+    };
+    Ok(match format {
+        Format::Raw => (Vec::new(), Vec::new()),
+        Format::Vhd => {
+            let r = vdisk::vhd_format::check_storage(&s, repair)?;
+            let (fixed, left): (Vec<_>, Vec<_>) = r.issues.into_iter().partition(|i| i.repaired);
+            (
+                left.into_iter().map(|i| i.message).collect(),
+                fixed.into_iter().map(|i| i.message).collect(),
+            )
+        }
+        Format::Vhdx => match vdisk::vhdx_format::VhdxFile::open(s, !repair) {
+            Err(e) => (vec![e.chain_string()], Vec::new()),
+            Ok(f) => {
+                let r = f.check(repair)?;
+                let mut fixed = Vec::new();
+                if r.log_replayed {
+                    fixed.push("replayed the log".to_string());
+                } else if r.log_was_dirty {
+                    // Not corruption: a crash leaves a log to replay. Say so on stderr.
+                    eprintln!(
+                        "note: {}: the log is dirty; it was replayed in memory only (-r writes it)",
+                        path.display()
+                    );
+                }
+                (r.errors, fixed)
+            }
+        },
+    })
 }
 
 pub fn map(path: &Path, format: Option<&str>, json: bool) -> CliResult {
@@ -332,11 +345,6 @@ pub fn map(path: &Path, format: Option<&str>, json: bool) -> CliResult {
 
 fn pretty(v: &serde_json::Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
-}
-
-fn actual_size(path: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
 }
 
 /// "1 GiB", "512 KiB", "100 B".

@@ -1,22 +1,23 @@
 //! Opening and creating images of any format: the one place the CLI dispatches on format.
+//! Opening goes through `chain::Disk`, so differencing images come with their parents.
 
-use std::path::Path;
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
-use vdisk::block_io::{self, BlockDevice, FileStorage, OpenOptions, RawDisk, Storage};
-use vdisk::chain::{self, Format};
+use vdisk::block_io::{self, BlockDevice, FileStorage, RawDisk, Storage};
+use vdisk::chain::{self, Disk, Format, OpenOptions};
+use vdisk::{vhd_format, vhdx_format};
 
-use crate::size::{parse_bool, parse_options};
+use crate::size::{parse_bool, parse_options, parse_size};
 use crate::CliError;
 
-/// An open image.
+/// An open image (with its chain).
 pub struct Image {
     /// The virtual disk.
     pub dev: Arc<dyn BlockDevice>,
-    /// Its format.
+    /// The top image's format.
+    #[allow(dead_code)] // read by the serve command's log line
     pub format: Format,
-    /// Size of the container file in bytes.
-    pub file_size: u64,
 }
 
 /// Parses a `-f` name.
@@ -25,36 +26,32 @@ pub fn parse_format(name: &str) -> Result<Format, CliError> {
         .ok_or_else(|| CliError::new(format!("unknown format '{name}' (use raw, vhd or vhdx)")))
 }
 
-fn open_storage(path: &Path, read_only: bool) -> Result<FileStorage, CliError> {
-    FileStorage::open(path, &OpenOptions::new().read_only(read_only)).map_err(CliError::from)
+/// Chain options from the environment: `VDISK_PARENT_ROOTS` (colon-separated folders where
+/// parents may live besides the child's own tree).
+pub fn chain_options(format: Option<&str>, read_only: bool) -> Result<OpenOptions, CliError> {
+    let mut o = OpenOptions::new()
+        .read_only(read_only)
+        .format(format.map(parse_format).transpose()?);
+    if let Some(roots) = std::env::var_os("VDISK_PARENT_ROOTS") {
+        o.policy.roots = std::env::split_paths(&roots).collect();
+    }
+    Ok(o)
 }
 
-/// Opens `path`, detecting the format by content unless `format` names it.
+/// Opens `path` with its parents, detecting the format by content unless `format` names it.
 pub fn open(path: &Path, format: Option<&str>, read_only: bool) -> Result<Image, CliError> {
-    let storage = open_storage(path, read_only)?;
-    let file_size = storage.len()?;
-    let format = match format {
-        Some(f) => parse_format(f)?,
-        None => chain::detect(&storage)?,
-    };
-    let dev: Arc<dyn BlockDevice> = match format {
-        Format::Raw => Arc::new(RawDisk::with_options(storage, 512, read_only)?),
-        Format::Vhd | Format::Vhdx => {
-            return Err(CliError::new(format!(
-                "{} is a {} image, which this build cannot open yet",
-                path.display(),
-                format.name().to_uppercase()
-            )))
-        }
-    };
+    let opts = chain_options(format, read_only)?;
+    let disk = Disk::open(path, &opts).map_err(|e| CliError::new(e.to_string()))?;
+    let format = disk.layers()[0].format;
     Ok(Image {
-        dev,
+        dev: Arc::new(disk),
         format,
-        file_size,
     })
 }
 
 /// Creates an image of `format` and `size` at `path` with `-o` options, returning it open.
+/// With `backing`, creates a differencing child of that parent (same size and sector size
+/// unless a larger size is given, which only VHDX allows).
 pub fn create(
     format: Format,
     path: &Path,
@@ -63,50 +60,223 @@ pub fn create(
     backing: Option<&Path>,
 ) -> Result<Image, CliError> {
     let opts = parse_options(options)?;
-    match format {
-        Format::Raw => {
-            if backing.is_some() {
-                return Err(CliError::new("raw images cannot have a backing file"));
-            }
-            let mut preallocate = false;
-            for (k, v) in &opts {
-                match k.as_str() {
-                    "preallocation" => preallocate = v != "off",
-                    "sparse" => preallocate = !parse_bool(k, v)?,
-                    _ => return Err(CliError::new(format!("raw images take no option '{k}'"))),
-                }
-            }
-            if size % 512 != 0 {
-                return Err(CliError::new(format!(
-                    "size {size} is not a multiple of 512 bytes"
-                )));
-            }
-            let s = FileStorage::create(path)?;
-            s.set_len(size)?;
-            if preallocate {
-                fill_zeros(&s, size)?;
-            }
-            s.sync_data()?;
-            Ok(Image {
-                dev: Arc::new(RawDisk::new(s)?),
-                format,
-                file_size: size,
-            })
+    let dev: Arc<dyn BlockDevice> = match (format, backing) {
+        (Format::Raw, Some(_)) => {
+            return Err(CliError::new("raw images cannot have a backing file"))
         }
-        Format::Vhd | Format::Vhdx => Err(CliError::new(format!(
-            "creating {} images is not supported by this build yet",
-            format.name().to_uppercase()
+        (Format::Raw, None) => Arc::new(create_raw(path, size, &opts)?),
+        (Format::Vhd, None) => Arc::new(create_vhd(path, size, &opts)?),
+        (Format::Vhdx, None) => Arc::new(create_vhdx(path, size, &opts, None)?),
+        (Format::Vhd, Some(parent)) => Arc::new(create_vhd_child(path, size, &opts, parent)?),
+        (Format::Vhdx, Some(parent)) => {
+            let (pref, psize, sector) = vhdx_parent(path, parent)?;
+            let size = if size == 0 { psize } else { size };
+            let mut o = opts.clone();
+            if !o.iter().any(|(k, _)| k == "logical_sector_size") {
+                o.push(("logical_sector_size".into(), sector.to_string()));
+            }
+            Arc::new(create_vhdx(path, size, &o, Some(pref))?)
+        }
+    };
+    Ok(Image { dev, format })
+}
+
+fn unknown(format: &str, k: &str) -> CliError {
+    CliError::new(format!("{format} images take no option '{k}'"))
+}
+
+fn create_raw(
+    path: &Path,
+    size: u64,
+    opts: &[(String, String)],
+) -> Result<RawDisk<FileStorage>, CliError> {
+    let mut preallocate = false;
+    for (k, v) in opts {
+        match k.as_str() {
+            "preallocation" => preallocate = v != "off",
+            _ => return Err(unknown("raw", k)),
+        }
+    }
+    if size % 512 != 0 {
+        return Err(CliError::new(format!(
+            "size {size} is not a multiple of 512 bytes"
+        )));
+    }
+    let s = FileStorage::create(path)?;
+    s.set_len(size)?;
+    if preallocate {
+        let z = vec![0u8; 1 << 20];
+        let mut pos = 0;
+        while pos < size {
+            let n = (size - pos).min(z.len() as u64) as usize;
+            s.write_at(&z[..n], pos)?;
+            pos += n as u64;
+        }
+    }
+    s.sync_data()?;
+    Ok(RawDisk::new(s)?)
+}
+
+fn subformat_fixed(k: &str, v: &str) -> Result<bool, CliError> {
+    match v {
+        "fixed" => Ok(true),
+        "dynamic" => Ok(false),
+        _ => Err(CliError::new(format!(
+            "option {k} takes fixed or dynamic, not '{v}'"
         ))),
     }
 }
 
-fn fill_zeros(s: &FileStorage, size: u64) -> block_io::Result<()> {
-    let z = vec![0u8; 1 << 20];
-    let mut pos = 0;
-    while pos < size {
-        let n = (size - pos).min(z.len() as u64) as usize;
-        s.write_at(&z[..n], pos)?;
-        pos += n as u64;
+fn u32_size(k: &str, v: &str) -> Result<u32, CliError> {
+    u32::try_from(parse_size(v)?).map_err(|_| CliError::new(format!("option {k}={v} is too large")))
+}
+
+fn create_vhd(
+    path: &Path,
+    size: u64,
+    opts: &[(String, String)],
+) -> Result<vhd_format::VhdFile<FileStorage>, CliError> {
+    let mut o = vhd_format::CreateOptions::new(size, vhd_format::Subformat::Dynamic);
+    for (k, v) in opts {
+        match k.as_str() {
+            "subformat" => {
+                o.subformat = if subformat_fixed(k, v)? {
+                    vhd_format::Subformat::Fixed
+                } else {
+                    vhd_format::Subformat::Dynamic
+                }
+            }
+            "block_size" => o.block_size = u32_size(k, v)?,
+            "chs_size" => o.chs_size = parse_bool(k, v)?,
+            // qemu-img's name: force_size=on is our default (exact size); off sizes by CHS.
+            "force_size" => o.chs_size = !parse_bool(k, v)?,
+            _ => return Err(unknown("VHD", k)),
+        }
     }
-    Ok(())
+    let s = FileStorage::create(path)?;
+    Ok(vhd_format::VhdFile::create(s, &o)?)
+}
+
+fn create_vhdx(
+    path: &Path,
+    size: u64,
+    opts: &[(String, String)],
+    parent: Option<vhdx_format::ParentRef>,
+) -> Result<vhdx_format::VhdxFile<FileStorage>, CliError> {
+    let mut o = match parent {
+        Some(p) => vhdx_format::CreateOptions::differencing(size, p),
+        None => vhdx_format::CreateOptions::dynamic(size),
+    };
+    for (k, v) in opts {
+        match k.as_str() {
+            "subformat" if o.parent.is_none() => {
+                o.subformat = if subformat_fixed(k, v)? {
+                    vhdx_format::Subformat::Fixed
+                } else {
+                    vhdx_format::Subformat::Dynamic
+                }
+            }
+            "block_size" => o.block_size = Some(u32_size(k, v)?),
+            "log_size" => o.log_size = u32_size(k, v)?,
+            "block_state_zero" => o.block_state_zero = parse_bool(k, v)?,
+            "logical_sector_size" => o.logical_sector_size = u32_size(k, v)?,
+            "physical_sector_size" => o.physical_sector_size = u32_size(k, v)?,
+            _ => return Err(unknown("VHDX", k)),
+        }
+    }
+    let s = FileStorage::create(path)?;
+    Ok(vhdx_format::create(s, &o)?)
+}
+
+/// The parent's path relative to the child's folder, Windows style (".\p.vhdx",
+/// "..\dir\p.vhdx"), and its absolute path.
+fn parent_paths(child: &Path, parent: &Path) -> Result<(String, PathBuf), CliError> {
+    let abs = std::fs::canonicalize(parent)
+        .map_err(|e| CliError::new(format!("cannot open parent {}: {e}", parent.display())))?;
+    let child_dir = child
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let child_dir = std::fs::canonicalize(child_dir)
+        .map_err(|e| CliError::new(format!("cannot resolve {}: {e}", child_dir.display())))?;
+    let a: Vec<Component> = child_dir.components().collect();
+    let b: Vec<Component> = abs.components().collect();
+    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut parts: Vec<String> = vec![".".into()];
+    if common < a.len() {
+        parts = vec!["..".into(); a.len() - common];
+    }
+    parts.extend(
+        b[common..]
+            .iter()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned()),
+    );
+    Ok((parts.join("\\"), abs))
+}
+
+fn vhdx_parent(
+    child: &Path,
+    parent: &Path,
+) -> Result<(vhdx_format::ParentRef, u64, u32), CliError> {
+    let l =
+        chain::open_layer(parent, None, true, false).map_err(|e| CliError::new(e.to_string()))?;
+    let chain::Identity::Vhdx {
+        data_write_guid, ..
+    } = l.identity
+    else {
+        return Err(CliError::new(format!(
+            "a VHDX child needs a VHDX parent; {} is {}",
+            parent.display(),
+            l.format
+        )));
+    };
+    let (relative, abs) = parent_paths(child, parent)?;
+    let info = l.dev.info();
+    Ok((
+        vhdx_format::ParentRef {
+            data_write_guid,
+            relative_path: relative,
+            absolute_path: Some(abs.display().to_string()),
+        },
+        info.virtual_size,
+        info.logical_sector_size,
+    ))
+}
+
+fn create_vhd_child(
+    path: &Path,
+    size: u64,
+    opts: &[(String, String)],
+    parent: &Path,
+) -> Result<vhd_format::VhdFile<FileStorage>, CliError> {
+    let ps = FileStorage::open(parent, &block_io::OpenOptions::new().read_only(true))?;
+    if chain::detect(&ps)? != Format::Vhd {
+        return Err(CliError::new(format!(
+            "a VHD child needs a VHD parent; {} is not one",
+            parent.display()
+        )));
+    }
+    let details = vhd_format::VhdFile::open(ps, true)?.details()?;
+    let (relative, abs) = parent_paths(path, parent)?;
+    let abs_s = abs.display().to_string();
+    let mut o = vhd_format::DifferencingOptions::for_parent(
+        &details,
+        abs_s.clone(),
+        Some(abs_s),
+        Some(relative),
+    );
+    if size != 0 && size != details.virtual_size {
+        return Err(CliError::new(format!(
+            "a VHD child must have its parent's size ({} bytes)",
+            details.virtual_size
+        )));
+    }
+    for (k, v) in opts {
+        match k.as_str() {
+            "block_size" => o.block_size = u32_size(k, v)?,
+            _ => return Err(unknown("VHD", k)),
+        }
+    }
+    let s = FileStorage::create(path)?;
+    Ok(vhd_format::VhdFile::create_differencing(s, &o)?)
 }

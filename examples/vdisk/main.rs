@@ -16,6 +16,7 @@
 mod cmds;
 mod demo;
 mod image;
+mod info;
 mod io_cmd;
 mod size;
 
@@ -45,6 +46,9 @@ enum Cmd {
         /// Output format.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
+        /// Show every layer of a differencing chain and whether each link verifies.
+        #[arg(long)]
+        backing_chain: bool,
         /// Image format (detected by content if absent).
         #[arg(short = 'f')]
         format: Option<String>,
@@ -190,9 +194,15 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Info {
             output,
+            backing_chain,
             format,
             image,
-        } => cmds::info(&image, format.as_deref(), output == Output::Json),
+        } => info::run(
+            &image,
+            format.as_deref(),
+            output == Output::Json,
+            backing_chain,
+        ),
         Cmd::Create {
             format,
             options,

@@ -1,0 +1,342 @@
+//! [`Disk`]: an image with its parents as one [`BlockDevice`].
+//!
+//! Reads fall through the layers sector-exactly: for each run the top layer reports
+//! ([`BlockDevice::block_status`]), `Data` is read from that layer, `Zero` is zeros, and
+//! `Unallocated` is asked of the next layer down (a base layer's `Unallocated` reads as
+//! zeros; so does anything past the end of a parent smaller than its child). Writes, zeroing,
+//! discards and flushes go to the top layer only; parents are opened read-only and never
+//! written.
+
+use std::collections::HashSet;
+use std::io::{IoSlice, IoSliceMut};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use block_io::{BlockDevice, BlockStatus, DiskInfo, Result, StatusRun};
+
+use crate::detect::Format;
+use crate::error::ChainError;
+use crate::layer::{open_layer, Layer};
+use crate::policy::PathPolicy;
+
+/// How to open a chain.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Open the top read-only (parents are always read-only).
+    pub read_only: bool,
+    /// The top's format; `None` detects by content. Parents are always detected.
+    pub format: Option<Format>,
+    /// Where parents may live.
+    pub policy: PathPolicy,
+    /// Most layers in a chain, the top included (default 64).
+    pub max_depth: usize,
+    /// Open even if a parent's identity does not match what its child recorded.
+    pub ignore_lineage: bool,
+    /// Use `O_DIRECT` for every layer.
+    pub direct: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            read_only: false,
+            format: None,
+            policy: PathPolicy::default(),
+            max_depth: 64,
+            ignore_lineage: false,
+            direct: false,
+        }
+    }
+}
+
+impl OpenOptions {
+    /// Writable top, default policy, depth 64, lineage enforced.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Sets [`read_only`](Self::read_only).
+    pub fn read_only(mut self, yes: bool) -> Self {
+        self.read_only = yes;
+        self
+    }
+    /// Sets [`format`](Self::format).
+    pub fn format(mut self, f: Option<Format>) -> Self {
+        self.format = f;
+        self
+    }
+    /// Sets [`policy`](Self::policy).
+    pub fn policy(mut self, p: PathPolicy) -> Self {
+        self.policy = p;
+        self
+    }
+    /// Sets [`max_depth`](Self::max_depth).
+    pub fn max_depth(mut self, n: usize) -> Self {
+        self.max_depth = n;
+        self
+    }
+    /// Sets [`ignore_lineage`](Self::ignore_lineage).
+    pub fn ignore_lineage(mut self, yes: bool) -> Self {
+        self.ignore_lineage = yes;
+        self
+    }
+}
+
+/// How one link of a chain checked out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkCheck {
+    /// The parent is the one the child recorded.
+    Verified,
+    /// The parent's identity differs (opened anyway by override); the message names both ids.
+    Mismatch(String),
+}
+
+/// An image with its parents.
+#[derive(Debug)]
+pub struct Disk {
+    layers: Vec<Layer>,
+    /// `links[i]` is how layer `i` links to layer `i + 1`.
+    links: Vec<LinkCheck>,
+    info: DiskInfo,
+}
+
+fn file_key(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+impl Disk {
+    /// Opens `path` and its parents.
+    pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Disk, ChainError> {
+        let path = path.as_ref();
+        let top = open_layer(path, opts.format, opts.read_only, opts.direct)?;
+        let mut seen: HashSet<(u64, u64)> = file_key(path).into_iter().collect();
+        let mut layers = vec![top];
+        let mut links = Vec::new();
+        loop {
+            let child = &layers[layers.len() - 1];
+            let Some(link) = child.parent.clone() else {
+                break;
+            };
+            if layers.len() >= opts.max_depth.max(1) {
+                return Err(ChainError::TooDeep {
+                    top: path.to_path_buf(),
+                    max: opts.max_depth,
+                });
+            }
+            let child_path = child.path.clone();
+            let parent_path: PathBuf =
+                opts.policy
+                    .resolve(&child_path, &link.candidates)
+                    .map_err(|tried| ChainError::ParentNotFound {
+                        child: child_path.clone(),
+                        tried,
+                    })?;
+            if let Some(key) = file_key(&parent_path) {
+                if !seen.insert(key) {
+                    return Err(ChainError::Loop {
+                        child: child_path,
+                        parent: parent_path,
+                    });
+                }
+            }
+            let parent = open_layer(&parent_path, None, true, opts.direct)?;
+            check_geometry(child, &parent)?;
+            let check = if link.expected.matches(&parent.identity) {
+                LinkCheck::Verified
+            } else {
+                let e = ChainError::LineageMismatch {
+                    child: child_path,
+                    parent: parent_path,
+                    expected: link.expected.to_string(),
+                    found: parent.identity.to_string(),
+                };
+                if !opts.ignore_lineage {
+                    return Err(e);
+                }
+                LinkCheck::Mismatch(e.to_string())
+            };
+            links.push(check);
+            layers.push(parent);
+        }
+        let mut info = layers[0].dev.info();
+        info.read_only |= opts.read_only;
+        Ok(Disk {
+            layers,
+            links,
+            info,
+        })
+    }
+
+    /// The layers, top first.
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    /// How each layer links to the next (`links()[i]` is layer `i` to layer `i+1`).
+    pub fn links(&self) -> &[LinkCheck] {
+        &self.links
+    }
+
+    /// The top layer's device.
+    pub fn top(&self) -> &dyn BlockDevice {
+        &*self.layers[0].dev
+    }
+
+    /// Reads `buf` at `off` from layer `idx` down.
+    fn read_from(&self, idx: usize, buf: &mut [u8], off: u64) -> Result<()> {
+        let Some(layer) = self.layers.get(idx) else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let size = layer.dev.info().virtual_size;
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let o = off + pos as u64;
+            if o >= size {
+                // Past the end of a parent smaller than its child.
+                buf[pos..].fill(0);
+                break;
+            }
+            let want = ((buf.len() - pos) as u64).min(size - o);
+            let run = layer.dev.block_status(o, want)?;
+            let n = run.len.clamp(1, want) as usize;
+            let piece = &mut buf[pos..pos + n];
+            match run.status {
+                BlockStatus::Data => layer.dev.read_at(piece, o)?,
+                BlockStatus::Zero => piece.fill(0),
+                BlockStatus::Unallocated => self.read_from(idx + 1, piece, o)?,
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// The status of the run at `off`, looking through the layers, and the depth (0 = top)
+    /// of the layer that answered (`layers().len()` when no layer has it).
+    pub fn block_status_depth(&self, off: u64, len: u64) -> Result<(StatusRun, usize)> {
+        let mut len = len;
+        for (depth, layer) in self.layers.iter().enumerate() {
+            let size = layer.dev.info().virtual_size;
+            if off >= size {
+                return Ok((
+                    StatusRun {
+                        status: BlockStatus::Zero,
+                        len,
+                        file_offset: None,
+                    },
+                    depth,
+                ));
+            }
+            let run = layer.dev.block_status(off, len.min(size - off))?;
+            if run.status != BlockStatus::Unallocated {
+                return Ok((run, depth));
+            }
+            len = run.len.min(len);
+        }
+        Ok((
+            StatusRun {
+                status: BlockStatus::Unallocated,
+                len,
+                file_offset: None,
+            },
+            self.layers.len(),
+        ))
+    }
+}
+
+fn check_geometry(child: &Layer, parent: &Layer) -> Result<(), ChainError> {
+    let (c, p) = (child.dev.info(), parent.dev.info());
+    let bad = |why: String| ChainError::Geometry {
+        child: child.path.clone(),
+        parent: parent.path.clone(),
+        why,
+    };
+    if c.logical_sector_size != p.logical_sector_size {
+        return Err(bad(format!(
+            "the child has {}-byte sectors, the parent {}-byte",
+            c.logical_sector_size, p.logical_sector_size
+        )));
+    }
+    // A VHDX child may be larger than its parent (an expanded differencing disk reads zeros
+    // past the parent's end); a VHD child may not.
+    if p.virtual_size < c.virtual_size && child.format != Format::Vhdx {
+        return Err(bad(format!(
+            "the parent holds {} bytes, fewer than the child's {}",
+            p.virtual_size, c.virtual_size
+        )));
+    }
+    if child.format == Format::Vhdx && parent.format != Format::Vhdx {
+        return Err(bad(format!(
+            "a VHDX child needs a VHDX parent, not {}",
+            parent.format
+        )));
+    }
+    Ok(())
+}
+
+impl BlockDevice for Disk {
+    fn info(&self) -> DiskInfo {
+        self.info.clone()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        block_io::check_request(&self.info, offset, buf.len() as u64, false)?;
+        if self.layers.len() == 1 {
+            return self.top().read_at(buf, offset);
+        }
+        self.read_from(0, buf, offset)
+    }
+
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        block_io::check_request(&self.info, offset, len, false)?;
+        // Straight into the caller's buffers when the top holds the whole range.
+        if self.layers.len() == 1 || {
+            let r = self.top().block_status(offset, len.max(1))?;
+            r.status == BlockStatus::Data && r.len >= len
+        } {
+            return self.top().read_vectored_at(bufs, offset);
+        }
+        let mut tmp = vec![0u8; len as usize];
+        self.read_from(0, &mut tmp, offset)?;
+        let mut pos = 0;
+        for b in bufs.iter_mut() {
+            let n = b.len();
+            b.copy_from_slice(&tmp[pos..pos + n]);
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        block_io::check_request(&self.info, offset, buf.len() as u64, true)?;
+        self.top().write_at(buf, offset)
+    }
+
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        block_io::check_request(&self.info, offset, len, true)?;
+        self.top().write_vectored_at(bufs, offset)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        block_io::check_request(&self.info, offset, len, true)?;
+        self.top().write_zeroes(offset, len, unmap)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        block_io::check_request(&self.info, offset, len, true)?;
+        self.top().discard(offset, len)
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.info.read_only {
+            return Ok(());
+        }
+        self.top().flush()
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<StatusRun> {
+        block_io::check_request(&self.info, offset, len, false)?;
+        self.block_status_depth(offset, len).map(|(r, _)| r)
+    }
+}
