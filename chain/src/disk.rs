@@ -6,13 +6,22 @@
 //! zeros; so does anything past the end of a parent smaller than its child). Writes, zeroing,
 //! discards and flushes go to the top layer only; parents are opened read-only and never
 //! written.
+//!
+//! One adjustment for interoperability: when the top is a VHD differencing image, writes that
+//! do not cover whole 4 KiB groups are widened to them with the surrounding bytes read through
+//! the chain, so every sector-bitmap byte the chain writes is all-present or all-absent. The
+//! data is the same either way; libvhdi (the independent reader of differencing VHDs) reads
+//! the remaining sectors of a partly-set bitmap byte from the child instead of the parent,
+//! and whole bytes keep it, and any other byte-granular reader, right. Widened writes hold the
+//! 4 KiB groups they rewrite exclusively (aligned writes hold theirs shared), so concurrent
+//! writes to neighbouring sectors cannot lose each other.
 
 use std::collections::HashSet;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use block_io::{BlockDevice, BlockStatus, DiskInfo, Result, StatusRun};
+use block_io::{BlockDevice, BlockStatus, DiskInfo, RangeLock, Result, StatusRun};
 
 use crate::detect::Format;
 use crate::error::ChainError;
@@ -97,7 +106,12 @@ pub struct Disk {
     /// `links[i]` is how layer `i` links to layer `i + 1`.
     links: Vec<LinkCheck>,
     info: DiskInfo,
+    /// Set when writes to the top are widened to 4 KiB groups (VHD differencing top).
+    widen: Option<RangeLock>,
 }
+
+/// The granularity writes to a VHD differencing top are widened to.
+const GROUP: u64 = 4096;
 
 fn file_key(path: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
@@ -159,10 +173,13 @@ impl Disk {
         }
         let mut info = layers[0].dev.info();
         info.read_only |= opts.read_only;
+        let widen = (layers[0].format == Format::Vhd && layers.len() > 1 && !info.read_only)
+            .then(|| RangeLock::new(GROUP));
         Ok(Disk {
             layers,
             links,
             info,
+            widen,
         })
     }
 
@@ -208,6 +225,24 @@ impl Disk {
             pos += n;
         }
         Ok(())
+    }
+
+    /// Writes `data` (a byte range inside one or more 4 KiB groups) by rewriting the whole
+    /// groups it touches, the rest read through the chain.
+    fn write_widened(&self, lock: &RangeLock, data: &[u8], off: u64) -> Result<()> {
+        let size = self.info.virtual_size;
+        let start = off - off % GROUP;
+        let end = (off + data.len() as u64).next_multiple_of(GROUP).min(size);
+        if start == off && end == off + data.len() as u64 {
+            let _g = lock.lock_shared(off, data.len() as u64);
+            return self.top().write_at(data, off);
+        }
+        let _g = lock.lock_exclusive(start, end - start);
+        let mut tmp = vec![0u8; (end - start) as usize];
+        self.read_from(0, &mut tmp, start)?;
+        let at = (off - start) as usize;
+        tmp[at..at + data.len()].copy_from_slice(data);
+        self.top().write_at(&tmp, start)
     }
 
     /// The status of the run at `off`, looking through the layers, and the depth (0 = top)
@@ -309,23 +344,61 @@ impl BlockDevice for Disk {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         block_io::check_request(&self.info, offset, buf.len() as u64, true)?;
-        self.top().write_at(buf, offset)
+        match &self.widen {
+            Some(lock) => self.write_widened(lock, buf, offset),
+            None => self.top().write_at(buf, offset),
+        }
     }
 
     fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
         let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         block_io::check_request(&self.info, offset, len, true)?;
-        self.top().write_vectored_at(bufs, offset)
+        match &self.widen {
+            Some(lock) => {
+                let flat: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+                self.write_widened(lock, &flat, offset)
+            }
+            None => self.top().write_vectored_at(bufs, offset),
+        }
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         block_io::check_request(&self.info, offset, len, true)?;
-        self.top().write_zeroes(offset, len, unmap)
+        let Some(lock) = &self.widen else {
+            return self.top().write_zeroes(offset, len, unmap);
+        };
+        // Whole groups in the middle go down as they are; partial groups at the ends are
+        // rewritten whole.
+        let end = offset + len;
+        let a = offset.next_multiple_of(GROUP).min(end);
+        let b = (end - end % GROUP).max(a);
+        if offset < a {
+            self.write_widened(lock, &vec![0u8; (a - offset) as usize], offset)?;
+        }
+        if a < b {
+            let _g = lock.lock_shared(a, b - a);
+            self.top().write_zeroes(a, b - a, unmap)?;
+        }
+        if b < end {
+            self.write_widened(lock, &vec![0u8; (end - b) as usize], b)?;
+        }
+        Ok(())
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         block_io::check_request(&self.info, offset, len, true)?;
-        self.top().discard(offset, len)
+        let Some(lock) = &self.widen else {
+            return self.top().discard(offset, len);
+        };
+        // A hint: only whole groups are discarded (keeping bitmap bytes whole).
+        let end = offset + len;
+        let a = offset.next_multiple_of(GROUP);
+        let b = end - end % GROUP;
+        if a < b {
+            let _g = lock.lock_exclusive(a, b - a);
+            self.top().discard(a, b - a)?;
+        }
+        Ok(())
     }
 
     fn flush(&self) -> Result<()> {
