@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 
 use block_io::{BlockDevice, BlockStatus, DiskInfo, RangeLock, Result, StatusRun};
 
+use crate::cache::{ResolutionCache, ZEROS};
 use crate::detect::Format;
 use crate::error::ChainError;
 use crate::layer::{open_layer, Layer};
@@ -108,10 +109,12 @@ pub struct Disk {
     info: DiskInfo,
     /// Set when writes to the top are widened to 4 KiB groups (VHD differencing top).
     widen: Option<RangeLock>,
+    /// Where 4 KiB groups of the layers below the top resolve (they never change).
+    cache: ResolutionCache,
 }
 
-/// The granularity writes to a VHD differencing top are widened to.
-const GROUP: u64 = 4096;
+/// The granularity writes to a VHD differencing top are widened to (and of the cache).
+use crate::cache::GROUP;
 
 fn file_key(path: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
@@ -176,6 +179,7 @@ impl Disk {
         let widen = (layers[0].format == Format::Vhd && layers.len() > 1 && !info.read_only)
             .then(|| RangeLock::new(GROUP));
         Ok(Disk {
+            cache: ResolutionCache::new(if layers.len() > 1 { 16 } else { 0 }),
             layers,
             links,
             info,
@@ -220,7 +224,72 @@ impl Disk {
             match run.status {
                 BlockStatus::Data => layer.dev.read_at(piece, o)?,
                 BlockStatus::Zero => piece.fill(0),
+                BlockStatus::Unallocated if idx == 0 => self.read_lower(piece, o)?,
                 BlockStatus::Unallocated => self.read_from(idx + 1, piece, o)?,
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Where 4 KiB group `g` resolves below the top: a layer depth holding all of it as
+    /// data, [`ZEROS`], or `None` when the group is mixed (not cached).
+    fn resolve_group(&self, g: u64) -> Result<Option<u8>> {
+        if let Some(s) = self.cache.get(g) {
+            return Ok(Some(s));
+        }
+        let off = g * GROUP;
+        let len = GROUP.min(self.info.virtual_size - off);
+        let mut depth = 1;
+        let source = loop {
+            let Some(layer) = self.layers.get(depth) else {
+                break Some(ZEROS);
+            };
+            let size = layer.dev.info().virtual_size;
+            if off >= size {
+                break Some(ZEROS);
+            }
+            let want = len.min(size - off);
+            let run = layer.dev.block_status(off, want)?;
+            if run.len < want {
+                break None;
+            }
+            match run.status {
+                BlockStatus::Data if want == len => break u8::try_from(depth).ok(),
+                BlockStatus::Data => break None,
+                BlockStatus::Zero => break Some(ZEROS),
+                BlockStatus::Unallocated => depth += 1,
+            }
+        };
+        if let Some(s) = source {
+            self.cache.put(g, s);
+        }
+        Ok(source)
+    }
+
+    /// Reads `buf` at `off` from the layers below the top, group by group through the cache,
+    /// merging neighbouring groups that resolve alike into one read.
+    fn read_lower(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        if off % GROUP != 0 || self.layers.len() > usize::from(ZEROS) {
+            return self.read_from(1, buf, off);
+        }
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let o = off + pos as u64;
+            let first = self.resolve_group(o / GROUP)?;
+            let mut n = (GROUP as usize).min(buf.len() - pos);
+            if let Some(src) = first {
+                while pos + n < buf.len()
+                    && self.resolve_group((o + n as u64) / GROUP)? == Some(src)
+                {
+                    n += (GROUP as usize).min(buf.len() - pos - n);
+                }
+            }
+            let piece = &mut buf[pos..pos + n];
+            match first {
+                Some(ZEROS) => piece.fill(0),
+                Some(depth) => self.layers[usize::from(depth)].dev.read_at(piece, o)?,
+                None => self.read_from(1, piece, o)?,
             }
             pos += n;
         }

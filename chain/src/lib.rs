@@ -21,6 +21,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod cache;
 mod detect;
 mod disk;
 mod error;

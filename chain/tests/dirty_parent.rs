@@ -13,12 +13,17 @@ use chain::{Disk, OpenOptions};
 fn dirty_images(cut: u64) -> Vec<MemStorage> {
     let f = std::sync::Arc::new(FaultStorage::new(MemStorage::new()));
     let o = vhdx_format::CreateOptions::dynamic(SIZE);
-    let Ok(v) = vhdx_format::create(f.clone(), &o) else { return Vec::new() };
+    let Ok(v) = vhdx_format::create(f.clone(), &o) else {
+        return Vec::new();
+    };
     let _ = v.flush();
     f.set_cut(CutPoint::AfterOps(f.ops() + cut));
     let mut failed = false;
     for i in 0..6u64 {
-        if v.write_at(&vec![0x30 + i as u8; 1 << 20], i * (2 << 20)).is_err() || v.flush().is_err() {
+        if v.write_at(&vec![0x30 + i as u8; 1 << 20], i * (2 << 20))
+            .is_err()
+            || v.flush().is_err()
+        {
             failed = true;
             break;
         }
@@ -66,7 +71,11 @@ fn dirty_parent_is_replayed_in_memory_and_never_written() {
     let copy = d.path().join("copy.vhdx");
     std::fs::write(&copy, &parent_bytes).unwrap();
     let expected = {
-        let v = vhdx_format::VhdxFile::open(FileStorage::open(&copy, &block_io::OpenOptions::new()).unwrap(), false).unwrap();
+        let v = vhdx_format::VhdxFile::open(
+            FileStorage::open(&copy, &block_io::OpenOptions::new()).unwrap(),
+            false,
+        )
+        .unwrap();
         assert!(!v.details().log_dirty || v.check(false).unwrap().log_replayed);
         read_all(&v)
     };
@@ -81,5 +90,8 @@ fn dirty_parent_is_replayed_in_memory_and_never_written() {
     want[..4096].fill(0xC1);
     assert_eq!(first_diff(&read_all(&disk), &want), None);
     drop(disk);
-    assert!(std::fs::read(&parent).unwrap() == parent_bytes, "the dirty parent was written");
+    assert!(
+        std::fs::read(&parent).unwrap() == parent_bytes,
+        "the dirty parent was written"
+    );
 }

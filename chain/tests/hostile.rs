@@ -43,9 +43,15 @@ fn locator_outside_the_allowed_roots_is_refused() {
     let e = open_err(&child, &OpenOptions::new());
     let msg = e.to_string();
     assert!(matches!(e, ChainError::ParentNotFound { .. }), "{msg}");
-    assert!(msg.contains("..\\a\\base.vhdx") && msg.contains("climbs out"), "{msg}");
+    assert!(
+        msg.contains("..\\a\\base.vhdx") && msg.contains("climbs out"),
+        "{msg}"
+    );
     // The absolute path the child also carries is refused too, by its own rule.
-    assert!(msg.contains("absolute parent paths are not allowed"), "{msg}");
+    assert!(
+        msg.contains("absolute parent paths are not allowed"),
+        "{msg}"
+    );
     // A configured root lets it in.
     let opts = OpenOptions::new().policy(PathPolicy {
         roots: vec![d.path().to_path_buf()],
@@ -102,7 +108,10 @@ fn missing_parent_names_every_path_tried() {
     vhdx_child_raw(&c, ".\\gone.vhdx", Uuid::new_v4(), SIZE, 512);
     let e = open_err(&c, &OpenOptions::new());
     assert!(matches!(e, ChainError::ParentNotFound { .. }), "{e}");
-    assert!(e.to_string().contains("gone.vhdx") && e.to_string().contains("not found"), "{e}");
+    assert!(
+        e.to_string().contains("gone.vhdx") && e.to_string().contains("not found"),
+        "{e}"
+    );
     // Mapped to block-io's error at the boundary: a sentence, not a panic.
     let io: block_io::Error = e.into();
     assert_eq!(io.kind(), block_io::ErrorKind::InvalidInput);
@@ -129,8 +138,16 @@ fn sector_size_and_size_mismatches_are_refused() {
     drop(create_base(Fmt::Vhd, &small, SIZE / 2));
     let big = d.path().join("big.vhd");
     let ps = FileStorage::open(&small, &block_io::OpenOptions::new().read_only(true)).unwrap();
-    let det = vhd_format::VhdFile::open(ps, true).unwrap().details().unwrap();
-    let mut o = vhd_format::DifferencingOptions::for_parent(&det, "small.vhd", None, Some(".\\small.vhd".into()));
+    let det = vhd_format::VhdFile::open(ps, true)
+        .unwrap()
+        .details()
+        .unwrap();
+    let mut o = vhd_format::DifferencingOptions::for_parent(
+        &det,
+        "small.vhd",
+        None,
+        Some(".\\small.vhd".into()),
+    );
     o.size = SIZE;
     drop(vhd_format::VhdFile::create_differencing(FileStorage::create(&big).unwrap(), &o).unwrap());
     let e = open_err(&big, &OpenOptions::new());
@@ -140,12 +157,16 @@ fn sector_size_and_size_mismatches_are_refused() {
     // A VHDX child larger than its parent is allowed: past the parent's end reads zeros.
     let pv = d.path().join("pv.vhdx");
     let p = create_base(Fmt::Vhdx, &pv, SIZE / 2);
-    p.write_at(&vec![0x77; 1 << 20], (SIZE / 2) - (1 << 20)).unwrap();
+    p.write_at(&vec![0x77; 1 << 20], (SIZE / 2) - (1 << 20))
+        .unwrap();
     p.flush().unwrap();
     drop(p);
     let dwg = {
         let s = FileStorage::open(&pv, &block_io::OpenOptions::new().read_only(true)).unwrap();
-        vhdx_format::VhdxFile::open(s, true).unwrap().details().data_write_guid
+        vhdx_format::VhdxFile::open(s, true)
+            .unwrap()
+            .details()
+            .data_write_guid
     };
     let cv = d.path().join("cv.vhdx");
     vhdx_child_raw(&cv, "pv.vhdx", dwg, SIZE, 512);
@@ -161,8 +182,12 @@ fn a_modified_vhdx_parent_is_detected_with_both_ids() {
     let d = tempfile::tempdir().unwrap();
     let (paths, _) = build_chain(Fmt::Vhdx, d.path(), 2, 7);
     let before = {
-        let s = FileStorage::open(&paths[0], &block_io::OpenOptions::new().read_only(true)).unwrap();
-        vhdx_format::VhdxFile::open(s, true).unwrap().details().data_write_guid
+        let s =
+            FileStorage::open(&paths[0], &block_io::OpenOptions::new().read_only(true)).unwrap();
+        vhdx_format::VhdxFile::open(s, true)
+            .unwrap()
+            .details()
+            .data_write_guid
     };
     // Someone writes to the parent after the child was made: its DataWriteGuid changes.
     let p = Disk::open(&paths[0], &OpenOptions::new()).unwrap();
@@ -170,17 +195,28 @@ fn a_modified_vhdx_parent_is_detected_with_both_ids() {
     p.flush().unwrap();
     drop(p);
     let after = {
-        let s = FileStorage::open(&paths[0], &block_io::OpenOptions::new().read_only(true)).unwrap();
-        vhdx_format::VhdxFile::open(s, true).unwrap().details().data_write_guid
+        let s =
+            FileStorage::open(&paths[0], &block_io::OpenOptions::new().read_only(true)).unwrap();
+        vhdx_format::VhdxFile::open(s, true)
+            .unwrap()
+            .details()
+            .data_write_guid
     };
     assert_ne!(before, after, "a write must change the DataWriteGuid");
     let e = open_err(&paths[1], &OpenOptions::new().read_only(true));
     let msg = e.to_string();
     assert!(matches!(e, ChainError::LineageMismatch { .. }), "{msg}");
-    assert!(msg.contains(&before.to_string()) && msg.contains(&after.to_string()), "{msg}");
+    assert!(
+        msg.contains(&before.to_string()) && msg.contains(&after.to_string()),
+        "{msg}"
+    );
     assert!(msg.contains("possible corruption"), "{msg}");
     // Opening anyway takes an explicit override, and the link says it did not verify.
-    let disk = Disk::open(&paths[1], &OpenOptions::new().read_only(true).ignore_lineage(true)).unwrap();
+    let disk = Disk::open(
+        &paths[1],
+        &OpenOptions::new().read_only(true).ignore_lineage(true),
+    )
+    .unwrap();
     assert!(matches!(disk.links()[0], chain::LinkCheck::Mismatch(_)));
 }
 
@@ -202,7 +238,13 @@ fn depth_is_capped() {
     let (paths, _) = build_chain(Fmt::Vhdx, d.path(), 4, 3);
     let e = open_err(&paths[3], &OpenOptions::new().max_depth(3));
     assert!(matches!(e, ChainError::TooDeep { max: 3, .. }), "{e}");
-    assert_eq!(Disk::open(&paths[3], &OpenOptions::new().max_depth(4)).unwrap().layers().len(), 4);
+    assert_eq!(
+        Disk::open(&paths[3], &OpenOptions::new().max_depth(4))
+            .unwrap()
+            .layers()
+            .len(),
+        4
+    );
 }
 
 #[test]
@@ -210,13 +252,19 @@ fn garbage_and_truncated_images_are_errors_not_panics() {
     let d = tempfile::tempdir().unwrap();
     let (paths, _) = build_chain(Fmt::Vhdx, d.path(), 2, 5);
     // Truncate the parent: opening the child must fail cleanly.
-    let f = std::fs::OpenOptions::new().write(true).open(&paths[0]).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&paths[0])
+        .unwrap();
     f.set_len(300 * 1024).unwrap();
     drop(f);
     let e = open_err(&paths[1], &OpenOptions::new().read_only(true));
     assert!(matches!(e, ChainError::Open { .. }), "{e}");
     // A parent that is garbage detected as raw: a VHDX child refuses a raw parent.
     std::fs::write(&paths[0], vec![0x42u8; SIZE as usize]).unwrap();
-    let e = open_err(&paths[1], &OpenOptions::new().read_only(true).ignore_lineage(true));
+    let e = open_err(
+        &paths[1],
+        &OpenOptions::new().read_only(true).ignore_lineage(true),
+    );
     assert!(matches!(e, ChainError::Geometry { .. }), "{e}");
 }
