@@ -1,0 +1,514 @@
+//! [`VhdFile`]: one VHD image as a [`BlockDevice`] layer — fixed, dynamic, or differencing
+//! (VHD spec 1.0, "Block Allocation Table and Data Blocks").
+//!
+//! Concurrency: the BAT lives in memory as atomics; reads and overwrites of allocated blocks
+//! take no lock and are a single positional write (dynamic) or, in a differencing layer whose
+//! bitmap already marks the sectors, the same. Allocation is serialised by one mutex held
+//! across its I/O (it moves the footer, so two allocations must not interleave); sector
+//! bitmap updates of a differencing layer are serialised per block by striped mutexes.
+//!
+//! Crash-safe allocation order: (1) write the data and the block's bitmap where the footer
+//! was (moved up so the data starts on a 4 KiB boundary), (2) sync, (3) write the BAT sector, (4) write the footer at the new end. A crash
+//! before (3) leaves the block unreferenced; a lost footer is recovered from the copy at
+//! offset 0 on the next open (a writable open rewrites it). Nothing is made durable before
+//! `flush()`, except that data always reaches the disk before any metadata pointing at it.
+//!
+//! Dynamic disks: a new block's bitmap is all ones (like qemu) and reads ignore bitmaps.
+//! Differencing layers honour them: absent sectors read as zeros from this layer and
+//! `block_status` reports them `Unallocated` so a chain reads them from the parent. A first
+//! write to absent sectors of an allocated block writes the data, syncs, then sets the bits.
+//!
+//! Discard and write-zeroes (VHD has no zero state): a fixed disk and allocated blocks of a
+//! dynamic disk keep their space and get zeros (through `Storage::punch_hole` for discard and
+//! unmapping write-zeroes, explicit zeros otherwise); unallocated dynamic blocks already read
+//! as zeros. A differencing layer's discard clears the bitmap bits (the range reads from the
+//! parent again); its write-zeroes writes zeros into the layer so they hide the parent.
+
+use std::collections::HashMap;
+
+use block_io::{
+    check_request, BlockDevice, BlockStatus, DiskInfo, Error, ErrorKind, FailStop, Result,
+    StatusRun, Storage,
+};
+use parking_lot::Mutex;
+
+use crate::bat::{self, UNALLOCATED};
+use crate::error::corrupt;
+use crate::footer::{DiskType, Footer, FOOTER_SIZE};
+use crate::layout::{self, DynamicLayout, FooterSource};
+
+const STRIPES: usize = 16;
+const ZERO_CHUNK: u64 = 1 << 20;
+/// Alignment of a new block's data in the file.
+const DATA_ALIGN: u64 = 4096;
+
+/// One VHD image over a [`Storage`].
+pub struct VhdFile<S: Storage> {
+    pub(crate) storage: S,
+    pub(crate) footer: Footer,
+    pub(crate) footer_bytes: [u8; FOOTER_SIZE],
+    pub(crate) source: FooterSource,
+    pub(crate) end_footer_error: Option<String>,
+    pub(crate) dynamic: Option<DynamicLayout>,
+    read_only: bool,
+    /// Offset of the footer: where the next block goes.
+    alloc: Mutex<u64>,
+    /// Cached sector bitmaps of a differencing layer, striped by block number.
+    bitmaps: Vec<Mutex<HashMap<usize, Vec<u8>>>>,
+    failstop: FailStop,
+}
+
+impl<S: Storage> std::fmt::Debug for VhdFile<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhdFile")
+            .field("disk_type", &self.footer.disk_type)
+            .field("virtual_size", &self.footer.current_size)
+            .field("read_only", &self.read_only)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Storage> VhdFile<S> {
+    /// Opens an image. A writable open of an image whose end footer was lost (a crash during
+    /// allocation) trims the unreferenced tail and rewrites the footer from the copy at 0.
+    pub fn open(storage: S, read_only: bool) -> Result<Self> {
+        let l = layout::load(&storage)?;
+        let file = VhdFile {
+            storage,
+            footer: l.footer,
+            footer_bytes: l.footer_bytes,
+            source: l.source,
+            end_footer_error: l.end_footer_error,
+            dynamic: l.dynamic,
+            read_only,
+            alloc: Mutex::new(l.footer_offset),
+            bitmaps: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
+            failstop: FailStop::new(),
+        };
+        if !read_only && file.source == FooterSource::CopyAtStart {
+            // Order: drop the unreferenced tail, write the footer, sync.
+            let pos = l.footer_offset;
+            file.storage.set_len(pos)?;
+            file.storage.write_at(&file.footer_bytes, pos)?;
+            file.storage.sync_data()?;
+        }
+        Ok(file)
+    }
+
+    /// The underlying storage.
+    pub fn storage(&self) -> &S {
+        &self.storage
+    }
+
+    /// Gives the storage back.
+    pub fn into_storage(self) -> S {
+        self.storage
+    }
+
+    /// The validated footer in use.
+    pub fn footer(&self) -> &Footer {
+        &self.footer
+    }
+
+    /// The disk type.
+    pub fn disk_type(&self) -> DiskType {
+        self.footer.disk_type
+    }
+
+    /// Which footer the image was opened with.
+    pub fn footer_source(&self) -> FooterSource {
+        self.source
+    }
+
+    /// `true` once a write or sync failed (writes are refused until reopen).
+    pub fn is_failed(&self) -> bool {
+        self.failstop.is_failed()
+    }
+
+    fn block_size(&self) -> u64 {
+        self.dynamic
+            .as_ref()
+            .map_or(1, |d| u64::from(d.header.block_size))
+    }
+
+    /// File offset of block `b`'s data, if allocated.
+    fn data_offset(&self, d: &DynamicLayout, b: usize) -> Option<u64> {
+        d.bat.get(b).map(|s| u64::from(s) * 512 + d.bitmap_size)
+    }
+
+    fn guard<T>(&self, r: Result<T>) -> Result<T> {
+        self.failstop.guard(r)
+    }
+
+    /// Reads from the file; bytes past its end read as zeros (a block partly written before
+    /// a crash, opened read-only).
+    fn read_file(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        match self.storage.read_at(buf, off) {
+            Err(e) if e.kind() == ErrorKind::OutOfRange => {
+                let len = self.storage.len()?;
+                let avail = usize::try_from(len.saturating_sub(off))
+                    .unwrap_or(usize::MAX)
+                    .min(buf.len());
+                buf[avail..].fill(0);
+                if avail > 0 {
+                    self.storage.read_at(&mut buf[..avail], off)?;
+                }
+                Ok(())
+            }
+            r => r,
+        }
+    }
+
+    fn is_diff(&self) -> bool {
+        self.footer.disk_type == DiskType::Differencing
+    }
+
+    /// Runs `f` with block `b`'s bitmap (loaded on first use) under its stripe lock.
+    fn with_bitmap<T>(
+        &self,
+        d: &DynamicLayout,
+        b: usize,
+        f: impl FnOnce(&mut Vec<u8>) -> Result<T>,
+    ) -> Result<T> {
+        let mut stripe = self.bitmaps[b % STRIPES].lock();
+        let bm = match stripe.entry(b) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let sector = d
+                    .bat
+                    .get(b)
+                    .ok_or_else(|| corrupt("bitmap of an unallocated block"))?;
+                let mut bm = vec![0u8; d.bitmap_size as usize];
+                self.read_file(&mut bm, u64::from(sector) * 512)?;
+                v.insert(bm)
+            }
+        };
+        f(bm)
+    }
+
+    /// Writes the bitmap sectors of block `b` covering sectors `[s0, s1)`.
+    fn write_bitmap_range(
+        &self,
+        d: &DynamicLayout,
+        b: usize,
+        bm: &[u8],
+        s0: usize,
+        s1: usize,
+    ) -> Result<()> {
+        let sector = d
+            .bat
+            .get(b)
+            .ok_or_else(|| corrupt("bitmap of an unallocated block"))?;
+        let first = s0 / 8 / 512 * 512;
+        let last = (s1.saturating_sub(1) / 8 / 512 + 1) * 512;
+        let last = last.min(bm.len());
+        self.guard(
+            self.storage
+                .write_at(&bm[first..last], u64::from(sector) * 512 + first as u64),
+        )
+    }
+
+    fn read_block_part(
+        &self,
+        d: &DynamicLayout,
+        b: usize,
+        within: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let Some(data) = self.data_offset(d, b) else {
+            buf.fill(0);
+            return Ok(());
+        };
+        if !self.is_diff() {
+            return self.read_file(buf, data + within);
+        }
+        let s0 = (within / 512) as usize;
+        let s1 = s0 + buf.len() / 512;
+        let runs = self.with_bitmap(d, b, |bm| {
+            let mut runs = Vec::new();
+            let mut s = s0;
+            while s < s1 {
+                let n = bat::run_len(bm, s, s1);
+                runs.push((s, n, bat::bit(bm, s)));
+                s += n;
+            }
+            Ok(runs)
+        })?;
+        for (s, n, present) in runs {
+            let part = &mut buf[(s - s0) * 512..(s - s0 + n) * 512];
+            if present {
+                self.read_file(part, data + s as u64 * 512)?;
+            } else {
+                part.fill(0);
+            }
+        }
+        Ok(())
+    }
+
+    fn write_block_part(&self, d: &DynamicLayout, b: usize, within: u64, buf: &[u8]) -> Result<()> {
+        let data = match self.data_offset(d, b) {
+            Some(o) => o,
+            None => match self.allocate(d, b, within, buf)? {
+                None => return Ok(()),
+                Some(o) => o,
+            },
+        };
+        if !self.is_diff() {
+            return self.guard(self.storage.write_at(buf, data + within));
+        }
+        let s0 = (within / 512) as usize;
+        let s1 = s0 + buf.len() / 512;
+        let present = self.with_bitmap(d, b, |bm| Ok(bat::all_set(bm, s0, s1)))?;
+        self.guard(self.storage.write_at(buf, data + within))?;
+        if !present {
+            // The data must be durable before a bit claims it.
+            self.guard(self.storage.sync_data())?;
+            self.with_bitmap(d, b, |bm| {
+                bat::set_bits(bm, s0, s1, true);
+                self.write_bitmap_range(d, b, bm, s0, s1)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Allocates block `b` with `buf` written at `within`. Returns `None` when done, or the
+    /// block's data offset when another writer allocated it first.
+    fn allocate(
+        &self,
+        d: &DynamicLayout,
+        b: usize,
+        within: u64,
+        buf: &[u8],
+    ) -> Result<Option<u64>> {
+        let mut pos = self.alloc.lock();
+        if let Some(o) = self.data_offset(d, b) {
+            return Ok(Some(o));
+        }
+        self.failstop.check()?;
+        let block = u64::from(d.header.block_size);
+        // The data of a block starts on a 4 KiB boundary (the bitmap sits just before it), so
+        // block I/O is page-aligned and works with O_DIRECT on 4K-sector devices; the gap left
+        // before the bitmap is unreferenced.
+        let start = (*pos + d.bitmap_size).next_multiple_of(DATA_ALIGN) - d.bitmap_size;
+        let new_end = start + d.bitmap_size + block;
+        let sector = u32::try_from(start / 512)
+            .ok()
+            .filter(|&s| s != UNALLOCATED && new_end / 512 < u64::from(u32::MAX))
+            .ok_or_else(|| Error::new(ErrorKind::NoSpace, "VHD BAT offsets exhausted"))?;
+        let mut bm = vec![0u8; d.bitmap_size as usize];
+        let s0 = (within / 512) as usize;
+        let s1 = s0 + buf.len() / 512;
+        if self.is_diff() {
+            bat::set_bits(&mut bm, s0, s1, true);
+        } else {
+            bat::set_bits(&mut bm, 0, (block / 512) as usize, true);
+        }
+        // (1) data and bitmap, (2) sync, (3) BAT entry, (4) footer.
+        self.guard(self.storage.write_at(buf, start + d.bitmap_size + within))?;
+        self.guard(self.storage.write_at(&bm, start))?;
+        self.guard(self.storage.sync_data())?;
+        let (rel, sec) = d.bat.sector_with(b, sector);
+        self.guard(self.storage.write_at(&sec, d.header.table_offset + rel))?;
+        if self.is_diff() {
+            self.bitmaps[b % STRIPES].lock().insert(b, bm);
+        }
+        d.bat.set(b, sector);
+        self.guard(self.storage.write_at(&self.footer_bytes, new_end))?;
+        *pos = new_end;
+        Ok(None)
+    }
+
+    /// Calls `f(block, within, start, len)` for each block-sized piece of `[off, off+len)`.
+    fn for_each_piece(
+        &self,
+        off: u64,
+        len: u64,
+        mut f: impl FnMut(usize, u64, usize, usize) -> Result<()>,
+    ) -> Result<()> {
+        let bs = self.block_size();
+        let mut done = 0u64;
+        while done < len {
+            let cur = off + done;
+            let within = cur % bs;
+            let n = (bs - within).min(len - done);
+            f((cur / bs) as usize, within, done as usize, n as usize)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write_zero_bytes(&self, off: u64, len: u64) -> Result<()> {
+        let zeros = vec![0u8; ZERO_CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = ZERO_CHUNK.min(len - done);
+            self.write_at(&zeros[..n as usize], off + done)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Zeros `[file_off, +len)` of the container, by hole punching when `punch`.
+    fn zero_file_range(&self, file_off: u64, len: u64, punch: bool) -> Result<()> {
+        if punch {
+            match self.storage.punch_hole(file_off, len) {
+                Err(e) if e.kind() == ErrorKind::Unsupported => {}
+                r => return self.guard(r),
+            }
+        }
+        let zeros = vec![0u8; ZERO_CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = ZERO_CHUNK.min(len - done);
+            self.guard(self.storage.write_at(&zeros[..n as usize], file_off + done))?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Zeros a range of a fixed disk or of a dynamic disk's allocated blocks.
+    fn zero_in_place(&self, off: u64, len: u64, punch: bool) -> Result<()> {
+        match &self.dynamic {
+            None => self.zero_file_range(off, len, punch),
+            Some(d) => {
+                self.for_each_piece(off, len, |b, within, _, n| match self.data_offset(d, b) {
+                    Some(data) => self.zero_file_range(data + within, n as u64, punch),
+                    None => Ok(()),
+                })
+            }
+        }
+    }
+
+    fn check_write(&self, off: u64, len: u64) -> Result<()> {
+        check_request(&self.info(), off, len, true)?;
+        self.failstop.check()
+    }
+}
+
+impl<S: Storage> BlockDevice for VhdFile<S> {
+    fn info(&self) -> DiskInfo {
+        DiskInfo {
+            virtual_size: self.footer.current_size,
+            logical_sector_size: 512,
+            physical_sector_size: 512,
+            read_only: self.read_only,
+            disk_id: Some(self.footer.unique_id),
+            format: "vhd",
+        }
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_request(&self.info(), offset, buf.len() as u64, false)?;
+        let Some(d) = &self.dynamic else {
+            return self.storage.read_at(buf, offset);
+        };
+        self.for_each_piece(offset, buf.len() as u64, |b, within, start, n| {
+            self.read_block_part(d, b, within, &mut buf[start..start + n])
+        })
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_write(offset, buf.len() as u64)?;
+        let Some(d) = &self.dynamic else {
+            return self.guard(self.storage.write_at(buf, offset));
+        };
+        self.for_each_piece(offset, buf.len() as u64, |b, within, start, n| {
+            self.write_block_part(d, b, within, &buf[start..start + n])
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.check_write(offset, len)?;
+        if self.is_diff() {
+            // Zeros must hide the parent: store them in this layer.
+            return self.write_zero_bytes(offset, len);
+        }
+        self.zero_in_place(offset, len, unmap)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_write(offset, len)?;
+        let Some(d) = self.dynamic.as_ref().filter(|_| self.is_diff()) else {
+            return self.zero_in_place(offset, len, true);
+        };
+        self.for_each_piece(offset, len, |b, within, _, n| {
+            if d.bat.get(b).is_none() {
+                return Ok(());
+            }
+            let s0 = (within / 512) as usize;
+            let s1 = s0 + n / 512;
+            self.with_bitmap(d, b, |bm| {
+                if bat::run_len(bm, s0, s1) == s1 - s0 && !bat::bit(bm, s0) {
+                    return Ok(());
+                }
+                bat::set_bits(bm, s0, s1, false);
+                self.write_bitmap_range(d, b, bm, s0, s1)
+            })
+        })
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.failstop.check()?;
+        self.guard(self.storage.sync_data())
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<StatusRun> {
+        check_request(&self.info(), offset, len, false)?;
+        if len == 0 {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "empty block_status query",
+            ));
+        }
+        let Some(d) = &self.dynamic else {
+            return Ok(StatusRun {
+                status: BlockStatus::Data,
+                len,
+                file_offset: Some(offset),
+            });
+        };
+        let bs = self.block_size();
+        let b = (offset / bs) as usize;
+        let within = offset % bs;
+        let n = (bs - within).min(len);
+        let Some(data) = self.data_offset(d, b) else {
+            // Merge following unallocated blocks.
+            let mut run = n;
+            while run < len && d.bat.get(((offset + run) / bs) as usize).is_none() {
+                run += bs.min(len - run);
+            }
+            return Ok(StatusRun {
+                status: BlockStatus::Unallocated,
+                len: run,
+                file_offset: None,
+            });
+        };
+        if !self.is_diff() {
+            return Ok(StatusRun {
+                status: BlockStatus::Data,
+                len: n,
+                file_offset: Some(data + within),
+            });
+        }
+        let s0 = (within / 512) as usize;
+        let s1 = s0 + (n / 512) as usize;
+        let (present, run) =
+            self.with_bitmap(d, b, |bm| Ok((bat::bit(bm, s0), bat::run_len(bm, s0, s1))))?;
+        Ok(if present {
+            StatusRun {
+                status: BlockStatus::Data,
+                len: run as u64 * 512,
+                file_offset: Some(data + within),
+            }
+        } else {
+            StatusRun {
+                status: BlockStatus::Unallocated,
+                len: run as u64 * 512,
+                file_offset: None,
+            }
+        })
+    }
+}

@@ -1,0 +1,589 @@
+//! [`VhdxFile`]: one VHDX layer (fixed, dynamic or differencing) over a [`Storage`].
+//!
+//! Opening reads the file identifier, picks the current header (MS-VHDX 2.2.2), replays the
+//! log (2.3.3: into the file when writable, into an in-memory overlay when read-only), then
+//! reads a region table (2.2.3), the metadata (2.6) and the BAT (2.5) into memory as atomics,
+//! so reads never take a lock. Sectors absent from a differencing layer read as zeros here and
+//! are reported as [`BlockStatus::Unallocated`]; the chain reads them from the parent.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use block_io::{BlockDevice, DiskInfo, FailStop, Result, StatusRun, Storage};
+use parking_lot::{Mutex, RwLock};
+use std::collections::{BTreeSet, HashMap};
+use uuid::Uuid;
+
+use crate::bat::{state, BatEntry, BlockState, Geometry};
+use crate::error::{corrupt_io, FormatError};
+use crate::file_id::FileIdentifier;
+use crate::header::{select_current, Header, HEADER_OFFSETS, HEADER_SIZE, MIB};
+use crate::locator::ParentLocator;
+use crate::metadata::{Metadata, TABLE_SIZE};
+use crate::region::{RegionTable, REGION_TABLE_OFFSETS, REGION_TABLE_SIZE};
+use crate::replay::{self, Overlay};
+
+/// Size of a sector bitmap block (MS-VHDX 2.5.1.2).
+pub(crate) const BITMAP_BLOCK: u64 = MIB;
+
+/// The kind of VHDX layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subformat {
+    /// Every block allocated at creation (LeaveBlocksAllocated set).
+    Fixed,
+    /// Blocks allocated on first write.
+    Dynamic,
+    /// A differencing layer over a parent.
+    Differencing,
+}
+
+impl Subformat {
+    /// Lower-case name ("fixed", "dynamic", "differencing").
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Subformat::Fixed => "fixed",
+            Subformat::Dynamic => "dynamic",
+            Subformat::Differencing => "differencing",
+        }
+    }
+}
+
+/// Format facts about an open image, for `info`-like tools.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VhdxDetails {
+    /// Fixed, dynamic or differencing.
+    pub subformat: Subformat,
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+    /// Block size in bytes.
+    pub block_size: u32,
+    /// Logical sector size.
+    pub logical_sector_size: u32,
+    /// Physical sector size.
+    pub physical_sector_size: u32,
+    /// Virtual disk id.
+    pub disk_id: Uuid,
+    /// DataWriteGuid of the current header.
+    pub data_write_guid: Uuid,
+    /// FileWriteGuid of the current header.
+    pub file_write_guid: Uuid,
+    /// `true` if the log held entries when the image was opened (replayed since).
+    pub log_dirty: bool,
+    /// Log size in bytes.
+    pub log_size: u32,
+    /// Creator string of the file identifier.
+    pub creator: String,
+    /// Parent locator entries (differencing only), in on-disk order.
+    pub parent_locator: Vec<(String, String)>,
+    /// File size in bytes.
+    pub file_size: u64,
+}
+
+/// Result of [`VhdxFile::check`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Problems found (empty = clean).
+    pub errors: Vec<String>,
+    /// `true` if the log needed replay when the image was opened.
+    pub log_was_dirty: bool,
+    /// `true` if the replay was written to the file.
+    pub log_replayed: bool,
+    /// Payload blocks stored in the file.
+    pub allocated_blocks: u64,
+    /// Total payload blocks.
+    pub total_blocks: u64,
+}
+
+/// Mutable state of the writer, behind one mutex (never held during reads).
+#[derive(Debug)]
+pub(crate) struct WriteState {
+    /// Current header.
+    pub header: Header,
+    /// Slot of the current header (0 or 1).
+    pub slot: usize,
+    /// Where the next block goes (1 MiB aligned).
+    pub file_end: u64,
+    /// BAT sectors (4 KiB, index from the BAT start) changed in memory but not on disk.
+    pub dirty_bat: BTreeSet<u64>,
+    /// Sector bitmap sectors (chunk, 4 KiB index) changed in memory but not on disk.
+    pub dirty_bitmap: BTreeSet<(u64, u64)>,
+    /// Next log sequence number.
+    pub log_seq: u64,
+    /// The session started (FileWriteGuid, DataWriteGuid and LogGuid set).
+    pub session: bool,
+    /// Freed file ranges to punch once the BAT change freeing them is durable.
+    pub punch: Vec<(u64, u64)>,
+}
+
+/// One VHDX layer.
+pub struct VhdxFile<S: Storage> {
+    pub(crate) storage: S,
+    pub(crate) read_only: bool,
+    pub(crate) overlay: Option<Overlay>,
+    pub(crate) file_id: FileIdentifier,
+    pub(crate) regions: RegionTable,
+    pub(crate) meta: Metadata,
+    pub(crate) geo: Geometry,
+    pub(crate) bat: Vec<AtomicU64>,
+    pub(crate) state: Mutex<WriteState>,
+    pub(crate) session_started: AtomicBool,
+    pub(crate) failstop: FailStop,
+    pub(crate) bitmaps: RwLock<HashMap<u64, Box<[u8]>>>,
+    pub(crate) log_was_dirty: bool,
+    pub(crate) log_replayed: bool,
+}
+
+impl<S: Storage> std::fmt::Debug for VhdxFile<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhdxFile")
+            .field("read_only", &self.read_only)
+            .field("geometry", &self.geo)
+            .field("log_was_dirty", &self.log_was_dirty)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `true` if `storage` starts with the VHDX signature "vhdxfile" (MS-VHDX 2.2.1); read
+/// errors count as "no".
+pub fn probe<S: Storage + ?Sized>(storage: &S) -> bool {
+    if storage.len().map_or(true, |l| l < 8) {
+        return false;
+    }
+    let mut sig = [0u8; 8];
+    storage.read_at(&mut sig, 0).is_ok() && &sig == crate::file_id::SIGNATURE
+}
+
+fn read_vec<S: Storage + ?Sized>(s: &S, off: u64, len: usize) -> Result<Vec<u8>> {
+    let mut v = vec![0u8; len];
+    s.read_at(&mut v, off)?;
+    Ok(v)
+}
+
+/// Reads both headers and returns the current one with its slot.
+pub(crate) fn read_headers<S: Storage + ?Sized>(storage: &S) -> Result<(Header, usize)> {
+    let h = |i: usize| -> Result<std::result::Result<Header, FormatError>> {
+        Ok(Header::parse(&read_vec(
+            storage,
+            HEADER_OFFSETS[i],
+            HEADER_SIZE,
+        )?))
+    };
+    Ok(select_current(h(0)?, h(1)?)?)
+}
+
+impl<S: Storage> VhdxFile<S> {
+    /// Opens an image. A writable open replays a dirty log into the file (changing the
+    /// FileWriteGuid first); a read-only open replays it in memory and never writes.
+    pub fn open(storage: S, read_only: bool) -> Result<Self> {
+        let len = storage.len()?;
+        if len < 320 * 1024 {
+            return Err(corrupt_io("the file is too small to be a VHDX image"));
+        }
+        let file_id = FileIdentifier::parse(&read_vec(&storage, 0, 520)?)?;
+        let (mut header, mut slot) = read_headers(&storage)?;
+        let mut overlay = None;
+        let mut log_was_dirty = false;
+        let mut log_replayed = false;
+        // MS-VHDX 2.3.3: replay before reading anything but headers and log.
+        if !header.log_guid.is_nil() {
+            let plan = replay::find_active(&storage, &header)?;
+            if let Some(plan) = plan {
+                replay::validate_plan(&plan, &header, len)?;
+                log_was_dirty = true;
+                if read_only {
+                    overlay = Some(Overlay::new(&plan, len));
+                } else {
+                    // The FileWriteGuid changes before the first write of a session.
+                    let mut h = header;
+                    h.file_write_guid = Uuid::new_v4();
+                    (header, slot) = crate::write::update_header(&storage, h, slot)?;
+                    replay::apply(&storage, &plan)?;
+                    log_replayed = true;
+                }
+            }
+            if !read_only {
+                let mut h = header;
+                h.log_guid = Uuid::nil();
+                (header, slot) = crate::write::update_header(&storage, h, slot)?;
+            }
+        }
+        let view_len = overlay.as_ref().map_or(storage.len()?, |o| o.file_len);
+        let read = |off: u64, n: usize| -> Result<Vec<u8>> {
+            let mut v = vec![0u8; n];
+            match &overlay {
+                Some(o) => o.read(&storage, &mut v, off)?,
+                None => storage.read_at(&mut v, off)?,
+            }
+            Ok(v)
+        };
+        // MS-VHDX 2.2.3: use the first valid region table; a writable open rewrites a damaged
+        // copy from the good one.
+        let raw = [
+            read(REGION_TABLE_OFFSETS[0], REGION_TABLE_SIZE)?,
+            read(REGION_TABLE_OFFSETS[1], REGION_TABLE_SIZE)?,
+        ];
+        let parsed = [RegionTable::parse(&raw[0]), RegionTable::parse(&raw[1])];
+        let good = match &parsed {
+            [Err(FormatError::Unsupported { structure, reason }), _] => {
+                return Err(FormatError::unsupported(structure, reason.clone()).into())
+            }
+            [Ok(_), _] => 0,
+            [Err(_), Ok(_)] => 1,
+            [Err(e1), Err(e2)] => {
+                return Err(crate::error::corrupt(
+                    "region tables",
+                    format!("neither is valid (1: {e1}; 2: {e2})"),
+                )
+                .into())
+            }
+        };
+        if !read_only && parsed[1 - good].is_err() {
+            storage.write_at(&raw[good], REGION_TABLE_OFFSETS[1 - good])?;
+            storage.sync_data()?;
+        }
+        let [p0, p1] = parsed;
+        let regions = if good == 0 { p0? } else { p1? };
+        let log = (
+            header.log_offset,
+            header.log_offset + u64::from(header.log_length),
+        );
+        for r in regions.all() {
+            // MS-VHDX 2.2.3: regions must not overlap the log.
+            if r.file_offset < log.1 && log.0 < r.end() {
+                return Err(corrupt_io("a region overlaps the log"));
+            }
+            if r.end() > view_len && (r.guid == regions.bat.guid || r.guid == regions.metadata.guid)
+            {
+                return Err(corrupt_io("a region lies beyond the end of the file"));
+            }
+        }
+        let md = regions.metadata;
+        let table = read(md.file_offset, TABLE_SIZE.min(md.length as usize))?;
+        let meta = Metadata::parse(&table, md.length, |o, l| {
+            read(md.file_offset + u64::from(o), l as usize)
+        })?;
+        let geo = Geometry::new(
+            meta.block_size,
+            meta.logical_sector_size,
+            meta.virtual_size,
+            meta.has_parent,
+        )?;
+        // MS-VHDX 2.5: the BAT region holds every entry.
+        if geo.total_entries * 8 > u64::from(regions.bat.length) {
+            return Err(corrupt_io(format!(
+                "the BAT region ({} bytes) is too small for {} entries",
+                regions.bat.length, geo.total_entries
+            )));
+        }
+        let bat_bytes = geo.total_entries * 8;
+        let mut bat: Vec<AtomicU64> = Vec::new();
+        let mut pos = 0u64;
+        while pos < bat_bytes {
+            let n = (bat_bytes - pos).min(MIB) as usize;
+            let chunk = read(regions.bat.file_offset + pos, n)?;
+            bat.extend(chunk.chunks_exact(8).map(|c| {
+                AtomicU64::new(u64::from_le_bytes([
+                    c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
+                ]))
+            }));
+            pos += n as u64;
+        }
+        let file_end = validate_bat(&bat, &geo, &header, &regions, view_len)?;
+        let file = VhdxFile {
+            storage,
+            read_only,
+            overlay,
+            file_id,
+            regions,
+            meta,
+            geo,
+            bat,
+            state: Mutex::new(WriteState {
+                header,
+                slot,
+                file_end,
+                dirty_bat: BTreeSet::new(),
+                dirty_bitmap: BTreeSet::new(),
+                log_seq: 1,
+                session: false,
+                punch: Vec::new(),
+            }),
+            session_started: AtomicBool::new(false),
+            failstop: FailStop::new(),
+            bitmaps: RwLock::new(HashMap::new()),
+            log_was_dirty,
+            log_replayed,
+        };
+        Ok(file)
+    }
+
+    /// Reads file bytes, through the replay overlay on a read-only open of a dirty image.
+    pub(crate) fn read_file(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        match &self.overlay {
+            Some(o) => o.read(&self.storage, buf, offset),
+            None => self.storage.read_at(buf, offset),
+        }
+    }
+
+    /// The BAT geometry.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geo
+    }
+
+    /// The validated metadata.
+    pub fn metadata(&self) -> &Metadata {
+        &self.meta
+    }
+
+    /// The parent locator of a differencing layer.
+    pub fn parent_locator(&self) -> Option<&ParentLocator> {
+        self.meta.parent_locator.as_ref()
+    }
+
+    /// The current header.
+    pub fn header(&self) -> Header {
+        self.state.lock().header
+    }
+
+    /// The region table in use.
+    pub fn regions(&self) -> &RegionTable {
+        &self.regions
+    }
+
+    /// The underlying storage.
+    pub fn storage(&self) -> &S {
+        &self.storage
+    }
+
+    /// Which kind of layer this is.
+    pub fn subformat(&self) -> Subformat {
+        if self.meta.has_parent {
+            Subformat::Differencing
+        } else if self.meta.leave_blocks_allocated {
+            Subformat::Fixed
+        } else {
+            Subformat::Dynamic
+        }
+    }
+
+    /// Format facts for tools.
+    pub fn details(&self) -> VhdxDetails {
+        let h = self.header();
+        VhdxDetails {
+            subformat: self.subformat(),
+            virtual_size: self.meta.virtual_size,
+            block_size: self.meta.block_size,
+            logical_sector_size: self.meta.logical_sector_size,
+            physical_sector_size: self.meta.physical_sector_size,
+            disk_id: self.meta.disk_id,
+            data_write_guid: h.data_write_guid,
+            file_write_guid: h.file_write_guid,
+            log_dirty: self.log_was_dirty,
+            log_size: h.log_length,
+            creator: self.file_id.creator.clone(),
+            parent_locator: self
+                .meta
+                .parent_locator
+                .as_ref()
+                .map(|l| l.entries.clone())
+                .unwrap_or_default(),
+            file_size: self.storage.len().unwrap_or(0),
+        }
+    }
+
+    /// Checks the image. Opening already validated every structure (headers, region tables,
+    /// metadata, every BAT entry against the file and each other) and replayed the log — into
+    /// the file when writable, which is the repair. This adds the checks that need the sector
+    /// bitmaps and reports whether a log still needs replay. `repair` on a read-only handle
+    /// cannot write: it reports that the image must be reopened writable (see
+    /// [`check_image`]).
+    pub fn check(&self, repair: bool) -> Result<CheckReport> {
+        let mut report = CheckReport {
+            log_was_dirty: self.log_was_dirty,
+            log_replayed: self.log_replayed,
+            total_blocks: self.geo.data_blocks,
+            ..CheckReport::default()
+        };
+        if self.log_was_dirty && !self.log_replayed {
+            if repair {
+                report
+                    .errors
+                    .push("the log needs replay: reopen writable to repair".into());
+            } else {
+                report.errors.push("the log is dirty (not replayed)".into());
+            }
+        }
+        for b in 0..self.geo.data_blocks {
+            let e = self.entry(b);
+            if matches!(e & 7, state::FULLY_PRESENT | state::PARTIALLY_PRESENT) {
+                report.allocated_blocks += 1;
+            }
+            if e & 7 == state::PARTIALLY_PRESENT {
+                let chunk = b / self.geo.chunk_ratio;
+                if self.bitmap_entry(chunk) & 7 != state::FULLY_PRESENT {
+                    report.errors.push(format!(
+                        "block {b} is partially present but its sector bitmap is not"
+                    ));
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Raw BAT entry of payload block `block`.
+    pub(crate) fn entry(&self, block: u64) -> u64 {
+        let i = self.geo.payload_index(block) as usize;
+        self.bat.get(i).map_or(0, |a| a.load(Ordering::Acquire))
+    }
+
+    /// Raw BAT entry of the sector bitmap of `chunk`.
+    pub(crate) fn bitmap_entry(&self, chunk: u64) -> u64 {
+        let i = self.geo.bitmap_index(chunk) as usize;
+        self.bat.get(i).map_or(0, |a| a.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn info_inner(&self) -> DiskInfo {
+        DiskInfo {
+            virtual_size: self.meta.virtual_size,
+            logical_sector_size: self.meta.logical_sector_size,
+            physical_sector_size: self.meta.physical_sector_size,
+            read_only: self.read_only,
+            disk_id: Some(self.meta.disk_id),
+            format: "vhdx",
+        }
+    }
+}
+
+/// Opens `storage` (writable when `repair`, so a dirty log is replayed into the file) and
+/// checks it. Structural damage makes the open fail: that error is the check's answer.
+pub fn check_image<S: Storage>(storage: S, repair: bool) -> Result<CheckReport> {
+    let f = VhdxFile::open(storage, !repair)?;
+    let r = f.check(repair)?;
+    f.close()?;
+    Ok(r)
+}
+
+/// Opens the image at `path` (read-only or read-write) on a [`block_io::FileStorage`].
+pub fn open_file(
+    path: impl AsRef<std::path::Path>,
+    read_only: bool,
+) -> Result<VhdxFile<block_io::FileStorage>> {
+    let st = block_io::FileStorage::open(path, &block_io::OpenOptions::new().read_only(read_only))?;
+    VhdxFile::open(st, read_only)
+}
+
+/// Validates every BAT entry: states allowed for the layout, present blocks inside the file,
+/// outside headers, log and regions, and not overlapping each other. Returns the first 1 MiB
+/// boundary past everything in use (where new blocks go).
+fn validate_bat(
+    bat: &[AtomicU64],
+    geo: &Geometry,
+    header: &Header,
+    regions: &RegionTable,
+    file_len: u64,
+) -> Result<u64> {
+    let bs = u64::from(geo.block_size);
+    let mut used: Vec<(u64, u64)> = vec![
+        (0, MIB),
+        (
+            header.log_offset,
+            header.log_offset + u64::from(header.log_length),
+        ),
+    ];
+    used.extend(regions.all().map(|r| (r.file_offset, r.end())));
+    for (i, a) in bat.iter().enumerate() {
+        let raw = a.load(Ordering::Relaxed);
+        let e = BatEntry::try_from(raw)?;
+        let i = i as u64;
+        let len = if geo.has_parent && geo.is_bitmap_index(i) {
+            // MS-VHDX 2.5.1.2: sector bitmap entries are NOT_PRESENT or PRESENT.
+            match e.state {
+                BlockState::NotPresent => continue,
+                BlockState::FullyPresent => BITMAP_BLOCK,
+                _ => {
+                    return Err(corrupt_io(format!(
+                        "sector bitmap entry {i} has state {}",
+                        raw & 7
+                    )))
+                }
+            }
+        } else {
+            match e.state {
+                BlockState::FullyPresent => bs,
+                // MS-VHDX 2.5.1.1: partially present only in differencing images.
+                BlockState::PartiallyPresent if geo.has_parent => bs,
+                BlockState::PartiallyPresent => {
+                    return Err(corrupt_io(format!(
+                        "block entry {i} is partially present in a non-differencing image"
+                    )))
+                }
+                _ => continue,
+            }
+        };
+        let end = e
+            .file_offset
+            .checked_add(len)
+            .ok_or_else(|| corrupt_io("BAT entry overflows"))?;
+        // The last block may extend past the end of the file beyond the virtual size (qemu
+        // writes fixed images that way); what the disk can read must be inside the file.
+        let used_len = if geo.is_bitmap_index(i) && geo.has_parent {
+            len
+        } else {
+            let block = i - i / (geo.chunk_ratio + 1);
+            len.min(geo.virtual_size.saturating_sub(block * bs))
+        };
+        if e.file_offset + used_len > file_len {
+            return Err(corrupt_io(format!(
+                "BAT entry {i} points beyond the end of the file ({} + {len} > {file_len})",
+                e.file_offset
+            )));
+        }
+        used.push((e.file_offset, end));
+    }
+    let mut sorted = used.clone();
+    sorted.sort_unstable();
+    for w in sorted.windows(2) {
+        if w[1].0 < w[0].1 {
+            return Err(corrupt_io(format!(
+                "file ranges {}..{} and {}..{} overlap (BAT entries, regions or log)",
+                w[0].0, w[0].1, w[1].0, w[1].1
+            )));
+        }
+    }
+    let max_end = sorted.iter().map(|r| r.1).max().unwrap_or(MIB);
+    let end = max_end.max(file_len);
+    Ok(end.div_ceil(MIB) * MIB)
+}
+
+impl<S: Storage> BlockDevice for VhdxFile<S> {
+    fn info(&self) -> DiskInfo {
+        self.info_inner()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_inner(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_inner(buf, offset)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.zero_inner(
+            offset,
+            len,
+            if unmap { state::UNMAPPED } else { state::ZERO },
+        )
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.zero_inner(offset, len, state::UNMAPPED)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.flush_inner()
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<StatusRun> {
+        self.block_status_inner(offset, len)
+    }
+}
