@@ -16,26 +16,47 @@ const DEPTH: usize = 8;
 fn create(vhdx: bool, path: &Path, parent: Option<&Path>) {
     let s = FileStorage::create(path).unwrap();
     match (vhdx, parent) {
-        (true, None) => drop(vdisk::vhdx_format::create(s, &vdisk::vhdx_format::CreateOptions::dynamic(SIZE)).unwrap()),
+        (true, None) => drop(
+            vdisk::vhdx_format::create(s, &vdisk::vhdx_format::CreateOptions::dynamic(SIZE))
+                .unwrap(),
+        ),
         (true, Some(p)) => {
             let ps = FileStorage::open(p, &IoOpen::new().read_only(true)).unwrap();
-            let dwg = vdisk::vhdx_format::VhdxFile::open(ps, true).unwrap().details().data_write_guid;
+            let dwg = vdisk::vhdx_format::VhdxFile::open(ps, true)
+                .unwrap()
+                .details()
+                .data_write_guid;
             let pref = vdisk::vhdx_format::ParentRef {
                 data_write_guid: dwg,
                 relative_path: p.file_name().unwrap().to_string_lossy().into_owned(),
                 absolute_path: None,
             };
-            drop(vdisk::vhdx_format::create(s, &vdisk::vhdx_format::CreateOptions::differencing(SIZE, pref)).unwrap());
+            drop(
+                vdisk::vhdx_format::create(
+                    s,
+                    &vdisk::vhdx_format::CreateOptions::differencing(SIZE, pref),
+                )
+                .unwrap(),
+            );
         }
         (false, None) => {
-            let o = vdisk::vhd_format::CreateOptions::new(SIZE, vdisk::vhd_format::Subformat::Dynamic);
+            let o =
+                vdisk::vhd_format::CreateOptions::new(SIZE, vdisk::vhd_format::Subformat::Dynamic);
             drop(vdisk::vhd_format::VhdFile::create(s, &o).unwrap());
         }
         (false, Some(p)) => {
             let ps = FileStorage::open(p, &IoOpen::new().read_only(true)).unwrap();
-            let d = vdisk::vhd_format::VhdFile::open(ps, true).unwrap().details().unwrap();
+            let d = vdisk::vhd_format::VhdFile::open(ps, true)
+                .unwrap()
+                .details()
+                .unwrap();
             let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            let o = vdisk::vhd_format::DifferencingOptions::for_parent(&d, name.clone(), None, Some(name));
+            let o = vdisk::vhd_format::DifferencingOptions::for_parent(
+                &d,
+                name.clone(),
+                None,
+                Some(name),
+            );
             drop(vdisk::vhd_format::VhdFile::create_differencing(s, &o).unwrap());
         }
     }

@@ -166,10 +166,15 @@ fn lineage_guard(dir: &Path) -> Result<String, CliError> {
     drop(p);
     let opts = image::chain_options(None, true)?;
     match vdisk::chain::Disk::open(sub.join("snap.vhdx"), &opts) {
-        Ok(_) => Err(CliError::new("demo verification failed: a modified parent was accepted")),
+        Ok(_) => Err(CliError::new(
+            "demo verification failed: a modified parent was accepted",
+        )),
         Err(e @ vdisk::chain::ChainError::LineageMismatch { .. }) => {
             let msg = e.to_string();
-            Ok(format!("refused: {}", msg.chars().take(110).collect::<String>() + "..."))
+            Ok(format!(
+                "refused: {}",
+                msg.chars().take(110).collect::<String>() + "..."
+            ))
         }
         Err(e) => Err(CliError::new(format!("unexpected error: {e}"))),
     }
@@ -179,7 +184,13 @@ fn lineage_guard(dir: &Path) -> Result<String, CliError> {
 fn chain_to_vhd(dir: &Path) -> Result<String, CliError> {
     let src = image::open(&dir.join("snap.vhdx"), None, true)?;
     let dst_path = dir.join("flat.vhd");
-    let dst = image::create(Format::Vhd, &dst_path, src.dev.info().virtual_size, &[], None)?;
+    let dst = image::create(
+        Format::Vhd,
+        &dst_path,
+        src.dev.info().virtual_size,
+        &[],
+        None,
+    )?;
     copy(&*src.dev, &*dst.dev, |_| {})?;
     dst.dev.flush()?;
     drop(dst);
