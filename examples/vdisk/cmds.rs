@@ -285,14 +285,19 @@ fn check_one(
 pub fn map(path: &Path, format: Option<&str>, json: bool) -> CliResult {
     let img: Image = image::open(path, format, true)?;
     let size = img.dev.info().virtual_size;
-    let mut runs: Vec<(u64, u64, BlockStatus, Option<u64>)> = Vec::new();
+    // (start, length, status, file offset, depth)
+    let mut runs: Vec<(u64, u64, BlockStatus, Option<u64>, usize)> = Vec::new();
     let mut pos = 0;
     while pos < size {
-        let r = img.dev.block_status(pos, size - pos)?;
-        let len = r.len.min(size - pos);
+        let (r, depth) = match &img.chain {
+            Some(c) => c.block_status_depth(pos, size - pos)?,
+            None => (img.dev.block_status(pos, size - pos)?, 0),
+        };
+        let len = r.len.clamp(1, size - pos);
         match runs.last_mut() {
             Some(last)
                 if last.2 == r.status
+                    && last.4 == depth
                     && match (last.3, r.file_offset) {
                         (Some(o), Some(n)) => o + last.1 == n,
                         (None, None) => true,
@@ -301,18 +306,18 @@ pub fn map(path: &Path, format: Option<&str>, json: bool) -> CliResult {
             {
                 last.1 += len
             }
-            _ => runs.push((pos, len, r.status, r.file_offset)),
+            _ => runs.push((pos, len, r.status, r.file_offset, depth)),
         }
         pos += len;
     }
     if json {
         let v: Vec<_> = runs
             .iter()
-            .map(|&(start, length, st, off)| {
+            .map(|&(start, length, st, off, depth)| {
                 let mut m = json!({
                     "start": start,
                     "length": length,
-                    "depth": 0,
+                    "depth": depth,
                     "present": st != BlockStatus::Unallocated,
                     "zero": st != BlockStatus::Data,
                     "data": st == BlockStatus::Data,
@@ -320,6 +325,10 @@ pub fn map(path: &Path, format: Option<&str>, json: bool) -> CliResult {
                 });
                 if let (Some(o), serde_json::Value::Object(map)) = (off, &mut m) {
                     map.insert("offset".into(), json!(o));
+                    let layer = img.chain.as_ref().and_then(|c| c.layers().get(depth));
+                    if let Some(l) = layer {
+                        map.insert("filename".into(), json!(l.path.display().to_string()));
+                    }
                 }
                 m
             })
@@ -327,7 +336,7 @@ pub fn map(path: &Path, format: Option<&str>, json: bool) -> CliResult {
         println!("{}", pretty(&serde_json::Value::Array(v)));
     } else {
         println!("{:<20}{:<20}{:<20}File", "Offset", "Length", "Mapped to");
-        for (start, length, st, off) in runs {
+        for (start, length, st, off, _) in runs {
             if st == BlockStatus::Data {
                 let mapped = off.map_or("-".to_string(), |o| format!("{o:#x}"));
                 println!(

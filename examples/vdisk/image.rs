@@ -15,6 +15,8 @@ use crate::CliError;
 pub struct Image {
     /// The virtual disk.
     pub dev: Arc<dyn BlockDevice>,
+    /// The same disk as a chain, when it was opened as one.
+    pub chain: Option<Arc<Disk>>,
     /// The top image's format.
     #[allow(dead_code)] // read by the serve command's log line
     pub format: Format,
@@ -43,8 +45,10 @@ pub fn open(path: &Path, format: Option<&str>, read_only: bool) -> Result<Image,
     let opts = chain_options(format, read_only)?;
     let disk = Disk::open(path, &opts).map_err(|e| CliError::new(e.to_string()))?;
     let format = disk.layers()[0].format;
+    let disk = Arc::new(disk);
     Ok(Image {
-        dev: Arc::new(disk),
+        dev: disk.clone(),
+        chain: Some(disk),
         format,
     })
 }
@@ -78,7 +82,11 @@ pub fn create(
             Arc::new(create_vhdx(path, size, &o, Some(pref))?)
         }
     };
-    Ok(Image { dev, format })
+    Ok(Image {
+        dev,
+        chain: None,
+        format,
+    })
 }
 
 fn unknown(format: &str, k: &str) -> CliError {
