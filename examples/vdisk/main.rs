@@ -9,7 +9,6 @@
 //! vdisk map --output json IMG
 //! vdisk io [-r] IMG -c CMD ...       read/write [-P byte] OFF LEN, write -z, discard, flush
 //! vdisk demo                         a guided tour in a temporary folder
-//! vdisk serve --socket PATH [--queues N] [--read-only] IMG   vhost-user-blk until SIGINT/SIGTERM
 //! ```
 //! Errors go to stderr as one sentence, with a non-zero exit.
 #![allow(clippy::print_stdout)]
@@ -19,7 +18,6 @@ mod demo;
 mod image;
 mod info;
 mod io_cmd;
-mod serve;
 mod size;
 
 use std::path::PathBuf;
@@ -147,20 +145,6 @@ enum Cmd {
         /// Image file.
         image: PathBuf,
     },
-    /// Serve an image to a VM over vhost-user-blk until SIGINT/SIGTERM.
-    Serve {
-        /// Unix socket to listen on (QEMU: -chardev socket,path=PATH).
-        #[arg(long)]
-        socket: PathBuf,
-        /// Number of request queues, each served by its own thread.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-        queues: u16,
-        /// Refuse writes (the guest sees a read-only disk).
-        #[arg(long)]
-        read_only: bool,
-        /// Image file.
-        image: PathBuf,
-    },
     /// A guided tour of the family in a temporary folder.
     Demo {
         /// Keep the temporary folder and print its path.
@@ -277,12 +261,6 @@ fn main() -> ExitCode {
             image,
         } => io_cmd::run(&image, format.as_deref(), read_only, &commands),
         Cmd::Demo { keep } => demo::run(keep),
-        Cmd::Serve {
-            socket,
-            queues,
-            read_only,
-            image,
-        } => serve::run(&image, &socket, queues, read_only),
     };
     match result {
         Ok(code) => ExitCode::from(code),
