@@ -91,6 +91,11 @@ pub struct CheckReport {
     pub allocated_blocks: u64,
     /// Total payload blocks.
     pub total_blocks: u64,
+    /// File size in bytes.
+    pub file_size: u64,
+    /// File bytes no structure refers to (space leaked by an interrupted allocation, or
+    /// padding another writer left). Informational, not an error.
+    pub unreferenced_bytes: u64,
 }
 
 /// Mutable state of the writer, behind one mutex (never held during reads).
@@ -426,7 +431,48 @@ impl<S: Storage> VhdxFile<S> {
                 }
             }
         }
+        let file_size = match &self.overlay {
+            Some(o) => o.file_len,
+            None => self.storage.len()?,
+        };
+        report.file_size = file_size;
+        report.unreferenced_bytes = file_size.saturating_sub(self.referenced_bytes(file_size));
         Ok(report)
+    }
+
+    /// Bytes of `[0, file_size)` covered by the header section, the log, the regions and every
+    /// present block.
+    fn referenced_bytes(&self, file_size: u64) -> u64 {
+        let h = self.header();
+        let bs = u64::from(self.geo.block_size);
+        let mut used: Vec<(u64, u64)> = vec![
+            (0, MIB),
+            (h.log_offset, h.log_offset + u64::from(h.log_length)),
+        ];
+        used.extend(self.regions.all().map(|r| (r.file_offset, r.end())));
+        for (i, a) in self.bat.iter().enumerate() {
+            let raw = a.load(Ordering::Acquire);
+            let off = raw & crate::bat::OFFSET_MASK;
+            let len = if self.geo.has_parent && self.geo.is_bitmap_index(i as u64) {
+                BITMAP_BLOCK
+            } else {
+                bs
+            };
+            if matches!(raw & 7, state::FULLY_PRESENT | state::PARTIALLY_PRESENT) {
+                used.push((off, off.saturating_add(len)));
+            }
+        }
+        used.sort_unstable();
+        let mut covered = 0;
+        let mut cur = 0u64;
+        for (s, e) in used {
+            let (s, e) = (s.max(cur), e.min(file_size));
+            if e > s {
+                covered += e - s;
+                cur = e;
+            }
+        }
+        covered
     }
 
     /// Raw BAT entry of payload block `block`.

@@ -17,8 +17,9 @@
 //!
 //! Not implemented yet (honestly):
 //! - `check` reports what `open` cannot already refuse (dirty log not replayed, partially
-//!   present blocks without a bitmap); it does not list leaked space, and repairing needs a
-//!   writable open ([`check_image`] with `repair`), which replays the log;
+//!   present blocks without a bitmap) and counts unreferenced (leaked) bytes, but reclaims
+//!   nothing; repairing needs a writable open ([`check_image`] with `repair`), which replays
+//!   the log and rewrites a damaged region table copy;
 //! - blocks that qemu marks ZERO while keeping a preallocated offset (old qemu fixed images)
 //!   get new space at the end of the file on first write instead of reusing that offset;
 //! - freed space (discard, unmap) is punched but never reused; a PARTIALLY_PRESENT block whose

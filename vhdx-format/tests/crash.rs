@@ -277,3 +277,25 @@ fn allocating_writes_are_batched() {
     dev.flush().unwrap();
     assert_eq!(fs.syncs() - before, 1);
 }
+
+#[test]
+fn interrupted_allocation_leaks_space_that_check_reports() {
+    let mut o = CreateOptions::dynamic(SIZE);
+    o.block_size = Some(1 << 20);
+    let (base, _) = fresh(&o);
+    let r = vhdx_format::check_image(base.clone(), false).unwrap();
+    assert_eq!(r.unreferenced_bytes, 0, "a fresh image wastes nothing");
+    // Allocate a block and lose power before any flush: the payload and the new file length
+    // reach the disk (an OS writeback), the BAT change never does.
+    let fs = Arc::new(FaultStorage::new(base));
+    let dev = VhdxFile::open(fs.clone(), false).unwrap();
+    dev.write_at(&[7u8; 4096], 2 << 20).unwrap();
+    fs.sync_data().unwrap(); // the payload and the new length reach the disk
+    fs.cut_now();
+    std::mem::forget(dev);
+    let img = fs.crash_image(0);
+    let r = vhdx_format::check_image(img, false).unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(r.allocated_blocks, 0);
+    assert!(r.unreferenced_bytes >= 1 << 20, "{r:?}");
+}

@@ -157,6 +157,7 @@ fn our_images_pass_qemu_check_and_compare() {
         (Subformat::Dynamic, Some(1u32 << 20), 512u32, false),
         (Subformat::Dynamic, None, 512, true),
         (Subformat::Dynamic, Some(8 << 20), 4096, false),
+        (Subformat::Dynamic, Some(256 << 20), 512, false),
         (Subformat::Fixed, Some(2 << 20), 512, false),
     ] {
         let dir = tempfile::tempdir().unwrap();
