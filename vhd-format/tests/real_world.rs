@@ -4,10 +4,19 @@
 use block_io::{BlockDevice, ErrorKind, FileStorage, MemStorage, OpenOptions, Storage};
 use vhd_format::{check_storage, probe, DiskType, FooterSource, VhdFile};
 
-const DIR: &str = "/work/shared/testdata/real-world";
+/// CI lays `shared/` beside the clone (two levels above this crate); sessions have it at
+/// /work/shared.
+fn dir() -> String {
+    let beside = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/testdata/real-world");
+    if std::path::Path::new(beside).exists() {
+        beside.to_string()
+    } else {
+        "/work/shared/testdata/real-world".to_string()
+    }
+}
 
 fn load(name: &str) -> Option<MemStorage> {
-    let path = format!("{DIR}/{name}");
+    let path = format!("{}/{name}", dir());
     match std::fs::read(&path) {
         Ok(b) => Some(MemStorage::from_bytes(&b)),
         Err(e) => {
@@ -123,7 +132,7 @@ fn wrong_checksums_are_refused_as_corrupt() {
 
 #[test]
 fn opens_through_file_storage() {
-    let path = format!("{DIR}/ext2.vhd");
+    let path = format!("{}/ext2.vhd", dir());
     if !std::path::Path::new(&path).exists() {
         return;
     }
