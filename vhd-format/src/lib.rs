@@ -13,7 +13,8 @@
 //! malformed image yields an error ([`block_io::ErrorKind::Corrupt`]), never a panic.
 //!
 //! Entry points: [`probe`], [`VhdFile::open`], [`VhdFile::create`],
-//! [`VhdFile::create_differencing`], [`VhdFile::details`], [`check_storage`].
+//! [`VhdFile::create_differencing`], [`VhdFile::details`], [`check_storage`], and
+//! [`VhdFile::set_parent`] (new parent name and locators, for rebasing onto a moved parent).
 //!
 //! ```
 //! use block_io::{BlockDevice, BlockStatus, MemStorage};
@@ -45,9 +46,12 @@ mod details;
 mod error;
 mod file;
 pub mod footer;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod header;
 mod layout;
 pub mod locator;
+mod reparent;
 
 pub use check::{check_storage, CheckReport, Issue};
 pub use create::{size_and_geometry, CreateOptions, Creator, DifferencingOptions, Subformat};

@@ -5,48 +5,9 @@
 
 use std::sync::Arc;
 
-use block_io::{BlockDevice, MemStorage, Storage};
-use vhd_format::{check_storage, probe, VhdFile};
-
-const CAPACITY: u64 = 8 << 20;
-
-/// The fuzz target's steps; returns whether the image opened.
-fn one(data: &[u8]) -> bool {
-    let st = Arc::new(MemStorage::with_capacity_limit(CAPACITY));
-    if st.write_at(data, 0).is_err() {
-        return false;
-    }
-    let _ = probe(&*st);
-    let _ = check_storage(&*st, false);
-    let Ok(f) = VhdFile::open(st.clone(), false) else {
-        let copy = MemStorage::from_bytes(data);
-        let _ = check_storage(&copy, true);
-        return false;
-    };
-    let _ = f.details();
-    let size = f.info().virtual_size;
-    let mut buf = vec![0u8; 64 * 1024];
-    let n = (size.min(buf.len() as u64) / 512 * 512) as usize;
-    let _ = f.read_at(&mut buf[..n], 0);
-    let last = size.saturating_sub(n as u64) / 512 * 512;
-    let _ = f.read_at(&mut buf[..n], last);
-    let _ = f.block_status(0, size.max(512));
-    let pattern = vec![0xA5u8; 4096.min(n)];
-    let mid = size / 2 / 512 * 512;
-    for off in [0, mid, last] {
-        let _ = f.write_at(&pattern, off);
-    }
-    let _ = f.discard(0, 512.min(size));
-    let _ = f.write_zeroes(mid, 1024.min(size - mid) / 512 * 512, true);
-    let _ = f.flush();
-    let _ = f.check(false);
-    drop(f);
-    if let Ok(g) = VhdFile::open(st.clone(), true) {
-        let _ = g.read_at(&mut buf[..n], 0);
-        let _ = g.read_at(&mut buf[..n], mid.min(last));
-    }
-    true
-}
+use block_io::{BlockDevice, MemStorage};
+use vhd_format::fuzzing::run as one;
+use vhd_format::VhdFile;
 
 #[test]
 fn corpus_replays_without_panics() {
