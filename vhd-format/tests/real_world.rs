@@ -7,7 +7,10 @@ use vhd_format::{check_storage, probe, DiskType, FooterSource, VhdFile};
 /// CI lays `shared/` beside the clone (two levels above this crate); sessions have it at
 /// /work/shared.
 fn dir() -> String {
-    let beside = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/testdata/real-world");
+    let beside = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/testdata/real-world"
+    );
     if std::path::Path::new(beside).exists() {
         beside.to_string()
     } else {
