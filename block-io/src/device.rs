@@ -12,6 +12,7 @@
 use std::io::{IoSlice, IoSliceMut};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::storage::{raw_gather, raw_scatter, raw_total, with_bounce, RawBuf, RAW_BOUNCE};
 
 /// Static facts about a [`BlockDevice`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +101,34 @@ pub trait BlockDevice: Send + Sync {
         self.write_at(&tmp, offset)
     }
 
+    /// Scatter read into raw memory (for callers such as a vhost-user backend whose buffers
+    /// are guest memory, which must never become Rust references): fills the concatenation of
+    /// `bufs` from `offset`. The total length must be sector-aligned; single buffers need not
+    /// be. The default checks the request, then reads pieces of at most 256 KiB into a bounce
+    /// buffer with [`read_at`](Self::read_at) and copies them out; [`RawDisk`](crate::RawDisk)
+    /// reads straight into the buffers.
+    ///
+    /// # Safety
+    /// Every [`RawBuf`] must be valid for writes of `len` bytes until the call returns (it may
+    /// alias other buffers and be changed concurrently; see [`RawBuf`]).
+    unsafe fn read_raw_at(&self, bufs: &[RawBuf], offset: u64) -> Result<()> {
+        // SAFETY: forwarded caller contract.
+        unsafe { bounce_read_raw(self, bufs, offset) }
+    }
+
+    /// Gather write from raw memory: writes the concatenation of `bufs` at `offset`. The total
+    /// length must be sector-aligned. The default checks the request, then copies pieces of at
+    /// most 256 KiB into a bounce buffer and writes them with [`write_at`](Self::write_at);
+    /// [`RawDisk`](crate::RawDisk) writes straight from the buffers.
+    ///
+    /// # Safety
+    /// Every [`RawBuf`] must be valid for reads of `len` bytes until the call returns (it may
+    /// alias other buffers and be changed concurrently; see [`RawBuf`]).
+    unsafe fn write_raw_at(&self, bufs: &[RawBuf], offset: u64) -> Result<()> {
+        // SAFETY: forwarded caller contract.
+        unsafe { bounce_write_raw(self, bufs, offset) }
+    }
+
     /// Makes `[offset, offset+len)` read as zeros. With `unmap` the device may release the
     /// space (as a discard that guarantees zeros); without it the space stays allocated.
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()>;
@@ -129,6 +158,67 @@ pub fn check_request(info: &DiskInfo, offset: u64, len: u64, write: bool) -> Res
         ));
     }
     crate::storage::check_bounds(offset, len, info.virtual_size).map(|_| ())
+}
+
+/// Bounce piece for `dev`: [`RAW_BOUNCE`] rounded down to whole sectors.
+fn bounce_piece(info: &DiskInfo) -> u64 {
+    let sector = u64::from(info.logical_sector_size.max(1));
+    ((RAW_BOUNCE as u64) / sector).max(1) * sector
+}
+
+/// The default [`BlockDevice::read_raw_at`]: checks the whole request, then reads pieces into
+/// a bounce buffer with `read_at` and copies them out. Usable by implementations that override
+/// `read_raw_at` but sometimes cannot go direct.
+///
+/// # Safety
+/// As [`BlockDevice::read_raw_at`].
+pub unsafe fn bounce_read_raw<D: BlockDevice + ?Sized>(
+    dev: &D,
+    bufs: &[RawBuf],
+    offset: u64,
+) -> Result<()> {
+    let info = dev.info();
+    let total = raw_total(bufs)?;
+    check_request(&info, offset, total, false)?;
+    let piece = bounce_piece(&info);
+    with_bounce(total.min(piece) as usize, |tmp| {
+        let mut pos = 0u64;
+        while pos < total {
+            let n = (total - pos).min(piece).min(tmp.len() as u64) as usize;
+            dev.read_at(&mut tmp[..n], offset + pos)?;
+            // SAFETY: the caller guarantees `bufs` valid for writes; `tmp` is ours.
+            unsafe { raw_scatter(bufs, pos, &tmp[..n]) };
+            pos += n as u64;
+        }
+        Ok(())
+    })
+}
+
+/// The default [`BlockDevice::write_raw_at`]: checks the whole request, then copies pieces
+/// into a bounce buffer and writes them with `write_at`.
+///
+/// # Safety
+/// As [`BlockDevice::write_raw_at`].
+pub unsafe fn bounce_write_raw<D: BlockDevice + ?Sized>(
+    dev: &D,
+    bufs: &[RawBuf],
+    offset: u64,
+) -> Result<()> {
+    let info = dev.info();
+    let total = raw_total(bufs)?;
+    check_request(&info, offset, total, true)?;
+    let piece = bounce_piece(&info);
+    with_bounce(total.min(piece) as usize, |tmp| {
+        let mut pos = 0u64;
+        while pos < total {
+            let n = (total - pos).min(piece).min(tmp.len() as u64) as usize;
+            // SAFETY: the caller guarantees `bufs` valid for reads; `tmp` is ours.
+            unsafe { raw_gather(bufs, pos, &mut tmp[..n]) };
+            dev.write_at(&tmp[..n], offset + pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    })
 }
 
 /// The aligned span `[start, end)` covering `[offset, offset+len)` for `sector`.
@@ -194,6 +284,14 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     }
     fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
         (**self).write_vectored_at(bufs, offset)
+    }
+    unsafe fn read_raw_at(&self, bufs: &[RawBuf], offset: u64) -> Result<()> {
+        // SAFETY: forwarded caller contract.
+        unsafe { (**self).read_raw_at(bufs, offset) }
+    }
+    unsafe fn write_raw_at(&self, bufs: &[RawBuf], offset: u64) -> Result<()> {
+        // SAFETY: forwarded caller contract.
+        unsafe { (**self).write_raw_at(bufs, offset) }
     }
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         (**self).write_zeroes(offset, len, unmap)

@@ -20,7 +20,10 @@ use std::path::{Path, PathBuf};
 use parking_lot::Mutex;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::storage::{Extent, Storage};
+use crate::storage::{bounce_read_raw, bounce_write_raw, raw_total, Extent, RawBuf, Storage};
+
+/// Most iovecs handed to one `preadv`/`pwritev` (Linux's `IOV_MAX`).
+const IOV_MAX: usize = 1024;
 
 /// A heap buffer whose start is aligned (for `O_DIRECT`), built in safe code by over-allocating.
 #[derive(Debug, Clone)]
@@ -187,6 +190,119 @@ impl FileStorage {
         let n = usize::try_from(end - start)
             .map_err(|_| Error::new(ErrorKind::InvalidInput, "request too large"))?;
         Ok((start, n))
+    }
+
+    /// `true` if every buffer and `offset` suit the file as they are (always without
+    /// `O_DIRECT`).
+    fn raw_aligned(&self, bufs: &[RawBuf], offset: u64) -> bool {
+        match self.direct {
+            None => true,
+            Some(a) => {
+                offset % a as u64 == 0 && bufs.iter().all(|b| self.aligned(b.ptr, b.len, offset))
+            }
+        }
+    }
+
+    /// `preadv`/`pwritev` of `bufs` at `offset`, looping on short transfers. A read that
+    /// meets the end of the file is an [`ErrorKind::OutOfRange`] error. With `O_DIRECT`, a
+    /// short transfer that leaves the rest unaligned finishes through the bounce path.
+    ///
+    /// # Safety
+    /// Every buffer must be valid for writes (`write == false`) or reads (`write == true`) of
+    /// its length until the call returns.
+    unsafe fn raw_io(&self, bufs: &[RawBuf], offset: u64, write: bool) -> Result<()> {
+        let total = raw_total(bufs)?;
+        // Every file position handed to the kernel must fit an off_t.
+        match offset.checked_add(total) {
+            Some(end) if end <= i64::MAX as u64 => {}
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::OutOfRange,
+                    format!("range {offset}+{total} beyond the largest file offset"),
+                ))
+            }
+        }
+        let mut iov: Vec<libc::iovec> = bufs
+            .iter()
+            .filter(|b| b.len > 0)
+            .map(|b| libc::iovec {
+                iov_base: b.ptr.cast(),
+                iov_len: b.len,
+            })
+            .collect();
+        let mut first = 0usize;
+        let mut done = 0u64;
+        while first < iov.len() {
+            let pos = offset + done;
+            let cnt = (iov.len() - first).min(IOV_MAX) as libc::c_int;
+            let fd = self.file.as_raw_fd();
+            let ptr = iov[first..].as_ptr();
+            let n = if write {
+                // SAFETY: `ptr` points at `cnt` initialised iovecs that we own; each names a
+                // piece of a caller buffer valid for reads (this fn's contract). The kernel
+                // only reads that memory; no Rust reference to it exists.
+                unsafe { libc::pwritev(fd, ptr, cnt, pos as libc::off_t) }
+            } else {
+                // SAFETY: as above, the buffers being valid for writes; the kernel writes
+                // into them, which aliasing or concurrent access cannot make unsound since
+                // we never read them through references.
+                unsafe { libc::preadv(fd, ptr, cnt, pos as libc::off_t) }
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                let what = if write { "cannot write" } else { "cannot read" };
+                return Err(self.err(what, pos, e));
+            }
+            if n == 0 {
+                return Err(if write {
+                    Error::new(ErrorKind::Io, "pwritev wrote nothing")
+                } else {
+                    Error::new(
+                        ErrorKind::OutOfRange,
+                        format!(
+                            "read of {} at {offset}+{total} beyond end of file",
+                            self.path.display()
+                        ),
+                    )
+                });
+            }
+            // Skip what was transferred: whole iovecs, then part of one.
+            let mut n = n as usize;
+            done += n as u64;
+            while first < iov.len() && n >= iov[first].iov_len {
+                n -= iov[first].iov_len;
+                first += 1;
+            }
+            if n > 0 {
+                if let Some(v) = iov.get_mut(first) {
+                    v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n).cast();
+                    v.iov_len -= n;
+                }
+            }
+            if self.direct.is_some() && first < iov.len() {
+                let rest: Vec<RawBuf> = iov[first..]
+                    .iter()
+                    .map(|v| RawBuf {
+                        ptr: v.iov_base.cast(),
+                        len: v.iov_len,
+                    })
+                    .collect();
+                if !self.raw_aligned(&rest, offset + done) {
+                    // SAFETY: `rest` are tails of the caller's buffers (same contract).
+                    return unsafe {
+                        if write {
+                            bounce_write_raw(self, &rest, offset + done)
+                        } else {
+                            bounce_read_raw(self, &rest, offset + done)
+                        }
+                    };
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Reads `[start, start+n)` into an aligned buffer; bytes past EOF read as zeros.
@@ -458,5 +574,24 @@ impl Storage for FileStorage {
             IoSlice::advance_slices(&mut bufs, n as usize);
         }
         Ok(())
+    }
+
+    unsafe fn read_raw_at(&self, bufs: &[RawBuf], offset: u64) -> Result<()> {
+        if !self.raw_aligned(bufs, offset) {
+            // SAFETY: forwarded caller contract.
+            return unsafe { bounce_read_raw(self, bufs, offset) };
+        }
+        // SAFETY: forwarded caller contract (buffers valid for writes).
+        unsafe { self.raw_io(bufs, offset, false) }
+    }
+
+    unsafe fn write_raw_at(&self, bufs: &[RawBuf], offset: u64) -> Result<()> {
+        self.writable()?;
+        if !self.raw_aligned(bufs, offset) {
+            // SAFETY: forwarded caller contract.
+            return unsafe { bounce_write_raw(self, bufs, offset) };
+        }
+        // SAFETY: forwarded caller contract (buffers valid for reads).
+        unsafe { self.raw_io(bufs, offset, true) }
     }
 }

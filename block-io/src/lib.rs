@@ -24,9 +24,12 @@ mod rangelock;
 mod ratelimit;
 mod raw;
 mod storage;
+#[cfg(feature = "vhost-user")]
+pub mod vhost_user;
 
 pub use device::{
-    check_request, read_bytes, write_bytes, BlockDevice, BlockStatus, DiskInfo, StatusRun,
+    bounce_read_raw, bounce_write_raw, check_request, read_bytes, write_bytes, BlockDevice,
+    BlockStatus, DiskInfo, StatusRun,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use failstop::FailStop;
@@ -36,4 +39,4 @@ pub use memory::MemStorage;
 pub use rangelock::{RangeGuard, RangeLock};
 pub use ratelimit::RateLimiter;
 pub use raw::RawDisk;
-pub use storage::{check_bounds, Extent, Storage};
+pub use storage::{check_bounds, Extent, RawBuf, Storage};

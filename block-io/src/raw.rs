@@ -1,6 +1,7 @@
 //! [`RawDisk`]: a raw image — the virtual disk is the container's bytes, one to one.
 //!
-//! Reads and writes are single positional calls (vectored ones go down as `preadv`/`pwritev`),
+//! Reads and writes are single positional calls (vectored and raw ones go down as
+//! `preadv`/`pwritev`, raw ones straight into or out of the caller's memory),
 //! `write_zeroes(unmap)` and `discard` punch holes, and `block_status` reports holes as
 //! [`BlockStatus::Zero`] using the storage's `SEEK_DATA`/`SEEK_HOLE`. Writes and syncs latch
 //! the first failure ([`FailStop`]).
@@ -10,7 +11,7 @@ use std::io::{IoSlice, IoSliceMut};
 use crate::device::{check_request, BlockDevice, BlockStatus, DiskInfo, StatusRun};
 use crate::error::{Error, ErrorKind, Result};
 use crate::failstop::FailStop;
-use crate::storage::Storage;
+use crate::storage::{raw_total, RawBuf, Storage};
 
 /// A raw disk image over any [`Storage`].
 #[derive(Debug)]
@@ -108,6 +109,19 @@ impl<S: Storage> BlockDevice for RawDisk<S> {
         self.writing(offset, len)?;
         self.fail
             .guard(self.storage.write_vectored_at(bufs, offset))
+    }
+
+    unsafe fn read_raw_at(&self, bufs: &[RawBuf], offset: u64) -> Result<()> {
+        check_request(&self.info, offset, raw_total(bufs)?, false)?;
+        // SAFETY: forwarded caller contract (buffers valid for writes).
+        unsafe { self.storage.read_raw_at(bufs, offset) }
+    }
+
+    unsafe fn write_raw_at(&self, bufs: &[RawBuf], offset: u64) -> Result<()> {
+        self.writing(offset, raw_total(bufs)?)?;
+        // SAFETY: forwarded caller contract (buffers valid for reads).
+        self.fail
+            .guard(unsafe { self.storage.write_raw_at(bufs, offset) })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {

@@ -10,6 +10,156 @@ use std::io::{IoSlice, IoSliceMut};
 
 use crate::error::{Error, ErrorKind, Result};
 
+/// A region of memory handed to [`Storage::read_raw_at`]/[`Storage::write_raw_at`] (and the
+/// [`BlockDevice`](crate::BlockDevice) methods of the same names) by address and length.
+///
+/// Unlike `&mut [u8]`, a `RawBuf` promises nothing about exclusivity: the region may alias other
+/// `RawBuf`s of the same call, and another party (a VM's vCPUs, another process) may read or
+/// change it at any time. The caller of the `unsafe` methods only guarantees that it stays
+/// mapped and valid for reads and writes of `len` bytes for the duration of the call.
+/// Implementations must therefore never form a Rust reference (`&[u8]`, `&mut [u8]`,
+/// `IoSlice`, ...) to it: they pass the pointers to the kernel (`preadv`/`pwritev`) or copy
+/// through `std::ptr` to or from memory they own.
+#[derive(Debug, Clone, Copy)]
+pub struct RawBuf {
+    /// First byte of the region.
+    pub ptr: *mut u8,
+    /// Length of the region in bytes.
+    pub len: usize,
+}
+
+/// Size of the bounce buffer of the default raw methods; longer requests go in pieces (small
+/// enough to stay in a core's cache between the read and the copy).
+pub(crate) const RAW_BOUNCE: usize = 256 << 10;
+
+/// Runs `f` on a scratch buffer of `len` (at most [`RAW_BOUNCE`]) bytes, reused per thread so
+/// that the bounce paths neither allocate nor zero per request. Its initial contents are
+/// whatever an earlier request left: callers only pass on bytes they wrote into it or that a
+/// successful `read_at` (which fills its whole buffer) put there. A nested call (a device whose
+/// `read_at` bounces again) gets a fresh buffer.
+pub(crate) fn with_bounce<R>(len: usize, mut f: impl FnMut(&mut [u8]) -> R) -> R {
+    thread_local! {
+        static BOUNCE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let len = len.min(RAW_BOUNCE);
+    let reused = BOUNCE.try_with(|b| {
+        let mut v = b.try_borrow_mut().ok()?;
+        if v.len() < len {
+            v.resize(len, 0);
+        }
+        Some(f(&mut v[..len]))
+    });
+    match reused {
+        Ok(Some(r)) => r,
+        // Nested, or the thread is exiting: `f` has not run; give it a buffer of its own.
+        _ => f(&mut vec![0u8; len]),
+    }
+}
+
+/// Total length of `bufs`, or an error if it overflows.
+pub(crate) fn raw_total(bufs: &[RawBuf]) -> Result<u64> {
+    bufs.iter()
+        .try_fold(0u64, |a, b| a.checked_add(b.len as u64))
+        .ok_or_else(|| Error::new(ErrorKind::InvalidInput, "request too large"))
+}
+
+/// Copies bytes `[pos, pos + out.len())` of the concatenation of `bufs` into `out`.
+///
+/// # Safety
+/// Every buffer must be valid for reads of its length for the duration of the call and must
+/// not overlap `out` (which the caller owns exclusively, so it cannot).
+pub(crate) unsafe fn raw_gather(bufs: &[RawBuf], pos: u64, out: &mut [u8]) {
+    raw_walk(bufs, pos, out.len(), |b, at, n| {
+        // SAFETY: `b` is valid for reads of `n` bytes (caller's contract); `out[at..at + n]`
+        // is in bounds (raw_walk never exceeds `out.len()`) and is our own exclusive memory,
+        // so the two cannot overlap. No reference to the caller's memory is formed.
+        unsafe { std::ptr::copy_nonoverlapping(b, out.as_mut_ptr().add(at), n) }
+    });
+}
+
+/// Copies `data` into bytes `[pos, pos + data.len())` of the concatenation of `bufs`.
+///
+/// # Safety
+/// Every buffer must be valid for writes of its length for the duration of the call and must
+/// not overlap `data` (which the caller owns, so it cannot).
+pub(crate) unsafe fn raw_scatter(bufs: &[RawBuf], pos: u64, data: &[u8]) {
+    raw_walk(bufs, pos, data.len(), |b, at, n| {
+        // SAFETY: `b` is valid for writes of `n` bytes (caller's contract); `data[at..at + n]`
+        // is in bounds and is memory the caller owns, so they cannot overlap.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr().add(at), b, n) }
+    });
+}
+
+/// Calls `f(ptr, at, n)` for the pieces of `bufs` covering `[pos, pos + want)` of their
+/// concatenation: `ptr` is inside a buffer with at least `n` bytes after it, `at` counts from
+/// `pos`. Stops early if the buffers end first. Pure pointer arithmetic; nothing is accessed.
+fn raw_walk(bufs: &[RawBuf], pos: u64, want: usize, mut f: impl FnMut(*mut u8, usize, usize)) {
+    let mut skip = pos;
+    let mut done = 0usize;
+    for b in bufs {
+        if done == want {
+            break;
+        }
+        if skip >= b.len as u64 {
+            skip -= b.len as u64;
+            continue;
+        }
+        let s = skip as usize;
+        let n = (b.len - s).min(want - done);
+        f(b.ptr.wrapping_add(s), done, n);
+        done += n;
+        skip = 0;
+    }
+}
+
+/// The default [`Storage::read_raw_at`]: `read_at` into a bounce buffer, then copy out.
+///
+/// # Safety
+/// As [`Storage::read_raw_at`].
+pub(crate) unsafe fn bounce_read_raw<S: Storage + ?Sized>(
+    s: &S,
+    bufs: &[RawBuf],
+    offset: u64,
+) -> Result<()> {
+    let total = raw_total(bufs)?;
+    add(offset, total)?;
+    with_bounce(total.min(RAW_BOUNCE as u64) as usize, |tmp| {
+        let mut pos = 0u64;
+        while pos < total {
+            let n = (total - pos).min(tmp.len() as u64) as usize;
+            s.read_at(&mut tmp[..n], offset + pos)?;
+            // SAFETY: the caller guarantees `bufs` valid for writes; `tmp` is ours.
+            unsafe { raw_scatter(bufs, pos, &tmp[..n]) };
+            pos += n as u64;
+        }
+        Ok(())
+    })
+}
+
+/// The default [`Storage::write_raw_at`]: copy into a bounce buffer, then `write_at`.
+///
+/// # Safety
+/// As [`Storage::write_raw_at`].
+pub(crate) unsafe fn bounce_write_raw<S: Storage + ?Sized>(
+    s: &S,
+    bufs: &[RawBuf],
+    offset: u64,
+) -> Result<()> {
+    let total = raw_total(bufs)?;
+    add(offset, total)?;
+    with_bounce(total.min(RAW_BOUNCE as u64) as usize, |tmp| {
+        let mut pos = 0u64;
+        while pos < total {
+            let n = (total - pos).min(tmp.len() as u64) as usize;
+            // SAFETY: the caller guarantees `bufs` valid for reads; `tmp` is ours.
+            unsafe { raw_gather(bufs, pos, &mut tmp[..n]) };
+            s.write_at(&tmp[..n], offset + pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    })
+}
+
 /// Whether a byte range of a [`Storage`] holds data or is a hole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
@@ -78,6 +228,30 @@ pub trait Storage: Send + Sync {
         }
         Ok(())
     }
+
+    /// Scatter read into raw memory: fills the concatenation of `bufs` from `offset`, exactly
+    /// (past the end is an [`ErrorKind::OutOfRange`] error; the buffers' contents are then
+    /// unspecified). The default reads into a bounce buffer and copies out; `FileStorage`
+    /// reads straight into the buffers with `preadv`.
+    ///
+    /// # Safety
+    /// Every [`RawBuf`] must be valid for writes of `len` bytes until the call returns (it may
+    /// alias other buffers and be changed concurrently; see [`RawBuf`]).
+    unsafe fn read_raw_at(&self, bufs: &[RawBuf], offset: u64) -> Result<()> {
+        // SAFETY: forwarded caller contract.
+        unsafe { bounce_read_raw(self, bufs, offset) }
+    }
+
+    /// Gather write from raw memory: writes the concatenation of `bufs` at `offset`. The
+    /// default copies into a bounce buffer and writes that; `FileStorage` uses `pwritev`.
+    ///
+    /// # Safety
+    /// Every [`RawBuf`] must be valid for reads of `len` bytes until the call returns (it may
+    /// alias other buffers and be changed concurrently; see [`RawBuf`]).
+    unsafe fn write_raw_at(&self, bufs: &[RawBuf], offset: u64) -> Result<()> {
+        // SAFETY: forwarded caller contract.
+        unsafe { bounce_write_raw(self, bufs, offset) }
+    }
 }
 
 fn add(a: u64, b: u64) -> Result<u64> {
@@ -127,9 +301,62 @@ macro_rules! forward_storage {
             fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
                 (**self).write_vectored_at(bufs, offset)
             }
+            unsafe fn read_raw_at(&self, bufs: &[RawBuf], offset: u64) -> Result<()> {
+                // SAFETY: forwarded caller contract.
+                unsafe { (**self).read_raw_at(bufs, offset) }
+            }
+            unsafe fn write_raw_at(&self, bufs: &[RawBuf], offset: u64) -> Result<()> {
+                // SAFETY: forwarded caller contract.
+                unsafe { (**self).write_raw_at(bufs, offset) }
+            }
         }
     };
 }
 
 forward_storage!(std::sync::Arc);
 forward_storage!(Box);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounce_is_reused_and_a_nested_call_gets_its_own() {
+        let a = with_bounce(100, |b| b.as_ptr() as usize);
+        let b = with_bounce(50, |b| (b.as_ptr() as usize, b.len()));
+        assert_eq!(b, (a, 50));
+        assert_eq!(with_bounce(usize::MAX, |b| b.len()), RAW_BOUNCE);
+        with_bounce(16, |outer| {
+            outer.fill(1);
+            with_bounce(16, |inner| {
+                assert_ne!(inner.as_ptr(), outer.as_ptr());
+                inner.fill(2);
+            });
+            assert!(outer.iter().all(|&x| x == 1));
+        });
+    }
+
+    #[test]
+    fn raw_walk_covers_exactly_the_range() {
+        let mut m = [0u8; 10];
+        let p = m.as_mut_ptr();
+        let bufs = [
+            RawBuf { ptr: p, len: 3 },
+            RawBuf { ptr: p, len: 0 },
+            RawBuf {
+                ptr: p.wrapping_add(3),
+                len: 7,
+            },
+        ];
+        let mut got = Vec::new();
+        raw_walk(&bufs, 2, 5, |q, at, n| {
+            got.push((q as usize - p as usize, at, n))
+        });
+        assert_eq!(got, [(2, 0, 1), (3, 1, 4)]);
+        let mut got = Vec::new();
+        raw_walk(&bufs, 8, 100, |q, at, n| {
+            got.push((q as usize - p as usize, at, n))
+        });
+        assert_eq!(got, [(8, 0, 2)]);
+    }
+}

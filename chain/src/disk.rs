@@ -111,6 +111,11 @@ pub struct Disk {
     widen: Option<RangeLock>,
     /// Where 4 KiB groups of the layers below the top resolve (they never change).
     cache: ResolutionCache,
+    /// Each layer's virtual size (fixed while open; read on every request).
+    sizes: Vec<u64>,
+    /// The first layer `cache` covers: 1, or 0 when the whole chain is read-only (then the
+    /// top never changes either and reads skip its lookup on a cache hit).
+    cache_from: usize,
 }
 
 /// The granularity writes to a VHD differencing top are widened to (and of the cache).
@@ -180,6 +185,8 @@ impl Disk {
             .then(|| RangeLock::new(GROUP));
         Ok(Disk {
             cache: ResolutionCache::new(if layers.len() > 1 { 16 } else { 0 }),
+            sizes: layers.iter().map(|l| l.dev.info().virtual_size).collect(),
+            cache_from: usize::from(!info.read_only),
             layers,
             links,
             info,
@@ -204,11 +211,10 @@ impl Disk {
 
     /// Reads `buf` at `off` from layer `idx` down.
     fn read_from(&self, idx: usize, buf: &mut [u8], off: u64) -> Result<()> {
-        let Some(layer) = self.layers.get(idx) else {
+        let (Some(layer), Some(&size)) = (self.layers.get(idx), self.sizes.get(idx)) else {
             buf.fill(0);
             return Ok(());
         };
-        let size = layer.dev.info().virtual_size;
         let mut pos = 0usize;
         while pos < buf.len() {
             let o = off + pos as u64;
@@ -224,7 +230,9 @@ impl Disk {
             match run.status {
                 BlockStatus::Data => layer.dev.read_at(piece, o)?,
                 BlockStatus::Zero => piece.fill(0),
-                BlockStatus::Unallocated if idx == 0 => self.read_lower(piece, o)?,
+                BlockStatus::Unallocated if idx == 0 && self.cache_from == 1 => {
+                    self.read_lower(piece, o)?
+                }
                 BlockStatus::Unallocated => self.read_from(idx + 1, piece, o)?,
             }
             pos += n;
@@ -232,20 +240,20 @@ impl Disk {
         Ok(())
     }
 
-    /// Where 4 KiB group `g` resolves below the top: a layer depth holding all of it as
-    /// data, [`ZEROS`], or `None` when the group is mixed (not cached).
+    /// Where 4 KiB group `g` resolves from layer `cache_from` down (below the top, or from
+    /// the top of a read-only chain): a layer depth holding all of it as data, [`ZEROS`], or
+    /// `None` when the group is mixed (not cached).
     fn resolve_group(&self, g: u64) -> Result<Option<u8>> {
         if let Some(s) = self.cache.get(g) {
             return Ok(Some(s));
         }
         let off = g * GROUP;
         let len = GROUP.min(self.info.virtual_size - off);
-        let mut depth = 1;
+        let mut depth = self.cache_from;
         let source = loop {
-            let Some(layer) = self.layers.get(depth) else {
+            let (Some(layer), Some(&size)) = (self.layers.get(depth), self.sizes.get(depth)) else {
                 break Some(ZEROS);
             };
-            let size = layer.dev.info().virtual_size;
             if off >= size {
                 break Some(ZEROS);
             }
@@ -267,11 +275,11 @@ impl Disk {
         Ok(source)
     }
 
-    /// Reads `buf` at `off` from the layers below the top, group by group through the cache,
+    /// Reads `buf` at `off` from layer `cache_from` down, group by group through the cache,
     /// merging neighbouring groups that resolve alike into one read.
     fn read_lower(&self, buf: &mut [u8], off: u64) -> Result<()> {
         if off % GROUP != 0 || self.layers.len() > usize::from(ZEROS) {
-            return self.read_from(1, buf, off);
+            return self.read_from(self.cache_from, buf, off);
         }
         let mut pos = 0usize;
         while pos < buf.len() {
@@ -289,7 +297,7 @@ impl Disk {
             match first {
                 Some(ZEROS) => piece.fill(0),
                 Some(depth) => self.layers[usize::from(depth)].dev.read_at(piece, o)?,
-                None => self.read_from(1, piece, o)?,
+                None => self.read_from(self.cache_from, piece, o)?,
             }
             pos += n;
         }
@@ -387,6 +395,9 @@ impl BlockDevice for Disk {
         if self.layers.len() == 1 {
             return self.top().read_at(buf, offset);
         }
+        if self.cache_from == 0 {
+            return self.read_lower(buf, offset);
+        }
         self.read_from(0, buf, offset)
     }
 
@@ -429,6 +440,39 @@ impl BlockDevice for Disk {
             }
             None => self.top().write_vectored_at(bufs, offset),
         }
+    }
+
+    unsafe fn read_raw_at(&self, bufs: &[block_io::RawBuf], offset: u64) -> Result<()> {
+        let len = bufs
+            .iter()
+            .fold(0u64, |a, b| a.saturating_add(b.len as u64));
+        block_io::check_request(&self.info, offset, len, false)?;
+        if len == 0 {
+            return Ok(());
+        }
+        // Straight into the caller's memory when the top holds the whole range.
+        if self.layers.len() == 1 || {
+            let r = self.top().block_status(offset, len)?;
+            r.status == BlockStatus::Data && r.len >= len
+        } {
+            // SAFETY: forwarded caller contract (buffers valid for writes).
+            return unsafe { self.top().read_raw_at(bufs, offset) };
+        }
+        // SAFETY: forwarded caller contract; the bounce reads through `read_at`.
+        unsafe { block_io::bounce_read_raw(self, bufs, offset) }
+    }
+
+    unsafe fn write_raw_at(&self, bufs: &[block_io::RawBuf], offset: u64) -> Result<()> {
+        if self.widen.is_some() {
+            // SAFETY: forwarded caller contract; widened writes go through `write_at`.
+            return unsafe { block_io::bounce_write_raw(self, bufs, offset) };
+        }
+        let len = bufs
+            .iter()
+            .fold(0u64, |a, b| a.saturating_add(b.len as u64));
+        block_io::check_request(&self.info, offset, len, true)?;
+        // SAFETY: forwarded caller contract (buffers valid for reads).
+        unsafe { self.top().write_raw_at(bufs, offset) }
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
@@ -480,5 +524,137 @@ impl BlockDevice for Disk {
     fn block_status(&self, offset: u64, len: u64) -> Result<StatusRun> {
         block_io::check_request(&self.info, offset, len, false)?;
         self.block_status_depth(offset, len).map(|(r, _)| r)
+    }
+}
+
+#[cfg(test)]
+mod raw_tests {
+    //! `read_raw_at`/`write_raw_at` through a chain (straight to the top, or bounced) against
+    //! a byte model.
+    use super::*;
+    use block_io::{FileStorage, OpenOptions as FileOptions, RawBuf};
+
+    const SIZE: u64 = 4 << 20;
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed) ^ (i >> 9) as u8)
+            .collect()
+    }
+
+    /// `mem` cut into `piece`-byte [`RawBuf`]s.
+    fn pieces(mem: &mut [u8], piece: usize) -> Vec<RawBuf> {
+        let (base, len) = (mem.as_mut_ptr(), mem.len());
+        (0..len)
+            .step_by(piece)
+            .map(|at| RawBuf {
+                ptr: base.wrapping_add(at),
+                len: piece.min(len - at),
+            })
+            .collect()
+    }
+
+    fn check(disk: &Disk, model: &mut [u8], seed: u8) {
+        let cases: [(u64, usize, usize); 6] = [
+            (0, SIZE as usize, 65536),
+            (512, 4096, 100),
+            (1 << 20, 1 << 20, 7000),
+            ((1 << 20) - 1024, 3072, 512),
+            (3 << 20, 12288, 4096),
+            (SIZE - 512, 512, 1),
+        ];
+        for (i, &(off, len, piece)) in cases.iter().enumerate() {
+            let o = off as usize;
+            let mut got = vec![0u8; len];
+            let bufs = pieces(&mut got, piece);
+            // SAFETY: the pieces lie inside `got`, alive and untouched during the call.
+            unsafe { disk.read_raw_at(&bufs, off) }.unwrap();
+            assert!(got == model[o..o + len], "read {off}+{len}");
+            if disk.info().read_only {
+                continue;
+            }
+            let mut data = pattern(len, seed.wrapping_add(i as u8));
+            let bufs = pieces(&mut data, piece);
+            // SAFETY: as above, inside `data`.
+            unsafe { disk.write_raw_at(&bufs, off) }.unwrap();
+            model[o..o + len].copy_from_slice(&data);
+        }
+        let mut all = vec![0u8; SIZE as usize];
+        disk.read_at(&mut all, 0).unwrap();
+        assert!(all == *model, "the chain differs from the model");
+        let mut b = vec![0u8; 512];
+        let bufs = pieces(&mut b, 512);
+        // SAFETY: as above, inside `b`.
+        let e = unsafe { disk.read_raw_at(&bufs, SIZE) }.unwrap_err();
+        assert_eq!(e.kind(), block_io::ErrorKind::OutOfRange);
+    }
+
+    #[test]
+    fn raw_io_through_raw_vhd_and_vhdx_chains() {
+        let d = tempfile::tempdir().unwrap();
+        // One raw layer: straight to the file.
+        let raw = d.path().join("disk.raw");
+        let mut model = pattern(SIZE as usize, 1);
+        std::fs::write(&raw, &model).unwrap();
+        let disk = Disk::open(&raw, &OpenOptions::new().format(Some(Format::Raw))).unwrap();
+        check(&disk, &mut model, 10);
+
+        // VHDX base with data in its first half, a child holding 1 MiB: reads of ranges the
+        // child holds go to it, others bounce through the chain.
+        let base = d.path().join("base.vhdx");
+        let child = d.path().join("child.vhdx");
+        let mut o = vhdx_format::CreateOptions::dynamic(SIZE);
+        o.block_size = Some(1 << 20);
+        let b = vhdx_format::create(FileStorage::create(&base).unwrap(), &o).unwrap();
+        let mut model = vec![0u8; SIZE as usize];
+        model[..2 << 20].copy_from_slice(&pattern(2 << 20, 2));
+        b.write_at(&model[..2 << 20], 0).unwrap();
+        b.flush().unwrap();
+        let details = b.details();
+        drop(b);
+        let pref = vhdx_format::ParentRef {
+            data_write_guid: details.data_write_guid,
+            relative_path: "base.vhdx".to_string(),
+            absolute_path: Some(base.display().to_string()),
+        };
+        let mut o = vhdx_format::CreateOptions::differencing(SIZE, pref);
+        o.block_size = Some(1 << 20);
+        let c = vhdx_format::create(FileStorage::create(&child).unwrap(), &o).unwrap();
+        model[1 << 20..2 << 20].copy_from_slice(&pattern(1 << 20, 3));
+        c.write_at(&model[1 << 20..2 << 20], 1 << 20).unwrap();
+        c.flush().unwrap();
+        drop(c);
+        let ro = Disk::open(&child, &OpenOptions::new().read_only(true)).unwrap();
+        check(&ro, &mut model.clone(), 0);
+        drop(ro);
+        let disk = Disk::open(&child, &OpenOptions::new()).unwrap();
+        check(&disk, &mut model, 20);
+
+        // VHD child: writes are widened to 4 KiB groups, so raw writes bounce.
+        let base = d.path().join("base.vhd");
+        let child = d.path().join("child.vhd");
+        let o = vhd_format::CreateOptions::new(SIZE, vhd_format::Subformat::Dynamic);
+        let b = vhd_format::VhdFile::create(FileStorage::create(&base).unwrap(), &o).unwrap();
+        let mut model = pattern(SIZE as usize, 4);
+        b.write_at(&model, 0).unwrap();
+        b.flush().unwrap();
+        drop(b);
+        let ps = FileStorage::open(&base, &FileOptions::new().read_only(true)).unwrap();
+        let details = vhd_format::VhdFile::open(ps, true)
+            .unwrap()
+            .details()
+            .unwrap();
+        let o = vhd_format::DifferencingOptions::for_parent(
+            &details,
+            base.display().to_string(),
+            Some(base.display().to_string()),
+            Some("base.vhd".to_string()),
+        );
+        let c = vhd_format::VhdFile::create_differencing(FileStorage::create(&child).unwrap(), &o)
+            .unwrap();
+        drop(c);
+        let disk = Disk::open(&child, &OpenOptions::new()).unwrap();
+        assert!(disk.widen.is_some());
+        check(&disk, &mut model, 30);
     }
 }

@@ -101,6 +101,39 @@ pub enum ChainError {
         /// What does not fit.
         why: String,
     },
+    /// A rebase target is not the content the child records as its parent (nothing was
+    /// written).
+    #[error(
+        "refusing to rebase {child} onto {new_parent}: the child records its parent as \
+         {expected} but {new_parent} has {found}; it is not the same content"
+    )]
+    RebaseMismatch {
+        /// The child.
+        child: PathBuf,
+        /// The proposed parent.
+        new_parent: PathBuf,
+        /// What the child recorded.
+        expected: String,
+        /// What the proposed parent has.
+        found: String,
+    },
+    /// A rebase that cannot be done (nothing was written).
+    #[error("cannot rebase {child}: {reason}")]
+    RebaseRefused {
+        /// The child.
+        child: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Rewriting a child's parent locator failed.
+    #[error("rewriting the parent locator of {child} failed")]
+    RebaseFailed {
+        /// The child.
+        child: PathBuf,
+        /// What failed.
+        #[source]
+        source: IoError,
+    },
 }
 
 fn list(t: &[Tried]) -> String {
@@ -123,6 +156,9 @@ impl ChainError {
             ChainError::Loop { .. } | ChainError::TooDeep { .. } => ErrorKind::Corrupt,
             ChainError::LineageMismatch { .. } => ErrorKind::Corrupt,
             ChainError::Geometry { .. } => ErrorKind::Corrupt,
+            ChainError::RebaseMismatch { .. } => ErrorKind::InvalidInput,
+            ChainError::RebaseRefused { .. } => ErrorKind::Unsupported,
+            ChainError::RebaseFailed { source, .. } => source.kind(),
         }
     }
 }
@@ -133,6 +169,10 @@ impl From<ChainError> for IoError {
             ChainError::Open { path, source } => {
                 source.context_with(format!("cannot open {}", path.display()))
             }
+            ChainError::RebaseFailed { child, source } => source.context_with(format!(
+                "rewriting the parent locator of {} failed",
+                child.display()
+            )),
             other => IoError::new(other.kind(), other.to_string()),
         }
     }

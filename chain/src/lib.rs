@@ -9,6 +9,8 @@
 //!   parent's footer) is checked on open; a mismatch is [`ChainError::LineageMismatch`]
 //!   unless [`OpenOptions::ignore_lineage`] overrides it;
 //! - [`Disk`]: reads fall through the layers sector-exactly, writes go to the top.
+//! - [`rebase`]: point a child at a moved or copied parent (same content, verified) by
+//!   rewriting only its parent locator.
 //!
 //! ```no_run
 //! use chain::{Disk, OpenOptions};
@@ -27,9 +29,11 @@ mod disk;
 mod error;
 mod layer;
 mod policy;
+mod rebase;
 
 pub use detect::{detect, Format};
 pub use disk::{Disk, LinkCheck, OpenOptions};
 pub use error::{braced, ChainError, Tried};
 pub use layer::{open_layer, Expected, Identity, Layer, ParentLink};
 pub use policy::{Candidate, PathPolicy};
+pub use rebase::{parent_paths, rebase, RebaseOptions};

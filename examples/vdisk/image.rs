@@ -1,7 +1,7 @@
 //! Opening and creating images of any format: the one place the CLI dispatches on format.
 //! Opening goes through `chain::Disk`, so differencing images come with their parents.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use vdisk::block_io::{self, BlockDevice, FileStorage, RawDisk, Storage};
@@ -196,32 +196,6 @@ fn create_vhdx(
     Ok(vhdx_format::create(s, &o)?)
 }
 
-/// The parent's path relative to the child's folder, Windows style (".\p.vhdx",
-/// "..\dir\p.vhdx"), and its absolute path.
-fn parent_paths(child: &Path, parent: &Path) -> Result<(String, PathBuf), CliError> {
-    let abs = std::fs::canonicalize(parent)
-        .map_err(|e| CliError::new(format!("cannot open parent {}: {e}", parent.display())))?;
-    let child_dir = child
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let child_dir = std::fs::canonicalize(child_dir)
-        .map_err(|e| CliError::new(format!("cannot resolve {}: {e}", child_dir.display())))?;
-    let a: Vec<Component> = child_dir.components().collect();
-    let b: Vec<Component> = abs.components().collect();
-    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
-    let mut parts: Vec<String> = vec![".".into()];
-    if common < a.len() {
-        parts = vec!["..".into(); a.len() - common];
-    }
-    parts.extend(
-        b[common..]
-            .iter()
-            .map(|c| c.as_os_str().to_string_lossy().into_owned()),
-    );
-    Ok((parts.join("\\"), abs))
-}
-
 fn vhdx_parent(
     child: &Path,
     parent: &Path,
@@ -238,7 +212,8 @@ fn vhdx_parent(
             l.format
         )));
     };
-    let (relative, abs) = parent_paths(child, parent)?;
+    let (relative, abs) =
+        chain::parent_paths(child, parent).map_err(|e| CliError::new(e.to_string()))?;
     let info = l.dev.info();
     Ok((
         vhdx_format::ParentRef {
@@ -265,7 +240,8 @@ fn create_vhd_child(
         )));
     }
     let details = vhd_format::VhdFile::open(ps, true)?.details()?;
-    let (relative, abs) = parent_paths(path, parent)?;
+    let (relative, abs) =
+        chain::parent_paths(path, parent).map_err(|e| CliError::new(e.to_string()))?;
     let abs_s = abs.display().to_string();
     let mut o = vhd_format::DifferencingOptions::for_parent(
         &details,

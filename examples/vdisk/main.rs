@@ -7,8 +7,10 @@
 //! vdisk compare A B                  exit 0 same, 1 different, 2 error
 //! vdisk check [-r] IMG               exit 0 clean, 2 corrupt
 //! vdisk map --output json IMG
+//! vdisk rebase -u -b NEWPARENT [-f FMT] IMG   relink a child to its moved parent (no copy)
 //! vdisk io [-r] IMG -c CMD ...       read/write [-P byte] OFF LEN, write -z, discard, flush
 //! vdisk demo                         a guided tour in a temporary folder
+//! vdisk serve --socket PATH [--queues N] [--read-only] IMG   vhost-user-blk until SIGINT/SIGTERM
 //! ```
 //! Errors go to stderr as one sentence, with a non-zero exit.
 #![allow(clippy::print_stdout)]
@@ -18,6 +20,8 @@ mod demo;
 mod image;
 mod info;
 mod io_cmd;
+mod rebase;
+mod serve;
 mod size;
 
 use std::path::PathBuf;
@@ -145,6 +149,34 @@ enum Cmd {
         /// Image file.
         image: PathBuf,
     },
+    /// Serve an image to a VM over vhost-user-blk until SIGINT/SIGTERM.
+    Serve {
+        /// Unix socket to listen on (QEMU: -chardev socket,path=PATH).
+        #[arg(long)]
+        socket: PathBuf,
+        /// Number of request queues, each served by its own thread.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        queues: u16,
+        /// Refuse writes (the guest sees a read-only disk).
+        #[arg(long)]
+        read_only: bool,
+        /// Image file.
+        image: PathBuf,
+    },
+    /// Point a differencing image at its moved or copied parent (same content, verified).
+    Rebase {
+        /// Unsafe (no copy): change only the parent link; required, copying is not implemented.
+        #[arg(short = 'u')]
+        unsafe_: bool,
+        /// The new parent image.
+        #[arg(short = 'b')]
+        backing: PathBuf,
+        /// Format of the image (detected if absent).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// The differencing image to rebase.
+        image: PathBuf,
+    },
     /// A guided tour of the family in a temporary folder.
     Demo {
         /// Keep the temporary folder and print its path.
@@ -260,7 +292,19 @@ fn main() -> ExitCode {
             commands,
             image,
         } => io_cmd::run(&image, format.as_deref(), read_only, &commands),
+        Cmd::Rebase {
+            unsafe_,
+            backing,
+            format,
+            image,
+        } => rebase::run(&image, &backing, format.as_deref(), unsafe_),
         Cmd::Demo { keep } => demo::run(keep),
+        Cmd::Serve {
+            socket,
+            queues,
+            read_only,
+            image,
+        } => serve::run(&image, &socket, queues, read_only),
     };
     match result {
         Ok(code) => ExitCode::from(code),

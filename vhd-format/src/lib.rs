@@ -51,6 +51,7 @@ pub mod fuzzing;
 pub mod header;
 mod layout;
 pub mod locator;
+mod reparent;
 
 pub use check::{check_storage, CheckReport, Issue};
 pub use create::{size_and_geometry, CreateOptions, Creator, DifferencingOptions, Subformat};

@@ -133,6 +133,9 @@ pub struct VhdxFile<S: Storage> {
     pub(crate) session_started: AtomicBool,
     pub(crate) failstop: FailStop,
     pub(crate) bitmaps: RwLock<HashMap<u64, Box<[u8]>>>,
+    /// 4 KiB pages of sector bitmaps read from the file, keyed by (chunk, page), for chunks
+    /// not in `bitmaps` (bounded; see `read.rs`).
+    pub(crate) bitmap_pages: RwLock<crate::read::PageMap>,
     pub(crate) log_was_dirty: bool,
     pub(crate) log_replayed: bool,
 }
@@ -315,6 +318,7 @@ impl<S: Storage> VhdxFile<S> {
             session_started: AtomicBool::new(false),
             failstop: FailStop::new(),
             bitmaps: RwLock::new(HashMap::new()),
+            bitmap_pages: RwLock::default(),
             log_was_dirty,
             log_replayed,
         };

@@ -13,6 +13,8 @@
 //!   writable, in memory when read-only), writing with allocation committed through the log at
 //!   `flush`, `write_zeroes`/`discard` through ZERO/UNMAPPED states and hole punching;
 //! - [`create()`] for fixed, dynamic and differencing images with qemu-img's defaults;
+//! - [`VhdxFile::set_parent_locator`]: a new parent locator through the log (`reparent`,
+//!   2.6.2.6), for rebasing a child onto a moved or copied parent;
 //! - [`probe`], [`VhdxFile::details`] and [`VhdxFile::check`] for tools.
 //!
 //! Not implemented yet (honestly):
@@ -26,7 +28,7 @@
 //!   sectors all become present is not promoted to FULLY_PRESENT;
 //! - two valid headers with the same sequence number are accepted (the one at 64 KiB wins)
 //!   even when they differ (qemu refuses that case);
-//! - resize, in-place parent locator edits and the `parent_linkage2` merge protocol.
+//! - resize and the `parent_linkage2` merge protocol.
 //!
 //! ```
 //! use block_io::{BlockDevice, MemStorage};
@@ -63,6 +65,7 @@ pub mod log;
 pub mod metadata;
 mod read;
 pub mod region;
+mod reparent;
 pub mod replay;
 mod write;
 

@@ -1,0 +1,405 @@
+//! The [`VhostUserBackend`] of one connection: hands out the configuration space and features,
+//! and runs each queue's requests on that queue's own worker thread (vhost-user-backend spawns
+//! one epoll thread per entry of [`VhostUserBackend::queues_per_thread`]). When the host has
+//! more cores than queues, each queue also gets an offload thread: a big request (256 KiB or
+//! more) is handed to it whenever it is idle, and the worker goes on with the next request, so
+//! one queue streaming large transfers keeps two cores busy, as qemu's I/O thread pool does.
+//! `stop_vring` waits for offloaded requests too, and [`BlkBackend::shutdown`] joins the
+//! offload threads when the connection ends.
+//!
+//! Queue processing follows virtio 1.2, 2.7.10 "Driver notifications" with
+//! `VIRTIO_RING_F_EVENT_IDX`: disable notifications, drain the available ring, re-enable, and
+//! drain again if the driver raced in more requests. Each request is completed as soon as it
+//! is done, and the driver is interrupted when the used-event index says so.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+
+use parking_lot::{Condvar, Mutex, RwLock};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::device::{BlockDevice, DiskInfo};
+
+use super::config::{device_features, BlkConfig, CONFIG_LEN};
+use super::request::{process, Desc, Target, ID_LEN};
+
+/// Requests popped from a ring under one lock acquisition.
+const BATCH: usize = 64;
+/// Largest config read answered (the vhost-user message limit).
+const MAX_CONFIG_READ: usize = 256;
+
+/// What every connection shares: the disk and its fixed answers.
+pub(crate) struct Shared {
+    pub dev: Arc<dyn BlockDevice>,
+    pub info: DiskInfo,
+    pub config: [u8; CONFIG_LEN],
+    pub features: u64,
+    pub num_queues: usize,
+    pub queue_size: usize,
+    pub id: [u8; ID_LEN],
+}
+
+impl Shared {
+    pub(crate) fn new(
+        dev: Arc<dyn BlockDevice>,
+        num_queues: u16,
+        queue_size: u16,
+        serial: &str,
+    ) -> Self {
+        let info = dev.info();
+        let mut id = [0u8; ID_LEN];
+        let n = serial.len().min(ID_LEN);
+        id[..n].copy_from_slice(&serial.as_bytes()[..n]);
+        Shared {
+            config: BlkConfig::for_disk(&info, num_queues).to_bytes(),
+            features: device_features(&info),
+            num_queues: usize::from(num_queues),
+            queue_size: usize::from(queue_size),
+            id,
+            info,
+            dev,
+        }
+    }
+}
+
+/// Per-worker scratch space, reused across requests, and the queue's offload thread.
+#[derive(Default)]
+struct Scratch {
+    descs: Vec<Desc>,
+    /// Where big requests are sent to run on the queue's offload thread (started on the first
+    /// big request; `None` before that, or if it could not be started).
+    offload: Option<mpsc::Sender<Job>>,
+    offload_thread: Option<std::thread::JoinHandle<()>>,
+    offload_failed: bool,
+    /// Requests the offload thread has taken and not completed yet.
+    in_flight: Arc<InFlight>,
+}
+
+/// A request handed to a queue's offload thread, with everything it needs to run and
+/// complete it.
+struct Job {
+    mem: Arc<GuestMemoryMmap>,
+    vring: VringRwLock,
+    head: u16,
+    descs: Vec<Desc>,
+}
+
+/// A count of offloaded requests not yet completed, and a way to wait for none.
+#[derive(Default)]
+struct InFlight {
+    n: Mutex<usize>,
+    idle: Condvar,
+}
+
+impl InFlight {
+    fn count(&self) -> usize {
+        *self.n.lock()
+    }
+
+    fn start(&self) {
+        *self.n.lock() += 1;
+    }
+
+    fn finish(&self) {
+        let mut n = self.n.lock();
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    fn wait_idle(&self) {
+        let mut n = self.n.lock();
+        while *n > 0 {
+            self.idle.wait(&mut n);
+        }
+    }
+}
+
+/// Finishes one in-flight request when dropped, so the count stays right whatever happens.
+struct Finish<'a>(&'a InFlight);
+
+impl Drop for Finish<'_> {
+    fn drop(&mut self) {
+        self.0.finish();
+    }
+}
+
+/// The questions a request needs answered about the device.
+fn target(shared: &Shared) -> Target<'_> {
+    Target {
+        dev: &*shared.dev,
+        sectors: shared.info.virtual_size / 512,
+        block_size: u64::from(shared.info.logical_sector_size.max(512)),
+        read_only: shared.info.read_only,
+        id: &shared.id,
+    }
+}
+
+/// Puts a completed request in the used ring and interrupts the driver if the used-event
+/// index asks for it. The worker and the offload thread of a queue may both do this:
+/// `add_used` and `needs_notification` each take the vring lock, and each
+/// `needs_notification` covers every entry added since the previous one, so none is missed.
+fn complete(vring: &VringRwLock, head: u16, used: u32) {
+    if vring.add_used(head, used).is_err() {
+        // A head index beyond the queue size (or a used ring outside guest memory): that
+        // chain cannot be completed; the others still can.
+        return;
+    }
+    if vring.needs_notification().unwrap_or(true) {
+        let _ = vring.signal_used_queue();
+    }
+}
+
+/// The offload thread of one queue: runs the jobs it is sent until every sender is gone.
+fn offload_loop(shared: Arc<Shared>, in_flight: Arc<InFlight>, jobs: mpsc::Receiver<Job>) {
+    let t = target(&shared);
+    for job in jobs {
+        let _done = Finish(&in_flight);
+        let used = process(&job.mem, &job.descs, &t);
+        complete(&job.vring, job.head, used);
+    }
+}
+
+/// Bytes of descriptors (data included) from which a request may go to the offload thread:
+/// far more work than the hand-over costs.
+const OFFLOAD_MIN_BYTES: u64 = 256 << 10;
+
+/// The backend of one frontend connection.
+#[derive(Clone)]
+pub(crate) struct BlkBackend {
+    shared: Arc<Shared>,
+    mem: Arc<RwLock<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    event_idx: Arc<AtomicBool>,
+    scratch: Arc<Vec<Mutex<Scratch>>>,
+    /// Whether queues may use offload threads: only with more cores than queues, since with
+    /// a core per queue worker already, another thread per queue only adds hand-overs.
+    offload_on: bool,
+}
+
+impl BlkBackend {
+    pub(crate) fn new(shared: Arc<Shared>, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> Self {
+        let scratch = (0..shared.num_queues)
+            .map(|_| Mutex::new(Scratch::default()))
+            .collect();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        BlkBackend {
+            offload_on: cores > shared.num_queues,
+            shared,
+            mem: Arc::new(RwLock::new(mem)),
+            event_idx: Arc::new(AtomicBool::new(false)),
+            scratch: Arc::new(scratch),
+        }
+    }
+
+    /// Ends the offload threads once they have completed what they were sent. Called after
+    /// the queue workers are gone, so that nothing of this connection runs afterwards.
+    pub(crate) fn shutdown(&self) {
+        for s in self.scratch.iter() {
+            let mut s = s.lock();
+            // Its only sender gone, the thread's loop ends after the jobs already sent.
+            s.offload = None;
+            if let Some(h) = s.offload_thread.take() {
+                let _ = h.join();
+            }
+        }
+    }
+
+    /// The sender to this queue's offload thread, starting it if need be; `None` if it cannot
+    /// be started (then requests simply run on the worker).
+    fn offload(&self, scratch: &mut Scratch) -> Option<mpsc::Sender<Job>> {
+        if !self.offload_on {
+            return None;
+        }
+        if scratch.offload.is_none() && !scratch.offload_failed {
+            let (tx, rx) = mpsc::channel();
+            let (shared, in_flight) = (self.shared.clone(), scratch.in_flight.clone());
+            match std::thread::Builder::new()
+                .name("vhost-blk-offload".to_string())
+                .spawn(move || offload_loop(shared, in_flight, rx))
+            {
+                Ok(h) => {
+                    scratch.offload = Some(tx);
+                    scratch.offload_thread = Some(h);
+                }
+                Err(_) => scratch.offload_failed = true,
+            }
+        }
+        scratch.offload.clone()
+    }
+
+    /// Drains `vring`: pops batches of chains, runs them, completes them. Returns how many
+    /// chains it took.
+    fn drain(&self, vring: &VringRwLock, scratch: &mut Scratch) -> usize {
+        let mut taken = 0;
+        let atomic = self.mem.read().clone();
+        let mem = atomic.memory();
+        let t = target(&self.shared);
+        loop {
+            let mut chains = Vec::new();
+            {
+                let mut state = vring.get_mut();
+                let q = state.get_queue_mut();
+                while chains.len() < BATCH {
+                    match q.pop_descriptor_chain(mem.clone()) {
+                        Some(c) => chains.push(c),
+                        None => break,
+                    }
+                }
+            }
+            if chains.is_empty() {
+                return taken;
+            }
+            taken += chains.len();
+            for chain in chains {
+                let head = chain.head_index();
+                scratch.descs.clear();
+                // The iterator stops at a descriptor outside memory, a bad indirect table or
+                // after queue-size hops; what it yields is what the request is made of.
+                scratch.descs.extend(chain.map(|d| Desc {
+                    addr: d.addr(),
+                    len: d.len(),
+                    writable: d.is_write_only(),
+                }));
+                let bytes = scratch
+                    .descs
+                    .iter()
+                    .fold(0u64, |a, d| a.saturating_add(u64::from(d.len)));
+                // A big request goes to the offload thread when it is idle, so a queue
+                // streaming large transfers keeps two cores busy (as qemu's thread pool
+                // does); the worker goes on with the next request meanwhile.
+                if bytes >= OFFLOAD_MIN_BYTES && scratch.in_flight.count() == 0 {
+                    if let Some(tx) = self.offload(scratch) {
+                        let job = Job {
+                            mem: mem.clone().into_inner(),
+                            vring: vring.clone(),
+                            head,
+                            descs: scratch.descs.clone(),
+                        };
+                        scratch.in_flight.start();
+                        match tx.send(job) {
+                            Ok(()) => continue,
+                            Err(mpsc::SendError(_)) => {
+                                // The thread is gone: run it here, and stop offloading.
+                                scratch.in_flight.finish();
+                                scratch.offload = None;
+                                scratch.offload_failed = true;
+                            }
+                        }
+                    }
+                }
+                let used = process(&mem, &scratch.descs, &t);
+                complete(vring, head, used);
+            }
+        }
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.shared.num_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.shared.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        self.shared.features
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let size = (size as usize).min(MAX_CONFIG_READ);
+        let mut out = vec![0u8; size];
+        let start = (offset as usize).min(CONFIG_LEN);
+        let end = start.saturating_add(size).min(CONFIG_LEN);
+        out[..end - start].copy_from_slice(&self.shared.config[start..end]);
+        out
+    }
+
+    fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
+        // Nothing in the config space is writable (no VIRTIO_BLK_F_CONFIG_WCE).
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        *self.mem.write() = mem;
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.shared.num_queues).map(|i| 1u64 << i).collect()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: the queue is already marked not ready, so its worker pops nothing
+        // more; wait until it has completed what it popped, so the base reported to the
+        // frontend counts no request that would never complete.
+        // Requests handed to the offload thread count too.
+        if let Some(s) = self.scratch.get(queue_index as usize) {
+            s.lock().in_flight.wait_idle();
+        }
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        // Errors returned here would end the worker thread: guest mistakes never do.
+        if evset != EventSet::IN {
+            return Ok(());
+        }
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            return Ok(());
+        };
+        let Some(scratch) = self.scratch.get(thread_id) else {
+            return Ok(());
+        };
+        let mut scratch = scratch.lock();
+        if !self.event_idx.load(Ordering::Acquire) {
+            self.drain(vring, &mut scratch);
+            return Ok(());
+        }
+        loop {
+            let _ = vring.disable_notification();
+            let taken = self.drain(vring, &mut scratch);
+            // Re-enabling reports "more available" whenever the available index moved, also
+            // when nothing can be taken: a stopped queue (GET_VRING_BASE) or an index the
+            // guest pushed beyond the ring. Only go round again after progress, so neither
+            // spins; a later kick retries.
+            match vring.enable_notification() {
+                Ok(true) if taken > 0 => continue,
+                _ => return Ok(()),
+            }
+        }
+    }
+}

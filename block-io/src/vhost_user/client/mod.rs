@@ -1,0 +1,781 @@
+//! A vhost-user-blk frontend that needs no VM: it plays QEMU's part on the socket and the
+//! guest driver's part in the rings, for tests, conformance checks against
+//! qemu-storage-daemon, and benchmarks.
+//!
+//! Guest memory is one memfd mapped at guest address 0 and shared with the backend. Each queue
+//! gets a 64 KiB ring area (split virtqueue, virtio 1.2 2.7: descriptor table, available ring,
+//! used ring) followed by its own data area. Requests are built as real descriptor chains;
+//! [`ClientQueue::send_raw`] writes arbitrary descriptors for malformed-request tests.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{fence, Ordering};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::error::{Error, ErrorKind, Result};
+
+mod bench;
+
+pub use bench::{BenchResult, BenchSpec};
+
+use super::config::{
+    BlkConfig, CONFIG_LEN, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_BLK_F_BLK_SIZE,
+    VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use super::request::{
+    HEADER_LEN, ID_LEN, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+};
+
+/// Descriptor flag: the chain continues at `next`.
+pub const VRING_DESC_F_NEXT: u16 = 1;
+/// Descriptor flag: the device writes this buffer.
+pub const VRING_DESC_F_WRITE: u16 = 2;
+/// Descriptor flag: the buffer is a table of descriptors.
+pub const VRING_DESC_F_INDIRECT: u16 = 4;
+
+/// Bytes of ring area before each queue's data area.
+const RING_AREA: u64 = 64 << 10;
+/// Offset of the used ring inside the ring area.
+const USED_OFFSET: u64 = 32 << 10;
+/// The status byte is pre-set to this, so an unwritten status is visible.
+pub const STATUS_UNSET: u8 = 0xff;
+
+fn vu_err(ctx: &'static str, e: impl std::fmt::Display) -> Error {
+    Error::new(ErrorKind::Io, format!("{ctx}: {e}"))
+}
+
+fn mem_err(e: vm_memory::GuestMemoryError) -> Error {
+    Error::new(ErrorKind::InvalidInput, format!("guest memory: {e}"))
+}
+
+/// How to set up a [`Client`].
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Queues to set up (the backend must offer at least this many).
+    pub num_queues: u16,
+    /// Size of each queue (a power of two).
+    pub queue_size: u16,
+    /// Bytes of data area per queue.
+    pub data_per_queue: u64,
+    /// Negotiate `VIRTIO_RING_F_EVENT_IDX` if the backend offers it.
+    pub event_idx: bool,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            num_queues: 1,
+            queue_size: 256,
+            data_per_queue: 8 << 20,
+            event_idx: true,
+        }
+    }
+}
+
+/// One descriptor, as a driver would write it into the descriptor table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawDesc {
+    /// Guest address of the buffer.
+    pub addr: u64,
+    /// Length of the buffer.
+    pub len: u32,
+    /// `VRING_DESC_F_*` flags.
+    pub flags: u16,
+    /// Index of the next descriptor when `flags` has `VRING_DESC_F_NEXT`.
+    pub next: u16,
+}
+
+/// One used-ring entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// Head descriptor index of the completed chain.
+    pub id: u32,
+    /// Bytes the device reports having written.
+    pub len: u32,
+}
+
+/// The answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// The status byte ([`STATUS_UNSET`] if the device did not write it).
+    pub status: u8,
+    /// The used length the device reported.
+    pub used_len: u32,
+    /// The device-writable data bytes (without the status).
+    pub data: Vec<u8>,
+}
+
+/// A well-framed request: header, data the device reads, data the device writes, status.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    /// `VIRTIO_BLK_T_*`.
+    pub kind: u32,
+    /// Sector in the header.
+    pub sector: u64,
+    /// Device-readable bytes after the header (write data, discard segments).
+    pub out: Vec<u8>,
+    /// Device-writable bytes before the status (read buffer, GET_ID buffer).
+    pub in_len: u32,
+    /// Split each data buffer into descriptors of at most this many bytes (0 = one each).
+    pub seg: u32,
+}
+
+/// A connected frontend: the vhost-user session, guest memory and queues.
+pub struct Client {
+    frontend: Frontend,
+    queues: Vec<Option<ClientQueue>>,
+    features: u64,
+    config: BlkConfig,
+    mem: GuestMemoryMmap,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("features", &self.features)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn memfd(len: u64) -> Result<File> {
+    // SAFETY: the name is a NUL-terminated string that outlives the call; memfd_create does
+    // not keep it.
+    let fd = unsafe { libc::memfd_create(c"vdisk-guest-memory".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::io("memfd_create", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    file.set_len(len)
+        .map_err(|e| Error::io("sizing guest memory", e))?;
+    Ok(file)
+}
+
+impl Client {
+    /// Connects to the backend at `path` and sets up memory and queues as QEMU would.
+    pub fn connect(path: impl AsRef<Path>, opts: &ClientOptions) -> Result<Self> {
+        let nq = opts.num_queues.max(1);
+        if !opts.queue_size.is_power_of_two() || opts.queue_size > 1024 {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "queue size must be a power of two up to 1024",
+            ));
+        }
+        let mut fe = Frontend::connect(path, u64::from(nq)).map_err(|e| vu_err("connect", e))?;
+        let offered = fe.get_features().map_err(|e| vu_err("GET_FEATURES", e))?;
+        let mut want = VIRTIO_F_VERSION_1
+            | VIRTIO_BLK_F_SEG_MAX
+            | VIRTIO_BLK_F_BLK_SIZE
+            | VIRTIO_BLK_F_FLUSH
+            | VIRTIO_BLK_F_TOPOLOGY
+            | VIRTIO_BLK_F_MQ
+            | VIRTIO_BLK_F_DISCARD
+            | VIRTIO_BLK_F_WRITE_ZEROES
+            | VIRTIO_BLK_F_RO
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | VHOST_USER_F_PROTOCOL_FEATURES;
+        if opts.event_idx {
+            want |= VIRTIO_RING_F_EVENT_IDX;
+        }
+        let features = offered & want;
+        let proto = features & VHOST_USER_F_PROTOCOL_FEATURES != 0;
+        let mut config = BlkConfig::default();
+        if proto {
+            let pf = fe
+                .get_protocol_features()
+                .map_err(|e| vu_err("GET_PROTOCOL_FEATURES", e))?;
+            let pf = pf & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG);
+            fe.set_protocol_features(pf)
+                .map_err(|e| vu_err("SET_PROTOCOL_FEATURES", e))?;
+            if pf.contains(VhostUserProtocolFeatures::MQ) {
+                let n = fe.get_queue_num().map_err(|e| vu_err("GET_QUEUE_NUM", e))?;
+                if n < u64::from(nq) {
+                    return Err(Error::new(
+                        ErrorKind::Unsupported,
+                        format!("the backend offers {n} queues, {nq} asked"),
+                    ));
+                }
+            }
+            if pf.contains(VhostUserProtocolFeatures::CONFIG) {
+                let (_, bytes) = fe
+                    .get_config(
+                        0,
+                        CONFIG_LEN as u32,
+                        VhostUserConfigFlags::WRITABLE,
+                        &[0u8; CONFIG_LEN],
+                    )
+                    .map_err(|e| vu_err("GET_CONFIG", e))?;
+                config = BlkConfig::from_bytes(&bytes);
+            }
+        }
+        fe.set_owner().map_err(|e| vu_err("SET_OWNER", e))?;
+        fe.set_features(features)
+            .map_err(|e| vu_err("SET_FEATURES", e))?;
+
+        let per_queue = RING_AREA + opts.data_per_queue;
+        let mem_len = per_queue * u64::from(nq);
+        let file = memfd(mem_len)?;
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
+            GuestAddress(0),
+            mem_len as usize,
+            Some(FileOffset::new(file, 0)),
+        )])
+        .map_err(|e| vu_err("mapping guest memory", e))?;
+        let regions = mem
+            .iter()
+            .map(|r| {
+                VhostUserMemoryRegionInfo::from_guest_region(r)
+                    .map_err(|e| vu_err("memory region", e))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        fe.set_mem_table(&regions)
+            .map_err(|e| vu_err("SET_MEM_TABLE", e))?;
+
+        let event_idx = features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let mut queues = Vec::new();
+        for i in 0..nq {
+            let base = per_queue * u64::from(i);
+            let q = ClientQueue::new(
+                &mem,
+                usize::from(i),
+                opts.queue_size,
+                base,
+                opts.data_per_queue,
+                event_idx,
+            )?;
+            // A backend that goes away ends waits at once instead of at their timeout.
+            q.epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fe.as_raw_fd(),
+                    EpollEvent::new(EventSet::READ_HANG_UP | EventSet::HANG_UP, 1),
+                )
+                .map_err(|e| Error::io("epoll", e))?;
+            let hva = |gpa: u64| -> Result<u64> {
+                mem.get_host_address(GuestAddress(gpa))
+                    .map(|p| p as u64)
+                    .map_err(mem_err)
+            };
+            let idx = usize::from(i);
+            fe.set_vring_num(idx, opts.queue_size)
+                .map_err(|e| vu_err("SET_VRING_NUM", e))?;
+            fe.set_vring_base(idx, 0)
+                .map_err(|e| vu_err("SET_VRING_BASE", e))?;
+            let cfg = VringConfigData {
+                queue_max_size: opts.queue_size,
+                queue_size: opts.queue_size,
+                flags: 0,
+                desc_table_addr: hva(q.desc)?,
+                used_ring_addr: hva(q.used)?,
+                avail_ring_addr: hva(q.avail)?,
+                log_addr: None,
+            };
+            fe.set_vring_addr(idx, &cfg)
+                .map_err(|e| vu_err("SET_VRING_ADDR", e))?;
+            fe.set_vring_kick(idx, &q.kick)
+                .map_err(|e| vu_err("SET_VRING_KICK", e))?;
+            fe.set_vring_call(idx, &q.call)
+                .map_err(|e| vu_err("SET_VRING_CALL", e))?;
+            if proto {
+                fe.set_vring_enable(idx, true)
+                    .map_err(|e| vu_err("SET_VRING_ENABLE", e))?;
+            }
+            queues.push(Some(q));
+        }
+        Ok(Client {
+            frontend: fe,
+            queues,
+            features,
+            config,
+            mem,
+        })
+    }
+
+    /// The negotiated virtio features.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// The configuration space read at connect time.
+    pub fn config(&self) -> &BlkConfig {
+        &self.config
+    }
+
+    /// The guest memory (shared with the backend).
+    pub fn mem(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Queue `i`, unless it was taken.
+    pub fn queue(&mut self, i: usize) -> Result<&mut ClientQueue> {
+        self.queues
+            .get_mut(i)
+            .and_then(|q| q.as_mut())
+            .ok_or_else(|| Error::new(ErrorKind::InvalidInput, format!("no queue {i}")))
+    }
+
+    /// Takes queue `i` out to drive it from another thread; the client must outlive it (the
+    /// connection closes when the client is dropped).
+    pub fn take_queue(&mut self, i: usize) -> Result<ClientQueue> {
+        self.queues
+            .get_mut(i)
+            .and_then(Option::take)
+            .ok_or_else(|| Error::new(ErrorKind::InvalidInput, format!("no queue {i}")))
+    }
+
+    /// Reads `len` bytes at `sector` on queue 0: (status, data).
+    pub fn read(&mut self, sector: u64, len: u32) -> Result<(u8, Vec<u8>)> {
+        self.queue(0)?.read(sector, len)
+    }
+
+    /// Writes `data` at `sector` on queue 0: the status.
+    pub fn write(&mut self, sector: u64, data: &[u8]) -> Result<u8> {
+        self.queue(0)?.write(sector, data)
+    }
+
+    /// Flushes on queue 0: the status.
+    pub fn flush(&mut self) -> Result<u8> {
+        self.queue(0)?.flush()
+    }
+
+    /// Sends any well-framed request on queue 0.
+    pub fn request(&mut self, req: &Request) -> Result<Response> {
+        self.queue(0)?.request(req)
+    }
+
+    /// Stops queue `i` as a VMM does when the VM pauses (GET_VRING_BASE); returns the ring
+    /// base the backend reports, i.e. how many chains it took from the available ring.
+    pub fn stop_queue(&mut self, i: usize) -> Result<u32> {
+        self.frontend
+            .get_vring_base(i)
+            .map_err(|e| vu_err("GET_VRING_BASE", e))
+    }
+
+    /// Closes the session (as a VMM exit would).
+    pub fn close(self) {
+        drop(self.frontend);
+    }
+}
+
+/// One split virtqueue driven by the client.
+#[derive(Debug)]
+pub struct ClientQueue {
+    index: usize,
+    mem: GuestMemoryMmap,
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    data: u64,
+    data_len: u64,
+    kick: EventFd,
+    call: EventFd,
+    epoll: Epoll,
+    event_idx: bool,
+    next_avail: u16,
+    kicked_avail: u16,
+    last_used: u16,
+    free: Vec<u16>,
+    chains: Vec<Vec<u16>>,
+}
+
+impl ClientQueue {
+    fn new(
+        mem: &GuestMemoryMmap,
+        index: usize,
+        size: u16,
+        base: u64,
+        data_len: u64,
+        event_idx: bool,
+    ) -> Result<Self> {
+        let kick = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io("eventfd", e))?;
+        let call = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io("eventfd", e))?;
+        let epoll = Epoll::new().map_err(|e| Error::io("epoll", e))?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                call.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, 0),
+            )
+            .map_err(|e| Error::io("epoll", e))?;
+        Ok(ClientQueue {
+            index,
+            mem: mem.clone(),
+            size,
+            desc: base,
+            avail: base + 16 * u64::from(size),
+            used: base + USED_OFFSET,
+            data: base + RING_AREA,
+            data_len,
+            kick,
+            call,
+            epoll,
+            event_idx,
+            next_avail: 0,
+            kicked_avail: 0,
+            last_used: 0,
+            free: (0..size).rev().collect(),
+            chains: vec![Vec::new(); usize::from(size)],
+        })
+    }
+
+    /// The queue's index.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The guest memory.
+    pub fn mem(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Guest address and length of this queue's data area.
+    pub fn data_area(&self) -> (u64, u64) {
+        (self.data, self.data_len)
+    }
+
+    /// The queue size.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// Writes descriptor `idx` of the table.
+    pub fn write_desc(&self, idx: u16, d: RawDesc) -> Result<()> {
+        let at = self.desc + 16 * u64::from(idx % self.size);
+        let mut b = [0u8; 16];
+        b[0..8].copy_from_slice(&d.addr.to_le_bytes());
+        b[8..12].copy_from_slice(&d.len.to_le_bytes());
+        b[12..14].copy_from_slice(&d.flags.to_le_bytes());
+        b[14..16].copy_from_slice(&d.next.to_le_bytes());
+        self.mem.write_slice(&b, GuestAddress(at)).map_err(mem_err)
+    }
+
+    /// Puts chain `head` on the available ring (without kicking).
+    pub fn publish(&mut self, head: u16) -> Result<()> {
+        let slot = self.avail + 4 + 2 * u64::from(self.next_avail % self.size);
+        self.mem
+            .write_obj(head, GuestAddress(slot))
+            .map_err(mem_err)?;
+        self.next_avail = self.next_avail.wrapping_add(1);
+        fence(Ordering::Release);
+        self.mem
+            .store(
+                self.next_avail,
+                GuestAddress(self.avail + 2),
+                Ordering::Release,
+            )
+            .map_err(mem_err)
+    }
+
+    /// Stores `idx` as the available ring's index without adding entries: for tests of
+    /// drivers that corrupt their ring.
+    pub fn set_avail_idx(&mut self, idx: u16) -> Result<()> {
+        self.mem
+            .store(idx, GuestAddress(self.avail + 2), Ordering::Release)
+            .map_err(mem_err)
+    }
+
+    /// Notifies the device of new chains when it asked to be (every time without EVENT_IDX).
+    pub fn kick(&mut self) -> Result<()> {
+        let new = self.next_avail;
+        let old = self.kicked_avail;
+        if new == old {
+            return Ok(());
+        }
+        let needed = if self.event_idx {
+            fence(Ordering::SeqCst);
+            let at = self.used + 4 + 8 * u64::from(self.size);
+            let event: u16 = self
+                .mem
+                .load(GuestAddress(at), Ordering::Acquire)
+                .map_err(mem_err)?;
+            // virtio 1.2, 2.7.10: vring_need_event.
+            new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            true
+        };
+        self.kicked_avail = new;
+        if needed {
+            self.kick.write(1).map_err(|e| Error::io("kick", e))?;
+        }
+        Ok(())
+    }
+
+    /// Builds a chain from `(guest address, length, device-writable)` buffers and publishes
+    /// it; returns its head.
+    pub fn submit(&mut self, bufs: &[(u64, u32, bool)]) -> Result<u16> {
+        if bufs.is_empty() || bufs.len() > self.free.len() {
+            return Err(Error::new(
+                ErrorKind::NoSpace,
+                "not enough free descriptors in the queue",
+            ));
+        }
+        let idx: Vec<u16> = (0..bufs.len()).filter_map(|_| self.free.pop()).collect();
+        for (i, &(addr, len, w)) in bufs.iter().enumerate() {
+            let last = i + 1 == bufs.len();
+            let mut flags = if w { VRING_DESC_F_WRITE } else { 0 };
+            let next = if last {
+                0
+            } else {
+                flags |= VRING_DESC_F_NEXT;
+                idx[i + 1]
+            };
+            self.write_desc(
+                idx[i],
+                RawDesc {
+                    addr,
+                    len,
+                    flags,
+                    next,
+                },
+            )?;
+        }
+        let head = idx[0];
+        self.chains[usize::from(head)] = idx;
+        self.publish(head)?;
+        Ok(head)
+    }
+
+    /// Collects what the device has completed since the last call.
+    pub fn reap(&mut self) -> Result<Vec<Completion>> {
+        let used_idx: u16 = self
+            .mem
+            .load(GuestAddress(self.used + 2), Ordering::Acquire)
+            .map_err(mem_err)?;
+        let mut out = Vec::new();
+        while self.last_used != used_idx {
+            let at = self.used + 4 + 8 * u64::from(self.last_used % self.size);
+            let id: u32 = self.mem.read_obj(GuestAddress(at)).map_err(mem_err)?;
+            let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).map_err(mem_err)?;
+            if let Some(chain) = self.chains.get_mut(id as usize) {
+                self.free.append(chain);
+            }
+            out.push(Completion { id, len });
+            self.last_used = self.last_used.wrapping_add(1);
+        }
+        Ok(out)
+    }
+
+    /// The used-ring index the device has published.
+    pub fn used_idx(&self) -> Result<u16> {
+        self.mem
+            .load(GuestAddress(self.used + 2), Ordering::Acquire)
+            .map_err(mem_err)
+    }
+
+    /// Waits up to `timeout` for at least one completion.
+    pub fn wait(&mut self, timeout: Duration) -> Result<Vec<Completion>> {
+        let deadline = Instant::now() + timeout;
+        let mut events = [EpollEvent::default(); 2];
+        loop {
+            let c = self.reap()?;
+            if !c.is_empty() {
+                return Ok(c);
+            }
+            if self.event_idx {
+                // Ask to be interrupted at the next completion, then look once more.
+                let at = self.avail + 4 + 2 * u64::from(self.size);
+                self.mem
+                    .store(self.last_used, GuestAddress(at), Ordering::Release)
+                    .map_err(mem_err)?;
+                fence(Ordering::SeqCst);
+                let used_idx: u16 = self
+                    .mem
+                    .load(GuestAddress(self.used + 2), Ordering::Acquire)
+                    .map_err(mem_err)?;
+                if used_idx != self.last_used {
+                    continue;
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    format!("no completion on queue {} within {timeout:?}", self.index),
+                ));
+            }
+            let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+            match self.epoll.wait(ms, &mut events) {
+                Ok(n) => {
+                    if events[..n].iter().any(|e| e.data() == 1) {
+                        // One last look: completions may have landed before the hang-up.
+                        let c = self.reap()?;
+                        if !c.is_empty() {
+                            return Ok(c);
+                        }
+                        return Err(Error::new(
+                            ErrorKind::Io,
+                            "the backend closed the vhost-user connection",
+                        ));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io("epoll wait", e)),
+            }
+            let _ = self.call.read();
+        }
+    }
+
+    /// Waits for the chain with head `head` (other completions are dropped).
+    pub fn wait_for(&mut self, head: u16, timeout: Duration) -> Result<Completion> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            for c in self.wait(left)? {
+                if c.id == u32::from(head) {
+                    return Ok(c);
+                }
+            }
+        }
+    }
+
+    /// Writes the descriptors `table` (index, descriptor), publishes `head`, kicks and waits
+    /// for its completion. For malformed chains; nothing else may be in flight.
+    pub fn send_raw(&mut self, table: &[(u16, RawDesc)], head: u16) -> Result<Completion> {
+        for &(i, d) in table {
+            self.write_desc(i, d)?;
+        }
+        self.publish(head)?;
+        self.kick()?;
+        self.wait_for(head, Duration::from_secs(10))
+    }
+
+    /// Sends a well-framed request and waits for its answer. Buffers are laid out in the
+    /// queue's data area: header, device-readable data, device-writable data, status.
+    pub fn request(&mut self, req: &Request) -> Result<Response> {
+        let hdr_at = self.data;
+        let out_at = hdr_at + 4096;
+        let in_at = (out_at + req.out.len() as u64).next_multiple_of(4096);
+        let status_at = in_at + u64::from(req.in_len);
+        if status_at + 1 > self.data + self.data_len {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "request larger than the queue's data area",
+            ));
+        }
+        let mut hdr = [0u8; HEADER_LEN];
+        hdr[0..4].copy_from_slice(&req.kind.to_le_bytes());
+        hdr[8..16].copy_from_slice(&req.sector.to_le_bytes());
+        let m = self.mem.clone();
+        m.write_slice(&hdr, GuestAddress(hdr_at)).map_err(mem_err)?;
+        m.write_slice(&req.out, GuestAddress(out_at))
+            .map_err(mem_err)?;
+        m.write_slice(&vec![0u8; req.in_len as usize], GuestAddress(in_at))
+            .map_err(mem_err)?;
+        m.write_obj(STATUS_UNSET, GuestAddress(status_at))
+            .map_err(mem_err)?;
+        let mut bufs = vec![(hdr_at, HEADER_LEN as u32, false)];
+        split(&mut bufs, out_at, req.out.len() as u64, req.seg, false);
+        split(&mut bufs, in_at, u64::from(req.in_len), req.seg, true);
+        bufs.push((status_at, 1, true));
+        let head = self.submit(&bufs)?;
+        self.kick()?;
+        let c = self.wait_for(head, Duration::from_secs(30))?;
+        let mut data = vec![0u8; req.in_len as usize];
+        m.read_slice(&mut data, GuestAddress(in_at))
+            .map_err(mem_err)?;
+        let status: u8 = m.read_obj(GuestAddress(status_at)).map_err(mem_err)?;
+        Ok(Response {
+            status,
+            used_len: c.len,
+            data,
+        })
+    }
+
+    /// Reads `len` bytes at `sector`: (status, data).
+    pub fn read(&mut self, sector: u64, len: u32) -> Result<(u8, Vec<u8>)> {
+        let r = self.request(&Request {
+            kind: VIRTIO_BLK_T_IN,
+            sector,
+            in_len: len,
+            ..Request::default()
+        })?;
+        Ok((r.status, r.data))
+    }
+
+    /// Writes `data` at `sector`: the status.
+    pub fn write(&mut self, sector: u64, data: &[u8]) -> Result<u8> {
+        let r = self.request(&Request {
+            kind: VIRTIO_BLK_T_OUT,
+            sector,
+            out: data.to_vec(),
+            ..Request::default()
+        })?;
+        Ok(r.status)
+    }
+
+    /// Flushes: the status.
+    pub fn flush(&mut self) -> Result<u8> {
+        let r = self.request(&Request {
+            kind: VIRTIO_BLK_T_FLUSH,
+            ..Request::default()
+        })?;
+        Ok(r.status)
+    }
+
+    /// GET_ID: (status, the 20 id bytes).
+    pub fn get_id(&mut self) -> Result<(u8, Vec<u8>)> {
+        let r = self.request(&Request {
+            kind: VIRTIO_BLK_T_GET_ID,
+            in_len: ID_LEN as u32,
+            ..Request::default()
+        })?;
+        Ok((r.status, r.data))
+    }
+
+    /// DISCARD (`zeroes == false`) or WRITE_ZEROES of one segment: the status.
+    pub fn discard_or_zero(
+        &mut self,
+        zeroes: bool,
+        sector: u64,
+        num: u32,
+        flags: u32,
+    ) -> Result<u8> {
+        let r = self.request(&Request {
+            kind: if zeroes {
+                VIRTIO_BLK_T_WRITE_ZEROES
+            } else {
+                VIRTIO_BLK_T_DISCARD
+            },
+            out: segment(sector, num, flags).to_vec(),
+            ..Request::default()
+        })?;
+        Ok(r.status)
+    }
+}
+
+/// Appends `[at, at+len)` to `bufs` in pieces of at most `seg` bytes (0 = one piece).
+fn split(bufs: &mut Vec<(u64, u32, bool)>, at: u64, len: u64, seg: u32, w: bool) {
+    let seg = if seg == 0 {
+        u64::from(u32::MAX)
+    } else {
+        u64::from(seg)
+    };
+    let mut pos = 0;
+    while pos < len {
+        let n = (len - pos).min(seg);
+        bufs.push((at + pos, n as u32, w));
+        pos += n;
+    }
+}
+
+/// The 16 bytes of one discard/write-zeroes segment.
+pub fn segment(sector: u64, num: u32, flags: u32) -> [u8; 16] {
+    let mut s = [0u8; 16];
+    s[0..8].copy_from_slice(&sector.to_le_bytes());
+    s[8..12].copy_from_slice(&num.to_le_bytes());
+    s[12..16].copy_from_slice(&flags.to_le_bytes());
+    s
+}

@@ -1,0 +1,224 @@
+//! [`VhostUserBlkServer`]: listens on a unix socket and serves one frontend at a time, for as
+//! long as it is asked to. When a frontend goes away (VMM exit, crash, restart) the server
+//! drops that connection's state, joins its queue workers and waits for the next frontend on
+//! the same socket; a [`StopHandle`] ends the loop from another thread or a signal handler
+//! thread.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::device::BlockDevice;
+use crate::error::{Error, ErrorKind, Result};
+
+use super::backend::{BlkBackend, Shared};
+
+/// Options of a [`VhostUserBlkServer`].
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Number of request queues, 1 to 64; each gets its own worker thread.
+    pub num_queues: u16,
+    /// Largest queue size a frontend may set (a power of two, at most 32768).
+    pub queue_size: u16,
+    /// The GET_ID answer (at most 20 bytes are used).
+    pub serial: String,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            num_queues: 1,
+            queue_size: 1024,
+            serial: "vdisk".to_string(),
+        }
+    }
+}
+
+/// Stops a running [`VhostUserBlkServer::serve`] from another thread.
+#[derive(Clone, Debug)]
+pub struct StopHandle {
+    inner: Arc<StopState>,
+}
+
+struct StopState {
+    stopping: AtomicBool,
+    wake: EventFd,
+    current: Mutex<Option<ShutdownHandle>>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for StopState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StopState")
+            .field("stopping", &self.stopping)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StopHandle {
+    /// Asks the server to close the current connection and return from `serve`.
+    pub fn stop(&self) {
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        let _ = self.inner.wake.write(1);
+        if let Some(h) = self.inner.current.lock().as_ref() {
+            h.shutdown();
+        }
+        // Wakes a server blocked in accept() (a frontend that connected and vanished).
+        let _ = UnixStream::connect(&self.inner.path);
+    }
+
+    /// Whether [`StopHandle::stop`] was called.
+    pub fn is_stopping(&self) -> bool {
+        self.inner.stopping.load(Ordering::SeqCst)
+    }
+}
+
+/// A vhost-user-blk server for one [`BlockDevice`] on one unix socket.
+pub struct VhostUserBlkServer {
+    shared: Arc<Shared>,
+    listener: Listener,
+    stop: StopHandle,
+    connections: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for VhostUserBlkServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostUserBlkServer")
+            .field("path", &self.stop.inner.path)
+            .field("num_queues", &self.shared.num_queues)
+            .finish_non_exhaustive()
+    }
+}
+
+fn io_err(ctx: &'static str, e: impl std::fmt::Display) -> Error {
+    Error::new(ErrorKind::Io, format!("{ctx}: {e}"))
+}
+
+impl VhostUserBlkServer {
+    /// Creates the socket at `path` (replacing a stale one) for serving `dev`.
+    pub fn bind(
+        path: impl AsRef<Path>,
+        dev: Arc<dyn BlockDevice>,
+        opts: &ServerOptions,
+    ) -> Result<Self> {
+        let path = path.as_ref();
+        if opts.num_queues == 0 || opts.num_queues > 64 {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("{} queues asked, 1 to 64 are possible", opts.num_queues),
+            ));
+        }
+        if !opts.queue_size.is_power_of_two() || opts.queue_size > 32768 {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "queue size {} is not a power of two up to 32768",
+                    opts.queue_size
+                ),
+            ));
+        }
+        let listener = Listener::new(path, true)
+            .map_err(|e| io_err("cannot listen on the vhost-user socket", e))?;
+        let wake = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io("eventfd", e))?;
+        Ok(VhostUserBlkServer {
+            shared: Arc::new(Shared::new(
+                dev,
+                opts.num_queues,
+                opts.queue_size,
+                &opts.serial,
+            )),
+            listener,
+            stop: StopHandle {
+                inner: Arc::new(StopState {
+                    stopping: AtomicBool::new(false),
+                    wake,
+                    current: Mutex::new(None),
+                    path: path.to_path_buf(),
+                }),
+            },
+            connections: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// A handle that stops [`VhostUserBlkServer::serve`].
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// Number of frontend connections served to their end so far.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Serves frontends one after another until stopped. A frontend that disconnects or breaks
+    /// the protocol ends only its own connection. Returns after the last connection's queue
+    /// workers have finished; the caller flushes the device.
+    pub fn serve(&mut self) -> Result<()> {
+        let epoll = Epoll::new().map_err(|e| Error::io("epoll", e))?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                self.listener.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, 0),
+            )
+            .map_err(|e| Error::io("epoll", e))?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                self.stop.inner.wake.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, 1),
+            )
+            .map_err(|e| Error::io("epoll", e))?;
+        let mut events = [EpollEvent::default(); 2];
+        while !self.stop.is_stopping() {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::io("epoll wait", e)),
+            };
+            if events[..n].iter().any(|e| e.data() == 1) || self.stop.is_stopping() {
+                break;
+            }
+            self.serve_one()?;
+        }
+        Ok(())
+    }
+
+    /// Accepts one frontend and serves it until it leaves or the server is stopped.
+    fn serve_one(&mut self) -> Result<()> {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = BlkBackend::new(self.shared.clone(), mem.clone());
+        let mut daemon = VhostUserDaemon::new("vhost-user-blk".to_string(), backend.clone(), mem)
+            .map_err(|e| io_err("cannot start the queue workers", e))?;
+        daemon
+            .start(&mut self.listener)
+            .map_err(|e| io_err("cannot accept a frontend", e))?;
+        *self.stop.inner.current.lock() = daemon.shutdown_handle();
+        if self.stop.is_stopping() {
+            daemon.request_shutdown();
+        }
+        // A frontend that breaks the protocol or vanishes ends its connection, not the server.
+        let _ = daemon.wait();
+        *self.stop.inner.current.lock() = None;
+        for h in daemon.get_epoll_handlers() {
+            h.send_exit_event();
+        }
+        // Dropping the daemon joins the queue workers, and `shutdown` the offload threads: no
+        // request of this frontend is still running when the next one connects or when
+        // serve() returns.
+        drop(daemon);
+        backend.shutdown();
+        self.connections.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}

@@ -1,0 +1,42 @@
+//! `vdisk rebase -u -b NEWPARENT IMG`: point a differencing image at a moved or copied parent
+//! without copying data (qemu-img's unsafe rebase, Hyper-V's `Set-VHD -ParentPath`). The new
+//! parent must be the same content as the one the child records (VHDX DataWriteGuid, VHD
+//! unique id and timestamp); otherwise nothing is written. See `chain::rebase`.
+
+use std::path::Path;
+
+use vdisk::chain::{self, Disk, RebaseOptions};
+
+use crate::image::{chain_options, parse_format};
+use crate::{CliError, CliResult};
+
+/// Runs the verb; exit 0 when the child was rebased.
+pub fn run(image: &Path, backing: &Path, format: Option<&str>, unsafe_: bool) -> CliResult {
+    let opts = RebaseOptions {
+        unsafe_no_copy: unsafe_,
+        format: format.map(parse_format).transpose()?,
+    };
+    chain::rebase(image, backing, &opts).map_err(|e| CliError::new(error_text(&e)))?;
+    // The link is written; say so if the parent path policy will not follow it.
+    let check = chain_options(format, true)?;
+    if let Err(e) = Disk::open(image, &check) {
+        eprintln!(
+            "vdisk: warning: {} was rebased, but opening it now fails: {e} \
+             (set VDISK_PARENT_ROOTS to allow the parent's folder)",
+            image.display()
+        );
+    }
+    Ok(0)
+}
+
+/// The error with its sources, as one sentence.
+fn error_text(e: &chain::ChainError) -> String {
+    let mut s = e.to_string();
+    let mut cur = std::error::Error::source(e);
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
+}

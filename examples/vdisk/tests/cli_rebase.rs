@@ -1,0 +1,170 @@
+//! `vdisk rebase -u -b NEWPARENT IMG`: a chain moved to other folders is relinked and reads,
+//! checks and verifies exactly as before; a parent with other content is refused and the
+//! child left byte-identical; without `-u` nothing happens.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+use common::*;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn p(dir: &Path, name: &str) -> String {
+    dir.join(name).display().to_string()
+}
+
+/// `vdisk ARGS` with `VDISK_PARENT_ROOTS=root`.
+fn vdisk_rooted(root: &Path, args: &[&str]) -> Output {
+    Command::new(vdisk_bin())
+        .env("VDISK_PARENT_ROOTS", root)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: Output, what: &str) -> String {
+    assert!(
+        o.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn backing_chain(root: &Path, img: &str) -> Vec<serde_json::Value> {
+    let out = ok(
+        vdisk_rooted(root, &["info", "--backing-chain", "--output", "json", img]),
+        "info --backing-chain",
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v.as_array().unwrap().clone()
+}
+
+#[test]
+fn moved_chain_rebased_reads_checks_and_verifies() {
+    for fmt in ["vhd", "vhdx"] {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        let (base, mid, top) = (
+            p(dir, &format!("base.{fmt}")),
+            p(dir, &format!("mid.{fmt}")),
+            p(dir, &format!("top.{fmt}")),
+        );
+        vdisk_ok(&["create", "-f", fmt, &base, "16M"]);
+        vdisk_ok(&["io", &base, "-c", "write -P 7 0 3M"]);
+        vdisk_ok(&["create", "-f", fmt, "-b", &base, &mid]);
+        vdisk_ok(&[
+            "io",
+            &mid,
+            "-c",
+            "write -P 8 1M 1M",
+            "-c",
+            "write -P 5 7M 4k",
+        ]);
+        vdisk_ok(&["create", "-f", fmt, "-b", &mid, &top]);
+        vdisk_ok(&["io", &top, "-c", "write -P 9 1536k 4k"]);
+        let before = p(dir, "before.raw");
+        vdisk_ok(&["convert", "-O", "raw", &top, &before]);
+
+        // Move base and mid into folders of their own: the chain no longer opens.
+        std::fs::create_dir(dir.join("a")).unwrap();
+        std::fs::create_dir(dir.join("b")).unwrap();
+        let new_base = p(dir, &format!("a/base.{fmt}"));
+        let new_mid = p(dir, &format!("b/mid.{fmt}"));
+        std::fs::rename(&base, &new_base).unwrap();
+        std::fs::rename(&mid, &new_mid).unwrap();
+        assert!(!vdisk_rooted(dir, &["compare", &before, &top])
+            .status
+            .success());
+
+        ok(
+            vdisk_rooted(dir, &["rebase", "-u", "-b", &new_base, &new_mid]),
+            "rebase mid",
+        );
+        ok(
+            vdisk_rooted(dir, &["rebase", "-u", "-f", fmt, "-b", &new_mid, &top]),
+            "rebase top",
+        );
+
+        // Same bytes as before the move, every link verified, every image clean.
+        let o = vdisk_rooted(dir, &["compare", &before, &top]);
+        assert_eq!(o.status.code(), Some(0), "{fmt}: {o:?}");
+        let chain = backing_chain(dir, &top);
+        assert_eq!(chain.len(), 3, "{fmt}");
+        for layer in &chain[..2] {
+            assert_eq!(layer["link"]["verified"], true, "{fmt}: {layer}");
+        }
+        let parent_of_top = chain[0]["link"]["parent"].as_str().unwrap();
+        assert_eq!(
+            Path::new(parent_of_top),
+            std::fs::canonicalize(&new_mid).unwrap()
+        );
+        for img in [&top, &new_mid] {
+            let o = vdisk_rooted(dir, &["check", img]);
+            assert_eq!(o.status.code(), Some(0), "{fmt} check {img}: {o:?}");
+        }
+        let reads = vdisk_rooted(
+            dir,
+            &[
+                "io",
+                "-r",
+                &top,
+                "-c",
+                "read -P 9 1536k 4k",
+                "-c",
+                "read -P 8 1M 512k",
+                "-c",
+                "read -P 7 0 1M",
+                "-c",
+                "read -P 5 7M 4k",
+            ],
+        );
+        ok(reads, "io -r");
+        // The locators name the new places.
+        let info = vdisk_ok(&["info", "--output", "json", &top]);
+        assert!(info.contains(&format!("b\\\\mid.{fmt}")), "{fmt}: {info}");
+    }
+}
+
+#[test]
+fn rebase_onto_other_content_is_refused_and_writes_nothing() {
+    for fmt in ["vhd", "vhdx"] {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        let (base, child, other) = (
+            p(dir, &format!("base.{fmt}")),
+            p(dir, &format!("child.{fmt}")),
+            p(dir, &format!("other.{fmt}")),
+        );
+        vdisk_ok(&["create", "-f", fmt, &base, "16M"]);
+        vdisk_ok(&["create", "-f", fmt, "-b", &base, &child]);
+        vdisk_ok(&["io", &child, "-c", "write -P 3 0 64k"]);
+        vdisk_ok(&["create", "-f", fmt, &other, "16M"]);
+        let bytes = std::fs::read(&child).unwrap();
+
+        let o = vdisk(&["rebase", "-u", "-b", &other, &child]);
+        assert!(!o.status.success(), "{fmt}");
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        let chain = backing_chain(dir, &child);
+        let expected = chain[0]["link"]["expected"].as_str().unwrap();
+        let found = backing_chain(dir, &other)[0]["identity"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("not the same content") && err.contains(expected) && err.contains(&found),
+            "{fmt}: {err}"
+        );
+        assert_eq!(std::fs::read(&child).unwrap(), bytes, "{fmt}");
+
+        let o = vdisk(&["rebase", "-b", &base, &child]);
+        assert!(!o.status.success(), "{fmt}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("-u"),
+            "{fmt}: {o:?}"
+        );
+        assert_eq!(std::fs::read(&child).unwrap(), bytes, "{fmt}");
+        assert_eq!(chain[0]["link"]["verified"], true, "{fmt}");
+    }
+}
