@@ -1,5 +1,6 @@
 //! vhost-user-blk throughput: our backend (`block_io::vhost_user`) against qemu-storage-daemon
-//! serving the same raw file, driven by the same VM-less frontend in the same run.
+//! serving the same image — a raw file, then a dynamic VHDX with every block allocated — driven
+//! by the same VM-less frontend in the same run.
 //!
 //! Workloads: 4 KiB random reads at queue depth 32 and 1 MiB sequential reads at queue depth 8
 //! per queue, on 1 and 2 queues (one client thread per queue). The file is fully allocated
@@ -111,53 +112,68 @@ fn main() {
         println!("WARNING: qemu-storage-daemon not found: measuring our backend alone");
     }
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("bench.raw");
+    let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    let raw = dir.path().join("bench.raw");
     {
-        let s = FileStorage::create(&img).unwrap();
-        let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        let s = FileStorage::create(&raw).unwrap();
         for i in 0..SIZE >> 20 {
             s.write_at(&chunk, i << 20).unwrap();
         }
         s.sync_data().unwrap();
     }
+    let vhdx = dir.path().join("bench.vhdx");
+    {
+        let o = vdisk::vhdx_format::CreateOptions::dynamic(SIZE);
+        let f = vdisk::vhdx_format::create(FileStorage::create(&vhdx).unwrap(), &o).unwrap();
+        for i in 0..SIZE >> 20 {
+            f.write_at(&chunk, i << 20).unwrap();
+        }
+        f.flush().unwrap();
+    }
     println!(
-        "vhost-user-blk read benchmark, {} MiB raw file, {secs} s per case",
+        "vhost-user-blk read benchmark, {} MiB images, {secs} s per case",
         SIZE >> 20
     );
     println!(
-        "{:<18} {:>2}  {:>12} {:>10}  {:>12} {:>10}  {:>6}",
-        "case", "q", "ours IOPS", "ours MB/s", "qsd IOPS", "qsd MB/s", "ratio"
+        "{:<5} {:<18} {:>2}  {:>12} {:>10}  {:>12} {:>10}  {:>6}",
+        "image", "case", "q", "ours IOPS", "ours MB/s", "qsd IOPS", "qsd MB/s", "ratio"
     );
-    for queues in [1u16, 2] {
-        for case in &CASES {
-            let dev: Arc<dyn BlockDevice> = Arc::new(
-                RawDisk::new(FileStorage::open(&img, &OpenOptions::new()).unwrap()).unwrap(),
-            );
-            let sock = dir.path().join("ours.sock");
-            let mut server = VhostUserBlkServer::bind(
-                &sock,
-                dev,
-                &ServerOptions {
-                    num_queues: queues,
-                    ..ServerOptions::default()
-                },
-            )
-            .unwrap();
-            let stop = server.stop_handle();
-            let th = std::thread::spawn(move || server.serve().unwrap());
-            let ours = run(&sock, queues, case, secs);
-            stop.stop();
-            th.join().unwrap();
+    for (fmt, img) in [("raw", &raw), ("vhdx", &vhdx)] {
+        for queues in [1u16, 2] {
+            for case in &CASES {
+                let storage = FileStorage::open(img, &OpenOptions::new()).unwrap();
+                let dev: Arc<dyn BlockDevice> = if fmt == "raw" {
+                    Arc::new(RawDisk::new(storage).unwrap())
+                } else {
+                    Arc::new(vdisk::vhdx_format::VhdxFile::open(storage, false).unwrap())
+                };
+                let sock = dir.path().join("ours.sock");
+                let mut server = VhostUserBlkServer::bind(
+                    &sock,
+                    dev,
+                    &ServerOptions {
+                        num_queues: queues,
+                        ..ServerOptions::default()
+                    },
+                )
+                .unwrap();
+                let stop = server.stop_handle();
+                let th = std::thread::spawn(move || server.serve().unwrap());
+                let ours = run(&sock, queues, case, secs);
+                stop.stop();
+                th.join().unwrap();
 
-            let theirs = have_qsd.then(|| {
+                let theirs = have_qsd.then(|| {
                 let qsock = dir.path().join("qsd.sock");
                 let _ = std::fs::remove_file(&qsock);
                 let mut child = Command::new("qemu-storage-daemon")
                     .arg("--blockdev")
                     .arg(format!("driver=file,node-name=f0,filename={}", img.display()))
+                    .arg("--blockdev")
+                    .arg(format!("driver={fmt},node-name=d0,file=f0"))
                     .arg("--export")
                     .arg(format!(
-                        "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},num-queues={queues}",
+                        "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},num-queues={queues}",
                         qsock.display()
                     ))
                     .spawn()
@@ -168,29 +184,32 @@ fn main() {
                 let _ = child.wait();
                 r
             });
-            let iops = |r: (u64, u64, f64)| r.0 as f64 / r.2;
-            let mbs = |r: (u64, u64, f64)| r.1 as f64 / r.2 / 1e6;
-            match theirs {
-                Some(t) => println!(
-                    "{:<18} {:>2}  {:>12.0} {:>10.1}  {:>12.0} {:>10.1}  {:>6.2}",
-                    case.name,
-                    queues,
-                    iops(ours),
-                    mbs(ours),
-                    iops(t),
-                    mbs(t),
-                    iops(ours) / iops(t)
-                ),
-                None => println!(
-                    "{:<18} {:>2}  {:>12.0} {:>10.1}  {:>12} {:>10}  {:>6}",
-                    case.name,
-                    queues,
-                    iops(ours),
-                    mbs(ours),
-                    "-",
-                    "-",
-                    "-"
-                ),
+                let iops = |r: (u64, u64, f64)| r.0 as f64 / r.2;
+                let mbs = |r: (u64, u64, f64)| r.1 as f64 / r.2 / 1e6;
+                match theirs {
+                    Some(t) => println!(
+                        "{:<5} {:<18} {:>2}  {:>12.0} {:>10.1}  {:>12.0} {:>10.1}  {:>6.2}",
+                        fmt,
+                        case.name,
+                        queues,
+                        iops(ours),
+                        mbs(ours),
+                        iops(t),
+                        mbs(t),
+                        iops(ours) / iops(t)
+                    ),
+                    None => println!(
+                        "{:<5} {:<18} {:>2}  {:>12.0} {:>10.1}  {:>12} {:>10}  {:>6}",
+                        fmt,
+                        case.name,
+                        queues,
+                        iops(ours),
+                        mbs(ours),
+                        "-",
+                        "-",
+                        "-"
+                    ),
+                }
             }
         }
     }

@@ -39,4 +39,4 @@ pub use memory::MemStorage;
 pub use rangelock::{RangeGuard, RangeLock};
 pub use ratelimit::RateLimiter;
 pub use raw::RawDisk;
-pub use storage::{check_bounds, Extent, RawBuf, Storage};
+pub use storage::{check_bounds, raw_slice, Extent, RawBuf, Storage};

@@ -90,6 +90,16 @@ pub(crate) unsafe fn raw_scatter(bufs: &[RawBuf], pos: u64, data: &[u8]) {
     });
 }
 
+/// The buffers covering bytes `[pos, pos + len)` of the concatenation of `bufs` (shorter if
+/// `bufs` end first). Pure pointer arithmetic: nothing is read or written, so it is safe; the
+/// pieces carry the same validity as the buffers they were cut from. Formats use it to hand a
+/// part of a raw request to their storage.
+pub fn raw_slice(bufs: &[RawBuf], pos: u64, len: usize) -> Vec<RawBuf> {
+    let mut out = Vec::new();
+    raw_walk(bufs, pos, len, |ptr, _, n| out.push(RawBuf { ptr, len: n }));
+    out
+}
+
 /// Calls `f(ptr, at, n)` for the pieces of `bufs` covering `[pos, pos + want)` of their
 /// concatenation: `ptr` is inside a buffer with at least `n` bytes after it, `at` counts from
 /// `pos`. Stops early if the buffers end first. Pure pointer arithmetic; nothing is accessed.

@@ -617,6 +617,11 @@ impl<S: Storage> BlockDevice for VhdxFile<S> {
         self.write_inner(buf, offset)
     }
 
+    unsafe fn read_raw_at(&self, bufs: &[block_io::RawBuf], offset: u64) -> Result<()> {
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { self.read_raw_inner(bufs, offset) }
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.zero_inner(
             offset,

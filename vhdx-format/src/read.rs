@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use block_io::{check_request, BlockStatus, Error, ErrorKind, Result, StatusRun, Storage};
+use block_io::{check_request, BlockStatus, Error, ErrorKind, RawBuf, Result, StatusRun, Storage};
 
 use crate::bat::{BatEntry, BlockState};
 use crate::error::corrupt_io;
@@ -134,6 +134,43 @@ impl<S: Storage> VhdxFile<S> {
                     }
                 }
                 _ => piece.fill(0),
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Zero-copy read into raw memory: pieces in FULLY_PRESENT blocks go to the storage's
+    /// `read_raw_at` (preadv straight into the caller's memory for a file); everything else —
+    /// partial blocks, zero states, and every read of a read-only open whose log was replayed
+    /// in memory — takes the bounce path through [`read_inner`](Self::read_inner).
+    ///
+    /// # Safety
+    /// As [`BlockDevice::read_raw_at`](block_io::BlockDevice::read_raw_at).
+    pub(crate) unsafe fn read_raw_inner(&self, bufs: &[RawBuf], offset: u64) -> Result<()> {
+        let total = bufs
+            .iter()
+            .try_fold(0u64, |a, b| a.checked_add(b.len as u64))
+            .ok_or_else(|| Error::new(ErrorKind::InvalidInput, "request too large"))?;
+        check_request(&self.info_inner(), offset, total, false)?;
+        if self.overlay.is_some() {
+            // SAFETY: the caller's contract, forwarded.
+            return unsafe { block_io::bounce_read_raw(self, bufs, offset) };
+        }
+        let bs = u64::from(self.geo.block_size);
+        let mut done = 0u64;
+        while done < total {
+            let off = offset + done;
+            let (block, in_block) = (off / bs, off % bs);
+            let n = (bs - in_block).min(total - done);
+            let piece = block_io::raw_slice(bufs, done, n as usize);
+            let e = BatEntry::try_from(self.entry(block))?;
+            if e.state == BlockState::FullyPresent {
+                // SAFETY: `piece` lies inside the caller's buffers, valid for writes.
+                unsafe { self.storage.read_raw_at(&piece, e.file_offset + in_block)? }
+            } else {
+                // SAFETY: as above; the bounce path reads through `read_inner`.
+                unsafe { block_io::bounce_read_raw(self, &piece, off)? }
             }
             done += n;
         }
