@@ -22,7 +22,7 @@ use crate::error::corrupt_io;
 use crate::file::VhdxFile;
 use crate::guid;
 use crate::locator::ParentLocator;
-use crate::log::{build_entry, max_data_sectors, EntryParams, SECTOR};
+use crate::log::{max_data_sectors, SECTOR};
 use crate::metadata::{MetadataEntry, IS_USER, MAX_ITEM_LEN, TABLE_SIZE};
 use crate::write::update_header;
 
@@ -186,30 +186,11 @@ impl<S: Storage> VhdxFile<S> {
             // Pending BAT changes of this session go first, in their own entries.
             self.commit(&mut st)?;
         }
-        let h = st.header;
-        let file_len = fs.guard(self.storage.len())?;
         let refs: Vec<(u64, &[u8])> = sectors
             .iter()
             .map(|(s, d)| (md.file_offset + s * SECTOR, &d[..]))
             .collect();
-        let entry = build_entry(
-            &EntryParams {
-                sequence_number: st.log_seq,
-                log_guid: h.log_guid,
-                tail: 0,
-                flushed_file_offset: file_len,
-                last_file_offset: file_len,
-            },
-            &refs,
-        );
-        // MS-VHDX 2.3: log entry, flush, write in place, flush.
-        fs.guard(self.storage.write_at(&entry, h.log_offset))?;
-        fs.guard(self.storage.sync_data())?;
-        for (off, data) in &refs {
-            fs.guard(self.storage.write_at(data, *off))?;
-        }
-        fs.guard(self.storage.sync_data())?;
-        st.log_seq += 1;
+        self.log_and_apply(&mut st, &refs)?;
         if own_session {
             let mut h = st.header;
             h.log_guid = Uuid::nil();

@@ -305,6 +305,32 @@ impl<S: Storage> VhdxFile<S> {
         self.commit(&mut st)
     }
 
+    /// Writes one log entry holding `refs` (file offset, 4 KiB sector each), then the sectors in
+    /// place: MS-VHDX 2.3's order, log entry, flush, write in place, flush.
+    pub(crate) fn log_and_apply(&self, st: &mut WriteState, refs: &[(u64, &[u8])]) -> Result<()> {
+        let fs = &self.failstop;
+        let h = st.header;
+        let file_len = fs.guard(self.storage.len())?;
+        let entry = build_entry(
+            &EntryParams {
+                sequence_number: st.log_seq,
+                log_guid: h.log_guid,
+                tail: 0,
+                flushed_file_offset: file_len,
+                last_file_offset: file_len,
+            },
+            refs,
+        );
+        fs.guard(self.storage.write_at(&entry, h.log_offset))?;
+        fs.guard(self.storage.sync_data())?;
+        for (off, data) in refs {
+            fs.guard(self.storage.write_at(data, *off))?;
+        }
+        fs.guard(self.storage.sync_data())?;
+        st.log_seq += 1;
+        Ok(())
+    }
+
     /// Writes every pending BAT and bitmap change: payload sync, log entry, sync, in-place
     /// writes, sync; then punches freed space.
     pub(crate) fn commit(&self, st: &mut WriteState) -> Result<()> {
@@ -338,28 +364,10 @@ impl<S: Storage> VhdxFile<S> {
                 ));
             }
         }
-        let h = st.header;
-        let per_entry = max_data_sectors(u64::from(h.log_length)).max(1) as usize;
+        let per_entry = max_data_sectors(u64::from(st.header.log_length)).max(1) as usize;
         for group in sectors.chunks(per_entry) {
-            let file_len = fs.guard(self.storage.len())?;
             let refs: Vec<(u64, &[u8])> = group.iter().map(|(o, d)| (*o, &d[..])).collect();
-            let entry = build_entry(
-                &EntryParams {
-                    sequence_number: st.log_seq,
-                    log_guid: h.log_guid,
-                    tail: 0,
-                    flushed_file_offset: file_len,
-                    last_file_offset: file_len,
-                },
-                &refs,
-            );
-            fs.guard(self.storage.write_at(&entry, h.log_offset))?;
-            fs.guard(self.storage.sync_data())?;
-            for (o, d) in group {
-                fs.guard(self.storage.write_at(d, *o))?;
-            }
-            fs.guard(self.storage.sync_data())?;
-            st.log_seq += 1;
+            self.log_and_apply(st, &refs)?;
         }
         st.dirty_bat.clear();
         st.dirty_bitmap.clear();
