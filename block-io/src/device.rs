@@ -12,7 +12,7 @@
 use std::io::{IoSlice, IoSliceMut};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::storage::{raw_gather, raw_scatter, raw_total, with_bounce, RawBuf, RAW_BOUNCE};
+use crate::storage::{bounce_in, bounce_out, raw_total, RawBuf, RAW_BOUNCE};
 
 /// Static facts about a [`BlockDevice`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,18 +180,12 @@ pub unsafe fn bounce_read_raw<D: BlockDevice + ?Sized>(
     let info = dev.info();
     let total = raw_total(bufs)?;
     check_request(&info, offset, total, false)?;
-    let piece = bounce_piece(&info);
-    with_bounce(total.min(piece) as usize, |tmp| {
-        let mut pos = 0u64;
-        while pos < total {
-            let n = (total - pos).min(piece).min(tmp.len() as u64) as usize;
-            dev.read_at(&mut tmp[..n], offset + pos)?;
-            // SAFETY: the caller guarantees `bufs` valid for writes; `tmp` is ours.
-            unsafe { raw_scatter(bufs, pos, &tmp[..n]) };
-            pos += n as u64;
-        }
-        Ok(())
-    })
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        bounce_in(bufs, total, bounce_piece(&info), |b, pos| {
+            dev.read_at(b, offset + pos)
+        })
+    }
 }
 
 /// The default [`BlockDevice::write_raw_at`]: checks the whole request, then copies pieces
@@ -207,18 +201,12 @@ pub unsafe fn bounce_write_raw<D: BlockDevice + ?Sized>(
     let info = dev.info();
     let total = raw_total(bufs)?;
     check_request(&info, offset, total, true)?;
-    let piece = bounce_piece(&info);
-    with_bounce(total.min(piece) as usize, |tmp| {
-        let mut pos = 0u64;
-        while pos < total {
-            let n = (total - pos).min(piece).min(tmp.len() as u64) as usize;
-            // SAFETY: the caller guarantees `bufs` valid for reads; `tmp` is ours.
-            unsafe { raw_gather(bufs, pos, &mut tmp[..n]) };
-            dev.write_at(&tmp[..n], offset + pos)?;
-            pos += n as u64;
-        }
-        Ok(())
-    })
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        bounce_out(bufs, total, bounce_piece(&info), |b, pos| {
+            dev.write_at(b, offset + pos)
+        })
+    }
 }
 
 /// The aligned span `[start, end)` covering `[offset, offset+len)` for `sector`.

@@ -122,6 +122,55 @@ fn raw_walk(bufs: &[RawBuf], pos: u64, want: usize, mut f: impl FnMut(*mut u8, u
     }
 }
 
+/// Reads `total` bytes in pieces of at most `piece` through a bounce buffer: `read(tmp, pos)`
+/// fills `tmp` with bytes `[pos, pos + tmp.len())` of the request, which are then copied into
+/// `bufs`. The one copy loop behind every default raw read.
+///
+/// # Safety
+/// Every buffer in `bufs` must be valid for writes of its length for the whole call.
+pub(crate) unsafe fn bounce_in(
+    bufs: &[RawBuf],
+    total: u64,
+    piece: u64,
+    mut read: impl FnMut(&mut [u8], u64) -> Result<()>,
+) -> Result<()> {
+    with_bounce(total.min(piece) as usize, |tmp| {
+        let mut pos = 0u64;
+        while pos < total {
+            let n = (total - pos).min(tmp.len() as u64) as usize;
+            read(&mut tmp[..n], pos)?;
+            // SAFETY: the caller guarantees `bufs` valid for writes; `tmp` is ours.
+            unsafe { raw_scatter(bufs, pos, &tmp[..n]) };
+            pos += n as u64;
+        }
+        Ok(())
+    })
+}
+
+/// Writes `total` bytes in pieces of at most `piece` through a bounce buffer: bytes
+/// `[pos, pos + n)` of `bufs` are copied out, then handed to `write(tmp, pos)`.
+///
+/// # Safety
+/// Every buffer in `bufs` must be valid for reads of its length for the whole call.
+pub(crate) unsafe fn bounce_out(
+    bufs: &[RawBuf],
+    total: u64,
+    piece: u64,
+    mut write: impl FnMut(&[u8], u64) -> Result<()>,
+) -> Result<()> {
+    with_bounce(total.min(piece) as usize, |tmp| {
+        let mut pos = 0u64;
+        while pos < total {
+            let n = (total - pos).min(tmp.len() as u64) as usize;
+            // SAFETY: the caller guarantees `bufs` valid for reads; `tmp` is ours.
+            unsafe { raw_gather(bufs, pos, &mut tmp[..n]) };
+            write(&tmp[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    })
+}
+
 /// The default [`Storage::read_raw_at`]: `read_at` into a bounce buffer, then copy out.
 ///
 /// # Safety
@@ -133,17 +182,12 @@ pub(crate) unsafe fn bounce_read_raw<S: Storage + ?Sized>(
 ) -> Result<()> {
     let total = raw_total(bufs)?;
     add(offset, total)?;
-    with_bounce(total.min(RAW_BOUNCE as u64) as usize, |tmp| {
-        let mut pos = 0u64;
-        while pos < total {
-            let n = (total - pos).min(tmp.len() as u64) as usize;
-            s.read_at(&mut tmp[..n], offset + pos)?;
-            // SAFETY: the caller guarantees `bufs` valid for writes; `tmp` is ours.
-            unsafe { raw_scatter(bufs, pos, &tmp[..n]) };
-            pos += n as u64;
-        }
-        Ok(())
-    })
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        bounce_in(bufs, total, RAW_BOUNCE as u64, |b, pos| {
+            s.read_at(b, offset + pos)
+        })
+    }
 }
 
 /// The default [`Storage::write_raw_at`]: copy into a bounce buffer, then `write_at`.
@@ -157,17 +201,12 @@ pub(crate) unsafe fn bounce_write_raw<S: Storage + ?Sized>(
 ) -> Result<()> {
     let total = raw_total(bufs)?;
     add(offset, total)?;
-    with_bounce(total.min(RAW_BOUNCE as u64) as usize, |tmp| {
-        let mut pos = 0u64;
-        while pos < total {
-            let n = (total - pos).min(tmp.len() as u64) as usize;
-            // SAFETY: the caller guarantees `bufs` valid for reads; `tmp` is ours.
-            unsafe { raw_gather(bufs, pos, &mut tmp[..n]) };
-            s.write_at(&tmp[..n], offset + pos)?;
-            pos += n as u64;
-        }
-        Ok(())
-    })
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        bounce_out(bufs, total, RAW_BOUNCE as u64, |b, pos| {
+            s.write_at(b, offset + pos)
+        })
+    }
 }
 
 /// Whether a byte range of a [`Storage`] holds data or is a hole.
