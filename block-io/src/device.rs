@@ -142,6 +142,20 @@ pub trait BlockDevice: Send + Sync {
 
     /// Reports the run starting at `offset` (sector-aligned), looking at most `len` bytes.
     fn block_status(&self, offset: u64, len: u64) -> Result<StatusRun>;
+
+    /// Reads `buf.len()` bytes at `offset` that the caller already knows to be
+    /// [`BlockStatus::Data`]: [`block_status`](Self::block_status) said so for the whole range
+    /// and nothing has written or discarded it since (a read-only layer of a chain, whose
+    /// resolution the chain caches). The device may then skip its per-sector allocation checks
+    /// (a differencing layer's sector bitmap) and read its allocated block directly.
+    ///
+    /// The request is checked as for [`read_at`](Self::read_at). On a range that is not all
+    /// data the bytes returned are unspecified but come from this device (an unallocated block
+    /// still reads as zeros); it is never undefined behaviour, a panic or another file's data.
+    /// The default is [`read_at`](Self::read_at).
+    fn read_data_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_at(buf, offset)
+    }
 }
 
 /// Checks that `[offset, offset+len)` is sector-aligned for `info` and inside the disk, and, for
@@ -292,5 +306,8 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<StatusRun> {
         (**self).block_status(offset, len)
+    }
+    fn read_data_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        (**self).read_data_at(buf, offset)
     }
 }

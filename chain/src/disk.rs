@@ -228,6 +228,8 @@ impl Disk {
             let n = run.len.clamp(1, want) as usize;
             let piece = &mut buf[pos..pos + n];
             match run.status {
+                // A read-only layer cannot change between its status and the read.
+                BlockStatus::Data if idx >= self.cache_from => layer.dev.read_data_at(piece, o)?,
                 BlockStatus::Data => layer.dev.read_at(piece, o)?,
                 BlockStatus::Zero => piece.fill(0),
                 BlockStatus::Unallocated if idx == 0 && self.cache_from == 1 => {
@@ -296,7 +298,8 @@ impl Disk {
             let piece = &mut buf[pos..pos + n];
             match first {
                 Some(ZEROS) => piece.fill(0),
-                Some(depth) => self.layers[usize::from(depth)].dev.read_at(piece, o)?,
+                // The cache vouches that the whole piece is data in that read-only layer.
+                Some(depth) => self.layers[usize::from(depth)].dev.read_data_at(piece, o)?,
                 None => self.read_from(self.cache_from, piece, o)?,
             }
             pos += n;

@@ -433,6 +433,25 @@ impl<S: Storage> BlockDevice for VhdFile<S> {
         })
     }
 
+    /// Allocated blocks are read without consulting their sector bitmap (the caller vouches
+    /// that the range is present); unallocated ones read as zeros.
+    fn read_data_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_request(&self.info(), offset, buf.len() as u64, false)?;
+        let Some(d) = &self.dynamic else {
+            return self.storage.read_at(buf, offset);
+        };
+        self.for_each_piece(offset, buf.len() as u64, |b, within, start, n| {
+            let piece = &mut buf[start..start + n];
+            match self.data_offset(d, b) {
+                Some(data) => self.read_file(piece, data + within),
+                None => {
+                    piece.fill(0);
+                    Ok(())
+                }
+            }
+        })
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_write(offset, buf.len() as u64)?;
         let Some(d) = &self.dynamic else {

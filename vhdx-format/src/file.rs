@@ -641,4 +641,8 @@ impl<S: Storage> BlockDevice for VhdxFile<S> {
     fn block_status(&self, offset: u64, len: u64) -> Result<StatusRun> {
         self.block_status_inner(offset, len)
     }
+
+    fn read_data_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_data_inner(buf, offset)
+    }
 }

@@ -140,6 +140,30 @@ impl<S: Storage> VhdxFile<S> {
         Ok(())
     }
 
+    /// [`BlockDevice::read_data_at`](block_io::BlockDevice::read_data_at): pieces in FULLY_ or
+    /// PARTIALLY_PRESENT blocks are read from the block without consulting the sector bitmap
+    /// (the caller vouches that they are present); other blocks take [`read_inner`](Self::read_inner).
+    pub(crate) fn read_data_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_request(&self.info_inner(), offset, buf.len() as u64, false)?;
+        let bs = u64::from(self.geo.block_size);
+        let mut done = 0usize;
+        while done < buf.len() {
+            let off = offset + done as u64;
+            let (block, in_block) = (off / bs, off % bs);
+            let n = ((bs - in_block) as usize).min(buf.len() - done);
+            let piece = &mut buf[done..done + n];
+            let e = BatEntry::try_from(self.entry(block))?;
+            match e.state {
+                BlockState::FullyPresent | BlockState::PartiallyPresent => {
+                    self.read_file(piece, e.file_offset + in_block)?
+                }
+                _ => self.read_inner(piece, off)?,
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
     /// Zero-copy read into raw memory: pieces in FULLY_PRESENT blocks go to the storage's
     /// `read_raw_at` (preadv straight into the caller's memory for a file); everything else —
     /// partial blocks, zero states, and every read of a read-only open whose log was replayed
