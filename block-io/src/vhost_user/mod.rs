@@ -38,6 +38,7 @@
 mod backend;
 pub mod client;
 pub mod config;
+pub mod fuzzing;
 pub mod request;
 mod server;
 
