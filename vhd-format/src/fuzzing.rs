@@ -32,6 +32,8 @@ pub fn run(data: &[u8]) -> bool {
     let _ = f.read_at(&mut buf[..n], 0);
     let last = size.saturating_sub(n as u64) / 512 * 512;
     let _ = f.read_at(&mut buf[..n], last);
+    let _ = f.read_data_at(&mut buf[..n], 0);
+    let _ = f.read_data_at(&mut buf[..n], last);
     let _ = f.block_status(0, size.max(512));
     let pattern = vec![0xA5u8; 4096.min(n)];
     let mid = size / 2 / 512 * 512;
