@@ -184,6 +184,19 @@ fn seeds() -> Vec<(&'static str, Vec<u8>, u8)> {
             VIRTIO_BLK_S_IOERR,
         ),
         (
+            // Found by the fuzzer: the status byte is the header's first byte. The header is
+            // read before the status is written (as QEMU does), so this is an IN request with
+            // readable data: IOERR, and the disk is untouched (it once ran as an OUT).
+            "status_overlaps_header",
+            encode(
+                false,
+                false,
+                &[(0, 16, false), (0x1e1, 512, false), (0, 1, true)],
+                &memory(VIRTIO_BLK_T_IN, 255, &[]),
+            ),
+            VIRTIO_BLK_S_IOERR,
+        ),
+        (
             "short_header",
             encode(
                 false,

@@ -208,52 +208,61 @@ pub fn run(data: &[u8]) -> Outcome {
         u64::from_le_bytes(a)
     });
     let ok = status == Some(0);
+    // The segment of a discard or write-zeroes: `(byte offset, byte length)`.
+    let segment = || {
+        let r = readable.as_deref().unwrap_or(&[]);
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&r[16..24]);
+        (
+            u64::from_le_bytes(a) * 512,
+            u64::from(le_u32(&r[24..28])) * 512,
+        )
+    };
+    let only_inside = |at: u64, n: u64, what: &str| {
+        for &i in &changed {
+            let i = i as u64;
+            assert!(i >= at && i < at + n, "{what} changed byte {i}");
+        }
+    };
     match (kind, ok) {
-        (Some(1), true) if disjoint => {
+        // The device reads the header and the data before it writes anything to the guest,
+        // so what it writes is what the guest handed over, overlapping descriptors or not.
+        (Some(1), true) => {
             let data = &readable.as_deref().unwrap_or(&[])[16..];
             let at = sector_no.unwrap_or(0) * 512;
-            for &i in &changed {
-                let i = i as u64;
-                assert!(
-                    i >= at && i < at + data.len() as u64,
-                    "write changed byte {i}"
-                );
-            }
+            only_inside(at, data.len() as u64, "a write");
             let (a, n) = (at as usize, data.len());
             assert!(after[a..a + n] == *data, "written bytes differ");
         }
-        (Some(0), true) if disjoint => {
-            assert!(changed.is_empty(), "a read changed the disk");
-            let len = writable_total - 1;
-            let at = (sector_no.unwrap_or(0) * 512) as usize;
-            let mut got = Vec::new();
-            for d in descs[split..].iter() {
-                got.extend(guest_bytes(&mem, d.addr.0, u64::from(d.len)).unwrap_or_default());
-            }
-            assert!(
-                got[..len as usize] == model[at..at + len as usize],
-                "read bytes differ"
-            );
-        }
-        (Some(13), true) if disjoint => {
-            let r = readable.as_deref().unwrap_or(&[]);
-            let seg_sector = {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(&r[16..24]);
-                u64::from_le_bytes(a)
-            };
-            let (at, n) = (seg_sector * 512, u64::from(le_u32(&r[24..28])) * 512);
-            for &i in &changed {
-                let i = i as u64;
-                assert!(i >= at && i < at + n, "write-zeroes changed byte {i}");
-            }
+        (Some(13), true) => {
+            let (at, n) = segment();
+            only_inside(at, n, "write-zeroes");
             assert!(after[at as usize..(at + n) as usize]
                 .iter()
                 .all(|&b| b == 0));
         }
-        // A discard may leave zeros or the old bytes; a write or write-zeroes whose descriptors
-        // overlap has no single right answer (the status byte may land in its own data).
-        (Some(1 | 11 | 13), true) => {}
+        // A discard may leave zeros or the old bytes, inside its range.
+        (Some(11), true) => {
+            let (at, n) = segment();
+            only_inside(at, n, "a discard");
+        }
+        (Some(0), true) => {
+            assert!(changed.is_empty(), "a read changed the disk");
+            // What lands in the guest is the disk's bytes, unless two writable descriptors
+            // (or the status byte) overlap: then later bytes win.
+            if disjoint {
+                let len = writable_total - 1;
+                let at = (sector_no.unwrap_or(0) * 512) as usize;
+                let mut got = Vec::new();
+                for d in descs[split..].iter() {
+                    got.extend(guest_bytes(&mem, d.addr.0, u64::from(d.len)).unwrap_or_default());
+                }
+                assert!(
+                    got[..len as usize] == model[at..at + len as usize],
+                    "read bytes differ"
+                );
+            }
+        }
         // Anything else that succeeded (flush, get-id) or failed leaves the disk alone.
         _ => assert!(
             changed.is_empty(),

@@ -219,16 +219,22 @@ pub(crate) fn process(mem: &GuestMemoryMmap, descs: &[Desc], target: &Target<'_>
         return 0;
     };
     let status_addr = GuestAddress(status_addr);
-    if mem.write_obj(VIRTIO_BLK_S_IOERR, status_addr).is_err() {
+    let status_ok = mem
+        .get_slices(status_addr, 1, Permissions::Write)
+        .is_ok_and(|mut it| it.all(|s| s.is_ok()));
+    if !status_ok {
         return 0;
     }
     let used = u32::try_from(total_w).unwrap_or(u32::MAX);
+    // The header and data are read before anything is written to the guest, as QEMU does:
+    // a chain whose status byte overlaps its own header means what QEMU says it means.
     let status = if misordered {
         VIRTIO_BLK_S_IOERR
     } else {
         run(mem, readable, writable, target).unwrap_or(VIRTIO_BLK_S_IOERR)
     };
-    // Written above already; an error now means the memory went away, nothing to report to.
+    // The address was checked above; an error now means the memory went away, nothing to
+    // report to.
     let _ = mem.write_obj(status, status_addr);
     used
 }
