@@ -82,23 +82,13 @@ pub trait BlockDevice: Send + Sync {
     /// Scatter read: fills `bufs` in order from `offset`. The total length must be
     /// sector-aligned; single buffers need not be.
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        let mut tmp = vec![0u8; total];
-        self.read_at(&mut tmp, offset)?;
-        let mut pos = 0;
-        for b in bufs.iter_mut() {
-            let n = b.len();
-            b.copy_from_slice(&tmp[pos..pos + n]);
-            pos += n;
-        }
-        Ok(())
+        bounce_read_vectored(self, bufs, offset)
     }
 
     /// Gather write: writes `bufs` in order from `offset`. The total length must be
     /// sector-aligned; single buffers need not be.
     fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
-        let tmp: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
-        self.write_at(&tmp, offset)
+        bounce_write_vectored(self, bufs, offset)
     }
 
     /// Scatter read into raw memory (for callers such as a vhost-user backend whose buffers
@@ -172,6 +162,36 @@ pub fn check_request(info: &DiskInfo, offset: u64, len: u64, write: bool) -> Res
         ));
     }
     crate::storage::check_bounds(offset, len, info.virtual_size).map(|_| ())
+}
+
+/// The default [`BlockDevice::read_vectored_at`]: one [`read_at`](BlockDevice::read_at) into a
+/// buffer, then copied out. For implementations that go direct only sometimes.
+pub fn bounce_read_vectored<D: BlockDevice + ?Sized>(
+    dev: &D,
+    bufs: &mut [IoSliceMut<'_>],
+    offset: u64,
+) -> Result<()> {
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
+    let mut tmp = vec![0u8; total];
+    dev.read_at(&mut tmp, offset)?;
+    let mut pos = 0;
+    for b in bufs.iter_mut() {
+        let n = b.len();
+        b.copy_from_slice(&tmp[pos..pos + n]);
+        pos += n;
+    }
+    Ok(())
+}
+
+/// The default [`BlockDevice::write_vectored_at`]: the buffers gathered into one, then one
+/// [`write_at`](BlockDevice::write_at).
+pub fn bounce_write_vectored<D: BlockDevice + ?Sized>(
+    dev: &D,
+    bufs: &[IoSlice<'_>],
+    offset: u64,
+) -> Result<()> {
+    let tmp: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+    dev.write_at(&tmp, offset)
 }
 
 /// Bounce piece for `dev`: [`RAW_BOUNCE`] rounded down to whole sectors.

@@ -28,8 +28,8 @@ mod storage;
 pub mod vhost_user;
 
 pub use device::{
-    bounce_read_raw, bounce_write_raw, check_request, read_bytes, write_bytes, BlockDevice,
-    BlockStatus, DiskInfo, StatusRun,
+    bounce_read_raw, bounce_read_vectored, bounce_write_raw, bounce_write_vectored, check_request,
+    read_bytes, write_bytes, BlockDevice, BlockStatus, DiskInfo, StatusRun,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use failstop::FailStop;
@@ -39,4 +39,4 @@ pub use memory::MemStorage;
 pub use rangelock::{RangeGuard, RangeLock};
 pub use ratelimit::RateLimiter;
 pub use raw::RawDisk;
-pub use storage::{check_bounds, raw_slice, Extent, RawBuf, Storage};
+pub use storage::{check_bounds, raw_slice, raw_total, Extent, RawBuf, Storage};

@@ -56,8 +56,8 @@ pub(crate) fn with_bounce<R>(len: usize, mut f: impl FnMut(&mut [u8]) -> R) -> R
     }
 }
 
-/// Total length of `bufs`, or an error if it overflows.
-pub(crate) fn raw_total(bufs: &[RawBuf]) -> Result<u64> {
+/// Total length of `bufs`, or an [`ErrorKind::InvalidInput`] error if it overflows `u64`.
+pub fn raw_total(bufs: &[RawBuf]) -> Result<u64> {
     bufs.iter()
         .try_fold(0u64, |a, b| a.checked_add(b.len as u64))
         .ok_or_else(|| Error::new(ErrorKind::InvalidInput, "request too large"))

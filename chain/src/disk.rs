@@ -325,6 +325,19 @@ impl Disk {
         self.top().write_at(&tmp, start)
     }
 
+    /// Whether the top layer alone holds `[off, off + len)` (a request already checked), so
+    /// a read can go straight to it: always for a single layer, and never for an empty range.
+    fn top_holds(&self, off: u64, len: u64) -> Result<bool> {
+        if self.layers.len() == 1 {
+            return Ok(true);
+        }
+        if len == 0 {
+            return Ok(false);
+        }
+        let r = self.top().block_status(off, len)?;
+        Ok(r.status == BlockStatus::Data && r.len >= len)
+    }
+
     /// The status of the run at `off`, looking through the layers, and the depth (0 = top)
     /// of the layer that answered (`layers().len()` when no layer has it).
     pub fn block_status_depth(&self, off: u64, len: u64) -> Result<(StatusRun, usize)> {
@@ -407,22 +420,10 @@ impl BlockDevice for Disk {
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
         let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         block_io::check_request(&self.info, offset, len, false)?;
-        // Straight into the caller's buffers when the top holds the whole range.
-        if self.layers.len() == 1 || {
-            let r = self.top().block_status(offset, len.max(1))?;
-            r.status == BlockStatus::Data && r.len >= len
-        } {
+        if self.top_holds(offset, len)? {
             return self.top().read_vectored_at(bufs, offset);
         }
-        let mut tmp = vec![0u8; len as usize];
-        self.read_from(0, &mut tmp, offset)?;
-        let mut pos = 0;
-        for b in bufs.iter_mut() {
-            let n = b.len();
-            b.copy_from_slice(&tmp[pos..pos + n]);
-            pos += n;
-        }
-        Ok(())
+        block_io::bounce_read_vectored(self, bufs, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -434,30 +435,19 @@ impl BlockDevice for Disk {
     }
 
     fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        if self.widen.is_some() {
+            // Widened writes go through `write_at`.
+            return block_io::bounce_write_vectored(self, bufs, offset);
+        }
         let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         block_io::check_request(&self.info, offset, len, true)?;
-        match &self.widen {
-            Some(lock) => {
-                let flat: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
-                self.write_widened(lock, &flat, offset)
-            }
-            None => self.top().write_vectored_at(bufs, offset),
-        }
+        self.top().write_vectored_at(bufs, offset)
     }
 
     unsafe fn read_raw_at(&self, bufs: &[block_io::RawBuf], offset: u64) -> Result<()> {
-        let len = bufs
-            .iter()
-            .fold(0u64, |a, b| a.saturating_add(b.len as u64));
+        let len = block_io::raw_total(bufs)?;
         block_io::check_request(&self.info, offset, len, false)?;
-        if len == 0 {
-            return Ok(());
-        }
-        // Straight into the caller's memory when the top holds the whole range.
-        if self.layers.len() == 1 || {
-            let r = self.top().block_status(offset, len)?;
-            r.status == BlockStatus::Data && r.len >= len
-        } {
+        if self.top_holds(offset, len)? {
             // SAFETY: forwarded caller contract (buffers valid for writes).
             return unsafe { self.top().read_raw_at(bufs, offset) };
         }
@@ -470,9 +460,7 @@ impl BlockDevice for Disk {
             // SAFETY: forwarded caller contract; widened writes go through `write_at`.
             return unsafe { block_io::bounce_write_raw(self, bufs, offset) };
         }
-        let len = bufs
-            .iter()
-            .fold(0u64, |a, b| a.saturating_add(b.len as u64));
+        let len = block_io::raw_total(bufs)?;
         block_io::check_request(&self.info, offset, len, true)?;
         // SAFETY: forwarded caller contract (buffers valid for reads).
         unsafe { self.top().write_raw_at(bufs, offset) }
@@ -573,6 +561,11 @@ mod raw_tests {
             // SAFETY: the pieces lie inside `got`, alive and untouched during the call.
             unsafe { disk.read_raw_at(&bufs, off) }.unwrap();
             assert!(got == model[o..o + len], "read {off}+{len}");
+            let mut got = vec![0u8; len];
+            let mut slices: Vec<IoSliceMut<'_>> =
+                got.chunks_mut(piece).map(IoSliceMut::new).collect();
+            disk.read_vectored_at(&mut slices, off).unwrap();
+            assert!(got == model[o..o + len], "vectored read {off}+{len}");
             if disk.info().read_only {
                 continue;
             }
@@ -580,6 +573,14 @@ mod raw_tests {
             let bufs = pieces(&mut data, piece);
             // SAFETY: as above, inside `data`.
             unsafe { disk.write_raw_at(&bufs, off) }.unwrap();
+            model[o..o + len].copy_from_slice(&data);
+            let mut back = vec![0u8; len];
+            disk.read_at(&mut back, off).unwrap();
+            assert!(back == data, "raw write {off}+{len}");
+            // A gather write, checked by the next case's reads and the final read.
+            let data = pattern(len, seed.wrapping_add(100 + i as u8));
+            let slices: Vec<IoSlice<'_>> = data.chunks(piece).map(IoSlice::new).collect();
+            disk.write_vectored_at(&slices, off).unwrap();
             model[o..o + len].copy_from_slice(&data);
         }
         let mut all = vec![0u8; SIZE as usize];
