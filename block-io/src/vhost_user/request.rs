@@ -261,7 +261,7 @@ fn run(mem: &GuestMemoryMmap, readable: &[Desc], writable: &[Desc], t: &Target<'
                 // Data the guest wants read must be device-writable.
                 return None;
             }
-            read(t, &wr, in_len, sector)
+            transfer(t, &wr, 0, in_len, sector, true)
         }
         VIRTIO_BLK_T_OUT => {
             if t.read_only {
@@ -271,12 +271,9 @@ fn run(mem: &GuestMemoryMmap, readable: &[Desc], writable: &[Desc], t: &Target<'
                 // Data the guest wants written must be device-readable.
                 return None;
             }
-            write(t, &rd, out_len, sector)
+            transfer(t, &rd, HEADER_LEN as u64, out_len, sector, false)
         }
-        VIRTIO_BLK_T_FLUSH => match t.dev.flush() {
-            Ok(()) => VIRTIO_BLK_S_OK,
-            Err(_) => VIRTIO_BLK_S_IOERR,
-        },
+        VIRTIO_BLK_T_FLUSH => status_of(t.dev.flush()),
         VIRTIO_BLK_T_GET_ID => {
             let n = (in_len as usize).min(ID_LEN);
             wr.write(0, &t.id[..n]);
@@ -305,7 +302,9 @@ fn range_ok(t: &Target<'_>, sector: u64, bytes: u64) -> bool {
     sector <= t.sectors && n <= t.sectors - sector
 }
 
-fn read(t: &Target<'_>, wr: &SgList<'_>, len: u64, sector: u64) -> u8 {
+/// The data phase of an IN request (`inbound`: the device writes `len` bytes of guest memory
+/// from `pos` of `sg`) or an OUT request (it reads them), at `sector`.
+fn transfer(t: &Target<'_>, sg: &SgList<'_>, pos: u64, len: u64, sector: u64, inbound: bool) -> u8 {
     if !range_ok(t, sector, len) {
         return VIRTIO_BLK_S_IOERR;
     }
@@ -316,43 +315,35 @@ fn read(t: &Target<'_>, wr: &SgList<'_>, len: u64, sector: u64) -> u8 {
     let Ok(n) = usize::try_from(len) else {
         return VIRTIO_BLK_S_IOERR;
     };
-    let l = wr.raw_mut(0, n);
+    let l = if inbound {
+        sg.raw_mut(pos, n)
+    } else {
+        sg.raw(pos, n)
+    };
     if l.len() != len {
         return VIRTIO_BLK_S_IOERR;
     }
     // SAFETY: every RawBuf lies inside a VolatileSlice that `get_slices` checked to be in
-    // guest memory with write permission; `mem` (borrowed by `wr` for the whole call, and held
-    // by the worker as a load guard) keeps the mappings alive, and so do the guards in `l`
-    // until it drops after the call. Guest memory is shared with the guest and the buffers may
-    // alias each other: that is exactly what `RawBuf` allows, as its implementations never make
-    // Rust references to it (the kernel writes it, or `ptr::copy` does).
-    let r = unsafe { t.dev.read_raw_at(&l.bufs, sector * SECTOR) };
+    // guest memory with the permission the direction needs (`sg` was built with it); `mem`
+    // (borrowed by `sg` for the whole call, and held by the worker as a load guard) keeps the
+    // mappings alive, and so do the guards in `l` until it drops after the call. Guest memory
+    // is shared with the guest and the buffers may alias each other: that is exactly what
+    // `RawBuf` allows, as its implementations never make Rust references to it (the kernel
+    // reads or writes it, or `ptr::copy` does). `write_raw_at` only reads its buffers, so a
+    // guest changing them meanwhile only changes what gets written, as on real hardware.
+    let r = unsafe {
+        if inbound {
+            t.dev.read_raw_at(&l.bufs, sector * SECTOR)
+        } else {
+            t.dev.write_raw_at(&l.bufs, sector * SECTOR)
+        }
+    };
     drop(l);
-    match r {
-        Ok(()) => VIRTIO_BLK_S_OK,
-        Err(_) => VIRTIO_BLK_S_IOERR,
-    }
+    status_of(r)
 }
 
-fn write(t: &Target<'_>, rd: &SgList<'_>, len: u64, sector: u64) -> u8 {
-    if !range_ok(t, sector, len) {
-        return VIRTIO_BLK_S_IOERR;
-    }
-    if len == 0 {
-        return VIRTIO_BLK_S_OK;
-    }
-    let Ok(n) = usize::try_from(len) else {
-        return VIRTIO_BLK_S_IOERR;
-    };
-    let l = rd.raw(HEADER_LEN as u64, n);
-    if l.len() != len {
-        return VIRTIO_BLK_S_IOERR;
-    }
-    // SAFETY: as in `read`, with the slices checked for read permission; `write_raw_at` only
-    // reads its buffers (by `pwritev` or `ptr::copy`), so a guest changing them meanwhile only
-    // changes what gets written, as on real hardware.
-    let r = unsafe { t.dev.write_raw_at(&l.bufs, sector * SECTOR) };
-    drop(l);
+/// OK for success, IOERR for any error.
+fn status_of(r: crate::Result<()>) -> u8 {
     match r {
         Ok(()) => VIRTIO_BLK_S_OK,
         Err(_) => VIRTIO_BLK_S_IOERR,
