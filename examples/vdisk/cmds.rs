@@ -105,7 +105,7 @@ pub fn copy(
 
 pub fn compare(a: &Path, fa: Option<&str>, b: &Path, fb: Option<&str>, strict: bool) -> CliResult {
     // Like qemu-img: 0 identical, 1 different, 2 on error.
-    let as_err = |e: CliError| CliError::with_code(e.message_text(), 2);
+    let as_err = |e: CliError| CliError::with_code(e.message, 2);
     let ia = image::open(a, fa, true).map_err(as_err)?;
     let ib = image::open(b, fb, true).map_err(as_err)?;
     match first_difference(&*ia.dev, &*ib.dev, strict).map_err(as_err)? {
@@ -294,18 +294,19 @@ pub fn map(path: &Path, format: Option<&str>, json: bool) -> CliResult {
             None => (img.dev.block_status(pos, size - pos)?, 0),
         };
         let len = r.len.clamp(1, size - pos);
+        // A run extends the last one when it continues it in status, layer and file offset
+        // (checked: a malformed image may report any offset).
+        let extends = |last: &(u64, u64, BlockStatus, Option<u64>, usize)| {
+            last.2 == r.status
+                && last.4 == depth
+                && match (last.3, r.file_offset) {
+                    (Some(o), Some(n)) => o.checked_add(last.1) == Some(n),
+                    (None, None) => true,
+                    _ => false,
+                }
+        };
         match runs.last_mut() {
-            Some(last)
-                if last.2 == r.status
-                    && last.4 == depth
-                    && match (last.3, r.file_offset) {
-                        (Some(o), Some(n)) => o + last.1 == n,
-                        (None, None) => true,
-                        _ => false,
-                    } =>
-            {
-                last.1 += len
-            }
+            Some(last) if extends(last) => last.1 += len,
             _ => runs.push((pos, len, r.status, r.file_offset, depth)),
         }
         pos += len;
@@ -352,7 +353,7 @@ pub fn map(path: &Path, format: Option<&str>, json: bool) -> CliResult {
     Ok(0)
 }
 
-fn pretty(v: &serde_json::Value) -> String {
+pub fn pretty(v: &serde_json::Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
 }
 
@@ -368,15 +369,6 @@ pub fn human(n: u64) -> String {
     if u == 0 {
         format!("{n} B")
     } else {
-        format!("{v:.3} {}", UNITS[u])
-            .replace(".000 ", " ")
-            .to_string()
-    }
-}
-
-impl CliError {
-    /// The message alone.
-    pub fn message_text(&self) -> String {
-        self.message.clone()
+        format!("{v:.3} {}", UNITS[u]).replace(".000 ", " ")
     }
 }

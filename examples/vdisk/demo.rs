@@ -11,7 +11,8 @@ use vdisk::block_io::{
 use vdisk::chain::Format;
 
 use crate::cmds::{copy, first_difference, human};
-use crate::image;
+use crate::image::{self, Image};
+use crate::info::actual_size;
 use crate::{CliError, CliResult};
 
 struct Step {
@@ -72,7 +73,7 @@ pub fn run(keep: bool) -> CliResult {
 /// Creates a sparse 64 MiB raw disk, writes patterns at scattered offsets, reads them back.
 fn raw_roundtrip(dir: &Path) -> Result<String, CliError> {
     let path = dir.join("disk.raw");
-    let img = image::create(chain_raw(), &path, 64 << 20, &[], None)?;
+    let img = image::create(Format::Raw, &path, 64 << 20, &[], None)?;
     let writes: Vec<(u64, u8)> = (0..16u64)
         .map(|i| (i * (4 << 20) + i * 4096, i as u8 + 1))
         .collect();
@@ -89,7 +90,7 @@ fn raw_roundtrip(dir: &Path) -> Result<String, CliError> {
     }
     Ok(format!(
         "64 MiB raw disk, 16 x 64 KiB patterns written, flushed, reopened and verified ({} on disk)",
-        human(allocated(&path))
+        human(actual_size(&path))
     ))
 }
 
@@ -97,20 +98,12 @@ fn raw_roundtrip(dir: &Path) -> Result<String, CliError> {
 fn convert_sparse(dir: &Path) -> Result<String, CliError> {
     let src = image::open(&dir.join("disk.raw"), None, true)?;
     let dst_path = dir.join("copy.raw");
-    let dst = image::create(
-        chain_raw(),
-        &dst_path,
-        src.dev.info().virtual_size,
-        &[],
-        None,
-    )?;
-    copy(&*src.dev, &*dst.dev, |_| {})?;
-    dst.dev.flush()?;
+    let dst = convert_into(&src, Format::Raw, &dst_path)?;
     verify(
         first_difference(&*src.dev, &*dst.dev, true)?.is_none(),
         "copy equals source",
     )?;
-    let used = allocated(&dst_path);
+    let used = actual_size(&dst_path);
     verify(used < 8 << 20, "copy stayed sparse")?;
     Ok(format!(
         "copied 64 MiB virtual, wrote only the data ({} allocated), compare: identical",
@@ -147,8 +140,8 @@ fn vhdx_snapshot(dir: &Path) -> Result<String, CliError> {
     verify(buf.iter().all(|&b| b == 0x42), "the parent is untouched")?;
     Ok(format!(
         "256 MiB dynamic VHDX ({}), snapshot ({}) took 4 KiB + 512 B of writes; chain verified",
-        human(allocated(&base)),
-        human(allocated(&child))
+        human(actual_size(&base)),
+        human(actual_size(&child))
     ))
 }
 
@@ -184,16 +177,7 @@ fn lineage_guard(dir: &Path) -> Result<String, CliError> {
 fn chain_to_vhd(dir: &Path) -> Result<String, CliError> {
     let src = image::open(&dir.join("snap.vhdx"), None, true)?;
     let dst_path = dir.join("flat.vhd");
-    let dst = image::create(
-        Format::Vhd,
-        &dst_path,
-        src.dev.info().virtual_size,
-        &[],
-        None,
-    )?;
-    copy(&*src.dev, &*dst.dev, |_| {})?;
-    dst.dev.flush()?;
-    drop(dst);
+    drop(convert_into(&src, Format::Vhd, &dst_path)?);
     let dst = image::open(&dst_path, None, true)?;
     verify(
         first_difference(&*src.dev, &*dst.dev, false)?.is_none(),
@@ -201,7 +185,7 @@ fn chain_to_vhd(dir: &Path) -> Result<String, CliError> {
     )?;
     Ok(format!(
         "2-deep VHDX chain -> dynamic VHD ({}), compare: identical",
-        human(allocated(&dst_path))
+        human(actual_size(&dst_path))
     ))
 }
 
@@ -272,11 +256,11 @@ fn throttled_copy(_dir: &Path) -> Result<String, CliError> {
     ))
 }
 
-fn chain_raw() -> Format {
-    Format::Raw
-}
-
-fn allocated(path: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
+/// Creates `dst_path` as a `format` image the size of `src`, copies `src` into it (skipping
+/// holes) and flushes it.
+fn convert_into(src: &Image, format: Format, dst_path: &Path) -> Result<Image, CliError> {
+    let dst = image::create(format, dst_path, src.dev.info().virtual_size, &[], None)?;
+    copy(&*src.dev, &*dst.dev, |_| {})?;
+    dst.dev.flush()?;
+    Ok(dst)
 }

@@ -18,7 +18,6 @@ pub struct Image {
     /// The same disk as a chain, when it was opened as one.
     pub chain: Option<Arc<Disk>>,
     /// The top image's format.
-    #[allow(dead_code)] // read by the serve command's log line
     pub format: Format,
 }
 
@@ -43,7 +42,7 @@ pub fn chain_options(format: Option<&str>, read_only: bool) -> Result<OpenOption
 /// Opens `path` with its parents, detecting the format by content unless `format` names it.
 pub fn open(path: &Path, format: Option<&str>, read_only: bool) -> Result<Image, CliError> {
     let opts = chain_options(format, read_only)?;
-    let disk = Disk::open(path, &opts).map_err(|e| CliError::new(e.to_string()))?;
+    let disk = Disk::open(path, &opts)?;
     let format = disk.layers()[0].format;
     let disk = Arc::new(disk);
     Ok(Image {
@@ -200,8 +199,7 @@ fn vhdx_parent(
     child: &Path,
     parent: &Path,
 ) -> Result<(vhdx_format::ParentRef, u64, u32), CliError> {
-    let l =
-        chain::open_layer(parent, None, true, false).map_err(|e| CliError::new(e.to_string()))?;
+    let l = chain::open_layer(parent, None, true, false)?;
     let chain::Identity::Vhdx {
         data_write_guid, ..
     } = l.identity
@@ -239,7 +237,7 @@ fn create_vhd_child(
             parent.display()
         )));
     }
-    let details = vhd_format::VhdFile::open(ps, true)?.details()?;
+    let details = vhd_format::read_details(ps)?;
     let (relative, abs) =
         chain::parent_paths(path, parent).map_err(|e| CliError::new(e.to_string()))?;
     let abs_s = abs.display().to_string();

@@ -116,10 +116,9 @@ fn walk_chain(path: &Path, format: Option<Format>) -> Result<Vec<Value>, CliErro
     let mut seen = std::collections::HashSet::new();
     loop {
         let mut v = facts(&cur, fmt)?;
-        let layer =
-            chain::open_layer(&cur, fmt, true, false).map_err(|e| CliError::new(e.to_string()))?;
+        let layer = chain::open_layer(&cur, fmt, true, false)?;
         merge(&mut v, json!({ "identity": layer.identity.to_string() }));
-        let canon = std::fs::canonicalize(&cur).unwrap_or(cur.clone());
+        let canon = std::fs::canonicalize(&cur).unwrap_or_else(|_| cur.clone());
         if !seen.insert(canon) || out.len() >= opts.max_depth {
             merge(
                 &mut v,
@@ -133,7 +132,8 @@ fn walk_chain(path: &Path, format: Option<Format>) -> Result<Vec<Value>, CliErro
             break;
         };
         let mut l = json!({ "expected": link.expected.to_string() });
-        match opts.policy.resolve(&cur, &link.candidates) {
+        let parent = match opts.policy.resolve(&cur, &link.candidates) {
+            Ok(parent) => parent,
             Err(tried) => {
                 let t: Vec<String> = tried.iter().map(|t| t.to_string()).collect();
                 merge(
@@ -144,30 +144,27 @@ fn walk_chain(path: &Path, format: Option<Format>) -> Result<Vec<Value>, CliErro
                 out.push(v);
                 break;
             }
-            Ok(parent) => {
-                let p = chain::open_layer(&parent, None, true, false)
-                    .map_err(|e| CliError::new(e.to_string()))?;
-                let ok = link.expected.matches(&p.identity);
-                merge(
-                    &mut l,
-                    json!({
-                        "parent": parent.display().to_string(),
-                        "found": p.identity.to_string(),
-                        "verified": ok,
-                    }),
-                );
-                if !ok {
-                    merge(
-                        &mut l,
-                        json!({ "error": lineage_hint(&link.expected, &p.identity) }),
-                    );
-                }
-                merge(&mut v, json!({ "link": l }));
-                out.push(v);
-                cur = parent;
-                fmt = None;
-            }
+        };
+        let p = chain::open_layer(&parent, None, true, false)?;
+        let ok = link.expected.matches(&p.identity);
+        merge(
+            &mut l,
+            json!({
+                "parent": parent.display().to_string(),
+                "found": p.identity.to_string(),
+                "verified": ok,
+            }),
+        );
+        if !ok {
+            merge(
+                &mut l,
+                json!({ "error": lineage_hint(&link.expected, &p.identity) }),
+            );
         }
+        merge(&mut v, json!({ "link": l }));
+        out.push(v);
+        cur = parent;
+        fmt = None;
     }
     Ok(out)
 }
@@ -189,7 +186,7 @@ pub fn run(path: &Path, format: Option<&str>, json: bool, backing_chain: bool) -
         } else {
             layers.into_iter().next().unwrap_or(Value::Null)
         };
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        println!("{}", crate::cmds::pretty(&v));
         return Ok(0);
     }
     for (i, v) in layers.iter().enumerate() {
@@ -234,7 +231,8 @@ fn plain(v: &Value) -> String {
     }
 }
 
-fn actual_size(path: &Path) -> u64 {
+/// Bytes the file occupies on disk (holes excluded); 0 when it cannot be stat'ed.
+pub fn actual_size(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
 }

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use vdisk::block_io::{read_bytes, write_bytes, BlockDevice};
+use vdisk::block_io::{check_request, read_bytes, write_bytes, BlockDevice, ErrorKind};
 
 use crate::image;
 use crate::size::parse_size;
@@ -118,10 +118,7 @@ pub fn run(path: &Path, format: Option<&str>, read_only: bool, commands: &[Strin
     let img = image::open(path, format, read_only)?;
     let mut failed = false;
     for c in &cmds {
-        match exec(&*img.dev, c)? {
-            true => {}
-            false => failed = true,
-        }
+        failed |= !exec(&*img.dev, c)?;
     }
     Ok(u8::from(failed))
 }
@@ -159,11 +156,13 @@ pub fn exec(dev: &dyn BlockDevice, cmd: &IoCmd) -> Result<bool, CliError> {
             report("wrote", off, len, t);
         }
         IoCmd::WriteZeroes { off, len, unmap } => {
-            let sector = u64::from(dev.info().logical_sector_size);
-            if off % sector == 0 && len % sector == 0 {
-                dev.write_zeroes(off, len, unmap)?;
-            } else {
-                write_bytes(dev, &vec![0u8; big(len)?], off)?;
+            // Whole sectors go to write_zeroes; partial ones are read-modify-written.
+            match check_request(&dev.info(), off, len, true) {
+                Ok(()) => dev.write_zeroes(off, len, unmap)?,
+                Err(e) if e.kind() == ErrorKind::Unaligned => {
+                    write_bytes(dev, &vec![0u8; big(len)?], off)?
+                }
+                Err(e) => return Err(e.into()),
             }
             report("wrote", off, len, t);
         }

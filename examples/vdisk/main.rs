@@ -216,10 +216,17 @@ impl From<block_io::Error> for CliError {
     }
 }
 
+impl From<chain::ChainError> for CliError {
+    /// The chain's own sentence (it names the image and the rule).
+    fn from(e: chain::ChainError) -> Self {
+        CliError::new(e.to_string())
+    }
+}
+
 /// What every subcommand returns: the exit code on success.
 pub type CliResult = Result<u8, CliError>;
 
-use vdisk::block_io;
+use vdisk::{block_io, chain};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

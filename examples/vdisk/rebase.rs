@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use vdisk::block_io;
 use vdisk::chain::{self, Disk, RebaseOptions};
 
 use crate::image::{chain_options, parse_format};
@@ -16,7 +17,8 @@ pub fn run(image: &Path, backing: &Path, format: Option<&str>, unsafe_: bool) ->
         unsafe_no_copy: unsafe_,
         format: format.map(parse_format).transpose()?,
     };
-    chain::rebase(image, backing, &opts).map_err(|e| CliError::new(error_text(&e)))?;
+    // With its sources: why the child or the new parent could not be opened or rewritten.
+    chain::rebase(image, backing, &opts).map_err(|e| CliError::from(block_io::Error::from(e)))?;
     // The link is written; say so if the parent path policy will not follow it.
     let check = chain_options(format, true)?;
     if let Err(e) = Disk::open(image, &check) {
@@ -27,16 +29,4 @@ pub fn run(image: &Path, backing: &Path, format: Option<&str>, unsafe_: bool) ->
         );
     }
     Ok(0)
-}
-
-/// The error with its sources, as one sentence.
-fn error_text(e: &chain::ChainError) -> String {
-    let mut s = e.to_string();
-    let mut cur = std::error::Error::source(e);
-    while let Some(src) = cur {
-        s.push_str(": ");
-        s.push_str(&src.to_string());
-        cur = src.source();
-    }
-    s
 }

@@ -40,10 +40,11 @@ pub fn parse_options(opts: &[String]) -> Result<Vec<(String, String)>, CliError>
     for o in opts {
         for part in o.split(',').filter(|p| !p.is_empty()) {
             let (k, v) = part.split_once('=').unwrap_or((part, "on"));
+            let k = k.trim();
             if k.is_empty() {
                 return Err(CliError::new(format!("invalid option '{part}'")));
             }
-            out.push((k.trim().to_string(), v.trim().to_string()));
+            out.push((k.to_string(), v.trim().to_string()));
         }
     }
     Ok(out)

@@ -4,10 +4,6 @@
 mod common;
 use common::*;
 
-fn p(dir: &tempfile::TempDir, name: &str) -> String {
-    dir.path().join(name).display().to_string()
-}
-
 #[test]
 fn io_round_trips_patterns_on_raw() {
     let d = tempfile::tempdir().unwrap();
@@ -92,12 +88,10 @@ fn info_and_map_json() {
     let img = p(&d, "a.raw");
     vdisk_ok(&["create", "-f", "raw", &img, "4M"]);
     vdisk_ok(&["io", &img, "-c", "write -P 1 1M 1M"]);
-    let v: serde_json::Value =
-        serde_json::from_str(&vdisk_ok(&["info", "--output", "json", &img])).unwrap();
+    let v = vdisk_json(&["info", "--output", "json", &img]);
     assert_eq!(v["format"], "raw");
     assert_eq!(v["virtual_size"], 4 << 20);
-    let m: serde_json::Value =
-        serde_json::from_str(&vdisk_ok(&["map", "--output", "json", &img])).unwrap();
+    let m = vdisk_json(&["map", "--output", "json", &img]);
     let runs = m.as_array().unwrap();
     let total: u64 = runs.iter().map(|r| r["length"].as_u64().unwrap()).sum();
     assert_eq!(total, 4 << 20);
@@ -127,15 +121,7 @@ fn compare_agrees_with_qemu_img() {
     };
     let d = tempfile::tempdir().unwrap();
     let base = p(&d, "base.raw");
-    vdisk_ok(&["create", &base, "8M"]);
-    vdisk_ok(&[
-        "io",
-        &base,
-        "-c",
-        "write -P 3 1M 2M",
-        "-c",
-        "write -P 9 7M 4k",
-    ]);
+    raw_image_with(&base, "8M", &["write -P 3 1M 2M", "write -P 9 7M 4k"]);
     // (name, size, commands applied to a copy of base)
     let cases: &[(&str, &str, &[&str])] = &[
         ("same", "8M", &[]),
@@ -200,17 +186,15 @@ fn convert_raw_keeps_content_and_holes() {
     };
     let d = tempfile::tempdir().unwrap();
     let (a, b) = (p(&d, "a.raw"), p(&d, "b.raw"));
-    vdisk_ok(&["create", &a, "32M"]);
-    vdisk_ok(&[
-        "io",
+    raw_image_with(
         &a,
-        "-c",
-        "write -P 0x5a 0 1M",
-        "-c",
-        "write -P 0xa5 31M 512",
-        "-c",
-        "write -z 4M 1M",
-    ]);
+        "32M",
+        &[
+            "write -P 0x5a 0 1M",
+            "write -P 0xa5 31M 512",
+            "write -z 4M 1M",
+        ],
+    );
     vdisk_ok(&["convert", "-O", "raw", "-p", &a, &b]);
     let q = run(&qemu, &["compare", "-f", "raw", "-F", "raw", &a, &b]);
     assert_eq!(

@@ -6,10 +6,6 @@ use common::*;
 
 use std::path::{Path, PathBuf};
 
-fn p(dir: &tempfile::TempDir, name: &str) -> String {
-    dir.path().join(name).display().to_string()
-}
-
 fn qfmt(f: &str) -> &str {
     if f == "vhd" {
         "vpc"
@@ -174,8 +170,7 @@ fn qemu_images_read_identically() {
             "{img}"
         );
         vdisk_ok(&["compare", &img, &theirs]);
-        let info: serde_json::Value =
-            serde_json::from_str(&vdisk_ok(&["info", "--output", "json", &img])).unwrap();
+        let info = vdisk_json(&["info", "--output", "json", &img]);
         assert_eq!(info["format"], *fmt, "{img}: detected by content");
         vdisk_ok(&["check", &img]);
     }
@@ -189,17 +184,11 @@ fn convert_round_trip_across_formats() {
     };
     let d = tempfile::tempdir().unwrap();
     let raw = p(&d, "a.raw");
-    vdisk_ok(&["create", &raw, "24M"]);
-    vdisk_ok(&[
-        "io",
+    raw_image_with(
         &raw,
-        "-c",
-        "write -P 1 0 3M",
-        "-c",
-        "write -P 2 10M 5k",
-        "-c",
-        "write -P 3 23M 1M",
-    ]);
+        "24M",
+        &["write -P 1 0 3M", "write -P 2 10M 5k", "write -P 3 23M 1M"],
+    );
     let vhd = p(&d, "b.vhd");
     let vhdx = p(&d, "c.vhdx");
     let back = p(&d, "d.raw");
@@ -232,8 +221,7 @@ fn fixed_vhd_for_azure() {
     let img = p(&d, "azure.img");
     vdisk_ok(&["create", "-f", "vhd", "-o", "subformat=fixed", &img, "100M"]);
     assert_eq!(std::fs::metadata(&img).unwrap().len(), (100 << 20) + 512);
-    let v: serde_json::Value =
-        serde_json::from_str(&vdisk_ok(&["info", "--output", "json", &img])).unwrap();
+    let v = vdisk_json(&["info", "--output", "json", &img]);
     assert_eq!(v["format"], "vhd");
     assert_eq!(v["subformat"], "fixed");
     assert_eq!(v["virtual_size"], 100u64 << 20);
@@ -241,8 +229,7 @@ fn fixed_vhd_for_azure() {
     // CHS sizing like Virtual PC rounds to the geometry.
     let chs = p(&d, "chs.vhd");
     vdisk_ok(&["create", "-f", "vhd", "-o", "chs_size=on", &chs, "1G"]);
-    let v: serde_json::Value =
-        serde_json::from_str(&vdisk_ok(&["info", "--output", "json", &chs])).unwrap();
+    let v = vdisk_json(&["info", "--output", "json", &chs]);
     assert_eq!(
         v["virtual_size"], 1_073_995_776u64,
         "qemu's CHS size for 1G"
@@ -270,17 +257,9 @@ fn differencing_info_and_backing_chain() {
             "-c",
             "read -P 9 1M 4k",
         ]);
-        let v: serde_json::Value =
-            serde_json::from_str(&vdisk_ok(&["info", "--output", "json", &child])).unwrap();
+        let v = vdisk_json(&["info", "--output", "json", &child]);
         assert_eq!(v["subformat"], "differencing", "{fmt}");
-        let chain: serde_json::Value = serde_json::from_str(&vdisk_ok(&[
-            "info",
-            "--backing-chain",
-            "--output",
-            "json",
-            &child,
-        ]))
-        .unwrap();
+        let chain = vdisk_json(&["info", "--backing-chain", "--output", "json", &child]);
         let layers = chain.as_array().unwrap();
         assert_eq!(layers.len(), 2, "{fmt}");
         assert_eq!(layers[0]["link"]["verified"], true, "{fmt}");
@@ -315,14 +294,7 @@ fn differencing_info_and_backing_chain() {
         // Remove the parent: info still works; --backing-chain says what it tried.
         std::fs::rename(&base, p(&d, &format!("moved.{fmt}"))).unwrap();
         vdisk_ok(&["info", &child]);
-        let chain: serde_json::Value = serde_json::from_str(&vdisk_ok(&[
-            "info",
-            "--backing-chain",
-            "--output",
-            "json",
-            &child,
-        ]))
-        .unwrap();
+        let chain = vdisk_json(&["info", "--backing-chain", "--output", "json", &child]);
         assert_eq!(chain[0]["link"]["verified"], false);
         assert!(chain[0]["link"]["tried"]
             .as_array()
@@ -352,8 +324,7 @@ fn windows_differencing_vhd_without_parent() {
         return;
     };
     let img = img.display().to_string();
-    let v: serde_json::Value =
-        serde_json::from_str(&vdisk_ok(&["info", "--output", "json", &img])).unwrap();
+    let v = vdisk_json(&["info", "--output", "json", &img]);
     assert_eq!(
         v["parent_name"],
         r"C:\Projects\dfvfs\test_data\fat-parent.vhd"

@@ -9,10 +9,6 @@ use common::*;
 use std::path::Path;
 use std::process::{Command, Output};
 
-fn p(dir: &Path, name: &str) -> String {
-    dir.join(name).display().to_string()
-}
-
 /// `vdisk ARGS` with `VDISK_PARENT_ROOTS=root`.
 fn vdisk_rooted(root: &Path, args: &[&str]) -> Output {
     Command::new(vdisk_bin())
@@ -22,18 +18,8 @@ fn vdisk_rooted(root: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn ok(o: Output, what: &str) -> String {
-    assert!(
-        o.status.success(),
-        "{what} failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
 fn backing_chain(root: &Path, img: &str) -> Vec<serde_json::Value> {
-    let out = ok(
+    let out = assert_ok(
         vdisk_rooted(root, &["info", "--backing-chain", "--output", "json", img]),
         "info --backing-chain",
     );
@@ -78,11 +64,11 @@ fn moved_chain_rebased_reads_checks_and_verifies() {
             .status
             .success());
 
-        ok(
+        assert_ok(
             vdisk_rooted(dir, &["rebase", "-u", "-b", &new_base, &new_mid]),
             "rebase mid",
         );
-        ok(
+        assert_ok(
             vdisk_rooted(dir, &["rebase", "-u", "-f", fmt, "-b", &new_mid, &top]),
             "rebase top",
         );
@@ -120,7 +106,7 @@ fn moved_chain_rebased_reads_checks_and_verifies() {
                 "read -P 5 7M 4k",
             ],
         );
-        ok(reads, "io -r");
+        assert_ok(reads, "io -r");
         // The locators name the new places.
         let info = vdisk_ok(&["info", "--output", "json", &top]);
         assert!(info.contains(&format!("b\\\\mid.{fmt}")), "{fmt}: {info}");

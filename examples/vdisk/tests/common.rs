@@ -34,16 +34,40 @@ pub fn vdisk(args: &[&str]) -> Output {
     Command::new(vdisk_bin()).args(args).output().unwrap()
 }
 
-/// Runs `vdisk ARGS` and asserts success, returning stdout.
-pub fn vdisk_ok(args: &[&str]) -> String {
-    let o = vdisk(args);
+/// The path of `name` in `dir`, as a string for command lines.
+pub fn p(dir: impl AsRef<Path>, name: &str) -> String {
+    dir.as_ref().join(name).display().to_string()
+}
+
+/// Asserts that the run `what` succeeded, returning its stdout.
+pub fn assert_ok(o: Output, what: &str) -> String {
     assert!(
         o.status.success(),
-        "vdisk {args:?} failed: {}{}",
+        "{what} failed: {}{}",
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
     String::from_utf8(o.stdout).unwrap()
+}
+
+/// Runs `vdisk ARGS` and asserts success, returning stdout.
+pub fn vdisk_ok(args: &[&str]) -> String {
+    assert_ok(vdisk(args), &format!("vdisk {args:?}"))
+}
+
+/// Runs `vdisk ARGS` (a `--output json` command), asserts success and parses stdout.
+pub fn vdisk_json(args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&vdisk_ok(args)).unwrap()
+}
+
+/// Creates a raw image of `size` at `path` and runs the `vdisk io` commands `cmds` on it.
+pub fn raw_image_with(path: &str, size: &str, cmds: &[&str]) {
+    vdisk_ok(&["create", path, size]);
+    let mut args = vec!["io", path];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    vdisk_ok(&args);
 }
 
 /// The path of an oracle program, or `None` (with a loud warning) when it is missing.
