@@ -6,12 +6,12 @@
 //! the end from a valid copy at offset 0 (trimming an unreferenced tail), or the copy at 0
 //! from a valid footer at the end. Checksum errors with no valid twin are left alone.
 
-use block_io::{Result, Storage};
+use block_io::{check_bounds, Result, Storage};
 
 use crate::bat::Bat;
 use crate::footer::{DiskType, Footer, FOOTER_SIZE};
 use crate::header::{DynamicHeader, HEADER_SIZE, MAX_TABLE_ENTRIES};
-use crate::layout::read_exact;
+use crate::layout::{first_free, overlaps, read_exact, Area};
 
 /// One problem found by [`check_storage`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,7 +105,7 @@ pub fn check_storage<S: Storage + ?Sized>(s: &S, repair: bool) -> Result<CheckRe
     }
 
     let header_off = footer.data_offset.unwrap_or(0);
-    if header_off.saturating_add(HEADER_SIZE as u64) > len {
+    if check_bounds(header_off, HEADER_SIZE as u64, len).is_err() {
         r.header_ok = Some(false);
         r.issue("dynamic header lies beyond the end of the file");
         return Ok(r);
@@ -127,13 +127,10 @@ pub fn check_storage<S: Storage + ?Sized>(s: &S, repair: bool) -> Result<CheckRe
     };
     let entries = header.max_table_entries.min(MAX_TABLE_ENTRIES);
     let bat_len = u64::from(entries) * 4;
-    let bat_end = header
-        .table_offset
-        .saturating_add(bat_len.div_ceil(512) * 512);
-    if bat_end > len {
+    let Ok(bat_end) = check_bounds(header.table_offset, bat_len.div_ceil(512) * 512, len) else {
         r.issue("the BAT lies beyond the end of the file");
         return Ok(r);
-    }
+    };
     if footer.current_size.div_ceil(u64::from(header.block_size)) > u64::from(entries) {
         r.issue("the BAT is too small for the virtual size");
     }
@@ -142,15 +139,14 @@ pub fn check_storage<S: Storage + ?Sized>(s: &S, repair: bool) -> Result<CheckRe
     let bitmap = header.bitmap_size();
     let total = bitmap + u64::from(header.block_size);
     let data_end = if r.footer_ok { footer_pos } else { len };
-    let mut meta = vec![
-        (0u64, FOOTER_SIZE as u64),
+    let mut meta: Vec<Area> = vec![
+        (0, FOOTER_SIZE as u64),
         (header_off, HEADER_SIZE as u64),
         (header.table_offset, bat_end - header.table_offset),
     ];
     if footer.disk_type == DiskType::Differencing {
         for l in &header.locators {
-            let end = l.data_offset.saturating_add(u64::from(l.data_length));
-            if end > len {
+            if check_bounds(l.data_offset, u64::from(l.data_length), len).is_err() {
                 r.issue(format!(
                     "parent locator {} at {} lies beyond the end of the file",
                     l.platform.as_string(),
@@ -171,7 +167,7 @@ pub fn check_storage<S: Storage + ?Sized>(s: &S, repair: bool) -> Result<CheckRe
                 "BAT entry {i} points at {off}, beyond the image data"
             ));
         }
-        if meta.iter().any(|(o, l)| off < o + l && *o < off + total) {
+        if overlaps(&meta, off, total) {
             r.blocks_overlapping_metadata.push(i as u32);
             r.issue(format!("block {i} at {off} overlaps the metadata"));
         }
@@ -195,7 +191,7 @@ fn repair_footers<S: Storage + ?Sized>(
     r: &mut CheckReport,
     end_bytes: &[u8],
     copy_bytes: &[u8],
-    meta: &[(u64, u64)],
+    meta: &[Area],
     starts: &[(u64, u32)],
     total: u64,
 ) -> Result<()> {
@@ -204,9 +200,10 @@ fn repair_footers<S: Storage + ?Sized>(
         && r.blocks_overlapping_metadata.is_empty()
         && r.header_ok == Some(true);
     if !r.footer_ok && r.footer_copy_ok == Some(true) && layout_ok {
-        let meta_end = meta.iter().map(|(o, l)| o + l).max().unwrap_or(0);
-        let blocks_end = starts.last().map_or(0, |(o, _)| o + total);
-        let pos = meta_end.max(blocks_end).div_ceil(512) * 512;
+        // `None` (past u64) only for a storage no file system holds: left alone.
+        let Some(pos) = first_free(meta, starts.last().map(|&(o, _)| o), total) else {
+            return Ok(());
+        };
         s.set_len(pos)?;
         s.write_at(copy_bytes, pos)?;
         s.sync_data()?;

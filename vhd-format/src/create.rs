@@ -28,7 +28,7 @@ use crate::header::{
     DynamicHeader, DEFAULT_BLOCK_SIZE, HEADER_SIZE, MAX_BLOCK_SIZE, MAX_TABLE_ENTRIES,
     MIN_BLOCK_SIZE,
 };
-use crate::locator::{LocatorEntry, PlatformCode};
+use crate::locator::hyper_v_locators;
 
 /// Fixed or dynamic (qemu-img's `subformat`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,12 +196,28 @@ fn check_block_size(bs: u32) -> Result<()> {
     }
 }
 
-/// Writes a dynamic or differencing image: footer copy, header, BAT, locator data, footer.
+/// A header for `block_size` with no parent; [`write_dynamic`] fills in the BAT and locators.
+fn blank_header(block_size: u32) -> DynamicHeader {
+    DynamicHeader {
+        table_offset: 0,
+        max_table_entries: 0,
+        block_size,
+        parent_unique_id: Uuid::nil(),
+        parent_timestamp: 0,
+        parent_name: String::new(),
+        locators: Vec::new(),
+    }
+}
+
+/// Writes a dynamic or differencing image: footer copy, header, BAT, the W2ku
+/// (`absolute_path`) and W2ru (`relative_path`) locator data, footer. Nothing is written when
+/// an argument is refused.
 fn write_dynamic<S: Storage>(
     storage: &S,
     footer: &Footer,
     mut header: DynamicHeader,
-    locator_data: &[(PlatformCode, Vec<u8>)],
+    absolute_path: Option<&str>,
+    relative_path: Option<&str>,
 ) -> Result<()> {
     let entries = footer.current_size.div_ceil(u64::from(header.block_size));
     let entries = u32::try_from(entries)
@@ -211,34 +227,22 @@ fn write_dynamic<S: Storage>(
     header.max_table_entries = entries;
     header.table_offset = (FOOTER_SIZE + HEADER_SIZE) as u64;
     let bat_len = (u64::from(entries) * 4).div_ceil(512) * 512;
-    let mut pos = header.table_offset + bat_len;
-    let mut areas = Vec::new();
-    for (platform, data) in locator_data {
-        let len = u32::try_from(data.len()).map_err(|_| invalid_input("parent path too long"))?;
-        let space = u64::from(len).div_ceil(512).max(1) * 512;
-        header.locators.push(LocatorEntry {
-            platform: *platform,
-            // Hyper-V: the data space in bytes.
-            data_space: u32::try_from(space).map_err(|_| invalid_input("parent path too long"))?,
-            data_length: len,
-            data_offset: pos,
-        });
-        areas.push((pos, data));
-        pos += space;
-    }
-    let hb = header.to_bytes().map_err(Error::from)?;
+    let pos = header.table_offset + bat_len;
+    let (locators, locator_data) = hyper_v_locators(absolute_path, relative_path, pos)?;
+    header.locators = locators;
+    let hb = header
+        .to_bytes()
+        .map_err(|e| invalid_input(e.to_string()))?;
     let fb = footer.to_bytes();
     storage.set_len(0)?;
     storage.write_at(&fb, 0)?;
     storage.write_at(&hb, FOOTER_SIZE as u64)?;
     let bat = vec![0xFFu8; usize::try_from(bat_len).map_err(|_| invalid_input("BAT too large"))?];
     storage.write_at(&bat, header.table_offset)?;
-    for (off, data) in areas {
-        let mut sector = data.clone();
-        sector.resize(data.len().div_ceil(512).max(1) * 512, 0);
-        storage.write_at(&sector, off)?;
+    if !locator_data.is_empty() {
+        storage.write_at(&locator_data, pos)?;
     }
-    storage.write_at(&fb, pos)?;
+    storage.write_at(&fb, pos + locator_data.len() as u64)?;
     storage.sync_data()
 }
 
@@ -247,16 +251,20 @@ impl<S: Storage> VhdFile<S> {
     /// opens it writable.
     pub fn create(storage: S, opts: &CreateOptions) -> Result<Self> {
         let (size, geometry) = size_and_geometry(opts.size, opts.chs_size)?;
+        let disk_type = match opts.subformat {
+            Subformat::Fixed => DiskType::Fixed,
+            Subformat::Dynamic => DiskType::Dynamic,
+        };
+        let footer = make_footer(
+            size,
+            geometry,
+            disk_type,
+            opts.unique_id,
+            opts.timestamp,
+            opts.creator,
+        );
         match opts.subformat {
             Subformat::Fixed => {
-                let footer = make_footer(
-                    size,
-                    geometry,
-                    DiskType::Fixed,
-                    opts.unique_id,
-                    opts.timestamp,
-                    opts.creator,
-                );
                 storage.set_len(0)?;
                 storage.set_len(size)?;
                 storage.write_at(&footer.to_bytes(), size)?;
@@ -264,24 +272,8 @@ impl<S: Storage> VhdFile<S> {
             }
             Subformat::Dynamic => {
                 check_block_size(opts.block_size)?;
-                let footer = make_footer(
-                    size,
-                    geometry,
-                    DiskType::Dynamic,
-                    opts.unique_id,
-                    opts.timestamp,
-                    opts.creator,
-                );
-                let header = DynamicHeader {
-                    table_offset: 0,
-                    max_table_entries: 0,
-                    block_size: opts.block_size,
-                    parent_unique_id: Uuid::nil(),
-                    parent_timestamp: 0,
-                    parent_name: String::new(),
-                    locators: Vec::new(),
-                };
-                write_dynamic(&storage, &footer, header, &[])?;
+                let header = blank_header(opts.block_size);
+                write_dynamic(&storage, &footer, header, None, None)?;
             }
         }
         VhdFile::open(storage, false)
@@ -307,22 +299,13 @@ impl<S: Storage> VhdFile<S> {
             opts.creator,
         );
         let header = DynamicHeader {
-            table_offset: 0,
-            max_table_entries: 0,
-            block_size: opts.block_size,
             parent_unique_id: opts.parent_unique_id,
             parent_timestamp: opts.parent_timestamp,
             parent_name: opts.parent_name.clone(),
-            locators: Vec::new(),
+            ..blank_header(opts.block_size)
         };
-        let mut locs = Vec::new();
-        if let Some(p) = &opts.absolute_path {
-            locs.push((PlatformCode::W2ku, PlatformCode::W2ku.encode(p)));
-        }
-        if let Some(p) = &opts.relative_path {
-            locs.push((PlatformCode::W2ru, PlatformCode::W2ru.encode(p)));
-        }
-        write_dynamic(&storage, &footer, header, &locs)?;
+        let (absolute, relative) = (opts.absolute_path.as_deref(), opts.relative_path.as_deref());
+        write_dynamic(&storage, &footer, header, absolute, relative)?;
         VhdFile::open(storage, false)
     }
 }

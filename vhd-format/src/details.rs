@@ -7,7 +7,7 @@ use uuid::Uuid;
 use crate::file::VhdFile;
 use crate::footer::{DiskType, Geometry, VHD_EPOCH_UNIX};
 use crate::layout::{read_exact, FooterSource};
-use crate::locator::LocatorEntry;
+use crate::locator::{ascii_text, LocatorEntry};
 
 /// One parent locator, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,13 +82,6 @@ impl VhdDetails {
     }
 }
 
-fn text4(b: [u8; 4]) -> String {
-    b.iter()
-        .flat_map(|c| std::ascii::escape_default(*c))
-        .map(char::from)
-        .collect()
-}
-
 impl<S: Storage> VhdFile<S> {
     /// The image's format facts.
     pub fn details(&self) -> Result<VhdDetails> {
@@ -99,9 +92,9 @@ impl<S: Storage> VhdFile<S> {
             original_size: f.original_size,
             geometry: f.geometry,
             chs_size: f.geometry.size(),
-            creator_app: text4(f.creator_app),
+            creator_app: ascii_text(&f.creator_app),
             creator_version: ((f.creator_version >> 16) as u16, f.creator_version as u16),
-            creator_os: text4(f.creator_os),
+            creator_os: ascii_text(&f.creator_os),
             unique_id: f.unique_id,
             timestamp: f.timestamp,
             saved_state: f.saved_state,
@@ -115,32 +108,34 @@ impl<S: Storage> VhdFile<S> {
             parent_timestamp: None,
             locators: Vec::new(),
         };
-        if let Some(dy) = &self.dynamic {
-            let h = &dy.header;
-            d.block_size = Some(h.block_size);
-            d.max_table_entries = Some(h.max_table_entries);
-            d.allocated_blocks = Some(dy.bat.allocated().count() as u64);
-            if f.disk_type == DiskType::Differencing {
-                d.parent_name = Some(h.parent_name.clone());
-                d.parent_unique_id = Some(h.parent_unique_id);
-                d.parent_timestamp = Some(h.parent_timestamp);
-                for l in &h.locators {
-                    // Length bounded and inside the file (checked at open).
-                    let path = read_exact(
-                        &self.storage,
-                        l.data_length as usize,
-                        l.data_offset,
-                        "parent locator",
-                    )
-                    .ok()
-                    .and_then(|data| l.platform.decode(&data));
-                    d.locators.push(LocatorDetails {
-                        platform_code: l.platform.as_string(),
-                        entry: *l,
-                        path,
-                    });
-                }
-            }
+        let Some(dy) = &self.dynamic else {
+            return Ok(d);
+        };
+        let h = &dy.header;
+        d.block_size = Some(h.block_size);
+        d.max_table_entries = Some(h.max_table_entries);
+        d.allocated_blocks = Some(dy.bat.allocated().count() as u64);
+        if f.disk_type != DiskType::Differencing {
+            return Ok(d);
+        }
+        d.parent_name = Some(h.parent_name.clone());
+        d.parent_unique_id = Some(h.parent_unique_id);
+        d.parent_timestamp = Some(h.parent_timestamp);
+        for l in &h.locators {
+            // Length bounded and inside the file (checked at open).
+            let path = read_exact(
+                &self.storage,
+                l.data_length as usize,
+                l.data_offset,
+                "parent locator",
+            )
+            .ok()
+            .and_then(|data| l.platform.decode(&data));
+            d.locators.push(LocatorDetails {
+                platform_code: l.platform.as_string(),
+                entry: *l,
+                path,
+            });
         }
         Ok(d)
     }

@@ -72,6 +72,18 @@ const ZERO_CHUNK: u64 = 1 << 20;
 /// per block (about 3% of apparent size with 2 MiB blocks), never written.
 const DATA_ALIGN: u64 = 65536;
 
+/// Calls `write(zeros, done)` for each piece of `[0, len)`, at most [`ZERO_CHUNK`] bytes each.
+fn in_zero_chunks(len: u64, mut write: impl FnMut(&[u8], u64) -> Result<()>) -> Result<()> {
+    let zeros = vec![0u8; ZERO_CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = ZERO_CHUNK.min(len - done);
+        write(&zeros[..n as usize], done)?;
+        done += n;
+    }
+    Ok(())
+}
+
 /// One VHD image over a [`Storage`].
 pub struct VhdFile<S: Storage> {
     pub(crate) storage: S,
@@ -238,18 +250,21 @@ impl<S: Storage> VhdFile<S> {
         )
     }
 
+    /// Reads part of block `b`; with `bitmaps` (a differencing layer's `read_at`), sectors its
+    /// bitmap marks absent read as zeros.
     fn read_block_part(
         &self,
         d: &DynamicLayout,
         b: usize,
         within: u64,
         buf: &mut [u8],
+        bitmaps: bool,
     ) -> Result<()> {
         let Some(data) = self.data_offset(d, b) else {
             buf.fill(0);
             return Ok(());
         };
-        if !self.is_diff() {
+        if !bitmaps {
             return self.read_file(buf, data + within);
         }
         let s0 = (within / 512) as usize;
@@ -363,15 +378,17 @@ impl<S: Storage> VhdFile<S> {
         Ok(())
     }
 
-    fn write_zero_bytes(&self, off: u64, len: u64) -> Result<()> {
-        let zeros = vec![0u8; ZERO_CHUNK.min(len) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = ZERO_CHUNK.min(len - done);
-            self.write_at(&zeros[..n as usize], off + done)?;
-            done += n;
-        }
-        Ok(())
+    /// `read_at`, or with `bitmaps` false `read_data_at` (allocated blocks are read without
+    /// consulting a differencing layer's sector bitmaps).
+    fn read_layer(&self, buf: &mut [u8], offset: u64, bitmaps: bool) -> Result<()> {
+        check_request(&self.info(), offset, buf.len() as u64, false)?;
+        let Some(d) = &self.dynamic else {
+            return self.storage.read_at(buf, offset);
+        };
+        let bitmaps = bitmaps && self.is_diff();
+        self.for_each_piece(offset, buf.len() as u64, |b, within, start, n| {
+            self.read_block_part(d, b, within, &mut buf[start..start + n], bitmaps)
+        })
     }
 
     /// Zeros `[file_off, +len)` of the container, by hole punching when `punch`.
@@ -382,14 +399,9 @@ impl<S: Storage> VhdFile<S> {
                 r => return self.guard(r),
             }
         }
-        let zeros = vec![0u8; ZERO_CHUNK.min(len) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = ZERO_CHUNK.min(len - done);
-            self.guard(self.storage.write_at(&zeros[..n as usize], file_off + done))?;
-            done += n;
-        }
-        Ok(())
+        in_zero_chunks(len, |zeros, done| {
+            self.guard(self.storage.write_at(zeros, file_off + done))
+        })
     }
 
     /// Zeros a range of a fixed disk or of a dynamic disk's allocated blocks.
@@ -424,32 +436,13 @@ impl<S: Storage> BlockDevice for VhdFile<S> {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_request(&self.info(), offset, buf.len() as u64, false)?;
-        let Some(d) = &self.dynamic else {
-            return self.storage.read_at(buf, offset);
-        };
-        self.for_each_piece(offset, buf.len() as u64, |b, within, start, n| {
-            self.read_block_part(d, b, within, &mut buf[start..start + n])
-        })
+        self.read_layer(buf, offset, true)
     }
 
     /// Allocated blocks are read without consulting their sector bitmap (the caller vouches
     /// that the range is present); unallocated ones read as zeros.
     fn read_data_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_request(&self.info(), offset, buf.len() as u64, false)?;
-        let Some(d) = &self.dynamic else {
-            return self.storage.read_at(buf, offset);
-        };
-        self.for_each_piece(offset, buf.len() as u64, |b, within, start, n| {
-            let piece = &mut buf[start..start + n];
-            match self.data_offset(d, b) {
-                Some(data) => self.read_file(piece, data + within),
-                None => {
-                    piece.fill(0);
-                    Ok(())
-                }
-            }
-        })
+        self.read_layer(buf, offset, false)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -466,7 +459,7 @@ impl<S: Storage> BlockDevice for VhdFile<S> {
         self.check_write(offset, len)?;
         if self.is_diff() {
             // Zeros must hide the parent: store them in this layer.
-            return self.write_zero_bytes(offset, len);
+            return in_zero_chunks(len, |zeros, done| self.write_at(zeros, offset + done));
         }
         self.zero_in_place(offset, len, unmap)
     }

@@ -8,7 +8,7 @@
 //! allocation leaves exactly that state (the block's data replaced the old footer, the new
 //! footer was not written yet), so the copy is what makes allocation crash-safe.
 
-use block_io::{Error, ErrorKind, Result, Storage};
+use block_io::{check_bounds, Error, ErrorKind, Result, Storage};
 
 use crate::bat::Bat;
 use crate::error::{corrupt, FormatError};
@@ -45,6 +45,27 @@ pub(crate) struct Loaded {
     pub dynamic: Option<DynamicLayout>,
     /// Where the footer lies (dynamic: where the next block goes).
     pub footer_offset: u64,
+}
+
+/// `(offset, length)` of a metadata area: footer copy, dynamic header, BAT, locator data.
+pub(crate) type Area = (u64, u64);
+
+/// `true` if `[off, off+len)` overlaps one of `areas`.
+pub(crate) fn overlaps(areas: &[Area], off: u64, len: u64) -> bool {
+    areas
+        .iter()
+        .any(|&(o, l)| off < o.saturating_add(l) && o < off.saturating_add(len))
+}
+
+/// The first sector boundary past every area and past the last block (`last_block`, its start,
+/// `block_total` bytes long): where the footer goes. `None` past `u64`.
+pub(crate) fn first_free(areas: &[Area], last_block: Option<u64>, block_total: u64) -> Option<u64> {
+    let meta_end = areas.iter().map(|&(o, l)| o.saturating_add(l)).max();
+    let blocks_end = last_block.map(|o| o.saturating_add(block_total));
+    meta_end
+        .max(blocks_end)
+        .unwrap_or(0)
+        .checked_next_multiple_of(512)
 }
 
 pub(crate) fn read_exact<S: Storage + ?Sized>(
@@ -116,14 +137,11 @@ pub(crate) fn load<S: Storage + ?Sized>(s: &S) -> Result<Loaded> {
     }
 
     let header_off = footer.data_offset.unwrap_or(0);
-    if header_off
-        .checked_add(HEADER_SIZE as u64)
-        .is_none_or(|e| e > file_len)
-    {
-        return Err(corrupt(format!(
+    check_bounds(header_off, HEADER_SIZE as u64, file_len).map_err(|_| {
+        corrupt(format!(
             "dynamic header offset {header_off} lies beyond the end of the file"
-        )));
-    }
+        ))
+    })?;
     let hb = read_exact(s, HEADER_SIZE, header_off, "dynamic header")?;
     let header = DynamicHeader::parse(&hb, true)?;
     let block_size = u64::from(header.block_size);
@@ -135,23 +153,16 @@ pub(crate) fn load<S: Storage + ?Sized>(s: &S) -> Result<Loaded> {
         )));
     }
     let bat_bytes = u64::from(header.max_table_entries) * 4;
-    let bat_end = header
-        .table_offset
-        .checked_add(bat_bytes.div_ceil(512) * 512)
-        .filter(|&e| e <= file_len)
-        .ok_or_else(|| corrupt("the BAT lies beyond the end of the file"))?;
+    let bat_end = check_bounds(header.table_offset, bat_bytes.div_ceil(512) * 512, file_len)
+        .map_err(|_| corrupt("the BAT lies beyond the end of the file"))?;
     // Bounded: at most MAX_TABLE_ENTRIES * 4 bytes and inside the file.
     let raw_bat = read_exact(s, bat_bytes as usize, header.table_offset, "BAT")?;
     let bat = Bat::parse(&raw_bat, header.max_table_entries as usize);
 
-    let mut meta: Vec<(u64, u64, String)> = vec![
-        (0, FOOTER_SIZE as u64, "footer copy".into()),
-        (header_off, HEADER_SIZE as u64, "dynamic header".into()),
-        (
-            header.table_offset,
-            bat_end - header.table_offset,
-            "BAT".into(),
-        ),
+    let mut meta: Vec<Area> = vec![
+        (0, FOOTER_SIZE as u64),
+        (header_off, HEADER_SIZE as u64),
+        (header.table_offset, bat_end - header.table_offset),
     ];
     if footer.disk_type == DiskType::Differencing {
         for l in &header.locators {
@@ -161,19 +172,17 @@ pub(crate) fn load<S: Storage + ?Sized>(s: &S) -> Result<Loaded> {
                     l.data_length
                 )));
             }
-            let end = l.data_offset.checked_add(u64::from(l.data_length));
-            if end.is_none_or(|e| e > file_len) {
-                return Err(corrupt(format!(
+            check_bounds(l.data_offset, u64::from(l.data_length), file_len).map_err(|_| {
+                corrupt(format!(
                     "parent locator data at {} lies beyond the end of the file",
                     l.data_offset
-                )));
-            }
+                ))
+            })?;
             // Only the data length is certain; the reserved space may be in bytes or sectors.
             let len = u64::from(l.data_length).div_ceil(512) * 512;
-            meta.push((l.data_offset, len, "parent locator".into()));
+            meta.push((l.data_offset, len));
         }
     }
-    let meta_end = meta.iter().map(|(o, l, _)| o + l).max().unwrap_or(0);
     let bitmap_size = header.bitmap_size();
     let block_total = bitmap_size + block_size;
 
@@ -181,10 +190,7 @@ pub(crate) fn load<S: Storage + ?Sized>(s: &S) -> Result<Loaded> {
     for (i, sector) in bat.allocated() {
         let off = u64::from(sector) * 512;
         // A block must not overlap the metadata (VHD 1.0: blocks follow the BAT).
-        if meta
-            .iter()
-            .any(|(o, l, _)| off < o + l && *o < off + block_total)
-        {
+        if overlaps(&meta, off, block_total) {
             return Err(corrupt(format!(
                 "block {i} at {off} overlaps the image metadata"
             )));
@@ -211,16 +217,12 @@ pub(crate) fn load<S: Storage + ?Sized>(s: &S) -> Result<Loaded> {
             )));
         }
     }
-    let blocks_end = starts.last().map_or(0, |(o, _)| o + block_total);
-    let next_free = meta_end.max(blocks_end).div_ceil(512) * 512;
-    let footer_offset = match source {
-        FooterSource::End => {
-            if footer_pos < next_free {
-                return Err(corrupt("the footer overlaps the image metadata"));
-            }
-            footer_pos
-        }
-        FooterSource::CopyAtStart => next_free,
+    let next_free = first_free(&meta, starts.last().map(|&(o, _)| o), block_total);
+    let footer_offset = match (source, next_free) {
+        (FooterSource::End, Some(n)) if n <= footer_pos => footer_pos,
+        (FooterSource::End, _) => return Err(corrupt("the footer overlaps the image metadata")),
+        // Past u64: refused just below, as past the 32-bit sector offsets.
+        (FooterSource::CopyAtStart, n) => n.unwrap_or(u64::MAX),
     };
     if footer_offset / 512 > u64::from(u32::MAX) {
         return Err(Error::new(

@@ -6,6 +6,9 @@
 //! sectors per the spec but in **bytes** as Hyper-V writes it; Wi2k/Wi2r are deprecated
 //! single-byte paths; MacX is a UTF-8 file URL.
 
+use block_io::Result;
+
+use crate::error::invalid_input;
 use crate::header::RawLocator;
 
 /// Largest locator data this crate reads (64 KiB; a path is far shorter).
@@ -59,11 +62,7 @@ impl PlatformCode {
 
     /// The code as text (non-ASCII bytes escaped).
     pub fn as_string(self) -> String {
-        self.to_bytes()
-            .iter()
-            .flat_map(|b| std::ascii::escape_default(*b))
-            .map(char::from)
-            .collect()
+        ascii_text(&self.to_bytes())
     }
 
     /// `true` for codes whose data is a relative path.
@@ -153,6 +152,52 @@ impl LocatorEntry {
         };
         space.max(len)
     }
+}
+
+/// `bytes` as text, non-printable and non-ASCII bytes escaped.
+pub(crate) fn ascii_text(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .flat_map(|b| std::ascii::escape_default(*b))
+        .map(char::from)
+        .collect()
+}
+
+/// The W2ku (`absolute`) and W2ru (`relative`) locators laid out from file offset `pos` the way
+/// Hyper-V writes them: UTF-16LE paths, each in its own sector-aligned area of at least one
+/// sector, the data space in bytes. Returns the entries and the areas' bytes (to be written at
+/// `pos`); a path longer than [`MAX_LOCATOR_DATA`] is `InvalidInput`.
+pub(crate) fn hyper_v_locators(
+    absolute: Option<&str>,
+    relative: Option<&str>,
+    pos: u64,
+) -> Result<(Vec<LocatorEntry>, Vec<u8>)> {
+    let mut entries = Vec::new();
+    let mut data = Vec::new();
+    let paths = [
+        (PlatformCode::W2ku, absolute),
+        (PlatformCode::W2ru, relative),
+    ];
+    for (platform, path) in paths {
+        let Some(path) = path else { continue };
+        let bytes = platform.encode(path);
+        let len = u32::try_from(bytes.len())
+            .ok()
+            .filter(|&l| l <= MAX_LOCATOR_DATA)
+            .ok_or_else(|| invalid_input("parent path too long"))?;
+        // Bounded by MAX_LOCATOR_DATA: the casts below cannot truncate.
+        let space = u64::from(len).div_ceil(512).max(1) * 512;
+        let start = data.len();
+        entries.push(LocatorEntry {
+            platform,
+            data_space: space as u32,
+            data_length: len,
+            data_offset: pos + start as u64,
+        });
+        data.extend_from_slice(&bytes);
+        data.resize(start + space as usize, 0);
+    }
+    Ok((entries, data))
 }
 
 #[cfg(test)]

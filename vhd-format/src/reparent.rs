@@ -25,7 +25,7 @@ use crate::error::{corrupt, invalid_input};
 use crate::file::VhdFile;
 use crate::footer::DiskType;
 use crate::header::encode_parent_name;
-use crate::locator::{LocatorEntry, PlatformCode, MAX_LOCATOR_DATA};
+use crate::locator::{hyper_v_locators, PlatformCode};
 
 impl<S: Storage> VhdFile<S> {
     /// Sets the parent name (UTF-16BE in the header) and the W2ku (`absolute_path`) and W2ru
@@ -67,31 +67,8 @@ impl<S: Storage> VhdFile<S> {
         header
             .locators
             .retain(|l| matches!(l.platform, PlatformCode::Other(_)));
-        let mut data = Vec::new();
-        let paths = [
-            (PlatformCode::W2ku, absolute_path),
-            (PlatformCode::W2ru, relative_path),
-        ];
-        for (platform, path) in paths {
-            let Some(path) = path else { continue };
-            let bytes = platform.encode(path);
-            let len = u32::try_from(bytes.len())
-                .ok()
-                .filter(|&l| l <= MAX_LOCATOR_DATA)
-                .ok_or_else(|| invalid_input("parent path too long"))?;
-            // Bounded by MAX_LOCATOR_DATA: the casts below cannot truncate.
-            let space = u64::from(len).div_ceil(512).max(1) * 512;
-            let start = data.len();
-            header.locators.push(LocatorEntry {
-                platform,
-                // Hyper-V: the data space in bytes.
-                data_space: space as u32,
-                data_length: len,
-                data_offset: pos + start as u64,
-            });
-            data.extend_from_slice(&bytes);
-            data.resize(start + space as usize, 0);
-        }
+        let (locators, data) = hyper_v_locators(absolute_path, relative_path, pos)?;
+        header.locators.extend(locators);
         if header.locators.len() > crate::header::LOCATOR_COUNT {
             return Err(invalid_input("more than 8 parent locators"));
         }
