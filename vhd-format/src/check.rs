@@ -180,6 +180,12 @@ pub fn check_storage<S: Storage + ?Sized>(s: &S, repair: bool) -> Result<CheckRe
             r.issue(format!("blocks {} and {} overlap", w[0].1, w[1].1));
         }
     }
+    // As open: the footer at the end must lie past the metadata and the blocks.
+    if r.footer_ok
+        && first_free(&meta, starts.last().map(|&(o, _)| o), total).is_none_or(|n| n > footer_pos)
+    {
+        r.issue("the footer overlaps the image metadata");
+    }
     if repair {
         repair_footers(s, &mut r, &end_bytes, &copy_bytes, &meta, &starts, total)?;
     }

@@ -296,3 +296,27 @@ fn create_rejects_bad_options() {
     st.write_at(&[0u8; 4096], 0).unwrap();
     assert!(!vhd_format::probe(&st));
 }
+
+/// A locator ending at the last byte of a (sparse) file as long as `u64` allows: rounding its
+/// length up to whole sectors passes `u64::MAX`. Once an overflow panic in the metadata
+/// overlap check; now an error.
+#[test]
+fn locator_at_the_end_of_u64() {
+    let mut b = diff_bytes();
+    let n = b.len();
+    let entry = 512 + 576;
+    be32(&mut b, entry + 8, 1); // data length
+    b[entry + 16..entry + 24].copy_from_slice(&(u64::MAX - 1).to_be_bytes());
+    fix_sums(&mut b);
+    let st = MemStorage::new();
+    st.write_at(&b[..n - 512], 0).unwrap();
+    st.set_len(u64::MAX).unwrap();
+    st.write_at(&b[n - 512..], u64::MAX - 512).unwrap();
+    let e = VhdFile::open(st.clone(), true).expect_err("locator at the end of u64");
+    assert!(
+        matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::Unsupported),
+        "{e:?}"
+    );
+    let r = check_storage(&st, false).unwrap();
+    assert!(!r.is_clean(), "check found nothing: {r:?}");
+}
