@@ -26,6 +26,17 @@ pub enum BlockState {
     PartiallyPresent,
 }
 
+impl BlockState {
+    /// `true` for the states whose entry points at a block in the file (FULLY_ and
+    /// PARTIALLY_PRESENT).
+    pub fn has_data(self) -> bool {
+        matches!(
+            self,
+            BlockState::FullyPresent | BlockState::PartiallyPresent
+        )
+    }
+}
+
 /// State values as stored.
 pub mod state {
     /// PAYLOAD_BLOCK_NOT_PRESENT / SB_BLOCK_NOT_PRESENT.
@@ -68,9 +79,8 @@ impl TryFrom<u64> for BatEntry {
             s => return Err(corrupt("BAT", format!("entry state {s}"))),
         };
         let file_offset = raw & OFFSET_MASK;
-        let has_data = matches!(st, BlockState::FullyPresent | BlockState::PartiallyPresent);
         // MS-VHDX 2.5.1: present blocks lie beyond the header section (offset >= 1 MiB).
-        if has_data && file_offset < MIB {
+        if st.has_data() && file_offset < MIB {
             return Err(corrupt(
                 "BAT",
                 format!("present block at offset {file_offset}"),
@@ -87,6 +97,27 @@ impl BatEntry {
     /// Encodes an entry.
     pub fn encode(state: u64, file_offset: u64) -> u64 {
         (file_offset & OFFSET_MASK) | (state & 7)
+    }
+}
+
+/// One block's share of a request split at block boundaries (see [`Geometry::pieces`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Piece {
+    /// Start of the piece, counted from the start of the request.
+    pub at: u64,
+    /// The payload block.
+    pub block: u64,
+    /// Offset of the piece inside the block.
+    pub in_block: u64,
+    /// Length in bytes (never 0; never past the block's end).
+    pub len: u64,
+}
+
+impl Piece {
+    /// The piece's bytes within the request buffer.
+    pub(crate) fn range(&self) -> std::ops::Range<usize> {
+        // `at + len` is at most the request length, which came from a buffer.
+        self.at as usize..(self.at + self.len) as usize
     }
 }
 
@@ -159,6 +190,28 @@ impl Geometry {
         (self.total_entries * 8).div_ceil(MIB) * MIB
     }
 
+    /// Splits the virtual range `[offset, offset + len)` (checked by the caller) at block
+    /// boundaries, in order.
+    pub(crate) fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = Piece> {
+        let bs = u64::from(self.block_size);
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            if at >= len {
+                return None;
+            }
+            let off = offset + at;
+            let (block, in_block) = (off / bs, off % bs);
+            let piece = Piece {
+                at,
+                block,
+                in_block,
+                len: (bs - in_block).min(len - at),
+            };
+            at += piece.len;
+            Some(piece)
+        })
+    }
+
     /// `true` if BAT index `i` is a sector bitmap entry.
     pub fn is_bitmap_index(&self, i: u64) -> bool {
         (i + 1) % (self.chunk_ratio + 1) == 0
@@ -200,5 +253,24 @@ mod tests {
         // 4 KiB sectors, 1 MiB blocks: chunk ratio 32768.
         let g = Geometry::new(1 << 20, 4096, 1 << 30, false).unwrap();
         assert_eq!(g.chunk_ratio, 32768);
+    }
+
+    #[test]
+    fn pieces_split_at_block_boundaries() {
+        let g = Geometry::new(1 << 20, 512, 8 << 20, false).unwrap();
+        let p: Vec<(u64, u64, u64, u64)> = g
+            .pieces((1 << 20) - 512, (2 << 20) + 1024)
+            .map(|p| (p.at, p.block, p.in_block, p.len))
+            .collect();
+        assert_eq!(
+            p,
+            vec![
+                (0, 0, (1 << 20) - 512, 512),
+                (512, 1, 0, 1 << 20),
+                ((1 << 20) + 512, 2, 0, 1 << 20),
+                ((2 << 20) + 512, 3, 0, 512),
+            ]
+        );
+        assert_eq!(g.pieces(4096, 0).count(), 0);
     }
 }

@@ -136,8 +136,9 @@ pub struct VhdxFile<S: Storage> {
     /// 4 KiB pages of sector bitmaps read from the file, keyed by (chunk, page), for chunks
     /// not in `bitmaps` (bounded; see `read.rs`).
     pub(crate) bitmap_pages: RwLock<crate::read::PageMap>,
+    /// The log held entries at open: replayed into the file when writable, into `overlay`
+    /// when read-only.
     pub(crate) log_was_dirty: bool,
-    pub(crate) log_replayed: bool,
 }
 
 impl<S: Storage> std::fmt::Debug for VhdxFile<S> {
@@ -160,10 +161,44 @@ pub fn probe<S: Storage + ?Sized>(storage: &S) -> bool {
     storage.read_at(&mut sig, 0).is_ok() && &sig == crate::file_id::SIGNATURE
 }
 
-fn read_vec<S: Storage + ?Sized>(s: &S, off: u64, len: usize) -> Result<Vec<u8>> {
+/// Reads file bytes, through the replay overlay when there is one.
+fn read_view<S: Storage + ?Sized>(
+    storage: &S,
+    overlay: Option<&Overlay>,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<()> {
+    match overlay {
+        Some(o) => o.read(storage, buf, offset),
+        None => storage.read_at(buf, offset),
+    }
+}
+
+/// Length of the file as reads see it (through the replay overlay when there is one).
+fn view_len<S: Storage + ?Sized>(storage: &S, overlay: Option<&Overlay>) -> Result<u64> {
+    match overlay {
+        Some(o) => Ok(o.file_len),
+        None => storage.len(),
+    }
+}
+
+/// Reads `len` bytes at `off` into a new vector, through `overlay` when there is one.
+fn read_vec<S: Storage + ?Sized>(
+    s: &S,
+    overlay: Option<&Overlay>,
+    off: u64,
+    len: usize,
+) -> Result<Vec<u8>> {
     let mut v = vec![0u8; len];
-    s.read_at(&mut v, off)?;
+    read_view(s, overlay, &mut v, off)?;
     Ok(v)
+}
+
+/// File ranges in use whatever the BAT says: the header section, the log and every region.
+fn structure_ranges(header: &Header, regions: &RegionTable) -> Vec<(u64, u64)> {
+    let mut used = vec![(0, MIB), header.log_range()];
+    used.extend(regions.all().map(|r| (r.file_offset, r.end())));
+    used
 }
 
 /// Reads both headers and returns the current one with its slot.
@@ -171,6 +206,7 @@ pub(crate) fn read_headers<S: Storage + ?Sized>(storage: &S) -> Result<(Header, 
     let h = |i: usize| -> Result<std::result::Result<Header, FormatError>> {
         Ok(Header::parse(&read_vec(
             storage,
+            None,
             HEADER_OFFSETS[i],
             HEADER_SIZE,
         )?))
@@ -186,11 +222,10 @@ impl<S: Storage> VhdxFile<S> {
         if len < 320 * 1024 {
             return Err(corrupt_io("the file is too small to be a VHDX image"));
         }
-        let file_id = FileIdentifier::parse(&read_vec(&storage, 0, 520)?)?;
+        let file_id = FileIdentifier::parse(&read_vec(&storage, None, 0, 520)?)?;
         let (mut header, mut slot) = read_headers(&storage)?;
         let mut overlay = None;
         let mut log_was_dirty = false;
-        let mut log_replayed = false;
         // MS-VHDX 2.3.3: replay before reading anything but headers and log.
         if !header.log_guid.is_nil() {
             let plan = replay::find_active(&storage, &header)?;
@@ -205,7 +240,6 @@ impl<S: Storage> VhdxFile<S> {
                     h.file_write_guid = Uuid::new_v4();
                     (header, slot) = crate::write::update_header(&storage, h, slot)?;
                     replay::apply(&storage, &plan)?;
-                    log_replayed = true;
                 }
             }
             if !read_only {
@@ -214,15 +248,8 @@ impl<S: Storage> VhdxFile<S> {
                 (header, slot) = crate::write::update_header(&storage, h, slot)?;
             }
         }
-        let view_len = overlay.as_ref().map_or(storage.len()?, |o| o.file_len);
-        let read = |off: u64, n: usize| -> Result<Vec<u8>> {
-            let mut v = vec![0u8; n];
-            match &overlay {
-                Some(o) => o.read(&storage, &mut v, off)?,
-                None => storage.read_at(&mut v, off)?,
-            }
-            Ok(v)
-        };
+        let view_len = view_len(&storage, overlay.as_ref())?;
+        let read = |off: u64, n: usize| read_vec(&storage, overlay.as_ref(), off, n);
         // MS-VHDX 2.2.3: use the first valid region table; a writable open rewrites a damaged
         // copy from the good one.
         let raw = [
@@ -250,10 +277,7 @@ impl<S: Storage> VhdxFile<S> {
         }
         let [p0, p1] = parsed;
         let regions = if good == 0 { p0? } else { p1? };
-        let log = (
-            header.log_offset,
-            header.log_offset + u64::from(header.log_length),
-        );
+        let log = header.log_range();
         for r in regions.all() {
             // MS-VHDX 2.2.3: regions must not overlap the log.
             if r.file_offset < log.1 && log.0 < r.end() {
@@ -320,17 +344,13 @@ impl<S: Storage> VhdxFile<S> {
             bitmaps: RwLock::new(HashMap::new()),
             bitmap_pages: RwLock::default(),
             log_was_dirty,
-            log_replayed,
         };
         Ok(file)
     }
 
     /// Reads file bytes, through the replay overlay on a read-only open of a dirty image.
     pub(crate) fn read_file(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        match &self.overlay {
-            Some(o) => o.read(&self.storage, buf, offset),
-            None => self.storage.read_at(buf, offset),
-        }
+        read_view(&self.storage, self.overlay.as_ref(), buf, offset)
     }
 
     /// The BAT geometry.
@@ -406,13 +426,15 @@ impl<S: Storage> VhdxFile<S> {
     /// cannot write: it reports that the image must be reopened writable (see
     /// [`check_image`]).
     pub fn check(&self, repair: bool) -> Result<CheckReport> {
+        // A writable open replays a dirty log into the file; a read-only one cannot.
+        let log_replayed = self.log_was_dirty && !self.read_only;
         let mut report = CheckReport {
             log_was_dirty: self.log_was_dirty,
-            log_replayed: self.log_replayed,
+            log_replayed,
             total_blocks: self.geo.data_blocks,
             ..CheckReport::default()
         };
-        if self.log_was_dirty && !self.log_replayed {
+        if self.log_was_dirty && !log_replayed {
             if repair {
                 report
                     .errors
@@ -435,10 +457,7 @@ impl<S: Storage> VhdxFile<S> {
                 }
             }
         }
-        let file_size = match &self.overlay {
-            Some(o) => o.file_len,
-            None => self.storage.len()?,
-        };
+        let file_size = view_len(&self.storage, self.overlay.as_ref())?;
         report.file_size = file_size;
         report.unreferenced_bytes = file_size.saturating_sub(self.referenced_bytes(file_size));
         Ok(report)
@@ -447,13 +466,8 @@ impl<S: Storage> VhdxFile<S> {
     /// Bytes of `[0, file_size)` covered by the header section, the log, the regions and every
     /// present block.
     fn referenced_bytes(&self, file_size: u64) -> u64 {
-        let h = self.header();
         let bs = u64::from(self.geo.block_size);
-        let mut used: Vec<(u64, u64)> = vec![
-            (0, MIB),
-            (h.log_offset, h.log_offset + u64::from(h.log_length)),
-        ];
-        used.extend(self.regions.all().map(|r| (r.file_offset, r.end())));
+        let mut used = structure_ranges(&self.header(), &self.regions);
         for (i, a) in self.bat.iter().enumerate() {
             let raw = a.load(Ordering::Acquire);
             let off = raw & crate::bat::OFFSET_MASK;
@@ -532,19 +546,13 @@ fn validate_bat(
     file_len: u64,
 ) -> Result<u64> {
     let bs = u64::from(geo.block_size);
-    let mut used: Vec<(u64, u64)> = vec![
-        (0, MIB),
-        (
-            header.log_offset,
-            header.log_offset + u64::from(header.log_length),
-        ),
-    ];
-    used.extend(regions.all().map(|r| (r.file_offset, r.end())));
+    let mut used = structure_ranges(header, regions);
     for (i, a) in bat.iter().enumerate() {
         let raw = a.load(Ordering::Relaxed);
         let e = BatEntry::try_from(raw)?;
         let i = i as u64;
-        let len = if geo.has_parent && geo.is_bitmap_index(i) {
+        let is_bitmap = geo.has_parent && geo.is_bitmap_index(i);
+        let len = if is_bitmap {
             // MS-VHDX 2.5.1.2: sector bitmap entries are NOT_PRESENT or PRESENT.
             match e.state {
                 BlockState::NotPresent => continue,
@@ -575,7 +583,7 @@ fn validate_bat(
             .ok_or_else(|| corrupt_io("BAT entry overflows"))?;
         // The last block may extend past the end of the file beyond the virtual size (qemu
         // writes fixed images that way); what the disk can read must be inside the file.
-        let used_len = if geo.is_bitmap_index(i) && geo.has_parent {
+        let used_len = if is_bitmap {
             len
         } else {
             let block = i - i / (geo.chunk_ratio + 1);
@@ -589,9 +597,8 @@ fn validate_bat(
         }
         used.push((e.file_offset, end));
     }
-    let mut sorted = used.clone();
-    sorted.sort_unstable();
-    for w in sorted.windows(2) {
+    used.sort_unstable();
+    for w in used.windows(2) {
         if w[1].0 < w[0].1 {
             return Err(corrupt_io(format!(
                 "file ranges {}..{} and {}..{} overlap (BAT entries, regions or log)",
@@ -599,9 +606,12 @@ fn validate_bat(
             )));
         }
     }
-    let max_end = sorted.iter().map(|r| r.1).max().unwrap_or(MIB);
-    let end = max_end.max(file_len);
-    Ok(end.div_ceil(MIB) * MIB)
+    let max_end = used.iter().map(|r| r.1).max().unwrap_or(MIB);
+    // The file length may come from a replayed log's LastFileOffset: any u64.
+    max_end
+        .max(file_len)
+        .checked_next_multiple_of(MIB)
+        .ok_or_else(|| corrupt_io(format!("the file length {file_len} is out of range")))
 }
 
 impl<S: Storage> BlockDevice for VhdxFile<S> {
@@ -644,5 +654,51 @@ impl<S: Storage> BlockDevice for VhdxFile<S> {
 
     fn read_data_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.read_data_inner(buf, offset)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::{build_entry, EntryParams};
+    use crate::{create, CreateOptions};
+    use block_io::MemStorage;
+    use std::sync::Arc;
+
+    /// A clean dynamic image whose log holds one valid entry (rewriting the first BAT sector
+    /// with its own bytes) claiming `last_file_offset`.
+    fn dirty_with_last_file_offset(last_file_offset: u64) -> Arc<MemStorage> {
+        let mem = Arc::new(MemStorage::new());
+        let f = create(mem.clone(), &CreateOptions::dynamic(8 << 20)).unwrap();
+        let bat = f.regions.bat.file_offset;
+        f.close().unwrap();
+        drop(f);
+        let (mut h, slot) = read_headers(&*mem).unwrap();
+        h.log_guid = Uuid::from_u128(7);
+        crate::write::update_header(&*mem, h, slot).unwrap();
+        let sector = read_vec(&*mem, None, bat, 4096).unwrap();
+        let entry = build_entry(
+            &EntryParams {
+                sequence_number: 1,
+                log_guid: h.log_guid,
+                tail: 0,
+                flushed_file_offset: 0,
+                last_file_offset,
+            },
+            &[(bat, &sector)],
+        );
+        mem.write_at(&entry, h.log_offset).unwrap();
+        mem
+    }
+
+    #[test]
+    fn huge_last_file_offset_is_refused_not_a_panic() {
+        let ok = dirty_with_last_file_offset(0);
+        assert!(VhdxFile::open(ok, true).unwrap().details().log_dirty);
+        let bad = dirty_with_last_file_offset(u64::MAX);
+        assert_eq!(
+            VhdxFile::open(bad, true).unwrap_err().kind(),
+            block_io::ErrorKind::Corrupt
+        );
     }
 }

@@ -116,6 +116,14 @@ impl TryFrom<&RawHeader> for Header {
 }
 
 impl Header {
+    /// The log's file range `[start, end)` (cannot overflow: parsing checked it).
+    pub(crate) fn log_range(&self) -> (u64, u64) {
+        (
+            self.log_offset,
+            self.log_offset + u64::from(self.log_length),
+        )
+    }
+
     /// Parses and validates a 4 KiB header.
     pub fn parse(bytes: &[u8]) -> Result<Self, FormatError> {
         let (raw, _) =

@@ -57,6 +57,15 @@ fn run_of(bytes: &[u8], bit0: u64, count: u64) -> (bool, u64) {
     (v, end - bit0)
 }
 
+/// The status of a whole block in state `e` (PARTIALLY_PRESENT blocks need their bitmap).
+fn status_of(e: &BatEntry) -> BlockStatus {
+    match e.state {
+        BlockState::NotPresent => BlockStatus::Unallocated,
+        BlockState::FullyPresent | BlockState::PartiallyPresent => BlockStatus::Data,
+        _ => BlockStatus::Zero,
+    }
+}
+
 impl<S: Storage> VhdxFile<S> {
     /// Whether sector `first` of `block` (which is PARTIALLY_PRESENT) is present, and how many
     /// of the `count >= 1` sectors from it share that state (at least 1; a run may stop early
@@ -106,60 +115,53 @@ impl<S: Storage> VhdxFile<S> {
 
     pub(crate) fn read_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_request(&self.info_inner(), offset, buf.len() as u64, false)?;
-        let bs = u64::from(self.geo.block_size);
-        let sector = u64::from(self.geo.logical_sector_size);
-        let mut done = 0usize;
-        while done < buf.len() {
-            let off = offset + done as u64;
-            let block = off / bs;
-            let in_block = off % bs;
-            let n = ((bs - in_block) as usize).min(buf.len() - done);
-            let piece = &mut buf[done..done + n];
-            let e = BatEntry::try_from(self.entry(block))?;
-            match e.state {
-                BlockState::FullyPresent => self.read_file(piece, e.file_offset + in_block)?,
-                BlockState::PartiallyPresent => {
-                    let total = n as u64 / sector;
-                    let mut i = 0;
-                    while i < total {
-                        let (present, run) =
-                            self.sector_run(block, in_block / sector + i, total - i)?;
-                        let (s, t) = ((i * sector) as usize, ((i + run) * sector) as usize);
-                        if present {
-                            self.read_file(&mut piece[s..t], e.file_offset + in_block + s as u64)?;
-                        } else {
-                            piece[s..t].fill(0);
-                        }
-                        i += run;
+        for p in self.geo.pieces(offset, buf.len() as u64) {
+            let e = BatEntry::try_from(self.entry(p.block))?;
+            self.read_piece(&mut buf[p.range()], p.block, p.in_block, &e)?;
+        }
+        Ok(())
+    }
+
+    /// Reads `piece`, which starts `in_block` bytes into `block`, whose entry is `e`: from
+    /// the file, through the sector bitmap, or as zeros.
+    fn read_piece(&self, piece: &mut [u8], block: u64, in_block: u64, e: &BatEntry) -> Result<()> {
+        match e.state {
+            BlockState::FullyPresent => self.read_file(piece, e.file_offset + in_block)?,
+            BlockState::PartiallyPresent => {
+                let sector = u64::from(self.geo.logical_sector_size);
+                let total = piece.len() as u64 / sector;
+                let mut i = 0;
+                while i < total {
+                    let (present, run) =
+                        self.sector_run(block, in_block / sector + i, total - i)?;
+                    let (s, t) = ((i * sector) as usize, ((i + run) * sector) as usize);
+                    if present {
+                        self.read_file(&mut piece[s..t], e.file_offset + in_block + s as u64)?;
+                    } else {
+                        piece[s..t].fill(0);
                     }
+                    i += run;
                 }
-                _ => piece.fill(0),
             }
-            done += n;
+            _ => piece.fill(0),
         }
         Ok(())
     }
 
     /// [`BlockDevice::read_data_at`](block_io::BlockDevice::read_data_at): pieces in FULLY_ or
     /// PARTIALLY_PRESENT blocks are read from the block without consulting the sector bitmap
-    /// (the caller vouches that they are present); other blocks take [`read_inner`](Self::read_inner).
+    /// (the caller vouches that they are present); other blocks read as
+    /// [`read_inner`](Self::read_inner) reads them.
     pub(crate) fn read_data_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_request(&self.info_inner(), offset, buf.len() as u64, false)?;
-        let bs = u64::from(self.geo.block_size);
-        let mut done = 0usize;
-        while done < buf.len() {
-            let off = offset + done as u64;
-            let (block, in_block) = (off / bs, off % bs);
-            let n = ((bs - in_block) as usize).min(buf.len() - done);
-            let piece = &mut buf[done..done + n];
-            let e = BatEntry::try_from(self.entry(block))?;
-            match e.state {
-                BlockState::FullyPresent | BlockState::PartiallyPresent => {
-                    self.read_file(piece, e.file_offset + in_block)?
-                }
-                _ => self.read_inner(piece, off)?,
+        for p in self.geo.pieces(offset, buf.len() as u64) {
+            let piece = &mut buf[p.range()];
+            let e = BatEntry::try_from(self.entry(p.block))?;
+            if e.state.has_data() {
+                self.read_file(piece, e.file_offset + p.in_block)?;
+            } else {
+                self.read_piece(piece, p.block, p.in_block, &e)?;
             }
-            done += n;
         }
         Ok(())
     }
@@ -172,42 +174,27 @@ impl<S: Storage> VhdxFile<S> {
     /// # Safety
     /// As [`BlockDevice::read_raw_at`](block_io::BlockDevice::read_raw_at).
     pub(crate) unsafe fn read_raw_inner(&self, bufs: &[RawBuf], offset: u64) -> Result<()> {
-        let total = bufs
-            .iter()
-            .try_fold(0u64, |a, b| a.checked_add(b.len as u64))
-            .ok_or_else(|| Error::new(ErrorKind::InvalidInput, "request too large"))?;
-        check_request(&self.info_inner(), offset, total, false)?;
         if self.overlay.is_some() {
-            // SAFETY: the caller's contract, forwarded.
+            // SAFETY: the caller's contract, forwarded (the bounce checks the request).
             return unsafe { block_io::bounce_read_raw(self, bufs, offset) };
         }
-        let bs = u64::from(self.geo.block_size);
-        let mut done = 0u64;
-        while done < total {
-            let off = offset + done;
-            let (block, in_block) = (off / bs, off % bs);
-            let n = (bs - in_block).min(total - done);
-            let piece = block_io::raw_slice(bufs, done, n as usize);
-            let e = BatEntry::try_from(self.entry(block))?;
+        let total = block_io::raw_total(bufs)?;
+        check_request(&self.info_inner(), offset, total, false)?;
+        for p in self.geo.pieces(offset, total) {
+            let piece = block_io::raw_slice(bufs, p.at, p.len as usize);
+            let e = BatEntry::try_from(self.entry(p.block))?;
             if e.state == BlockState::FullyPresent {
                 // SAFETY: `piece` lies inside the caller's buffers, valid for writes.
-                unsafe { self.storage.read_raw_at(&piece, e.file_offset + in_block)? }
+                unsafe {
+                    self.storage
+                        .read_raw_at(&piece, e.file_offset + p.in_block)?
+                }
             } else {
                 // SAFETY: as above; the bounce path reads through `read_inner`.
-                unsafe { block_io::bounce_read_raw(self, &piece, off)? }
+                unsafe { block_io::bounce_read_raw(self, &piece, offset + p.at)? }
             }
-            done += n;
         }
         Ok(())
-    }
-
-    fn status_of(&self, e: &BatEntry) -> BlockStatus {
-        match e.state {
-            BlockState::NotPresent => BlockStatus::Unallocated,
-            BlockState::FullyPresent => BlockStatus::Data,
-            BlockState::PartiallyPresent => BlockStatus::Data,
-            _ => BlockStatus::Zero,
-        }
     }
 
     pub(crate) fn block_status_inner(&self, offset: u64, len: u64) -> Result<StatusRun> {
@@ -240,12 +227,12 @@ impl<S: Storage> VhdxFile<S> {
                 }
             });
         }
-        let status = self.status_of(&e);
+        let status = status_of(&e);
         let mut run_end = ((block + 1) * bs).min(end);
         let mut b = block + 1;
         while run_end < end {
             let n = BatEntry::try_from(self.entry(b))?;
-            if n.state == BlockState::PartiallyPresent || self.status_of(&n) != status {
+            if n.state == BlockState::PartiallyPresent || status_of(&n) != status {
                 break;
             }
             if status == BlockStatus::Data && n.file_offset != e.file_offset + (b - block) * bs {

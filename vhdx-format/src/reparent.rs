@@ -24,7 +24,6 @@ use crate::guid;
 use crate::locator::ParentLocator;
 use crate::log::{max_data_sectors, SECTOR};
 use crate::metadata::{MetadataEntry, IS_USER, MAX_ITEM_LEN, TABLE_SIZE};
-use crate::write::update_header;
 
 /// Items placed by this module start on this boundary (Hyper-V keeps items 8-byte aligned).
 const ITEM_ALIGN: u64 = 8;
@@ -108,10 +107,9 @@ impl<S: Storage> VhdxFile<S> {
             .ok()
             .filter(|&l| l <= MAX_ITEM_LEN)
             .ok_or_else(|| Error::new(ErrorKind::InvalidInput, "parent locator too large"))?;
+        // 1 MiB aligned (the region table was validated), so 4 KiB sectors of the region are
+        // 4 KiB sectors of the file.
         let md = self.regions.metadata;
-        if md.file_offset % SECTOR != 0 {
-            return Err(corrupt_io("the metadata region is not 4 KiB aligned"));
-        }
         let region_len = u64::from(md.length);
         let idx = self
             .meta
@@ -164,7 +162,6 @@ impl<S: Storage> VhdxFile<S> {
         patch(&mut sectors, entry_at + 20, &item_len.to_le_bytes())?;
 
         let mut st = self.state.lock();
-        let fs = &self.failstop;
         if max_data_sectors(u64::from(st.header.log_length)) < sectors.len() as u64 {
             return Err(Error::new(
                 ErrorKind::Unsupported,
@@ -178,9 +175,7 @@ impl<S: Storage> VhdxFile<S> {
             let mut h = st.header;
             h.file_write_guid = Uuid::new_v4();
             h.log_guid = Uuid::new_v4();
-            let (h, slot) = fs.guard(update_header(&self.storage, h, st.slot))?;
-            st.header = h;
-            st.slot = slot;
+            self.store_header(&mut st, h)?;
             st.session = true;
         } else {
             // Pending BAT changes of this session go first, in their own entries.
@@ -194,9 +189,7 @@ impl<S: Storage> VhdxFile<S> {
         if own_session {
             let mut h = st.header;
             h.log_guid = Uuid::nil();
-            let (h, slot) = fs.guard(update_header(&self.storage, h, st.slot))?;
-            st.header = h;
-            st.slot = slot;
+            self.store_header(&mut st, h)?;
             st.session = false;
         }
         drop(st);

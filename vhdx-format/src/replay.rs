@@ -11,12 +11,12 @@
 
 use std::collections::{HashMap, HashSet};
 
-use block_io::{Error, ErrorKind, Result, Storage};
-use uuid::Uuid;
+use block_io::{check_bounds, Result, Storage};
 
 use crate::error::corrupt_io;
 use crate::header::Header;
 use crate::log::{parse_entry, LogEntry, LogOp, SECTOR};
+use crate::write::in_zero_chunks;
 
 /// The entries to apply, tail first.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,9 +47,9 @@ pub fn find_active<S: Storage + ?Sized>(
         return Ok(None);
     }
     let file_len = storage.len()?;
-    let log_off = header.log_offset;
+    let (log_off, log_end) = header.log_range();
     let log_len = u64::from(header.log_length);
-    if log_off + log_len > file_len {
+    if log_end > file_len {
         return Err(corrupt_io("the log lies beyond the end of the file"));
     }
     let mut read = |pos: u64, buf: &mut [u8]| storage.read_at(buf, log_off + pos);
@@ -121,10 +121,7 @@ pub fn validate_plan(plan: &ReplayPlan, header: &Header, file_len: u64) -> Resul
             head.flushed_file_offset
         )));
     }
-    let log = (
-        header.log_offset,
-        header.log_offset + u64::from(header.log_length),
-    );
+    let log = header.log_range();
     // Every update lies inside the file as the writer knew it (LastFileOffset is the file size
     // when the entry was written).
     let limit = file_len.max(head.last_file_offset);
@@ -148,7 +145,6 @@ pub fn validate_plan(plan: &ReplayPlan, header: &Header, file_len: u64) -> Resul
 
 /// Applies a validated plan to the file and syncs it.
 pub fn apply<S: Storage + ?Sized>(storage: &S, plan: &ReplayPlan) -> Result<()> {
-    let zeros = vec![0u8; 1 << 20];
     for op in plan.ops() {
         match op {
             LogOp::Data {
@@ -159,15 +155,12 @@ pub fn apply<S: Storage + ?Sized>(storage: &S, plan: &ReplayPlan) -> Result<()> 
                 file_offset,
                 length,
             } => {
-                let len = storage.len()?;
                 let end = file_offset + length;
                 // Inside the file write zeros; past its end, growing the file is enough.
-                let mut pos = *file_offset;
-                while pos < end.min(len) {
-                    let n = (end.min(len) - pos).min(zeros.len() as u64);
-                    storage.write_at(&zeros[..n as usize], pos)?;
-                    pos += n;
-                }
+                let inside = end.min(storage.len()?).saturating_sub(*file_offset);
+                in_zero_chunks(*file_offset, inside, |zeros, at| {
+                    storage.write_at(zeros, at)
+                })?;
                 if end > storage.len()? {
                     storage.set_len(end)?;
                 }
@@ -216,10 +209,7 @@ impl Overlay {
         buf: &mut [u8],
         offset: u64,
     ) -> Result<()> {
-        let end = offset
-            .checked_add(buf.len() as u64)
-            .filter(|&e| e <= self.file_len)
-            .ok_or_else(|| Error::new(ErrorKind::OutOfRange, "read beyond the end of the file"))?;
+        let end = check_bounds(offset, buf.len() as u64, self.file_len)?;
         let real = storage.len()?;
         if offset < real {
             let n = (real - offset).min(buf.len() as u64) as usize;
@@ -247,16 +237,11 @@ impl Overlay {
     }
 }
 
-/// The log guid check helper used by tests and `check`: `true` when the header says the log
-/// may hold entries.
-pub fn log_is_dirty(header: &Header) -> bool {
-    header.log_guid != Uuid::nil()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::log::{build_entry, EntryParams};
+    use uuid::Uuid;
 
     fn entry_at(log: &mut [u8], pos: usize, seq: u64, tail: u64, target: u64, fill: u8) {
         let s = vec![fill; 4096];

@@ -48,6 +48,22 @@ pub(crate) fn update_header<S: Storage + ?Sized>(
     Ok((next, slot))
 }
 
+/// Calls `write(zeros, at)` over `[offset, offset + len)` in pieces of at most 1 MiB.
+pub(crate) fn in_zero_chunks(
+    offset: u64,
+    len: u64,
+    mut write: impl FnMut(&[u8], u64) -> Result<()>,
+) -> Result<()> {
+    let zeros = vec![0u8; len.min(MIB) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(MIB);
+        write(&zeros[..n as usize], offset + done)?;
+        done += n;
+    }
+    Ok(())
+}
+
 /// Pending commits larger than this many sectors are written before the next flush.
 const AUTO_COMMIT_SECTORS: usize = 192;
 
@@ -68,13 +84,19 @@ impl<S: Storage> VhdxFile<S> {
         h.file_write_guid = Uuid::new_v4();
         h.data_write_guid = Uuid::new_v4();
         h.log_guid = Uuid::new_v4();
+        self.store_header(st, h)?;
+        st.session = true;
+        self.session_started.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Makes `h` the current header ([`update_header`]), latching the fail-stop state on error.
+    pub(crate) fn store_header(&self, st: &mut WriteState, h: Header) -> Result<()> {
         let (h, slot) = self
             .failstop
             .guard(update_header(&self.storage, h, st.slot))?;
         st.header = h;
         st.slot = slot;
-        st.session = true;
-        self.session_started.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -86,14 +108,8 @@ impl<S: Storage> VhdxFile<S> {
 
     pub(crate) fn write_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.begin_write(offset, buf.len() as u64)?;
-        let bs = u64::from(self.geo.block_size);
-        let mut done = 0usize;
-        while done < buf.len() {
-            let off = offset + done as u64;
-            let block = off / bs;
-            let in_block = off % bs;
-            let n = ((bs - in_block) as usize).min(buf.len() - done);
-            let piece = &buf[done..done + n];
+        for p in self.geo.pieces(offset, buf.len() as u64) {
+            let (block, in_block, piece) = (p.block, p.in_block, &buf[p.range()]);
             let e = BatEntry::try_from(self.entry(block))?;
             if e.state == BlockState::FullyPresent {
                 self.failstop
@@ -114,7 +130,6 @@ impl<S: Storage> VhdxFile<S> {
             } else {
                 self.allocating_write(block, in_block, piece)?;
             }
-            done += n;
         }
         Ok(())
     }
@@ -211,21 +226,18 @@ impl<S: Storage> VhdxFile<S> {
             };
             self.bitmaps.write().insert(chunk, bm.into_boxed_slice());
         }
-        let first = (block % self.geo.chunk_ratio) * spb + in_block / sector;
+        let block0 = (block % self.geo.chunk_ratio) * spb;
+        let first = block0 + in_block / sector;
         let count = len / sector;
-        let mut maps = self.bitmaps.write();
-        if let Some(bm) = maps.get_mut(&chunk) {
+        // A block whose sectors are all present becomes FULLY_PRESENT, so later writes take
+        // the lock-free path (spb >= 256, so the block's bits are whole bytes).
+        let all = self.bitmaps.write().get_mut(&chunk).is_some_and(|bm| {
             for i in first..first + count {
                 bm[(i / 8) as usize] |= 1 << (i % 8);
             }
-        }
-        // A block whose sectors are all present becomes FULLY_PRESENT, so later writes take
-        // the lock-free path (spb >= 256, so the block's bits are whole bytes).
-        let all = maps.get(&chunk).is_some_and(|bm| {
-            let b0 = ((block % self.geo.chunk_ratio) * spb / 8) as usize;
+            let b0 = (block0 / 8) as usize;
             bm[b0..b0 + (spb / 8) as usize].iter().all(|&b| b == 0xFF)
         });
-        drop(maps);
         let bits_per_sector = SECTOR * 8;
         for s in first / bits_per_sector..=(first + count.max(1) - 1) / bits_per_sector {
             st.dirty_bitmap.insert((chunk, s));
@@ -252,46 +264,30 @@ impl<S: Storage> VhdxFile<S> {
     pub(crate) fn zero_inner(&self, offset: u64, len: u64, new_state: u64) -> Result<()> {
         self.begin_write(offset, len)?;
         let bs = u64::from(self.geo.block_size);
-        let mut pos = offset;
-        let end = offset + len;
-        while pos < end {
-            let block = pos / bs;
-            let in_block = pos % bs;
-            let n = (bs - in_block).min(end - pos);
+        for p in self.geo.pieces(offset, len) {
+            let block = p.block;
             let e = BatEntry::try_from(self.entry(block))?;
-            let has_data = matches!(
-                e.state,
-                BlockState::FullyPresent | BlockState::PartiallyPresent
-            );
             // Without unmap an allocated block stays allocated (zeros written in place).
             let keep = new_state == state::ZERO && e.state == BlockState::FullyPresent;
-            if self.covers_block(block, in_block, n) && !self.meta.leave_blocks_allocated && !keep {
+            if self.covers_block(block, p.in_block, p.len)
+                && !self.meta.leave_blocks_allocated
+                && !keep
+            {
                 let mut st = self.state.lock();
                 let cur = BatEntry::try_from(self.entry(block))?;
                 let index = self.geo.payload_index(block);
                 self.set_entry(&mut st, index, BatEntry::encode(new_state, 0));
-                if matches!(
-                    cur.state,
-                    BlockState::FullyPresent | BlockState::PartiallyPresent
-                ) {
+                if cur.state.has_data() {
                     st.punch.push((cur.file_offset, bs));
                 }
                 self.maybe_commit(&mut st)?;
-            } else if has_data || (self.geo.has_parent && e.state == BlockState::NotPresent) {
-                self.write_zero_bytes(pos, n)?;
+            } else if e.state.has_data()
+                || (self.geo.has_parent && e.state == BlockState::NotPresent)
+            {
+                in_zero_chunks(offset + p.at, p.len, |zeros, at| {
+                    self.write_inner(zeros, at)
+                })?;
             }
-            pos += n;
-        }
-        Ok(())
-    }
-
-    fn write_zero_bytes(&self, offset: u64, len: u64) -> Result<()> {
-        let zeros = vec![0u8; len.min(MIB) as usize];
-        let mut pos = offset;
-        while pos < offset + len {
-            let n = (offset + len - pos).min(zeros.len() as u64) as usize;
-            self.write_inner(&zeros[..n], pos)?;
-            pos += n as u64;
         }
         Ok(())
     }
@@ -391,11 +387,7 @@ impl<S: Storage> VhdxFile<S> {
         self.commit(&mut st)?;
         let mut h = st.header;
         h.log_guid = Uuid::nil();
-        let (h, slot) = self
-            .failstop
-            .guard(update_header(&self.storage, h, st.slot))?;
-        st.header = h;
-        st.slot = slot;
+        self.store_header(&mut st, h)?;
         st.session = false;
         self.session_started.store(false, Ordering::Release);
         Ok(())
