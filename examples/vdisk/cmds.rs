@@ -7,6 +7,7 @@ use serde_json::json;
 use vdisk::block_io::{BlockDevice, BlockStatus};
 use vdisk::chain::Format;
 
+use crate::guard;
 use crate::image::{self, parse_format, Image};
 use crate::size::parse_size;
 use crate::{CliError, CliResult};
@@ -22,6 +23,15 @@ pub fn create(
     size: Option<&str>,
 ) -> CliResult {
     let format = parse_format(format)?;
+    if let Some(parent) = backing {
+        // Before the image is created (which truncates it): not the parent nor any of its
+        // ancestors.
+        let why = "the new image's parent chain";
+        guard::refuse_same_file(path, [parent], why)?;
+        let p = image::open(parent, None, true)?;
+        let layers = p.chain.as_ref().map(|c| c.layers()).unwrap_or_default();
+        guard::refuse_same_file(path, layers.iter().map(|l| l.path.as_path()), why)?;
+    }
     let size = match size {
         Some(s) => parse_size(s)?,
         None if backing.is_some() => 0,
@@ -48,6 +58,11 @@ pub fn convert(
 ) -> CliResult {
     let out = parse_format(out_format)?;
     let s = image::open(src, format, true)?;
+    // Before the destination is created (which truncates it): not a file the source reads.
+    let layers = s.chain.as_ref().map(|c| c.layers()).unwrap_or_default();
+    let mut reads: Vec<&Path> = vec![src];
+    reads.extend(layers.iter().map(|l| l.path.as_path()));
+    guard::refuse_same_file(dst, reads, "which the conversion reads")?;
     let size = s.dev.info().virtual_size;
     let d = image::create(out, dst, size, options, None)?;
     let bar = progress.then(|| progress_bar(size));
@@ -192,6 +207,24 @@ pub fn first_difference(
     Ok(None)
 }
 
+/// `check`'s `-r [MODE]` and image: `-r IMG` (clap takes IMG as the mode), `-r leaks IMG`
+/// and `-r all IMG` repair; any other mode is refused. Returns (repair, image).
+pub fn check_repair_mode(
+    mode: Option<String>,
+    image: Option<std::path::PathBuf>,
+) -> Result<(bool, std::path::PathBuf), CliError> {
+    let is_mode = |m: &str| matches!(m, "leaks" | "all");
+    match (mode, image) {
+        (None, Some(img)) => Ok((false, img)),
+        (Some(m), Some(img)) if is_mode(&m) => Ok((true, img)),
+        (Some(m), Some(_)) => Err(CliError::new(format!(
+            "unknown repair mode '{m}' (use -r, -r leaks or -r all)"
+        ))),
+        (Some(m), None) if !is_mode(&m) => Ok((true, m.into())),
+        (_, None) => Err(CliError::new("check needs an image")),
+    }
+}
+
 pub fn check(path: &Path, format: Option<&str>, repair: bool, json: bool) -> CliResult {
     let started = Instant::now();
     let fmt = format.map(parse_format).transpose()?;
@@ -200,7 +233,7 @@ pub fn check(path: &Path, format: Option<&str>, repair: bool, json: bool) -> Cli
     let mut opts = image::chain_options(format, true)?;
     opts.ignore_lineage = true;
     match vdisk::chain::Disk::open(path, &opts) {
-        Err(e) => corruptions.push(format!("chain: {e}")),
+        Err(e) => corruptions.push(format!("chain: {}", crate::cause_chain(&e))),
         Ok(disk) => {
             for (i, link) in disk.links().iter().enumerate() {
                 if let vdisk::chain::LinkCheck::Mismatch(m) = link {
@@ -272,7 +305,9 @@ fn check_one(
                 } else if r.log_was_dirty {
                     // Not corruption: a crash leaves a log to replay. Say so on stderr.
                     eprintln!(
-                        "note: {}: the log is dirty; it was replayed in memory only (-r writes it)",
+                        "note: {}: the log holds writes not yet replayed into the file, the \
+                         normal state after a crash; they were replayed in memory and check \
+                         clean (-r replays them into the file)",
                         path.display()
                     );
                 }
@@ -285,8 +320,16 @@ fn check_one(
 pub fn map(path: &Path, format: Option<&str>, json: bool) -> CliResult {
     let img: Image = image::open(path, format, true)?;
     let size = img.dev.info().virtual_size;
-    // (start, length, status, file offset, depth)
-    let mut runs: Vec<(u64, u64, BlockStatus, Option<u64>, usize)> = Vec::new();
+    let stdout = std::io::stdout();
+    let mut out = MapWriter {
+        out: std::io::BufWriter::new(stdout.lock()),
+        img: &img,
+        path,
+        json,
+        last: None,
+        written: 0,
+    };
+    out.start()?;
     let mut pos = 0;
     while pos < size {
         let (r, depth) = match &img.chain {
@@ -294,63 +337,135 @@ pub fn map(path: &Path, format: Option<&str>, json: bool) -> CliResult {
             None => (img.dev.block_status(pos, size - pos)?, 0),
         };
         let len = r.len.clamp(1, size - pos);
-        // A run extends the last one when it continues it in status, layer and file offset
-        // (checked: a malformed image may report any offset).
-        let extends = |last: &(u64, u64, BlockStatus, Option<u64>, usize)| {
-            last.2 == r.status
-                && last.4 == depth
-                && match (last.3, r.file_offset) {
-                    (Some(o), Some(n)) => o.checked_add(last.1) == Some(n),
-                    (None, None) => true,
-                    _ => false,
-                }
-        };
-        match runs.last_mut() {
-            Some(last) if extends(last) => last.1 += len,
-            _ => runs.push((pos, len, r.status, r.file_offset, depth)),
-        }
+        out.push(Run {
+            start: pos,
+            len,
+            status: r.status,
+            offset: r.file_offset,
+            depth,
+        })?;
         pos += len;
     }
-    if json {
-        let v: Vec<_> = runs
-            .iter()
-            .map(|&(start, length, st, off, depth)| {
-                let mut m = json!({
-                    "start": start,
-                    "length": length,
-                    "depth": depth,
-                    "present": st != BlockStatus::Unallocated,
-                    "zero": st != BlockStatus::Data,
-                    "data": st == BlockStatus::Data,
-                    "compressed": false,
-                });
-                if let (Some(o), serde_json::Value::Object(map)) = (off, &mut m) {
-                    map.insert("offset".into(), json!(o));
-                    let layer = img.chain.as_ref().and_then(|c| c.layers().get(depth));
-                    if let Some(l) = layer {
-                        map.insert("filename".into(), json!(l.path.display().to_string()));
-                    }
-                }
-                m
-            })
-            .collect();
-        println!("{}", pretty(&serde_json::Value::Array(v)));
-    } else {
-        println!("{:<20}{:<20}{:<20}File", "Offset", "Length", "Mapped to");
-        for (start, length, st, off, _) in runs {
-            if st == BlockStatus::Data {
-                let mapped = off.map_or("-".to_string(), |o| format!("{o:#x}"));
-                println!(
-                    "{:<20}{:<20}{:<20}{}",
-                    format!("{start:#x}"),
-                    format!("{length:#x}"),
-                    mapped,
-                    path.display()
-                );
+    out.finish()?;
+    Ok(0)
+}
+
+/// One run of `map`: where it starts, how long, what it is and where it lives.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    start: u64,
+    len: u64,
+    status: BlockStatus,
+    offset: Option<u64>,
+    depth: usize,
+}
+
+impl Run {
+    /// Whether `next` continues this run in status, layer and file offset (checked: a
+    /// malformed image may report any offset).
+    fn extended_by(&self, next: &Run) -> bool {
+        self.status == next.status
+            && self.depth == next.depth
+            && match (self.offset, next.offset) {
+                (Some(o), Some(n)) => o.checked_add(self.len) == Some(n),
+                (None, None) => true,
+                _ => false,
             }
+    }
+}
+
+/// Prints `map`'s runs as they come, merging adjacent equal ones: constant memory however
+/// many runs an image has.
+struct MapWriter<'a, W: std::io::Write> {
+    out: W,
+    img: &'a Image,
+    path: &'a Path,
+    json: bool,
+    /// The run being extended, not yet printed.
+    last: Option<Run>,
+    /// Runs printed so far.
+    written: u64,
+}
+
+impl<W: std::io::Write> MapWriter<'_, W> {
+    fn start(&mut self) -> Result<(), CliError> {
+        if self.json {
+            self.write("[")
+        } else {
+            let head = format!("{:<20}{:<20}{:<20}File\n", "Offset", "Length", "Mapped to");
+            self.write(&head)
         }
     }
-    Ok(0)
+
+    fn push(&mut self, run: Run) -> Result<(), CliError> {
+        match &mut self.last {
+            Some(last) if last.extended_by(&run) => last.len += run.len,
+            _ => {
+                if let Some(done) = self.last.replace(run) {
+                    self.emit(done)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<(), CliError> {
+        if let Some(done) = self.last.take() {
+            self.emit(done)?;
+        }
+        if self.json {
+            self.write("]\n")?;
+        }
+        self.out
+            .flush()
+            .map_err(|e| CliError::new(format!("writing the map failed: {e}")))
+    }
+
+    fn emit(&mut self, r: Run) -> Result<(), CliError> {
+        let line = if self.json {
+            let mut m = json!({
+                "start": r.start,
+                "length": r.len,
+                "depth": r.depth,
+                "present": r.status != BlockStatus::Unallocated,
+                "zero": r.status != BlockStatus::Data,
+                "data": r.status == BlockStatus::Data,
+                "compressed": false,
+            });
+            if let (Some(o), serde_json::Value::Object(map)) = (r.offset, &mut m) {
+                map.insert("offset".into(), json!(o));
+                let layer = self
+                    .img
+                    .chain
+                    .as_ref()
+                    .and_then(|c| c.layers().get(r.depth));
+                if let Some(l) = layer {
+                    map.insert("filename".into(), json!(l.path.display().to_string()));
+                }
+            }
+            let sep = if self.written == 0 { "" } else { "," };
+            format!("{sep}\n{m}")
+        } else if r.status == BlockStatus::Data {
+            let mapped = r.offset.map_or("-".to_string(), |o| format!("{o:#x}"));
+            format!(
+                "{:<20}{:<20}{:<20}{}\n",
+                format!("{:#x}", r.start),
+                format!("{:#x}", r.len),
+                mapped,
+                self.path.display()
+            )
+        } else {
+            String::new()
+        };
+        self.written += 1;
+        self.write(&line)
+    }
+
+    fn write(&mut self, s: &str) -> Result<(), CliError> {
+        self.out
+            .write_all(s.as_bytes())
+            .map_err(|e| CliError::new(format!("writing the map failed: {e}")))
+    }
 }
 
 pub fn pretty(v: &serde_json::Value) -> String {

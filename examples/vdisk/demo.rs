@@ -169,7 +169,10 @@ fn lineage_guard(dir: &Path) -> Result<String, CliError> {
                 msg.chars().take(110).collect::<String>() + "..."
             ))
         }
-        Err(e) => Err(CliError::new(format!("unexpected error: {e}"))),
+        Err(e) => Err(CliError::new(format!(
+            "unexpected error: {}",
+            crate::cause_chain(&e)
+        ))),
     }
 }
 

@@ -5,7 +5,7 @@
 //! vdisk create -f raw|vhd|vhdx [-o k=v,...] [-b PARENT] IMG [SIZE]
 //! vdisk convert [-f FMT] -O raw|vhd|vhdx [-o k=v,...] [-p] SRC DST
 //! vdisk compare A B                  exit 0 same, 1 different, 2 error
-//! vdisk check [-r] IMG               exit 0 clean, 2 corrupt
+//! vdisk check [-r [leaks|all]] IMG  exit 0 clean, 2 corrupt
 //! vdisk map --output json IMG
 //! vdisk rebase -u -b NEWPARENT [-f FMT] IMG   relink a child to its moved parent (no copy)
 //! vdisk io [-r] IMG -c CMD ...       read/write [-P byte] OFF LEN, write -z, discard, flush
@@ -17,6 +17,7 @@
 
 mod cmds;
 mod demo;
+mod guard;
 mod image;
 mod info;
 mod io_cmd;
@@ -112,7 +113,8 @@ enum Cmd {
     },
     /// Check an image's consistency (exit 0 clean).
     Check {
-        /// Repair what is safe to repair.
+        /// Repair what is safe to repair: `-r`, `-r leaks` or `-r all` (the same here: the
+        /// only repairs are replaying a VHDX log and rewriting a VHD footer copy).
         #[arg(short = 'r', num_args = 0..=1, default_missing_value = "all")]
         repair: Option<String>,
         /// Image format (detected if absent).
@@ -121,8 +123,8 @@ enum Cmd {
         /// Output format.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
-        /// Image file.
-        image: PathBuf,
+        /// Image file (optional here only so that `-r IMG` parses; required).
+        image: Option<PathBuf>,
     },
     /// Show which ranges hold data, zeros, or nothing.
     Map {
@@ -217,10 +219,26 @@ impl From<block_io::Error> for CliError {
 }
 
 impl From<chain::ChainError> for CliError {
-    /// The chain's own sentence (it names the image and the rule).
+    /// The chain's own sentence (it names the image and the rule), then every cause.
     fn from(e: chain::ChainError) -> Self {
-        CliError::new(e.to_string())
+        CliError::new(cause_chain(&e))
     }
+}
+
+/// An error and all its sources in one line: "cannot open a.vhdx: metadata: block size 0".
+/// A source whose text the message already holds is not repeated.
+pub fn cause_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
 }
 
 /// What every subcommand returns: the exit code on success.
@@ -282,12 +300,9 @@ fn main() -> ExitCode {
             format,
             output,
             image,
-        } => cmds::check(
-            &image,
-            format.as_deref(),
-            repair.is_some(),
-            output == Output::Json,
-        ),
+        } => cmds::check_repair_mode(repair, image).and_then(|(repair, image)| {
+            cmds::check(&image, format.as_deref(), repair, output == Output::Json)
+        }),
         Cmd::Map {
             output,
             format,

@@ -22,6 +22,7 @@ pub fn run(image: &Path, backing: &Path, format: Option<&str>, unsafe_: bool) ->
     // The link is written; say so if the parent path policy will not follow it.
     let check = chain_options(format, true)?;
     if let Err(e) = Disk::open(image, &check) {
+        let e = crate::cause_chain(&e);
         eprintln!(
             "vdisk: warning: {} was rebased, but opening it now fails: {e} \
              (set VDISK_PARENT_ROOTS to allow the parent's folder)",

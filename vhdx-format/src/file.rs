@@ -434,14 +434,13 @@ impl<S: Storage> VhdxFile<S> {
             total_blocks: self.geo.data_blocks,
             ..CheckReport::default()
         };
-        if self.log_was_dirty && !log_replayed {
-            if repair {
-                report
-                    .errors
-                    .push("the log needs replay: reopen writable to repair".into());
-            } else {
-                report.errors.push("the log is dirty (not replayed)".into());
-            }
+        // A dirty log that replays cleanly (the plan was validated at open) is the normal
+        // state after a crash, not corruption: `log_was_dirty` says so. Only a repair asked of
+        // a read-only handle, which cannot write the replay, is an error.
+        if self.log_was_dirty && !log_replayed && repair {
+            report
+                .errors
+                .push("the log needs replay: reopen writable to repair".into());
         }
         for b in 0..self.geo.data_blocks {
             let e = self.entry(b);
