@@ -238,23 +238,42 @@ impl BlkBackend {
 
     /// Drains `vring`: pops batches of chains, runs them, completes them. Returns how many
     /// chains it took.
+    ///
+    /// Guest memory changes under a running queue: with `CONFIGURE_MEM_SLOTS` the frontend
+    /// adds and removes regions (ADD_MEM_REG, REM_MEM_REG) whenever it likes, and uses an
+    /// added region as soon as the backend has acknowledged it. So each batch takes a fresh
+    /// snapshot of the guest memory, and only after reading the available index: any chain
+    /// published after an acknowledged ADD_MEM_REG is then resolved against memory that has
+    /// the new region (the handler swapped the memory before acknowledging; the driver
+    /// published after the acknowledgement; our acquire load of the index sees the
+    /// publication), and the batch takes no chain published after that load. A snapshot
+    /// keeps the regions it holds mapped until the batch is done, so a region removed
+    /// meanwhile is never unmapped under a request; chains popped after the removal no
+    /// longer find it and complete with IOERR (see [`request`](super::request)).
     fn drain(&self, vring: &VringRwLock, scratch: &mut Scratch) -> usize {
         let mut taken = 0;
-        let atomic = self.mem.read().clone();
-        let mem = atomic.memory();
         let t = target(&self.shared);
         loop {
+            let atomic = self.mem.read().clone();
             let mut chains = Vec::new();
-            {
+            let mem = {
                 let mut state = vring.get_mut();
                 let q = state.get_queue_mut();
-                while chains.len() < BATCH {
+                // A ring outside guest memory (its region removed) yields nothing until a
+                // kick after the region is back.
+                let Ok(avail) = q.avail_idx(&*atomic.memory(), Ordering::Acquire) else {
+                    return taken;
+                };
+                let mem = atomic.memory();
+                let ready = usize::from(avail.0.wrapping_sub(q.next_avail())).min(BATCH);
+                while chains.len() < ready {
                     match q.pop_descriptor_chain(mem.clone()) {
                         Some(c) => chains.push(c),
                         None => break,
                     }
                 }
-            }
+                mem
+            };
             if chains.is_empty() {
                 return taken;
             }
@@ -320,9 +339,16 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // libblkio (and through it QEMU's `blkio` driver) refuses a backend without REPLY_ACK,
+        // CONFIG and CONFIGURE_MEM_SLOTS: it hands over every buffer with ADD_MEM_REG and takes
+        // it back with REM_MEM_REG, while I/O runs. vhost-user-backend answers
+        // GET_MAX_MEM_SLOTS, ADD_MEM_REG and REM_MEM_REG by swapping the guest memory in the
+        // `GuestMemoryAtomic` this backend shares (see `update_memory`); requests take a fresh
+        // snapshot of it (see `drain`).
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
     fn set_event_idx(&self, enabled: bool) {

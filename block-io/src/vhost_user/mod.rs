@@ -16,6 +16,11 @@
 //!   match qemu-storage-daemon's for well-framed requests.
 //! - Each queue has a worker thread, plus an offload thread for big requests when the host has
 //!   more cores than queues.
+//! - Protocol features: MQ, CONFIG, REPLY_ACK and CONFIGURE_MEM_SLOTS (libblkio's
+//!   `virtio-blk-vhost-user` driver, and QEMU's `blkio` driver through it, require the last
+//!   three). With CONFIGURE_MEM_SLOTS the frontend adds and removes guest memory regions
+//!   (ADD_MEM_REG, REM_MEM_REG) while the queues run; each batch of requests is resolved
+//!   against the memory as it is when the batch is taken.
 //! - [`client`] is a frontend with its own guest memory (a memfd) and split virtqueues.
 //!
 //! ## Zero-copy, soundly

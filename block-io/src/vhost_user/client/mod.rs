@@ -6,6 +6,12 @@
 //! gets a 64 KiB ring area (split virtqueue, virtio 1.2 2.7: descriptor table, available ring,
 //! used ring) followed by its own data area. Requests are built as real descriptor chains;
 //! [`ClientQueue::send_raw`] writes arbitrary descriptors for malformed-request tests.
+//!
+//! When the backend offers `VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS` (with REPLY_ACK, as
+//! libblkio requires), memory can also be added and removed while queues run, as a VMM does on
+//! memory hot-plug and libblkio does for every buffer region: [`Client::add_mem_region`]
+//! (ADD_MEM_REG) and [`Client::remove_mem_region`] (REM_MEM_REG), each waiting for the
+//! backend's acknowledgement; [`ClientQueue::request_in`] places a request in such a region.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -13,7 +19,9 @@ use std::path::Path;
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -136,6 +144,7 @@ pub struct Client {
     frontend: Frontend,
     queues: Vec<Option<ClientQueue>>,
     features: u64,
+    protocol: VhostUserProtocolFeatures,
     config: BlkConfig,
     mem: GuestMemoryMmap,
 }
@@ -144,8 +153,49 @@ impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
             .field("features", &self.features)
+            .field("protocol", &self.protocol)
             .field("config", &self.config)
             .finish_non_exhaustive()
+    }
+}
+
+/// A guest memory region added to a running session by [`Client::add_mem_region`]: its own
+/// memfd, mapped at its guest address. The client keeps the mapping after
+/// [`Client::remove_mem_region`], so a test can still build requests that point into memory
+/// the backend no longer has.
+pub struct MemRegion {
+    mem: GuestMemoryMmap,
+    info: VhostUserMemoryRegionInfo,
+}
+
+impl std::fmt::Debug for MemRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemRegion")
+            .field("start", &self.info.guest_phys_addr)
+            .field("len", &self.info.memory_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemRegion {
+    /// The region as guest memory (only this region), for reading and writing its bytes.
+    pub fn mem(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Guest address of the region's first byte.
+    pub fn start(&self) -> u64 {
+        self.info.guest_phys_addr
+    }
+
+    /// Bytes in the region.
+    pub fn len(&self) -> u64 {
+        self.info.memory_size
+    }
+
+    /// Whether the region has no bytes (never, for a region the backend accepted).
+    pub fn is_empty(&self) -> bool {
+        self.info.memory_size == 0
     }
 }
 
@@ -192,11 +242,18 @@ impl Client {
         let features = offered & want;
         let proto = features & VHOST_USER_F_PROTOCOL_FEATURES != 0;
         let mut config = BlkConfig::default();
+        let mut protocol = VhostUserProtocolFeatures::empty();
         if proto {
             let pf = fe
                 .get_protocol_features()
                 .map_err(|e| vu_err("GET_PROTOCOL_FEATURES", e))?;
-            let pf = pf & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG);
+            // REPLY_ACK is only used (NEED_REPLY set) around memory slot changes.
+            let pf = pf
+                & (VhostUserProtocolFeatures::MQ
+                    | VhostUserProtocolFeatures::CONFIG
+                    | VhostUserProtocolFeatures::REPLY_ACK
+                    | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
+            protocol = pf;
             fe.set_protocol_features(pf)
                 .map_err(|e| vu_err("SET_PROTOCOL_FEATURES", e))?;
             if pf.contains(VhostUserProtocolFeatures::MQ) {
@@ -298,6 +355,7 @@ impl Client {
             frontend: fe,
             queues,
             features,
+            protocol,
             config,
             mem,
         })
@@ -306,6 +364,97 @@ impl Client {
     /// The negotiated virtio features.
     pub fn features(&self) -> u64 {
         self.features
+    }
+
+    /// The negotiated vhost-user protocol features (empty without
+    /// `VHOST_USER_F_PROTOCOL_FEATURES`).
+    pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        self.protocol
+    }
+
+    /// GET_MAX_MEM_SLOTS: how many memory regions the backend accepts.
+    pub fn max_mem_slots(&mut self) -> Result<u64> {
+        self.frontend
+            .get_max_mem_slots()
+            .map_err(|e| vu_err("GET_MAX_MEM_SLOTS", e))
+    }
+
+    /// ADD_MEM_REG: adds `len` bytes of fresh (zeroed) guest memory at guest address `gpa`,
+    /// while the queues run. Returns once the backend has acknowledged it, so requests may use
+    /// the region at once; a region the backend refuses (an overlap, no free slot) is an error.
+    /// Needs `CONFIGURE_MEM_SLOTS`.
+    pub fn add_mem_region(&mut self, gpa: u64, len: u64) -> Result<MemRegion> {
+        let size = usize::try_from(len)
+            .map_err(|_| Error::new(ErrorKind::InvalidInput, "region too large"))?;
+        let file = memfd(len)?;
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
+            GuestAddress(gpa),
+            size,
+            Some(FileOffset::new(file, 0)),
+        )])
+        .map_err(|e| vu_err("mapping guest memory", e))?;
+        let region = mem
+            .iter()
+            .next()
+            .ok_or_else(|| Error::new(ErrorKind::InvalidInput, "empty memory region"))?;
+        let info = VhostUserMemoryRegionInfo::from_guest_region(region)
+            .map_err(|e| vu_err("memory region", e))?;
+        self.acked(|fe| fe.add_mem_region(&info).map(|_| ()))
+            .map_err(|e| vu_err("ADD_MEM_REG", e))?;
+        Ok(MemRegion { mem, info })
+    }
+
+    /// REM_MEM_REG: removes a region added by [`Client::add_mem_region`] (or, to test a
+    /// hostile frontend, any region, such as the one holding the rings: see
+    /// [`Client::main_region`]); returns once the backend has acknowledged it.
+    pub fn remove_mem_region(&mut self, region: &MemRegion) -> Result<()> {
+        let info = region.info;
+        self.acked(|fe| fe.remove_mem_region(&info))
+            .map_err(|e| vu_err("REM_MEM_REG", e))
+    }
+
+    /// The memory set up at connect time (rings and data areas) as a [`MemRegion`], for
+    /// tests that remove it (as a hostile frontend may) and add it back with
+    /// [`Client::re_add_mem_region`].
+    pub fn main_region(&self) -> Result<MemRegion> {
+        let region = self
+            .mem
+            .iter()
+            .next()
+            .ok_or_else(|| Error::new(ErrorKind::InvalidInput, "no guest memory"))?;
+        let info = VhostUserMemoryRegionInfo::from_guest_region(region)
+            .map_err(|e| vu_err("memory region", e))?;
+        Ok(MemRegion {
+            mem: self.mem.clone(),
+            info,
+        })
+    }
+
+    /// ADD_MEM_REG of a region again (after [`Client::remove_mem_region`]), same memory, same
+    /// guest address.
+    pub fn re_add_mem_region(&mut self, region: &MemRegion) -> Result<()> {
+        let info = region.info;
+        self.acked(|fe| fe.add_mem_region(&info).map(|_| ()))
+            .map_err(|e| vu_err("ADD_MEM_REG", e))
+    }
+
+    /// Runs a memory-table change so that it has taken effect in the backend when this
+    /// returns: with REPLY_ACK the message asks for the acknowledgement; without it, a
+    /// GET_MAX_MEM_SLOTS round trip after it does (the backend handles messages in order).
+    fn acked(&mut self, op: impl FnOnce(&mut Frontend) -> vhost::Result<()>) -> vhost::Result<()> {
+        let ack = self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK);
+        if ack {
+            self.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        let r = op(&mut self.frontend);
+        if ack {
+            self.frontend.set_hdr_flags(VhostUserHeaderFlag::empty());
+        }
+        r?;
+        if !ack {
+            self.frontend.get_max_mem_slots()?;
+        }
+        Ok(())
     }
 
     /// The configuration space read at connect time.
@@ -513,6 +662,13 @@ impl ClientQueue {
         Ok(())
     }
 
+    /// Notifies the device whether or not it asked to be (a spurious kick is harmless): for
+    /// tests where the device could not read or update the ring's event index.
+    pub fn force_kick(&mut self) -> Result<()> {
+        self.kicked_avail = self.next_avail;
+        self.kick.write(1).map_err(|e| Error::io("kick", e))
+    }
+
     /// Builds a chain from `(guest address, length, device-writable)` buffers and publishes
     /// it; returns its head.
     pub fn submit(&mut self, bufs: &[(u64, u32, bool)]) -> Result<u16> {
@@ -655,20 +811,32 @@ impl ClientQueue {
     /// Sends a well-framed request and waits for its answer. Buffers are laid out in the
     /// queue's data area: header, device-readable data, device-writable data, status.
     pub fn request(&mut self, req: &Request) -> Result<Response> {
-        let hdr_at = self.data;
-        let out_at = hdr_at + 4096;
-        let in_at = (out_at + req.out.len() as u64).next_multiple_of(4096);
-        let status_at = in_at + u64::from(req.in_len);
+        let (_, _, status_at) = layout(self.data, req);
         if status_at + 1 > self.data + self.data_len {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
                 "request larger than the queue's data area",
             ));
         }
+        let m = self.mem.clone();
+        self.request_in(&m, self.data, req)
+    }
+
+    /// Like [`ClientQueue::request`], with the request's buffers laid out from guest address
+    /// `at` in `mem` (the same layout, 4 KiB aligned pieces) rather than in the queue's data
+    /// area: for regions added by [`Client::add_mem_region`], also after their removal.
+    pub fn request_in(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        at: u64,
+        req: &Request,
+    ) -> Result<Response> {
+        let hdr_at = at;
+        let (out_at, in_at, status_at) = layout(at, req);
         let mut hdr = [0u8; HEADER_LEN];
         hdr[0..4].copy_from_slice(&req.kind.to_le_bytes());
         hdr[8..16].copy_from_slice(&req.sector.to_le_bytes());
-        let m = self.mem.clone();
+        let m = mem;
         m.write_slice(&hdr, GuestAddress(hdr_at)).map_err(mem_err)?;
         m.write_slice(&req.out, GuestAddress(out_at))
             .map_err(mem_err)?;
@@ -754,6 +922,14 @@ impl ClientQueue {
         })?;
         Ok(r.status)
     }
+}
+
+/// Where a request laid out from `at` puts its device-readable data, its device-writable
+/// data and its status (the header is at `at`).
+fn layout(at: u64, req: &Request) -> (u64, u64, u64) {
+    let out_at = at + 4096;
+    let in_at = (out_at + req.out.len() as u64).next_multiple_of(4096);
+    (out_at, in_at, in_at + u64::from(req.in_len))
 }
 
 /// Appends `[at, at+len)` to `bufs` in pieces of at most `seg` bytes (0 = one piece).
