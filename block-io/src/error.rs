@@ -31,6 +31,9 @@ pub enum ErrorKind {
     Failed,
     /// The fault-injecting backend cut power; nothing more reaches its durable image.
     PowerCut,
+    /// Another user holds an image lock that conflicts with this open (QEMU's "Failed to get
+    /// \"write\" lock"); opening with the lock off (`-U`, force share) skips the locks.
+    Locked,
 }
 
 impl ErrorKind {
@@ -47,6 +50,7 @@ impl ErrorKind {
             ErrorKind::Corrupt => "corrupt image",
             ErrorKind::Failed => "device failed earlier",
             ErrorKind::PowerCut => "power cut",
+            ErrorKind::Locked => "image locked by another user",
         }
     }
 }

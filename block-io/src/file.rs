@@ -10,6 +10,10 @@
 //!   back to writing zeros where the file system cannot; [`extent`](Storage::extent) uses
 //!   `SEEK_DATA`/`SEEK_HOLE`.
 //! - [`sync_data`](Storage::sync_data) is `fdatasync`, never `File::flush` (which does nothing).
+//! - Image locks shared with QEMU (see [`LockMode`] and the `lock` module): a read-write open
+//!   holds the writer's OFD locks, a read-only open the reader's, so vdisk and QEMU exclude
+//!   each other the way two QEMU processes do. A truncating open takes the locks before it
+//!   empties the file, so creating over an image in use fails instead of destroying it.
 
 use std::fs::File;
 use std::io::{IoSlice, IoSliceMut};
@@ -20,6 +24,7 @@ use std::path::{Path, PathBuf};
 use parking_lot::Mutex;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::lock::{self, Perms};
 use crate::storage::{bounce_read_raw, bounce_write_raw, raw_total, Extent, RawBuf, Storage};
 
 /// Most iovecs handed to one `preadv`/`pwritev` (Linux's `IOV_MAX`).
@@ -56,6 +61,22 @@ impl std::ops::DerefMut for AlignedBuf {
     }
 }
 
+/// Whether a [`FileStorage`] takes image locks (QEMU's `file.locking` option).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LockMode {
+    /// Take and test QEMU's lock bytes (OFD locks), if the kernel has OFD locks. A read-write
+    /// open holds bytes 100, 101, 103 (consistent read, write, resize) and refuses to share
+    /// 201, 203 (write, resize), as QEMU does for a VHD/VHDX it opens read-write. A read-only
+    /// open holds 100 and refuses 201, 203 (QEMU's backing files, `qemu-img info` and
+    /// `qemu-io -r` on VHD/VHDX), or holds 100 alone with
+    /// [`share_writes`](OpenOptions::share_writes) (QEMU's read-only raw images and `-U`).
+    #[default]
+    Auto,
+    /// Neither take nor test any lock (QEMU's `file.locking=off`; what `vdisk -U`/
+    /// `--force-share` means). Nothing stops another process writing the image meanwhile.
+    Off,
+}
+
 /// How to open a [`FileStorage`].
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
@@ -64,6 +85,8 @@ pub struct OpenOptions {
     truncate: bool,
     direct: bool,
     alignment: Option<usize>,
+    lock: LockMode,
+    share_writes: bool,
 }
 
 impl OpenOptions {
@@ -96,6 +119,19 @@ impl OpenOptions {
         self.alignment = Some(bytes.max(1).next_power_of_two());
         self
     }
+    /// Image locks: [`LockMode::Auto`] (default) or [`LockMode::Off`].
+    pub fn lock(mut self, mode: LockMode) -> Self {
+        self.lock = mode;
+        self
+    }
+    /// Read-only opens only: let other processes write and resize the file while it is open
+    /// (hold only the consistent-read byte, as QEMU does for a read-only raw image). The
+    /// default refuses writers (as QEMU does for a backing file or a read-only VHD/VHDX) and
+    /// fails if one has the file open. A read-write open always refuses other writers.
+    pub fn share_writes(mut self, yes: bool) -> Self {
+        self.share_writes = yes;
+        self
+    }
 }
 
 /// A [`Storage`] on a host file.
@@ -107,17 +143,25 @@ pub struct FileStorage {
     /// `Some(alignment)` when opened with `O_DIRECT`.
     direct: Option<usize>,
     rmw: Mutex<()>,
+    /// The image locks this open file description holds ([`Perms::NONE`] when unlocked).
+    locks: Perms,
+    /// Whether image locks are in use (lock mode `Auto` and the kernel has OFD locks).
+    locking: bool,
 }
 
 impl FileStorage {
-    /// Opens `path` as `options` say.
+    /// Opens `path` as `options` say, taking its image locks (see [`LockMode`]). A lock
+    /// conflict is an [`ErrorKind::Locked`] error naming the permission, as QEMU words it:
+    /// `failed to get "write" lock: is another process using the image PATH?`.
     pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Self> {
         let path = path.as_ref();
         let mut o = std::fs::OpenOptions::new();
+        // Never O_TRUNC: the file is emptied only once its locks are ours (QEMU's
+        // raw_co_create: "Step one: Take locks", "Step two: Check", then truncate).
         o.read(true)
             .write(!options.read_only)
             .create(options.create && !options.read_only)
-            .truncate(options.truncate && !options.read_only);
+            .truncate(false);
         if options.direct {
             o.custom_flags(libc::O_DIRECT);
         }
@@ -129,18 +173,62 @@ impl FileStorage {
             };
             Error::io(format!("{what} {}", path.display()), e)
         })?;
-        Ok(FileStorage {
+        let locking = options.lock == LockMode::Auto && lock::ofd_supported(file.as_raw_fd());
+        let locks = match (locking, options.read_only, options.share_writes) {
+            (false, _, _) => Perms::NONE,
+            (true, false, _) => Perms::WRITER,
+            (true, true, false) => Perms::READER,
+            (true, true, true) => Perms::SHARING_READER,
+        };
+        // A conflict leaves nothing locked (`change` undoes what it took).
+        lock::change(file.as_raw_fd(), path, Perms::NONE, locks)?;
+        let storage = FileStorage {
             file,
             path: path.to_path_buf(),
             read_only: options.read_only,
             direct: options.direct.then(|| options.alignment.unwrap_or(512)),
             rmw: Mutex::new(()),
-        })
+            locks,
+            locking,
+        };
+        if options.truncate && !options.read_only {
+            storage
+                .file
+                .set_len(0)
+                .map_err(|e| storage.err("cannot truncate", 0, e))?;
+        }
+        Ok(storage)
     }
 
-    /// Creates (or truncates) `path` for reading and writing.
+    /// Creates (or truncates) `path` for reading and writing, with the writer's image locks
+    /// taken before an existing file is emptied.
     pub fn create(path: impl AsRef<Path>) -> Result<Self> {
         Self::open(path, &OpenOptions::new().create(true).truncate(true))
+    }
+
+    /// Read-only opens: switches between sharing writes and refusing writers (see
+    /// [`OpenOptions::share_writes`]) while open, as QEMU changes a node's permissions. Used
+    /// once the format is known: a read-only VHD/VHDX refuses writers, a raw image need not.
+    /// Refusing can fail with [`ErrorKind::Locked`] if a writer has the file open; the locks
+    /// are then as before. Does nothing for read-write opens or with [`LockMode::Off`].
+    pub fn set_share_writes(&mut self, yes: bool) -> Result<()> {
+        if !self.read_only || !self.locking {
+            return Ok(());
+        }
+        let new = if yes {
+            Perms::SHARING_READER
+        } else {
+            Perms::READER
+        };
+        lock::change(self.file.as_raw_fd(), &self.path, self.locks, new)?;
+        self.locks = new;
+        Ok(())
+    }
+
+    /// `true` if this open holds image locks (lock mode [`LockMode::Auto`] on a kernel with
+    /// OFD locks).
+    pub fn is_locked(&self) -> bool {
+        self.locking
     }
 
     /// The path this storage was opened from.
@@ -153,7 +241,9 @@ impl FileStorage {
         self.read_only
     }
 
-    /// The underlying file.
+    /// The underlying file. Its image locks belong to its open file description (closing
+    /// another descriptor of the same file does not drop them) and are released when this
+    /// storage is dropped, even if a `try_clone` of the file lives on.
     pub fn file(&self) -> &File {
         &self.file
     }
@@ -318,6 +408,19 @@ impl FileStorage {
             }
         }
         Ok(b)
+    }
+}
+
+impl Drop for FileStorage {
+    /// Unlocks before the descriptor closes, as QEMU drops a node's permissions before
+    /// closing it: the locks belong to the open file description, which a child process
+    /// forked by another thread may still share until it execs, and the image must be free
+    /// once this storage is gone.
+    fn drop(&mut self) {
+        if self.locking {
+            // Only unlocks; should one fail, closing the descriptor still releases it.
+            let _ = lock::change(self.file.as_raw_fd(), &self.path, self.locks, Perms::NONE);
+        }
     }
 }
 

@@ -2,9 +2,10 @@
 //!
 //! The foundation of the vdisk family. It owns:
 //! - [`Storage`], what an image file lives in (positional `&self` I/O, length, sync, holes), with
-//!   a file backend ([`FileStorage`]: pread/pwrite, optional `O_DIRECT`, hole punching), a sparse
-//!   memory backend ([`MemStorage`]) and a fault-injecting backend ([`FaultStorage`]) that keeps
-//!   live and durable bytes apart, cuts power at a chosen write or sync, and injects EIO/ENOSPC;
+//!   a file backend ([`FileStorage`]: pread/pwrite, optional `O_DIRECT`, hole punching, image
+//!   locks shared with QEMU, see [`LockMode`]), a sparse memory backend ([`MemStorage`]) and a
+//!   fault-injecting backend ([`FaultStorage`]) that keeps live and durable bytes apart, cuts
+//!   power at a chosen write or sync, and injects EIO/ENOSPC;
 //! - [`BlockDevice`], what a guest sees (a virtual disk), and [`RawDisk`], a raw image over any
 //!   `Storage`;
 //! - [`RangeLock`] (block-granular shared/exclusive locks), [`RateLimiter`] (token bucket) and
@@ -19,6 +20,7 @@ mod error;
 mod failstop;
 mod fault;
 mod file;
+mod lock;
 mod memory;
 mod rangelock;
 mod ratelimit;
@@ -34,7 +36,7 @@ pub use device::{
 pub use error::{Error, ErrorKind, Result};
 pub use failstop::FailStop;
 pub use fault::{CutPoint, FaultStorage, Injection, WriteFate};
-pub use file::{AlignedBuf, FileStorage, OpenOptions};
+pub use file::{AlignedBuf, FileStorage, LockMode, OpenOptions};
 pub use memory::MemStorage;
 pub use rangelock::{RangeGuard, RangeLock};
 pub use ratelimit::RateLimiter;

@@ -234,7 +234,9 @@ fn file_storage_holes_direct_and_bounds() {
         ErrorKind::OutOfRange
     );
 
-    // O_DIRECT with unaligned requests bounces and read-modify-writes.
+    // O_DIRECT with unaligned requests bounces and read-modify-writes. One writer at a time:
+    // the image lock refuses a second read-write open.
+    drop(s);
     let d = FileStorage::open(&path, &block_io::OpenOptions::new().direct(true)).unwrap();
     d.write_at(b"hello", 1000).unwrap();
     d.write_at(b"world", (8 << 20) - 5).unwrap();
@@ -252,7 +254,8 @@ fn file_storage_holes_direct_and_bounds() {
     assert_eq!(&all[(8 << 20) - 5..], b"worldgrow");
     assert!(all[..1000].iter().all(|&x| x == 0));
 
-    // Read-only refuses writes.
+    // Read-only refuses writes (opened once the writer is gone: it refuses to share writes).
+    drop(d);
     let r = FileStorage::open(&path, &block_io::OpenOptions::new().read_only(true)).unwrap();
     assert_eq!(r.write_at(b"x", 0).unwrap_err().kind(), ErrorKind::ReadOnly);
 }

@@ -21,12 +21,12 @@ use std::io::{IoSlice, IoSliceMut};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use block_io::{BlockDevice, BlockStatus, DiskInfo, RangeLock, Result, StatusRun};
+use block_io::{BlockDevice, BlockStatus, DiskInfo, LockMode, RangeLock, Result, StatusRun};
 
 use crate::cache::{ResolutionCache, ZEROS};
 use crate::detect::Format;
 use crate::error::ChainError;
-use crate::layer::{open_layer, Layer};
+use crate::layer::{open_layer_with, Layer, LayerOptions};
 use crate::policy::PathPolicy;
 
 /// How to open a chain.
@@ -44,6 +44,9 @@ pub struct OpenOptions {
     pub ignore_lineage: bool,
     /// Use `O_DIRECT` for every layer.
     pub direct: bool,
+    /// Image locks on every layer (default [`LockMode::Auto`]; [`LockMode::Off`] is
+    /// `-U`/force share). See [`open_layer_with`] for what each layer takes.
+    pub lock: LockMode,
 }
 
 impl Default for OpenOptions {
@@ -55,6 +58,7 @@ impl Default for OpenOptions {
             max_depth: 64,
             ignore_lineage: false,
             direct: false,
+            lock: LockMode::Auto,
         }
     }
 }
@@ -87,6 +91,11 @@ impl OpenOptions {
     /// Sets [`ignore_lineage`](Self::ignore_lineage).
     pub fn ignore_lineage(mut self, yes: bool) -> Self {
         self.ignore_lineage = yes;
+        self
+    }
+    /// Sets [`lock`](Self::lock).
+    pub fn lock(mut self, mode: LockMode) -> Self {
+        self.lock = mode;
         self
     }
 }
@@ -129,7 +138,13 @@ impl Disk {
     /// Opens `path` and its parents.
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Disk, ChainError> {
         let path = path.as_ref();
-        let top = open_layer(path, opts.format, opts.read_only, opts.direct)?;
+        let top_opts = LayerOptions {
+            read_only: opts.read_only,
+            direct: opts.direct,
+            lock: opts.lock,
+            parent: false,
+        };
+        let top = open_layer_with(path, opts.format, &top_opts)?;
         let mut seen: HashSet<(u64, u64)> = file_key(path).into_iter().collect();
         let mut layers = vec![top];
         let mut links = Vec::new();
@@ -160,7 +175,11 @@ impl Disk {
                     });
                 }
             }
-            let parent = open_layer(&parent_path, None, true, opts.direct)?;
+            let parent_opts = LayerOptions {
+                parent: true,
+                ..top_opts
+            };
+            let parent = open_layer_with(&parent_path, None, &parent_opts)?;
             check_geometry(child, &parent)?;
             let check = if link.expected.matches(&parent.identity) {
                 LinkCheck::Verified

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use block_io::{BlockDevice, FileStorage, RawDisk};
+use block_io::{BlockDevice, FileStorage, LockMode, RawDisk};
 use uuid::Uuid;
 
 use crate::detect::{detect, Format};
@@ -151,28 +151,73 @@ impl std::fmt::Debug for Layer {
     }
 }
 
-/// Opens one image (never its parents) by content, or as `format` if given.
+/// How to open one layer: see [`open_layer_with`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LayerOptions {
+    /// Open read-only.
+    pub read_only: bool,
+    /// Use `O_DIRECT`.
+    pub direct: bool,
+    /// Image locks ([`LockMode::Off`] is `-U`/force share: no locks taken or tested).
+    pub lock: LockMode,
+    /// The layer is a parent (backing file) of another: opened read-only, and refusing
+    /// writers whatever its format, for its children's data depends on it.
+    pub parent: bool,
+}
+
+/// Opens one image (never its parents) by content, or as `format` if given, with image locks
+/// on ([`LockMode::Auto`]) and as a top layer (see [`open_layer_with`]).
 pub fn open_layer(
     path: &Path,
     format: Option<Format>,
     read_only: bool,
     direct: bool,
 ) -> Result<Layer, ChainError> {
+    let opts = LayerOptions {
+        read_only,
+        direct,
+        ..LayerOptions::default()
+    };
+    open_layer_with(path, format, &opts)
+}
+
+/// Opens one image (never its parents) by content, or as `format` if given.
+///
+/// Image locks are QEMU's (see [`block_io::LockMode`]): a read-write layer holds the writer's
+/// locks; a read-only layer refuses writers if it is a parent (QEMU's backing files) or a
+/// VHD/VHDX (whose metadata must not change under a reader, as for `qemu-img info` and
+/// `qemu-io -r`), and shares writes if it is a raw top (as `qemu-io -r -f raw` does). A
+/// conflict is an [`ChainError::Open`] of kind [`block_io::ErrorKind::Locked`].
+pub fn open_layer_with(
+    path: &Path,
+    format: Option<Format>,
+    opts: &LayerOptions,
+) -> Result<Layer, ChainError> {
     let err = |source| ChainError::Open {
         path: path.to_path_buf(),
         source,
     };
-    let storage = FileStorage::open(
+    let read_only = opts.read_only || opts.parent;
+    // A read-only top shares writes until its format is known (QEMU likewise opens the file
+    // node before the format node asks for its permissions).
+    let mut storage = FileStorage::open(
         path,
         &block_io::OpenOptions::new()
             .read_only(read_only)
-            .direct(direct),
+            .direct(opts.direct)
+            .lock(opts.lock)
+            .share_writes(read_only && !opts.parent),
     )
     .map_err(err)?;
     let format = match format {
         Some(f) => f,
         None => detect(&storage).map_err(err)?,
     };
+    if read_only && !opts.parent && format != Format::Raw {
+        // bdrv_default_perms_for_storage: a format node never shares WRITE or RESIZE of the
+        // file holding its metadata.
+        storage.set_share_writes(false).map_err(err)?;
+    }
     let (dev, identity, parent): (Arc<dyn BlockDevice>, _, _) = match format {
         Format::Raw => (
             Arc::new(RawDisk::with_options(storage, 512, read_only).map_err(err)?),

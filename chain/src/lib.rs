@@ -9,6 +9,9 @@
 //!   parent's footer) is checked on open; a mismatch is [`ChainError::LineageMismatch`]
 //!   unless [`OpenOptions::ignore_lineage`] overrides it;
 //! - [`Disk`]: reads fall through the layers sector-exactly, writes go to the top.
+//! - image locks shared with QEMU on every layer ([`OpenOptions::lock`]): a writable top
+//!   excludes other writers, parents refuse writers while a child is open on them, and
+//!   [`block_io::LockMode::Off`] (`-U`, force share) skips them;
 //! - [`rebase`]: point a child at a moved or copied parent (same content, verified) by
 //!   rewriting only its parent locator.
 //!
@@ -34,6 +37,6 @@ mod rebase;
 pub use detect::{detect, Format};
 pub use disk::{Disk, LinkCheck, OpenOptions};
 pub use error::{braced, ChainError, Tried};
-pub use layer::{open_layer, Expected, Identity, Layer, ParentLink};
+pub use layer::{open_layer, open_layer_with, Expected, Identity, Layer, LayerOptions, ParentLink};
 pub use policy::{Candidate, PathPolicy};
 pub use rebase::{parent_paths, rebase, RebaseOptions};
