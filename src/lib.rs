@@ -9,7 +9,7 @@
 //! | [`vhdx_format`] | VHDX (fixed, dynamic, differencing layer, log) |
 //! | [`chain`] | format detection, parents, lineage |
 //! | [`meta_ops`] | online jobs (planned) |
-//! | [`offload_token`] | ODX-style offload tokens (planned) |
+//! | [`offload_token`] | ODX-style offload tokens: sealed 512-byte tokens, offload read/write, registry (provider-to-provider transfer planned) |
 //!
 //! ```
 //! use vdisk::block_io::{BlockDevice, MemStorage, RawDisk, Storage};

@@ -12,7 +12,7 @@
 use std::io::{IoSlice, IoSliceMut};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::storage::{bounce_in, bounce_out, raw_total, RawBuf, RAW_BOUNCE};
+use crate::storage::{bounce_in, bounce_out, raw_total, IoHandle, RawBuf, RAW_BOUNCE};
 
 /// Static facts about a [`BlockDevice`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +66,70 @@ pub struct StatusRun {
     pub len: u64,
     /// Where the run's data lies in the container file, when it is `Data` stored contiguously.
     pub file_offset: Option<u64>,
+}
+
+/// Where a piece of a request lives, as a device's in-memory tables say (see
+/// [`BlockDevice::map`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// `len` bytes at `file_offset` of the file `handle`.
+    File {
+        /// The file.
+        handle: IoHandle,
+        /// Where the bytes start in it.
+        file_offset: u64,
+        /// How many.
+        len: u64,
+    },
+    /// `len` bytes that read as zeros (never in a write's mapping).
+    Zero {
+        /// How many.
+        len: u64,
+    },
+    /// `len` bytes this layer does not hold: a differencing layer's parent supplies them.
+    /// Only a layer of a chain maps to this; a chain resolves it through its parents.
+    Parent {
+        /// How many.
+        len: u64,
+    },
+}
+
+impl Mapping {
+    /// The bytes the piece covers.
+    pub fn len(&self) -> u64 {
+        match *self {
+            Mapping::File { len, .. } | Mapping::Zero { len } | Mapping::Parent { len } => len,
+        }
+    }
+
+    /// Whether the piece covers nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Appends `m` to `out`, merging it into the last piece when it continues it.
+pub fn push_mapping(out: &mut Vec<Mapping>, m: Mapping) {
+    if m.is_empty() {
+        return;
+    }
+    match (out.last_mut(), m) {
+        (
+            Some(Mapping::File {
+                handle: h0,
+                file_offset: o0,
+                len: l0,
+            }),
+            Mapping::File {
+                handle,
+                file_offset,
+                len,
+            },
+        ) if *h0 == handle && o0.checked_add(*l0) == Some(file_offset) => *l0 += len,
+        (Some(Mapping::Zero { len: l0 }), Mapping::Zero { len }) => *l0 += len,
+        (Some(Mapping::Parent { len: l0 }), Mapping::Parent { len }) => *l0 += len,
+        _ => out.push(m),
+    }
 }
 
 /// A virtual disk.
@@ -145,6 +209,33 @@ pub trait BlockDevice: Send + Sync {
     /// The default is [`read_at`](Self::read_at).
     fn read_data_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.read_at(buf, offset)
+    }
+
+    /// Maps the request `[offset, offset+len)` to where its bytes live, from the device's
+    /// in-memory tables and without moving payload, appending the pieces to `out` in order,
+    /// so that an I/O engine ([`crate::engine`]) can move the bytes itself with many requests
+    /// in flight. Returns `Ok(true)` when `out` then covers the whole request and moving the
+    /// bytes is all the request needs; `Ok(false)` (the default) when it cannot be mapped so
+    /// (memory storage, data held in memory, and for a `write` anything that needs metadata:
+    /// an allocation, a bitmap update, the first write of a session): the caller uses
+    /// [`read_raw_at`](Self::read_raw_at)/[`write_raw_at`](Self::write_raw_at) instead.
+    /// `out` may hold a partial mapping after `Ok(false)`; the caller discards it.
+    ///
+    /// The request is checked as for [`read_at`](Self::read_at)/[`write_at`](Self::write_at).
+    /// A write mapping never holds [`Mapping::Zero`] or [`Mapping::Parent`]. The mapping stays
+    /// valid until the range is discarded or written with zeroes (which may release blocks):
+    /// callers must not overlap those with mapped I/O in flight, as a guest must not overlap
+    /// its own requests. A failed mapped write must be reported with
+    /// [`mapped_write_failed`](Self::mapped_write_failed).
+    fn map(&self, offset: u64, len: u64, write: bool, out: &mut Vec<Mapping>) -> Result<bool> {
+        let _ = (offset, len, write, out);
+        Ok(false)
+    }
+
+    /// Tells the device that a write it mapped failed, so that it refuses further writes as
+    /// it would after a failure of its own (fail-stop). The default does nothing.
+    fn mapped_write_failed(&self, err: &Error) {
+        let _ = err;
     }
 }
 
@@ -329,5 +420,11 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     }
     fn read_data_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         (**self).read_data_at(buf, offset)
+    }
+    fn map(&self, offset: u64, len: u64, write: bool, out: &mut Vec<Mapping>) -> Result<bool> {
+        (**self).map(offset, len, write, out)
+    }
+    fn mapped_write_failed(&self, err: &Error) {
+        (**self).mapped_write_failed(err)
     }
 }

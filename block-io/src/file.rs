@@ -425,6 +425,13 @@ impl Drop for FileStorage {
 }
 
 impl Storage for FileStorage {
+    fn io_handle(&self) -> Option<crate::storage::IoHandle> {
+        Some(crate::storage::IoHandle {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&self.file),
+            align: self.direct.unwrap_or(1),
+        })
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         if self.aligned(buf.as_ptr(), buf.len(), offset) {
             return self

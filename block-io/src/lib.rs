@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 mod device;
+pub mod engine;
 mod error;
 mod failstop;
 mod fault;
@@ -31,7 +32,7 @@ pub mod vhost_user;
 
 pub use device::{
     bounce_read_raw, bounce_read_vectored, bounce_write_raw, bounce_write_vectored, check_request,
-    read_bytes, write_bytes, BlockDevice, BlockStatus, DiskInfo, StatusRun,
+    push_mapping, read_bytes, write_bytes, BlockDevice, BlockStatus, DiskInfo, Mapping, StatusRun,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use failstop::FailStop;
@@ -41,4 +42,4 @@ pub use memory::MemStorage;
 pub use rangelock::{RangeGuard, RangeLock};
 pub use ratelimit::RateLimiter;
 pub use raw::RawDisk;
-pub use storage::{check_bounds, raw_slice, raw_total, Extent, RawBuf, Storage};
+pub use storage::{check_bounds, raw_slice, raw_total, Extent, IoHandle, RawBuf, Storage};

@@ -8,7 +8,9 @@
 
 use std::io::{IoSlice, IoSliceMut};
 
-use crate::device::{check_request, BlockDevice, BlockStatus, DiskInfo, StatusRun};
+use crate::device::{
+    check_request, push_mapping, BlockDevice, BlockStatus, DiskInfo, Mapping, StatusRun,
+};
 use crate::error::{Error, ErrorKind, Result};
 use crate::failstop::FailStop;
 use crate::storage::{raw_total, RawBuf, Storage};
@@ -86,6 +88,31 @@ impl<S: Storage> RawDisk<S> {
 impl<S: Storage> BlockDevice for RawDisk<S> {
     fn info(&self) -> DiskInfo {
         self.info.clone()
+    }
+
+    fn map(&self, offset: u64, len: u64, write: bool, out: &mut Vec<Mapping>) -> Result<bool> {
+        if write {
+            self.writing(offset, len)?;
+        } else {
+            check_request(&self.info, offset, len, false)?;
+        }
+        // One to one: the request's bytes are the file's bytes at the same offset.
+        let Some(handle) = self.storage.io_handle() else {
+            return Ok(false);
+        };
+        push_mapping(
+            out,
+            Mapping::File {
+                handle,
+                file_offset: offset,
+                len,
+            },
+        );
+        Ok(true)
+    }
+
+    fn mapped_write_failed(&self, err: &Error) {
+        self.fail.latch(err);
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {

@@ -218,6 +218,32 @@ pub struct Extent {
     pub len: u64,
 }
 
+/// The open file behind a [`Storage`], for an I/O engine that moves payload bytes itself
+/// (see [`crate::engine`]): its descriptor and the alignment its `O_DIRECT` mode needs of
+/// offsets, lengths and buffer addresses (1 without `O_DIRECT`).
+///
+/// The descriptor stays open as long as the storage lives; whoever uses it must keep the
+/// storage (or the device owning it) alive until its I/O completes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoHandle {
+    /// The file descriptor.
+    pub fd: std::os::unix::io::RawFd,
+    /// Required alignment in bytes (a power of two; 1 for none).
+    pub align: usize,
+}
+
+impl IoHandle {
+    /// Whether a transfer at `offset` of `bufs` meets this file's alignment.
+    pub fn admits(&self, offset: u64, bufs: &[RawBuf]) -> bool {
+        let a = self.align.max(1);
+        a == 1
+            || (offset % a as u64 == 0
+                && bufs
+                    .iter()
+                    .all(|b| b.len % a == 0 && (b.ptr as usize) % a == 0))
+    }
+}
+
 /// A flat, growable byte container with positional I/O.
 ///
 /// Reads must lie inside `[0, len)`: a read past the end is an [`ErrorKind::OutOfRange`] error,
@@ -256,6 +282,13 @@ pub trait Storage: Send + Sync {
             allocated: true,
             len: len.min(end.saturating_sub(offset)),
         })
+    }
+
+    /// The plain file behind this storage, when it is one, for an I/O engine to read and
+    /// write directly ([`IoHandle`]). `None` (the default) for memory, fault injection and
+    /// anything else whose bytes only its methods can reach: its callers use those methods.
+    fn io_handle(&self) -> Option<IoHandle> {
+        None
     }
 
     /// Scatter read: fills `bufs` in order from `offset`.
@@ -343,6 +376,9 @@ macro_rules! forward_storage {
             }
             fn extent(&self, offset: u64, len: u64) -> Result<Extent> {
                 (**self).extent(offset, len)
+            }
+            fn io_handle(&self) -> Option<IoHandle> {
+                (**self).io_handle()
             }
             fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
                 (**self).read_vectored_at(bufs, offset)

@@ -21,7 +21,10 @@ use std::io::{IoSlice, IoSliceMut};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use block_io::{BlockDevice, BlockStatus, DiskInfo, LockMode, RangeLock, Result, StatusRun};
+use block_io::{
+    push_mapping, BlockDevice, BlockStatus, DiskInfo, LockMode, Mapping, RangeLock, Result,
+    StatusRun,
+};
 
 use crate::cache::{ResolutionCache, ZEROS};
 use crate::detect::Format;
@@ -420,9 +423,63 @@ fn check_geometry(child: &Layer, parent: &Layer) -> Result<(), ChainError> {
     Ok(())
 }
 
+impl Disk {
+    /// Maps `[off, off+len)` for reading from layer `idx` down: each layer's own mapping,
+    /// its parent pieces resolved in the layer below, zeros below the last layer and past
+    /// the end of a parent smaller than its child. `false` when some layer cannot map.
+    fn map_from(&self, idx: usize, off: u64, len: u64, out: &mut Vec<Mapping>) -> Result<bool> {
+        let (Some(layer), Some(&size)) = (self.layers.get(idx), self.sizes.get(idx)) else {
+            push_mapping(out, Mapping::Zero { len });
+            return Ok(true);
+        };
+        let inside = if off >= size { 0 } else { len.min(size - off) };
+        if inside > 0 {
+            let mut own = Vec::new();
+            if !layer.dev.map(off, inside, false, &mut own)? {
+                return Ok(false);
+            }
+            let mut pos = off;
+            for m in own {
+                match m {
+                    Mapping::Parent { len: n } => {
+                        if !self.map_from(idx + 1, pos, n, out)? {
+                            return Ok(false);
+                        }
+                    }
+                    other => push_mapping(out, other),
+                }
+                pos += m.len();
+            }
+        }
+        if inside < len {
+            push_mapping(out, Mapping::Zero { len: len - inside });
+        }
+        Ok(true)
+    }
+}
+
 impl BlockDevice for Disk {
     fn info(&self) -> DiskInfo {
         self.info.clone()
+    }
+
+    /// Reads map through the layers (a piece the top lacks maps in its parent, and so on);
+    /// writes map in the top when it can take them without metadata changes and without
+    /// widening (a VHD differencing top rewrites whole 4 KiB groups under a range lock that
+    /// mapped writes would bypass).
+    fn map(&self, offset: u64, len: u64, write: bool, out: &mut Vec<Mapping>) -> Result<bool> {
+        block_io::check_request(&self.info, offset, len, write)?;
+        if write {
+            if self.widen.is_some() {
+                return Ok(false);
+            }
+            return self.top().map(offset, len, true, out);
+        }
+        self.map_from(0, offset, len, out)
+    }
+
+    fn mapped_write_failed(&self, err: &block_io::Error) {
+        self.top().mapped_write_failed(err);
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {

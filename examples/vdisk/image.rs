@@ -39,9 +39,36 @@ pub fn chain_options(format: Option<&str>, read_only: bool) -> Result<OpenOption
     Ok(o)
 }
 
+/// How a verb opens an image.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Access {
+    /// Open the top read-only (parents always are).
+    pub read_only: bool,
+    /// `O_DIRECT` on every layer (`-t none`, `--cache none`).
+    pub direct: bool,
+    /// No image locks (qemu-img's `-U`/`--force-share`).
+    pub force_share: bool,
+}
+
 /// Opens `path` with its parents, detecting the format by content unless `format` names it.
 pub fn open(path: &Path, format: Option<&str>, read_only: bool) -> Result<Image, CliError> {
-    let opts = chain_options(format, read_only)?;
+    open_with(
+        path,
+        format,
+        &Access {
+            read_only,
+            ..Access::default()
+        },
+    )
+}
+
+/// [`open`] with the cache mode and locking asked.
+pub fn open_with(path: &Path, format: Option<&str>, access: &Access) -> Result<Image, CliError> {
+    let mut opts = chain_options(format, access.read_only)?;
+    opts.direct = access.direct;
+    if access.force_share {
+        opts.lock = block_io::LockMode::Off;
+    }
     let disk = Disk::open(path, &opts)?;
     let format = disk.layers()[0].format;
     let disk = Arc::new(disk);
@@ -187,7 +214,7 @@ fn create_vhdx(
             "log_size" => o.log_size = u32_size(k, v)?,
             "block_state_zero" => o.block_state_zero = parse_bool(k, v)?,
             "logical_sector_size" => o.logical_sector_size = u32_size(k, v)?,
-            "physical_sector_size" => o.physical_sector_size = u32_size(k, v)?,
+            "physical_sector_size" => o.physical_sector_size = Some(u32_size(k, v)?),
             _ => return Err(unknown("VHDX", k)),
         }
     }

@@ -9,12 +9,17 @@
 //! vdisk map --output json IMG
 //! vdisk rebase -u -b NEWPARENT [-f FMT] IMG   relink a child to its moved parent (no copy)
 //! vdisk io [-r] IMG -c CMD ...       read/write [-P byte] OFF LEN, write -z, discard, flush
+//! vdisk token read|write|inspect ...  ODX-style offload tokens on local images
 //! vdisk demo                         a guided tour in a temporary folder
-//! vdisk serve --socket PATH [--queues N] [--read-only] IMG   vhost-user-blk until SIGINT/SIGTERM
+//! vdisk serve --socket PATH [--queues N] [--read-only] [--cache none|writeback]
+//!             [--aio io_uring|threads|sync] [-U] IMG   vhost-user-blk until SIGINT/SIGTERM
+//! vdisk bench [-c N] [-d N] [-s SIZE] [-S STEP] [-o OFF] [-w] [--pattern B] [-t none|writeback]
+//!             [-i io_uring|threads] IMG      qemu-img bench's workload through the I/O engine
 //! ```
 //! Errors go to stderr as one sentence, with a non-zero exit.
 #![allow(clippy::print_stdout)]
 
+mod bench;
 mod cmds;
 mod demo;
 mod guard;
@@ -24,6 +29,7 @@ mod io_cmd;
 mod rebase;
 mod serve;
 mod size;
+mod token;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -162,6 +168,16 @@ enum Cmd {
         /// Refuse writes (the guest sees a read-only disk).
         #[arg(long)]
         read_only: bool,
+        /// Cache mode: none (O_DIRECT on every layer) or writeback (the page cache).
+        #[arg(long, default_value = "writeback")]
+        cache: String,
+        /// How each queue runs its reads and writes: io_uring or threads (many in flight
+        /// either way), or sync (one at a time on the queue's thread).
+        #[arg(long, default_value = "io_uring")]
+        aio: String,
+        /// Open without image locks (as qemu-img -U); only when nothing else writes it.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         /// Image file.
         image: PathBuf,
     },
@@ -179,6 +195,10 @@ enum Cmd {
         /// The differencing image to rebase.
         image: PathBuf,
     },
+    /// Measure I/O on an image as qemu-img bench does (same flags), through the I/O engine.
+    Bench(bench::BenchArgs),
+    /// Offload tokens (ODX): mint, redeem, inspect.
+    Token(token::TokenArgs),
     /// A guided tour of the family in a temporary folder.
     Demo {
         /// Keep the temporary folder and print its path.
@@ -247,6 +267,12 @@ pub type CliResult = Result<u8, CliError>;
 use vdisk::{block_io, chain};
 
 fn main() -> ExitCode {
+    // Like other Unix tools, end quietly when the reader of our output goes away
+    // (`vdisk map IMG | head`) instead of panicking in println!.
+    // SAFETY: restoring the default action of a signal; no handler runs Rust code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Info {
@@ -321,12 +347,27 @@ fn main() -> ExitCode {
             image,
         } => rebase::run(&image, &backing, format.as_deref(), unsafe_),
         Cmd::Demo { keep } => demo::run(keep),
+        Cmd::Bench(args) => bench::run(args),
+        Cmd::Token(args) => token::run(args),
         Cmd::Serve {
             socket,
             queues,
             read_only,
+            cache,
+            aio,
+            force_share,
             image,
-        } => serve::run(&image, &socket, queues, read_only),
+        } => serve::run(
+            &image,
+            &socket,
+            queues,
+            &serve::Mode {
+                read_only,
+                cache,
+                aio,
+                force_share,
+            },
+        ),
     };
     match result {
         Ok(code) => ExitCode::from(code),

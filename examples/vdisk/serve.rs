@@ -11,9 +11,34 @@ use vdisk::block_io::vhost_user::{ServerOptions, VhostUserBlkServer};
 
 use crate::{CliError, CliResult};
 
+/// How `serve` opens and runs the disk.
+#[derive(Debug)]
+pub struct Mode {
+    pub read_only: bool,
+    /// `none` or `writeback`.
+    pub cache: String,
+    /// `io_uring`, `threads` or `sync`.
+    pub aio: String,
+    pub force_share: bool,
+}
+
 /// Serves `image` on the unix socket `socket` with `queues` request queues.
-pub fn run(image: &Path, socket: &Path, queues: u16, read_only: bool) -> CliResult {
-    let img = crate::image::open(image, None, read_only)?;
+pub fn run(image: &Path, socket: &Path, queues: u16, mode: &Mode) -> CliResult {
+    let direct = crate::bench::parse_cache(&mode.cache)?;
+    let aio = match mode.aio.as_str() {
+        "sync" => None,
+        name => Some(crate::bench::parse_aio(name)?),
+    };
+    let read_only = mode.read_only;
+    let img = crate::image::open_with(
+        image,
+        None,
+        &crate::image::Access {
+            read_only,
+            direct,
+            force_share: mode.force_share,
+        },
+    )?;
     let dev = img.dev.clone();
     let info = dev.info();
     let serial = info
@@ -23,6 +48,7 @@ pub fn run(image: &Path, socket: &Path, queues: u16, read_only: bool) -> CliResu
     let opts = ServerOptions {
         num_queues: queues,
         serial,
+        aio,
         ..ServerOptions::default()
     };
     let mut signals = Signals::new([SIGINT, SIGTERM])
@@ -38,13 +64,15 @@ pub fn run(image: &Path, socket: &Path, queues: u16, read_only: bool) -> CliResu
         sig
     });
     eprintln!(
-        "vdisk: serving {} ({}, {} bytes{}) on {} with {} queue(s)",
+        "vdisk: serving {} ({}, {} bytes{}) on {} with {} queue(s), cache={}, aio={}",
         image.display(),
         img.format.name(),
         info.virtual_size,
         if info.read_only { ", read-only" } else { "" },
         socket.display(),
-        queues
+        queues,
+        if direct { "none" } else { "writeback" },
+        mode.aio
     );
     let served = server.serve();
     signal_handle.close();

@@ -28,8 +28,8 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use block_io::{
-    check_request, BlockDevice, BlockStatus, DiskInfo, Error, ErrorKind, FailStop, Result,
-    StatusRun, Storage,
+    check_request, push_mapping, BlockDevice, BlockStatus, DiskInfo, Error, ErrorKind, FailStop,
+    Mapping, Result, StatusRun, Storage,
 };
 use parking_lot::Mutex;
 
@@ -421,6 +421,100 @@ impl<S: Storage> VhdFile<S> {
         check_request(&self.info(), off, len, true)?;
         self.failstop.check()
     }
+
+    /// [`BlockDevice::map`]: a fixed disk maps one to one; a dynamic disk maps allocated
+    /// blocks to their data (for a differencing layer, sector runs through the bitmap, absent
+    /// ones to the parent) and, for reads, unallocated blocks to zeros (or the parent). A
+    /// write maps only where no bitmap or BAT changes: allocated blocks, and in a differencing
+    /// layer only sectors already present. Data past the footer (a block cut short by a
+    /// crash, which reads as zeros) does not map.
+    fn map_inner(
+        &self,
+        offset: u64,
+        len: u64,
+        write: bool,
+        out: &mut Vec<Mapping>,
+    ) -> Result<bool> {
+        if write {
+            self.check_write(offset, len)?;
+        } else {
+            check_request(&self.info(), offset, len, false)?;
+        }
+        let Some(handle) = self.storage.io_handle() else {
+            return Ok(false);
+        };
+        let Some(d) = &self.dynamic else {
+            push_mapping(
+                out,
+                Mapping::File {
+                    handle,
+                    file_offset: offset,
+                    len,
+                },
+            );
+            return Ok(true);
+        };
+        let end_of_data = *self.alloc.lock();
+        let diff = self.is_diff();
+        let mut ok = true;
+        self.for_each_piece(offset, len, |b, within, _, n| {
+            if !ok {
+                return Ok(());
+            }
+            let n = n as u64;
+            let Some(data) = self.data_offset(d, b) else {
+                if write {
+                    ok = false;
+                } else if diff {
+                    push_mapping(out, Mapping::Parent { len: n });
+                } else {
+                    push_mapping(out, Mapping::Zero { len: n });
+                }
+                return Ok(());
+            };
+            if data + within + n > end_of_data {
+                ok = false;
+                return Ok(());
+            }
+            let file = |at: u64, len: u64| Mapping::File {
+                handle,
+                file_offset: data + at,
+                len,
+            };
+            if !diff {
+                push_mapping(out, file(within, n));
+                return Ok(());
+            }
+            let s0 = (within / 512) as usize;
+            let s1 = s0 + (n / 512) as usize;
+            if write {
+                if self.with_bitmap(d, b, |bm| Ok(bat::all_set(bm, s0, s1)))? {
+                    push_mapping(out, file(within, n));
+                } else {
+                    ok = false;
+                }
+                return Ok(());
+            }
+            let mut s = s0;
+            while s < s1 {
+                let (present, run) =
+                    self.with_bitmap(d, b, |bm| Ok((bat::bit(bm, s), bat::run_len(bm, s, s1))))?;
+                let run = run.max(1);
+                let (at, len) = (s as u64 * 512, run as u64 * 512);
+                push_mapping(
+                    out,
+                    if present {
+                        file(at, len)
+                    } else {
+                        Mapping::Parent { len }
+                    },
+                );
+                s += run;
+            }
+            Ok(())
+        })?;
+        Ok(ok)
+    }
 }
 
 impl<S: Storage> BlockDevice for VhdFile<S> {
@@ -443,6 +537,14 @@ impl<S: Storage> BlockDevice for VhdFile<S> {
     /// that the range is present); unallocated ones read as zeros.
     fn read_data_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.read_layer(buf, offset, false)
+    }
+
+    fn map(&self, offset: u64, len: u64, write: bool, out: &mut Vec<Mapping>) -> Result<bool> {
+        self.map_inner(offset, len, write, out)
+    }
+
+    fn mapped_write_failed(&self, err: &Error) {
+        self.failstop.latch(err);
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {

@@ -29,7 +29,8 @@ use vmm_sys_util::event::{
 use crate::device::{BlockDevice, DiskInfo};
 
 use super::config::{device_features, BlkConfig, CONFIG_LEN};
-use super::request::{process, Desc, Target, ID_LEN};
+use super::request::{prepare, process, Desc, IoRequest, Prepared, Target, ID_LEN};
+use crate::engine::{Aio, DeviceQueue, Engine, Started};
 
 /// Requests popped from a ring under one lock acquisition.
 const BATCH: usize = 64;
@@ -45,6 +46,9 @@ pub(crate) struct Shared {
     pub num_queues: usize,
     pub queue_size: usize,
     pub id: [u8; ID_LEN],
+    /// The I/O engine each queue runs its reads and writes on; `None`: one at a time on the
+    /// queue's thread.
+    pub aio: Option<Aio>,
 }
 
 impl Shared {
@@ -53,6 +57,7 @@ impl Shared {
         num_queues: u16,
         queue_size: u16,
         serial: &str,
+        aio: Option<Aio>,
     ) -> Self {
         let info = dev.info();
         let mut id = [0u8; ID_LEN];
@@ -66,14 +71,39 @@ impl Shared {
             id,
             info,
             dev,
+            aio,
         }
     }
 }
 
-/// Per-worker scratch space, reused across requests, and the queue's offload thread.
+/// A read or write in flight on a queue's engine: what completing it needs.
+struct IoToken {
+    vring: VringRwLock,
+    head: u16,
+    io: IoRequest,
+    /// The guest memory snapshot the request's buffers point into, kept mapped until then.
+    mem: Arc<GuestMemoryMmap>,
+}
+
+// SAFETY: the token's raw pointers point into guest memory that `mem` keeps mapped; a token
+// only moves with the queue state it belongs to (behind that queue's mutex) and its pointers
+// are only handed to the kernel by that queue's engine.
+unsafe impl Send for IoToken {}
+
+/// `device_event` of every queue's engine eventfd (above the queues and the exit event).
+pub(crate) fn engine_event(num_queues: usize) -> u16 {
+    u16::try_from(num_queues + 1).unwrap_or(u16::MAX)
+}
+
+/// Per-worker scratch space, reused across requests, the queue's engine and its offload
+/// thread.
 #[derive(Default)]
 struct Scratch {
     descs: Vec<Desc>,
+    /// Reads and writes in flight on the queue's engine (`None`: synchronous).
+    queue: Option<DeviceQueue<IoToken>>,
+    /// Completions reaped from it, reused.
+    reaped: Vec<(IoToken, crate::Result<()>)>,
     /// Where big requests are sent to run on the queue's offload thread (started on the first
     /// big request; `None` before that, or if it could not be started).
     offload: Option<mpsc::Sender<Job>>,
@@ -159,6 +189,13 @@ fn complete(vring: &VringRwLock, head: u16, used: u32) {
     }
 }
 
+/// Completes a read or write that ran on the engine.
+fn finish_io(tok: IoToken, r: crate::Result<()>, in_flight: &InFlight) {
+    let used = tok.io.finish(&tok.mem, r);
+    complete(&tok.vring, tok.head, used);
+    in_flight.finish();
+}
+
 /// The offload thread of one queue: runs the jobs it is sent until every sender is gone.
 fn offload_loop(shared: Arc<Shared>, in_flight: Arc<InFlight>, jobs: mpsc::Receiver<Job>) {
     let t = target(&shared);
@@ -187,8 +224,19 @@ pub(crate) struct BlkBackend {
 
 impl BlkBackend {
     pub(crate) fn new(shared: Arc<Shared>, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> Self {
+        let depth = u32::try_from(shared.queue_size).unwrap_or(1024).min(256);
         let scratch = (0..shared.num_queues)
-            .map(|_| Mutex::new(Scratch::default()))
+            .map(|_| {
+                let queue = shared.aio.and_then(|aio| {
+                    Engine::new_or_fallback(aio, depth)
+                        .ok()
+                        .map(|e| DeviceQueue::new(shared.dev.clone(), e))
+                });
+                Mutex::new(Scratch {
+                    queue,
+                    ..Scratch::default()
+                })
+            })
             .collect();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         BlkBackend {
@@ -200,11 +248,27 @@ impl BlkBackend {
         }
     }
 
-    /// Ends the offload threads once they have completed what they were sent. Called after
-    /// the queue workers are gone, so that nothing of this connection runs afterwards.
+    /// The eventfd of queue `i`'s engine, if it has one (to register with that queue's epoll
+    /// handler under [`engine_event`]).
+    pub(crate) fn engine_fd(&self, i: usize) -> Option<std::os::unix::io::RawFd> {
+        self.scratch
+            .get(i)
+            .and_then(|s| s.lock().queue.as_ref().map(|q| q.event_fd()))
+    }
+
+    /// Ends the offload threads once they have completed what they were sent, and waits for
+    /// the engines' requests. Called after the queue workers are gone, so that nothing of
+    /// this connection runs afterwards.
     pub(crate) fn shutdown(&self) {
         for s in self.scratch.iter() {
             let mut s = s.lock();
+            let s = &mut *s;
+            if let Some(q) = s.queue.as_mut() {
+                let _ = q.drain(&mut s.reaped);
+                for (tok, r) in s.reaped.drain(..) {
+                    finish_io(tok, r, &s.in_flight);
+                }
+            }
             // Its only sender gone, the thread's loop ends after the jobs already sent.
             s.offload = None;
             if let Some(h) = s.offload_thread.take() {
@@ -315,9 +379,51 @@ impl BlkBackend {
                         }
                     }
                 }
+                if let Some(q) = scratch.queue.as_mut() {
+                    match prepare(&mem, &scratch.descs, &t) {
+                        Prepared::Done(used) => complete(vring, head, used),
+                        Prepared::Io(io) => {
+                            let (write, offset) = (io.write, io.offset);
+                            let bufs = io.bufs().to_vec();
+                            let tok = IoToken {
+                                vring: vring.clone(),
+                                head,
+                                io,
+                                mem: mem.clone().into_inner(),
+                            };
+                            scratch.in_flight.start();
+                            // SAFETY: the buffers point into guest memory that the token's
+                            // snapshot keeps mapped and its guards keep valid until the
+                            // request completes (the queue holds the token until then).
+                            match unsafe { q.start(write, offset, &bufs, tok) } {
+                                Started::Queued => {}
+                                Started::Done(tok, r) => finish_io(tok, r, &scratch.in_flight),
+                            }
+                        }
+                    }
+                    continue;
+                }
                 let used = process(&mem, &scratch.descs, &t);
                 complete(vring, head, used);
             }
+            // One system call for the batch's reads and writes.
+            if let Some(q) = scratch.queue.as_mut() {
+                if let Err(e) = q.commit() {
+                    // The ring itself failed: what is queued stays queued for the next try.
+                    let _ = e;
+                }
+            }
+        }
+    }
+
+    /// Completes what the queue's engine has finished.
+    fn reap(&self, scratch: &mut Scratch) {
+        let Some(q) = scratch.queue.as_mut() else {
+            return;
+        };
+        let _ = q.reap(&mut scratch.reaped);
+        for (tok, r) in scratch.reaped.drain(..) {
+            finish_io(tok, r, &scratch.in_flight);
         }
     }
 }
@@ -383,8 +489,10 @@ impl VhostUserBackend for BlkBackend {
         // more; wait until it has completed what it popped, so the base reported to the
         // frontend counts no request that would never complete.
         // Requests handed to the offload thread count too.
+        // The scratch lock is not held while waiting: the worker takes it to reap.
         if let Some(s) = self.scratch.get(queue_index as usize) {
-            s.lock().in_flight.wait_idle();
+            let in_flight = s.lock().in_flight.clone();
+            in_flight.wait_idle();
         }
         Ok(())
     }
@@ -402,6 +510,12 @@ impl VhostUserBackend for BlkBackend {
     ) -> io::Result<()> {
         // Errors returned here would end the worker thread: guest mistakes never do.
         if evset != EventSet::IN {
+            return Ok(());
+        }
+        if device_event == engine_event(self.shared.num_queues) {
+            if let Some(s) = self.scratch.get(thread_id) {
+                self.reap(&mut s.lock());
+            }
             return Ok(());
         }
         let Some(vring) = vrings.get(usize::from(device_event)) else {

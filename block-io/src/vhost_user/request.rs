@@ -197,6 +197,82 @@ impl RawList {
 /// Runs the request made of `descs` and returns the used length to report (0 when the chain
 /// has no place for a status byte).
 pub(crate) fn process(mem: &GuestMemoryMmap, descs: &[Desc], target: &Target<'_>) -> u32 {
+    match prepare(mem, descs, target) {
+        Prepared::Done(used) => used,
+        Prepared::Io(io) => {
+            let r = io.run_sync(target.dev);
+            io.finish(mem, r)
+        }
+    }
+}
+
+/// A request parsed and checked: either finished, or a read or write whose data phase is
+/// still to run (by the caller: synchronously, or on an I/O engine).
+pub(crate) enum Prepared {
+    /// Finished, status written: the used length to report.
+    Done(u32),
+    /// A read or write to run, then [`IoRequest::finish`].
+    Io(IoRequest),
+}
+
+/// The data phase of an IN or OUT request: host pointers into guest memory, with the guards
+/// that keep them mapped, and where its status goes.
+pub(crate) struct IoRequest {
+    /// OUT (the device reads guest memory) rather than IN.
+    pub write: bool,
+    /// Byte offset on the disk.
+    pub offset: u64,
+    list: RawList,
+    status_addr: GuestAddress,
+    used: u32,
+}
+
+impl IoRequest {
+    /// The guest buffers of the data phase.
+    pub(crate) fn bufs(&self) -> &[RawBuf] {
+        &self.list.bufs
+    }
+
+    /// Runs the data phase with the device's synchronous raw methods.
+    pub(crate) fn run_sync(&self, dev: &dyn BlockDevice) -> crate::Result<()> {
+        // SAFETY: every RawBuf lies inside a VolatileSlice that `get_slices` checked to be in
+        // guest memory with the permission the direction needs; the memory snapshot the
+        // caller holds keeps the mappings alive, and so do the guards in `list`. Guest memory
+        // is shared with the guest and the buffers may alias each other: that is exactly what
+        // `RawBuf` allows, as its implementations never make Rust references to it (the
+        // kernel reads or writes it, or `ptr::copy` does). `write_raw_at` only reads its
+        // buffers, so a guest changing them meanwhile only changes what gets written, as on
+        // real hardware.
+        unsafe {
+            if self.write {
+                dev.write_raw_at(&self.list.bufs, self.offset)
+            } else {
+                dev.read_raw_at(&self.list.bufs, self.offset)
+            }
+        }
+    }
+
+    /// Writes the status for `result` and returns the used length to report. `mem` is the
+    /// snapshot the request was prepared with.
+    pub(crate) fn finish(self, mem: &GuestMemoryMmap, result: crate::Result<()>) -> u32 {
+        let status = status_of(result);
+        // Checked when prepared; an error now means the memory went away, nothing to report.
+        let _ = mem.write_obj(status, self.status_addr);
+        drop(self.list);
+        self.used
+    }
+}
+
+/// What [`run`] decided.
+enum Outcome {
+    /// The status to write.
+    Status(u8),
+    /// A data phase to run: (OUT, byte offset, buffers).
+    Io(bool, u64, RawList),
+}
+
+/// Parses and checks the request made of `descs`; runs it unless it is a read or write.
+pub(crate) fn prepare(mem: &GuestMemoryMmap, descs: &[Desc], target: &Target<'_>) -> Prepared {
     // 2.7.4.2: device-writable descriptors come after every device-readable one.
     let split = descs.iter().position(|d| d.writable).unwrap_or(descs.len());
     let (readable, writable) = descs.split_at(split);
@@ -213,17 +289,17 @@ pub(crate) fn process(mem: &GuestMemoryMmap, descs: &[Desc], target: &Target<'_>
         .find(|d| d.writable)
         .filter(|d| d.len > 0)
     else {
-        return 0;
+        return Prepared::Done(0);
     };
     let Some(status_addr) = last.addr.0.checked_add(u64::from(last.len) - 1) else {
-        return 0;
+        return Prepared::Done(0);
     };
     let status_addr = GuestAddress(status_addr);
     let status_ok = mem
         .get_slices(status_addr, 1, Permissions::Write)
         .is_ok_and(|mut it| it.all(|s| s.is_ok()));
     if !status_ok {
-        return 0;
+        return Prepared::Done(0);
     }
     let used = u32::try_from(total_w).unwrap_or(u32::MAX);
     // The header and data are read before anything is written to the guest, as QEMU does:
@@ -231,16 +307,33 @@ pub(crate) fn process(mem: &GuestMemoryMmap, descs: &[Desc], target: &Target<'_>
     let status = if misordered {
         VIRTIO_BLK_S_IOERR
     } else {
-        run(mem, readable, writable, target).unwrap_or(VIRTIO_BLK_S_IOERR)
+        match run(mem, readable, writable, target) {
+            Some(Outcome::Status(s)) => s,
+            Some(Outcome::Io(write, offset, list)) => {
+                return Prepared::Io(IoRequest {
+                    write,
+                    offset,
+                    list,
+                    status_addr,
+                    used,
+                })
+            }
+            None => VIRTIO_BLK_S_IOERR,
+        }
     };
     // The address was checked above; an error now means the memory went away, nothing to
     // report to.
     let _ = mem.write_obj(status, status_addr);
-    used
+    Prepared::Done(used)
 }
 
-/// Parses and runs a well-framed request; `None` means IOERR.
-fn run(mem: &GuestMemoryMmap, readable: &[Desc], writable: &[Desc], t: &Target<'_>) -> Option<u8> {
+/// Parses a well-framed request and runs it unless it is a read or write; `None` means IOERR.
+fn run(
+    mem: &GuestMemoryMmap,
+    readable: &[Desc],
+    writable: &[Desc],
+    t: &Target<'_>,
+) -> Option<Outcome> {
     let rd = SgList::new(mem, readable, Permissions::Read)?;
     let wr = SgList::new(mem, writable, Permissions::Write)?;
     if rd.len < HEADER_LEN as u64 {
@@ -255,13 +348,13 @@ fn run(mem: &GuestMemoryMmap, readable: &[Desc], writable: &[Desc], t: &Target<'
     let out_len = rd.len - HEADER_LEN as u64;
     // The status byte is not data.
     let in_len = wr.len - 1;
-    Some(match kind {
+    Some(Outcome::Status(match kind {
         VIRTIO_BLK_T_IN => {
             if out_len != 0 {
                 // Data the guest wants read must be device-writable.
                 return None;
             }
-            transfer(t, &wr, 0, in_len, sector, true)
+            return Some(transfer(t, &wr, 0, in_len, sector, true));
         }
         VIRTIO_BLK_T_OUT => {
             if t.read_only {
@@ -271,7 +364,7 @@ fn run(mem: &GuestMemoryMmap, readable: &[Desc], writable: &[Desc], t: &Target<'
                 // Data the guest wants written must be device-readable.
                 return None;
             }
-            transfer(t, &rd, HEADER_LEN as u64, out_len, sector, false)
+            return Some(transfer(t, &rd, HEADER_LEN as u64, out_len, sector, false));
         }
         VIRTIO_BLK_T_FLUSH => status_of(t.dev.flush()),
         VIRTIO_BLK_T_GET_ID => {
@@ -286,7 +379,7 @@ fn run(mem: &GuestMemoryMmap, readable: &[Desc], writable: &[Desc], t: &Target<'
             discard_write_zeroes(t, &rd, out_len, kind)
         }
         _ => VIRTIO_BLK_S_UNSUPP,
-    })
+    }))
 }
 
 /// QEMU's `virtio_blk_sect_range_ok`: whole 512-byte sectors, not too big, aligned to the
@@ -303,17 +396,25 @@ fn range_ok(t: &Target<'_>, sector: u64, bytes: u64) -> bool {
 }
 
 /// The data phase of an IN request (`inbound`: the device writes `len` bytes of guest memory
-/// from `pos` of `sg`) or an OUT request (it reads them), at `sector`.
-fn transfer(t: &Target<'_>, sg: &SgList<'_>, pos: u64, len: u64, sector: u64, inbound: bool) -> u8 {
+/// from `pos` of `sg`) or an OUT request (it reads them), at `sector`: checked, and turned
+/// into host pointers for the caller to run.
+fn transfer(
+    t: &Target<'_>,
+    sg: &SgList<'_>,
+    pos: u64,
+    len: u64,
+    sector: u64,
+    inbound: bool,
+) -> Outcome {
     if !range_ok(t, sector, len) {
-        return VIRTIO_BLK_S_IOERR;
+        return Outcome::Status(VIRTIO_BLK_S_IOERR);
     }
     if len == 0 {
-        return VIRTIO_BLK_S_OK;
+        return Outcome::Status(VIRTIO_BLK_S_OK);
     }
     // range_ok bounds `len` by MAX_RW_BYTES, so it fits a usize.
     let Ok(n) = usize::try_from(len) else {
-        return VIRTIO_BLK_S_IOERR;
+        return Outcome::Status(VIRTIO_BLK_S_IOERR);
     };
     let l = if inbound {
         sg.raw_mut(pos, n)
@@ -321,25 +422,9 @@ fn transfer(t: &Target<'_>, sg: &SgList<'_>, pos: u64, len: u64, sector: u64, in
         sg.raw(pos, n)
     };
     if l.len() != len {
-        return VIRTIO_BLK_S_IOERR;
+        return Outcome::Status(VIRTIO_BLK_S_IOERR);
     }
-    // SAFETY: every RawBuf lies inside a VolatileSlice that `get_slices` checked to be in
-    // guest memory with the permission the direction needs (`sg` was built with it); `mem`
-    // (borrowed by `sg` for the whole call, and held by the worker as a load guard) keeps the
-    // mappings alive, and so do the guards in `l` until it drops after the call. Guest memory
-    // is shared with the guest and the buffers may alias each other: that is exactly what
-    // `RawBuf` allows, as its implementations never make Rust references to it (the kernel
-    // reads or writes it, or `ptr::copy` does). `write_raw_at` only reads its buffers, so a
-    // guest changing them meanwhile only changes what gets written, as on real hardware.
-    let r = unsafe {
-        if inbound {
-            t.dev.read_raw_at(&l.bufs, sector * SECTOR)
-        } else {
-            t.dev.write_raw_at(&l.bufs, sector * SECTOR)
-        }
-    };
-    drop(l);
-    status_of(r)
+    Outcome::Io(!inbound, sector * SECTOR, l)
 }
 
 /// OK for success, IOERR for any error.

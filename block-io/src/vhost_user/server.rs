@@ -20,7 +20,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::device::BlockDevice;
 use crate::error::{Error, ErrorKind, Result};
 
-use super::backend::{BlkBackend, Shared};
+use super::backend::{engine_event, BlkBackend, Shared};
+use crate::engine::Aio;
 
 /// Options of a [`VhostUserBlkServer`].
 #[derive(Debug, Clone)]
@@ -31,6 +32,10 @@ pub struct ServerOptions {
     pub queue_size: u16,
     /// The GET_ID answer (at most 20 bytes are used).
     pub serial: String,
+    /// The I/O engine running each queue's reads and writes with many in flight
+    /// (`Some(Aio::IoUring)` by default, falling back to threads where io_uring is refused);
+    /// `None` runs them one at a time on the queue's thread.
+    pub aio: Option<Aio>,
 }
 
 impl Default for ServerOptions {
@@ -39,6 +44,7 @@ impl Default for ServerOptions {
             num_queues: 1,
             queue_size: 1024,
             serial: "vdisk".to_string(),
+            aio: Some(Aio::IoUring),
         }
     }
 }
@@ -136,6 +142,7 @@ impl VhostUserBlkServer {
                 opts.num_queues,
                 opts.queue_size,
                 &opts.serial,
+                opts.aio,
             )),
             listener,
             stop: StopHandle {
@@ -200,6 +207,14 @@ impl VhostUserBlkServer {
         let backend = BlkBackend::new(self.shared.clone(), mem.clone());
         let mut daemon = VhostUserDaemon::new("vhost-user-blk".to_string(), backend.clone(), mem)
             .map_err(|e| io_err("cannot start the queue workers", e))?;
+        // Each queue's worker also waits for its engine's completions.
+        for (i, h) in daemon.get_epoll_handlers().iter().enumerate() {
+            if let Some(fd) = backend.engine_fd(i) {
+                let ev = u64::from(engine_event(self.shared.num_queues));
+                h.register_listener(fd, EventSet::IN, ev)
+                    .map_err(|e| io_err("cannot watch the I/O engine", e))?;
+            }
+        }
         daemon
             .start(&mut self.listener)
             .map_err(|e| io_err("cannot accept a frontend", e))?;

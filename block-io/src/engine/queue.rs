@@ -1,0 +1,288 @@
+//! [`DeviceQueue`]: block requests of one [`BlockDevice`] run on an [`Engine`]. Each request
+//! is mapped ([`BlockDevice::map`]) to file pieces, which go to the engine with every other
+//! request's in flight; zero pieces are filled at once; a request the device cannot map
+//! (an allocating write, memory storage, an unaligned `O_DIRECT` transfer) runs through the
+//! device's own synchronous raw methods instead. A request completes when its last piece
+//! does, with the first error of any piece.
+
+use std::os::unix::io::RawFd;
+use std::sync::Arc;
+
+use super::{Completion, Engine, Op, OpKind};
+use crate::device::{BlockDevice, Mapping};
+use crate::error::{Error, Result};
+use crate::storage::{raw_slice, raw_total, RawBuf};
+
+/// A request in flight: the caller's token, pieces left, the first error.
+struct Req<T> {
+    token: T,
+    left: usize,
+    err: Option<Error>,
+    write: bool,
+}
+
+/// How [`DeviceQueue::start`] left a request.
+#[derive(Debug)]
+pub enum Started<T> {
+    /// In the engine: its completion comes from [`DeviceQueue::reap`].
+    Queued,
+    /// Already finished (nothing to move, done synchronously, or refused).
+    Done(T, Result<()>),
+}
+
+/// Requests of one device in flight on one engine (owned by one thread, like the engine).
+pub struct DeviceQueue<T> {
+    engine: Engine,
+    dev: Arc<dyn BlockDevice>,
+    reqs: Vec<Option<Req<T>>>,
+    free: Vec<usize>,
+    live: usize,
+    maps: Vec<Mapping>,
+    done: Vec<Completion>,
+    /// Requests that were mapped and went to the engine, and those that fell back.
+    stats: QueueStats,
+}
+
+/// Counts of how requests ran (for benchmarks and tests).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Requests whose pieces went to the engine.
+    pub mapped: u64,
+    /// Requests that ran through the device's synchronous methods.
+    pub fallback: u64,
+}
+
+impl<T> std::fmt::Debug for DeviceQueue<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceQueue")
+            .field("engine", &self.engine)
+            .field("in_flight", &self.live)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl<T> DeviceQueue<T> {
+    /// Requests of `dev` on `engine`.
+    pub fn new(dev: Arc<dyn BlockDevice>, engine: Engine) -> Self {
+        DeviceQueue {
+            engine,
+            dev,
+            reqs: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            maps: Vec::new(),
+            done: Vec::new(),
+            stats: QueueStats::default(),
+        }
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.dev
+    }
+
+    /// The engine's event fd (readable when completions wait to be reaped).
+    pub fn event_fd(&self) -> RawFd {
+        self.engine.event_fd()
+    }
+
+    /// Requests started and not yet reaped.
+    pub fn in_flight(&self) -> usize {
+        self.live
+    }
+
+    /// How requests ran so far.
+    pub fn stats(&self) -> QueueStats {
+        self.stats
+    }
+
+    /// Starts reading (`write == false`) into or writing from the concatenation of `bufs` at
+    /// `offset` of the device. Nothing reaches the kernel before [`commit`](Self::commit).
+    ///
+    /// # Safety
+    /// Every buffer must stay valid (for a read, writable) for its length until the request's
+    /// completion is reaped or returned as [`Started::Done`]. It may be shared memory that
+    /// changes meanwhile (see [`RawBuf`]).
+    pub unsafe fn start(
+        &mut self,
+        write: bool,
+        offset: u64,
+        bufs: &[RawBuf],
+        token: T,
+    ) -> Started<T> {
+        let len = match raw_total(bufs) {
+            Ok(n) => n,
+            Err(e) => return Started::Done(token, Err(e)),
+        };
+        self.maps.clear();
+        let mapped = match self.dev.map(offset, len, write, &mut self.maps) {
+            Ok(m) => m,
+            Err(e) => return Started::Done(token, Err(e)),
+        };
+        if !mapped || !self.engine_can_take(bufs, len) {
+            self.stats.fallback += 1;
+            // SAFETY: forwarded caller contract (valid until we return).
+            let r = unsafe {
+                if write {
+                    self.dev.write_raw_at(bufs, offset)
+                } else {
+                    self.dev.read_raw_at(bufs, offset)
+                }
+            };
+            return Started::Done(token, r);
+        }
+        self.stats.mapped += 1;
+        let idx = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.reqs.push(None);
+                self.reqs.len() - 1
+            }
+        };
+        let mut req = Req {
+            token,
+            left: 0,
+            err: None,
+            write,
+        };
+        let mut pos = 0u64;
+        for m in &self.maps {
+            let n = m.len();
+            match *m {
+                Mapping::File {
+                    handle,
+                    file_offset,
+                    ..
+                } => {
+                    let op = Op {
+                        kind: if write { OpKind::Write } else { OpKind::Read },
+                        fd: handle.fd,
+                        offset: file_offset,
+                        bufs: raw_slice(bufs, pos, n as usize),
+                        tag: idx as u64,
+                    };
+                    // SAFETY: the pieces lie inside the caller's buffers, valid until the
+                    // request completes; the device (holding the fd open) lives in `self`,
+                    // which waits for every op before it drops.
+                    match unsafe { self.engine.submit(op) } {
+                        Ok(()) => req.left += 1,
+                        Err(e) => {
+                            req.err.get_or_insert(e);
+                            break;
+                        }
+                    }
+                }
+                Mapping::Zero { .. } => {
+                    for b in raw_slice(bufs, pos, n as usize) {
+                        // SAFETY: inside the caller's buffer, valid for writes (a read's
+                        // buffer); no reference to it is formed.
+                        unsafe { std::ptr::write_bytes(b.ptr, 0, b.len) };
+                    }
+                }
+                // Checked by engine_can_take.
+                Mapping::Parent { .. } => {}
+            }
+            pos += n;
+        }
+        if req.left == 0 {
+            self.free.push(idx);
+            let r = req.err.map_or(Ok(()), Err);
+            if write {
+                if let Err(e) = &r {
+                    self.dev.mapped_write_failed(e);
+                }
+            }
+            return Started::Done(req.token, r);
+        }
+        self.reqs[idx] = Some(req);
+        self.live += 1;
+        Started::Queued
+    }
+
+    /// Whether the mapping in `self.maps` covers `len` bytes of `bufs` with pieces the engine
+    /// can move: no parent pieces, and every file piece aligned as its file needs.
+    fn engine_can_take(&self, bufs: &[RawBuf], len: u64) -> bool {
+        let mut pos = 0u64;
+        for m in &self.maps {
+            match *m {
+                Mapping::Parent { .. } => return false,
+                Mapping::File {
+                    handle,
+                    file_offset,
+                    len: n,
+                } => {
+                    let Ok(n_usize) = usize::try_from(n) else {
+                        return false;
+                    };
+                    if !handle.admits(file_offset, &raw_slice(bufs, pos, n_usize)) {
+                        return false;
+                    }
+                }
+                Mapping::Zero { .. } => {}
+            }
+            pos += m.len();
+        }
+        pos == len
+    }
+
+    /// Hands every started request's pieces to the kernel (or the engine's threads).
+    pub fn commit(&mut self) -> Result<()> {
+        self.engine.commit()
+    }
+
+    /// Moves every finished request into `out` as (token, result), without blocking.
+    pub fn reap(&mut self, out: &mut Vec<(T, Result<()>)>) -> Result<()> {
+        let mut done = std::mem::take(&mut self.done);
+        let r = self.engine.reap(&mut done);
+        for c in done.drain(..) {
+            let idx = c.tag as usize;
+            let Some(req) = self.reqs.get_mut(idx).and_then(|r| r.as_mut()) else {
+                continue;
+            };
+            req.left -= 1;
+            if let Err(e) = c.result {
+                if req.write {
+                    self.dev.mapped_write_failed(&e);
+                }
+                req.err.get_or_insert(e);
+            }
+            if req.left == 0 {
+                if let Some(req) = self.reqs[idx].take() {
+                    self.free.push(idx);
+                    self.live -= 1;
+                    out.push((req.token, req.err.map_or(Ok(()), Err)));
+                }
+            }
+        }
+        self.done = done;
+        r
+    }
+
+    /// Commits, then blocks until at least one request can be reaped (at once when none is
+    /// in flight).
+    pub fn wait(&mut self) -> Result<()> {
+        if self.live == 0 {
+            return Ok(());
+        }
+        self.engine.wait()
+    }
+
+    /// Waits for every request in flight and returns them (for shutting down).
+    pub fn drain(&mut self, out: &mut Vec<(T, Result<()>)>) -> Result<()> {
+        while self.live > 0 {
+            self.wait()?;
+            self.reap(out)?;
+        }
+        Ok(())
+    }
+}
+
+impl<T> Drop for DeviceQueue<T> {
+    fn drop(&mut self) {
+        // The kernel may still write into the requests' memory: wait for all of it. An engine
+        // that cannot wait any more (its ring failed) leaves nothing else to do.
+        let mut out = Vec::new();
+        let _ = self.drain(&mut out);
+    }
+}

@@ -1,0 +1,308 @@
+//! The engine against a real file, on both backends: many ops in flight with scattered
+//! buffers, short files, bad descriptors, and sync coalescing.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+
+use rand::{Rng, SeedableRng};
+
+use std::sync::Arc;
+
+use super::*;
+
+/// The backends this machine has (io_uring may be refused by a sandbox: then only threads,
+/// said loudly).
+fn engines(depth: u32) -> Vec<Engine> {
+    let mut v = vec![Engine::new(Aio::Threads, depth).unwrap()];
+    match Engine::new(Aio::IoUring, depth) {
+        Ok(e) => v.push(e),
+        Err(e) => eprintln!("!!! io_uring unavailable here ({e}); testing threads only !!!"),
+    }
+    v
+}
+
+fn buf(v: &mut [u8]) -> RawBuf {
+    RawBuf {
+        ptr: v.as_mut_ptr(),
+        len: v.len(),
+    }
+}
+
+#[test]
+fn many_scattered_ops_in_flight_match_a_model() {
+    for mut e in engines(16) {
+        let f = tempfile::tempfile().unwrap();
+        let size = 4u64 << 20;
+        f.set_len(size).unwrap();
+        let mut model = vec![0u8; size as usize];
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        for round in 0..8 {
+            // 64 non-overlapping writes of 1..4 buffers each, all in flight at once.
+            let mut datas: Vec<Vec<Vec<u8>>> = Vec::new();
+            let mut ops = Vec::new();
+            for i in 0..64u64 {
+                let off = i * (size / 64) + rng.random_range(0..8) * 512;
+                let pieces: Vec<Vec<u8>> = (0..rng.random_range(1..4))
+                    .map(|_| {
+                        let n = rng.random_range(1..8) * 512;
+                        (0..n).map(|_| rng.random()).collect()
+                    })
+                    .collect();
+                let mut pos = off as usize;
+                for p in &pieces {
+                    model[pos..pos + p.len()].copy_from_slice(p);
+                    pos += p.len();
+                }
+                datas.push(pieces);
+                ops.push((off, datas.len() - 1));
+            }
+            let ops: Vec<Op> = ops
+                .into_iter()
+                .map(|(off, d)| Op {
+                    kind: OpKind::Write,
+                    fd: f.as_raw_fd(),
+                    offset: off,
+                    bufs: datas[d].iter_mut().map(|p| buf(p)).collect(),
+                    tag: off,
+                })
+                .collect();
+            // SAFETY: the buffers live in `datas` until `run` returns.
+            unsafe { e.run(ops) }.unwrap();
+            // Read it all back in scattered pieces, in flight together.
+            let mut back = vec![0u8; size as usize];
+            let ops: Vec<Op> = back
+                .chunks_mut(size as usize / 32)
+                .enumerate()
+                .map(|(i, c)| {
+                    let (a, b) = c.split_at_mut(c.len() / 3);
+                    Op {
+                        kind: OpKind::Read,
+                        fd: f.as_raw_fd(),
+                        offset: (i * (size as usize / 32)) as u64,
+                        bufs: vec![buf(a), buf(b)],
+                        tag: i as u64,
+                    }
+                })
+                .collect();
+            // SAFETY: `back` outlives the call.
+            unsafe { e.run(ops) }.unwrap();
+            assert!(back == model, "{:?} round {round}", e.aio());
+        }
+        assert_eq!(e.in_flight(), 0);
+    }
+}
+
+#[test]
+fn completions_carry_tags_and_whole_lengths() {
+    for mut e in engines(4) {
+        let f = tempfile::tempfile().unwrap();
+        f.write_all_at(&[9u8; 8192], 0).unwrap();
+        let mut a = vec![0u8; 4096];
+        let mut b = vec![0u8; 4096];
+        for (tag, v, off) in [(11u64, &mut a, 0u64), (22, &mut b, 4096)] {
+            // SAFETY: `a` and `b` outlive the reaping below.
+            unsafe {
+                e.submit(Op {
+                    kind: OpKind::Read,
+                    fd: f.as_raw_fd(),
+                    offset: off,
+                    bufs: vec![buf(v)],
+                    tag,
+                })
+            }
+            .unwrap();
+        }
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            e.wait().unwrap();
+            e.reap(&mut got).unwrap();
+        }
+        got.sort_by_key(|c| c.tag);
+        assert_eq!(got[0].tag, 11);
+        assert_eq!(got[1].tag, 22);
+        assert!(got.iter().all(|c| matches!(c.result, Ok(4096))));
+        assert!(a.iter().chain(b.iter()).all(|&x| x == 9));
+    }
+}
+
+#[test]
+fn errors_complete_instead_of_panicking() {
+    for mut e in engines(4) {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(4096).unwrap();
+        let mut v = vec![0u8; 8192];
+        // Past the end of the file: a short read, then nothing: an error, not a hang.
+        let r = unsafe {
+            e.run(vec![Op {
+                kind: OpKind::Read,
+                fd: f.as_raw_fd(),
+                offset: 0,
+                bufs: vec![buf(&mut v)],
+                tag: 1,
+            }])
+        };
+        assert!(r.unwrap_err().to_string().contains("end of the file"));
+        // A closed descriptor.
+        let r = unsafe {
+            e.run(vec![Op {
+                kind: OpKind::Write,
+                fd: -1,
+                offset: 0,
+                bufs: vec![buf(&mut v)],
+                tag: 2,
+            }])
+        };
+        assert!(r.is_err());
+        // An offset no file can hold is refused at submit.
+        let r = unsafe {
+            e.submit(Op {
+                kind: OpKind::Read,
+                fd: f.as_raw_fd(),
+                offset: u64::MAX - 10,
+                bufs: vec![buf(&mut v)],
+                tag: 3,
+            })
+        };
+        assert!(r.is_err());
+        assert_eq!(e.in_flight(), 0);
+    }
+}
+
+#[test]
+fn syncs_coalesce_until_a_write_completes() {
+    for mut e in engines(8) {
+        let f = tempfile::tempfile().unwrap();
+        let sync = |tag| Op {
+            kind: OpKind::Sync,
+            fd: f.as_raw_fd(),
+            offset: 0,
+            bufs: Vec::new(),
+            tag,
+        };
+        // Three syncs submitted together: one reaches the backend, all three complete.
+        for t in 1..=3 {
+            unsafe { e.submit(sync(t)) }.unwrap();
+        }
+        assert_eq!(e.in_flight(), 3);
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            e.wait().unwrap();
+            e.reap(&mut got).unwrap();
+        }
+        let mut tags: Vec<u64> = got.iter().map(|c| c.tag).collect();
+        tags.sort();
+        assert_eq!(tags, [1, 2, 3]);
+        assert!(got.iter().all(|c| c.result.is_ok()));
+        assert_eq!(e.in_flight(), 0);
+        assert!(e.syncs.is_empty());
+    }
+}
+
+/// A plain file as a `Storage` with an `IoHandle`, as `FileStorage` is.
+struct PlainFile(std::fs::File);
+
+impl crate::Storage for PlainFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        Ok(self.0.read_exact_at(buf, offset)?)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        Ok(self.0.write_all_at(buf, offset)?)
+    }
+    fn len(&self) -> Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+    fn set_len(&self, len: u64) -> Result<()> {
+        Ok(self.0.set_len(len)?)
+    }
+    fn sync_data(&self) -> Result<()> {
+        Ok(self.0.sync_data()?)
+    }
+    fn punch_hole(&self, _offset: u64, _len: u64) -> Result<()> {
+        Ok(())
+    }
+    fn io_handle(&self) -> Option<crate::IoHandle> {
+        Some(crate::IoHandle {
+            fd: self.0.as_raw_fd(),
+            align: 1,
+        })
+    }
+}
+
+#[test]
+fn device_queue_runs_mapped_and_fallback_requests_against_a_model() {
+    use crate::{BlockDevice, MemStorage, RawDisk, Storage};
+    let size = 1u64 << 20;
+    for aio in [Aio::Threads, Aio::IoUring] {
+        let Ok(engine) = Engine::new(aio, 32) else {
+            eprintln!("!!! {aio:?} unavailable; skipped !!!");
+            continue;
+        };
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(size).unwrap();
+        let file: Arc<dyn BlockDevice> = Arc::new(RawDisk::new(PlainFile(f)).unwrap());
+        let m = MemStorage::new();
+        m.set_len(size).unwrap();
+        let mem: Arc<dyn BlockDevice> = Arc::new(RawDisk::new(m).unwrap());
+        let (mut qf, mut qm) = (
+            DeviceQueue::new(file.clone(), engine),
+            DeviceQueue::new(mem.clone(), Engine::new(Aio::Threads, 4).unwrap()),
+        );
+        let mut model = vec![0u8; size as usize];
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for _ in 0..20 {
+            // 32 non-overlapping writes then 32 reads, all in flight, on both queues.
+            let mut bufs: Vec<(u64, Vec<u8>)> = (0..32u64)
+                .map(|i| {
+                    let off = i * (size / 32) + rng.random_range(0..16) * 512;
+                    let data: Vec<u8> = (0..rng.random_range(1..9) * 512)
+                        .map(|_| rng.random())
+                        .collect();
+                    model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+                    (off, data)
+                })
+                .collect();
+            for q in [&mut qf, &mut qm] {
+                let mut done = Vec::new();
+                for (i, (off, d)) in bufs.iter_mut().enumerate() {
+                    // SAFETY: `bufs` outlives the draining below.
+                    match unsafe { q.start(true, *off, &[buf(d)], i) } {
+                        Started::Queued => {}
+                        Started::Done(t, r) => done.push((t, r)),
+                    }
+                }
+                q.commit().unwrap();
+                q.drain(&mut done).unwrap();
+                assert_eq!(done.len(), 32);
+                assert!(done.iter().all(|(_, r)| r.is_ok()));
+                let mut back = vec![0u8; size as usize];
+                let mut done = Vec::new();
+                for (i, c) in back.chunks_mut(size as usize / 32).enumerate() {
+                    let off = (i * c.len()) as u64;
+                    // SAFETY: `back` outlives the draining below.
+                    match unsafe { q.start(false, off, &[buf(c)], i) } {
+                        Started::Queued => {}
+                        Started::Done(t, r) => done.push((t, r)),
+                    }
+                }
+                q.commit().unwrap();
+                q.drain(&mut done).unwrap();
+                assert!(done.iter().all(|(_, r)| r.is_ok()));
+                assert!(back == model);
+            }
+        }
+        // The file went through the engine, the memory disk through its own methods.
+        assert!(
+            qf.stats().mapped > 0 && qf.stats().fallback == 0,
+            "{:?}",
+            qf.stats()
+        );
+        assert!(qm.stats().mapped == 0 && qm.stats().fallback > 0);
+        // A request past the end is refused as the device refuses it.
+        let mut v = vec![0u8; 4096];
+        match unsafe { qf.start(false, size, &[buf(&mut v)], 99) } {
+            Started::Done(99, Err(e)) => assert_eq!(e.kind(), ErrorKind::OutOfRange),
+            other => panic!("{other:?}"),
+        }
+    }
+}

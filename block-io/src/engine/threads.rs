@@ -1,0 +1,229 @@
+//! The thread-pool backend of [`Engine`](super::Engine): ops wait in a queue, worker threads
+//! (started as the queue needs them, up to the engine's depth) run them with blocking
+//! `preadv`/`pwritev`/`fdatasync`, and each completion is posted back with the eventfd
+//! signalled. For kernels and sandboxes without io_uring.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::io::RawFd;
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
+
+use super::uring::Done;
+use super::{advance, drain_event_fd, new_event_fd, op_error, signal_event_fd, Op, OpKind};
+use crate::error::{Error, ErrorKind, Result};
+
+/// Most buffers handed to one `preadv`/`pwritev` (the kernel's UIO_MAXIOV).
+const MAX_IOV: usize = 1024;
+
+/// What the pool's threads share with the engine.
+struct Pool {
+    state: Mutex<State>,
+    /// Signalled when work arrives or the pool shuts down.
+    work: Condvar,
+    /// Signalled when a completion is posted.
+    done: Condvar,
+    efd: OwnedFd,
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Op>,
+    finished: Vec<Done>,
+    idle: usize,
+    threads: usize,
+    shutdown: bool,
+}
+
+pub(super) struct ThreadEngine {
+    pool: Arc<Pool>,
+    max_threads: usize,
+    /// Ops submitted and not committed yet.
+    staged: Vec<Op>,
+    in_flight: usize,
+    handles: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl ThreadEngine {
+    pub(super) fn new(depth: u32) -> Result<Self> {
+        Ok(ThreadEngine {
+            pool: Arc::new(Pool {
+                state: Mutex::new(State::default()),
+                work: Condvar::new(),
+                done: Condvar::new(),
+                efd: new_event_fd()?,
+            }),
+            max_threads: (depth as usize).clamp(1, 64),
+            staged: Vec::new(),
+            in_flight: 0,
+            handles: Vec::new(),
+        })
+    }
+
+    pub(super) fn event_fd(&self) -> RawFd {
+        self.pool.efd.as_raw_fd()
+    }
+
+    pub(super) fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    pub(super) fn submit(&mut self, op: Op) -> Result<()> {
+        if op.bufs.len() > MAX_IOV {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("an op of {} buffers exceeds {MAX_IOV}", op.bufs.len()),
+            ));
+        }
+        self.staged.push(op);
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    pub(super) fn commit(&mut self) -> Result<()> {
+        if self.staged.is_empty() {
+            return Ok(());
+        }
+        let spawn = {
+            let mut st = self.pool.state.lock();
+            st.queue.extend(self.staged.drain(..));
+            let want = st.queue.len().saturating_sub(st.idle);
+            let room = self.max_threads.saturating_sub(st.threads);
+            let n = want.min(room);
+            st.threads += n;
+            n
+        };
+        self.pool.work.notify_all();
+        for _ in 0..spawn {
+            let pool = self.pool.clone();
+            match std::thread::Builder::new()
+                .name("vdisk-aio".to_string())
+                .spawn(move || worker(pool))
+            {
+                Ok(h) => self.handles.push(h),
+                Err(e) => {
+                    let mut st = self.pool.state.lock();
+                    st.threads -= 1;
+                    if st.threads == 0 {
+                        return Err(Error::io("cannot start an I/O thread", e));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn wait(&mut self) -> Result<()> {
+        let mut st = self.pool.state.lock();
+        while st.finished.is_empty() {
+            self.pool.done.wait(&mut st);
+        }
+        Ok(())
+    }
+
+    pub(super) fn reap(&mut self, out: &mut Vec<Done>) -> Result<()> {
+        drain_event_fd(self.pool.efd.as_raw_fd());
+        let mut st = self.pool.state.lock();
+        self.in_flight = self.in_flight.saturating_sub(st.finished.len());
+        out.append(&mut st.finished);
+        Ok(())
+    }
+}
+
+impl Drop for ThreadEngine {
+    fn drop(&mut self) {
+        // Queued ops still run (their memory is promised valid until reaped, and a caller
+        // dropping the engine early gives that up only once they are done).
+        self.pool.state.lock().shutdown = true;
+        self.pool.work.notify_all();
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+fn worker(pool: Arc<Pool>) {
+    loop {
+        let op = {
+            let mut st = pool.state.lock();
+            loop {
+                if let Some(op) = st.queue.pop_front() {
+                    break op;
+                }
+                if st.shutdown {
+                    st.threads -= 1;
+                    return;
+                }
+                st.idle += 1;
+                pool.work.wait(&mut st);
+                st.idle -= 1;
+            }
+        };
+        let (tag, kind, fd) = (op.tag, op.kind, op.fd);
+        let result = execute(op);
+        pool.state.lock().finished.push(Done {
+            tag,
+            kind,
+            fd,
+            result,
+        });
+        pool.done.notify_all();
+        signal_event_fd(pool.efd.as_raw_fd());
+    }
+}
+
+/// Runs one op to the end (continuing short transfers).
+fn execute(mut op: Op) -> Result<u64> {
+    if op.kind == OpKind::Sync {
+        // SAFETY: fdatasync takes no pointers.
+        let r = unsafe { libc::fdatasync(op.fd) };
+        if r != 0 {
+            return Err(op_error(op.kind, 0, std::io::Error::last_os_error()));
+        }
+        return Ok(0);
+    }
+    let mut done = 0u64;
+    while !op.bufs.is_empty() {
+        let iov: Vec<libc::iovec> = op
+            .bufs
+            .iter()
+            .map(|b| libc::iovec {
+                iov_base: b.ptr.cast(),
+                iov_len: b.len,
+            })
+            .collect();
+        let Ok(off) = libc::off_t::try_from(op.offset) else {
+            return Err(Error::new(ErrorKind::OutOfRange, "offset beyond a file"));
+        };
+        // SAFETY: the iovecs describe memory the submitter keeps valid for the op's life
+        // (`Engine::submit`); the count is bounded by MAX_IOV at submit.
+        let r = unsafe {
+            if op.kind == OpKind::Read {
+                libc::preadv(op.fd, iov.as_ptr(), iov.len() as i32, off)
+            } else {
+                libc::pwritev(op.fd, iov.as_ptr(), iov.len() as i32, off)
+            }
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(op_error(op.kind, op.offset, e));
+        }
+        if r == 0 {
+            let what = if op.kind == OpKind::Read {
+                "read past the end of the file"
+            } else {
+                "the file took no bytes"
+            };
+            return Err(Error::new(ErrorKind::Io, format!("{what} at {}", op.offset)));
+        }
+        let n = r as u64;
+        done += n;
+        op.offset += n;
+        advance(&mut op.bufs, n as usize);
+    }
+    Ok(done)
+}
