@@ -47,9 +47,6 @@ pub struct BenchArgs {
     /// Image format (detected by content if absent).
     #[arg(short = 'f')]
     format: Option<String>,
-    /// Open without image locks (as qemu-img -U).
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
     /// Image file.
     image: PathBuf,
 }
@@ -86,7 +83,7 @@ pub fn run(a: BenchArgs) -> CliResult {
         &crate::image::Access {
             read_only: !a.write,
             direct,
-            force_share: a.force_share,
+            force_share: false,
         },
     )?;
     let info = img.dev.info();

@@ -279,12 +279,13 @@ fn check_one(
     format: Option<Format>,
     repair: bool,
 ) -> Result<(Vec<String>, Vec<String>), CliError> {
-    use vdisk::block_io::{FileStorage, OpenOptions};
-    let s = FileStorage::open(path, &OpenOptions::new().read_only(!repair))?;
+    use vdisk::block_io::FileStorage;
+    let mut s = FileStorage::open(path, &image::file_options(!repair))?;
     let format = match format {
         Some(f) => f,
         None => vdisk::chain::detect(&s)?,
     };
+    image::refuse_writers_if_format(&mut s, format)?;
     Ok(match format {
         Format::Raw => (Vec::new(), Vec::new()),
         Format::Vhd => {

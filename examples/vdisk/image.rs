@@ -27,12 +27,48 @@ pub fn parse_format(name: &str) -> Result<Format, CliError> {
         .ok_or_else(|| CliError::new(format!("unknown format '{name}' (use raw, vhd or vhdx)")))
 }
 
+/// Whether `-U`/`--force-share` was given: no image locks taken or tested, anywhere.
+static FORCE_SHARE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sets `-U` for the whole command (called once, from `main`).
+pub fn set_force_share(yes: bool) {
+    FORCE_SHARE.store(yes, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The lock mode every open of this command uses: [`block_io::LockMode::Off`] under `-U`.
+pub fn lock_mode() -> block_io::LockMode {
+    if FORCE_SHARE.load(std::sync::atomic::Ordering::Relaxed) {
+        block_io::LockMode::Off
+    } else {
+        block_io::LockMode::Auto
+    }
+}
+
+/// Options for opening one image file directly (read-only ones share writes until the
+/// caller knows the format, as QEMU's raw driver does; see [`refuse_writers_if_format`]).
+pub fn file_options(read_only: bool) -> block_io::OpenOptions {
+    block_io::OpenOptions::new()
+        .read_only(read_only)
+        .lock(lock_mode())
+        .share_writes(read_only)
+}
+
+/// A read-only VHD/VHDX opened with [`file_options`] then refuses writers, as QEMU's format
+/// drivers do (their metadata must not change under them); a raw one keeps sharing.
+pub fn refuse_writers_if_format(s: &mut FileStorage, format: Format) -> Result<(), CliError> {
+    if format != Format::Raw && s.is_read_only() {
+        s.set_share_writes(false)?;
+    }
+    Ok(())
+}
+
 /// Chain options from the environment: `VDISK_PARENT_ROOTS` (colon-separated folders where
-/// parents may live besides the child's own tree).
+/// parents may live besides the child's own tree), and `-U`.
 pub fn chain_options(format: Option<&str>, read_only: bool) -> Result<OpenOptions, CliError> {
     let mut o = OpenOptions::new()
         .read_only(read_only)
-        .format(format.map(parse_format).transpose()?);
+        .format(format.map(parse_format).transpose()?)
+        .lock(lock_mode());
     if let Some(roots) = std::env::var_os("VDISK_PARENT_ROOTS") {
         o.policy.roots = std::env::split_paths(&roots).collect();
     }
@@ -226,7 +262,16 @@ fn vhdx_parent(
     child: &Path,
     parent: &Path,
 ) -> Result<(vhdx_format::ParentRef, u64, u32), CliError> {
-    let l = chain::open_layer(parent, None, true, false)?;
+    let l = chain::open_layer_with(
+        parent,
+        None,
+        &chain::LayerOptions {
+            read_only: true,
+            lock: lock_mode(),
+            parent: true,
+            ..Default::default()
+        },
+    )?;
     let chain::Identity::Vhdx {
         data_write_guid, ..
     } = l.identity
@@ -257,7 +302,7 @@ fn create_vhd_child(
     opts: &[(String, String)],
     parent: &Path,
 ) -> Result<vhd_format::VhdFile<FileStorage>, CliError> {
-    let ps = FileStorage::open(parent, &block_io::OpenOptions::new().read_only(true))?;
+    let ps = FileStorage::open(parent, &file_options(true).share_writes(false))?;
     if chain::detect(&ps)? != Format::Vhd {
         return Err(CliError::new(format!(
             "a VHD child needs a VHD parent; {} is not one",

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
-use vdisk::block_io::{FileStorage, OpenOptions, Storage};
+use vdisk::block_io::{FileStorage, Storage};
 use vdisk::chain::{self, braced, Expected, Format, Identity};
 use vdisk::{vhd_format, vhdx_format};
 
@@ -13,12 +13,13 @@ use crate::{CliError, CliResult};
 
 /// The facts of one image file as JSON (never opens a parent).
 pub fn facts(path: &Path, format: Option<Format>) -> Result<Value, CliError> {
-    let s = FileStorage::open(path, &OpenOptions::new().read_only(true))?;
+    let mut s = FileStorage::open(path, &crate::image::file_options(true))?;
     let file_size = s.len()?;
     let format = match format {
         Some(f) => f,
         None => chain::detect(&s)?,
     };
+    crate::image::refuse_writers_if_format(&mut s, format)?;
     let mut v = json!({
         "filename": path.display().to_string(),
         "format": format.name(),
@@ -116,7 +117,7 @@ fn walk_chain(path: &Path, format: Option<Format>) -> Result<Vec<Value>, CliErro
     let mut seen = std::collections::HashSet::new();
     loop {
         let mut v = facts(&cur, fmt)?;
-        let layer = chain::open_layer(&cur, fmt, true, false)?;
+        let layer = open_top(&cur, fmt)?;
         merge(&mut v, json!({ "identity": layer.identity.to_string() }));
         let canon = std::fs::canonicalize(&cur).unwrap_or_else(|_| cur.clone());
         if !seen.insert(canon) || out.len() >= opts.max_depth {
@@ -145,7 +146,7 @@ fn walk_chain(path: &Path, format: Option<Format>) -> Result<Vec<Value>, CliErro
                 break;
             }
         };
-        let p = chain::open_layer(&parent, None, true, false)?;
+        let p = open_top(&parent, None)?;
         let ok = link.expected.matches(&p.identity);
         merge(
             &mut l,
@@ -235,4 +236,18 @@ fn plain(v: &Value) -> String {
 pub fn actual_size(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
+}
+
+/// Opens one layer read-only as `info` looks at it (locks per `-U`; a VHD/VHDX refuses
+/// writers while it looks, a raw file does not).
+fn open_top(path: &Path, format: Option<Format>) -> Result<chain::Layer, CliError> {
+    Ok(chain::open_layer_with(
+        path,
+        format,
+        &chain::LayerOptions {
+            read_only: true,
+            lock: crate::image::lock_mode(),
+            ..Default::default()
+        },
+    )?)
 }

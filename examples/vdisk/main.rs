@@ -40,6 +40,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "vdisk", version, about)]
 struct Cli {
+    /// Open images without image locks (qemu-img's -U/--force-share): only when nothing
+    /// else may write them meanwhile.
+    #[arg(short = 'U', long = "force-share", global = true)]
+    force_share: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -175,9 +179,6 @@ enum Cmd {
         /// either way), or sync (one at a time on the queue's thread).
         #[arg(long, default_value = "io_uring")]
         aio: String,
-        /// Open without image locks (as qemu-img -U); only when nothing else writes it.
-        #[arg(short = 'U', long = "force-share")]
-        force_share: bool,
         /// Image file.
         image: PathBuf,
     },
@@ -274,6 +275,7 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    image::set_force_share(cli.force_share);
     let result = match cli.cmd {
         Cmd::Info {
             output,
@@ -355,7 +357,6 @@ fn main() -> ExitCode {
             read_only,
             cache,
             aio,
-            force_share,
             image,
         } => serve::run(
             &image,
@@ -365,7 +366,6 @@ fn main() -> ExitCode {
                 read_only,
                 cache,
                 aio,
-                force_share,
             },
         ),
     };

@@ -19,7 +19,6 @@ pub struct Mode {
     pub cache: String,
     /// `io_uring`, `threads` or `sync`.
     pub aio: String,
-    pub force_share: bool,
 }
 
 /// Serves `image` on the unix socket `socket` with `queues` request queues.
@@ -36,7 +35,7 @@ pub fn run(image: &Path, socket: &Path, queues: u16, mode: &Mode) -> CliResult {
         &crate::image::Access {
             read_only,
             direct,
-            force_share: mode.force_share,
+            force_share: false,
         },
     )?;
     let dev = img.dev.clone();
