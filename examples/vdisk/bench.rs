@@ -72,7 +72,12 @@ pub fn run(a: BenchArgs) -> CliResult {
     let direct = parse_cache(&a.cache)?;
     let aio = parse_aio(&a.aio)?;
     let size = parse_size(&a.size)?;
-    let step = a.step.as_deref().map(parse_size).transpose()?.unwrap_or(size);
+    let step = a
+        .step
+        .as_deref()
+        .map(parse_size)
+        .transpose()?
+        .unwrap_or(size);
     let start = parse_size(&a.offset)?;
     if a.depth == 0 || a.depth > 4096 {
         return Err(CliError::new("-d takes 1 to 4096 requests in flight"));
@@ -98,7 +103,10 @@ pub fn run(a: BenchArgs) -> CliResult {
             "-S and -o must be multiples of {sector} bytes"
         )));
     }
-    if start.checked_add(size).is_none_or(|e| e > info.virtual_size) {
+    if start
+        .checked_add(size)
+        .is_none_or(|e| e > info.virtual_size)
+    {
         return Err(CliError::new(format!(
             "the first request ({start}+{size}) lies past the end of the disk ({} bytes)",
             info.virtual_size

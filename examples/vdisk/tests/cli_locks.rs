@@ -72,15 +72,19 @@ struct Serve(Child);
 
 impl Serve {
     fn start(dir: &tempfile::TempDir, img: &str) -> Serve {
-        let sock = p(dir, "s.sock");
-        let child = Command::new(vdisk_bin())
-            .args(["serve", "--socket", &sock, img])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        // A socket of its own: a stale one of an earlier serve would look like readiness.
+        let sock = format!("{img}.sock");
+        let _ = dir;
+        let serve = Serve(
+            Command::new(vdisk_bin())
+                .args(["serve", "--socket", &sock, img])
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
         for _ in 0..200 {
             if Path::new(&sock).exists() {
-                return Serve(child);
+                return serve;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
