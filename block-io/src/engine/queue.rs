@@ -2,7 +2,8 @@
 //! is mapped ([`BlockDevice::map`]) to file pieces, which go to the engine with every other
 //! request's in flight; zero pieces are filled at once; a request the device cannot map
 //! (an allocating write, memory storage, an unaligned `O_DIRECT` transfer) runs through the
-//! device's own synchronous raw methods instead. A request completes when its last piece
+//! device's own synchronous raw methods instead, on a few threads of the queue's own, so that
+//! a slow request (an allocation and its syncs) does not hold up the mapped ones. A request completes when its last piece
 //! does, with the first error of any piece.
 
 use std::os::unix::io::RawFd;
@@ -30,8 +31,142 @@ pub enum Started<T> {
     Done(T, Result<()>),
 }
 
+/// A request the device could not map, for the slow pool.
+struct SlowJob {
+    idx: usize,
+    write: bool,
+    offset: u64,
+    bufs: Vec<RawBuf>,
+}
+
+// SAFETY: the buffers are memory the submitter keeps valid until the request completes (the
+// contract of `DeviceQueue::start`); a pool thread only hands them to the device's raw
+// methods, which never form references to them.
+unsafe impl Send for SlowJob {}
+
+#[derive(Default)]
+struct SlowState {
+    jobs: std::collections::VecDeque<SlowJob>,
+    done: Vec<(usize, Result<()>)>,
+    idle: usize,
+    threads: usize,
+    shutdown: bool,
+}
+
+/// Threads that run the requests a device cannot map with its own synchronous methods (an
+/// allocating write with its metadata and syncs, data held in memory), so that one slow
+/// request does not hold up the mapped ones behind it. Completions are posted to `done` and
+/// announced on the engine's eventfd.
+struct SlowPool {
+    state: Arc<(parking_lot::Mutex<SlowState>, parking_lot::Condvar)>,
+    handles: Vec<std::thread::JoinHandle<()>>,
+    /// Jobs handed over and not yet reaped.
+    pending: usize,
+}
+
+/// Most threads of a slow pool: allocations serialize inside a format anyway.
+const SLOW_THREADS: usize = 4;
+
+impl SlowPool {
+    fn new() -> Self {
+        SlowPool {
+            state: Arc::default(),
+            handles: Vec::new(),
+            pending: 0,
+        }
+    }
+
+    /// Hands `job` to a pool thread (starting one if none is idle); gives it back if no
+    /// thread can run it.
+    fn push(&mut self, job: SlowJob, dev: &Arc<dyn BlockDevice>, efd: RawFd) -> Option<SlowJob> {
+        let spawn = {
+            let mut st = self.state.0.lock();
+            st.jobs.push_back(job);
+            let spawn = st.idle == 0 && st.threads < SLOW_THREADS;
+            if spawn {
+                st.threads += 1;
+            }
+            spawn
+        };
+        self.state.1.notify_one();
+        if spawn {
+            let (state, dev) = (self.state.clone(), dev.clone());
+            match std::thread::Builder::new()
+                .name("vdisk-slow-io".to_string())
+                .spawn(move || slow_worker(&state, &*dev, efd))
+            {
+                Ok(h) => self.handles.push(h),
+                Err(_) => {
+                    let mut st = self.state.0.lock();
+                    st.threads -= 1;
+                    if st.threads == 0 {
+                        // Nobody to run it: take it back.
+                        return st.jobs.pop_back();
+                    }
+                }
+            }
+        }
+        self.pending += 1;
+        None
+    }
+
+    fn take_done(&mut self, out: &mut Vec<(usize, Result<()>)>) {
+        let mut st = self.state.0.lock();
+        self.pending -= st.done.len().min(self.pending);
+        out.append(&mut st.done);
+    }
+}
+
+impl Drop for SlowPool {
+    fn drop(&mut self) {
+        self.state.0.lock().shutdown = true;
+        self.state.1.notify_all();
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+fn slow_worker(
+    state: &(parking_lot::Mutex<SlowState>, parking_lot::Condvar),
+    dev: &dyn BlockDevice,
+    efd: RawFd,
+) {
+    loop {
+        let job = {
+            let mut st = state.0.lock();
+            loop {
+                if let Some(j) = st.jobs.pop_front() {
+                    break j;
+                }
+                if st.shutdown {
+                    st.threads -= 1;
+                    return;
+                }
+                st.idle += 1;
+                state.1.wait(&mut st);
+                st.idle -= 1;
+            }
+        };
+        // SAFETY: the submitter keeps the buffers valid until this request is reaped
+        // (`DeviceQueue::start`), which happens only after its result is posted below.
+        let r = unsafe {
+            if job.write {
+                dev.write_raw_at(&job.bufs, job.offset)
+            } else {
+                dev.read_raw_at(&job.bufs, job.offset)
+            }
+        };
+        state.0.lock().done.push((job.idx, r));
+        super::signal_event_fd(efd);
+    }
+}
+
 /// Requests of one device in flight on one engine (owned by one thread, like the engine).
 pub struct DeviceQueue<T> {
+    // Dropped before the engine: its threads signal the engine's eventfd.
+    slow: SlowPool,
+    slow_done: Vec<(usize, Result<()>)>,
     engine: Engine,
     dev: Arc<dyn BlockDevice>,
     reqs: Vec<Option<Req<T>>>,
@@ -66,6 +201,8 @@ impl<T> DeviceQueue<T> {
     /// Requests of `dev` on `engine`.
     pub fn new(dev: Arc<dyn BlockDevice>, engine: Engine) -> Self {
         DeviceQueue {
+            slow: SlowPool::new(),
+            slow_done: Vec::new(),
             engine,
             dev,
             reqs: Vec::new(),
@@ -120,19 +257,6 @@ impl<T> DeviceQueue<T> {
             Ok(m) => m,
             Err(e) => return Started::Done(token, Err(e)),
         };
-        if !mapped || !self.engine_can_take(bufs, len) {
-            self.stats.fallback += 1;
-            // SAFETY: forwarded caller contract (valid until we return).
-            let r = unsafe {
-                if write {
-                    self.dev.write_raw_at(bufs, offset)
-                } else {
-                    self.dev.read_raw_at(bufs, offset)
-                }
-            };
-            return Started::Done(token, r);
-        }
-        self.stats.mapped += 1;
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
@@ -140,6 +264,42 @@ impl<T> DeviceQueue<T> {
                 self.reqs.len() - 1
             }
         };
+        if !mapped || !self.engine_can_take(bufs, len) {
+            self.stats.fallback += 1;
+            let job = SlowJob {
+                idx,
+                write,
+                offset,
+                bufs: bufs.to_vec(),
+            };
+            let efd = self.engine.event_fd();
+            return match self.slow.push(job, &self.dev, efd) {
+                None => {
+                    self.reqs[idx] = Some(Req {
+                        token,
+                        left: 1,
+                        err: None,
+                        write,
+                    });
+                    self.live += 1;
+                    Started::Queued
+                }
+                Some(job) => {
+                    // No thread to run it: run it here.
+                    self.free.push(idx);
+                    // SAFETY: forwarded caller contract (valid until we return).
+                    let r = unsafe {
+                        if write {
+                            self.dev.write_raw_at(&job.bufs, offset)
+                        } else {
+                            self.dev.read_raw_at(&job.bufs, offset)
+                        }
+                    };
+                    Started::Done(token, r)
+                }
+            };
+        }
+        self.stats.mapped += 1;
         let mut req = Req {
             token,
             left: 0,
@@ -233,30 +393,51 @@ impl<T> DeviceQueue<T> {
 
     /// Moves every finished request into `out` as (token, result), without blocking.
     pub fn reap(&mut self, out: &mut Vec<(T, Result<()>)>) -> Result<()> {
+        // The engine's reap clears the eventfd first; slow completions posted after the
+        // take below signal it again.
         let mut done = std::mem::take(&mut self.done);
         let r = self.engine.reap(&mut done);
         for c in done.drain(..) {
-            let idx = c.tag as usize;
-            let Some(req) = self.reqs.get_mut(idx).and_then(|r| r.as_mut()) else {
-                continue;
-            };
-            req.left -= 1;
-            if let Err(e) = c.result {
-                if req.write {
-                    self.dev.mapped_write_failed(&e);
-                }
-                req.err.get_or_insert(e);
-            }
-            if req.left == 0 {
-                if let Some(req) = self.reqs[idx].take() {
-                    self.free.push(idx);
-                    self.live -= 1;
-                    out.push((req.token, req.err.map_or(Ok(()), Err)));
-                }
-            }
+            self.piece_done(c.tag as usize, c.result, true, out);
         }
         self.done = done;
+        let mut slow = std::mem::take(&mut self.slow_done);
+        self.slow.take_done(&mut slow);
+        for (idx, result) in slow.drain(..) {
+            // The device's own methods latch their failures themselves.
+            self.piece_done(idx, result.map(|()| 0), false, out);
+        }
+        self.slow_done = slow;
         r
+    }
+
+    /// One piece of request `idx` finished with `result`; completes the request with its
+    /// last piece. `mapped`: the piece ran on the engine (a failed write is reported to the
+    /// device, whose fail-stop did not see it).
+    fn piece_done(
+        &mut self,
+        idx: usize,
+        result: Result<u64>,
+        mapped: bool,
+        out: &mut Vec<(T, Result<()>)>,
+    ) {
+        let Some(req) = self.reqs.get_mut(idx).and_then(|r| r.as_mut()) else {
+            return;
+        };
+        req.left -= 1;
+        if let Err(e) = result {
+            if req.write && mapped {
+                self.dev.mapped_write_failed(&e);
+            }
+            req.err.get_or_insert(e);
+        }
+        if req.left == 0 {
+            if let Some(req) = self.reqs[idx].take() {
+                self.free.push(idx);
+                self.live -= 1;
+                out.push((req.token, req.err.map_or(Ok(()), Err)));
+            }
+        }
     }
 
     /// Commits, then blocks until at least one request can be reaped (at once when none is
@@ -265,7 +446,27 @@ impl<T> DeviceQueue<T> {
         if self.live == 0 {
             return Ok(());
         }
-        self.engine.wait()
+        if self.slow.pending == 0 {
+            return self.engine.wait();
+        }
+        // Slow requests in flight too: both announce completions on the eventfd.
+        self.engine.commit()?;
+        let mut pfd = libc::pollfd {
+            fd: self.engine.event_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        loop {
+            // SAFETY: one pollfd, valid for the call.
+            let r = unsafe { libc::poll(&mut pfd, 1, -1) };
+            if r >= 0 {
+                return Ok(());
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(Error::io("waiting for completions failed", e));
+            }
+        }
     }
 
     /// Waits for every request in flight and returns them (for shutting down).
