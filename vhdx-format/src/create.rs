@@ -5,8 +5,10 @@
 //! first MiB; the log at 1 MiB; the BAT after the log; the metadata region (1 MiB) after the
 //! BAT; payload blocks after the metadata. Block size defaults follow qemu's `vhdx.c`: 8 MiB up
 //! to 1 GiB, 16 MiB up to 100 GiB, 32 MiB up to 32 TiB, 64 MiB above; a differencing layer
-//! defaults to 2 MiB (as Hyper-V). The log defaults to 1 MiB, sectors to 512 bytes (logical and
-//! physical, as qemu-img writes them).
+//! defaults to 2 MiB (as Hyper-V). The log defaults to 1 MiB, the logical sector to 512 bytes,
+//! the physical sector to the logical one: 512/512 as qemu-img writes it, 4096/4096 as Hyper-V
+//! writes a 4 KiB-sector disk. A physical sector smaller than the logical one is refused
+//! ([`CreateError::PhysicalBelowLogical`]); opening an image made elsewhere that way is not.
 
 use block_io::{Error, ErrorKind, Result, Storage};
 use uuid::Uuid;
@@ -46,8 +48,9 @@ pub struct CreateOptions {
     pub block_state_zero: bool,
     /// Logical sector size, 512 or 4096.
     pub logical_sector_size: u32,
-    /// Physical sector size, 512 or 4096.
-    pub physical_sector_size: u32,
+    /// Physical sector size, 512 or 4096 and at least the logical sector size; `None` uses
+    /// the logical sector size.
+    pub physical_sector_size: Option<u32>,
     /// The parent, for a differencing layer.
     pub parent: Option<ParentRef>,
     /// Virtual disk id; `None` makes a random one.
@@ -64,7 +67,7 @@ impl CreateOptions {
             log_size: MIB as u32,
             block_state_zero: false,
             logical_sector_size: 512,
-            physical_sector_size: 512,
+            physical_sector_size: None,
             parent: None,
             disk_id: None,
         }
@@ -101,15 +104,62 @@ pub fn default_block_size(size: u64) -> u32 {
     }
 }
 
-fn invalid(msg: impl Into<String>) -> Error {
-    Error::new(ErrorKind::InvalidInput, msg.into())
+/// Why [`create`] refused its options: the source of its [`ErrorKind::InvalidInput`] errors.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CreateError {
+    /// A parent was given for a non-differencing image, or none for a differencing one.
+    #[error("a parent is given exactly for differencing images")]
+    ParentMismatch,
+    /// The block size is not a power of two from 1 to 256 MiB (MS-VHDX 2.6.2.1).
+    #[error("block size {0} is not a power of two from 1 to 256 MiB")]
+    BlockSize(u32),
+    /// A sector size is neither 512 nor 4096 (MS-VHDX 2.6.2.4, 2.6.2.5).
+    #[error("sector size {0} is neither 512 nor 4096")]
+    SectorSize(u32),
+    /// The physical sector size is smaller than the logical one.
+    #[error("physical sector size {physical} is smaller than the logical sector size {logical}")]
+    PhysicalBelowLogical {
+        /// The physical sector size asked for.
+        physical: u32,
+        /// The logical sector size.
+        logical: u32,
+    },
+    /// The virtual size is zero, not a multiple of the logical sector or above 64 TiB
+    /// (MS-VHDX 2.6.2.2).
+    #[error("virtual size {size} is zero, not a multiple of {sector} or above 64 TiB")]
+    VirtualSize {
+        /// The virtual size asked for.
+        size: u64,
+        /// The logical sector size.
+        sector: u32,
+    },
+    /// The log size is zero or not a multiple of 1 MiB (MS-VHDX 2.2.2).
+    #[error("log size {0} is not a non-zero multiple of 1 MiB")]
+    LogSize(u32),
+    /// The BAT would not fit a region (its length is a u32).
+    #[error("the BAT ({0} bytes) is too large for a region")]
+    BatTooLarge(u64),
+    /// The parent locator does not fit the 1 MiB metadata region.
+    #[error("the parent paths are too long for the metadata region")]
+    ParentPathsTooLong,
+}
+
+impl From<CreateError> for Error {
+    fn from(e: CreateError) -> Self {
+        Error::with_source(
+            ErrorKind::InvalidInput,
+            "invalid options for a new VHDX image",
+            e,
+        )
+    }
 }
 
 /// Creates an image on `storage` (which should be empty) and opens it writable.
 pub fn create<S: Storage>(storage: S, opts: &CreateOptions) -> Result<VhdxFile<S>> {
     let diff = opts.subformat == Subformat::Differencing;
     if diff != opts.parent.is_some() {
-        return Err(invalid("a parent is given exactly for differencing images"));
+        return Err(CreateError::ParentMismatch.into());
     }
     let block_size = opts.block_size.unwrap_or(if diff {
         2 << 20
@@ -120,25 +170,31 @@ pub fn create<S: Storage>(storage: S, opts: &CreateOptions) -> Result<VhdxFile<S
         || block_size < BLOCK_SIZE_RANGE.0
         || block_size > BLOCK_SIZE_RANGE.1
     {
-        return Err(invalid(format!(
-            "block size {block_size} (1..256 MiB, power of two)"
-        )));
+        return Err(CreateError::BlockSize(block_size).into());
     }
-    for s in [opts.logical_sector_size, opts.physical_sector_size] {
+    let logical = opts.logical_sector_size;
+    let physical = opts.physical_sector_size.unwrap_or(logical);
+    for s in [logical, physical] {
         if s != 512 && s != 4096 {
-            return Err(invalid(format!("sector size {s} (512 or 4096)")));
+            return Err(CreateError::SectorSize(s).into());
         }
     }
-    let ls = u64::from(opts.logical_sector_size);
+    // A physical sector holds whole logical sectors (Hyper-V makes 4096/4096, never 512
+    // physical under 4096 logical).
+    if physical < logical {
+        return Err(CreateError::PhysicalBelowLogical { physical, logical }.into());
+    }
+    let ls = u64::from(logical);
     if opts.virtual_size == 0 || opts.virtual_size % ls != 0 || opts.virtual_size > MAX_VIRTUAL_SIZE
     {
-        return Err(invalid(format!(
-            "virtual size {} (a multiple of {ls}, at most 64 TiB)",
-            opts.virtual_size
-        )));
+        return Err(CreateError::VirtualSize {
+            size: opts.virtual_size,
+            sector: logical,
+        }
+        .into());
     }
     if opts.log_size == 0 || u64::from(opts.log_size) % MIB != 0 {
-        return Err(invalid("log size must be a non-zero multiple of 1 MiB"));
+        return Err(CreateError::LogSize(opts.log_size).into());
     }
     let geo = Geometry::new(
         block_size,
@@ -149,7 +205,7 @@ pub fn create<S: Storage>(storage: S, opts: &CreateOptions) -> Result<VhdxFile<S
     let log_offset = MIB;
     let bat_offset = log_offset + u64::from(opts.log_size);
     let bat_len = geo.bat_bytes().max(MIB);
-    let bat_len32 = u32::try_from(bat_len).map_err(|_| invalid("BAT too large"))?;
+    let bat_len32 = u32::try_from(bat_len).map_err(|_| CreateError::BatTooLarge(bat_len))?;
     let meta_offset = bat_offset + bat_len;
     let data_offset = meta_offset + MIB;
 
@@ -173,13 +229,13 @@ pub fn create<S: Storage>(storage: S, opts: &CreateOptions) -> Result<VhdxFile<S
         virtual_size: opts.virtual_size,
         disk_id: opts.disk_id.unwrap_or_else(Uuid::new_v4),
         logical_sector_size: opts.logical_sector_size,
-        physical_sector_size: opts.physical_sector_size,
+        physical_sector_size: physical,
         parent_locator: locator,
         entries: vec![],
     };
     let meta_bytes = meta.to_bytes()?;
     if meta_bytes.len() as u64 > MIB {
-        return Err(invalid("parent paths too long for the metadata region"));
+        return Err(CreateError::ParentPathsTooLong.into());
     }
     let regions = RegionTable {
         bat: Region {
@@ -276,5 +332,64 @@ mod tests {
             ..CreateOptions::dynamic(1 << 20)
         };
         assert!(create(m, &o).is_err());
+    }
+
+    fn sector_sizes(logical: u32, physical: Option<u32>) -> Result<(u32, u32)> {
+        let mut o = CreateOptions::dynamic(8 << 20);
+        o.logical_sector_size = logical;
+        o.physical_sector_size = physical;
+        let f = create(block_io::MemStorage::new(), &o)?;
+        let d = f.details();
+        Ok((d.logical_sector_size, d.physical_sector_size))
+    }
+
+    #[test]
+    fn physical_sector_defaults_to_logical_and_is_never_smaller() {
+        // qemu-img's 512/512; Hyper-V's 4096/4096 (was 4096/512).
+        assert_eq!(sector_sizes(512, None).unwrap(), (512, 512));
+        assert_eq!(sector_sizes(4096, None).unwrap(), (4096, 4096));
+        assert_eq!(sector_sizes(512, Some(4096)).unwrap(), (512, 4096));
+        let e = sector_sizes(4096, Some(512)).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        let source = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<CreateError>())
+            .cloned();
+        assert_eq!(
+            source,
+            Some(CreateError::PhysicalBelowLogical {
+                physical: 512,
+                logical: 4096
+            })
+        );
+        assert!(matches!(
+            std::error::Error::source(&sector_sizes(512, Some(1024)).unwrap_err())
+                .and_then(|s| s.downcast_ref::<CreateError>()),
+            Some(CreateError::SectorSize(1024))
+        ));
+    }
+
+    #[test]
+    fn images_made_elsewhere_with_physical_below_logical_still_open() {
+        // Rewrite the physical sector size item of a 4096/4096 image to 512: opening reports
+        // what is on disk.
+        let m = std::sync::Arc::new(block_io::MemStorage::new());
+        let mut o = CreateOptions::dynamic(8 << 20);
+        o.logical_sector_size = 4096;
+        let f = create(m.clone(), &o).unwrap();
+        let md = f.regions().metadata;
+        f.close().unwrap();
+        drop(f);
+        let mut region = vec![0u8; md.length as usize];
+        m.read_at(&mut region, md.file_offset).unwrap();
+        let mut meta = Metadata::parse(&region[..64 * 1024], md.length, |off, len| {
+            Ok(region[off as usize..(off + len) as usize].to_vec())
+        })
+        .unwrap();
+        meta.physical_sector_size = 512;
+        m.write_at(&meta.to_bytes().unwrap(), md.file_offset)
+            .unwrap();
+        let f = VhdxFile::open(m, true).unwrap();
+        let d = f.details();
+        assert_eq!((d.logical_sector_size, d.physical_sector_size), (4096, 512));
     }
 }

@@ -224,30 +224,14 @@ impl<S: Storage> VhdxFile<S> {
         }
         let file_id = FileIdentifier::parse(&read_vec(&storage, None, 0, 520)?)?;
         let (mut header, mut slot) = read_headers(&storage)?;
-        let mut overlay = None;
-        let mut log_was_dirty = false;
-        // MS-VHDX 2.3.3: replay before reading anything but headers and log.
-        if !header.log_guid.is_nil() {
-            let plan = replay::find_active(&storage, &header)?;
-            if let Some(plan) = plan {
-                replay::validate_plan(&plan, &header, len)?;
-                log_was_dirty = true;
-                if read_only {
-                    overlay = Some(Overlay::new(&plan, len));
-                } else {
-                    // The FileWriteGuid changes before the first write of a session.
-                    let mut h = header;
-                    h.file_write_guid = Uuid::new_v4();
-                    (header, slot) = crate::write::update_header(&storage, h, slot)?;
-                    replay::apply(&storage, &plan)?;
-                }
-            }
-            if !read_only {
-                let mut h = header;
-                h.log_guid = Uuid::nil();
-                (header, slot) = crate::write::update_header(&storage, h, slot)?;
-            }
-        }
+        // MS-VHDX 2.3.3: replay before reading anything but headers and log. Both kinds of open
+        // read the layout through the replayed view; a writable open writes the replay into the
+        // file only once the layout checked out and the replayed length is known.
+        let mut overlay = match replay::find_active(&storage, &header)? {
+            Some(plan) => Some(Overlay::build(&storage, &header, &plan, len)?),
+            None => None,
+        };
+        let log_was_dirty = overlay.is_some();
         let view_len = view_len(&storage, overlay.as_ref())?;
         let read = |off: u64, n: usize| read_vec(&storage, overlay.as_ref(), off, n);
         // MS-VHDX 2.2.3: use the first valid region table; a writable open rewrites a damaged
@@ -271,10 +255,7 @@ impl<S: Storage> VhdxFile<S> {
                 .into())
             }
         };
-        if !read_only && parsed[1 - good].is_err() {
-            storage.write_at(&raw[good], REGION_TABLE_OFFSETS[1 - good])?;
-            storage.sync_data()?;
-        }
+        let repair_copy = !read_only && parsed[1 - good].is_err();
         let [p0, p1] = parsed;
         let regions = if good == 0 { p0? } else { p1? };
         let log = header.log_range();
@@ -319,7 +300,40 @@ impl<S: Storage> VhdxFile<S> {
             }));
             pos += n as u64;
         }
-        let file_end = validate_bat(&bat, &geo, &header, &regions, view_len)?;
+        let layout_end = validate_bat(&bat, &geo, &header, &regions, view_len)?;
+        let file_len = match overlay.as_mut() {
+            Some(o) => {
+                let l = replay::replayed_len(len, o, layout_end)?;
+                o.set_len(l);
+                l
+            }
+            None => len,
+        };
+        if !read_only {
+            if let Some(o) = overlay.take() {
+                // The FileWriteGuid changes before the first write of a session.
+                let mut h = header;
+                h.file_write_guid = Uuid::new_v4();
+                (header, slot) = crate::write::update_header(&storage, h, slot)?;
+                replay::apply(&storage, &o, file_len)?;
+            }
+            if repair_copy {
+                let [r0, r1] = &raw;
+                let good_bytes = if good == 0 { r0 } else { r1 };
+                storage.write_at(good_bytes, REGION_TABLE_OFFSETS[1 - good])?;
+                storage.sync_data()?;
+            }
+            if !header.log_guid.is_nil() {
+                let mut h = header;
+                h.log_guid = Uuid::nil();
+                (header, slot) = crate::write::update_header(&storage, h, slot)?;
+            }
+        }
+        // New blocks go past everything in use and past the end of the file.
+        let file_end = layout_end
+            .max(file_len)
+            .checked_next_multiple_of(MIB)
+            .ok_or_else(|| corrupt_io(format!("the file length {file_len} is out of range")))?;
         let file = VhdxFile {
             storage,
             read_only,
@@ -535,8 +549,8 @@ pub fn open_file(
 }
 
 /// Validates every BAT entry: states allowed for the layout, present blocks inside the file,
-/// outside headers, log and regions, and not overlapping each other. Returns the first 1 MiB
-/// boundary past everything in use (where new blocks go).
+/// outside headers, log and regions, and not overlapping each other. Returns the end of the
+/// last range in use (header section, log, regions, allocated blocks).
 fn validate_bat(
     bat: &[AtomicU64],
     geo: &Geometry,
@@ -605,12 +619,7 @@ fn validate_bat(
             )));
         }
     }
-    let max_end = used.iter().map(|r| r.1).max().unwrap_or(MIB);
-    // The file length may come from a replayed log's LastFileOffset: any u64.
-    max_end
-        .max(file_len)
-        .checked_next_multiple_of(MIB)
-        .ok_or_else(|| corrupt_io(format!("the file length {file_len} is out of range")))
+    Ok(used.iter().map(|r| r.1).max().unwrap_or(MIB))
 }
 
 impl<S: Storage> BlockDevice for VhdxFile<S> {
@@ -691,13 +700,21 @@ mod tests {
     }
 
     #[test]
-    fn huge_last_file_offset_is_refused_not_a_panic() {
+    fn huge_last_file_offset_is_capped_not_a_panic() {
         let ok = dirty_with_last_file_offset(0);
         assert!(VhdxFile::open(ok, true).unwrap().details().log_dirty);
-        let bad = dirty_with_last_file_offset(u64::MAX);
-        assert_eq!(
-            VhdxFile::open(bad, true).unwrap_err().kind(),
-            block_io::ErrorKind::Corrupt
-        );
+        // Was a panic (rounding overflow), then a refusal; now capped to what the layout needs.
+        for lfo in [u64::MAX, 8 << 40] {
+            let bad = dirty_with_last_file_offset(lfo);
+            let len = bad.len().unwrap();
+            let f = VhdxFile::open(bad.clone(), true).unwrap();
+            assert!(f.details().log_dirty);
+            assert_eq!(f.check(false).unwrap().file_size, len);
+            drop(f);
+            let f = VhdxFile::open(bad.clone(), false).unwrap();
+            assert_eq!(f.state.lock().file_end, len);
+            drop(f);
+            assert_eq!(bad.len().unwrap(), len);
+        }
     }
 }

@@ -28,6 +28,9 @@
 //!   sectors all become present is not promoted to FULLY_PRESENT;
 //! - two valid headers with the same sequence number are accepted (the one at 64 KiB wins)
 //!   even when they differ (qemu refuses that case);
+//! - a dirty log whose replay updates more than [`replay::MAX_OVERLAY_RANGES`] separate file
+//!   ranges is refused as unsupported (replay folds the log in memory first; real logs update
+//!   far fewer ranges);
 //! - resize and the `parent_linkage2` merge protocol.
 //!
 //! ```
@@ -69,6 +72,6 @@ mod reparent;
 pub mod replay;
 mod write;
 
-pub use create::{create, create_file, default_block_size, CreateOptions, ParentRef};
+pub use create::{create, create_file, default_block_size, CreateError, CreateOptions, ParentRef};
 pub use error::FormatError;
 pub use file::{check_image, open_file, probe, CheckReport, Subformat, VhdxDetails, VhdxFile};

@@ -65,7 +65,7 @@ fn details_report_format_facts() {
     let mut o = CreateOptions::fixed(6 << 20);
     o.block_size = Some(2 << 20);
     o.logical_sector_size = 4096;
-    o.physical_sector_size = 4096;
+    o.physical_sector_size = Some(4096);
     let f = create(m.clone(), &o).unwrap();
     let d = f.details();
     assert_eq!(d.subformat, vhdx_format::Subformat::Fixed);
