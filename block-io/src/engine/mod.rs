@@ -16,10 +16,14 @@
 //! the engine then moves the bytes. Data syncs coalesce: a sync submitted while another is in
 //! flight on the same file with no write completed in between shares that sync's result.
 
+#[cfg(feature = "async")]
+mod asyncio;
 mod queue;
 mod threads;
 mod uring;
 
+#[cfg(feature = "async")]
+pub use asyncio::{AsyncDisk, AsyncOptions, IoBuf};
 pub use queue::{DeviceQueue, QueueStats, Started};
 
 use std::os::unix::io::RawFd;

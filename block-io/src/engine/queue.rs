@@ -31,9 +31,10 @@ pub enum Started<T> {
     Done(T, Result<()>),
 }
 
-/// A request the device could not map, for the slow pool.
+/// A request the device could not map, or a flush, for the slow pool.
 struct SlowJob {
     idx: usize,
+    flush: bool,
     write: bool,
     offset: u64,
     bufs: Vec<RawBuf>,
@@ -51,6 +52,9 @@ struct SlowState {
     idle: usize,
     threads: usize,
     shutdown: bool,
+    /// A flush is running: the next one waits for it, then takes every flush queued by
+    /// then with it.
+    flushing: bool,
 }
 
 /// Threads that run the requests a device cannot map with its own synchronous methods (an
@@ -133,11 +137,14 @@ fn slow_worker(
     efd: RawFd,
 ) {
     loop {
-        let job = {
+        let (job, joined) = {
             let mut st = state.0.lock();
-            loop {
-                if let Some(j) = st.jobs.pop_front() {
-                    break j;
+            let job = loop {
+                let flushing = st.flushing;
+                if let Some(i) = st.jobs.iter().position(|j| !(j.flush && flushing)) {
+                    if let Some(j) = st.jobs.remove(i) {
+                        break j;
+                    }
                 }
                 if st.shutdown {
                     st.threads -= 1;
@@ -146,18 +153,52 @@ fn slow_worker(
                 st.idle += 1;
                 state.1.wait(&mut st);
                 st.idle -= 1;
+            };
+            // Flushes coalesce: every flush queued now was submitted before this one starts,
+            // so this one covers every write any of them must (all completed before it).
+            let mut joined = Vec::new();
+            if job.flush {
+                st.flushing = true;
+                st.jobs.retain(|j| {
+                    if j.flush {
+                        joined.push(j.idx);
+                    }
+                    !j.flush
+                });
+            }
+            (job, joined)
+        };
+        let r = if job.flush {
+            dev.flush()
+        } else {
+            // SAFETY: the submitter keeps the buffers valid until this request is reaped
+            // (`DeviceQueue::start`), which happens only after its result is posted below.
+            unsafe {
+                if job.write {
+                    dev.write_raw_at(&job.bufs, job.offset)
+                } else {
+                    dev.read_raw_at(&job.bufs, job.offset)
+                }
             }
         };
-        // SAFETY: the submitter keeps the buffers valid until this request is reaped
-        // (`DeviceQueue::start`), which happens only after its result is posted below.
-        let r = unsafe {
-            if job.write {
-                dev.write_raw_at(&job.bufs, job.offset)
-            } else {
-                dev.read_raw_at(&job.bufs, job.offset)
+        {
+            let mut st = state.0.lock();
+            for idx in joined {
+                let r2 = match &r {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(Error::new(e.kind(), e.chain_string())),
+                };
+                st.done.push((idx, r2));
             }
-        };
-        state.0.lock().done.push((job.idx, r));
+            st.done.push((job.idx, r));
+            if job.flush {
+                st.flushing = false;
+            }
+        }
+        if job.flush {
+            // A flush that waited for this one may go now.
+            state.1.notify_all();
+        }
         super::signal_event_fd(efd);
     }
 }
@@ -268,6 +309,7 @@ impl<T> DeviceQueue<T> {
             self.stats.fallback += 1;
             let job = SlowJob {
                 idx,
+                flush: false,
                 write,
                 offset,
                 bufs: bufs.to_vec(),
@@ -358,6 +400,42 @@ impl<T> DeviceQueue<T> {
         self.reqs[idx] = Some(req);
         self.live += 1;
         Started::Queued
+    }
+
+    /// Starts a flush of the device ([`BlockDevice::flush`]) off the owner's thread, so that
+    /// reads and writes keep going while it syncs; flushes queued together share one.
+    pub fn start_flush(&mut self, token: T) -> Started<T> {
+        let idx = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.reqs.push(None);
+                self.reqs.len() - 1
+            }
+        };
+        let job = SlowJob {
+            idx,
+            flush: true,
+            write: false,
+            offset: 0,
+            bufs: Vec::new(),
+        };
+        let efd = self.engine.event_fd();
+        match self.slow.push(job, &self.dev, efd) {
+            None => {
+                self.reqs[idx] = Some(Req {
+                    token,
+                    left: 1,
+                    err: None,
+                    write: false,
+                });
+                self.live += 1;
+                Started::Queued
+            }
+            Some(_) => {
+                self.free.push(idx);
+                Started::Done(token, self.dev.flush())
+            }
+        }
     }
 
     /// Whether the mapping in `self.maps` covers `len` bytes of `bufs` with pieces the engine

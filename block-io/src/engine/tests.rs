@@ -306,3 +306,97 @@ fn device_queue_runs_mapped_and_fallback_requests_against_a_model() {
         }
     }
 }
+
+/// A raw disk whose flush waits at a gate and counts its calls.
+struct GatedFlush {
+    inner: crate::RawDisk<PlainFile>,
+    open: parking_lot::Mutex<bool>,
+    cv: parking_lot::Condvar,
+    flushes: std::sync::atomic::AtomicUsize,
+    entered: std::sync::atomic::AtomicUsize,
+}
+
+impl crate::BlockDevice for GatedFlush {
+    fn info(&self) -> crate::DiskInfo {
+        self.inner.info()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.inner.write_zeroes(offset, len, unmap)
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn flush(&self) -> Result<()> {
+        self.entered
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut open = self.open.lock();
+        while !*open {
+            self.cv.wait(&mut open);
+        }
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.flush()
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<crate::StatusRun> {
+        self.inner.block_status(offset, len)
+    }
+    fn map(&self, o: u64, l: u64, w: bool, out: &mut Vec<crate::Mapping>) -> Result<bool> {
+        self.inner.map(o, l, w, out)
+    }
+}
+
+#[test]
+fn a_flush_blocks_no_read_and_queued_flushes_share_one() {
+    use crate::BlockDevice;
+    for aio in [Aio::Threads, Aio::IoUring] {
+        let Ok(engine) = Engine::new(aio, 16) else {
+            continue;
+        };
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(1 << 20).unwrap();
+        let dev = Arc::new(GatedFlush {
+            inner: crate::RawDisk::new(PlainFile(f)).unwrap(),
+            open: parking_lot::Mutex::new(false),
+            cv: parking_lot::Condvar::new(),
+            flushes: std::sync::atomic::AtomicUsize::new(0),
+            entered: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let mut q = DeviceQueue::new(dev.clone() as Arc<dyn BlockDevice>, engine);
+        assert!(matches!(q.start_flush(0usize), Started::Queued));
+        // Reads go on while the flush is stuck.
+        let mut bufs = vec![vec![0u8; 4096]; 8];
+        for (i, b) in bufs.iter_mut().enumerate() {
+            let r = unsafe { q.start(false, i as u64 * 4096, &[buf(b)], 10 + i) };
+            assert!(matches!(r, Started::Queued));
+        }
+        q.commit().unwrap();
+        let mut got = Vec::new();
+        while got.len() < 8 {
+            q.wait().unwrap();
+            q.reap(&mut got).unwrap();
+        }
+        assert!(got.iter().all(|(t, r)| *t >= 10 && r.is_ok()));
+        // Two more flushes queue behind the stuck one (once it is inside the device), then
+        // all three finish with two flushes of the device.
+        while dev.entered.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(matches!(q.start_flush(1), Started::Queued));
+        assert!(matches!(q.start_flush(2), Started::Queued));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        *dev.open.lock() = true;
+        dev.cv.notify_all();
+        let mut got = Vec::new();
+        q.drain(&mut got).unwrap();
+        let mut tags: Vec<usize> = got.iter().map(|(t, _)| *t).collect();
+        tags.sort();
+        assert_eq!(tags, [0, 1, 2]);
+        assert_eq!(dev.flushes.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+}

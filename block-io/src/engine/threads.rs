@@ -218,7 +218,10 @@ fn execute(mut op: Op) -> Result<u64> {
             } else {
                 "the file took no bytes"
             };
-            return Err(Error::new(ErrorKind::Io, format!("{what} at {}", op.offset)));
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!("{what} at {}", op.offset),
+            ));
         }
         let n = r as u64;
         done += n;

@@ -215,9 +215,11 @@ pub(crate) enum Prepared {
     Io(IoRequest),
 }
 
-/// The data phase of an IN or OUT request: host pointers into guest memory, with the guards
-/// that keep them mapped, and where its status goes.
+/// The data phase of an IN or OUT request (host pointers into guest memory, with the guards
+/// that keep them mapped), or a FLUSH, and where its status goes.
 pub(crate) struct IoRequest {
+    /// A FLUSH (no data; `write` and `offset` mean nothing).
+    pub flush: bool,
     /// OUT (the device reads guest memory) rather than IN.
     pub write: bool,
     /// Byte offset on the disk.
@@ -235,6 +237,9 @@ impl IoRequest {
 
     /// Runs the data phase with the device's synchronous raw methods.
     pub(crate) fn run_sync(&self, dev: &dyn BlockDevice) -> crate::Result<()> {
+        if self.flush {
+            return dev.flush();
+        }
         // SAFETY: every RawBuf lies inside a VolatileSlice that `get_slices` checked to be in
         // guest memory with the permission the direction needs; the memory snapshot the
         // caller holds keeps the mappings alive, and so do the guards in `list`. Guest memory
@@ -269,6 +274,8 @@ enum Outcome {
     Status(u8),
     /// A data phase to run: (OUT, byte offset, buffers).
     Io(bool, u64, RawList),
+    /// A flush to run.
+    Flush,
 }
 
 /// Parses and checks the request made of `descs`; runs it unless it is a read or write.
@@ -311,9 +318,20 @@ pub(crate) fn prepare(mem: &GuestMemoryMmap, descs: &[Desc], target: &Target<'_>
             Some(Outcome::Status(s)) => s,
             Some(Outcome::Io(write, offset, list)) => {
                 return Prepared::Io(IoRequest {
+                    flush: false,
                     write,
                     offset,
                     list,
+                    status_addr,
+                    used,
+                })
+            }
+            Some(Outcome::Flush) => {
+                return Prepared::Io(IoRequest {
+                    flush: true,
+                    write: false,
+                    offset: 0,
+                    list: RawList::default(),
                     status_addr,
                     used,
                 })
@@ -366,7 +384,8 @@ fn run(
             }
             return Some(transfer(t, &rd, HEADER_LEN as u64, out_len, sector, false));
         }
-        VIRTIO_BLK_T_FLUSH => status_of(t.dev.flush()),
+        // Run by the caller (off the queue's thread when it has an engine).
+        VIRTIO_BLK_T_FLUSH => return Some(Outcome::Flush),
         VIRTIO_BLK_T_GET_ID => {
             let n = (in_len as usize).min(ID_LEN);
             wr.write(0, &t.id[..n]);

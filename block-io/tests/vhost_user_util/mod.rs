@@ -22,10 +22,21 @@ pub struct Served {
 
 impl Served {
     pub fn start(dev: Arc<dyn BlockDevice>, num_queues: u16) -> Served {
+        Served::start_with(dev, num_queues, ServerOptions::default().aio)
+    }
+
+    /// [`Served::start`] with the queues' I/O engine `aio` (`None`: synchronous, each
+    /// request on the queue's own thread).
+    pub fn start_with(
+        dev: Arc<dyn BlockDevice>,
+        num_queues: u16,
+        aio: Option<block_io::engine::Aio>,
+    ) -> Served {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vub.sock");
         let opts = ServerOptions {
             num_queues,
+            aio,
             ..ServerOptions::default()
         };
         let mut server = VhostUserBlkServer::bind(&path, dev, &opts).unwrap();
