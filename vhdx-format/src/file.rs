@@ -663,6 +663,20 @@ impl<S: Storage> BlockDevice for VhdxFile<S> {
     fn read_data_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.read_data_inner(buf, offset)
     }
+
+    fn map(
+        &self,
+        offset: u64,
+        len: u64,
+        write: bool,
+        out: &mut Vec<block_io::Mapping>,
+    ) -> Result<bool> {
+        self.map_inner(offset, len, write, out)
+    }
+
+    fn mapped_write_failed(&self, err: &block_io::Error) {
+        self.failstop.latch(err);
+    }
 }
 
 #[cfg(test)]

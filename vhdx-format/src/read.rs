@@ -5,7 +5,12 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use block_io::{check_request, BlockStatus, Error, ErrorKind, RawBuf, Result, StatusRun, Storage};
+use std::sync::atomic::Ordering;
+
+use block_io::{
+    check_request, push_mapping, BlockStatus, Error, ErrorKind, Mapping, RawBuf, Result, StatusRun,
+    Storage,
+};
 
 use crate::bat::{BatEntry, BlockState};
 use crate::error::corrupt_io;
@@ -195,6 +200,69 @@ impl<S: Storage> VhdxFile<S> {
             }
         }
         Ok(())
+    }
+
+    /// [`BlockDevice::map`](block_io::BlockDevice::map): FULLY_PRESENT blocks map to the
+    /// file; for reads, PARTIALLY_PRESENT blocks map sector runs through the bitmap (absent
+    /// runs to the parent), NOT_PRESENT blocks of a differencing image to the parent and the
+    /// other states to zeros. A write maps only when every block it touches is FULLY_PRESENT
+    /// and this session's header update is done (anything else changes metadata). Nothing
+    /// maps while a read-only open's log replay lives in memory, or on storage that is not a
+    /// plain file.
+    pub(crate) fn map_inner(
+        &self,
+        offset: u64,
+        len: u64,
+        write: bool,
+        out: &mut Vec<Mapping>,
+    ) -> Result<bool> {
+        check_request(&self.info_inner(), offset, len, write)?;
+        if write {
+            self.failstop.check()?;
+            if !self.session_started.load(Ordering::Acquire) {
+                return Ok(false);
+            }
+        }
+        if self.overlay.is_some() {
+            return Ok(false);
+        }
+        let Some(handle) = self.storage.io_handle() else {
+            return Ok(false);
+        };
+        let absent = |len| {
+            if self.geo.has_parent {
+                Mapping::Parent { len }
+            } else {
+                Mapping::Zero { len }
+            }
+        };
+        let sector = u64::from(self.geo.logical_sector_size);
+        for p in self.geo.pieces(offset, len) {
+            let e = BatEntry::try_from(self.entry(p.block))?;
+            let file = |at: u64, len: u64| Mapping::File {
+                handle,
+                file_offset: e.file_offset + at,
+                len,
+            };
+            match e.state {
+                BlockState::FullyPresent => push_mapping(out, file(p.in_block, p.len)),
+                _ if write => return Ok(false),
+                BlockState::PartiallyPresent => {
+                    let total = p.len / sector;
+                    let mut i = 0;
+                    while i < total {
+                        let (present, run) =
+                            self.sector_run(p.block, p.in_block / sector + i, total - i)?;
+                        let (at, n) = (p.in_block + i * sector, run * sector);
+                        push_mapping(out, if present { file(at, n) } else { absent(n) });
+                        i += run;
+                    }
+                }
+                BlockState::NotPresent => push_mapping(out, absent(p.len)),
+                _ => push_mapping(out, Mapping::Zero { len: p.len }),
+            }
+        }
+        Ok(true)
     }
 
     pub(crate) fn block_status_inner(&self, offset: u64, len: u64) -> Result<StatusRun> {
