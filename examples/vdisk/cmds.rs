@@ -37,7 +37,17 @@ pub fn create(
         None if backing.is_some() => 0,
         None => return Err(CliError::new("a size is needed unless -b names a parent")),
     };
-    let img = image::create(format, path, size, options, backing)?;
+    let existed = path.symlink_metadata().is_ok();
+    let img = match image::create(format, path, size, options, backing) {
+        Ok(img) => img,
+        Err(e) => {
+            // Refused options or a failed create leave no half-made new file behind.
+            if !existed {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
+        }
+    };
     img.dev.flush()?;
     println!(
         "Formatting '{}', fmt={} size={}",

@@ -281,3 +281,47 @@ fn map_streams_runs_in_constant_memory() {
         .step_by(2)
         .all(|r| r["present"] == false));
 }
+
+// Item 9: a VHDX with 4096-byte logical sectors reported 512-byte physical sectors.
+#[test]
+fn vhdx_physical_sectors_are_never_smaller_than_logical() {
+    let dir = tempfile::tempdir().unwrap();
+    let sizes = |img: &str| {
+        let j = vdisk_json(&["info", "--output", "json", img]);
+        (
+            j["logical_sector_size"].clone(),
+            j["physical_sector_size"].clone(),
+        )
+    };
+    let a = p(&dir, "a.vhdx");
+    vdisk_ok(&[
+        "create",
+        "-f",
+        "vhdx",
+        "-o",
+        "logical_sector_size=4096",
+        &a,
+        "8M",
+    ]);
+    assert_eq!(sizes(&a), (4096.into(), 4096.into()));
+    // qemu-img's default stays: 512/512.
+    let b = p(&dir, "b.vhdx");
+    vdisk_ok(&["create", "-f", "vhdx", &b, "8M"]);
+    assert_eq!(sizes(&b), (512.into(), 512.into()));
+    // An explicit smaller physical size is refused, and nothing is left behind.
+    let c = p(&dir, "c.vhdx");
+    let err = fails(&[
+        "create",
+        "-f",
+        "vhdx",
+        "-o",
+        "logical_sector_size=4096,physical_sector_size=512",
+        &c,
+        "8M",
+    ]);
+    assert!(err.contains("physical"), "{err}");
+    assert!(
+        !std::path::Path::new(&c).exists(),
+        "a refused create left {c}"
+    );
+}
