@@ -3,9 +3,10 @@
 //!
 //! One I/O thread per disk owns a [`DeviceQueue`] on an [`Engine`] and the buffers of every
 //! request in flight; callers reach it over an mpsc channel plus an eventfd, and the thread
-//! sleeps in `poll(2)` on that eventfd and the engine's. Flushes, write-zeroes, discards and
-//! block-status queries run on a small pool of control threads beside it. The public
-//! description is on [`AsyncDisk`].
+//! sleeps in `poll(2)` on that eventfd and the engine's (which the queue's slow pool signals
+//! too). Reads, writes and flushes go through the queue; write-zeroes, discards and
+//! block-status queries, which the queue does not take, run on a small pool of control
+//! threads beside it. The public description is on [`AsyncDisk`].
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -26,7 +27,7 @@ use crate::storage::RawBuf;
 
 /// Ops the engine keeps in flight by default (more wait inside it).
 const DEFAULT_DEPTH: u32 = 128;
-/// Control threads (flush, write-zeroes, discard, block status) started at most by default.
+/// Control threads (write-zeroes, discard, block status) started at most by default.
 const DEFAULT_CONTROL_THREADS: usize = 4;
 /// Alignment of [`AsyncDisk::alloc`] buffers at least (a page: enough for any `O_DIRECT`
 /// file of 4 KiB sectors or less).
@@ -115,8 +116,8 @@ impl AsyncOptions {
         self
     }
 
-    /// Most threads running flushes, write-zeroes, discards and block-status queries at once
-    /// (at least 1).
+    /// Most threads running write-zeroes, discards and block-status queries at once (at least
+    /// 1). Flushes do not use them: they run on the [`DeviceQueue`]'s own pool.
     pub fn control_threads(mut self, n: usize) -> Self {
         self.control_threads = n.max(1);
         self
@@ -134,9 +135,11 @@ impl AsyncOptions {
 /// flight, and its result comes back with the buffer. Reads and writes go where
 /// [`DeviceQueue`] sends them: mapped pieces to the engine, the rest (memory storage,
 /// allocating writes, a transfer `O_DIRECT` cannot take) through the device's synchronous raw
-/// methods on the I/O thread. Flushes, write-zeroes, discards and block-status queries run on
-/// a few control threads (started when first needed), so a flush never holds up reads and
-/// writes in flight; flushes waiting together share one [`BlockDevice::flush`].
+/// methods on the queue's small pool of threads. Flushes run on that pool too
+/// ([`DeviceQueue::start_flush`]), so a flush never holds up reads and writes in flight, and
+/// flushes waiting behind a running one share one [`BlockDevice::flush`]. Write-zeroes,
+/// discards and block-status queries run on a few control threads (started when first
+/// needed).
 ///
 /// # Buffers
 /// Buffers are owned values implementing [`IoBuf`]: `Vec<u8>`, `Box<[u8]>` and
@@ -235,6 +238,8 @@ enum Msg {
         offset: u64,
         req: Box<dyn Pending>,
     },
+    /// A flush, for the queue.
+    Flush(oneshot::Sender<Result<()>>),
     /// A request for the control threads.
     Control(Job),
     /// Stop once everything sent so far has finished; then answer.
@@ -275,9 +280,34 @@ impl<B: IoBuf> Pending for PendingIo<B> {
     }
 }
 
+/// A request started on the queue, as the I/O thread holds it until it completes.
+enum Slot {
+    Io(Box<dyn Pending>),
+    Flush(oneshot::Sender<Result<()>>),
+}
+
+impl Slot {
+    fn finish(self, result: Result<()>) {
+        match self {
+            Slot::Io(req) => req.finish(result),
+            Slot::Flush(reply) => {
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    fn abandon(self, err: Error) {
+        match self {
+            Slot::Io(req) => req.abandon(err),
+            Slot::Flush(reply) => {
+                let _ = reply.send(Err(err));
+            }
+        }
+    }
+}
+
 /// A request for the control threads, with where its answer goes.
 enum Job {
-    Flush(oneshot::Sender<Result<()>>),
     WriteZeroes {
         offset: u64,
         len: u64,
@@ -451,7 +481,7 @@ impl AsyncDisk {
     /// other reads and writes go on. Flushes waiting together share one device flush.
     pub async fn flush(&self) -> Result<()> {
         let (reply, rx) = oneshot::channel();
-        self.send(Msg::Control(Job::Flush(reply)))?;
+        self.send(Msg::Flush(reply))?;
         self.answer(rx).await
     }
 
@@ -535,8 +565,8 @@ struct IoThread {
     wake: Arc<OwnedFd>,
     failure: Arc<Mutex<Option<Error>>>,
     stats: Arc<Stats>,
-    /// Reads and writes started, by the queue's token.
-    slots: Vec<Option<Box<dyn Pending>>>,
+    /// Requests started on the queue, by its token.
+    slots: Vec<Option<Slot>>,
     free: Vec<usize>,
     reaped: Vec<(usize, Result<()>)>,
     control: ControlPool,
@@ -605,6 +635,12 @@ impl IoThread {
         loop {
             match self.rx.try_recv() {
                 Ok(Msg::Io { write, offset, req }) => self.start(queue, write, offset, req),
+                Ok(Msg::Flush(reply)) => {
+                    let idx = self.slot(Slot::Flush(reply));
+                    if let Started::Done(idx, result) = queue.start_flush(idx) {
+                        self.finish(idx, result);
+                    }
+                }
                 Ok(Msg::Control(job)) => self.control.push(job),
                 Ok(Msg::Close(reply)) => {
                     self.closing = true;
@@ -629,16 +665,7 @@ impl IoThread {
         mut req: Box<dyn Pending>,
     ) {
         let bufs = [req.raw()];
-        let idx = match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.slots.push(None);
-                self.slots.len() - 1
-            }
-        };
-        if let Some(slot) = self.slots.get_mut(idx) {
-            *slot = Some(req);
-        }
+        let idx = self.slot(Slot::Io(req));
         // SAFETY: the buffer belongs to the request now in slot `idx`, which stays there
         // until the queue reports the request done (here as `Done`, or from `reap`), or is
         // leaked if the engine fails with it in flight. Moving the request does not move the
@@ -646,6 +673,22 @@ impl IoThread {
         match unsafe { queue.start(write, offset, &bufs, idx) } {
             Started::Queued => {}
             Started::Done(idx, result) => self.finish(idx, result),
+        }
+    }
+
+    /// Puts `slot` in a free place; its index.
+    fn slot(&mut self, slot: Slot) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                if let Some(s) = self.slots.get_mut(i) {
+                    *s = Some(slot);
+                }
+                i
+            }
+            None => {
+                self.slots.push(Some(slot));
+                self.slots.len() - 1
+            }
         }
     }
 
@@ -689,7 +732,12 @@ fn wait_readable(a: RawFd, b: RawFd) -> Result<()> {
         let err = std::io::Error::last_os_error();
         match err.raw_os_error() {
             Some(libc::EINTR) | Some(libc::EAGAIN) => continue,
-            _ => return Err(Error::io("waiting for requests and completions failed", err)),
+            _ => {
+                return Err(Error::io(
+                    "waiting for requests and completions failed",
+                    err,
+                ))
+            }
         }
     }
 }
@@ -791,34 +839,12 @@ fn control_worker(pool: &Pool, dev: &dyn BlockDevice) {
     }
 }
 
-/// Runs the first queued job (and, for a flush, every other queued flush with it) with the
-/// lock released meanwhile.
+/// Runs the first queued job with the lock released meanwhile.
 fn run_jobs(st: &mut MutexGuard<'_, PoolState>, dev: &dyn BlockDevice) {
     let Some(job) = st.jobs.pop_front() else {
         return;
     };
     match job {
-        Job::Flush(first) => {
-            // Every flush still queued was asked before this one starts: one device flush
-            // covers all of them.
-            let mut replies = vec![first];
-            let mut rest = VecDeque::with_capacity(st.jobs.len());
-            for job in st.jobs.drain(..) {
-                match job {
-                    Job::Flush(r) => replies.push(r),
-                    other => rest.push_back(other),
-                }
-            }
-            st.jobs = rest;
-            let result = MutexGuard::unlocked(st, || dev.flush());
-            let last = replies.pop();
-            for r in replies {
-                let _ = r.send(result.as_ref().map(|_| ()).map_err(dup));
-            }
-            if let Some(r) = last {
-                let _ = r.send(result);
-            }
-        }
         Job::WriteZeroes {
             offset,
             len,
