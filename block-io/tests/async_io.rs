@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use block_io::engine::{Aio, AsyncDisk, AsyncOptions, Engine};
+use block_io::engine::{Aio, AsyncDisk, AsyncOptions, Engine, IoBuf};
 use block_io::{
     BlockDevice, BlockStatus, ErrorKind, FaultStorage, FileStorage, Injection, MemStorage,
     OpenOptions, RawDisk, Storage,
@@ -621,4 +621,60 @@ async fn a_slow_flush_does_not_stop_io_and_waiting_flushes_coalesce() {
         assert!(disk.stats().mapped >= 64, "{:?}", disk.stats());
         disk.close().await.unwrap();
     }
+}
+
+/// A buffer that holds a clone of the disk it is used with.
+struct Holder {
+    _disk: AsyncDisk,
+    data: Vec<u8>,
+}
+
+// SAFETY: the bytes are the Vec's heap memory, which moving the holder does not move.
+unsafe impl IoBuf for Holder {
+    fn as_raw(&mut self) -> block_io::RawBuf {
+        self.data.as_raw()
+    }
+}
+
+/// The last clone dropped on the I/O thread itself (inside a buffer whose caller went away)
+/// ends the disk without the thread joining itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_clone_dropped_on_the_io_thread() {
+    // A panic on an I/O thread would not fail the test by itself: note it.
+    static IO_PANIC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let prev = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().name() == Some("vdisk-async-io") {
+            IO_PANIC.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        prev(info)
+    }));
+    let dev = TestDev::new(
+        &tempfile::tempdir().unwrap(),
+        "h.raw",
+        Some(Duration::from_millis(20)),
+    );
+    let disk = serve(dev.clone(), Aio::Threads);
+    let buf = Holder {
+        _disk: disk.clone(),
+        data: vec![4u8; 4096],
+    };
+    poll_once(disk.write_at(buf, 0)).await;
+    drop(disk);
+    // The write completes, its answer finds nobody, the holder (and the last clone) drops
+    // there, and the thread ends: the device is released.
+    for _ in 0..500 {
+        if Arc::strong_count(&dev) == 1 {
+            let mut b = vec![0u8; 4096];
+            dev.read_at(&mut b, 0).unwrap();
+            assert!(b.iter().all(|&x| x == 4));
+            assert!(
+                !IO_PANIC.load(std::sync::atomic::Ordering::SeqCst),
+                "the I/O thread panicked"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the I/O thread did not end");
 }

@@ -218,7 +218,11 @@ impl Drop for Shared {
         self.tx = None;
         signal_event_fd(self.wake.as_raw_fd());
         if let Some(h) = self.thread.take() {
-            let _ = h.join();
+            // The last clone may be dropped on the I/O thread itself (inside a buffer type
+            // that holds one): it ends by itself then, and cannot join itself.
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
         }
     }
 }
