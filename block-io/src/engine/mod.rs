@@ -331,8 +331,18 @@ impl Engine {
     }
 }
 
-/// Checks an op's shape before it reaches the kernel: a length the kernel can take.
+/// Most buffers in one op (the kernel's UIO_MAXIOV for `preadv`/`pwritev` and io_uring).
+const MAX_IOV: usize = 1024;
+
+/// Checks an op's shape before it reaches the kernel: a buffer count and a length the kernel
+/// can take.
 fn check_op(op: &Op) -> Result<()> {
+    if op.bufs.len() > MAX_IOV {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("an op of {} buffers exceeds {MAX_IOV}", op.bufs.len()),
+        ));
+    }
     let total = crate::storage::raw_total(&op.bufs)?;
     op.offset.checked_add(total).ok_or_else(|| {
         Error::new(

@@ -298,13 +298,7 @@ impl<T> DeviceQueue<T> {
             Ok(m) => m,
             Err(e) => return Started::Done(token, Err(e)),
         };
-        let idx = match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.reqs.push(None);
-                self.reqs.len() - 1
-            }
-        };
+        let idx = self.slot();
         if !mapped || !self.engine_can_take(bufs, len) {
             self.stats.fallback += 1;
             let job = SlowJob {
@@ -402,16 +396,18 @@ impl<T> DeviceQueue<T> {
         Started::Queued
     }
 
+    /// A free request slot.
+    fn slot(&mut self) -> usize {
+        self.free.pop().unwrap_or_else(|| {
+            self.reqs.push(None);
+            self.reqs.len() - 1
+        })
+    }
+
     /// Starts a flush of the device ([`BlockDevice::flush`]) off the owner's thread, so that
     /// reads and writes keep going while it syncs; flushes queued together share one.
     pub fn start_flush(&mut self, token: T) -> Started<T> {
-        let idx = match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.reqs.push(None);
-                self.reqs.len() - 1
-            }
-        };
+        let idx = self.slot();
         let job = SlowJob {
             idx,
             flush: true,

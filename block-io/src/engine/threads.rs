@@ -14,8 +14,6 @@ use super::uring::Done;
 use super::{advance, drain_event_fd, new_event_fd, op_error, signal_event_fd, Op, OpKind};
 use crate::error::{Error, ErrorKind, Result};
 
-/// Most buffers handed to one `preadv`/`pwritev` (the kernel's UIO_MAXIOV).
-const MAX_IOV: usize = 1024;
 
 /// What the pool's threads share with the engine.
 struct Pool {
@@ -70,12 +68,6 @@ impl ThreadEngine {
     }
 
     pub(super) fn submit(&mut self, op: Op) -> Result<()> {
-        if op.bufs.len() > MAX_IOV {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!("an op of {} buffers exceeds {MAX_IOV}", op.bufs.len()),
-            ));
-        }
         self.staged.push(op);
         self.in_flight += 1;
         Ok(())

@@ -11,8 +11,6 @@ use io_uring::{opcode, squeue, types, IoUring};
 use super::{advance, drain_event_fd, new_event_fd, op_error, Op, OpKind};
 use crate::error::{Error, ErrorKind, Result};
 
-/// Most buffers in one op (the kernel's UIO_MAXIOV).
-const MAX_IOV: usize = 1024;
 
 /// An op in flight, with the iovecs the kernel reads.
 struct Slot {
@@ -82,12 +80,6 @@ impl UringEngine {
     }
 
     pub(super) fn submit(&mut self, op: Op) -> Result<()> {
-        if op.bufs.len() > MAX_IOV {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!("an op of {} buffers exceeds {MAX_IOV}", op.bufs.len()),
-            ));
-        }
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
