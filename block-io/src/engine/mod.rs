@@ -24,7 +24,7 @@ mod uring;
 
 #[cfg(feature = "async")]
 pub use asyncio::{AsyncDisk, AsyncOptions, IoBuf};
-pub use queue::{DeviceQueue, QueueStats, Started};
+pub use queue::{Control, DeviceQueue, QueueStats, Started};
 
 use std::os::unix::io::RawFd;
 

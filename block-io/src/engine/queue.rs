@@ -31,9 +31,45 @@ pub enum Started<T> {
     Done(T, Result<()>),
 }
 
-/// A request the device could not map, or a flush, for the slow pool.
+/// A request without data that a [`DeviceQueue`] runs off its owner's thread
+/// ([`DeviceQueue::start_control`]), for it may sync or change metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// [`BlockDevice::flush`]; flushes queued behind a running one share one.
+    Flush,
+    /// [`BlockDevice::write_zeroes`].
+    WriteZeroes {
+        /// Byte offset.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+        /// The device may release the space.
+        unmap: bool,
+    },
+    /// [`BlockDevice::discard`].
+    Discard {
+        /// Byte offset.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+    },
+}
+
+impl Control {
+    /// Runs it on `dev`.
+    fn run(self, dev: &dyn BlockDevice) -> Result<()> {
+        match self {
+            Control::Flush => dev.flush(),
+            Control::WriteZeroes { offset, len, unmap } => dev.write_zeroes(offset, len, unmap),
+            Control::Discard { offset, len } => dev.discard(offset, len),
+        }
+    }
+}
+
+/// A request the device could not map, or a control request, for the slow pool.
 struct SlowJob {
     idx: usize,
+    control: Option<Control>,
     flush: bool,
     write: bool,
     offset: u64,
@@ -168,8 +204,8 @@ fn slow_worker(
             }
             (job, joined)
         };
-        let r = if job.flush {
-            dev.flush()
+        let r = if let Some(c) = job.control {
+            c.run(dev)
         } else {
             // SAFETY: the submitter keeps the buffers valid until this request is reaped
             // (`DeviceQueue::start`), which happens only after its result is posted below.
@@ -303,6 +339,7 @@ impl<T> DeviceQueue<T> {
             self.stats.fallback += 1;
             let job = SlowJob {
                 idx,
+                control: None,
                 flush: false,
                 write,
                 offset,
@@ -407,10 +444,17 @@ impl<T> DeviceQueue<T> {
     /// Starts a flush of the device ([`BlockDevice::flush`]) off the owner's thread, so that
     /// reads and writes keep going while it syncs; flushes queued together share one.
     pub fn start_flush(&mut self, token: T) -> Started<T> {
+        self.start_control(Control::Flush, token)
+    }
+
+    /// Starts `c` off the owner's thread (it may sync or change metadata), so that reads and
+    /// writes keep going meanwhile.
+    pub fn start_control(&mut self, c: Control, token: T) -> Started<T> {
         let idx = self.slot();
         let job = SlowJob {
             idx,
-            flush: true,
+            control: Some(c),
+            flush: c == Control::Flush,
             write: false,
             offset: 0,
             bufs: Vec::new(),
@@ -429,7 +473,7 @@ impl<T> DeviceQueue<T> {
             }
             Some(_) => {
                 self.free.push(idx);
-                Started::Done(token, self.dev.flush())
+                Started::Done(token, c.run(&*self.dev))
             }
         }
     }

@@ -14,7 +14,6 @@ use super::uring::Done;
 use super::{advance, drain_event_fd, new_event_fd, op_error, signal_event_fd, Op, OpKind};
 use crate::error::{Error, ErrorKind, Result};
 
-
 /// What the pool's threads share with the engine.
 struct Pool {
     state: Mutex<State>,

@@ -11,7 +11,6 @@ use io_uring::{opcode, squeue, types, IoUring};
 use super::{advance, drain_event_fd, new_event_fd, op_error, Op, OpKind};
 use crate::error::{Error, ErrorKind, Result};
 
-
 /// An op in flight, with the iovecs the kernel reads.
 struct Slot {
     op: Op,

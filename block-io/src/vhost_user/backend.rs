@@ -392,14 +392,12 @@ impl BlkBackend {
                                 mem: mem.clone().into_inner(),
                             };
                             scratch.in_flight.start();
-                            let flush = tok.io.flush;
-                            // SAFETY: the buffers point into guest memory that the token's
-                            // snapshot keeps mapped and its guards keep valid until the
-                            // request completes (the queue holds the token until then).
-                            let started = if flush {
-                                q.start_flush(tok)
-                            } else {
-                                unsafe { q.start(write, offset, &bufs, tok) }
+                            let started = match tok.io.control {
+                                Some(c) => q.start_control(c, tok),
+                                // SAFETY: the buffers point into guest memory that the token's
+                                // snapshot keeps mapped and its guards keep valid until the
+                                // request completes (the queue holds the token until then).
+                                None => unsafe { q.start(write, offset, &bufs, tok) },
                             };
                             match started {
                                 Started::Queued => {}

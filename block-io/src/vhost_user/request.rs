@@ -20,6 +20,7 @@ use vm_memory::volatile_memory::{PtrGuard, PtrGuardMut};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions, VolatileSlice};
 
 use crate::device::BlockDevice;
+use crate::engine::Control;
 use crate::error::ErrorKind;
 use crate::storage::RawBuf;
 
@@ -216,10 +217,10 @@ pub(crate) enum Prepared {
 }
 
 /// The data phase of an IN or OUT request (host pointers into guest memory, with the guards
-/// that keep them mapped), or a FLUSH, and where its status goes.
+/// that keep them mapped), or a FLUSH, DISCARD or WRITE_ZEROES, and where its status goes.
 pub(crate) struct IoRequest {
-    /// A FLUSH (no data; `write` and `offset` mean nothing).
-    pub flush: bool,
+    /// A request without data (`write`, `offset` and the buffers mean nothing).
+    pub control: Option<Control>,
     /// OUT (the device reads guest memory) rather than IN.
     pub write: bool,
     /// Byte offset on the disk.
@@ -237,8 +238,12 @@ impl IoRequest {
 
     /// Runs the data phase with the device's synchronous raw methods.
     pub(crate) fn run_sync(&self, dev: &dyn BlockDevice) -> crate::Result<()> {
-        if self.flush {
-            return dev.flush();
+        if let Some(c) = self.control {
+            return match c {
+                Control::Flush => dev.flush(),
+                Control::WriteZeroes { offset, len, unmap } => dev.write_zeroes(offset, len, unmap),
+                Control::Discard { offset, len } => dev.discard(offset, len),
+            };
         }
         // SAFETY: every RawBuf lies inside a VolatileSlice that `get_slices` checked to be in
         // guest memory with the permission the direction needs; the memory snapshot the
@@ -260,7 +265,15 @@ impl IoRequest {
     /// Writes the status for `result` and returns the used length to report. `mem` is the
     /// snapshot the request was prepared with.
     pub(crate) fn finish(self, mem: &GuestMemoryMmap, result: crate::Result<()>) -> u32 {
-        let status = status_of(result);
+        let status = match (&self.control, result) {
+            // QEMU answers a discard or write-zeroes the device cannot do with UNSUPP.
+            (Some(Control::WriteZeroes { .. } | Control::Discard { .. }), Err(e))
+                if e.kind() == ErrorKind::Unsupported =>
+            {
+                VIRTIO_BLK_S_UNSUPP
+            }
+            (_, r) => status_of(r),
+        };
         // Checked when prepared; an error now means the memory went away, nothing to report.
         let _ = mem.write_obj(status, self.status_addr);
         drop(self.list);
@@ -274,8 +287,8 @@ enum Outcome {
     Status(u8),
     /// A data phase to run: (OUT, byte offset, buffers).
     Io(bool, u64, RawList),
-    /// A flush to run.
-    Flush,
+    /// A request without data to run (flush, discard, write-zeroes).
+    Control(Control),
 }
 
 /// Parses and checks the request made of `descs`; runs it unless it is a read or write.
@@ -318,7 +331,7 @@ pub(crate) fn prepare(mem: &GuestMemoryMmap, descs: &[Desc], target: &Target<'_>
             Some(Outcome::Status(s)) => s,
             Some(Outcome::Io(write, offset, list)) => {
                 return Prepared::Io(IoRequest {
-                    flush: false,
+                    control: None,
                     write,
                     offset,
                     list,
@@ -326,9 +339,9 @@ pub(crate) fn prepare(mem: &GuestMemoryMmap, descs: &[Desc], target: &Target<'_>
                     used,
                 })
             }
-            Some(Outcome::Flush) => {
+            Some(Outcome::Control(c)) => {
                 return Prepared::Io(IoRequest {
-                    flush: true,
+                    control: Some(c),
                     write: false,
                     offset: 0,
                     list: RawList::default(),
@@ -385,7 +398,7 @@ fn run(
             return Some(transfer(t, &rd, HEADER_LEN as u64, out_len, sector, false));
         }
         // Run by the caller (off the queue's thread when it has an engine).
-        VIRTIO_BLK_T_FLUSH => return Some(Outcome::Flush),
+        VIRTIO_BLK_T_FLUSH => return Some(Outcome::Control(Control::Flush)),
         VIRTIO_BLK_T_GET_ID => {
             let n = (in_len as usize).min(ID_LEN);
             wr.write(0, &t.id[..n]);
@@ -395,7 +408,7 @@ fn run(
             if t.read_only {
                 return None;
             }
-            discard_write_zeroes(t, &rd, out_len, kind)
+            return Some(discard_write_zeroes(t, &rd, out_len, kind));
         }
         _ => VIRTIO_BLK_S_UNSUPP,
     }))
@@ -456,12 +469,12 @@ fn status_of(r: crate::Result<()>) -> u8 {
 
 /// One `{sector u64, num_sectors u32, flags u32}` segment (QEMU supports exactly one, and so do
 /// we: `max_discard_seg` and `max_write_zeroes_seg` are 1).
-fn discard_write_zeroes(t: &Target<'_>, rd: &SgList<'_>, len: u64, kind: u32) -> u8 {
+fn discard_write_zeroes(t: &Target<'_>, rd: &SgList<'_>, len: u64, kind: u32) -> Outcome {
     if len > 16 {
-        return VIRTIO_BLK_S_UNSUPP;
+        return Outcome::Status(VIRTIO_BLK_S_UNSUPP);
     }
     if len < 16 {
-        return VIRTIO_BLK_S_IOERR;
+        return Outcome::Status(VIRTIO_BLK_S_IOERR);
     }
     let mut seg = [0u8; 16];
     rd.read(HEADER_LEN as u64, &mut seg);
@@ -476,35 +489,34 @@ fn discard_write_zeroes(t: &Target<'_>, rd: &SgList<'_>, len: u64, kind: u32) ->
         MAX_DISCARD_SECTORS
     };
     if num > max {
-        return VIRTIO_BLK_S_IOERR;
+        return Outcome::Status(VIRTIO_BLK_S_IOERR);
     }
     let bytes = u64::from(num) * SECTOR;
     if !range_ok(t, sector, bytes) {
-        return VIRTIO_BLK_S_IOERR;
+        return Outcome::Status(VIRTIO_BLK_S_IOERR);
     }
     // 5.2.6.2: unknown flags, and UNMAP on a discard, are UNSUPP.
     if flags & !WRITE_ZEROES_FLAG_UNMAP != 0 {
-        return VIRTIO_BLK_S_UNSUPP;
+        return Outcome::Status(VIRTIO_BLK_S_UNSUPP);
     }
     let offset = sector * SECTOR;
     if bytes == 0 {
         // QEMU completes an empty range without touching the disk.
-        return VIRTIO_BLK_S_OK;
+        return Outcome::Status(VIRTIO_BLK_S_OK);
     }
-    let r = if kind == VIRTIO_BLK_T_WRITE_ZEROES {
-        t.dev
-            .write_zeroes(offset, bytes, flags & WRITE_ZEROES_FLAG_UNMAP != 0)
+    // Run by the caller (off the queue's thread when it has an engine).
+    Outcome::Control(if kind == VIRTIO_BLK_T_WRITE_ZEROES {
+        Control::WriteZeroes {
+            offset,
+            len: bytes,
+            unmap: flags & WRITE_ZEROES_FLAG_UNMAP != 0,
+        }
     } else {
         if flags & WRITE_ZEROES_FLAG_UNMAP != 0 {
-            return VIRTIO_BLK_S_UNSUPP;
+            return Outcome::Status(VIRTIO_BLK_S_UNSUPP);
         }
-        t.dev.discard(offset, bytes)
-    };
-    match r {
-        Ok(()) => VIRTIO_BLK_S_OK,
-        Err(e) if e.kind() == ErrorKind::Unsupported => VIRTIO_BLK_S_UNSUPP,
-        Err(_) => VIRTIO_BLK_S_IOERR,
-    }
+        Control::Discard { offset, len: bytes }
+    })
 }
 
 #[cfg(test)]
