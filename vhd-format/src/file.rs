@@ -3,20 +3,25 @@
 //!
 //! Concurrency: the BAT lives in memory as atomics; reads and overwrites of allocated blocks
 //! take no lock and are a single positional write (dynamic) or, in a differencing layer whose
-//! bitmap already marks the sectors, the same. Allocation is serialised by one mutex held
-//! across its I/O (it moves the footer, so two allocations must not interleave); sector
-//! bitmap updates of a differencing layer are serialised per block by striped mutexes.
+//! bitmap already marks the sectors, the same. No metadata lock is held across payload I/O or
+//! a sync: allocation reserves space under a short lock, writes and syncs outside it, and
+//! commits the BAT entry and footer under another short lock (see [`crate::alloc`]); syncs
+//! of concurrent allocations, bitmap updates and flushes coalesce. Sector bitmap updates of a
+//! differencing layer are serialised per block by striped mutexes (held for the lookup or the
+//! 512-byte bitmap write, never for payload I/O or a sync).
 //!
-//! Crash-safe allocation order: (1) write the data and the block's bitmap where the footer
-//! was (moved up so the data starts on a 4 KiB boundary), (2) sync, (3) write the BAT sector, (4) write the footer at the new end. A crash
-//! before (3) leaves the block unreferenced; a lost footer is recovered from the copy at
-//! offset 0 on the next open (a writable open rewrites it). Nothing is made durable before
-//! `flush()`, except that data always reaches the disk before any metadata pointing at it.
+//! Crash-safe allocation order: (1) write the data and the block's bitmap past the footer (the
+//! data on a 64 KiB boundary), (2) sync, (3) write the BAT sector, (4) write the footer at the
+//! end of the highest reserved space. A crash before (3) leaves the block unreferenced; a lost
+//! footer is recovered from the copy at offset 0 on the next open (a writable open rewrites
+//! it). Nothing is made durable before `flush()`, except that data always reaches the disk
+//! before any metadata pointing at it.
 //!
 //! Dynamic disks: a new block's bitmap is all ones (like qemu) and reads ignore bitmaps.
 //! Differencing layers honour them: absent sectors read as zeros from this layer and
 //! `block_status` reports them `Unallocated` so a chain reads them from the parent. A first
-//! write to absent sectors of an allocated block writes the data, syncs, then sets the bits.
+//! write to absent sectors of an allocated block writes the data, syncs (coalesced), then
+//! sets the bits.
 //!
 //! Discard and write-zeroes (VHD has no zero state): a fixed disk and allocated blocks of a
 //! dynamic disk keep their space and get zeros (through `Storage::punch_hole` for discard and
@@ -31,9 +36,10 @@ use block_io::{
     check_request, push_mapping, BlockDevice, BlockStatus, DiskInfo, Error, ErrorKind, FailStop,
     Mapping, Result, StatusRun, Storage,
 };
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
-use crate::bat::{self, UNALLOCATED};
+use crate::alloc::{AllocState, Durability};
+use crate::bat;
 use crate::error::corrupt;
 use crate::footer::{DiskType, Footer, FOOTER_SIZE};
 use crate::layout::{self, DynamicLayout, FooterSource};
@@ -66,11 +72,6 @@ impl Hasher for BlockHasher {
 }
 
 const ZERO_CHUNK: u64 = 1 << 20;
-/// Alignment of a new block's data in the file. 64 KiB rather than 4 KiB: the page cache then
-/// holds a block's data in large folios and 1 MiB sequential reads went from 0.85-0.89x to
-/// 0.91-0.95x of a raw file (`.ci/bench-formats vhd`); the padding is a hole of under 64 KiB
-/// per block (about 3% of apparent size with 2 MiB blocks), never written.
-const DATA_ALIGN: u64 = 65536;
 
 /// Calls `write(zeros, done)` for each piece of `[0, len)`, at most [`ZERO_CHUNK`] bytes each.
 fn in_zero_chunks(len: u64, mut write: impl FnMut(&[u8], u64) -> Result<()>) -> Result<()> {
@@ -93,8 +94,15 @@ pub struct VhdFile<S: Storage> {
     pub(crate) end_footer_error: Option<String>,
     pub(crate) dynamic: Option<DynamicLayout>,
     read_only: bool,
-    /// Offset of the footer: where the next block goes.
-    pub(crate) alloc: Mutex<u64>,
+    /// Allocation state: the end of the highest reserved space (where the footer goes, the
+    /// end of data for `map`) and the blocks being allocated.
+    pub(crate) alloc: Mutex<AllocState>,
+    /// Signalled when an allocation ends (done or given up).
+    pub(crate) alloc_done: Condvar,
+    /// Serialises allocation commits (BAT sector and footer writes).
+    pub(crate) commit: Mutex<()>,
+    /// Coalesced syncs.
+    pub(crate) durability: Durability,
     /// Cached sector bitmaps of a differencing layer, striped by block number.
     bitmaps: Vec<Mutex<BitmapMap>>,
     pub(crate) failstop: FailStop,
@@ -115,6 +123,13 @@ impl<S: Storage> VhdFile<S> {
     /// allocation) trims the unreferenced tail and rewrites the footer from the copy at 0.
     pub fn open(storage: S, read_only: bool) -> Result<Self> {
         let l = layout::load(&storage)?;
+        // End of data. A read-only open of an image whose last block was cut short by a
+        // crash: only what the file holds maps (the rest reads as zeros through `read_file`).
+        let end = if read_only && l.source == FooterSource::CopyAtStart {
+            l.footer_offset.min(storage.len()?)
+        } else {
+            l.footer_offset
+        };
         let file = VhdFile {
             storage,
             footer: l.footer,
@@ -123,7 +138,10 @@ impl<S: Storage> VhdFile<S> {
             end_footer_error: l.end_footer_error,
             dynamic: l.dynamic,
             read_only,
-            alloc: Mutex::new(l.footer_offset),
+            alloc: Mutex::new(AllocState::new(end)),
+            alloc_done: Condvar::new(),
+            commit: Mutex::new(()),
+            durability: Durability::default(),
             bitmaps: (0..STRIPES).map(|_| Mutex::default()).collect(),
             failstop: FailStop::new(),
         };
@@ -174,11 +192,11 @@ impl<S: Storage> VhdFile<S> {
     }
 
     /// File offset of block `b`'s data, if allocated.
-    fn data_offset(&self, d: &DynamicLayout, b: usize) -> Option<u64> {
+    pub(crate) fn data_offset(&self, d: &DynamicLayout, b: usize) -> Option<u64> {
         d.bat.get(b).map(|s| u64::from(s) * 512 + d.bitmap_size)
     }
 
-    fn guard<T>(&self, r: Result<T>) -> Result<T> {
+    pub(crate) fn guard<T>(&self, r: Result<T>) -> Result<T> {
         self.failstop.guard(r)
     }
 
@@ -201,7 +219,7 @@ impl<S: Storage> VhdFile<S> {
         }
     }
 
-    fn is_diff(&self) -> bool {
+    pub(crate) fn is_diff(&self) -> bool {
         self.footer.disk_type == DiskType::Differencing
     }
 
@@ -226,6 +244,12 @@ impl<S: Storage> VhdFile<S> {
             }
         };
         f(bm)
+    }
+
+    /// Caches the bitmap of a block being published (before its BAT entry is, so that
+    /// `with_bitmap` never reads it from the file while it may still change).
+    pub(crate) fn cache_bitmap(&self, b: usize, bm: Vec<u8>) {
+        self.bitmaps[b % STRIPES].lock().insert(b, bm);
     }
 
     /// Writes the bitmap sectors of block `b` covering sectors `[s0, s1)`.
@@ -302,61 +326,15 @@ impl<S: Storage> VhdFile<S> {
         let present = self.with_bitmap(d, b, |bm| Ok(bat::all_set(bm, s0, s1)))?;
         self.guard(self.storage.write_at(buf, data + within))?;
         if !present {
-            // The data must be durable before a bit claims it.
-            self.guard(self.storage.sync_data())?;
+            // The data must be durable before a bit claims it (a sync shared with concurrent
+            // writers; no lock held).
+            self.sync_durable()?;
             self.with_bitmap(d, b, |bm| {
                 bat::set_bits(bm, s0, s1, true);
                 self.write_bitmap_range(d, b, bm, s0, s1)
             })?;
         }
         Ok(())
-    }
-
-    /// Allocates block `b` with `buf` written at `within`. Returns `None` when done, or the
-    /// block's data offset when another writer allocated it first.
-    fn allocate(
-        &self,
-        d: &DynamicLayout,
-        b: usize,
-        within: u64,
-        buf: &[u8],
-    ) -> Result<Option<u64>> {
-        let mut pos = self.alloc.lock();
-        if let Some(o) = self.data_offset(d, b) {
-            return Ok(Some(o));
-        }
-        self.failstop.check()?;
-        let block = u64::from(d.header.block_size);
-        // The data of a block starts on a 4 KiB boundary (the bitmap sits just before it), so
-        // block I/O is page-aligned and works with O_DIRECT on 4K-sector devices; the gap left
-        // before the bitmap is unreferenced.
-        let start = (*pos + d.bitmap_size).next_multiple_of(DATA_ALIGN) - d.bitmap_size;
-        let new_end = start + d.bitmap_size + block;
-        let sector = u32::try_from(start / 512)
-            .ok()
-            .filter(|&s| s != UNALLOCATED && new_end / 512 < u64::from(u32::MAX))
-            .ok_or_else(|| Error::new(ErrorKind::NoSpace, "VHD BAT offsets exhausted"))?;
-        let mut bm = vec![0u8; d.bitmap_size as usize];
-        let s0 = (within / 512) as usize;
-        let s1 = s0 + buf.len() / 512;
-        if self.is_diff() {
-            bat::set_bits(&mut bm, s0, s1, true);
-        } else {
-            bat::set_bits(&mut bm, 0, (block / 512) as usize, true);
-        }
-        // (1) data and bitmap, (2) sync, (3) BAT entry, (4) footer.
-        self.guard(self.storage.write_at(buf, start + d.bitmap_size + within))?;
-        self.guard(self.storage.write_at(&bm, start))?;
-        self.guard(self.storage.sync_data())?;
-        let (rel, sec) = d.bat.sector_with(b, sector);
-        self.guard(self.storage.write_at(&sec, d.header.table_offset + rel))?;
-        if self.is_diff() {
-            self.bitmaps[b % STRIPES].lock().insert(b, bm);
-        }
-        d.bat.set(b, sector);
-        self.guard(self.storage.write_at(&self.footer_bytes, new_end))?;
-        *pos = new_end;
-        Ok(None)
     }
 
     /// Calls `f(block, within, start, len)` for each block-sized piece of `[off, off+len)`.
@@ -454,7 +432,10 @@ impl<S: Storage> VhdFile<S> {
             );
             return Ok(true);
         };
-        let end_of_data = *self.alloc.lock();
+        // Every published block lies below the reserved end; a block being allocated is not
+        // published yet (`data_offset` is `None`), so it never maps before its BAT entry and
+        // footer are written.
+        let end_of_data = self.alloc.lock().end;
         let diff = self.is_diff();
         let mut ok = true;
         self.for_each_piece(offset, len, |b, within, _, n| {
@@ -592,7 +573,9 @@ impl<S: Storage> BlockDevice for VhdFile<S> {
             return Ok(());
         }
         self.failstop.check()?;
-        self.guard(self.storage.sync_data())
+        // Takes no allocation or bitmap lock: reads and overwrites go on meanwhile, and
+        // concurrent flushes and allocations share the sync.
+        self.sync_durable()
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<StatusRun> {

@@ -39,6 +39,7 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod alloc;
 pub mod bat;
 mod check;
 mod create;

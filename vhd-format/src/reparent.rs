@@ -59,7 +59,7 @@ impl<S: Storage> VhdFile<S> {
             return Err(corrupt("differencing image without a dynamic header"));
         };
         encode_parent_name(parent_name).map_err(|e| invalid_input(e.to_string()))?;
-        let pos = *self.alloc.lock();
+        let pos = self.alloc.lock().end;
 
         // Lay the new locator data out from the footer's place.
         let mut header = d.header.clone();
@@ -83,9 +83,9 @@ impl<S: Storage> VhdFile<S> {
             .to_bytes()
             .map_err(|e| invalid_input(e.to_string()))?;
 
-        // (1) data and the moved footer, (2) sync, (3) header, (4) sync.
+        // (1) data and the moved footer, (2) sync, (3) header, (4) sync. `&mut self`: no
+        // allocation is in flight, so the footer slot at `pos` is free to take.
         let fs = &self.failstop;
-        let mut alloc = self.alloc.lock();
         if !data.is_empty() {
             fs.guard(self.storage.write_at(&data, pos))?;
             fs.guard(self.storage.write_at(&self.footer_bytes, new_end))?;
@@ -93,8 +93,7 @@ impl<S: Storage> VhdFile<S> {
         fs.guard(self.storage.sync_data())?;
         fs.guard(self.storage.write_at(&hb, header_off))?;
         fs.guard(self.storage.sync_data())?;
-        *alloc = new_end;
-        drop(alloc);
+        self.alloc.get_mut().end = new_end;
         if let Some(d) = self.dynamic.as_mut() {
             d.header = header;
         }

@@ -3,7 +3,9 @@
 //! every write-like op index; for several seeds of `crash_image` per cut, the image must open
 //! (read-only and writable), every write acknowledged before the last successful flush must
 //! read back, and every other sector must hold a value it held at some point since then
-//! (never another block's data).
+//! (never another block's data). A differencing layer is read as a chain over a parent of
+//! known data would read it, so that a sector marked present over data that never became
+//! durable shows.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -11,6 +13,7 @@ mod common;
 use std::sync::Arc;
 
 use block_io::{BlockDevice, CutPoint, FaultStorage, MemStorage, Storage};
+use common::workload::{parent_sector, read_composed};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use vhd_format::{CreateOptions, DifferencingOptions, Subformat, VhdFile};
@@ -73,9 +76,20 @@ fn base_image(diff: bool) -> MemStorage {
 /// Candidate contents per sector: `[0]` is the value at the last successful flush.
 type Cands = Vec<Vec<[u8; 512]>>;
 
+/// What sector `s` reads as before any write or after a discard: zeros, or in a differencing
+/// layer its parent's data (`verify` reads the layer as a chain would, so a bitmap bit set
+/// over data that never became durable shows).
+fn absent(diff: bool, s: u64) -> [u8; 512] {
+    if diff {
+        parent_sector(s)
+    } else {
+        [0; 512]
+    }
+}
+
 /// Runs `ops` until the first error; returns the candidates.
-fn run(dev: &VhdFile<Arc<FaultStorage>>, ops: &[Op]) -> Cands {
-    let mut cands: Cands = vec![vec![[0u8; 512]]; SECTORS];
+fn run(dev: &VhdFile<Arc<FaultStorage>>, ops: &[Op], diff: bool) -> Cands {
+    let mut cands: Cands = (0..SECTORS as u64).map(|s| vec![absent(diff, s)]).collect();
     for op in ops {
         // Record first (an op cut midway may still have partly landed), then do it.
         match *op {
@@ -91,8 +105,8 @@ fn run(dev: &VhdFile<Arc<FaultStorage>>, ops: &[Op]) -> Cands {
                 }
             }
             Op::Discard(s, n) => {
-                for c in &mut cands[s as usize..(s + n) as usize] {
-                    c.push([0; 512]);
+                for k in s..s + n {
+                    cands[k as usize].push(absent(diff, k));
                 }
                 if dev.discard(s * 512, n * 512).is_err() {
                     break;
@@ -112,13 +126,12 @@ fn run(dev: &VhdFile<Arc<FaultStorage>>, ops: &[Op]) -> Cands {
     cands
 }
 
-fn verify(img: &MemStorage, cands: &Cands, what: &str) {
+fn verify(img: &MemStorage, cands: &Cands, diff: bool, what: &str) {
     for writable in [false, true] {
         let st = Arc::new(img.clone());
         let f = VhdFile::open(st.clone(), !writable)
             .unwrap_or_else(|e| panic!("{what}: reopen (writable={writable}) failed: {e:?}"));
-        let mut buf = vec![0u8; SIZE as usize];
-        f.read_at(&mut buf, 0).unwrap();
+        let buf = read_composed(&f, SIZE, diff);
         for (i, c) in cands.iter().enumerate() {
             let got = &buf[i * 512..(i + 1) * 512];
             assert!(
@@ -147,23 +160,24 @@ fn crash_all_cuts(diff: bool, wseed: u64) {
     // Dry run: count the ops.
     let fs = Arc::new(FaultStorage::new(base.clone()));
     let dev = VhdFile::open(fs.clone(), false).unwrap();
-    let full = run(&dev, &ops);
+    let full = run(&dev, &ops, diff);
     let total = fs.ops();
     drop(dev);
-    verify(&fs.live_image(), &full, "no crash (live)");
+    verify(&fs.live_image(), &full, diff, "no crash (live)");
     assert!(total > 20, "workload too small: {total} ops");
     eprintln!("diff={diff} wseed={wseed}: {total} ops");
     for n in 0..=total {
         let fs = Arc::new(FaultStorage::new(base.clone()));
         fs.set_cut(CutPoint::AfterOps(n));
         let dev = VhdFile::open(fs.clone(), false).unwrap();
-        let cands = run(&dev, &ops);
+        let cands = run(&dev, &ops, diff);
         drop(dev);
         for seed in 0..SEEDS {
             let img = fs.crash_image(seed);
             verify(
                 &img,
                 &cands,
+                diff,
                 &format!("diff={diff} wseed={wseed} cut={n} seed={seed}"),
             );
         }

@@ -59,3 +59,6 @@ pub fn pattern(tag: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+pub mod probe;
+pub mod workload;
