@@ -1,0 +1,481 @@
+//! `vdisk stress IMG --job copy|convert --seconds N [--threads T] [--rate BYTES/S]`: random
+//! guest I/O against an in-memory model while an online job runs, as a guest would see it.
+//!
+//! Guest threads do 4 KiB random writes, reads, discards, write-zeroes and flushes through a
+//! `meta_ops::LiveDisk`; thread `t` owns the blocks `b % T == t`, so its model of them is
+//! exact. First they run alone (idle IOPS), then with the job (IOPS during the job), and on
+//! after it until N seconds are up; a job still running then is cancelled. Every read is
+//! checked against the model, and at the end the whole disk the guest ended on is checked
+//! against the model, and the job's other side against the model at the pivot (blocks no one
+//! touched: the two sides must agree). One JSON line goes to stdout; any mismatch, I/O error
+//! or job failure exits non-zero.
+//!
+//! The destination is a temporary file next to IMG, deleted afterwards: for `copy` a raw
+//! image (the guest stays on IMG, the copy is a point-in-time image), for `convert` an image
+//! of another format (VHDX for raw and VHD, VHD for VHDX) that the guest switches to at the
+//! pivot. IMG's contents are overwritten by the guest writes.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vdisk::block_io::BlockDevice;
+use vdisk::chain::Format;
+use vdisk::meta_ops::{Job, JobError, JobOptions, JobReport, JobRunner, LiveDisk, Pivot};
+
+use crate::CliError;
+
+/// Bytes per guest request and per model block.
+const BLK: u64 = 4096;
+
+/// Which job `vdisk stress` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StressJob {
+    /// Copy the disk to a raw file (point-in-time copy; the guest stays on IMG).
+    Copy,
+    /// Convert to another format (the guest switches to the new image at the pivot).
+    Convert,
+}
+
+/// `vdisk stress` arguments.
+#[derive(Debug, clap::Args)]
+pub struct StressArgs {
+    /// The job to run under guest I/O.
+    #[arg(long, value_enum)]
+    pub job: StressJob,
+    /// How long the guests run, idle phase included.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Guest threads.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub threads: u64,
+    /// The job's rate limit in bytes per second (K/M/G suffixes; default: unlimited).
+    #[arg(long)]
+    pub rate: Option<String>,
+    /// Image format (detected if absent).
+    #[arg(short = 'f')]
+    pub format: Option<String>,
+    /// Print the job's report to stderr.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
+    /// The image (its contents are overwritten).
+    pub image: PathBuf,
+}
+
+/// What the model knows of one 4 KiB block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum St {
+    /// Never touched and never read: whatever the image held.
+    Orig,
+    /// Bytes whose hash is this (read once, or the original before a first change).
+    Hash(u64),
+    /// Written with the pattern of this seed.
+    Pattern(u64),
+    /// Zeros.
+    Zero,
+    /// Discarded in a chain: zeros or the parent's bytes, fixed by the next read.
+    Unknown,
+}
+
+/// One block of a thread's model: now, and at the pivot when it has changed since.
+#[derive(Debug, Clone, Copy)]
+struct Cell {
+    cur: St,
+    at_pivot: Option<St>,
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+fn pattern(block: u64, seed: u64, out: &mut [u8]) {
+    let key = splitmix(block ^ seed.rotate_left(32));
+    for (i, w) in out.chunks_mut(8).enumerate() {
+        let v = splitmix(key.wrapping_add(i as u64)).to_le_bytes();
+        w.copy_from_slice(&v[..w.len()]);
+    }
+}
+
+fn hash(data: &[u8]) -> u64 {
+    data.chunks(8).fold(0x243f_6a88_85a3_08d3, |h, w| {
+        let mut b = [0u8; 8];
+        b[..w.len()].copy_from_slice(w);
+        splitmix(h ^ u64::from_le_bytes(b))
+    })
+}
+
+/// Whether `data` is what `st` says (`Orig` and `Unknown` accept anything).
+fn matches(st: St, block: u64, data: &[u8], scratch: &mut [u8]) -> bool {
+    match st {
+        St::Orig | St::Unknown => true,
+        St::Hash(h) => hash(data) == h,
+        St::Zero => data.iter().all(|&b| b == 0),
+        St::Pattern(s) => {
+            pattern(block, s, scratch);
+            data == scratch
+        }
+    }
+}
+
+/// Counters all guest threads share.
+#[derive(Debug, Default)]
+struct Shared {
+    stop: AtomicBool,
+    ops: AtomicU64,
+    mismatches: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// Removes a file when dropped.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A small xorshift generator per thread (no shared state, no dependency).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = splitmix(self.0);
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// One guest thread: random requests on its own blocks until told to stop.
+fn guest(
+    live: Arc<LiveDisk>,
+    shared: Arc<Shared>,
+    t: u64,
+    threads: u64,
+    blocks: u64,
+    chain: bool,
+) -> Vec<Cell> {
+    let mine = blocks.saturating_sub(t).div_ceil(threads);
+    let mut cells = vec![
+        Cell {
+            cur: St::Orig,
+            at_pivot: None,
+        };
+        mine as usize
+    ];
+    let mut rng = Rng(0x5eed ^ t.wrapping_mul(0x1234_5678_9abc));
+    let mut buf = vec![0u8; BLK as usize];
+    let mut scratch = vec![0u8; BLK as usize];
+    let mut seq = 0u64;
+    let fail = |shared: &Shared| {
+        shared.errors.fetch_add(1, Ordering::Relaxed);
+    };
+    while !shared.stop.load(Ordering::Acquire) && mine > 0 {
+        let i = rng.below(mine);
+        let b = t + i * threads;
+        let off = b * BLK;
+        let cell = &mut cells[i as usize];
+        let op = rng.below(100);
+        shared.ops.fetch_add(1, Ordering::Relaxed);
+        if op < 40 {
+            if live.read_at(&mut buf, off).is_err() {
+                fail(&shared);
+                continue;
+            }
+            if !matches(cell.cur, b, &buf, &mut scratch) {
+                shared.mismatches.fetch_add(1, Ordering::Relaxed);
+                eprintln!(
+                    "vdisk stress: read of block {b} differs from the model ({:?})",
+                    cell.cur
+                );
+            }
+            if matches!(cell.cur, St::Orig | St::Unknown) {
+                cell.cur = St::Hash(hash(&buf));
+            }
+            continue;
+        }
+        if op >= 95 {
+            if live.flush().is_err() {
+                fail(&shared);
+            }
+            continue;
+        }
+        // A change: learn the original first, so both sides of a pivot can be checked.
+        if cell.cur == St::Orig {
+            shared.ops.fetch_add(1, Ordering::Relaxed);
+            if live.read_at(&mut buf, off).is_err() {
+                fail(&shared);
+                continue;
+            }
+            cell.cur = St::Hash(hash(&buf));
+        }
+        let before = cell.cur;
+        let (r, next) = if op < 80 {
+            seq += 1;
+            let seed = (t << 40) | seq;
+            pattern(b, seed, &mut buf);
+            (live.write_at_gen(&buf, off), St::Pattern(seed))
+        } else if op < 90 {
+            if chain {
+                (live.discard_gen(off, BLK), St::Unknown)
+            } else {
+                (live.discard_gen(off, BLK), St::Zero)
+            }
+        } else {
+            (live.write_zeroes_gen(off, BLK, rng.below(2) == 0), St::Zero)
+        };
+        match r {
+            Ok(gen) => {
+                if gen >= 1 && cell.at_pivot.is_none() {
+                    cell.at_pivot = Some(before);
+                }
+                cell.cur = next;
+            }
+            Err(_) => {
+                fail(&shared);
+                // The block may hold either now.
+                cell.cur = St::Unknown;
+                if cell.at_pivot.is_none() && live.generation() >= 1 {
+                    cell.at_pivot = Some(St::Unknown);
+                }
+            }
+        }
+    }
+    cells
+}
+
+/// Checks the disk the guest ended on (`now`) against the model, and `other` (the job's
+/// other side, if it completed) against the model at the pivot. Returns the mismatches.
+fn verify(
+    now: &dyn BlockDevice,
+    other: Option<&dyn BlockDevice>,
+    models: &[Vec<Cell>],
+    threads: u64,
+    blocks: u64,
+) -> Result<u64, CliError> {
+    let batch = 256u64;
+    let mut a = vec![0u8; (batch * BLK) as usize];
+    let mut o = vec![0u8; (batch * BLK) as usize];
+    let mut scratch = vec![0u8; BLK as usize];
+    let mut bad = 0u64;
+    let mut b0 = 0u64;
+    while b0 < blocks {
+        let n = batch.min(blocks - b0);
+        let len = (n * BLK) as usize;
+        now.read_at(&mut a[..len], b0 * BLK)?;
+        if let Some(other) = other {
+            other.read_at(&mut o[..len], b0 * BLK)?;
+        }
+        for k in 0..n {
+            let b = b0 + k;
+            let r = (k * BLK) as usize..((k + 1) * BLK) as usize;
+            let cell = models
+                .get((b % threads) as usize)
+                .and_then(|m| m.get((b / threads) as usize))
+                .copied()
+                .unwrap_or(Cell {
+                    cur: St::Orig,
+                    at_pivot: None,
+                });
+            let mut ok = matches(cell.cur, b, &a[r.clone()], &mut scratch);
+            if other.is_some() {
+                let then = cell.at_pivot.unwrap_or(cell.cur);
+                ok &= match (cell.cur, cell.at_pivot) {
+                    // Untouched since the pivot and not pinned down: both sides must agree.
+                    (St::Orig | St::Unknown, None) => a[r.clone()] == o[r.clone()],
+                    _ => matches(then, b, &o[r.clone()], &mut scratch),
+                };
+            }
+            if !ok {
+                bad += 1;
+                if bad <= 10 {
+                    eprintln!("vdisk stress: block {b} differs from the model ({cell:?})");
+                }
+            }
+        }
+        b0 += n;
+    }
+    Ok(bad)
+}
+
+/// The destination of the job: a temporary image next to `image`.
+fn destination(
+    image: &Path,
+    job: StressJob,
+    source: Format,
+    size: u64,
+) -> Result<(Arc<dyn BlockDevice>, TempFile), CliError> {
+    let format = match (job, source) {
+        (StressJob::Copy, _) => Format::Raw,
+        (StressJob::Convert, Format::Vhdx) => Format::Vhd,
+        (StressJob::Convert, _) => Format::Vhdx,
+    };
+    let ext = match format {
+        Format::Raw => "raw",
+        Format::Vhd => "vhd",
+        _ => "vhdx",
+    };
+    let mut name = image
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(format!(".stress-{}.{ext}", std::process::id()));
+    let path = image.with_file_name(name);
+    let guard = TempFile(path.clone());
+    let img = crate::image::create(format, &path, size, &[], None)?;
+    Ok((img.dev, guard))
+}
+
+fn rate_of(per_sec: u64, elapsed: Duration) -> f64 {
+    let s = elapsed.as_secs_f64();
+    if s > 0.0 {
+        per_sec as f64 / s
+    } else {
+        0.0
+    }
+}
+
+/// Runs `vdisk stress`.
+pub fn run(a: StressArgs) -> crate::CliResult {
+    let rate = a
+        .rate
+        .as_deref()
+        .map(crate::size::parse_size)
+        .transpose()?
+        .unwrap_or(0);
+    let img = crate::image::open(&a.image, a.format.as_deref(), false)?;
+    let info = img.dev.info();
+    if info.read_only {
+        return Err(CliError::new(format!("{} is read-only", a.image.display())));
+    }
+    let size = info.virtual_size;
+    let blocks = size / BLK;
+    if blocks == 0 {
+        return Err(CliError::new("the image is smaller than 4 KiB"));
+    }
+    let chain = img.chain.as_ref().is_some_and(|c| c.layers().len() > 1);
+    let (dest, temp) = destination(&a.image, a.job, img.format, size)?;
+    let source = img.dev.clone();
+    let live = LiveDisk::new(img.dev.clone());
+    drop(img);
+    let runner = JobRunner::new().map_err(|e| CliError::new(crate::cause_chain(&e)))?;
+
+    let shared = Arc::new(Shared::default());
+    let threads: Vec<_> = (0..a.threads)
+        .map(|t| {
+            let (live, shared) = (live.clone(), shared.clone());
+            let n = a.threads;
+            std::thread::spawn(move || guest(live, shared, t, n, blocks, chain))
+        })
+        .collect();
+
+    let total = Duration::from_secs(a.seconds.max(1));
+    let t0 = Instant::now();
+    let idle = total
+        .mul_f64(0.25)
+        .clamp(Duration::from_millis(500), Duration::from_secs(5));
+    std::thread::sleep(idle);
+    let idle_ops = shared.ops.load(Ordering::Relaxed);
+    let idle_time = t0.elapsed();
+
+    let job = match a.job {
+        StressJob::Copy => Job::copy(dest.clone()).dest_zeroed(true),
+        StressJob::Convert => Job::convert(dest.clone()),
+    };
+    let options = JobOptions {
+        rate,
+        ..JobOptions::default()
+    };
+    let ops_at_start = shared.ops.load(Ordering::Relaxed);
+    let started = Instant::now();
+    let handle = runner.start(&live, job.options(options));
+    let outcome: Result<JobReport, JobError>;
+    let mut during = (0u64, Duration::ZERO);
+    match handle {
+        Err(e) => outcome = Err(e),
+        Ok(h) => {
+            let deadline = t0 + total;
+            while !h.wait_timeout(Duration::from_millis(20)) {
+                if Instant::now() >= deadline {
+                    h.cancel();
+                }
+            }
+            during = (
+                shared.ops.load(Ordering::Relaxed) - ops_at_start,
+                started.elapsed(),
+            );
+            outcome = h.wait_blocking();
+        }
+    }
+    // The guests go on until the time is up (at least a little past the pivot).
+    let end = (t0 + total).max(Instant::now() + Duration::from_millis(300));
+    std::thread::sleep(end.saturating_duration_since(Instant::now()));
+    shared.stop.store(true, Ordering::Release);
+    let mut models = Vec::new();
+    for t in threads {
+        models.push(
+            t.join()
+                .map_err(|_| CliError::new("a guest thread panicked"))?,
+        );
+    }
+    live.flush()?;
+
+    let (job_state, pivot) = match &outcome {
+        Ok(_) => (
+            "completed",
+            Some(if a.job == StressJob::Convert {
+                Pivot::Switch
+            } else {
+                Pivot::Detach
+            }),
+        ),
+        Err(e) if e.is_cancelled() => ("cancelled", None),
+        Err(_) => ("failed", None),
+    };
+    if let (true, Ok(r)) = (a.verbose, &outcome) {
+        eprintln!("vdisk stress: {r:?}");
+    }
+    if let Err(e) = &outcome {
+        if !e.is_cancelled() {
+            eprintln!("vdisk stress: the job failed: {}", crate::cause_chain(e));
+        }
+    }
+    let now = live.current();
+    let other: Option<Arc<dyn BlockDevice>> = match pivot {
+        Some(Pivot::Switch) => Some(source.clone()),
+        Some(Pivot::Detach) => Some(dest.clone()),
+        None => None,
+    };
+    let final_bad = verify(&*now, other.as_deref(), &models, a.threads, blocks)?;
+    let mismatches = shared.mismatches.load(Ordering::Relaxed) + final_bad;
+    let errors = shared.errors.load(Ordering::Relaxed);
+    let max_pause = outcome
+        .as_ref()
+        .map(|r| r.pivot_pause.max(r.max_guest_wait))
+        .unwrap_or(live.guest_stats().max_wait);
+    let line = serde_json::json!({
+        "ios": shared.ops.load(Ordering::Relaxed),
+        "mismatches": mismatches,
+        "job": job_state,
+        "guest_iops_idle": rate_of(idle_ops, idle_time).round(),
+        "guest_iops_during_job": rate_of(during.0, during.1).round(),
+        "max_pause_ms": (max_pause.as_secs_f64() * 1e6).round() / 1e3,
+        "errors": errors,
+        "job_seconds": (during.1.as_secs_f64() * 1e3).round() / 1e3,
+        "bytes_copied": outcome.as_ref().map(|r| r.bytes).unwrap_or(0),
+        "copy_file_range_bytes": outcome.as_ref().map(|r| r.copy_file_range_bytes).unwrap_or(0),
+    });
+    println!("{line}");
+    drop((live, now, other, dest, source));
+    drop(temp);
+    Ok(u8::from(
+        mismatches > 0 || errors > 0 || job_state == "failed",
+    ))
+}

@@ -1,0 +1,327 @@
+//! Moving one range of blocks from the source to the destination: the body of every chunk
+//! a copy or convert job runs (and of the pivot's last pass).
+//!
+//! The source's [`block_status`](BlockDevice::block_status) splits the range into runs. Runs
+//! that read as zeros are skipped when the destination is known to hold zeros there (a fresh
+//! image that neither the job nor the guest has written at those blocks), else written with
+//! `write_zeroes(unmap)`. Data runs go, when both disks map them to plain files
+//! ([`BlockDevice::map`]), through `copy_file_range(2)` file to file (the kernel may share the
+//! extents or copy inside the file system, never through our memory); otherwise, or when the
+//! file system refuses, through a buffer: `read_at` then `write_at`. Parallelism comes from the
+//! job running several chunks at once.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use block_io::{BlockDevice, BlockStatus, Mapping};
+
+use crate::error::JobError;
+use crate::live::{LiveDisk, Tracker};
+
+/// Largest buffer a buffered copy uses (longer runs go in pieces).
+const MAX_BUF: u64 = 1 << 20;
+
+/// Byte counters of how a job moved its data.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    /// Bytes moved by `copy_file_range`.
+    pub(crate) cfr: AtomicU64,
+    /// Bytes moved through a buffer.
+    pub(crate) buffered: AtomicU64,
+    /// Bytes written as zeros.
+    pub(crate) zeroed: AtomicU64,
+    /// Zero bytes skipped (the destination already reads zeros there).
+    pub(crate) skipped: AtomicU64,
+    /// Times a chunk waited for guest requests first.
+    pub(crate) yields: AtomicU64,
+}
+
+/// What moves blocks for one job.
+pub(crate) struct Copier {
+    pub(crate) src: Arc<dyn BlockDevice>,
+    pub(crate) tracker: Arc<Tracker>,
+    pub(crate) live: Arc<LiveDisk>,
+    /// The destination read zeros everywhere when the job started.
+    pub(crate) dest_zeroed: bool,
+    /// Try `copy_file_range` (cleared for the rest of the job when the kernel refuses).
+    pub(crate) use_cfr: AtomicBool,
+    pub(crate) counters: Counters,
+    /// The longest a chunk waits for guest requests before it goes anyway.
+    pub(crate) yield_cap: Duration,
+}
+
+impl std::fmt::Debug for Copier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Copier")
+            .field("tracker", &self.tracker)
+            .field("dest_zeroed", &self.dest_zeroed)
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a `copy_file_range` loop ended.
+enum Cfr {
+    Done,
+    /// The kernel cannot do it (or the source ended early) after `done` bytes.
+    Unsupported(u64),
+}
+
+fn src_err(offset: u64) -> impl FnOnce(block_io::Error) -> JobError {
+    move |source| JobError::Source { offset, source }
+}
+
+fn dst_err(op: &'static str, offset: u64) -> impl FnOnce(block_io::Error) -> JobError {
+    move |source| JobError::Destination { op, offset, source }
+}
+
+impl Copier {
+    /// The priority rule: guest requests that started before this chunk go first. Waits (at
+    /// most `yield_cap`) until as many guest requests have completed as had started when it
+    /// looked. Returns whether it waited.
+    pub(crate) fn yield_to_guests(&self) -> bool {
+        let target = self.live.arrived();
+        if self.live.completed() >= target {
+            return false;
+        }
+        self.counters.yields.fetch_add(1, Ordering::Relaxed);
+        let deadline = Instant::now() + self.yield_cap;
+        let mut spins = 0u32;
+        while self.live.completed() < target && Instant::now() < deadline {
+            if spins < 64 {
+                std::hint::spin_loop();
+                spins += 1;
+            } else {
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        }
+        true
+    }
+
+    /// A chunk: the dirty blocks `runs` (bit ranges the job claimed inside `[lo, hi)`), copied
+    /// under an exclusive range lock on their span so no guest change overlaps. Returns the
+    /// bytes handled.
+    pub(crate) fn chunk(&self, runs: &[(u64, u64)]) -> Result<u64, JobError> {
+        let (Some(first), Some(last)) = (runs.first(), runs.last()) else {
+            return Ok(0);
+        };
+        self.yield_to_guests();
+        let (a, _) = self.tracker.span(first.0, first.0 + 1);
+        let (_, b) = self.tracker.span(last.1 - 1, last.1);
+        let _g = self.live.range_lock().lock_exclusive(a, b - a);
+        self.runs(runs)
+    }
+
+    /// Copies the bit ranges `runs` with no lock taken (the caller holds what it needs).
+    pub(crate) fn runs(&self, runs: &[(u64, u64)]) -> Result<u64, JobError> {
+        let mut bytes = 0;
+        for &(first, last) in runs {
+            let (a, b) = self.tracker.span(first, last);
+            self.range(a, b)?;
+            bytes += b - a;
+        }
+        Ok(bytes)
+    }
+
+    /// Copies source bytes `[a, b)`.
+    fn range(&self, a: u64, b: u64) -> Result<(), JobError> {
+        let sector = u64::from(self.src.info().logical_sector_size.max(1));
+        let mut pos = a;
+        while pos < b {
+            let run = self.src.block_status(pos, b - pos).map_err(src_err(pos))?;
+            let n = run.len.max(sector).min(b - pos);
+            match run.status {
+                BlockStatus::Data => self.data(pos, n)?,
+                BlockStatus::Zero | BlockStatus::Unallocated => self.zero(pos, n)?,
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn zero(&self, pos: u64, n: u64) -> Result<(), JobError> {
+        let untouched = self
+            .tracker
+            .bits(pos, n)
+            .is_none_or(|(x, y)| self.tracker.touched.all_clear(x, y));
+        if self.dest_zeroed && untouched {
+            self.counters.skipped.fetch_add(n, Ordering::Relaxed);
+            return Ok(());
+        }
+        let at = self.tracker.dest_pos(pos);
+        self.tracker
+            .dest
+            .write_zeroes(at, n, true)
+            .map_err(dst_err("zero", at))?;
+        self.counters.zeroed.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn data(&self, pos: u64, n: u64) -> Result<(), JobError> {
+        if let Some((x, y)) = self.tracker.bits(pos, n) {
+            self.tracker.touched.set(x, y);
+        }
+        let mut done = 0;
+        if self.use_cfr.load(Ordering::Relaxed) {
+            done = self.mapped(pos, n)?;
+        }
+        if done < n {
+            self.buffered(pos + done, n - done)?;
+        }
+        Ok(())
+    }
+
+    /// Moves `[pos, pos+n)` with `copy_file_range` where both disks map it to files; returns
+    /// how many leading bytes it moved (0 when it could not map).
+    fn mapped(&self, pos: u64, n: u64) -> Result<u64, JobError> {
+        let dest = &self.tracker.dest;
+        let at = self.tracker.dest_pos(pos);
+        let mut sm = Vec::new();
+        if !self.src.map(pos, n, false, &mut sm).map_err(src_err(pos))? {
+            return Ok(0);
+        }
+        let mut dm = Vec::new();
+        if !dest
+            .map(at, n, true, &mut dm)
+            .map_err(dst_err("write", at))?
+        {
+            return Ok(0);
+        }
+        // Only file-to-file pieces: anything else goes through the buffer.
+        let files = |m: &[Mapping]| m.iter().all(|p| matches!(p, Mapping::File { .. }));
+        if !files(&sm) || !files(&dm) {
+            return Ok(0);
+        }
+        let (mut i, mut j, mut si, mut dj, mut done) = (0usize, 0usize, 0u64, 0u64, 0u64);
+        while done < n {
+            let (
+                Some(&Mapping::File {
+                    handle: sh,
+                    file_offset: so,
+                    len: sl,
+                }),
+                Some(&Mapping::File {
+                    handle: dh,
+                    file_offset: doff,
+                    len: dl,
+                }),
+            ) = (sm.get(i), dm.get(j))
+            else {
+                break;
+            };
+            let seg = (sl - si).min(dl - dj).min(n - done);
+            match copy_file_range(sh.fd, so + si, dh.fd, doff + dj, seg) {
+                Ok(Cfr::Done) => {}
+                Ok(Cfr::Unsupported(part)) => {
+                    self.use_cfr.store(false, Ordering::Relaxed);
+                    self.counters.cfr.fetch_add(done + part, Ordering::Relaxed);
+                    return Ok(done + part);
+                }
+                Err(e) => {
+                    let err = block_io::Error::new(
+                        block_io::ErrorKind::Io,
+                        format!("copy_file_range failed: {e}"),
+                    );
+                    dest.mapped_write_failed(&err);
+                    return Err(JobError::Destination {
+                        op: "write",
+                        offset: at + done,
+                        source: err,
+                    });
+                }
+            }
+            done += seg;
+            si += seg;
+            dj += seg;
+            if si == sl {
+                i += 1;
+                si = 0;
+            }
+            if dj == dl {
+                j += 1;
+                dj = 0;
+            }
+        }
+        self.counters.cfr.fetch_add(done, Ordering::Relaxed);
+        Ok(done)
+    }
+
+    fn buffered(&self, pos: u64, n: u64) -> Result<(), JobError> {
+        thread_local! {
+            static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+        }
+        let piece = n.min(MAX_BUF) as usize;
+        let run = |buf: &mut [u8]| -> Result<(), JobError> {
+            let mut off = pos;
+            while off < pos + n {
+                let k = (pos + n - off).min(buf.len() as u64) as usize;
+                let b = &mut buf[..k];
+                self.src.read_at(b, off).map_err(src_err(off))?;
+                let at = self.tracker.dest_pos(off);
+                self.tracker
+                    .dest
+                    .write_at(b, at)
+                    .map_err(dst_err("write", at))?;
+                off += k as u64;
+            }
+            self.counters.buffered.fetch_add(n, Ordering::Relaxed);
+            Ok(())
+        };
+        let reused = BUF.try_with(|cell| {
+            let mut v = cell.try_borrow_mut().ok()?;
+            if v.len() < piece {
+                v.resize(piece, 0);
+            }
+            Some(run(&mut v[..piece]))
+        });
+        match reused {
+            Ok(Some(r)) => r,
+            _ => run(&mut vec![0u8; piece]),
+        }
+    }
+}
+
+/// `copy_file_range(2)` of `len` bytes from `sfd` at `soff` to `dfd` at `doff`, continued
+/// over short copies.
+fn copy_file_range(sfd: i32, soff: u64, dfd: i32, doff: u64, len: u64) -> std::io::Result<Cfr> {
+    let mut done = 0u64;
+    while done < len {
+        let (Ok(mut so), Ok(mut dof)) = (
+            libc::loff_t::try_from(soff + done),
+            libc::loff_t::try_from(doff + done),
+        ) else {
+            return Ok(Cfr::Unsupported(done));
+        };
+        let want = usize::try_from(len - done)
+            .unwrap_or(usize::MAX)
+            .min(1 << 30);
+        // SAFETY: plain system call on two descriptors the devices keep open for the call (the
+        // job holds both devices); the offset pointers are to our own locals, valid for the
+        // call; no memory of ours is read or written besides them.
+        let r = unsafe { libc::copy_file_range(sfd, &mut so, dfd, &mut dof, want, 0) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(
+                    libc::EXDEV
+                    | libc::EINVAL
+                    | libc::ENOSYS
+                    | libc::EOPNOTSUPP
+                    | libc::EBADF
+                    | libc::EPERM
+                    | libc::ETXTBSY,
+                ) => return Ok(Cfr::Unsupported(done)),
+                _ => return Err(e),
+            }
+        }
+        if r == 0 {
+            // The source file ends early: let the format's read path decide.
+            return Ok(Cfr::Unsupported(done));
+        }
+        done += r as u64;
+    }
+    Ok(Cfr::Done)
+}

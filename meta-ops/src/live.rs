@@ -1,0 +1,551 @@
+//! [`LiveDisk`]: the guest's view of a disk that jobs run on.
+//!
+//! Guest I/O goes through a `LiveDisk` (it is a [`BlockDevice`]); a job attaches a
+//! [`Tracker`] to it. While one is attached, every guest write, write-zeroes and discard:
+//! - passes a *gate* (a task-fair read/write lock: many guest writes at once, the pivot alone);
+//! - takes its blocks shared in a [`RangeLock`] whose exclusive holders are the job's chunk
+//!   copies, so a chunk copy and a guest write to the same block never overlap;
+//! - after changing the source, marks its blocks dirty in the tracker so that the job copies
+//!   them (again) — or, once the job converges (write-through), writes the same bytes to the
+//!   destination too when those blocks are already in sync.
+//!
+//! Reads take no lock: the job never changes the source, and after a pivot that switches the
+//! guest to the destination they go there. Devices the guest was switched away from are kept
+//! open as long as the `LiveDisk`, so that extents mapped from them stay valid.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use block_io::{BlockDevice, BlockStatus, DiskInfo, Mapping, RangeLock, RawBuf, StatusRun};
+use parking_lot::{Mutex, RwLock};
+
+use crate::bitmap::Bitmap;
+use crate::error::JobError;
+
+/// Granularity of the guest/job range lock, in bytes.
+const LOCK_BLOCK: u64 = 4096;
+
+/// What a job keeps about the source range it copies: which blocks are dirty (still to copy),
+/// which destination blocks it or the guest wrote, and whether guest writes go through.
+pub(crate) struct Tracker {
+    /// The destination.
+    pub(crate) dest: Arc<dyn BlockDevice>,
+    /// The source range `[start, end)` the job copies.
+    pub(crate) start: u64,
+    /// End of the source range.
+    pub(crate) end: u64,
+    /// Where `start` lands in the destination.
+    pub(crate) dest_offset: u64,
+    /// Bytes per bit; a multiple of both disks' sector sizes.
+    pub(crate) gran: u64,
+    /// Block number (`offset / gran`) of bit 0.
+    pub(crate) first_block: u64,
+    /// Blocks the destination does not hold yet.
+    pub(crate) dirty: Bitmap,
+    /// Blocks of the destination that may hold data (written by the job or the guest).
+    pub(crate) touched: Bitmap,
+    /// Write-through: guest writes to clean blocks go to both disks.
+    pub(crate) through: AtomicBool,
+    /// The destination's logical sector size.
+    pub(crate) dest_sector: u64,
+    /// Guest bytes written through to the destination.
+    pub(crate) through_bytes: AtomicU64,
+    /// Bits guest writes set (blocks made dirty again or first).
+    pub(crate) marked: AtomicU64,
+}
+
+impl std::fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracker")
+            .field("range", &(self.start..self.end))
+            .field("dest_offset", &self.dest_offset)
+            .field("granularity", &self.gran)
+            .field("dirty", &self.dirty.count())
+            .field("through", &self.through.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a guest request changes the disk.
+enum Change<'a> {
+    Write(&'a [u8]),
+    Vectored(&'a [IoSlice<'a>]),
+    Raw(&'a [RawBuf]),
+    Zeroes(bool),
+    Discard,
+}
+
+impl Tracker {
+    /// A tracker for `[start, end)` of the source copied to `dest` at `dest_offset`.
+    pub(crate) fn new(
+        dest: Arc<dyn BlockDevice>,
+        start: u64,
+        end: u64,
+        dest_offset: u64,
+        gran: u64,
+    ) -> Self {
+        let first_block = start / gran;
+        let blocks = end.div_ceil(gran).saturating_sub(first_block);
+        let dest_sector = u64::from(dest.info().logical_sector_size.max(1));
+        Tracker {
+            dest,
+            start,
+            end,
+            dest_offset,
+            gran,
+            first_block,
+            dirty: Bitmap::new(blocks),
+            touched: Bitmap::new(blocks),
+            through: AtomicBool::new(false),
+            dest_sector,
+            through_bytes: AtomicU64::new(0),
+            marked: AtomicU64::new(0),
+        }
+    }
+
+    /// The bits covering source bytes `[off, off+len)` clipped to the range, if any.
+    pub(crate) fn bits(&self, off: u64, len: u64) -> Option<(u64, u64)> {
+        let a = off.max(self.start);
+        let b = off.saturating_add(len).min(self.end);
+        (a < b).then(|| {
+            (
+                a / self.gran - self.first_block,
+                b.div_ceil(self.gran) - self.first_block,
+            )
+        })
+    }
+
+    /// Source bytes of bit `bit`, clipped to the range.
+    pub(crate) fn span(&self, first: u64, last: u64) -> (u64, u64) {
+        let a = ((first + self.first_block) * self.gran).max(self.start);
+        let b = ((last + self.first_block) * self.gran).min(self.end);
+        (a, b)
+    }
+
+    /// Where source offset `off` lands in the destination.
+    pub(crate) fn dest_pos(&self, off: u64) -> u64 {
+        off - self.start + self.dest_offset
+    }
+
+    fn mark(&self, off: u64, len: u64) {
+        if let Some((a, b)) = self.bits(off, len) {
+            let n = self.dirty.set(a, b);
+            self.marked.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// After a guest change of `[off, off+len)` of the source: with `through` (decided when
+    /// the guest took its range lock, exclusively), repeat it on the destination when its
+    /// blocks are in sync there, else mark them dirty.
+    fn after_guest(
+        &self,
+        src: &dyn BlockDevice,
+        off: u64,
+        len: u64,
+        what: Applied<'_>,
+        through: bool,
+    ) {
+        let Some((a, b)) = self.bits(off, len) else {
+            return;
+        };
+        let inside = off >= self.start && off.saturating_add(len) <= self.end;
+        let go = through
+            && inside
+            && (self.dest_pos(off.max(self.start))) % self.dest_sector == 0
+            && len % self.dest_sector == 0
+            && self.dirty.all_clear(a, b);
+        if go {
+            let at = self.dest_pos(off);
+            let r = match what {
+                Applied::Bytes(d) => {
+                    self.touched.set(a, b);
+                    self.dest.write_at(d, at)
+                }
+                Applied::Vectored(v) => {
+                    self.touched.set(a, b);
+                    self.dest.write_vectored_at(v, at)
+                }
+                Applied::Zeroes(unmap) => self.dest.write_zeroes(at, len, unmap),
+                // A discard reads back as zeros, or as a parent's data in a chain: repeat it
+                // only in the first case.
+                Applied::Discarded => match src.block_status(off, len) {
+                    Ok(run) if run.status != BlockStatus::Data && run.len >= len => {
+                        self.dest.write_zeroes(at, len, true)
+                    }
+                    _ => Err(block_io::Error::new(
+                        block_io::ErrorKind::InvalidInput,
+                        "discard left data",
+                    )),
+                },
+                Applied::Failed => Err(block_io::Error::new(
+                    block_io::ErrorKind::Io,
+                    "the guest's change failed",
+                )),
+            };
+            if r.is_ok() {
+                self.through_bytes.fetch_add(len, Ordering::Relaxed);
+                return;
+            }
+            // The job copies the blocks again (and reports the destination's error itself).
+        }
+        self.mark(off, len);
+    }
+}
+
+/// What a guest change did to the source, for [`Tracker::after_guest`].
+enum Applied<'a> {
+    Bytes(&'a [u8]),
+    Vectored(&'a [IoSlice<'a>]),
+    Zeroes(bool),
+    Discarded,
+    /// It failed (part of the range may have changed anyway).
+    Failed,
+}
+
+/// The gate's contents: what guest writes need, changed only by the pivot and job setup.
+struct Gate {
+    side: Arc<dyn BlockDevice>,
+    tracker: Option<Arc<Tracker>>,
+}
+
+/// Counters of the guest I/O a [`LiveDisk`] served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GuestStats {
+    /// Requests started.
+    pub requests: u64,
+    /// Requests in flight now.
+    pub in_flight: u64,
+    /// The longest time a guest request waited for a job (its chunk locks, or the pivot)
+    /// since the last [`LiveDisk::reset_max_wait`].
+    pub max_wait: Duration,
+    /// Pivots done on this disk (the generation of [`LiveDisk::generation`]).
+    pub generation: u64,
+}
+
+/// The guest's view of a disk that online jobs run on (see the module docs).
+pub struct LiveDisk {
+    gate: RwLock<Gate>,
+    side: RwLock<Arc<dyn BlockDevice>>,
+    lock: RangeLock,
+    generation: AtomicU64,
+    arrived: AtomicU64,
+    completed: AtomicU64,
+    max_wait_ns: AtomicU64,
+    busy: AtomicBool,
+    retired: Mutex<Vec<Arc<dyn BlockDevice>>>,
+}
+
+impl std::fmt::Debug for LiveDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveDisk")
+            .field("info", &self.info())
+            .field("stats", &self.guest_stats())
+            .field("job", &self.busy.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// Counts a guest request from start to end (the job's priority rule looks at these).
+struct InFlight<'a>(&'a LiveDisk);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.completed.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+impl LiveDisk {
+    /// A live view of `dev` with no job attached: requests pass straight through.
+    pub fn new(dev: Arc<dyn BlockDevice>) -> Arc<LiveDisk> {
+        Arc::new(LiveDisk {
+            gate: RwLock::new(Gate {
+                side: dev.clone(),
+                tracker: None,
+            }),
+            side: RwLock::new(dev),
+            lock: RangeLock::new(LOCK_BLOCK),
+            generation: AtomicU64::new(0),
+            arrived: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+            max_wait_ns: AtomicU64::new(0),
+            busy: AtomicBool::new(false),
+            retired: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The device guest I/O goes to now (the destination after a switching pivot).
+    pub fn current(&self) -> Arc<dyn BlockDevice> {
+        self.side.read().clone()
+    }
+
+    /// How many pivots this disk has been through: a guest change made while the value is
+    /// `g` is in every image a pivot `g + 1` completes.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Whether a job is attached.
+    pub fn job_running(&self) -> bool {
+        self.busy.load(Ordering::Acquire)
+    }
+
+    /// Counters of the guest I/O served so far.
+    pub fn guest_stats(&self) -> GuestStats {
+        let arrived = self.arrived.load(Ordering::Acquire);
+        let completed = self.completed.load(Ordering::Acquire);
+        GuestStats {
+            requests: arrived,
+            in_flight: arrived.saturating_sub(completed),
+            max_wait: Duration::from_nanos(self.max_wait_ns.load(Ordering::Acquire)),
+            generation: self.generation(),
+        }
+    }
+
+    /// Starts measuring [`GuestStats::max_wait`] afresh.
+    pub fn reset_max_wait(&self) {
+        self.max_wait_ns.store(0, Ordering::Release);
+    }
+
+    /// [`BlockDevice::write_at`] that also returns the [`generation`](Self::generation) the
+    /// write landed in: it is in the image of every pivot numbered above it, and in none
+    /// numbered up to it. For callers that must know which side of a pivot holds a write
+    /// (journals, model-checking tests).
+    pub fn write_at_gen(&self, buf: &[u8], offset: u64) -> block_io::Result<u64> {
+        self.change(offset, buf.len() as u64, Change::Write(buf))
+    }
+
+    /// [`BlockDevice::write_zeroes`] returning the generation, as [`write_at_gen`](Self::write_at_gen).
+    pub fn write_zeroes_gen(&self, offset: u64, len: u64, unmap: bool) -> block_io::Result<u64> {
+        self.change(offset, len, Change::Zeroes(unmap))
+    }
+
+    /// [`BlockDevice::discard`] returning the generation, as [`write_at_gen`](Self::write_at_gen).
+    pub fn discard_gen(&self, offset: u64, len: u64) -> block_io::Result<u64> {
+        self.change(offset, len, Change::Discard)
+    }
+
+    fn enter(&self) -> InFlight<'_> {
+        self.arrived.fetch_add(1, Ordering::AcqRel);
+        InFlight(self)
+    }
+
+    /// Requests started so far (the job's priority rule waits for those started before it
+    /// looked to complete).
+    pub(crate) fn arrived(&self) -> u64 {
+        self.arrived.load(Ordering::Acquire)
+    }
+
+    /// Requests completed so far.
+    pub(crate) fn completed(&self) -> u64 {
+        self.completed.load(Ordering::Acquire)
+    }
+
+    /// The range lock chunk copies take exclusively.
+    pub(crate) fn range_lock(&self) -> &RangeLock {
+        &self.lock
+    }
+
+    /// A guest change of `[offset, offset+len)`.
+    fn change(&self, offset: u64, len: u64, change: Change<'_>) -> block_io::Result<u64> {
+        let _c = self.enter();
+        let t0 = Instant::now();
+        let gate = self.gate.read();
+        // Write-through repeats the change on the destination: overlapping guest changes
+        // then take their blocks exclusively, so both disks see them in one order.
+        let through = gate
+            .tracker
+            .as_ref()
+            .is_some_and(|t| t.through.load(Ordering::Acquire));
+        let _range = gate.tracker.as_ref().map(|_| {
+            if through {
+                self.lock.lock_exclusive(offset, len)
+            } else {
+                self.lock.lock_shared(offset, len)
+            }
+        });
+        let waited = t0.elapsed().as_nanos();
+        self.max_wait_ns
+            .fetch_max(u64::try_from(waited).unwrap_or(u64::MAX), Ordering::AcqRel);
+        let gen = self.generation.load(Ordering::Acquire);
+        let dev = &*gate.side;
+        // Raw guest memory may change under us: when the bytes may go to both disks, take
+        // one copy of them so both get the same.
+        let bounced: Option<Vec<u8>> = match &change {
+            Change::Raw(bufs) if through => Some(gather(bufs)?),
+            _ => None,
+        };
+        let r = match (&change, &bounced) {
+            (_, Some(b)) => dev.write_at(b, offset),
+            (Change::Write(b), None) => dev.write_at(b, offset),
+            (Change::Vectored(v), None) => dev.write_vectored_at(v, offset),
+            // SAFETY: the caller of `write_raw_at` vouched for the buffers for this call.
+            (Change::Raw(bufs), None) => unsafe { dev.write_raw_at(bufs, offset) },
+            (Change::Zeroes(unmap), None) => dev.write_zeroes(offset, len, *unmap),
+            (Change::Discard, None) => dev.discard(offset, len),
+        };
+        if let Some(t) = &gate.tracker {
+            // Even a failed change may have changed part of the range: never skip the mark.
+            let what = match (&change, &bounced, r.is_ok()) {
+                (_, _, false) => Applied::Failed,
+                (_, Some(b), true) => Applied::Bytes(b),
+                (Change::Write(b), None, true) => Applied::Bytes(b),
+                (Change::Vectored(v), None, true) => Applied::Vectored(v),
+                (Change::Raw(_), None, true) => Applied::Failed,
+                (Change::Zeroes(unmap), None, true) => Applied::Zeroes(*unmap),
+                (Change::Discard, None, true) => Applied::Discarded,
+            };
+            t.after_guest(dev, offset, len, what, through);
+        }
+        r.map(|()| gen)
+    }
+
+    /// Attaches a job's tracker; returns the source the job copies. Guest changes in flight
+    /// finish first, so every change after this returns is tracked.
+    pub(crate) fn attach(&self, tracker: Arc<Tracker>) -> Result<Arc<dyn BlockDevice>, JobError> {
+        if self
+            .busy
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err(JobError::Busy);
+        }
+        let mut gate = self.gate.write();
+        gate.tracker = Some(tracker);
+        Ok(gate.side.clone())
+    }
+
+    /// Detaches `tracker` without a pivot (cancel, failure), if it is still the one attached.
+    pub(crate) fn detach(&self, tracker: &Arc<Tracker>) {
+        let mut gate = self.gate.write();
+        if gate
+            .tracker
+            .as_ref()
+            .is_some_and(|t| Arc::ptr_eq(t, tracker))
+        {
+            gate.tracker = None;
+            self.busy.store(false, Ordering::Release);
+        }
+    }
+
+    /// The pivot: closes the gate (new guest changes wait, those in flight drain), runs
+    /// `finish` (copy what is left, flush the destination), then, if it succeeded, switches
+    /// the guest to the destination when `switch` is set, detaches the tracker and bumps the
+    /// generation; finally opens the gate. Returns how long the gate was closed.
+    pub(crate) fn pivot<E>(
+        &self,
+        switch: bool,
+        finish: impl FnOnce() -> Result<(), E>,
+    ) -> (Duration, Result<(), E>) {
+        let t0 = Instant::now();
+        let mut gate = self.gate.write();
+        let r = finish();
+        if r.is_ok() {
+            if let Some(t) = gate.tracker.take() {
+                if switch {
+                    let old = std::mem::replace(&mut gate.side, t.dest.clone());
+                    *self.side.write() = t.dest.clone();
+                    self.retired.lock().push(old);
+                }
+            }
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            self.busy.store(false, Ordering::Release);
+        }
+        drop(gate);
+        (t0.elapsed(), r)
+    }
+}
+
+/// Copies the concatenation of `bufs` into a vector.
+fn gather(bufs: &[RawBuf]) -> block_io::Result<Vec<u8>> {
+    let total = usize::try_from(block_io::raw_total(bufs)?).map_err(|_| {
+        block_io::Error::new(block_io::ErrorKind::InvalidInput, "request too large")
+    })?;
+    let mut out = vec![0u8; total];
+    let mut at = 0usize;
+    for b in bufs {
+        // SAFETY: the caller of `write_raw_at` guarantees each buffer is valid for reads of
+        // `len` bytes during the call; `out[at..at + len]` is in bounds (the lengths sum to
+        // `total`) and is our own memory, so the two cannot overlap. No reference to the
+        // caller's memory is formed.
+        unsafe { std::ptr::copy_nonoverlapping(b.ptr, out.as_mut_ptr().add(at), b.len) };
+        at += b.len;
+    }
+    Ok(out)
+}
+
+impl BlockDevice for LiveDisk {
+    fn info(&self) -> DiskInfo {
+        self.current().info()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> block_io::Result<()> {
+        let _c = self.enter();
+        self.current().read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> block_io::Result<()> {
+        self.write_at_gen(buf, offset).map(drop)
+    }
+
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> block_io::Result<()> {
+        let _c = self.enter();
+        self.current().read_vectored_at(bufs, offset)
+    }
+
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> block_io::Result<()> {
+        let len = bufs.iter().map(|b| b.len() as u64).sum();
+        self.change(offset, len, Change::Vectored(bufs)).map(drop)
+    }
+
+    unsafe fn read_raw_at(&self, bufs: &[RawBuf], offset: u64) -> block_io::Result<()> {
+        let _c = self.enter();
+        // SAFETY: forwarded caller contract (buffers valid for writes).
+        unsafe { self.current().read_raw_at(bufs, offset) }
+    }
+
+    unsafe fn write_raw_at(&self, bufs: &[RawBuf], offset: u64) -> block_io::Result<()> {
+        let len = block_io::raw_total(bufs)?;
+        self.change(offset, len, Change::Raw(bufs)).map(drop)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> block_io::Result<()> {
+        self.write_zeroes_gen(offset, len, unmap).map(drop)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> block_io::Result<()> {
+        self.discard_gen(offset, len).map(drop)
+    }
+
+    fn flush(&self) -> block_io::Result<()> {
+        let _c = self.enter();
+        self.current().flush()
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> block_io::Result<StatusRun> {
+        self.current().block_status(offset, len)
+    }
+
+    fn read_data_at(&self, buf: &mut [u8], offset: u64) -> block_io::Result<()> {
+        let _c = self.enter();
+        self.current().read_data_at(buf, offset)
+    }
+
+    /// Reads map through to the current device (devices switched away from stay open as
+    /// long as this disk, so the extents stay valid); writes never map, so that every write
+    /// is seen by the job.
+    fn map(
+        &self,
+        offset: u64,
+        len: u64,
+        write: bool,
+        out: &mut Vec<Mapping>,
+    ) -> block_io::Result<bool> {
+        if write {
+            block_io::check_request(&self.info(), offset, len, true)?;
+            return Ok(false);
+        }
+        self.current().map(offset, len, false, out)
+    }
+}
