@@ -1,6 +1,6 @@
 //! [`JobError`]: why a job did not complete, and [`JobResult`], what waiting for one gives.
 
-use crate::job::JobReport;
+use crate::handle::JobReport;
 
 /// What waiting for a job gives: its report, or why it stopped.
 pub type JobResult = Result<JobReport, JobError>;

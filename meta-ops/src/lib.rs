@@ -71,10 +71,13 @@
 
 mod bitmap;
 mod copy;
+mod driver;
 mod error;
+mod handle;
 mod job;
 mod live;
 
 pub use error::{JobError, JobResult};
-pub use job::{Job, JobHandle, JobKind, JobOptions, JobReport, JobRunner, Phase, Pivot, Progress};
+pub use handle::{JobHandle, JobReport, Phase, Progress};
+pub use job::{Job, JobKind, JobOptions, JobRunner, Pivot};
 pub use live::{GuestStats, LiveDisk};

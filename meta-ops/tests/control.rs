@@ -274,3 +274,88 @@ async fn async_wait_on_the_callers_runtime() {
     assert_eq!(common::mismatches(&*dest, 0, &data), 0);
     let _ = Storage::len(&MemStorage::new());
 }
+
+/// A destination whose writes fail after a number of them.
+struct Failing {
+    inner: Arc<RawDisk<MemStorage>>,
+    left: std::sync::atomic::AtomicI64,
+}
+
+impl Failing {
+    fn tick(&self) -> block_io::Result<()> {
+        if self.left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) <= 0 {
+            return Err(block_io::Error::new(block_io::ErrorKind::Io, "injected"));
+        }
+        Ok(())
+    }
+}
+
+impl BlockDevice for Failing {
+    fn info(&self) -> block_io::DiskInfo {
+        self.inner.info()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> block_io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> block_io::Result<()> {
+        self.tick()?;
+        self.inner.write_at(buf, offset)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> block_io::Result<()> {
+        self.tick()?;
+        self.inner.write_zeroes(offset, len, unmap)
+    }
+    fn discard(&self, offset: u64, len: u64) -> block_io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn flush(&self) -> block_io::Result<()> {
+        self.inner.flush()
+    }
+    fn block_status(&self, offset: u64, len: u64) -> block_io::Result<block_io::StatusRun> {
+        self.inner.block_status(offset, len)
+    }
+}
+
+#[test]
+fn a_failing_destination_fails_the_job_not_the_guest() {
+    let runner = JobRunner::new().unwrap();
+    let initial = common::initial(SIZE, 9);
+    let src = common::mem_disk(&initial);
+    let dest = Arc::new(Failing {
+        inner: common::mem_disk(&vec![0; SIZE as usize]),
+        left: std::sync::atomic::AtomicI64::new(20),
+    });
+    let live = LiveDisk::new(src.clone());
+    let guests = common::start(&live, Model::new(initial, 0), 3, 9, true);
+    let h = runner
+        .start(
+            &live,
+            Job::convert(dest).options(JobOptions {
+                chunk: 64 << 10,
+                rate: 64 << 20,
+                ..JobOptions::default()
+            }),
+        )
+        .unwrap();
+    let e = h.wait_blocking().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            JobError::Destination {
+                op: "write" | "zero",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(!live.job_running());
+    assert_eq!(live.generation(), 0);
+    guests.run_for_ops(300);
+    let (model, counts) = guests.stop();
+    assert_eq!(counts.errors.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        counts.mismatches.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert_eq!(common::mismatches(&*src, 0, &model.cur), 0);
+}
