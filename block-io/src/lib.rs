@@ -23,6 +23,8 @@ mod fault;
 mod file;
 mod lock;
 mod memory;
+#[cfg(feature = "nbd")]
+pub mod nbd;
 mod rangelock;
 mod ratelimit;
 mod raw;

@@ -1,0 +1,21 @@
+//! NBD, the Network Block Device protocol (NetworkBlockDevice/nbd `doc/proto.md`): a server
+//! for any [`BlockDevice`](crate::BlockDevice), speaking what qemu-nbd, nbdkit and libnbd
+//! speak, so that `qemu-img`, `qemu-io`, `nbdcopy`, `nbdinfo` and the Linux kernel client
+//! can use our images (feature `nbd`).
+//!
+//! - [`proto`]: the wire format, pure parsers and encoders (shared with a client and the
+//!   fuzz target);
+//! - [`NbdServer`]: fixed newstyle handshake with `NBD_OPT_GO`/`INFO`/`LIST`/`ABORT`,
+//!   `NBD_OPT_EXPORT_NAME`, structured replies and the `base:allocation` metadata context;
+//!   transmission with READ, WRITE (+FUA), FLUSH, TRIM, WRITE_ZEROES (+NO_HOLE, FAST_ZERO),
+//!   BLOCK_STATUS and DISC, many requests in flight per connection, replies in completion
+//!   order, multi-conn. Not yet: `NBD_OPT_STARTTLS` (answered `NBD_REP_ERR_UNSUP`).
+
+mod conn;
+mod export;
+mod handshake;
+pub mod proto;
+mod server;
+
+pub use export::Export;
+pub use server::{NbdServer, StopHandle};

@@ -1,0 +1,136 @@
+//! `vdisk serve --nbd ADDR[:PORT] | --nbd-socket PATH [--export NAME] [--read-only] IMG`:
+//! serves an image (any format, with its chain) over NBD until SIGINT or SIGTERM, then
+//! flushes the disk and exits. Clients: `qemu-img`/`qemu-io` (`nbd://HOST:PORT/NAME`,
+//! `nbd+unix:///NAME?socket=PATH`), `nbdcopy`, `nbdinfo`, the kernel's `nbd-client`.
+
+use std::path::{Path, PathBuf};
+use std::thread;
+
+use signal_hook::consts::signal::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use vdisk::block_io::nbd::{Export, NbdServer};
+
+use crate::{CliError, CliResult};
+
+/// The IANA port of NBD, used when `--nbd` names no port.
+pub const NBD_PORT: u16 = 10809;
+
+/// Where `serve --nbd` listens.
+#[derive(Debug, Clone)]
+pub enum NbdListen {
+    /// A TCP address: `HOST`, `HOST:PORT`, `[V6]:PORT` (port 10809 when absent).
+    Tcp(String),
+    /// A Unix socket path.
+    Unix(PathBuf),
+}
+
+/// `addr` with the default NBD port added when it names none.
+fn with_port(addr: &str) -> String {
+    let has_port = if let Some(rest) = addr.strip_prefix('[') {
+        rest.contains("]:")
+    } else {
+        // A bare IPv6 address has several colons and no port.
+        addr.matches(':').count() == 1
+    };
+    if has_port {
+        addr.to_string()
+    } else if addr.contains(':') && !addr.starts_with('[') {
+        format!("[{addr}]:{NBD_PORT}")
+    } else {
+        format!("{addr}:{NBD_PORT}")
+    }
+}
+
+/// Serves `image` as the NBD export `export` on `listen` until SIGINT/SIGTERM.
+pub fn run(image: &Path, listen: NbdListen, export: &str, read_only: bool) -> CliResult {
+    let img = crate::image::open(image, None, read_only)?;
+    let dev = img.dev.clone();
+    let info = dev.info();
+    let exports = vec![Export::new(export, dev.clone())
+        .read_only(read_only)
+        .description(format!("{} ({})", image.display(), img.format.name()))];
+    let (server, where_) = match &listen {
+        NbdListen::Tcp(addr) => {
+            let addr = with_port(addr);
+            let server = NbdServer::bind_tcp(addr.as_str(), exports).map_err(|e| {
+                CliError::new(format!("cannot listen on {addr}: {}", e.chain_string()))
+            })?;
+            let shown = server
+                .local_addr()
+                .map(|a| format!("nbd://{a}/{export}"))
+                .unwrap_or(addr);
+            (server, shown)
+        }
+        NbdListen::Unix(path) => {
+            let server = NbdServer::bind_unix(path, exports).map_err(|e| {
+                CliError::new(format!(
+                    "cannot listen on {}: {}",
+                    path.display(),
+                    e.chain_string()
+                ))
+            })?;
+            (
+                server,
+                format!("nbd+unix:///{export}?socket={}", path.display()),
+            )
+        }
+    };
+    let mut signals = Signals::new([SIGINT, SIGTERM])
+        .map_err(|e| CliError::new(format!("cannot install signal handlers: {e}")))?;
+    let stop = server.stop_handle();
+    let signal_handle = signals.handle();
+    // The waiter hands `signals` back instead of dropping it: `close` below wakes it through
+    // a socket pair, and writing to a pair whose reader is gone raises SIGPIPE, which `main`
+    // leaves fatal.
+    let waiter = thread::spawn(move || {
+        let sig = signals.forever().next();
+        if sig.is_some() {
+            stop.stop();
+        }
+        (sig, signals)
+    });
+    eprintln!(
+        "vdisk: serving {} ({}, {} bytes{}) at {where_}",
+        image.display(),
+        img.format.name(),
+        info.virtual_size,
+        if read_only || info.read_only {
+            ", read-only"
+        } else {
+            ""
+        },
+    );
+    let served = server.serve();
+    signal_handle.close();
+    let sig = waiter.join().ok().and_then(|(sig, _signals)| sig);
+    let connections = server.connections();
+    // Dropping the server removes a Unix socket file.
+    drop(server);
+    let flushed = dev.flush();
+    served?;
+    flushed?;
+    eprintln!(
+        "vdisk: {} after {connections} connection(s); disk flushed",
+        match sig {
+            Some(SIGINT) => "interrupted",
+            Some(SIGTERM) => "terminated",
+            _ => "stopped",
+        }
+    );
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_port_is_added_only_when_missing() {
+        assert_eq!(with_port("127.0.0.1"), "127.0.0.1:10809");
+        assert_eq!(with_port("127.0.0.1:7000"), "127.0.0.1:7000");
+        assert_eq!(with_port("localhost"), "localhost:10809");
+        assert_eq!(with_port("::1"), "[::1]:10809");
+        assert_eq!(with_port("[::1]"), "[::1]:10809");
+        assert_eq!(with_port("[::1]:7000"), "[::1]:7000");
+    }
+}
