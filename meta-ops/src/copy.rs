@@ -23,6 +23,9 @@ use crate::live::{LiveDisk, Tracker};
 /// Largest buffer a buffered copy uses (longer runs go in pieces).
 const MAX_BUF: u64 = 1 << 20;
 
+/// Most bytes a chunk copies under one range lock.
+const LOCK_PIECE: u64 = 256 << 10;
+
 /// Byte counters of how a job moved its data.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
@@ -100,18 +103,26 @@ impl Copier {
         true
     }
 
-    /// A chunk: the dirty blocks `runs` (bit ranges the job claimed inside `[lo, hi)`), copied
-    /// under an exclusive range lock on their span so no guest change overlaps. Returns the
+    /// A chunk: the dirty blocks `runs` (bit ranges the job claimed), copied in pieces of at
+    /// most [`LOCK_PIECE`] bytes, each under an exclusive range lock so that no guest change
+    /// overlaps it, and each after the guest requests already in flight (priority). Short
+    /// pieces keep a guest that writes into a chunk from waiting for all of it. Returns the
     /// bytes handled.
     pub(crate) fn chunk(&self, runs: &[(u64, u64)]) -> Result<u64, JobError> {
-        let (Some(first), Some(last)) = (runs.first(), runs.last()) else {
-            return Ok(0);
-        };
-        self.yield_to_guests();
-        let (a, _) = self.tracker.span(first.0, first.0 + 1);
-        let (_, b) = self.tracker.span(last.1 - 1, last.1);
-        let _g = self.live.range_lock().lock_exclusive(a, b - a);
-        self.runs(runs)
+        let mut bytes = 0;
+        for &(first, last) in runs {
+            let (a, b) = self.tracker.span(first, last);
+            let mut pos = a;
+            while pos < b {
+                let end = b.min(pos.saturating_add(LOCK_PIECE));
+                self.yield_to_guests();
+                let _g = self.live.range_lock().lock_exclusive(pos, end - pos);
+                self.range(pos, end)?;
+                pos = end;
+            }
+            bytes += b - a;
+        }
+        Ok(bytes)
     }
 
     /// Copies the bit ranges `runs` with no lock taken (the caller holds what it needs).
