@@ -12,7 +12,8 @@
 //! vdisk token read|write|inspect ...  ODX-style offload tokens on local images
 //! vdisk demo                         a guided tour in a temporary folder
 //! vdisk serve --socket PATH [--queues N] [--read-only] [--cache none|writeback]
-//!             [--aio io_uring|threads|sync] [-U] IMG   vhost-user-blk until SIGINT/SIGTERM
+//!             [--aio io_uring|threads|sync] IMG   vhost-user-blk until SIGINT/SIGTERM
+//! vdisk serve --nbd ADDR[:PORT] | --nbd-socket PATH [--export NAME] [--read-only] IMG   NBD
 //! vdisk bench [-c N] [-d N] [-s SIZE] [-S STEP] [-o OFF] [-w] [--pattern B] [-t none|writeback]
 //!             [-i io_uring|threads] IMG      qemu-img bench's workload through the I/O engine
 //! ```
@@ -26,6 +27,7 @@ mod guard;
 mod image;
 mod info;
 mod io_cmd;
+mod nbd_serve;
 mod rebase;
 mod serve;
 mod size;
@@ -163,9 +165,19 @@ enum Cmd {
     },
     /// Serve an image to a VM over vhost-user-blk until SIGINT/SIGTERM.
     Serve {
-        /// Unix socket to listen on (QEMU: -chardev socket,path=PATH).
+        /// Unix socket to listen on for vhost-user-blk (QEMU: -chardev socket,path=PATH).
+        #[arg(long, required_unless_present_any = ["nbd", "nbd_socket"],
+              conflicts_with_all = ["nbd", "nbd_socket"])]
+        socket: Option<PathBuf>,
+        /// Serve over NBD on TCP instead: ADDR[:PORT] (port 10809 when absent).
+        #[arg(long, conflicts_with = "nbd_socket")]
+        nbd: Option<String>,
+        /// Serve over NBD on this Unix socket instead.
         #[arg(long)]
-        socket: PathBuf,
+        nbd_socket: Option<PathBuf>,
+        /// NBD export name ("" is the default export).
+        #[arg(long, default_value = "")]
+        export: String,
         /// Number of request queues, each served by its own thread.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
         queues: u16,
@@ -357,17 +369,29 @@ fn main() -> ExitCode {
             read_only,
             cache,
             aio,
+            nbd,
+            nbd_socket,
+            export,
             image,
-        } => serve::run(
-            &image,
-            &socket,
-            queues,
-            &serve::Mode {
-                read_only,
-                cache,
-                aio,
-            },
-        ),
+        } => match (socket, nbd, nbd_socket) {
+            (Some(socket), None, None) => serve::run(
+                &image,
+                &socket,
+                queues,
+                &serve::Mode {
+                    read_only,
+                    cache,
+                    aio,
+                },
+            ),
+            (None, Some(addr), None) => {
+                nbd_serve::run(&image, nbd_serve::NbdListen::Tcp(addr), &export, read_only)
+            }
+            (None, None, Some(path)) => {
+                nbd_serve::run(&image, nbd_serve::NbdListen::Unix(path), &export, read_only)
+            }
+            _ => Err(CliError::new("give one of --socket, --nbd or --nbd-socket")),
+        },
     };
     match result {
         Ok(code) => ExitCode::from(code),

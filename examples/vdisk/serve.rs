@@ -55,12 +55,15 @@ pub fn run(image: &Path, socket: &Path, queues: u16, mode: &Mode) -> CliResult {
     let mut server = VhostUserBlkServer::bind(socket, dev.clone(), &opts)?;
     let stop = server.stop_handle();
     let signal_handle = signals.handle();
+    // The waiter hands `signals` back instead of dropping it: `close` below wakes it through
+    // signal-hook's socket pair, and writing to a pair whose reader was dropped raises SIGPIPE,
+    // which (restored to its default in main) would kill us before the flush.
     let waiter = thread::spawn(move || {
         let sig = signals.forever().next();
         if sig.is_some() {
             stop.stop();
         }
-        sig
+        (sig, signals)
     });
     eprintln!(
         "vdisk: serving {} ({}, {} bytes{}) on {} with {} queue(s), cache={}, aio={}",
@@ -75,7 +78,7 @@ pub fn run(image: &Path, socket: &Path, queues: u16, mode: &Mode) -> CliResult {
     );
     let served = server.serve();
     signal_handle.close();
-    let sig = waiter.join().ok().flatten();
+    let sig = waiter.join().ok().and_then(|(sig, _signals)| sig);
     let connections = server.connections();
     // Dropping the server removes the socket.
     drop(server);
