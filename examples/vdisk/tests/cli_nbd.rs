@@ -17,7 +17,7 @@ fn serve_nbd_to_qemu_io_and_stop_cleanly() {
     let img = p(&dir, "d.vhdx");
     let sock = p(&dir, "nbd.sock");
     vdisk_ok(&["create", "-f", "vhdx", &img, "8M"]);
-    let mut child = Command::new(vdisk_bin())
+    let child = Command::new(vdisk_bin())
         .args(["serve", "--nbd-socket", &sock, "--export", "disk", &img])
         .stderr(Stdio::piped())
         .spawn()
