@@ -10,6 +10,7 @@
 //! vdisk rebase -u -b NEWPARENT [-f FMT] IMG   relink a child to its moved parent (no copy)
 //! vdisk io [-r] IMG -c CMD ...       read/write [-P byte] OFF LEN, write -z, discard, flush
 //! vdisk token read|write|inspect ...  ODX-style offload tokens on local images
+//! vdisk stress IMG --job copy|convert --seconds N [--threads T] [--rate B/S]   online job + model
 //! vdisk demo                         a guided tour in a temporary folder
 //! vdisk serve --socket PATH [--queues N] [--read-only] [--cache none|writeback]
 //!             [--aio io_uring|threads|sync] IMG   vhost-user-blk until SIGINT/SIGTERM
@@ -27,6 +28,7 @@ mod guard;
 mod image;
 mod info;
 mod io_cmd;
+mod jobs;
 mod nbd_serve;
 mod rebase;
 mod serve;
@@ -210,6 +212,8 @@ enum Cmd {
     },
     /// Measure I/O on an image as qemu-img bench does (same flags), through the I/O engine.
     Bench(bench::BenchArgs),
+    /// Random guest I/O against a model while an online job runs on the image; one JSON line.
+    Stress(jobs::StressArgs),
     /// Offload tokens (ODX): mint, redeem, inspect.
     Token(token::TokenArgs),
     /// A guided tour of the family in a temporary folder.
@@ -363,6 +367,7 @@ fn main() -> ExitCode {
         Cmd::Demo { keep } => demo::run(keep),
         Cmd::Bench(args) => bench::run(args),
         Cmd::Token(args) => token::run(args),
+        Cmd::Stress(args) => jobs::run(args),
         Cmd::Serve {
             socket,
             queues,
