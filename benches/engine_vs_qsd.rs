@@ -29,6 +29,7 @@
 //!   and case (default 3);
 //! - `ENGINE_BENCH_REGIMES` (`cold,hot`), `ENGINE_BENCH_FORMATS` (`raw,vhdx,vhd,chain`),
 //!   `ENGINE_BENCH_OPS` (`read,write`), `ENGINE_BENCH_QUEUES` (`1,2`): subsets;
+//! - `ENGINE_BENCH_OURS_AIO=threads` runs ours with `--aio threads` instead of `io_uring`;
 //! - `ENGINE_BENCH_DIR` where the images go, `ENGINE_BENCH_FRESH=1` remakes them,
 //!   `ENGINE_BENCH_PREPARE_ONLY=1` only makes them (`.ci/bench-engine` uses them too);
 //! - `VDISK_BIN` the vdisk binary (default `target/release/examples/vdisk`, built first with
@@ -71,17 +72,24 @@ impl Regime {
         }
     }
 
-    fn backends(self) -> Vec<Backend> {
+    /// `ours_uring`: `vdisk serve --aio io_uring` (else threads).
+    fn backends(self, ours_uring: bool) -> Vec<Backend> {
         match self {
             Regime::Cold => vec![
-                Backend::Ours { direct: true },
+                Backend::Ours {
+                    direct: true,
+                    uring: ours_uring,
+                },
                 Backend::Qsd {
                     direct: true,
                     uring: true,
                 },
             ],
             Regime::Hot => vec![
-                Backend::Ours { direct: false },
+                Backend::Ours {
+                    direct: false,
+                    uring: ours_uring,
+                },
                 Backend::Qsd {
                     direct: false,
                     uring: true,
@@ -167,6 +175,8 @@ struct Cfg {
     dir: PathBuf,
     target_dir: PathBuf,
     fresh: bool,
+    /// `vdisk serve --aio io_uring` (the default) or `threads`.
+    ours_uring: bool,
 }
 
 fn env_list<T: Copy>(name: &str, all: &[(&str, T)]) -> Vec<T> {
@@ -224,6 +234,13 @@ fn config() -> Cfg {
             .unwrap_or_else(|| target_dir.join("engine_vs_qsd")),
         target_dir,
         fresh: std::env::var("ENGINE_BENCH_FRESH").is_ok_and(|v| v == "1"),
+        ours_uring: env_list(
+            "ENGINE_BENCH_OURS_AIO",
+            &[("io_uring", true), ("threads", false)],
+        )
+        .first()
+        .copied()
+        .unwrap_or(true),
     }
 }
 
@@ -401,7 +418,7 @@ impl Bench {
 
     fn case(&mut self, regime: Regime, fmt: Fmt, write: bool, queues: usize) -> CaseResult {
         let t0 = Instant::now();
-        let backends = regime.backends();
+        let backends = regime.backends(self.cfg.ours_uring);
         if regime == Regime::Hot {
             let mut files: Vec<PathBuf> = Vec::new();
             for &b in &backends {
@@ -665,7 +682,11 @@ fn main() {
     );
     println!("client: libblkio virtio-blk-vhost-user, one thread per queue");
     for r in &cfg.regimes {
-        let names: Vec<String> = r.backends().iter().map(|b| b.describe()).collect();
+        let names: Vec<String> = r
+            .backends(cfg.ours_uring)
+            .iter()
+            .map(|b| b.describe())
+            .collect();
         println!("{}: {}", r.name(), names.join(" | "));
     }
     println!(

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 /// Who serves, and how.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
-    /// `vdisk serve --cache none|writeback --aio io_uring`.
-    Ours { direct: bool },
+    /// `vdisk serve --cache none|writeback --aio io_uring|threads`.
+    Ours { direct: bool, uring: bool },
     /// qemu-storage-daemon, `cache.direct=on|off`, `aio=io_uring|threads`.
     Qsd { direct: bool, uring: bool },
 }
@@ -29,9 +29,10 @@ impl Backend {
     /// The flags it runs with, as a user would type them.
     pub fn describe(self) -> String {
         match self {
-            Backend::Ours { direct } => format!(
-                "vdisk serve --cache {} --aio io_uring",
-                if direct { "none" } else { "writeback" }
+            Backend::Ours { direct, uring } => format!(
+                "vdisk serve --cache {} --aio {}",
+                if direct { "none" } else { "writeback" },
+                if uring { "io_uring" } else { "threads" }
             ),
             Backend::Qsd { direct, uring } => format!(
                 "qemu-storage-daemon cache.direct={},aio={}",
@@ -69,7 +70,7 @@ impl Server {
     ) -> Result<Server, String> {
         let _ = std::fs::remove_file(sock);
         let mut cmd = match (backend, target) {
-            (Backend::Ours { direct }, Target::Image { path, .. }) => {
+            (Backend::Ours { direct, uring }, Target::Image { path, .. }) => {
                 let mut c = Command::new(vdisk);
                 c.arg("serve")
                     .arg("--socket")
@@ -79,7 +80,7 @@ impl Server {
                     .arg("--cache")
                     .arg(if direct { "none" } else { "writeback" })
                     .arg("--aio")
-                    .arg("io_uring")
+                    .arg(if uring { "io_uring" } else { "threads" })
                     .arg(path);
                 c
             }
