@@ -180,21 +180,19 @@ impl Server {
     }
 
     /// Asks the backend to exit (SIGTERM: both flush the disk) and waits. `Ok(Some(note))`
-    /// when it had already died of SIGPIPE, which `vdisk serve` does when the frontend
-    /// disconnects (its `main` restores SIGPIPE's default action for every verb): the
-    /// measurement stands, the note says why the exit was not clean.
+    /// when it died of SIGPIPE (a `vdisk serve` whose SIGPIPE action is the default dies so
+    /// when it writes to a socket whose peer is gone): the measurement stands, the note says
+    /// when the exit was not clean.
     pub fn stop(mut self) -> Result<Option<String>, String> {
-        let died = |st: std::process::ExitStatus, log: String| {
+        let died = |st: std::process::ExitStatus, when: &str, log: String| {
             if st.signal() == Some(libc::SIGPIPE) {
-                Ok(Some(format!(
-                    "the backend died of SIGPIPE when the client left: {log}"
-                )))
+                Ok(Some(format!("the backend died of SIGPIPE {when}: {log}")))
             } else {
-                Err(format!("the backend exited with {st}: {log}"))
+                Err(format!("the backend exited with {st} {when}: {log}"))
             }
         };
         if let Ok(Some(st)) = self.child.try_wait() {
-            return died(st, self.log_tail());
+            return died(st, "when the client left", self.log_tail());
         }
         let pid = libc::pid_t::try_from(self.child.id()).map_err(|e| e.to_string())?;
         // SAFETY: kill(2) on our own child's pid, which is not reaped yet.
@@ -203,7 +201,7 @@ impl Server {
         loop {
             match self.child.try_wait() {
                 Ok(Some(st)) if st.success() => return Ok(None),
-                Ok(Some(st)) => return died(st, self.log_tail()),
+                Ok(Some(st)) => return died(st, "after SIGTERM", self.log_tail()),
                 Ok(None) if t0.elapsed() > Duration::from_secs(120) => {
                     let _ = self.child.kill();
                     let _ = self.child.wait();
