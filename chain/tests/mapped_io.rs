@@ -67,12 +67,14 @@ fn check(fmt: Fmt, depth: usize, seed: u64) {
     for aio in [Aio::Threads, Aio::IoUring] {
         let Some(e) = engine(aio) else { continue };
         // Read-only: every read maps (formats over files).
-        let ro: Arc<dyn BlockDevice> = Arc::new(
-            Disk::open(&paths[depth - 1], &OpenOptions::new().read_only(true)).unwrap(),
-        );
+        let ro: Arc<dyn BlockDevice> =
+            Arc::new(Disk::open(&paths[depth - 1], &OpenOptions::new().read_only(true)).unwrap());
         let mut q = DeviceQueue::new(ro.clone(), e);
         let got = read_through(&mut q, &mut rng);
-        assert!(got == model, "{fmt:?} depth {depth} {aio:?}: mapped reads differ");
+        assert!(
+            got == model,
+            "{fmt:?} depth {depth} {aio:?}: mapped reads differ"
+        );
         assert_eq!(q.stats().fallback, 0, "{fmt:?} {aio:?}: {:?}", q.stats());
         drop(q);
         drop(ro);
