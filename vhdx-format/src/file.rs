@@ -9,8 +9,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use block_io::{BlockDevice, DiskInfo, FailStop, Result, StatusRun, Storage};
-use parking_lot::{Mutex, RwLock};
-use std::collections::{BTreeSet, HashMap};
+use parking_lot::{Condvar, Mutex, RwLock};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use uuid::Uuid;
 
 use crate::bat::{state, BatEntry, BlockState, Geometry};
@@ -98,25 +98,46 @@ pub struct CheckReport {
     pub unreferenced_bytes: u64,
 }
 
-/// Mutable state of the writer, behind one mutex (never held during reads).
+/// The current header and whether this session's header update is done, behind their own
+/// mutex ([`VhdxFile::hdr`]). Only header updates hold it across syncs: session start, close
+/// and reparent, which every writer of the session has to wait for anyway (MS-VHDX 2.2.2.1:
+/// the new FileWriteGuid and DataWriteGuid reach the disk before the first change). Reads,
+/// overwrites of allocated blocks and allocations never take it; a commit takes it briefly to
+/// read the LogGuid.
 #[derive(Debug)]
-pub(crate) struct WriteState {
+pub(crate) struct HeaderState {
     /// Current header.
     pub header: Header,
     /// Slot of the current header (0 or 1).
     pub slot: usize,
-    /// Where the next block goes (1 MiB aligned).
+    /// The session started (FileWriteGuid, DataWriteGuid and LogGuid set).
+    pub session: bool,
+}
+
+/// Allocation and pending-metadata state, behind [`VhdxFile::state`]. That mutex is only ever
+/// held for in-memory work: never across payload I/O, `set_len`, a bitmap read or a sync.
+#[derive(Debug)]
+pub(crate) struct WriteState {
+    /// Where the next block goes (1 MiB aligned): space is reserved by moving this.
     pub file_end: u64,
     /// BAT sectors (4 KiB, index from the BAT start) changed in memory but not on disk.
     pub dirty_bat: BTreeSet<u64>,
     /// Sector bitmap sectors (chunk, 4 KiB index) changed in memory but not on disk.
     pub dirty_bitmap: BTreeSet<(u64, u64)>,
-    /// Next log sequence number.
-    pub log_seq: u64,
-    /// The session started (FileWriteGuid, DataWriteGuid and LogGuid set).
-    pub session: bool,
     /// Freed file ranges to punch once the BAT change freeing them is durable.
     pub punch: Vec<(u64, u64)>,
+    /// Payload blocks whose allocation is in progress (space reserved, payload being
+    /// written): a second writer of such a block waits on [`VhdxFile::state_cv`].
+    pub allocating: HashSet<u64>,
+    /// Sector bitmap chunks being read from the file or given new space.
+    pub loading: HashSet<u64>,
+}
+
+impl WriteState {
+    /// Sectors a commit would write now.
+    pub fn pending(&self) -> usize {
+        self.dirty_bat.len() + self.dirty_bitmap.len()
+    }
 }
 
 /// One VHDX layer.
@@ -129,7 +150,23 @@ pub struct VhdxFile<S: Storage> {
     pub(crate) meta: Metadata,
     pub(crate) geo: Geometry,
     pub(crate) bat: Vec<AtomicU64>,
+    /// Header and session (see [`HeaderState`]).
+    pub(crate) hdr: Mutex<HeaderState>,
+    /// A copy of the current header for [`header`](Self::header), so that reading it never
+    /// waits for a header update in progress.
+    pub(crate) current_header: RwLock<Header>,
+    /// Allocation and pending metadata (see [`WriteState`]).
     pub(crate) state: Mutex<WriteState>,
+    /// Signalled when an allocation or a bitmap load finishes.
+    pub(crate) state_cv: Condvar,
+    /// Commit coordination (see `commit.rs`).
+    pub(crate) commits: Mutex<crate::commit::CommitCtl>,
+    /// Signalled when a commit finishes.
+    pub(crate) commit_cv: Condvar,
+    /// The file length this writer has set (the file only grows); held across `set_len`
+    /// only, so that two growths never shrink each other.
+    pub(crate) grown: Mutex<u64>,
+    /// Mirrors `hdr.session`, read without a lock on the write path.
     pub(crate) session_started: AtomicBool,
     pub(crate) failstop: FailStop,
     pub(crate) bitmaps: RwLock<HashMap<u64, Box<[u8]>>>,
@@ -343,16 +380,24 @@ impl<S: Storage> VhdxFile<S> {
             meta,
             geo,
             bat,
-            state: Mutex::new(WriteState {
+            current_header: RwLock::new(header),
+            hdr: Mutex::new(HeaderState {
                 header,
                 slot,
+                session: false,
+            }),
+            state: Mutex::new(WriteState {
                 file_end,
                 dirty_bat: BTreeSet::new(),
                 dirty_bitmap: BTreeSet::new(),
-                log_seq: 1,
-                session: false,
                 punch: Vec::new(),
+                allocating: HashSet::new(),
+                loading: HashSet::new(),
             }),
+            state_cv: Condvar::new(),
+            commits: Mutex::new(crate::commit::CommitCtl::new()),
+            commit_cv: Condvar::new(),
+            grown: Mutex::new(file_len),
             session_started: AtomicBool::new(false),
             failstop: FailStop::new(),
             bitmaps: RwLock::new(HashMap::new()),
@@ -384,7 +429,7 @@ impl<S: Storage> VhdxFile<S> {
 
     /// The current header.
     pub fn header(&self) -> Header {
-        self.state.lock().header
+        *self.current_header.read()
     }
 
     /// The region table in use.

@@ -12,6 +12,14 @@
 //!   bitmaps (LSB-first) for PARTIALLY_PRESENT blocks, log replay on open (into the file when
 //!   writable, in memory when read-only), writing with allocation committed through the log at
 //!   `flush`, `write_zeroes`/`discard` through ZERO/UNMAPPED states and hole punching;
+//! - concurrency: reads and overwrites of allocated blocks take no lock; an allocation
+//!   reserves its space under a short lock and writes its payload with none (a second writer
+//!   of the same block waits); commits snapshot the pending BAT/bitmap sectors under that
+//!   lock and do their syncs and log writes without it, batched, one at a time, and
+//!   concurrent flushes share one commit (`alloc.rs`, `commit.rs`);
+//! - [`VhdxFile::reserve_write`] / [`VhdxFile::map_allocating_write`]: an allocating write's
+//!   file extents and an [`AllocGuard`] whose [`complete`](AllocGuard::complete) publishes
+//!   the new blocks, for an I/O engine that writes the payload itself;
 //! - [`create()`] for fixed, dynamic and differencing images with qemu-img's defaults;
 //! - [`VhdxFile::set_parent_locator`]: a new parent locator through the log (`reparent`,
 //!   2.6.2.6), for rebasing a child onto a moved or copied parent;
@@ -55,7 +63,9 @@
 //! are reported as [`block_io::BlockStatus::Unallocated`]; the `chain` crate reads the parent.
 #![warn(missing_docs)]
 
+mod alloc;
 pub mod bat;
+mod commit;
 mod create;
 pub mod error;
 mod file;
@@ -72,6 +82,7 @@ mod reparent;
 pub mod replay;
 mod write;
 
+pub use alloc::{AllocGuard, WriteExtent};
 pub use create::{create, create_file, default_block_size, CreateError, CreateOptions, ParentRef};
 pub use error::FormatError;
 pub use file::{check_image, open_file, probe, CheckReport, Subformat, VhdxDetails, VhdxFile};

@@ -161,38 +161,60 @@ impl<S: Storage> VhdxFile<S> {
         patch(&mut sectors, entry_at + 16, &new_offset.to_le_bytes())?;
         patch(&mut sectors, entry_at + 20, &item_len.to_le_bytes())?;
 
-        let mut st = self.state.lock();
-        if max_data_sectors(u64::from(st.header.log_length)) < sectors.len() as u64 {
+        let log_length = self.hdr.get_mut().header.log_length;
+        if max_data_sectors(u64::from(log_length)) < sectors.len() as u64 {
             return Err(Error::new(
                 ErrorKind::Unsupported,
                 "the log is too small for the parent locator change",
             ));
         }
-        let own_session = !st.session;
+        // `&mut self`: no other writer, commit or flush runs during this.
+        let own_session = !self.hdr.get_mut().session;
         if own_session {
             // MS-VHDX 2.2.2.1: a new FileWriteGuid before the first write of a session; the
             // DataWriteGuid stays (no user-visible change).
-            let mut h = st.header;
-            h.file_write_guid = Uuid::new_v4();
-            h.log_guid = Uuid::new_v4();
-            self.store_header(&mut st, h)?;
-            st.session = true;
+            let h = self.hdr.get_mut();
+            let mut next = h.header;
+            next.file_write_guid = Uuid::new_v4();
+            next.log_guid = Uuid::new_v4();
+            let (header, slot) =
+                self.failstop
+                    .guard(crate::write::update_header(&self.storage, next, h.slot))?;
+            h.header = header;
+            h.slot = slot;
+            *self.current_header.get_mut() = header;
+            h.session = true;
         } else {
             // Pending BAT changes of this session go first, in their own entries.
-            self.commit(&mut st)?;
+            self.commit_coalesced(crate::commit::After::Nothing)?;
         }
+        let header = self.hdr.get_mut().header;
+        let log = crate::commit::LogTarget {
+            guid: header.log_guid,
+            offset: header.log_offset,
+            length: header.log_length,
+        };
         let refs: Vec<(u64, &[u8])> = sectors
             .iter()
             .map(|(s, d)| (md.file_offset + s * SECTOR, &d[..]))
             .collect();
-        self.log_and_apply(&mut st, &refs)?;
+        let mut seq = self.commits.get_mut().log_seq;
+        let file_len = self.failstop.guard(self.storage.len())?;
+        let r = self.log_and_apply(&log, &mut seq, file_len, &refs);
+        self.commits.get_mut().log_seq = seq;
+        r?;
         if own_session {
-            let mut h = st.header;
-            h.log_guid = Uuid::nil();
-            self.store_header(&mut st, h)?;
-            st.session = false;
+            let h = self.hdr.get_mut();
+            let mut next = h.header;
+            next.log_guid = Uuid::nil();
+            let (header, slot) =
+                self.failstop
+                    .guard(crate::write::update_header(&self.storage, next, h.slot))?;
+            h.header = header;
+            h.slot = slot;
+            *self.current_header.get_mut() = header;
+            h.session = false;
         }
-        drop(st);
         self.meta.entries[idx].offset = new_offset;
         self.meta.entries[idx].length = item_len;
         self.meta.parent_locator = Some(parsed);

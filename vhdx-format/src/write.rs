@@ -1,19 +1,16 @@
-//! Writing a [`VhdxFile`]: header updates, payload writes, block allocation with BAT and
-//! sector-bitmap changes committed through the log, zeroing and discard.
+//! Writing a [`VhdxFile`]: header updates, payload writes, allocation (see `alloc.rs`), BAT
+//! and sector-bitmap changes (committed through the log by `commit.rs`), zeroing and discard.
 //!
 //! - Headers (MS-VHDX 2.2.2): never through the log; write the non-current slot with
 //!   SequenceNumber + 1 and flush, then the other slot.
 //! - Session start: before the first change, FileWriteGuid, DataWriteGuid and a fresh LogGuid
-//!   are written in one header update.
-//! - Overwrites of FULLY_PRESENT blocks are one positional write, no lock; writes into
-//!   PARTIALLY_PRESENT blocks write the data without the lock, then take it to set bitmap bits.
-//!   Allocating a block writes its first data under the metadata lock (allocation is rare and
-//!   this keeps two writers from allocating the same block twice).
-//! - Allocation writes the payload into new space past the end of the file and changes the BAT
-//!   in memory; BAT and bitmap sectors changed since the last commit go to disk at `flush()`
-//!   (or when there are many): payload sync, log entry, sync, in-place writes, sync (2.3).
-//!   Every entry is written at the start of the log with its own tail, as the previous entry is
-//!   fully applied by then.
+//!   are written in one header update (2.2.2.1), under the header mutex only.
+//! - Overwrites of FULLY_PRESENT blocks are one positional write, no lock. Writes into
+//!   PARTIALLY_PRESENT blocks write the data without a lock, then take the state lock to set
+//!   bitmap bits (data before the bit that makes it visible, 2.5.1.2). Allocating writes
+//!   reserve space under the state lock and write the payload without it (`alloc.rs`).
+//! - No lock is held across payload I/O, `set_len`, a bitmap read or a sync but the header
+//!   mutex across a header update.
 //! - Freed space is never reused by this writer; it is punched only after the BAT change that
 //!   frees it is durable.
 //! - The first failed write or sync latches [`block_io::FailStop`].
@@ -23,11 +20,13 @@ use std::sync::atomic::Ordering;
 use block_io::{check_request, Result, Storage};
 use uuid::Uuid;
 
+use crate::alloc::Reserve;
 use crate::bat::{state, BatEntry, BlockState};
+use crate::commit::After;
 use crate::error::corrupt_io;
-use crate::file::{VhdxFile, WriteState, BITMAP_BLOCK};
+use crate::file::{HeaderState, VhdxFile, WriteState};
 use crate::header::{Header, HEADER_OFFSETS, MIB};
-use crate::log::{build_entry, max_data_sectors, EntryParams, SECTOR};
+use crate::log::SECTOR;
 
 /// Writes `h` with the two-slot protocol after the header in `slot`; returns the new current
 /// header and its slot.
@@ -64,39 +63,41 @@ pub(crate) fn in_zero_chunks(
     Ok(())
 }
 
-/// Pending commits larger than this many sectors are written before the next flush.
-const AUTO_COMMIT_SECTORS: usize = 192;
-
 impl<S: Storage> VhdxFile<S> {
     fn ensure_session(&self) -> Result<()> {
         if self.session_started.load(Ordering::Acquire) {
             return Ok(());
         }
-        let mut st = self.state.lock();
-        self.start_session(&mut st)
+        let mut h = self.hdr.lock();
+        self.start_session(&mut h)
     }
 
-    fn start_session(&self, st: &mut WriteState) -> Result<()> {
-        if st.session {
+    /// MS-VHDX 2.2.2.1: a new FileWriteGuid before the first write of the session and a new
+    /// DataWriteGuid before the first user-visible change, with a fresh LogGuid, in one
+    /// header update that is durable before any of those writes.
+    pub(crate) fn start_session(&self, h: &mut HeaderState) -> Result<()> {
+        if h.session {
             return Ok(());
         }
-        let mut h = st.header;
-        h.file_write_guid = Uuid::new_v4();
-        h.data_write_guid = Uuid::new_v4();
-        h.log_guid = Uuid::new_v4();
-        self.store_header(st, h)?;
-        st.session = true;
+        let mut next = h.header;
+        next.file_write_guid = Uuid::new_v4();
+        next.data_write_guid = Uuid::new_v4();
+        next.log_guid = Uuid::new_v4();
+        self.store_header(h, next)?;
+        h.session = true;
         self.session_started.store(true, Ordering::Release);
         Ok(())
     }
 
-    /// Makes `h` the current header ([`update_header`]), latching the fail-stop state on error.
-    pub(crate) fn store_header(&self, st: &mut WriteState, h: Header) -> Result<()> {
-        let (h, slot) = self
+    /// Makes `next` the current header ([`update_header`]), latching the fail-stop state on
+    /// error.
+    pub(crate) fn store_header(&self, h: &mut HeaderState, next: Header) -> Result<()> {
+        let (header, slot) = self
             .failstop
-            .guard(update_header(&self.storage, h, st.slot))?;
-        st.header = h;
-        st.slot = slot;
+            .guard(update_header(&self.storage, next, h.slot))?;
+        h.header = header;
+        h.slot = slot;
+        *self.current_header.write() = header;
         Ok(())
     }
 
@@ -109,135 +110,114 @@ impl<S: Storage> VhdxFile<S> {
     pub(crate) fn write_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.begin_write(offset, buf.len() as u64)?;
         for p in self.geo.pieces(offset, buf.len() as u64) {
-            let (block, in_block, piece) = (p.block, p.in_block, &buf[p.range()]);
-            let e = BatEntry::try_from(self.entry(block))?;
-            if e.state == BlockState::FullyPresent {
-                self.failstop
-                    .guard(self.storage.write_at(piece, e.file_offset + in_block))?;
-            } else if e.state == BlockState::PartiallyPresent {
-                // The block's place is fixed: write outside the lock, then mark the sectors.
-                self.failstop
-                    .guard(self.storage.write_at(piece, e.file_offset + in_block))?;
-                let mut st = self.state.lock();
-                if self.entry(block) == BatEntry::encode(state::PARTIALLY_PRESENT, e.file_offset) {
-                    self.set_bits(&mut st, block, in_block, piece.len() as u64)?;
-                    self.maybe_commit(&mut st)?;
-                } else {
-                    drop(st);
-                    // Zeroed or discarded meanwhile: write through the general path.
-                    self.allocating_write(block, in_block, piece)?;
-                }
-            } else {
-                self.allocating_write(block, in_block, piece)?;
-            }
+            self.write_piece(p.block, p.in_block, &buf[p.range()])?;
         }
         Ok(())
     }
 
+    /// Writes `piece` at `in_block` of `block`, allocating the block if needed.
+    fn write_piece(&self, block: u64, in_block: u64, piece: &[u8]) -> Result<()> {
+        let len = piece.len() as u64;
+        loop {
+            let e = BatEntry::try_from(self.entry(block))?;
+            match e.state {
+                BlockState::FullyPresent => {
+                    return self
+                        .failstop
+                        .guard(self.storage.write_at(piece, e.file_offset + in_block))
+                }
+                BlockState::PartiallyPresent => {
+                    self.ensure_bitmap(block / self.geo.chunk_ratio, true)?;
+                    // MS-VHDX 2.5.1.2: the block's place is fixed; the data goes first, the
+                    // bits that make it visible after.
+                    self.failstop
+                        .guard(self.storage.write_at(piece, e.file_offset + in_block))?;
+                    let mut st = self.state.lock();
+                    let now = BatEntry::try_from(self.entry(block))?;
+                    if now.state.has_data() && now.file_offset == e.file_offset {
+                        if now.state == BlockState::PartiallyPresent {
+                            self.set_bits(&mut st, block, in_block, len)?;
+                        }
+                        let pending = st.pending();
+                        drop(st);
+                        return self.maybe_commit(pending);
+                    }
+                    // Zeroed or discarded meanwhile: write again through the new state.
+                }
+                _ => match self.reserve_block(block, in_block, len, true)? {
+                    Reserve::Got(r) => {
+                        // The payload goes to the reserved space with no lock held.
+                        let res = self
+                            .failstop
+                            .guard(self.storage.write_at(piece, r.at + in_block));
+                        let pending = {
+                            let mut st = self.state.lock();
+                            match res {
+                                Ok(()) => self.publish_locked(&mut st, &r).map(|()| st.pending()),
+                                Err(e) => {
+                                    if st.allocating.remove(&block) {
+                                        self.state_cv.notify_all();
+                                    }
+                                    Err(e)
+                                }
+                            }
+                        };
+                        return self.maybe_commit(self.failstop.guard(pending)?);
+                    }
+                    // Allocated by another writer meanwhile: write in place.
+                    Reserve::Present | Reserve::Busy => continue,
+                },
+            }
+        }
+    }
+
     /// `true` if `[in_block, in_block+len)` covers all of `block` that lies inside the disk.
-    fn covers_block(&self, block: u64, in_block: u64, len: u64) -> bool {
+    pub(crate) fn covers_block(&self, block: u64, in_block: u64, len: u64) -> bool {
         let bs = u64::from(self.geo.block_size);
         let block_end = ((block + 1) * bs).min(self.meta.virtual_size) - block * bs;
         in_block == 0 && len >= block_end
     }
 
-    fn set_entry(&self, st: &mut WriteState, index: u64, value: u64) {
+    /// Changes BAT entry `index` in memory and marks its sector pending.
+    pub(crate) fn set_entry(&self, st: &mut WriteState, index: u64, value: u64) {
         if let Some(a) = self.bat.get(index as usize) {
             a.store(value, Ordering::Release);
             st.dirty_bat.insert(index * 8 / SECTOR);
         }
     }
 
-    /// Reserves `len` bytes of new space past everything in use.
-    fn reserve(&self, st: &mut WriteState, len: u64) -> Result<u64> {
-        let at = st.file_end;
-        let end = at
-            .checked_add(len)
-            .ok_or_else(|| corrupt_io("the file would grow past 2^64 bytes"))?;
-        if self.failstop.guard(self.storage.len())? < end {
-            self.failstop.guard(self.storage.set_len(end))?;
-        }
-        st.file_end = end.div_ceil(MIB) * MIB;
-        Ok(at)
-    }
-
-    fn allocating_write(&self, block: u64, in_block: u64, piece: &[u8]) -> Result<()> {
-        let mut st = self.state.lock();
-        let e = BatEntry::try_from(self.entry(block))?;
-        let index = self.geo.payload_index(block);
-        match e.state {
-            BlockState::FullyPresent => {
-                drop(st);
-                self.failstop
-                    .guard(self.storage.write_at(piece, e.file_offset + in_block))
-            }
-            BlockState::PartiallyPresent => {
-                self.failstop
-                    .guard(self.storage.write_at(piece, e.file_offset + in_block))?;
-                self.set_bits(&mut st, block, in_block, piece.len() as u64)?;
-                self.maybe_commit(&mut st)
-            }
-            _ => {
-                let bs = u64::from(self.geo.block_size);
-                let partial = self.geo.has_parent
-                    && e.state == BlockState::NotPresent
-                    && !self.covers_block(block, in_block, piece.len() as u64);
-                let at = self.reserve(&mut st, bs)?;
-                self.failstop
-                    .guard(self.storage.write_at(piece, at + in_block))?;
-                if partial {
-                    self.set_bits(&mut st, block, in_block, piece.len() as u64)?;
-                    self.set_entry(
-                        &mut st,
-                        index,
-                        BatEntry::encode(state::PARTIALLY_PRESENT, at),
-                    );
-                } else {
-                    self.set_entry(&mut st, index, BatEntry::encode(state::FULLY_PRESENT, at));
-                }
-                self.maybe_commit(&mut st)
-            }
-        }
-    }
-
     /// Marks sectors present in the sector bitmap of `block`'s chunk (in memory; committed
-    /// with the next log entry), allocating the bitmap block if needed.
-    fn set_bits(&self, st: &mut WriteState, block: u64, in_block: u64, len: u64) -> Result<()> {
+    /// with the next log entry). The chunk's bitmap must be in memory
+    /// ([`ensure_bitmap`](Self::ensure_bitmap)).
+    pub(crate) fn set_bits(
+        &self,
+        st: &mut WriteState,
+        block: u64,
+        in_block: u64,
+        len: u64,
+    ) -> Result<()> {
         let chunk = block / self.geo.chunk_ratio;
         let sector = u64::from(self.geo.logical_sector_size);
         let spb = u64::from(self.geo.block_size) / sector;
-        if !self.bitmaps.read().contains_key(&chunk) {
-            let e = BatEntry::try_from(self.bitmap_entry(chunk))?;
-            let bm = if e.state == BlockState::FullyPresent {
-                let mut v = vec![0u8; BITMAP_BLOCK as usize];
-                self.read_file(&mut v, e.file_offset)?;
-                v
-            } else {
-                let at = self.reserve(st, BITMAP_BLOCK)?;
-                self.set_entry(
-                    st,
-                    self.geo.bitmap_index(chunk),
-                    BatEntry::encode(state::FULLY_PRESENT, at),
-                );
-                // New space always lies past the end the file had at open (it is never
-                // reused), so the new bitmap block reads as zeros: only the sectors that get
-                // bits need writing.
-                vec![0u8; BITMAP_BLOCK as usize]
-            };
-            self.bitmaps.write().insert(chunk, bm.into_boxed_slice());
-        }
         let block0 = (block % self.geo.chunk_ratio) * spb;
         let first = block0 + in_block / sector;
         let count = len / sector;
         // A block whose sectors are all present becomes FULLY_PRESENT, so later writes take
         // the lock-free path (spb >= 256, so the block's bits are whole bytes).
-        let all = self.bitmaps.write().get_mut(&chunk).is_some_and(|bm| {
+        let all = {
+            let mut maps = self.bitmaps.write();
+            let bm = maps
+                .get_mut(&chunk)
+                .ok_or_else(|| corrupt_io("sector bitmap not in memory"))?;
             for i in first..first + count {
-                bm[(i / 8) as usize] |= 1 << (i % 8);
+                if let Some(b) = bm.get_mut((i / 8) as usize) {
+                    *b |= 1 << (i % 8);
+                }
             }
             let b0 = (block0 / 8) as usize;
-            bm[b0..b0 + (spb / 8) as usize].iter().all(|&b| b == 0xFF)
-        });
+            bm.get(b0..b0 + (spb / 8) as usize)
+                .is_some_and(|r| r.iter().all(|&b| b == 0xFF))
+        };
         let bits_per_sector = SECTOR * 8;
         for s in first / bits_per_sector..=(first + count.max(1) - 1) / bits_per_sector {
             st.dirty_bitmap.insert((chunk, s));
@@ -250,13 +230,6 @@ impl<S: Storage> VhdxFile<S> {
                 index,
                 BatEntry::encode(state::FULLY_PRESENT, e.file_offset),
             );
-        }
-        Ok(())
-    }
-
-    fn maybe_commit(&self, st: &mut WriteState) -> Result<()> {
-        if st.dirty_bat.len() + st.dirty_bitmap.len() > AUTO_COMMIT_SECTORS {
-            self.commit(st)?;
         }
         Ok(())
     }
@@ -274,13 +247,20 @@ impl<S: Storage> VhdxFile<S> {
                 && !keep
             {
                 let mut st = self.state.lock();
+                // An allocation of the block in progress finishes first (never an entry
+                // change under a writer that has reserved the block).
+                while st.allocating.contains(&block) {
+                    self.state_cv.wait(&mut st);
+                }
                 let cur = BatEntry::try_from(self.entry(block))?;
                 let index = self.geo.payload_index(block);
                 self.set_entry(&mut st, index, BatEntry::encode(new_state, 0));
                 if cur.state.has_data() {
                     st.punch.push((cur.file_offset, bs));
                 }
-                self.maybe_commit(&mut st)?;
+                let pending = st.pending();
+                drop(st);
+                self.maybe_commit(pending)?;
             } else if e.state.has_data()
                 || (self.geo.has_parent && e.state == BlockState::NotPresent)
             {
@@ -292,103 +272,34 @@ impl<S: Storage> VhdxFile<S> {
         Ok(())
     }
 
-    pub(crate) fn flush_inner(&self) -> Result<()> {
-        if self.read_only {
-            return Ok(());
-        }
-        self.failstop.check()?;
-        let mut st = self.state.lock();
-        self.commit(&mut st)
-    }
-
-    /// Writes one log entry holding `refs` (file offset, 4 KiB sector each), then the sectors in
-    /// place: MS-VHDX 2.3's order, log entry, flush, write in place, flush.
-    pub(crate) fn log_and_apply(&self, st: &mut WriteState, refs: &[(u64, &[u8])]) -> Result<()> {
-        let fs = &self.failstop;
-        let h = st.header;
-        let file_len = fs.guard(self.storage.len())?;
-        let entry = build_entry(
-            &EntryParams {
-                sequence_number: st.log_seq,
-                log_guid: h.log_guid,
-                tail: 0,
-                flushed_file_offset: file_len,
-                last_file_offset: file_len,
-            },
-            refs,
-        );
-        fs.guard(self.storage.write_at(&entry, h.log_offset))?;
-        fs.guard(self.storage.sync_data())?;
-        for (off, data) in refs {
-            fs.guard(self.storage.write_at(data, *off))?;
-        }
-        fs.guard(self.storage.sync_data())?;
-        st.log_seq += 1;
-        Ok(())
-    }
-
-    /// Writes every pending BAT and bitmap change: payload sync, log entry, sync, in-place
-    /// writes, sync; then punches freed space.
-    pub(crate) fn commit(&self, st: &mut WriteState) -> Result<()> {
-        let fs = &self.failstop;
-        fs.guard(self.storage.sync_data())?;
-        if st.dirty_bat.is_empty() && st.dirty_bitmap.is_empty() {
-            return Ok(());
-        }
-        let mut sectors: Vec<(u64, Vec<u8>)> = Vec::new();
-        for &s in &st.dirty_bat {
-            let mut data = vec![0u8; SECTOR as usize];
-            for (k, slot) in data.chunks_exact_mut(8).enumerate() {
-                let i = s * (SECTOR / 8) + k as u64;
-                if let Some(a) = self.bat.get(i as usize) {
-                    slot.copy_from_slice(&a.load(Ordering::Acquire).to_le_bytes());
-                }
-            }
-            sectors.push((self.regions.bat.file_offset + s * SECTOR, data));
-        }
-        {
-            let maps = self.bitmaps.read();
-            for &(chunk, s) in &st.dirty_bitmap {
-                let e = BatEntry::try_from(self.bitmap_entry(chunk))?;
-                let bm = maps
-                    .get(&chunk)
-                    .ok_or_else(|| corrupt_io("dirty sector bitmap not in memory"))?;
-                let from = (s * SECTOR) as usize;
-                sectors.push((
-                    e.file_offset + s * SECTOR,
-                    bm[from..from + SECTOR as usize].to_vec(),
-                ));
-            }
-        }
-        let per_entry = max_data_sectors(u64::from(st.header.log_length)).max(1) as usize;
-        for group in sectors.chunks(per_entry) {
-            let refs: Vec<(u64, &[u8])> = group.iter().map(|(o, d)| (*o, &d[..])).collect();
-            self.log_and_apply(st, &refs)?;
-        }
-        st.dirty_bat.clear();
-        st.dirty_bitmap.clear();
-        for (o, l) in std::mem::take(&mut st.punch) {
-            fs.guard(self.storage.punch_hole(o, l))?;
-        }
-        Ok(())
-    }
-
     /// Commits pending changes and marks the log empty (LogGuid = 0). Call before dropping a
-    /// writable image to leave it clean; dropping does the same, ignoring errors.
+    /// writable image to leave it clean; dropping does the same, ignoring errors. Writes
+    /// still running on other threads when `close` is called may land in a new session.
     pub fn close(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
         self.failstop.check()?;
-        let mut st = self.state.lock();
-        if !st.session {
+        if !self.hdr.lock().session {
             return Ok(());
         }
-        self.commit(&mut st)?;
-        let mut h = st.header;
-        h.log_guid = Uuid::nil();
-        self.store_header(&mut st, h)?;
-        st.session = false;
+        self.commit_coalesced(After::Close)
+    }
+
+    /// Marks the log empty and ends the session. Called by a commit holding the commit slot
+    /// right after it applied every entry in place and synced (so no other commit can log
+    /// under the LogGuid being retired).
+    pub(crate) fn end_session(&self) -> Result<()> {
+        let mut h = self.hdr.lock();
+        if !h.session {
+            return Ok(());
+        }
+        // MS-VHDX 2.2.2: LogGuid 0 says the log holds nothing to replay; true now, as every
+        // entry of this session is applied in place and durable.
+        let mut next = h.header;
+        next.log_guid = Uuid::nil();
+        self.store_header(&mut h, next)?;
+        h.session = false;
         self.session_started.store(false, Ordering::Release);
         Ok(())
     }
