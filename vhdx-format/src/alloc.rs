@@ -101,9 +101,11 @@ pub struct AllocGuard<'a, S: Storage> {
 impl<S: Storage> AllocGuard<'_, S> {
     /// Finishes the allocating write. With `Ok(())` (every extent written), publishes the new
     /// blocks and sector bitmap bits in memory and queues their metadata for the next commit
-    /// (a `flush` makes them durable; a writer may commit when many are pending). With an
-    /// error, latches the fail-stop state (a failed write, STYLE rule 7), releases the
-    /// reservations (their space stays unused) and returns the error.
+    /// (a `flush` makes them durable). Never does I/O or waits for a commit, so an engine can
+    /// call it on its completion thread; when [`VhdxFile::wants_commit`] says many changes
+    /// are pending, the engine should flush soon, off that thread. With an error, latches the
+    /// fail-stop state (a failed write, STYLE rule 7), releases the reservations (their space
+    /// stays unused) and returns the error.
     pub fn complete(mut self, result: Result<()>) -> Result<()> {
         let parts = std::mem::take(&mut self.parts);
         let f = self.file;
@@ -116,7 +118,7 @@ impl<S: Storage> AllocGuard<'_, S> {
             return Err(e);
         }
         let mut first_err = None;
-        let pending = {
+        {
             let mut st = f.state.lock();
             // Every part is visited, so every reservation ends even after an error.
             for p in &parts {
@@ -144,13 +146,12 @@ impl<S: Storage> AllocGuard<'_, S> {
                     first_err.get_or_insert(e);
                 }
             }
-            st.pending()
-        };
+        }
         if let Some(e) = first_err {
             f.failstop.latch(&e);
             return Err(e);
         }
-        f.maybe_commit(pending)
+        Ok(())
     }
 }
 
@@ -356,6 +357,13 @@ impl<S: Storage> VhdxFile<S> {
         self.commit_coalesced(crate::commit::After::Nothing)
     }
 
+    /// `true` when so many BAT and sector bitmap changes wait for a commit that a writer
+    /// would start one itself: a caller completing [`AllocGuard`]s (which never commit)
+    /// should then [`flush`](block_io::BlockDevice::flush), off its I/O thread.
+    pub fn wants_commit(&self) -> bool {
+        self.state.lock().pending() > AUTO_COMMIT_SECTORS
+    }
+
     /// Reserves an allocating write of `len` bytes at virtual `offset` for a caller that
     /// writes the payload itself (an I/O engine): returns the file extents the bytes go to,
     /// in order, and a guard to [`complete`](AllocGuard::complete) with the result of
@@ -447,5 +455,130 @@ impl<S: Storage> VhdxFile<S> {
                 .collect();
             (maps, guard)
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{create, CreateOptions, ParentRef};
+    use block_io::{BlockDevice, BlockStatus, MemStorage};
+    use std::sync::Arc;
+
+    fn dynamic() -> VhdxFile<Arc<MemStorage>> {
+        let mut o = CreateOptions::dynamic(8 * MIB);
+        o.block_size = Some(MIB as u32);
+        create(Arc::new(MemStorage::new()), &o).unwrap()
+    }
+
+    fn write_extents(f: &VhdxFile<Arc<MemStorage>>, x: &[WriteExtent], data: &[u8]) {
+        let mut at = 0;
+        for e in x {
+            f.storage()
+                .write_at(&data[at..at + e.len as usize], e.file_offset)
+                .unwrap();
+            at += e.len as usize;
+        }
+        assert_eq!(at, data.len());
+    }
+
+    #[test]
+    fn guard_reserves_then_publishes_one_allocator_per_block() {
+        let f = dynamic();
+        // No session yet: the header update would have to wait.
+        assert!(f.reserve_write(2 * MIB, 8192).unwrap().is_none());
+        f.write_at(&[1; 512], 0).unwrap();
+        let (x, g) = f.reserve_write(2 * MIB + 4096, 8192).unwrap().unwrap();
+        assert_eq!(x.len(), 1);
+        assert!(x[0].file_offset >= f.storage().len().unwrap() - MIB);
+        // A second allocator of the same block is told to come back.
+        assert!(f.reserve_write(2 * MIB, 512).unwrap().is_none());
+        write_extents(&f, &x, &[9; 8192]);
+        // Not visible before completion.
+        let mut buf = [0u8; 8192];
+        f.read_at(&mut buf, 2 * MIB + 4096).unwrap();
+        assert_eq!(buf, [0; 8192]);
+        g.complete(Ok(())).unwrap();
+        f.read_at(&mut buf, 2 * MIB + 4096).unwrap();
+        assert_eq!(buf, [9; 8192]);
+        // Now the block maps in place, with nothing to publish.
+        let (y, g) = f.reserve_write(2 * MIB, 4096).unwrap().unwrap();
+        assert_eq!(y[0].file_offset, x[0].file_offset - 4096);
+        g.complete(Ok(())).unwrap();
+        // Spanning blocks: one extent per block, in order.
+        let (z, g) = f.reserve_write(3 * MIB - 4096, 8192).unwrap().unwrap();
+        assert_eq!(z.iter().map(|e| e.len).sum::<u64>(), 8192);
+        write_extents(&f, &z, &[5; 8192]);
+        g.complete(Ok(())).unwrap();
+        f.flush().unwrap();
+        f.read_at(&mut buf, 3 * MIB - 4096).unwrap();
+        assert_eq!(buf, [5; 8192]);
+        assert!(f.check(false).unwrap().errors.is_empty());
+    }
+
+    #[test]
+    fn dropped_guard_releases_and_failed_one_latches() {
+        let f = dynamic();
+        f.write_at(&[1; 512], 0).unwrap();
+        let (x, g) = f.reserve_write(4 * MIB, 4096).unwrap().unwrap();
+        drop(g);
+        // Released: reservable again, in new space (never reused).
+        let (y, g) = f.reserve_write(4 * MIB, 4096).unwrap().unwrap();
+        assert_ne!(x[0].file_offset, y[0].file_offset);
+        let mut buf = [0u8; 4096];
+        f.read_at(&mut buf, 4 * MIB).unwrap();
+        assert_eq!(buf, [0; 4096]);
+        let e = block_io::Error::new(block_io::ErrorKind::InvalidInput, "payload failed");
+        assert!(g.complete(Err(e)).is_err());
+        assert_eq!(
+            f.write_at(&[2; 512], 0).unwrap_err().kind(),
+            block_io::ErrorKind::Failed
+        );
+    }
+
+    #[test]
+    fn guard_on_differencing_sets_bits_and_maps_files_only() {
+        let mut o = CreateOptions::differencing(
+            8 * MIB,
+            ParentRef {
+                data_write_guid: uuid::Uuid::from_u128(1),
+                relative_path: "p.vhdx".into(),
+                absolute_path: None,
+            },
+        );
+        o.block_size = Some(MIB as u32);
+        let f = create(Arc::new(MemStorage::new()), &o).unwrap();
+        // Memory storage has no file handle for an engine.
+        f.write_at(&[1; 512], 0).unwrap();
+        assert!(f.map_allocating_write(MIB, 4096).unwrap().is_none());
+        let (x, g) = f.reserve_write(MIB + 8192, 4096).unwrap().unwrap();
+        write_extents(&f, &x, &[3; 4096]);
+        g.complete(Ok(())).unwrap();
+        let s = f.block_status(MIB, MIB).unwrap();
+        assert_eq!((s.status, s.len), (BlockStatus::Unallocated, 8192));
+        let s = f.block_status(MIB + 8192, MIB - 8192).unwrap();
+        assert_eq!((s.status, s.len), (BlockStatus::Data, 4096));
+        // A second write into the now partially present block sets its bits at completion.
+        let (y, g) = f.reserve_write(MIB, 512).unwrap().unwrap();
+        assert_eq!(y[0].file_offset + 8192, x[0].file_offset);
+        write_extents(&f, &y, &[4; 512]);
+        g.complete(Ok(())).unwrap();
+        let s = f.block_status(MIB, MIB).unwrap();
+        assert_eq!((s.status, s.len), (BlockStatus::Data, 512));
+        f.close().unwrap();
+        assert!(f.check(false).unwrap().errors.is_empty());
+    }
+
+    #[test]
+    fn map_allocating_write_gives_file_mappings() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = CreateOptions::dynamic(8 * MIB);
+        o.block_size = Some(MIB as u32);
+        let f = crate::create_file(dir.path().join("a.vhdx"), &o).unwrap();
+        f.write_at(&[1; 512], 0).unwrap();
+        let (m, g) = f.map_allocating_write(MIB, 4096).unwrap().unwrap();
+        assert!(matches!(m[..], [Mapping::File { len: 4096, .. }]));
+        g.complete(Ok(())).unwrap();
+        assert!(!f.wants_commit());
     }
 }

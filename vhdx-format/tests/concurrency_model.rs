@@ -643,3 +643,193 @@ fn power_cuts_over_a_threaded_run_dynamic() {
 fn power_cuts_over_a_threaded_run_differencing() {
     assert!(threaded_crash_sweep(true, 2) > 25);
 }
+
+// ---------------------------------------------------------------------------------------
+// Nothing waits for a sync or a payload write it does not need
+
+/// A memory storage whose syncs, and writes of one chosen length, can be held at a gate.
+#[derive(Debug, Default)]
+struct Gated {
+    inner: MemStorage,
+    closed: Mutex<(bool, Option<usize>)>,
+    cv: std::sync::Condvar,
+    /// Syncs and writes currently held.
+    held: AtomicU64,
+    /// Syncs done.
+    syncs: AtomicU64,
+}
+
+impl Gated {
+    /// Holds every sync (`syncs`) and every write of `write_len` bytes until `open`.
+    fn close(&self, syncs: bool, write_len: Option<usize>) {
+        *self.closed.lock().unwrap() = (syncs, write_len);
+    }
+    fn open(&self) {
+        *self.closed.lock().unwrap() = (false, None);
+        self.cv.notify_all();
+    }
+    fn pass(&self, is_held: impl Fn(&(bool, Option<usize>)) -> bool) {
+        let mut g = self.closed.lock().unwrap();
+        if is_held(&g) {
+            self.held.fetch_add(1, Ordering::SeqCst);
+            while is_held(&g) {
+                g = self.cv.wait(g).unwrap();
+            }
+            self.held.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    fn wait_held(&self) {
+        let t = std::time::Instant::now();
+        while self.held.load(Ordering::SeqCst) == 0 {
+            assert!(t.elapsed().as_secs() < 20, "nothing reached the gate");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+}
+
+impl Storage for Gated {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> block_io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> block_io::Result<()> {
+        self.pass(|g| g.1 == Some(buf.len()));
+        self.inner.write_at(buf, offset)
+    }
+    fn len(&self) -> block_io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> block_io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> block_io::Result<()> {
+        self.pass(|g| g.0);
+        self.syncs.fetch_add(1, Ordering::SeqCst);
+        self.inner.sync_data()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> block_io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+}
+
+/// Runs `f` on a thread and fails the test if it has not finished within 20 s.
+fn finishes(what: &str, f: impl FnOnce() + Send + 'static) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        f();
+        let _ = tx.send(());
+    });
+    assert!(
+        rx.recv_timeout(std::time::Duration::from_secs(20)).is_ok(),
+        "{what} waited for something it does not need"
+    );
+}
+
+fn nothing_waits(diff: bool) {
+    let st = Arc::new(Gated::default());
+    let dev = Arc::new(create(st.clone(), &options(diff, 16 * MIB)).unwrap());
+    dev.write_at(&[1; MIB as usize], 0).unwrap(); // block 0: fully present
+    dev.write_at(&[2; 8192], MIB).unwrap(); // block 1: partially present if differencing
+    dev.flush().unwrap();
+
+    // 1. A flush stuck in its sync (with an allocation pending in it).
+    st.close(true, None);
+    dev.write_at(&[3; 4096], 2 * MIB).unwrap();
+    let flusher = {
+        let dev = dev.clone();
+        std::thread::spawn(move || dev.flush().unwrap())
+    };
+    st.wait_held();
+    let d = dev.clone();
+    finishes(
+        "a read, overwrite or allocation during a stuck flush",
+        move || {
+            let mut buf = vec![0u8; 4096];
+            d.read_at(&mut buf, 4096).unwrap();
+            assert_eq!(buf, vec![1; 4096]);
+            d.write_at(&[4; 4096], 8192).unwrap();
+            d.read_at(&mut buf, MIB).unwrap();
+            assert_eq!(buf, vec![2; 4096]);
+            d.write_at(&[5; 4096], MIB + 65536).unwrap(); // into the partially present block
+            d.write_at(&[6; 4096], 3 * MIB).unwrap(); // allocates block 3
+            d.read_at(&mut buf, 3 * MIB).unwrap();
+            assert_eq!(buf, vec![6; 4096]);
+        },
+    );
+    st.open();
+    flusher.join().unwrap();
+
+    // 2. An allocating write stuck in its payload write.
+    st.close(false, Some(12800));
+    let writer = {
+        let dev = dev.clone();
+        std::thread::spawn(move || dev.write_at(&[7; 12800], 4 * MIB).unwrap())
+    };
+    st.wait_held();
+    let d = dev.clone();
+    finishes(
+        "a flush, read or other allocation during a stuck payload write",
+        move || {
+            d.write_at(&[8; 4096], 5 * MIB).unwrap(); // allocates block 5
+            d.flush().unwrap();
+            let mut buf = vec![0u8; 4096];
+            d.read_at(&mut buf, 5 * MIB).unwrap();
+            assert_eq!(buf, vec![8; 4096]);
+            // Block 4 is not visible before its payload is written.
+            d.read_at(&mut buf, 4 * MIB).unwrap();
+            assert_eq!(buf, vec![0; 4096]);
+        },
+    );
+    st.open();
+    writer.join().unwrap();
+    dev.flush().unwrap();
+    let mut buf = vec![0u8; 12800];
+    dev.read_at(&mut buf, 4 * MIB).unwrap();
+    assert_eq!(buf, vec![7; 12800]);
+    dev.close().unwrap();
+    let r = dev.check(false).unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+}
+
+#[test]
+fn reads_overwrites_and_allocations_never_wait_for_unrelated_io() {
+    nothing_waits(false);
+    nothing_waits(true);
+}
+
+/// Flushes that arrive while a commit runs share the next one: eight flushers, two commits.
+#[test]
+fn concurrent_flushes_coalesce() {
+    let st = Arc::new(Gated::default());
+    let dev = Arc::new(create(st.clone(), &options(false, 16 * MIB)).unwrap());
+    dev.write_at(&[1; 4096], 0).unwrap();
+    st.close(true, None);
+    let first = {
+        let dev = dev.clone();
+        std::thread::spawn(move || dev.flush().unwrap())
+    };
+    st.wait_held();
+    let before = st.syncs.load(Ordering::SeqCst);
+    // Block 1 allocated while the first commit is stuck: the next commit must carry it.
+    dev.write_at(&[2; 4096], MIB).unwrap();
+    let others: Vec<_> = (0..7)
+        .map(|_| {
+            let dev = dev.clone();
+            std::thread::spawn(move || dev.flush().unwrap())
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    st.open();
+    first.join().unwrap();
+    for h in others {
+        h.join().unwrap();
+    }
+    // The stuck commit: payload sync, entry sync, in-place sync (3, one was held); the
+    // shared one: 3 more. Seven separate commits would be 21 syncs.
+    let syncs = st.syncs.load(Ordering::SeqCst) - before;
+    assert!(syncs <= 6, "{syncs} syncs for eight concurrent flushes");
+    drop(Arc::try_unwrap(dev).unwrap());
+    let again = VhdxFile::open(Arc::new(st.inner.clone()), true).unwrap();
+    let mut buf = [0u8; 4096];
+    again.read_at(&mut buf, MIB).unwrap();
+    assert_eq!(buf, [2; 4096]);
+}
