@@ -153,10 +153,11 @@ pub fn run(a: BenchArgs) -> CliResult {
                 Started::Done(s, r) => reaped.push((s, r)),
             }
             sent += 1;
-            next += step;
-            if next + size > info.virtual_size {
-                next = 0;
-            }
+            // As qemu-img bench: wrap modulo the room for a request, so a large step walks
+            // the whole disk (checked above: the first request fits, so room > 0).
+            let room = info.virtual_size - size + sector;
+            next = (next + step % room) % room;
+            next -= next % sector;
         }
         q.commit().map_err(|e| CliError::new(e.chain_string()))?;
         if reaped.is_empty() {

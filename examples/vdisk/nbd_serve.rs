@@ -43,6 +43,12 @@ fn with_port(addr: &str) -> String {
 
 /// Serves `image` as the NBD export `export` on `listen` until SIGINT/SIGTERM.
 pub fn run(image: &Path, listen: NbdListen, export: &str, read_only: bool) -> CliResult {
+    // A frontend that goes away while we write to its socket must give us EPIPE, not kill
+    // the daemon before it flushes (main restores SIGPIPE's default for the other verbs).
+    // SAFETY: sets a signal's disposition to ignore; no handler runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
     let img = crate::image::open(image, None, read_only)?;
     let dev = img.dev.clone();
     let info = dev.info();

@@ -23,6 +23,12 @@ pub struct Mode {
 
 /// Serves `image` on the unix socket `socket` with `queues` request queues.
 pub fn run(image: &Path, socket: &Path, queues: u16, mode: &Mode) -> CliResult {
+    // A frontend that goes away while we write to its socket must give us EPIPE, not kill
+    // the daemon before it flushes (main restores SIGPIPE's default for the other verbs).
+    // SAFETY: sets a signal's disposition to ignore; no handler runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
     let direct = crate::bench::parse_cache(&mode.cache)?;
     let aio = match mode.aio.as_str() {
         "sync" => None,
