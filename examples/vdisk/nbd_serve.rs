@@ -4,10 +4,7 @@
 //! `nbd+unix:///NAME?socket=PATH`), `nbdcopy`, `nbdinfo`, the kernel's `nbd-client`.
 
 use std::path::{Path, PathBuf};
-use std::thread;
 
-use signal_hook::consts::signal::{SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
 use vdisk::block_io::nbd::{Export, NbdServer};
 
 use crate::{CliError, CliResult};
@@ -43,12 +40,6 @@ fn with_port(addr: &str) -> String {
 
 /// Serves `image` as the NBD export `export` on `listen` until SIGINT/SIGTERM.
 pub fn run(image: &Path, listen: NbdListen, export: &str, read_only: bool) -> CliResult {
-    // A frontend that goes away while we write to its socket must give us EPIPE, not kill
-    // the daemon before it flushes (main restores SIGPIPE's default for the other verbs).
-    // SAFETY: sets a signal's disposition to ignore; no handler runs.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-    }
     let img = crate::image::open(image, None, read_only)?;
     let dev = img.dev.clone();
     let info = dev.info();
@@ -81,20 +72,7 @@ pub fn run(image: &Path, listen: NbdListen, export: &str, read_only: bool) -> Cl
             )
         }
     };
-    let mut signals = Signals::new([SIGINT, SIGTERM])
-        .map_err(|e| CliError::new(format!("cannot install signal handlers: {e}")))?;
     let stop = server.stop_handle();
-    let signal_handle = signals.handle();
-    // The waiter hands `signals` back instead of dropping it: `close` below wakes it through
-    // a socket pair, and writing to a pair whose reader is gone raises SIGPIPE, which `main`
-    // leaves fatal.
-    let waiter = thread::spawn(move || {
-        let sig = signals.forever().next();
-        if sig.is_some() {
-            stop.stop();
-        }
-        (sig, signals)
-    });
     eprintln!(
         "vdisk: serving {} ({}, {} bytes{}) at {where_}",
         image.display(),
@@ -106,24 +84,15 @@ pub fn run(image: &Path, listen: NbdListen, export: &str, read_only: bool) -> Cl
             ""
         },
     );
-    let served = server.serve();
-    signal_handle.close();
-    let sig = waiter.join().ok().and_then(|(sig, _signals)| sig);
-    let connections = server.connections();
-    // Dropping the server removes a Unix socket file.
-    drop(server);
-    let flushed = dev.flush();
-    served?;
-    flushed?;
-    eprintln!(
-        "vdisk: {} after {connections} connection(s); disk flushed",
-        match sig {
-            Some(SIGINT) => "interrupted",
-            Some(SIGTERM) => "terminated",
-            _ => "stopped",
-        }
-    );
-    Ok(0)
+    crate::serve::until_signal(
+        &*dev,
+        move || stop.stop(),
+        move || {
+            let served = server.serve().map_err(|e| CliError::new(e.chain_string()));
+            // Dropping the server removes a Unix socket file.
+            (served, server.connections())
+        },
+    )
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use std::thread;
 use signal_hook::consts::signal::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use vdisk::block_io::vhost_user::{ServerOptions, VhostUserBlkServer};
+use vdisk::block_io::BlockDevice;
 
 use crate::{CliError, CliResult};
 
@@ -23,12 +24,6 @@ pub struct Mode {
 
 /// Serves `image` on the unix socket `socket` with `queues` request queues.
 pub fn run(image: &Path, socket: &Path, queues: u16, mode: &Mode) -> CliResult {
-    // A frontend that goes away while we write to its socket must give us EPIPE, not kill
-    // the daemon before it flushes (main restores SIGPIPE's default for the other verbs).
-    // SAFETY: sets a signal's disposition to ignore; no handler runs.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-    }
     let direct = crate::bench::parse_cache(&mode.cache)?;
     let aio = match mode.aio.as_str() {
         "sync" => None,
@@ -56,21 +51,8 @@ pub fn run(image: &Path, socket: &Path, queues: u16, mode: &Mode) -> CliResult {
         aio,
         ..ServerOptions::default()
     };
-    let mut signals = Signals::new([SIGINT, SIGTERM])
-        .map_err(|e| CliError::new(format!("cannot install signal handlers: {e}")))?;
     let mut server = VhostUserBlkServer::bind(socket, dev.clone(), &opts)?;
     let stop = server.stop_handle();
-    let signal_handle = signals.handle();
-    // The waiter hands `signals` back instead of dropping it: `close` below wakes it through
-    // signal-hook's socket pair, and writing to a pair whose reader was dropped raises SIGPIPE,
-    // which (restored to its default in main) would kill us before the flush.
-    let waiter = thread::spawn(move || {
-        let sig = signals.forever().next();
-        if sig.is_some() {
-            stop.stop();
-        }
-        (sig, signals)
-    });
     eprintln!(
         "vdisk: serving {} ({}, {} bytes{}) on {} with {} queue(s), cache={}, aio={}",
         image.display(),
@@ -82,12 +64,46 @@ pub fn run(image: &Path, socket: &Path, queues: u16, mode: &Mode) -> CliResult {
         if direct { "none" } else { "writeback" },
         mode.aio
     );
-    let served = server.serve();
+    until_signal(
+        &*dev,
+        move || stop.stop(),
+        move || {
+            let served = server.serve().map_err(CliError::from);
+            // Dropping the server removes the socket.
+            (served, server.connections())
+        },
+    )
+}
+
+/// Runs `serve` (which returns its result and how many connections it had, its server
+/// dropped) until it ends or SIGINT/SIGTERM calls `stop`; then flushes `dev` and says why it
+/// ended. Serving daemons ignore SIGPIPE: a client that goes away while we write to its
+/// socket gives EPIPE instead of killing us before the flush (`main` restores SIGPIPE's
+/// default for the other verbs).
+pub fn until_signal(
+    dev: &dyn BlockDevice,
+    stop: impl FnOnce() + Send + 'static,
+    serve: impl FnOnce() -> (Result<(), CliError>, u64),
+) -> CliResult {
+    // SAFETY: sets a signal's disposition to ignore; no handler runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    let mut signals = Signals::new([SIGINT, SIGTERM])
+        .map_err(|e| CliError::new(format!("cannot install signal handlers: {e}")))?;
+    let signal_handle = signals.handle();
+    // The waiter hands `signals` back instead of dropping it: `close` below wakes it through
+    // signal-hook's socket pair, which must still have its reader then.
+    let waiter = thread::spawn(move || {
+        let sig = signals.forever().next();
+        if sig.is_some() {
+            stop();
+        }
+        (sig, signals)
+    });
+    let (served, connections) = serve();
     signal_handle.close();
     let sig = waiter.join().ok().and_then(|(sig, _signals)| sig);
-    let connections = server.connections();
-    // Dropping the server removes the socket.
-    drop(server);
     let flushed = dev.flush();
     served?;
     flushed?;
