@@ -216,6 +216,57 @@ impl Disk {
         })
     }
 
+    /// A chain of layers already open, top first: the top as it was opened (writable or
+    /// not), each link checked for geometry and lineage as [`Disk::open`] checks it (a
+    /// mismatch is [`ChainError::LineageMismatch`] unless `ignore_lineage`). Parents are not
+    /// resolved: `layers` is the whole chain. For jobs that make a layer the new top (a merge
+    /// pivots onto its base, reopened writable) and for chains over other storage (tests on
+    /// the fault-injecting backend).
+    pub fn from_layers(layers: Vec<Layer>, ignore_lineage: bool) -> Result<Disk, ChainError> {
+        let Some(top) = layers.first() else {
+            return Err(ChainError::Geometry {
+                child: PathBuf::new(),
+                parent: PathBuf::new(),
+                why: "a chain needs at least one layer".into(),
+            });
+        };
+        let mut links = Vec::new();
+        for pair in layers.windows(2) {
+            let (child, parent) = (&pair[0], &pair[1]);
+            check_geometry(child, parent)?;
+            let check = match &child.parent {
+                Some(link) if link.expected.matches(&parent.identity) => LinkCheck::Verified,
+                link => {
+                    let e = ChainError::LineageMismatch {
+                        child: child.path.clone(),
+                        parent: parent.path.clone(),
+                        expected: link
+                            .as_ref()
+                            .map_or("no parent".to_string(), |l| l.expected.to_string()),
+                        found: parent.identity.to_string(),
+                    };
+                    if !ignore_lineage {
+                        return Err(e);
+                    }
+                    LinkCheck::Mismatch(e.to_string())
+                }
+            };
+            links.push(check);
+        }
+        let info = top.dev.info();
+        let widen = (top.format == Format::Vhd && layers.len() > 1 && !info.read_only)
+            .then(|| RangeLock::new(GROUP));
+        Ok(Disk {
+            cache: ResolutionCache::new(if layers.len() > 1 { 16 } else { 0 }),
+            sizes: layers.iter().map(|l| l.dev.info().virtual_size).collect(),
+            cache_from: usize::from(!info.read_only),
+            layers,
+            links,
+            info,
+            widen,
+        })
+    }
+
     /// The layers, top first.
     pub fn layers(&self) -> &[Layer] {
         &self.layers

@@ -48,6 +48,9 @@ pub(crate) struct Copier {
     pub(crate) live: Arc<LiveDisk>,
     /// The destination read zeros everywhere when the job started.
     pub(crate) dest_zeroed: bool,
+    /// A merge: the source reports `Unallocated` where the destination (the base) already
+    /// holds what the guest sees; those runs are left alone, zero runs are written.
+    pub(crate) merge: bool,
     /// Try `copy_file_range` (cleared for the rest of the job when the kernel refuses).
     pub(crate) use_cfr: AtomicBool,
     pub(crate) counters: Counters,
@@ -145,6 +148,9 @@ impl Copier {
             let n = run.len.max(sector).min(b - pos);
             match run.status {
                 BlockStatus::Data => self.data(pos, n)?,
+                BlockStatus::Unallocated if self.merge => {
+                    self.counters.skipped.fetch_add(n, Ordering::Relaxed);
+                }
                 BlockStatus::Zero | BlockStatus::Unallocated => self.zero(pos, n)?,
             }
             pos += n;

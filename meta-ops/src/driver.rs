@@ -26,6 +26,8 @@ pub(crate) struct Driver {
     pub(crate) copier: Arc<Copier>,
     pub(crate) live: Arc<LiveDisk>,
     pub(crate) pivot: Pivot,
+    /// Files deleted after the pivot (a commit's merged layers).
+    pub(crate) retire: Vec<std::path::PathBuf>,
     pub(crate) opts: JobOptions,
     pub(crate) ctl: watch::Receiver<Control>,
 }
@@ -242,6 +244,13 @@ impl Driver {
         })
         .await
         .map_err(|_| JobError::Aborted)??;
+        for path in std::mem::take(&mut self.retire) {
+            tokio::task::spawn_blocking(move || {
+                std::fs::remove_file(&path).map_err(|source| JobError::Retire { path, source })
+            })
+            .await
+            .map_err(|_| JobError::Aborted)??;
+        }
         let c = &self.copier.counters;
         let t = &self.copier.tracker;
         Ok(JobReport {
@@ -264,10 +273,10 @@ impl Driver {
 }
 
 /// Marks the blocks the job must handle dirty: all of them when the destination may hold
-/// anything, else those the source holds data in.
+/// anything, else those the source holds data in (and, for a merge, zeros in).
 fn scan(copier: &Copier, shared: &Shared, dest_zeroed: bool) -> Result<(), JobError> {
     let t = &copier.tracker;
-    if !dest_zeroed {
+    if !dest_zeroed && !copier.merge {
         t.dirty.set(0, t.dirty.len());
         return Ok(());
     }
@@ -285,7 +294,8 @@ fn scan(copier: &Copier, shared: &Shared, dest_zeroed: bool) -> Result<(), JobEr
                 source,
             })?;
         let n = run.len.clamp(1, want);
-        if run.status == BlockStatus::Data {
+        // A merge also carries zeros of the layers above the base down into it.
+        if run.status == BlockStatus::Data || (copier.merge && run.status == BlockStatus::Zero) {
             if let Some((a, b)) = t.bits(pos, n) {
                 t.dirty.set(a, b);
             }

@@ -38,6 +38,27 @@ pub enum JobError {
         #[source]
         source: block_io::Error,
     },
+    /// A commit could not prepare an image (open its base writable, record the base's new
+    /// id in a child): a base held by another writer gives a source of kind
+    /// [`block_io::ErrorKind::Locked`].
+    #[error("cannot prepare {path} for the commit")]
+    Prepare {
+        /// The image.
+        path: std::path::PathBuf,
+        /// What failed.
+        #[source]
+        source: block_io::Error,
+    },
+    /// A completed commit could not delete a merged layer (the chain is already the new
+    /// one; the file is stale).
+    #[error("cannot delete the merged layer {path}")]
+    Retire {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
     /// The runtime the job ran on went away (shut down) before the job ended.
     #[error("the job's runtime stopped before the job ended")]
     Aborted,

@@ -25,6 +25,9 @@ pub enum JobKind {
     Copy,
     /// The whole disk (a chain flattened) into a new image of another format.
     Convert,
+    /// Layers of a chain folded into an ancestor, the guest then moved onto it
+    /// ([`Job::commit`]).
+    Commit,
 }
 
 impl JobKind {
@@ -33,6 +36,7 @@ impl JobKind {
         match self {
             JobKind::Copy => "copy",
             JobKind::Convert => "convert",
+            JobKind::Commit => "commit",
         }
     }
 }
@@ -98,6 +102,12 @@ pub struct Job {
     dest_zeroed: bool,
     pivot: Pivot,
     options: JobOptions,
+    /// Commit: what the job reads (the layers above the base, through the chain).
+    pub(crate) merge: Option<Arc<dyn BlockDevice>>,
+    /// Commit: the disk the guest must be on when the job starts.
+    pub(crate) guest: Option<Arc<dyn BlockDevice>>,
+    /// Commit: files deleted once the guest has moved onto the base.
+    pub(crate) retire: Vec<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Job {
@@ -110,7 +120,8 @@ impl std::fmt::Debug for Job {
             .field("dest_zeroed", &self.dest_zeroed)
             .field("pivot", &self.pivot)
             .field("options", &self.options)
-            .finish()
+            .field("retire", &self.retire)
+            .finish_non_exhaustive()
     }
 }
 
@@ -126,6 +137,9 @@ impl Job {
             dest_zeroed: false,
             pivot: Pivot::Detach,
             options: JobOptions::default(),
+            merge: None,
+            guest: None,
+            retire: Vec::new(),
         }
     }
 
@@ -141,6 +155,9 @@ impl Job {
             dest_zeroed: true,
             pivot: Pivot::Switch,
             options: JobOptions::default(),
+            merge: None,
+            guest: None,
+            retire: Vec::new(),
         }
     }
 
@@ -157,15 +174,36 @@ impl Job {
     }
 
     /// Whether the destination is known to read as zeros (skip holes instead of zeroing).
+    /// Ignored by a commit.
     pub fn dest_zeroed(mut self, yes: bool) -> Job {
-        self.dest_zeroed = yes;
+        if self.kind != JobKind::Commit {
+            self.dest_zeroed = yes;
+        }
         self
     }
 
-    /// What the pivot does.
+    /// What the pivot does. A commit always switches.
     pub fn pivot(mut self, pivot: Pivot) -> Job {
-        self.pivot = pivot;
+        if self.kind != JobKind::Commit {
+            self.pivot = pivot;
+        }
         self
+    }
+
+    /// A job of `kind` into `dest` (the crate's job constructors).
+    pub(crate) fn with_kind(kind: JobKind, dest: Arc<dyn BlockDevice>) -> Job {
+        Job {
+            kind,
+            dest,
+            range: None,
+            dest_offset: None,
+            dest_zeroed: false,
+            pivot: Pivot::Switch,
+            options: JobOptions::default(),
+            merge: None,
+            guest: None,
+            retire: Vec::new(),
+        }
     }
 
     /// The bytes-per-second limit (0: unlimited).
@@ -202,8 +240,8 @@ impl Job {
             ));
         }
         let (start, len) = self.range.unwrap_or((0, si.virtual_size));
-        if self.kind == JobKind::Convert && self.range.is_some() {
-            return bad("a convert covers the whole disk".into());
+        if self.kind != JobKind::Copy && self.range.is_some() {
+            return bad(format!("a {} covers the whole disk", self.kind.name()));
         }
         let end = start
             .checked_add(len)
@@ -283,7 +321,15 @@ impl JobRunner {
     /// tracked) and spawns its driver. Fails with [`JobError::Busy`] if a job already runs
     /// there.
     pub fn start(&self, live: &Arc<LiveDisk>, job: Job) -> Result<JobHandle, JobError> {
-        let (start, end, doff) = job.validate(&*live.current())?;
+        let current = live.current();
+        if let Some(g) = &job.guest {
+            if !std::ptr::addr_eq(Arc::as_ptr(g), Arc::as_ptr(&current)) {
+                return Err(JobError::Invalid(
+                    "the guest is not on the disk this commit was prepared for".into(),
+                ));
+            }
+        }
+        let (start, end, doff) = job.validate(&*current)?;
         let o = job.options.clone();
         let tracker = Arc::new(Tracker::new(
             job.dest.clone(),
@@ -292,7 +338,20 @@ impl JobRunner {
             doff,
             o.granularity,
         ));
-        let src = live.attach(tracker.clone())?;
+        let mut src = live.attach(tracker.clone())?;
+        if let Some(m) = &job.merge {
+            if job
+                .guest
+                .as_ref()
+                .is_some_and(|g| !std::ptr::addr_eq(Arc::as_ptr(g), Arc::as_ptr(&src)))
+            {
+                live.detach(&tracker);
+                return Err(JobError::Invalid(
+                    "the guest moved to another disk while the commit started".into(),
+                ));
+            }
+            src = m.clone();
+        }
         let (ctl, ctl_rx) = watch::channel(Control::default());
         let (done_tx, done_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -321,6 +380,7 @@ impl JobRunner {
             tracker,
             live: live.clone(),
             dest_zeroed: job.dest_zeroed,
+            merge: job.merge.is_some(),
             use_cfr: AtomicBool::new(o.copy_file_range),
             counters: Counters::default(),
             yield_cap: o.yield_cap,
@@ -331,6 +391,7 @@ impl JobRunner {
             copier,
             live: live.clone(),
             pivot: job.pivot,
+            retire: job.retire,
             opts: o,
             ctl: ctl_rx,
         };

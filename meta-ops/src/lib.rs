@@ -70,6 +70,7 @@
 #![warn(missing_docs)]
 
 mod bitmap;
+mod commit;
 mod copy;
 mod driver;
 mod error;
@@ -77,6 +78,7 @@ mod handle;
 mod job;
 mod live;
 
+pub use commit::{prepare_top, set_vhdx_linkage, CommitOptions, Retire};
 pub use error::{JobError, JobResult};
 pub use handle::{JobHandle, JobReport, Phase, Progress};
 pub use job::{Job, JobKind, JobOptions, JobRunner, Pivot};

@@ -89,6 +89,37 @@ impl<S: Storage> VhdxFile<S> {
         Ok(())
     }
 
+    /// Starts the write session now, with `data_write_guid` as the new DataWriteGuid (and a
+    /// new FileWriteGuid and LogGuid), durable before this returns (MS-VHDX 2.2.2.1). For a
+    /// merge into this image: the merging child records the id in its `parent_linkage2`
+    /// first, then the id changes here, so the child's parent check passes at every instant
+    /// (MS-VHDX 2.6.2.6.1). Errors: `ReadOnly`, `InvalidInput` when a session has already
+    /// started (its id is chosen), I/O errors (which latch the fail-stop state).
+    pub fn begin_session_with(&self, data_write_guid: Uuid) -> Result<()> {
+        if self.read_only {
+            return Err(block_io::Error::new(
+                block_io::ErrorKind::ReadOnly,
+                "cannot start a write session on a read-only image",
+            ));
+        }
+        self.failstop.check()?;
+        let mut h = self.hdr.lock();
+        if h.session {
+            return Err(block_io::Error::new(
+                block_io::ErrorKind::InvalidInput,
+                "a write session has already started",
+            ));
+        }
+        let mut next = h.header;
+        next.file_write_guid = Uuid::new_v4();
+        next.data_write_guid = data_write_guid;
+        next.log_guid = Uuid::new_v4();
+        self.store_header(&mut h, next)?;
+        h.session = true;
+        self.session_started.store(true, Ordering::Release);
+        Ok(())
+    }
+
     /// Makes `next` the current header ([`update_header`]), latching the fail-stop state on
     /// error.
     pub(crate) fn store_header(&self, h: &mut HeaderState, next: Header) -> Result<()> {

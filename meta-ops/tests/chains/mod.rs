@@ -1,0 +1,141 @@
+//! Differencing chains of VHD or VHDX files for the commit tests: a base and children, each
+//! layer holding random sparse data (whole blocks, single sectors, zeroed runs), with a byte
+//! model of what the top reads.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+
+use block_io::{BlockDevice, FileStorage, OpenOptions as FileOptions};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Vhd,
+    Vhdx,
+}
+
+impl Kind {
+    pub fn ext(self) -> &'static str {
+        match self {
+            Kind::Vhd => "vhd",
+            Kind::Vhdx => "vhdx",
+        }
+    }
+}
+
+/// Block size of every layer (VHDX minimum; VHD likewise).
+pub const BLOCK: u32 = 1 << 20;
+
+/// Layer `i` of a chain in `dir` (0 = base).
+pub fn layer_path(dir: &Path, kind: Kind, i: usize) -> PathBuf {
+    dir.join(format!("l{i}.{}", kind.ext()))
+}
+
+/// Random changes of a layer: data at sector granularity, and zeroed ranges.
+fn scribble(dev: &dyn BlockDevice, model: &mut [u8], rng: &mut ChaCha8Rng, base: bool) {
+    let size = model.len() as u64;
+    let n = rng.random_range(8..32);
+    for _ in 0..n {
+        let sectors = match rng.random_range(0..4) {
+            0 => rng.random_range(1..8),
+            1 => rng.random_range(8..64),
+            2 => 128,
+            _ => rng.random_range(64..600),
+        };
+        let len = (sectors * 512).min(size);
+        let off = rng.random_range(0..(size - len) / 512 + 1) * 512;
+        let (o, l) = (off as usize, len as usize);
+        if !base && rng.random_range(0..6) == 0 {
+            dev.write_zeroes(off, len, rng.random_bool(0.5)).unwrap();
+            model[o..o + l].fill(0);
+        } else {
+            let k: u8 = rng.random_range(1..=255);
+            let data: Vec<u8> = (0..l)
+                .map(|i| k ^ (i / 512) as u8 ^ (i as u8).wrapping_mul(7))
+                .collect();
+            dev.write_at(&data, off).unwrap();
+            model[o..o + l].copy_from_slice(&data);
+        }
+    }
+    dev.flush().unwrap();
+}
+
+/// Creates a chain of `depth` layers (base first) in `dir` of `size` bytes; returns the top's
+/// path and the model of what it reads.
+pub fn build(dir: &Path, kind: Kind, depth: usize, size: u64, seed: u64) -> (PathBuf, Vec<u8>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xc0ffee);
+    let mut model = vec![0u8; size as usize];
+    for i in 0..depth {
+        let path = layer_path(dir, kind, i);
+        let _ = std::fs::remove_file(&path);
+        let storage = FileStorage::create(&path).unwrap();
+        match (kind, i) {
+            (Kind::Vhdx, 0) => {
+                let mut o = vhdx_format::CreateOptions::dynamic(size);
+                o.block_size = Some(BLOCK);
+                let f = vhdx_format::create(storage, &o).unwrap();
+                scribble(&f, &mut model, &mut rng, true);
+                f.close().unwrap();
+            }
+            (Kind::Vhdx, _) => {
+                let parent = layer_path(dir, kind, i - 1);
+                let ps = FileStorage::open(&parent, &FileOptions::new().read_only(true)).unwrap();
+                let d = vhdx_format::VhdxFile::open(ps, true).unwrap().details();
+                let pref = vhdx_format::ParentRef {
+                    data_write_guid: d.data_write_guid,
+                    relative_path: format!(".\\l{}.vhdx", i - 1),
+                    absolute_path: Some(parent.display().to_string()),
+                };
+                let mut o = vhdx_format::CreateOptions::differencing(size, pref);
+                o.block_size = Some(BLOCK);
+                let f = vhdx_format::create(storage, &o).unwrap();
+                scribble(&f, &mut model, &mut rng, false);
+                f.close().unwrap();
+            }
+            (Kind::Vhd, 0) => {
+                let mut o = vhd_format::CreateOptions::new(size, vhd_format::Subformat::Dynamic);
+                o.block_size = BLOCK;
+                let f = vhd_format::VhdFile::create(storage, &o).unwrap();
+                scribble(&f, &mut model, &mut rng, true);
+                f.close().unwrap();
+            }
+            (Kind::Vhd, _) => {
+                let parent = layer_path(dir, kind, i - 1);
+                let ps = FileStorage::open(&parent, &FileOptions::new().read_only(true)).unwrap();
+                let d = vhd_format::VhdFile::open(ps, true)
+                    .unwrap()
+                    .details()
+                    .unwrap();
+                let mut o = vhd_format::DifferencingOptions::for_parent(
+                    &d,
+                    parent.display().to_string(),
+                    Some(parent.display().to_string()),
+                    Some(format!(".\\l{}.vhd", i - 1)),
+                );
+                o.block_size = BLOCK;
+                let f = vhd_format::VhdFile::create_differencing(storage, &o).unwrap();
+                // A VHD differencing layer written directly (not through a chain) gets
+                // whole-sector writes; zeroing needs the parent, so only data here.
+                scribble(&f, &mut model, &mut rng, true);
+                f.close().unwrap();
+            }
+        }
+    }
+    (layer_path(dir, kind, depth - 1), model)
+}
+
+/// Every byte of `dev`.
+pub fn read_all(dev: &dyn BlockDevice) -> Vec<u8> {
+    let mut v = vec![0u8; dev.info().virtual_size as usize];
+    dev.read_at(&mut v, 0).unwrap();
+    v
+}
+
+/// 4 KiB blocks that differ.
+pub fn diff_blocks(a: &[u8], b: &[u8]) -> usize {
+    a.chunks(4096)
+        .zip(b.chunks(4096))
+        .filter(|(x, y)| x != y)
+        .count()
+}
