@@ -1,8 +1,10 @@
 //! The server side of the fixed newstyle handshake (proto.md "Fixed newstyle negotiation",
 //! "Option types"): greeting, client flags, then options until one chooses an export
-//! (`NBD_OPT_GO`, `NBD_OPT_EXPORT_NAME`) or the client leaves. Unknown options get
-//! `NBD_REP_ERR_UNSUP`; malformed option data gets `NBD_REP_ERR_INVALID`; a bad option magic
-//! or unknown client flags close the connection, as the spec requires.
+//! (`NBD_OPT_GO`, `NBD_OPT_EXPORT_NAME`) or the client leaves, with `NBD_OPT_STARTTLS` and
+//! a new round of options on the TLS stream in between when the server requires TLS
+//! ([`TlsPhase`]). Unknown options get `NBD_REP_ERR_UNSUP`; malformed option data gets
+//! `NBD_REP_ERR_INVALID`; a bad option magic or unknown client flags close the connection, as
+//! the spec requires.
 
 use std::io;
 use std::sync::Arc;
@@ -26,16 +28,42 @@ pub(crate) struct Session {
     pub allocation_context: bool,
 }
 
+/// Where a connection stands with TLS (proto.md "TLS support").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TlsPhase {
+    /// The server has no TLS: `NBD_OPT_STARTTLS` gets `NBD_REP_ERR_UNSUP`.
+    Off,
+    /// TLS is required and not yet started ("FORCEDTLS mode"): only `NBD_OPT_STARTTLS` and
+    /// `NBD_OPT_ABORT` are served, other options get `NBD_REP_ERR_TLS_REQD`, and
+    /// `NBD_OPT_EXPORT_NAME` closes the connection.
+    Required,
+    /// The option haggling goes on over TLS.
+    Active,
+}
+
+/// How one round of option haggling ended.
+pub(crate) enum Negotiated {
+    /// An export was chosen: transmission starts.
+    Session(Session),
+    /// `NBD_OPT_STARTTLS` was acknowledged: the TLS handshake comes next, then the haggling
+    /// starts again on the TLS stream (without a new greeting).
+    StartTls,
+    /// The client aborted, or named a missing export with `NBD_OPT_EXPORT_NAME` (or named any
+    /// before TLS was started, when TLS is required): the connection closes.
+    Quit,
+}
+
 /// An option handled; whether the handshake goes on.
 enum Next {
     More,
     Done(Session),
+    StartTls,
     Quit,
 }
 
-/// Runs the handshake on `s`. `Ok(None)`: the client aborted or asked for an export that does
-/// not exist with `NBD_OPT_EXPORT_NAME` (the spec's only answer to that is closing).
-pub(crate) async fn negotiate<S>(s: &mut S, exports: &[Arc<Served>]) -> io::Result<Option<Session>>
+/// Sends the greeting and reads the client flags. Returns whether the client asked for no
+/// zero padding (`NBD_FLAG_C_NO_ZEROES`).
+pub(crate) async fn greet<S>(s: &mut S) -> io::Result<bool>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -50,10 +78,26 @@ where
     if client_flags & !(proto::CLIENT_FIXED_NEWSTYLE | proto::CLIENT_NO_ZEROES) != 0 {
         return Err(invalid(format!("unknown client flags {client_flags:#x}")));
     }
+    Ok(client_flags & proto::CLIENT_NO_ZEROES != 0)
+}
+
+/// Runs option haggling on `s` in TLS phase `tls` until an export is chosen, TLS is to start
+/// or the client leaves. Every round starts from a fresh state: once TLS is up, the client
+/// negotiates everything again (proto.md "NBD_OPT_STARTTLS").
+pub(crate) async fn haggle<S>(
+    s: &mut S,
+    exports: &[Arc<Served>],
+    no_zeroes: bool,
+    tls: TlsPhase,
+) -> io::Result<Negotiated>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut st = State {
-        no_zeroes: client_flags & proto::CLIENT_NO_ZEROES != 0,
+        no_zeroes,
         structured: false,
         meta: None,
+        tls,
     };
     for _ in 0..MAX_OPTIONS {
         let mut h = [0u8; proto::OPTION_HEADER_LEN];
@@ -69,13 +113,49 @@ where
         }
         let mut data = vec![0u8; h.len as usize];
         s.read_exact(&mut data).await?;
-        match option(s, &mut st, exports, h.option, &data).await? {
+        let next = if st.tls == TlsPhase::Required {
+            before_tls(s, h.option, &data).await?
+        } else {
+            option(s, &mut st, exports, h.option, &data).await?
+        };
+        match next {
             Next::More => {}
-            Next::Done(session) => return Ok(Some(session)),
-            Next::Quit => return Ok(None),
+            Next::Done(session) => return Ok(Negotiated::Session(session)),
+            Next::StartTls => return Ok(Negotiated::StartTls),
+            Next::Quit => return Ok(Negotiated::Quit),
         }
     }
     Err(invalid("too many options".into()))
+}
+
+/// An option while TLS is required and not started (proto.md "FORCEDTLS mode").
+async fn before_tls<S>(s: &mut S, opt: u32, data: &[u8]) -> io::Result<Next>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match opt {
+        proto::OPT_STARTTLS if !data.is_empty() => {
+            let msg = b"NBD_OPT_STARTTLS takes no data";
+            reply(s, opt, proto::REP_ERR_INVALID, msg).await?;
+            Ok(Next::More)
+        }
+        proto::OPT_STARTTLS => {
+            reply(s, opt, proto::REP_ACK, &[]).await?;
+            Ok(Next::StartTls)
+        }
+        proto::OPT_ABORT => {
+            // The client may already be gone; the ACK is a courtesy.
+            let _ = reply(s, opt, proto::REP_ACK, &[]).await;
+            Ok(Next::Quit)
+        }
+        // proto.md: the server cannot answer it with an error, so it MUST close.
+        proto::OPT_EXPORT_NAME => Ok(Next::Quit),
+        _ => {
+            let msg = b"this server requires TLS: send NBD_OPT_STARTTLS first";
+            reply(s, opt, proto::REP_ERR_TLS_REQD, msg).await?;
+            Ok(Next::More)
+        }
+    }
 }
 
 /// Negotiation state.
@@ -84,6 +164,7 @@ struct State {
     structured: bool,
     /// The export `base:allocation` was selected for, by the last `NBD_OPT_SET_META_CONTEXT`.
     meta: Option<String>,
+    tls: TlsPhase,
 }
 
 async fn option<S>(
@@ -224,6 +305,12 @@ where
                 }
             }
             reply(s, opt, proto::REP_ACK, &[]).await?;
+            Ok(Next::More)
+        }
+        proto::OPT_STARTTLS if st.tls == TlsPhase::Active => {
+            // proto.md: a second STARTTLS SHOULD get ERR_INVALID.
+            let msg = b"TLS is already negotiated";
+            reply(s, opt, proto::REP_ERR_INVALID, msg).await?;
             Ok(Next::More)
         }
         proto::OPT_STARTTLS => {

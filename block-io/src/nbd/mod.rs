@@ -9,13 +9,17 @@
 //!   `NBD_OPT_EXPORT_NAME`, structured replies and the `base:allocation` metadata context;
 //!   transmission with READ, WRITE (+FUA), FLUSH, TRIM, WRITE_ZEROES (+NO_HOLE, FAST_ZERO),
 //!   BLOCK_STATUS and DISC, many requests in flight per connection, replies in completion
-//!   order, multi-conn. Not yet: `NBD_OPT_STARTTLS` (answered `NBD_REP_ERR_UNSUP`).
+//!   order, multi-conn; optionally TLS required (`NBD_OPT_STARTTLS`, rustls) with or without
+//!   client certificates ([`NbdServer::require_tls`]);
+//! - [`tls`]: server TLS configurations from x509 PEM files (QEMU's `tls-creds-x509`
+//!   directory layout or explicit paths) or certificates in memory.
 
 mod conn;
 mod export;
 mod handshake;
 pub mod proto;
 mod server;
+pub mod tls;
 
 pub use export::Export;
 pub use server::{NbdServer, StopHandle};

@@ -10,14 +10,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::conn::{stopped, transmit};
+use rustls::ServerConfig;
+use tokio::io::AsyncWriteExt;
+use tokio_rustls::TlsAcceptor;
+
+use super::conn::{stopped, transmit, NbdStream};
 use super::export::{Export, Served};
-use super::handshake::negotiate;
+use super::handshake::{greet, haggle, Negotiated, Session, TlsPhase};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Where an [`NbdServer`] listens.
@@ -75,6 +78,7 @@ pub struct NbdServer {
     exports: Vec<Export>,
     stop: StopHandle,
     connections: Arc<AtomicU64>,
+    tls: Option<Arc<ServerConfig>>,
 }
 
 impl NbdServer {
@@ -120,7 +124,25 @@ impl NbdServer {
             exports,
             stop: StopHandle { tx: Arc::new(tx) },
             connections: Arc::new(AtomicU64::new(0)),
+            tls: None,
         })
+    }
+
+    /// Requires TLS on every connection, as `qemu-nbd --tls-creds` does (proto.md "TLS
+    /// support", FORCEDTLS mode): before `NBD_OPT_STARTTLS` a client gets
+    /// `NBD_REP_ERR_TLS_REQD` for every option but `NBD_OPT_ABORT`, and
+    /// `NBD_OPT_EXPORT_NAME` closes the connection; after it, the TLS handshake runs with
+    /// `config` and the option haggling starts again over TLS. Client certificates are
+    /// checked if `config` asks for them (see [`tls::TlsCredentials`](super::tls::TlsCredentials)
+    /// and [`tls::server_config`](super::tls::server_config)).
+    pub fn require_tls(mut self, config: Arc<ServerConfig>) -> Self {
+        self.tls = Some(config);
+        self
+    }
+
+    /// Whether the server requires TLS.
+    pub fn tls_required(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// The TCP address listened on (`None` for a Unix socket).
@@ -204,14 +226,15 @@ impl NbdServer {
                         self.connections.fetch_add(1, Ordering::Relaxed);
                         let exports = exports.clone();
                         let stop = conn_stop.clone();
+                        let tls = self.tls.clone();
                         match stream {
                             Stream::Tcp(s) => {
                                 // Replies are small and latency-bound: no Nagle delay.
                                 let _ = s.set_nodelay(true);
-                                conns.spawn(connection(s, exports, stop));
+                                conns.spawn(connection(s, exports, tls, stop));
                             }
                             Stream::Unix(s) => {
-                                conns.spawn(connection(s, exports, stop));
+                                conns.spawn(connection(s, exports, tls, stop));
                             }
                         }
                     }
@@ -271,16 +294,64 @@ impl Accept {
     }
 }
 
-/// One connection: the handshake (abandoned if the server stops meanwhile), then requests.
-async fn connection<S>(mut s: S, exports: Arc<[Arc<Served>]>, mut stop: watch::Receiver<bool>)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+/// A connection after its handshake: the stream it goes on with and what was agreed.
+enum Handshaken<S> {
+    Plain(S, Session),
+    Tls(Box<tokio_rustls::server::TlsStream<S>>, Session),
+}
+
+/// One connection: the handshake (abandoned if the server stops meanwhile), with TLS when
+/// `tls` is given, then requests.
+pub(crate) async fn connection<S>(
+    s: S,
+    exports: Arc<[Arc<Served>]>,
+    tls: Option<Arc<ServerConfig>>,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: NbdStream,
 {
-    let session = tokio::select! {
-        r = negotiate(&mut s, &exports) => r,
+    let done = tokio::select! {
+        r = handshake(s, &exports, tls) => r,
         _ = stopped(&mut stop) => return,
     };
-    if let Ok(Some(session)) = session {
-        transmit(s, session, stop).await;
+    match done {
+        Ok(Some(Handshaken::Plain(s, session))) => transmit(s, session, stop).await,
+        Ok(Some(Handshaken::Tls(s, session))) => transmit(*s, session, stop).await,
+        // The client left, broke the protocol or failed the TLS handshake: nothing to answer.
+        Ok(None) | Err(_) => {}
+    }
+}
+
+/// Greeting and option haggling; with `tls`, `NBD_OPT_STARTTLS`, the TLS handshake and the
+/// haggling again over TLS. `Ok(None)`: the client quit during the handshake.
+async fn handshake<S>(
+    mut s: S,
+    exports: &[Arc<Served>],
+    tls: Option<Arc<ServerConfig>>,
+) -> std::io::Result<Option<Handshaken<S>>>
+where
+    S: NbdStream,
+{
+    let no_zeroes = greet(&mut s).await?;
+    let Some(config) = tls else {
+        return Ok(
+            match haggle(&mut s, exports, no_zeroes, TlsPhase::Off).await? {
+                Negotiated::Session(session) => Some(Handshaken::Plain(s, session)),
+                Negotiated::StartTls | Negotiated::Quit => None,
+            },
+        );
+    };
+    match haggle(&mut s, exports, no_zeroes, TlsPhase::Required).await? {
+        Negotiated::StartTls => {}
+        Negotiated::Session(_) | Negotiated::Quit => return Ok(None),
+    }
+    let mut t = TlsAcceptor::from(config).accept(s).await?;
+    match haggle(&mut t, exports, no_zeroes, TlsPhase::Active).await? {
+        Negotiated::Session(session) => Ok(Some(Handshaken::Tls(Box::new(t), session))),
+        Negotiated::StartTls | Negotiated::Quit => {
+            // A TLS close_notify, so that the client sees a clean end.
+            let _ = t.shutdown().await;
+            Ok(None)
+        }
     }
 }
