@@ -28,6 +28,8 @@ pub mod nbd;
 mod rangelock;
 mod ratelimit;
 mod raw;
+#[cfg(feature = "remote")]
+pub mod remote;
 mod storage;
 #[cfg(feature = "vhost-user")]
 pub mod vhost_user;

@@ -1,0 +1,578 @@
+//! [`RemoteStorage`]: the block cache with sequential read-ahead in front of a remote object.
+//!
+//! The object is cut into fixed blocks ([`RemoteOptions::block_size`]); a block is either
+//! cached (its bytes, with the tick of its last use), in flight (waiters sleep on its
+//! [`Flight`]), or absent. A read claims every block it covers, starts the absent ones at once
+//! on the shared runtime, and copies out of them in order. A read that starts where the previous
+//! one ended extends a sequential run; once a run of two or more reads spans a block, the
+//! blocks after it are fetched ahead so that a streaming reader finds them cached. Completed blocks beyond the
+//! memory budget are evicted least recently used first; blocks in flight are never evicted and
+//! readers keep the bytes they copy from alive on their own.
+//!
+//! A changed object ([`RemoteError::Changed`]) is latched: every later read fails with it, even
+//! a read the cache could answer, so old and new bytes never mix in one image.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::{Condvar, Mutex};
+
+use super::error::RemoteError;
+use super::{runtime, RemoteIdentity, RemoteOptions};
+use crate::error::{Error, ErrorKind, Result};
+use crate::storage::{check_bounds, Extent, Storage};
+
+/// The future of one ranged fetch.
+pub(crate) type FetchFuture = Pin<Box<dyn Future<Output = Result<Bytes, RemoteError>> + Send>>;
+
+/// A remote object that can be read by ranges: what the cache sits on.
+pub(crate) trait Source: Send + Sync + std::fmt::Debug + 'static {
+    /// Fetches exactly `[offset, offset + len)` of the object as it was at open (retrying
+    /// transient failures itself), or fails with [`RemoteError::Changed`] if it is no longer.
+    fn fetch(self: Arc<Self>, offset: u64, len: u64) -> FetchFuture;
+}
+
+/// Counters of a [`RemoteStorage`], for tests, benchmarks and curious operators.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RemoteStats {
+    /// Blocks fetched from the server (each one ranged request, retries not counted).
+    pub fetches: u64,
+    /// Of those, blocks fetched ahead of a sequential reader.
+    pub readahead: u64,
+    /// Bytes fetched.
+    pub bytes: u64,
+    /// Block lookups answered from the cache (or from a fetch already in flight).
+    pub hits: u64,
+    /// Block lookups that had to start a fetch.
+    pub misses: u64,
+}
+
+/// One block being fetched: readers of the block wait here.
+#[derive(Debug, Default)]
+struct Flight {
+    done: Mutex<Option<Result<Bytes, RemoteError>>>,
+    cv: Condvar,
+}
+
+impl Flight {
+    fn finish(&self, r: Result<Bytes, RemoteError>) {
+        *self.done.lock() = Some(r);
+        self.cv.notify_all();
+    }
+
+    fn wait(&self) -> Result<Bytes, RemoteError> {
+        let mut g = self.done.lock();
+        loop {
+            if let Some(r) = g.as_ref() {
+                return r.clone();
+            }
+            self.cv.wait(&mut g);
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Slot {
+    Ready { data: Bytes, used: u64 },
+    Pending(Arc<Flight>),
+}
+
+#[derive(Debug, Default)]
+struct State {
+    slots: HashMap<u64, Slot>,
+    ready: usize,
+    tick: u64,
+    /// Where the last read ended: a read starting here continues a sequential run.
+    next_seq: u64,
+    /// Where the current sequential run started.
+    run_start: u64,
+    /// Reads in the current run after its first.
+    streak: u32,
+    /// The latched "object changed" failure.
+    changed: Option<RemoteError>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    fetches: AtomicU64,
+    readahead: AtomicU64,
+    bytes: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    src: Arc<dyn Source>,
+    id: RemoteIdentity,
+    block: u64,
+    blocks: u64,
+    cap: usize,
+    readahead: u64,
+    state: Mutex<State>,
+    counters: Counters,
+}
+
+/// A read-only [`Storage`] over a remote object (HTTP(S) range requests or S3), cached in blocks
+/// with sequential read-ahead. Made by [`RemoteStorage::open`] or
+/// [`open_url`](super::open_url); see the [module docs](super).
+#[derive(Debug)]
+pub struct RemoteStorage {
+    shared: Arc<Shared>,
+}
+
+enum Piece {
+    Data(Bytes),
+    Wait(Arc<Flight>),
+}
+
+impl RemoteStorage {
+    /// Opens the object at `url` (`http://`, `https://` or `s3://bucket/key`): captures its
+    /// size and identity and checks that it can be read by ranges.
+    pub fn open(url: &str, opts: &RemoteOptions) -> Result<RemoteStorage> {
+        let u = url.to_owned();
+        let lower = url.get(..5).unwrap_or(url).to_ascii_lowercase();
+        let opened = if lower == "s3://" {
+            let o = opts.clone();
+            runtime::run(async move { super::s3::S3Source::open(&u, &o).await })
+        } else if lower == "http:" || lower == "https" {
+            let o = opts.clone();
+            runtime::run(async move { super::http::HttpSource::open(&u, &o).await })
+        } else {
+            Ok(Err(RemoteError::BadUrl {
+                url: url.to_owned(),
+                detail: "not an http://, https:// or s3:// URL".into(),
+            }))
+        };
+        let (src, id) = opened
+            .and_then(|r| r)
+            .map_err(|e| e.into_error("opening a remote image"))?;
+        Ok(RemoteStorage::new(src, id, opts))
+    }
+
+    pub(crate) fn new(src: Arc<dyn Source>, id: RemoteIdentity, opts: &RemoteOptions) -> Self {
+        let block = opts.block_size.max(4096) as u64;
+        let blocks = id.size.div_ceil(block);
+        let readahead = opts.readahead as u64;
+        let cap = (opts.cache_bytes as u64 / block).max(2 * readahead).max(2) as usize;
+        RemoteStorage {
+            shared: Arc::new(Shared {
+                src,
+                id,
+                block,
+                blocks,
+                cap,
+                readahead,
+                state: Mutex::new(State {
+                    next_seq: u64::MAX,
+                    ..State::default()
+                }),
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    /// The object's identity, as captured at open.
+    pub fn identity(&self) -> &RemoteIdentity {
+        &self.shared.id
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> RemoteStats {
+        let c = &self.shared.counters;
+        RemoteStats {
+            fetches: c.fetches.load(Ordering::Relaxed),
+            readahead: c.readahead.load(Ordering::Relaxed),
+            bytes: c.bytes.load(Ordering::Relaxed),
+            hits: c.hits.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+        }
+    }
+
+    fn read_only(&self, what: &str) -> Error {
+        Error::new(
+            ErrorKind::ReadOnly,
+            format!(
+                "{what} on {}: remote images are read-only",
+                self.shared.id.url
+            ),
+        )
+    }
+}
+
+impl Shared {
+    /// Bytes of block `idx`: `[idx * block, min(size, (idx + 1) * block))`.
+    fn block_range(&self, idx: u64) -> (u64, u64) {
+        let start = idx * self.block;
+        (start, (self.id.size - start).min(self.block))
+    }
+
+    /// Claims block `idx` for fetching: inserts its flight and returns it (the caller starts
+    /// it once the state lock is released).
+    fn claim(&self, st: &mut State, idx: u64) -> Arc<Flight> {
+        let f = Arc::new(Flight::default());
+        st.slots.insert(idx, Slot::Pending(f.clone()));
+        f
+    }
+
+    /// Starts fetching block `idx` on the runtime; its flight completes with the bytes.
+    fn start(self: &Arc<Self>, idx: u64, flight: Arc<Flight>, ahead: bool) {
+        let (off, len) = self.block_range(idx);
+        self.counters.fetches.fetch_add(1, Ordering::Relaxed);
+        if ahead {
+            self.counters.readahead.fetch_add(1, Ordering::Relaxed);
+        }
+        let me = self.clone();
+        let rt = match runtime::runtime() {
+            Ok(rt) => rt,
+            Err(e) => {
+                me.complete(idx, &flight, Err(e));
+                return;
+            }
+        };
+        let fut = self.src.clone().fetch(off, len);
+        rt.spawn(async move {
+            let r = fut.await;
+            me.complete(idx, &flight, r);
+        });
+    }
+
+    /// Files the outcome of block `idx`'s fetch and wakes its readers.
+    fn complete(&self, idx: u64, flight: &Arc<Flight>, r: Result<Bytes, RemoteError>) {
+        {
+            let mut st = self.state.lock();
+            let ours =
+                matches!(st.slots.get(&idx), Some(Slot::Pending(f)) if Arc::ptr_eq(f, flight));
+            if ours {
+                st.slots.remove(&idx);
+            }
+            match &r {
+                Ok(data) => {
+                    self.counters
+                        .bytes
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if ours && st.changed.is_none() {
+                        st.tick += 1;
+                        let used = st.tick;
+                        st.slots.insert(
+                            idx,
+                            Slot::Ready {
+                                data: data.clone(),
+                                used,
+                            },
+                        );
+                        st.ready += 1;
+                        self.evict(&mut st);
+                    }
+                }
+                Err(e @ RemoteError::Changed { .. }) => {
+                    if st.changed.is_none() {
+                        st.changed = Some(e.clone());
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+        flight.finish(r);
+    }
+
+    /// Drops least recently used cached blocks until the budget holds.
+    fn evict(&self, st: &mut State) {
+        while st.ready > self.cap {
+            let victim = st
+                .slots
+                .iter()
+                .filter_map(|(k, s)| match s {
+                    Slot::Ready { used, .. } => Some((*used, *k)),
+                    Slot::Pending(_) => None,
+                })
+                .min();
+            match victim {
+                Some((_, k)) => {
+                    st.slots.remove(&k);
+                    st.ready -= 1;
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+impl Storage for RemoteStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let sh = &self.shared;
+        let end = check_bounds(offset, buf.len() as u64, sh.id.size)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let first = offset / sh.block;
+        let last = (end - 1) / sh.block;
+        let mut pieces = Vec::with_capacity((last - first + 1) as usize);
+        let mut starts = Vec::new();
+        {
+            let mut st = sh.state.lock();
+            if let Some(e) = &st.changed {
+                return Err(e
+                    .clone()
+                    .into_error(format!("reading {offset}+{}", buf.len())));
+            }
+            if offset == st.next_seq {
+                st.streak = st.streak.saturating_add(1);
+            } else {
+                st.streak = 0;
+                st.run_start = offset;
+            }
+            st.next_seq = end;
+            for idx in first..=last {
+                st.tick += 1;
+                let tick = st.tick;
+                match st.slots.get_mut(&idx) {
+                    Some(Slot::Ready { data, used }) => {
+                        *used = tick;
+                        pieces.push(Piece::Data(data.clone()));
+                        sh.counters.hits.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(Slot::Pending(f)) => {
+                        pieces.push(Piece::Wait(f.clone()));
+                        sh.counters.hits.fetch_add(1, Ordering::Relaxed);
+                    }
+                    None => {
+                        let f = sh.claim(&mut st, idx);
+                        pieces.push(Piece::Wait(f.clone()));
+                        starts.push((idx, f, false));
+                        sh.counters.misses.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            // Sequential (reads continuing each other over at least a block): keep the next
+            // `readahead` blocks cached or in flight. Small reads near each other (a format's
+            // headers) do not qualify.
+            if st.streak >= 1 && end - st.run_start >= sh.block && sh.readahead > 0 {
+                let stop = last
+                    .saturating_add(sh.readahead)
+                    .min(sh.blocks.saturating_sub(1));
+                for idx in last + 1..=stop {
+                    if !st.slots.contains_key(&idx) {
+                        let f = sh.claim(&mut st, idx);
+                        starts.push((idx, f, true));
+                    }
+                }
+            }
+        }
+        for (idx, f, ahead) in starts {
+            sh.start(idx, f, ahead);
+        }
+        let mut pos = offset;
+        let mut done = 0usize;
+        for (i, piece) in pieces.into_iter().enumerate() {
+            let data = match piece {
+                Piece::Data(d) => d,
+                Piece::Wait(f) => f
+                    .wait()
+                    .map_err(|e| e.into_error(format!("reading {offset}+{}", buf.len())))?,
+            };
+            let block_start = (first + i as u64) * sh.block;
+            let at = (pos - block_start) as usize;
+            let n = (buf.len() - done).min(data.len().saturating_sub(at));
+            if n == 0 {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    format!(
+                        "reading {offset}+{}: block {} came back short",
+                        buf.len(),
+                        first + i as u64
+                    ),
+                ));
+            }
+            buf[done..done + n].copy_from_slice(&data[at..at + n]);
+            done += n;
+            pos += n as u64;
+        }
+        // A change noticed by a concurrent fetch (read-ahead included) fails this read too:
+        // its bytes may be of the old version while others are already of the new one.
+        if let Some(e) = &sh.state.lock().changed {
+            return Err(e
+                .clone()
+                .into_error(format!("reading {offset}+{}", buf.len())));
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, _buf: &[u8], offset: u64) -> Result<()> {
+        Err(self.read_only(&format!("writing at {offset}")))
+    }
+
+    fn len(&self) -> Result<u64> {
+        Ok(self.shared.id.size)
+    }
+
+    fn set_len(&self, _len: u64) -> Result<()> {
+        Err(self.read_only("resizing"))
+    }
+
+    fn sync_data(&self) -> Result<()> {
+        // Nothing is ever written, so everything is as durable as it will get.
+        Ok(())
+    }
+
+    fn punch_hole(&self, offset: u64, _len: u64) -> Result<()> {
+        Err(self.read_only(&format!("punching a hole at {offset}")))
+    }
+
+    fn extent(&self, offset: u64, len: u64) -> Result<Extent> {
+        Ok(Extent {
+            allocated: true,
+            len: len.min(self.shared.id.size.saturating_sub(offset)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    /// An in-memory source that records which blocks were asked for.
+    #[derive(Debug)]
+    struct MemSource {
+        data: Vec<u8>,
+        asked: Mutex<Vec<u64>>,
+        changed: AtomicBool,
+    }
+
+    impl Source for MemSource {
+        fn fetch(self: Arc<Self>, offset: u64, len: u64) -> FetchFuture {
+            Box::pin(async move {
+                self.asked.lock().push(offset);
+                if self.changed.load(Ordering::Relaxed) {
+                    return Err(RemoteError::Changed {
+                        url: "mem".into(),
+                        expected: "a".into(),
+                        found: "b".into(),
+                    });
+                }
+                let s = offset as usize;
+                Ok(Bytes::copy_from_slice(&self.data[s..s + len as usize]))
+            })
+        }
+    }
+
+    fn setup(size: usize, opts: &RemoteOptions) -> (Arc<MemSource>, RemoteStorage) {
+        let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+        let src = Arc::new(MemSource {
+            data,
+            asked: Mutex::new(Vec::new()),
+            changed: AtomicBool::new(false),
+        });
+        let id = RemoteIdentity {
+            url: "mem".into(),
+            size: size as u64,
+            etag: None,
+            last_modified: None,
+        };
+        let s = RemoteStorage::new(src.clone(), id, opts);
+        (src, s)
+    }
+
+    fn opts(readahead: usize, cache_blocks: usize) -> RemoteOptions {
+        RemoteOptions {
+            block_size: 4096,
+            cache_bytes: cache_blocks * 4096,
+            readahead,
+            ..RemoteOptions::default()
+        }
+    }
+
+    #[test]
+    fn reads_across_blocks_are_exact_and_bounds_are_checked() {
+        let (src, s) = setup(3 * 4096 + 100, &opts(0, 16));
+        for (off, len) in [(0u64, 1usize), (4095, 2), (100, 3 * 4096), (3 * 4096, 100)] {
+            let mut b = vec![0u8; len];
+            s.read_at(&mut b, off).unwrap();
+            assert_eq!(b, src.data[off as usize..off as usize + len]);
+        }
+        let mut b = [0u8; 2];
+        assert_eq!(
+            s.read_at(&mut b, 3 * 4096 + 99).unwrap_err().kind(),
+            ErrorKind::OutOfRange
+        );
+        // Every block fetched once: the rest came from the cache.
+        assert_eq!(s.stats().fetches, 4);
+        assert_eq!(s.write_at(&[1], 0).unwrap_err().kind(), ErrorKind::ReadOnly);
+        assert_eq!(s.set_len(1).unwrap_err().kind(), ErrorKind::ReadOnly);
+    }
+
+    #[test]
+    fn memory_is_bounded_and_lru() {
+        let (src, s) = setup(64 * 4096, &opts(0, 4));
+        let mut b = [0u8; 16];
+        for idx in [0u64, 1, 2, 3, 0, 4, 0, 1] {
+            s.read_at(&mut b, idx * 4096 + 8).unwrap();
+        }
+        // 0 stayed hot, so 4 evicted 1 (the least recent), which was fetched again.
+        assert_eq!(
+            src.asked
+                .lock()
+                .iter()
+                .map(|o| o / 4096)
+                .collect::<Vec<_>>(),
+            [0, 1, 2, 3, 4, 1]
+        );
+        assert!(s.shared.state.lock().ready <= 4);
+    }
+
+    #[test]
+    fn sequential_reads_fetch_ahead_and_random_ones_do_not() {
+        let (src, s) = setup(64 * 4096, &opts(4, 16));
+        let mut b = vec![0u8; 1024];
+        for i in 0..4u64 {
+            s.read_at(&mut b, i * 1024).unwrap();
+        }
+        // Wait for the read-ahead to land.
+        for _ in 0..200 {
+            if s.stats().fetches == s.stats().bytes / 4096 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut asked = src.asked.lock().clone();
+        asked.sort();
+        assert_eq!(asked, [0, 4096, 2 * 4096, 3 * 4096, 4 * 4096]);
+        assert_eq!(s.stats().readahead, 4);
+        // Reading on through them costs no demand fetch.
+        let misses = s.stats().misses;
+        for i in 4..16u64 {
+            s.read_at(&mut b, i * 1024).unwrap();
+            assert_eq!(b, src.data[i as usize * 1024..][..1024]);
+        }
+        assert_eq!(s.stats().misses, misses);
+
+        let (src, s) = setup(64 * 4096, &opts(4, 16));
+        for idx in [9u64, 3, 40, 17] {
+            s.read_at(&mut b, idx * 4096).unwrap();
+        }
+        assert_eq!(src.asked.lock().len(), 4);
+        assert_eq!(s.stats().readahead, 0);
+    }
+
+    #[test]
+    fn a_changed_object_is_latched() {
+        let (src, s) = setup(8 * 4096, &opts(0, 16));
+        let mut b = [0u8; 8];
+        s.read_at(&mut b, 0).unwrap();
+        src.changed.store(true, Ordering::Relaxed);
+        let e = s.read_at(&mut b, 4096).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+        assert!(matches!(
+            RemoteError::find(&e),
+            Some(RemoteError::Changed { .. })
+        ));
+        // Block 0 is cached, yet it fails too.
+        assert_eq!(s.read_at(&mut b, 0).unwrap_err().kind(), ErrorKind::Corrupt);
+    }
+}
