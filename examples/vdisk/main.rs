@@ -15,6 +15,7 @@
 //! vdisk serve --socket PATH [--queues N] [--read-only] [--cache none|writeback]
 //!             [--aio io_uring|threads|sync] IMG   vhost-user-blk until SIGINT/SIGTERM
 //! vdisk serve --nbd ADDR[:PORT] | --nbd-socket PATH [--export NAME] [--read-only] IMG   NBD
+//!             [--tls-creds DIR [--tls-verify-peer]]
 //! vdisk bench [-c N] [-d N] [-s SIZE] [-S STEP] [-o OFF] [-w] [--pattern B] [-t none|writeback]
 //!             [-i io_uring|threads] IMG      qemu-img bench's workload through the I/O engine
 //! ```
@@ -180,6 +181,13 @@ enum Cmd {
         /// NBD export name ("" is the default export).
         #[arg(long, default_value = "")]
         export: String,
+        /// NBD: require TLS with the x509 credentials in DIR, as qemu-nbd --tls-creds
+        /// (ca-cert.pem, server-cert.pem, server-key.pem).
+        #[arg(long, value_name = "DIR", conflicts_with = "socket")]
+        tls_creds: Option<PathBuf>,
+        /// NBD with --tls-creds: clients must present a certificate signed by ca-cert.pem.
+        #[arg(long, requires = "tls_creds")]
+        tls_verify_peer: bool,
         /// Number of request queues, each served by its own thread.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
         queues: u16,
@@ -377,6 +385,8 @@ fn main() -> ExitCode {
             nbd,
             nbd_socket,
             export,
+            tls_creds,
+            tls_verify_peer,
             image,
         } => match (socket, nbd, nbd_socket) {
             (Some(socket), None, None) => serve::run(
@@ -389,12 +399,26 @@ fn main() -> ExitCode {
                     aio,
                 },
             ),
-            (None, Some(addr), None) => {
-                nbd_serve::run(&image, nbd_serve::NbdListen::Tcp(addr), &export, read_only)
-            }
-            (None, None, Some(path)) => {
-                nbd_serve::run(&image, nbd_serve::NbdListen::Unix(path), &export, read_only)
-            }
+            (None, Some(addr), None) => nbd_serve::run(
+                &image,
+                nbd_serve::NbdListen::Tcp(addr),
+                &export,
+                read_only,
+                &nbd_serve::Tls {
+                    creds: tls_creds,
+                    verify_peer: tls_verify_peer,
+                },
+            ),
+            (None, None, Some(path)) => nbd_serve::run(
+                &image,
+                nbd_serve::NbdListen::Unix(path),
+                &export,
+                read_only,
+                &nbd_serve::Tls {
+                    creds: tls_creds,
+                    verify_peer: tls_verify_peer,
+                },
+            ),
             _ => Err(CliError::new("give one of --socket, --nbd or --nbd-socket")),
         },
     };

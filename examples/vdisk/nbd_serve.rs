@@ -1,10 +1,20 @@
-//! `vdisk serve --nbd ADDR[:PORT] | --nbd-socket PATH [--export NAME] [--read-only] IMG`:
-//! serves an image (any format, with its chain) over NBD until SIGINT or SIGTERM, then
-//! flushes the disk and exits. Clients: `qemu-img`/`qemu-io` (`nbd://HOST:PORT/NAME`,
-//! `nbd+unix:///NAME?socket=PATH`), `nbdcopy`, `nbdinfo`, the kernel's `nbd-client`.
+//! `vdisk serve --nbd ADDR[:PORT] | --nbd-socket PATH [--export NAME] [--read-only]
+//! [--tls-creds DIR [--tls-verify-peer]] IMG`: serves an image (any format, with its chain)
+//! over NBD until SIGINT or SIGTERM, then flushes the disk and exits. Clients: `qemu-img`/
+//! `qemu-io` (`nbd://HOST:PORT/NAME`, `nbd+unix:///NAME?socket=PATH`), `nbdcopy`, `nbdinfo`,
+//! the kernel's `nbd-client`.
+//!
+//! With `--tls-creds DIR` every client must start TLS (`NBD_OPT_STARTTLS`), as with
+//! `qemu-nbd --tls-creds`: DIR holds `ca-cert.pem`, `server-cert.pem` and `server-key.pem`
+//! in the layout of QEMU's `tls-creds-x509` object; `--tls-verify-peer` also requires a
+//! client certificate signed by `ca-cert.pem` (qemu's `verify-peer=on`). Clients:
+//! `qemu-io --object tls-creds-x509,id=tls0,endpoint=client,dir=D --image-opts
+//! driver=nbd,host=H,port=P,export=NAME,tls-creds=tls0`, `nbdinfo
+//! 'nbds://H:P/NAME?tls-certificates=D'`.
 
 use std::path::{Path, PathBuf};
 
+use vdisk::block_io::nbd::tls::TlsCredentials;
 use vdisk::block_io::nbd::{Export, NbdServer};
 
 use crate::{CliError, CliResult};
@@ -38,8 +48,37 @@ fn with_port(addr: &str) -> String {
     }
 }
 
+/// TLS for `serve --nbd`.
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    /// A `tls-creds-x509` directory: TLS is required when given.
+    pub creds: Option<PathBuf>,
+    /// Clients must present a certificate signed by the directory's `ca-cert.pem`.
+    pub verify_peer: bool,
+}
+
 /// Serves `image` as the NBD export `export` on `listen` until SIGINT/SIGTERM.
-pub fn run(image: &Path, listen: NbdListen, export: &str, read_only: bool) -> CliResult {
+pub fn run(image: &Path, listen: NbdListen, export: &str, read_only: bool, tls: &Tls) -> CliResult {
+    // Credentials first: a bad directory fails before the image is opened and locked.
+    let tls_config = match &tls.creds {
+        Some(dir) => Some(
+            TlsCredentials::from_dir(dir)
+                .verify_peer(tls.verify_peer)
+                .server_config()
+                .map_err(|e| {
+                    CliError::new(format!(
+                        "--tls-creds {}: {}",
+                        dir.display(),
+                        e.chain_string()
+                    ))
+                })?,
+        ),
+        None if tls.verify_peer => {
+            return Err(CliError::new("--tls-verify-peer needs --tls-creds"));
+        }
+        None => None,
+    };
+    let scheme = if tls_config.is_some() { "nbds" } else { "nbd" };
     let img = crate::image::open(image, None, read_only)?;
     let dev = img.dev.clone();
     let info = dev.info();
@@ -54,7 +93,7 @@ pub fn run(image: &Path, listen: NbdListen, export: &str, read_only: bool) -> Cl
             })?;
             let shown = server
                 .local_addr()
-                .map(|a| format!("nbd://{a}/{export}"))
+                .map(|a| format!("{scheme}://{a}/{export}"))
                 .unwrap_or(addr);
             (server, shown)
         }
@@ -68,13 +107,17 @@ pub fn run(image: &Path, listen: NbdListen, export: &str, read_only: bool) -> Cl
             })?;
             (
                 server,
-                format!("nbd+unix:///{export}?socket={}", path.display()),
+                format!("{scheme}+unix:///{export}?socket={}", path.display()),
             )
         }
     };
+    let server = match tls_config {
+        Some(config) => server.require_tls(config),
+        None => server,
+    };
     let stop = server.stop_handle();
     eprintln!(
-        "vdisk: serving {} ({}, {} bytes{}) at {where_}",
+        "vdisk: serving {} ({}, {} bytes{}{}) at {where_}",
         image.display(),
         img.format.name(),
         info.virtual_size,
@@ -82,6 +125,11 @@ pub fn run(image: &Path, listen: NbdListen, export: &str, read_only: bool) -> Cl
             ", read-only"
         } else {
             ""
+        },
+        match (&tls.creds, tls.verify_peer) {
+            (None, _) => "",
+            (Some(_), false) => ", TLS required",
+            (Some(_), true) => ", TLS with client certificates required",
         },
     );
     crate::serve::until_signal(
