@@ -12,8 +12,12 @@
 //!   order, multi-conn; optionally TLS required (`NBD_OPT_STARTTLS`, rustls) with or without
 //!   client certificates ([`NbdServer::require_tls`]);
 //! - [`tls`]: server TLS configurations from x509 PEM files (QEMU's `tls-creds-x509`
-//!   directory layout or explicit paths) or certificates in memory.
+//!   directory layout or explicit paths) or certificates in memory;
+//! - [`NbdClient`]: the other side, a [`BlockDevice`](crate::BlockDevice) over an export of
+//!   any NBD server (qemu-nbd, nbdkit, ours), from `nbd://`, `nbd+unix://`, `nbds://` URLs
+//!   ([`NbdUrl`]), with TLS, many requests in flight and reconnect ([`RetryPolicy`]).
 
+mod client;
 mod conn;
 mod export;
 mod handshake;
@@ -21,5 +25,9 @@ pub mod proto;
 mod server;
 pub mod tls;
 
+pub use client::{
+    client_config_from_qemu_creds_dir, ClientError, ExportInfo, NbdClient, NbdClientOptions,
+    NbdTarget, NbdUrl, RetryPolicy, TlsOptions, UrlError, DEFAULT_PORT,
+};
 pub use export::Export;
 pub use server::{NbdServer, StopHandle};

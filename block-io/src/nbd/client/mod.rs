@@ -1,0 +1,504 @@
+//! [`NbdClient`]: a [`BlockDevice`] over an NBD export of any server (qemu-nbd, nbdkit,
+//! nbd-server, our own [`NbdServer`](super::NbdServer)), following NetworkBlockDevice/nbd
+//! `doc/proto.md`.
+//!
+//! - [`url`](NbdUrl): the URLs qemu-img spells, `nbd://HOST[:PORT]/NAME`,
+//!   `nbd+unix:///NAME?socket=PATH`, and `nbds://`/`nbds+unix://` requiring TLS;
+//! - handshake (proto.md "Fixed newstyle negotiation"): `NBD_OPT_STARTTLS` when TLS is
+//!   configured, `NBD_OPT_STRUCTURED_REPLY`, `NBD_OPT_SET_META_CONTEXT base:allocation`,
+//!   `NBD_OPT_GO` with `NBD_INFO_BLOCK_SIZE`, `NBD_OPT_EXPORT_NAME` for servers without GO;
+//! - transmission (proto.md "Transmission"): many requests in flight from many caller
+//!   threads on one connection, driven by a task on the client's own runtime thread; replies
+//!   matched by cookie and parsed strictly; reads and writes split at the server's maximum
+//!   payload (at most 32 MiB, proto.md "Block size constraints");
+//! - reconnect ([`RetryPolicy`]): a dropped, silent or misbehaving connection is replaced and
+//!   every request not fully answered is re-issued whole; after the policy's limit the
+//!   requests fail with [`ClientError::GaveUp`] naming the last cause.
+//!
+//! Caveat of any network disk: a write the server acknowledged but had not made durable
+//! (no FUA, no flush yet) is lost if the *server's host* crashes; a flush re-issued after a
+//! reconnect cannot cover it. Killing only the server process keeps such writes in the
+//! host's page cache for qemu-nbd and nbdkit's file plugin.
+
+mod conn;
+mod error;
+mod handshake;
+mod options;
+mod url;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+
+use self::conn::{drive, Op, Reply, Stats};
+use self::handshake::{connect, Negotiated};
+use super::proto::{self, Command};
+use crate::device::{check_request, BlockDevice, BlockStatus, DiskInfo, StatusRun};
+use crate::error::{Error, ErrorKind, Result};
+
+pub use self::error::ClientError;
+pub use self::options::{
+    client_config_from_qemu_creds_dir, NbdClientOptions, RetryPolicy, TlsOptions,
+};
+pub use self::url::{NbdTarget, NbdUrl, UrlError, DEFAULT_PORT};
+
+/// Longest trim, write-zeroes or block-status request sent at once (the length field is 32
+/// bits; 2 GiB is a multiple of every block size).
+const MAX_RANGE: u64 = 1 << 31;
+
+/// A range request before it is split.
+#[derive(Debug, Clone, Copy)]
+struct Req {
+    what: &'static str,
+    command: Command,
+    flags: u16,
+    offset: u64,
+    len: u64,
+}
+
+fn req(what: &'static str, command: Command, flags: u16, offset: u64, len: u64) -> Req {
+    Req {
+        what,
+        command,
+        flags,
+        offset,
+        len,
+    }
+}
+
+/// What the server said about the export during the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportInfo {
+    /// Size in bytes as the server reported it.
+    pub size: u64,
+    /// Transmission flags (`NBD_FLAG_*` of [`proto`]).
+    pub flags: u16,
+    /// Structured replies were negotiated.
+    pub structured_replies: bool,
+    /// The `base:allocation` metadata context was negotiated (block status works).
+    pub base_allocation: bool,
+    /// Minimum block size (1 when the server sent none).
+    pub min_block: u32,
+    /// Preferred block size.
+    pub preferred_block: u32,
+    /// Maximum payload (32 MiB when the server sent none).
+    pub max_payload: u32,
+}
+
+/// A [`BlockDevice`] over an NBD export.
+///
+/// Every method may be called from many threads at once; each blocks its caller until the
+/// server answered (requests of different callers are in flight together). Reads and writes
+/// above the server's maximum payload are split and sent together.
+///
+/// ```no_run
+/// # fn main() -> block_io::Result<()> {
+/// use block_io::BlockDevice;
+/// use block_io::nbd::{NbdClient, NbdClientOptions};
+///
+/// let disk = NbdClient::open("nbd://127.0.0.1:10809/disk", NbdClientOptions::default())?;
+/// let mut sector = vec![0u8; 512];
+/// disk.read_at(&mut sector, 0)?;
+/// # Ok(())
+/// # }
+/// ```
+pub struct NbdClient {
+    url: NbdUrl,
+    neg: Negotiated,
+    info: DiskInfo,
+    /// Largest read or write payload sent.
+    max_io: u64,
+    read_only: bool,
+    tx: Option<UnboundedSender<Op>>,
+    thread: Option<JoinHandle<()>>,
+    stats: Arc<Stats>,
+}
+
+impl std::fmt::Debug for NbdClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdClient")
+            .field("url", &self.url.to_string())
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NbdClient {
+    /// Parses `url` ([`NbdUrl`]) and [`connect`](Self::connect)s.
+    pub fn open(url: &str, opts: NbdClientOptions) -> Result<Self, ClientError> {
+        let url: NbdUrl = url.parse()?;
+        Self::connect(&url, opts)
+    }
+
+    /// Connects to `url` and negotiates (one attempt within `opts.connect_timeout`; the
+    /// retry policy applies to later drops). Starts the client's runtime thread.
+    pub fn connect(url: &NbdUrl, opts: NbdClientOptions) -> Result<Self, ClientError> {
+        if url.tls && opts.tls.is_none() {
+            return Err(ClientError::TlsConfig(
+                "an nbds:// URL needs TLS options".into(),
+            ));
+        }
+        let (init_tx, init_rx) = std::sync::mpsc::channel();
+        let (tx, rx) = unbounded_channel();
+        let stats = Arc::new(Stats::default());
+        let read_only_opt = opts.read_only;
+        let thread_url = url.clone();
+        let thread_stats = stats.clone();
+        let thread = std::thread::Builder::new()
+            .name("nbd-client".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = init_tx.send(Err(ClientError::transport(e)));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match connect(&thread_url, &opts).await {
+                        Err(e) => {
+                            let _ = init_tx.send(Err(e));
+                        }
+                        Ok((io, neg)) => {
+                            let _ = init_tx.send(Ok(neg.clone()));
+                            drive((io, neg), thread_url, opts, rx, thread_stats).await;
+                        }
+                    }
+                });
+            })
+            .map_err(ClientError::transport)?;
+        let neg = match init_rx.recv() {
+            Ok(Ok(neg)) => neg,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(ClientError::Closed);
+            }
+        };
+        // The addressing unit: the server's minimum block, at least 512 bytes.
+        let sector = neg.block.minimum.max(512);
+        let preferred = neg.block.preferred.clamp(sector, 64 * 1024);
+        let max_io = u64::from(neg.block.maximum.min(proto::MAX_PAYLOAD));
+        let max_io = (max_io - max_io % u64::from(sector)).max(u64::from(sector));
+        let read_only = read_only_opt || neg.has(proto::TF_READ_ONLY);
+        let info = DiskInfo {
+            // A trailing partial sector cannot be addressed and is left out.
+            virtual_size: neg.size - neg.size % u64::from(sector),
+            logical_sector_size: sector,
+            physical_sector_size: preferred,
+            read_only,
+            disk_id: None,
+            format: "nbd",
+        };
+        Ok(NbdClient {
+            url: url.clone(),
+            neg,
+            info,
+            max_io,
+            read_only,
+            tx: Some(tx),
+            thread: Some(thread),
+            stats,
+        })
+    }
+
+    /// The URL connected to.
+    pub fn url(&self) -> &NbdUrl {
+        &self.url
+    }
+
+    /// What the server said about the export at the first handshake.
+    pub fn export_info(&self) -> ExportInfo {
+        ExportInfo {
+            size: self.neg.size,
+            flags: self.neg.flags,
+            structured_replies: self.neg.structured,
+            base_allocation: self.neg.context.is_some(),
+            min_block: self.neg.block.minimum,
+            preferred_block: self.neg.block.preferred,
+            max_payload: self.neg.block.maximum,
+        }
+    }
+
+    /// How many times the client reconnected after a dropped connection.
+    pub fn reconnects(&self) -> u64 {
+        self.stats.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// How many requests were re-issued on a new connection.
+    pub fn reissued_requests(&self) -> u64 {
+        self.stats.reissued.load(Ordering::Relaxed)
+    }
+
+    /// Largest read or write payload sent in one request.
+    pub fn max_payload(&self) -> u64 {
+        self.max_io
+    }
+
+    fn submit(
+        &self,
+        command: Command,
+        flags: u16,
+        offset: u64,
+        length: u64,
+        payload: Option<Arc<Vec<u8>>>,
+    ) -> Result<std::sync::mpsc::Receiver<Result<Reply, ClientError>>, ClientError> {
+        let length = u32::try_from(length)
+            .map_err(|_| ClientError::protocol("request longer than 4 GiB"))?;
+        let (done, rx) = std::sync::mpsc::channel();
+        let op = Op {
+            command,
+            flags,
+            offset,
+            length,
+            payload,
+            done,
+        };
+        self.tx
+            .as_ref()
+            .ok_or(ClientError::Closed)?
+            .send(op)
+            .map_err(|_| ClientError::Closed)?;
+        Ok(rx)
+    }
+
+    /// Sends one request per piece of `[offset, offset+len)` (pieces of at most `piece`
+    /// bytes), all before waiting, and waits for every one. Returns the replies in order or
+    /// the first error.
+    fn pieces(
+        &self,
+        req: Req,
+        piece: u64,
+        mut payload: impl FnMut(u64, u64) -> Option<Arc<Vec<u8>>>,
+    ) -> Result<Vec<Reply>> {
+        let Req {
+            what,
+            command,
+            flags,
+            offset,
+            len,
+        } = req;
+        let mut waits = Vec::new();
+        let mut pos = 0;
+        while pos < len {
+            let n = piece.min(len - pos);
+            let rx = self
+                .submit(command, flags, offset + pos, n, payload(pos, n))
+                .map_err(|e| self.err(what, offset, len, e))?;
+            waits.push(rx);
+            pos += n;
+        }
+        let mut out = Vec::with_capacity(waits.len());
+        let mut first_err = None;
+        for rx in waits {
+            match rx.recv().unwrap_or(Err(ClientError::Closed)) {
+                Ok(r) => out.push(r),
+                Err(e) => {
+                    if first_err.is_none() {
+                        first_err = Some(e);
+                    }
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(self.err(what, offset, len, e)),
+            None => Ok(out),
+        }
+    }
+
+    fn err(&self, what: &str, offset: u64, len: u64, e: ClientError) -> Error {
+        e.into_error(format!("NBD {what} at {offset}+{len} on {}", self.url))
+    }
+
+    /// Writes zeros the slow way (a server without `NBD_CMD_WRITE_ZEROES`).
+    fn write_zero_buffers(&self, offset: u64, len: u64) -> Result<()> {
+        let piece = self.max_io.min(1 << 20);
+        let zeros = Arc::new(vec![0u8; piece.min(len) as usize]);
+        self.pieces(
+            req("write", Command::Write, 0, offset, len),
+            piece,
+            |_, n| {
+                if n as usize == zeros.len() {
+                    Some(zeros.clone())
+                } else {
+                    Some(Arc::new(vec![0u8; n as usize]))
+                }
+            },
+        )
+        .map(|_| ())
+    }
+}
+
+impl Drop for NbdClient {
+    fn drop(&mut self) {
+        // Closing the channel makes the driver send NBD_CMD_DISC and end.
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl From<ClientError> for Error {
+    fn from(e: ClientError) -> Self {
+        e.into_error("NBD client")
+    }
+}
+
+impl BlockDevice for NbdClient {
+    fn info(&self) -> DiskInfo {
+        self.info.clone()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let len = buf.len() as u64;
+        check_request(&self.info, offset, len, false)?;
+        let replies = self.pieces(
+            req("read", Command::Read, 0, offset, len),
+            self.max_io,
+            |_, _| None,
+        )?;
+        let mut pos = 0usize;
+        for r in replies {
+            match r {
+                Reply::Data(d) if pos + d.len() <= buf.len() => {
+                    buf[pos..pos + d.len()].copy_from_slice(&d);
+                    pos += d.len();
+                }
+                _ => {
+                    return Err(Error::new(
+                        ErrorKind::Io,
+                        "NBD read: reply of the wrong shape",
+                    ))
+                }
+            }
+        }
+        if pos != buf.len() {
+            return Err(Error::new(ErrorKind::Io, "NBD read: short reply"));
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let len = buf.len() as u64;
+        check_request(&self.info, offset, len, true)?;
+        // The data must outlive this call on the runtime thread (and a re-issue): one copy.
+        self.pieces(
+            req("write", Command::Write, 0, offset, len),
+            self.max_io,
+            |pos, n| Some(Arc::new(buf[pos as usize..(pos + n) as usize].to_vec())),
+        )
+        .map(|_| ())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        check_request(&self.info, offset, len, true)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if !self.neg.has(proto::TF_SEND_WRITE_ZEROES) {
+            return self.write_zero_buffers(offset, len);
+        }
+        // proto.md "NBD_CMD_WRITE_ZEROES": without NO_HOLE the server may punch a hole.
+        let flags = if unmap { 0 } else { proto::CMD_FLAG_NO_HOLE };
+        self.pieces(
+            req("write zeroes", Command::WriteZeroes, flags, offset, len),
+            MAX_RANGE,
+            |_, _| None,
+        )
+        .map(|_| ())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        check_request(&self.info, offset, len, true)?;
+        if len == 0 || !self.neg.has(proto::TF_SEND_TRIM) {
+            // A discard is a hint; a server without TRIM keeps the data.
+            return Ok(());
+        }
+        self.pieces(
+            req("trim", Command::Trim, 0, offset, len),
+            MAX_RANGE,
+            |_, _| None,
+        )
+        .map(|_| ())
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.read_only || !self.neg.has(proto::TF_SEND_FLUSH) {
+            // proto.md: without SEND_FLUSH the server has no volatile cache to flush.
+            return Ok(());
+        }
+        let rx = self
+            .submit(Command::Flush, 0, 0, 0, None)
+            .map_err(|e| self.err("flush", 0, 0, e))?;
+        rx.recv()
+            .unwrap_or(Err(ClientError::Closed))
+            .map(|_| ())
+            .map_err(|e| self.err("flush", 0, 0, e))
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<StatusRun> {
+        check_request(&self.info, offset, len, false)?;
+        if len == 0 {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "block status of 0 bytes",
+            ));
+        }
+        let sector = u64::from(self.info.logical_sector_size);
+        if self.neg.context.is_none() {
+            // Without base:allocation everything is data (proto.md: a client must assume so).
+            return Ok(StatusRun {
+                status: BlockStatus::Data,
+                len,
+                file_offset: None,
+            });
+        }
+        let ask = len.min(MAX_RANGE);
+        let rx = self
+            .submit(
+                Command::BlockStatus,
+                proto::CMD_FLAG_REQ_ONE,
+                offset,
+                ask,
+                None,
+            )
+            .map_err(|e| self.err("block status", offset, ask, e))?;
+        let reply = rx
+            .recv()
+            .unwrap_or(Err(ClientError::Closed))
+            .map_err(|e| self.err("block status", offset, ask, e))?;
+        let Reply::Extent { length, flags } = reply else {
+            return Err(Error::new(
+                ErrorKind::Io,
+                "NBD block status: reply of the wrong shape",
+            ));
+        };
+        let run = u64::from(length).min(ask);
+        // NBD_STATE_ZERO: reads as zeros, whether or not it is a hole. A hole without ZERO
+        // reads as whatever the server says (not necessarily zeros): data.
+        let zero = flags & proto::STATE_ZERO != 0;
+        Ok(if zero && run >= sector {
+            StatusRun {
+                status: BlockStatus::Zero,
+                len: run - run % sector,
+                file_offset: None,
+            }
+        } else {
+            // A data run is rounded up to whole sectors (a partly data sector is data).
+            StatusRun {
+                status: BlockStatus::Data,
+                len: run.div_ceil(sector).saturating_mul(sector).min(ask),
+                file_offset: None,
+            }
+        })
+    }
+}
