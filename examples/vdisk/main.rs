@@ -24,6 +24,7 @@
 
 mod bench;
 mod cmds;
+mod commit;
 mod demo;
 mod guard;
 mod image;
@@ -218,6 +219,8 @@ enum Cmd {
         /// The differencing image to rebase.
         image: PathBuf,
     },
+    /// Fold an image into its backing file (or a deeper one, -b), as qemu-img commit.
+    Commit(commit::CommitArgs),
     /// Measure I/O on an image as qemu-img bench does (same flags), through the I/O engine.
     Bench(bench::BenchArgs),
     /// Random guest I/O against a model while an online job runs on the image; one JSON line.
@@ -376,6 +379,7 @@ fn main() -> ExitCode {
         Cmd::Bench(args) => bench::run(args),
         Cmd::Token(args) => token::run(args),
         Cmd::Stress(args) => jobs::run(args),
+        Cmd::Commit(args) => commit::run(args),
         Cmd::Serve {
             socket,
             queues,
