@@ -735,3 +735,53 @@ fn an_export_that_changes_size_across_a_reconnect_is_refused() {
     );
     assert!(b.iter().all(|&x| x == 0));
 }
+
+#[test]
+fn write_through_uses_fua_or_a_flush() {
+    for fua in [true, false] {
+        let mut flags = Cfg::default().flags;
+        if fua {
+            flags |= proto::TF_SEND_FUA;
+        }
+        let fake = Fake::start(
+            Cfg {
+                flags,
+                ..Cfg::default()
+            },
+            Box::new(|_, r: &Request, s: &mut TcpStream| {
+                good(r, s, true);
+                Act::Go
+            }),
+        );
+        let o = NbdClientOptions {
+            write_through: true,
+            ..quick_opts()
+        };
+        let c = NbdClient::open(&fake.url(), o).unwrap();
+        c.write_at(&[0u8; 4096], 0).unwrap();
+        c.write_zeroes(4096, 4096, true).unwrap();
+        c.discard(8192, 4096).unwrap();
+        let log: Vec<_> = fake
+            .requests()
+            .into_iter()
+            .map(|(_, r)| (r.command, r.flags))
+            .collect();
+        let expect = if fua {
+            vec![
+                (proto::Command::Write, proto::CMD_FLAG_FUA),
+                (proto::Command::WriteZeroes, proto::CMD_FLAG_FUA),
+                (proto::Command::Trim, proto::CMD_FLAG_FUA),
+            ]
+        } else {
+            vec![
+                (proto::Command::Write, 0),
+                (proto::Command::Flush, 0),
+                (proto::Command::WriteZeroes, 0),
+                (proto::Command::Flush, 0),
+                (proto::Command::Trim, 0),
+                (proto::Command::Flush, 0),
+            ]
+        };
+        assert_eq!(log, expect, "fua {fua}");
+    }
+}

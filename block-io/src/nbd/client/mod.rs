@@ -11,6 +11,14 @@
 //!   threads on one connection, driven by a task on the client's own runtime thread; replies
 //!   matched by cookie and parsed strictly; reads and writes split at the server's maximum
 //!   payload (at most 32 MiB, proto.md "Block size constraints");
+//! - the [`BlockDevice`] methods map to commands as proto.md "Request types" defines them:
+//!   `write_zeroes` is `NBD_CMD_WRITE_ZEROES` (with `NBD_CMD_FLAG_NO_HOLE` unless unmapping;
+//!   zero-filled writes when the export lacks it), `discard` is `NBD_CMD_TRIM` (nothing when
+//!   the export lacks it: a hint), `flush` is `NBD_CMD_FLUSH`, and `block_status` asks
+//!   `base:allocation` for one extent (`NBD_CMD_FLAG_REQ_ONE`): `NBD_STATE_ZERO` is
+//!   [`BlockStatus::Zero`], anything else [`BlockStatus::Data`] (a hole without ZERO need not
+//!   read as zeros; an export is a whole disk, so never [`BlockStatus::Unallocated`]). Without
+//!   the context every run is data. [`NbdClientOptions::write_through`] adds FUA;
 //! - reconnect ([`RetryPolicy`]): a dropped, silent or misbehaving connection is replaced and
 //!   every request not fully answered is re-issued whole; after the policy's limit the
 //!   requests fail with [`ClientError::GaveUp`] naming the last cause.
@@ -111,6 +119,7 @@ pub struct NbdClient {
     /// Largest read or write payload sent.
     max_io: u64,
     read_only: bool,
+    write_through: bool,
     tx: Option<UnboundedSender<Op>>,
     thread: Option<JoinHandle<()>>,
     stats: Arc<Stats>,
@@ -144,6 +153,7 @@ impl NbdClient {
         let (tx, rx) = unbounded_channel();
         let stats = Arc::new(Stats::default());
         let read_only_opt = opts.read_only;
+        let write_through = opts.write_through;
         let thread_url = url.clone();
         let thread_stats = stats.clone();
         let thread = std::thread::Builder::new()
@@ -204,6 +214,7 @@ impl NbdClient {
             info,
             max_io,
             read_only,
+            write_through,
             tx: Some(tx),
             thread: Some(thread),
             stats,
@@ -318,12 +329,30 @@ impl NbdClient {
         e.into_error(format!("NBD {what} at {offset}+{len} on {}", self.url))
     }
 
+    /// `NBD_CMD_FLAG_FUA` when writing through to an export that takes it.
+    fn fua(&self) -> u16 {
+        if self.write_through && self.neg.has(proto::TF_SEND_FUA) {
+            proto::CMD_FLAG_FUA
+        } else {
+            0
+        }
+    }
+
+    /// After a modifying request: a flush when writing through without FUA.
+    fn written(&self, r: Result<Vec<Reply>>) -> Result<()> {
+        r?;
+        if self.write_through && !self.neg.has(proto::TF_SEND_FUA) {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
     /// Writes zeros the slow way (a server without `NBD_CMD_WRITE_ZEROES`).
     fn write_zero_buffers(&self, offset: u64, len: u64) -> Result<()> {
         let piece = self.max_io.min(1 << 20);
         let zeros = Arc::new(vec![0u8; piece.min(len) as usize]);
-        self.pieces(
-            req("write", Command::Write, 0, offset, len),
+        let r = self.pieces(
+            req("write", Command::Write, self.fua(), offset, len),
             piece,
             |_, n| {
                 if n as usize == zeros.len() {
@@ -332,8 +361,8 @@ impl NbdClient {
                     Some(Arc::new(vec![0u8; n as usize]))
                 }
             },
-        )
-        .map(|_| ())
+        );
+        self.written(r)
     }
 }
 
@@ -391,12 +420,12 @@ impl BlockDevice for NbdClient {
         let len = buf.len() as u64;
         check_request(&self.info, offset, len, true)?;
         // The data must outlive this call on the runtime thread (and a re-issue): one copy.
-        self.pieces(
-            req("write", Command::Write, 0, offset, len),
+        let r = self.pieces(
+            req("write", Command::Write, self.fua(), offset, len),
             self.max_io,
             |pos, n| Some(Arc::new(buf[pos as usize..(pos + n) as usize].to_vec())),
-        )
-        .map(|_| ())
+        );
+        self.written(r)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
@@ -408,13 +437,13 @@ impl BlockDevice for NbdClient {
             return self.write_zero_buffers(offset, len);
         }
         // proto.md "NBD_CMD_WRITE_ZEROES": without NO_HOLE the server may punch a hole.
-        let flags = if unmap { 0 } else { proto::CMD_FLAG_NO_HOLE };
-        self.pieces(
+        let flags = (if unmap { 0 } else { proto::CMD_FLAG_NO_HOLE }) | self.fua();
+        let r = self.pieces(
             req("write zeroes", Command::WriteZeroes, flags, offset, len),
             MAX_RANGE,
             |_, _| None,
-        )
-        .map(|_| ())
+        );
+        self.written(r)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -423,12 +452,12 @@ impl BlockDevice for NbdClient {
             // A discard is a hint; a server without TRIM keeps the data.
             return Ok(());
         }
-        self.pieces(
-            req("trim", Command::Trim, 0, offset, len),
+        let r = self.pieces(
+            req("trim", Command::Trim, self.fua(), offset, len),
             MAX_RANGE,
             |_, _| None,
-        )
-        .map(|_| ())
+        );
+        self.written(r)
     }
 
     fn flush(&self) -> Result<()> {

@@ -169,10 +169,15 @@ pub struct NbdClientOptions {
     pub tls: Option<TlsOptions>,
     /// Refuse writes locally even when the export takes them (a parent layer).
     pub read_only: bool,
+    /// Make every write, write-zeroes and trim durable before it completes: sent with
+    /// `NBD_CMD_FLAG_FUA` when the export takes it (`NBD_FLAG_SEND_FUA`), else followed by a
+    /// flush (proto.md "Command flags"). Off: durability waits for [`flush`](crate::BlockDevice::flush).
+    pub write_through: bool,
 }
 
 impl Default for NbdClientOptions {
-    /// 10 s to connect, 30 s request timeout, the default [`RetryPolicy`], no TLS, writable.
+    /// 10 s to connect, 30 s request timeout, the default [`RetryPolicy`], no TLS, writable,
+    /// no write-through.
     fn default() -> Self {
         NbdClientOptions {
             connect_timeout: Duration::from_secs(10),
@@ -180,6 +185,7 @@ impl Default for NbdClientOptions {
             retry: RetryPolicy::default(),
             tls: None,
             read_only: false,
+            write_through: false,
         }
     }
 }
