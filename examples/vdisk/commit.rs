@@ -4,7 +4,9 @@
 //!
 //! BASE defaults to CHILD's parent; `-b` names any image of CHILD's chain below it. The merged
 //! layers stay on disk, stale, unless `--delete` removes them (`-d`/`--keep` say keep
-//! explicitly, as qemu-img's `-d` keeps the child as it is). For a VHDX chain committed into
+//! explicitly, as qemu-img's `-d` keeps the child as it is). A kept VHDX layer right above
+//! BASE no longer opens over it (`meta_ops::unlink_stale`); kept VHD layers still do and
+//! show stale data: do not use them. For a VHDX chain committed into
 //! the parent, CHILD first records the parent's next DataWriteGuid in its `parent_linkage2`
 //! (`meta_ops::prepare_top`), so that a crash at any point leaves CHILD's chain openable.
 
@@ -115,6 +117,13 @@ pub fn run(a: CommitArgs) -> CliResult {
     r.map_err(job_err)?;
     // The guest (no one here) is on BASE: make it durable and clean before exiting.
     vdisk::block_io::BlockDevice::flush(&*live).map_err(CliError::from)?;
+    drop(live);
+    drop(runner);
+    if retire == Retire::Keep && depth == 1 {
+        // CHILD is closed now: make the stale VHDX refuse BASE (the job did it itself for a
+        // deeper BASE's child).
+        meta_ops::unlink_stale(&a.child, crate::image::lock_mode()).map_err(job_err)?;
+    }
     println!("Image committed.");
     Ok(0)
 }

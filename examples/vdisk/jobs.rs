@@ -1,4 +1,4 @@
-//! `vdisk stress IMG --job copy|convert --seconds N [--threads T] [--rate BYTES/S]`: random
+//! `vdisk stress IMG --job copy|convert|merge --seconds N [--threads T] [--rate BYTES/S]`: random
 //! guest I/O against an in-memory model while an online job runs, as a guest would see it.
 //!
 //! Guest threads do 4 KiB random writes, reads, discards, write-zeroes and flushes through a
@@ -13,7 +13,9 @@
 //! The destination is a temporary file next to IMG, deleted afterwards: for `copy` a raw
 //! image (the guest stays on IMG, the copy is a point-in-time image), for `convert` an image
 //! of another format (VHDX for raw and VHD, VHD for VHDX) that the guest switches to at the
-//! pivot. IMG's contents are overwritten by the guest writes.
+//! pivot. For `merge`, the guests run on a temporary differencing child of IMG (a VHD or
+//! VHDX), which the commit job folds into IMG while they write; they end on IMG and the child
+//! is deleted. IMG's contents are overwritten by the guest writes.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,8 +23,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vdisk::block_io::BlockDevice;
-use vdisk::chain::Format;
-use vdisk::meta_ops::{Job, JobError, JobOptions, JobReport, JobRunner, LiveDisk, Pivot};
+use vdisk::chain::{Disk, Format};
+use vdisk::meta_ops::{
+    CommitOptions, Job, JobError, JobOptions, JobReport, JobRunner, LiveDisk, Pivot, Retire,
+};
 
 use crate::CliError;
 
@@ -36,6 +40,8 @@ pub enum StressJob {
     Copy,
     /// Convert to another format (the guest switches to the new image at the pivot).
     Convert,
+    /// Commit a temporary child of IMG into IMG (the guest ends on IMG).
+    Merge,
 }
 
 /// `vdisk stress` arguments.
@@ -313,7 +319,7 @@ fn destination(
     size: u64,
 ) -> Result<(Arc<dyn BlockDevice>, TempFile), CliError> {
     let format = match (job, source) {
-        (StressJob::Copy, _) => Format::Raw,
+        (StressJob::Copy | StressJob::Merge, _) => Format::Raw,
         (StressJob::Convert, Format::Vhdx) => Format::Vhd,
         (StressJob::Convert, _) => Format::Vhdx,
     };
@@ -333,6 +339,40 @@ fn destination(
     Ok((img.dev, guard))
 }
 
+/// A temporary differencing child of `image` (VHD or VHDX), prepared for a commit and
+/// opened as a chain.
+fn merge_chain(
+    image: &Path,
+    format: Option<&str>,
+) -> Result<(crate::image::Image, Arc<Disk>, TempFile), CliError> {
+    let base = crate::image::open(image, format, true)?;
+    let fmt = base.format;
+    drop(base);
+    let ext = match fmt {
+        Format::Vhd => "vhd",
+        Format::Vhdx => "vhdx",
+        _ => return Err(CliError::new("--job merge needs a VHD or VHDX image")),
+    };
+    let mut name = image
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(format!(".stress-{}.{ext}", std::process::id()));
+    let path = image.with_file_name(name);
+    let guard = TempFile(path.clone());
+    drop(crate::image::create(fmt, &path, 0, &[], Some(image))?);
+    let opts = crate::image::chain_options(None, false)?;
+    vdisk::meta_ops::prepare_top(&path, &opts.policy)
+        .map_err(|e| CliError::new(crate::cause_chain(&e)))?;
+    let disk = Arc::new(Disk::open(&path, &opts)?);
+    let img = crate::image::Image {
+        dev: disk.clone(),
+        chain: Some(disk.clone()),
+        format: fmt,
+    };
+    Ok((img, disk, guard))
+}
+
 fn rate_of(per_sec: u64, elapsed: Duration) -> f64 {
     let s = elapsed.as_secs_f64();
     if s > 0.0 {
@@ -350,7 +390,16 @@ pub fn run(a: StressArgs) -> crate::CliResult {
         .map(crate::size::parse_size)
         .transpose()?
         .unwrap_or(0);
-    let img = crate::image::open(&a.image, a.format.as_deref(), false)?;
+    let (img, merged, merge_temp) = if a.job == StressJob::Merge {
+        let (img, disk, temp) = merge_chain(&a.image, a.format.as_deref())?;
+        (img, Some(disk), Some(temp))
+    } else {
+        (
+            crate::image::open(&a.image, a.format.as_deref(), false)?,
+            None,
+            None,
+        )
+    };
     let info = img.dev.info();
     if info.read_only {
         return Err(CliError::new(format!("{} is read-only", a.image.display())));
@@ -361,7 +410,13 @@ pub fn run(a: StressArgs) -> crate::CliResult {
         return Err(CliError::new("the image is smaller than 4 KiB"));
     }
     let chain = img.chain.as_ref().is_some_and(|c| c.layers().len() > 1);
-    let (dest, temp) = destination(&a.image, a.job, img.format, size)?;
+    // A merge has no destination of its own (the job builds it from the chain).
+    let (dest, temp) = if a.job == StressJob::Merge {
+        (img.dev.clone(), None)
+    } else {
+        let (d, t) = destination(&a.image, a.job, img.format, size)?;
+        (d, Some(t))
+    };
     let source = img.dev.clone();
     let live = LiveDisk::new(img.dev.clone());
     drop(img);
@@ -385,9 +440,12 @@ pub fn run(a: StressArgs) -> crate::CliResult {
     let idle_ops = shared.ops.load(Ordering::Relaxed);
     let idle_time = t0.elapsed();
 
-    let job = match a.job {
-        StressJob::Copy => Job::copy(dest.clone()).dest_zeroed(true),
-        StressJob::Convert => Job::convert(dest.clone()),
+    let job = match (a.job, &merged) {
+        (StressJob::Merge, Some(disk)) => {
+            Job::commit(disk.clone(), CommitOptions::new().retire(Retire::Delete))
+        }
+        (StressJob::Convert, _) => Ok(Job::convert(dest.clone())),
+        _ => Ok(Job::copy(dest.clone()).dest_zeroed(true)),
     };
     let options = JobOptions {
         rate,
@@ -395,7 +453,7 @@ pub fn run(a: StressArgs) -> crate::CliResult {
     };
     let ops_at_start = shared.ops.load(Ordering::Relaxed);
     let started = Instant::now();
-    let handle = runner.start(&live, job.options(options));
+    let handle = job.and_then(|job| runner.start(&live, job.options(options)));
     let outcome: Result<JobReport, JobError>;
     let mut during = (0u64, Duration::ZERO);
     match handle {
@@ -430,11 +488,12 @@ pub fn run(a: StressArgs) -> crate::CliResult {
     let (job_state, pivot) = match &outcome {
         Ok(_) => (
             "completed",
-            Some(if a.job == StressJob::Convert {
-                Pivot::Switch
-            } else {
-                Pivot::Detach
-            }),
+            match a.job {
+                StressJob::Convert => Some(Pivot::Switch),
+                StressJob::Copy => Some(Pivot::Detach),
+                // The old chain's base is the guest's disk now: nothing else to compare.
+                StressJob::Merge => None,
+            },
         ),
         Err(e) if e.is_cancelled() => ("cancelled", None),
         Err(_) => ("failed", None),
@@ -473,8 +532,9 @@ pub fn run(a: StressArgs) -> crate::CliResult {
         "copy_file_range_bytes": outcome.as_ref().map(|r| r.copy_file_range_bytes).unwrap_or(0),
     });
     println!("{line}");
-    drop((live, now, other, dest, source));
+    drop((live, now, other, dest, source, merged));
     drop(temp);
+    drop(merge_temp);
     Ok(u8::from(
         mismatches > 0 || errors > 0 || job_state == "failed",
     ))

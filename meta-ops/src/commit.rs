@@ -65,9 +65,13 @@
 //!    Which one to open after a crash is the caller's record of whether the pivot happened
 //!    (the job's result); both open with lineage checks on.
 //! 4. **Retire.** Deleting the merged layers happens after the pivot. With [`Retire::Keep`]
-//!    the merged layers stay on disk *stale*: they still link to BASE (VHD ids never change,
-//!    a VHDX C still names G), but BASE has moved on; opening them shows data older than
-//!    BASE's. That is the same as `qemu-img commit -d` and QEMU's active commit.
+//!    the merged layers stay on disk *stale*: BASE has moved on, and opening them over it
+//!    would show data older than BASE's. A VHDX C is then unlinked ([`unlink_stale`]: its
+//!    `parent_linkage2` = G removed, one logged metadata change), so it no longer opens over
+//!    BASE with lineage checks on — by the job when C is not the live top, else by the
+//!    caller once the old chain is closed (the CLI does). A crash before that leaves C
+//!    linked and stale. VHD layers keep matching BASE (its ids never change): as with
+//!    `qemu-img commit -d`, do not open them again.
 //!
 //! ## BASE opened for writing
 //!
@@ -80,7 +84,7 @@
 //! using it as a backing file) cannot be told from the guest's own handle and is not
 //! detected; its view changes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use block_io::{BlockDevice, DiskInfo, FileStorage, LockMode, Mapping, StatusRun};
@@ -190,8 +194,15 @@ impl Job {
         lower.extend(layers[depth + 1..].iter().cloned());
         let new_disk = Disk::from_layers(lower, false).map_err(chain_err(&base.path))?;
         let retire = match opts.retire {
+            Retire::Delete => layers[..depth]
+                .iter()
+                .map(|l| Post::Delete(l.path.clone()))
+                .collect(),
+            // BASE's child, when the guest's chain holds it read-only (not the live top).
+            Retire::Keep if depth >= 2 && layers[depth - 1].format == Format::Vhdx => {
+                vec![Post::Unlink(layers[depth - 1].path.clone())]
+            }
             Retire::Keep => Vec::new(),
-            Retire::Delete => layers[..depth].iter().map(|l| l.path.clone()).collect(),
         };
         let merge: Arc<dyn BlockDevice> = Arc::new(MergeSource {
             chain: disk.clone(),
@@ -204,6 +215,73 @@ impl Job {
         job.retire = retire;
         Ok(job)
     }
+}
+
+/// What a commit does to a merged layer after the pivot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Post {
+    /// Delete the file.
+    Delete(PathBuf),
+    /// Keep it, refusing BASE as its parent from now on ([`unlink_stale`]).
+    Unlink(PathBuf),
+}
+
+impl Post {
+    /// Does it (blocking).
+    pub(crate) fn run(self) -> Result<(), JobError> {
+        match self {
+            Post::Delete(path) => {
+                std::fs::remove_file(&path).map_err(|source| JobError::Retire { path, source })
+            }
+            Post::Unlink(path) => {
+                unlink_stale(&path, LockMode::Off)
+                    .map(drop)
+                    .map_err(|e| JobError::Retire {
+                        path,
+                        source: std::io::Error::other(e),
+                    })
+            }
+        }
+    }
+}
+
+/// Makes a merged VHDX layer kept on disk ([`Retire::Keep`]) refuse the base it was merged
+/// into: removes the `parent_linkage2` that names the base's new DataWriteGuid, so that its
+/// `parent_linkage` (the base's id before the merge) no longer matches and the stale layer
+/// cannot be opened over the base with lineage checks on. Returns whether it changed the
+/// file (VHD layers cannot be told apart this way: their parent's ids never change).
+///
+/// The job does this itself after the pivot when the layer is not the guest's live top;
+/// for a live top, call it once the old chain is closed (the CLI does). `lock`: the image
+/// locks to take ([`LockMode::Off`] when the caller's own chain still holds the file).
+pub fn unlink_stale(layer: &Path, lock: LockMode) -> Result<bool, JobError> {
+    let storage = FileStorage::open(
+        layer,
+        &block_io::OpenOptions::new().read_only(false).lock(lock),
+    )
+    .map_err(prep(layer))?;
+    if !vhdx_format::probe(&storage) {
+        return Ok(false);
+    }
+    let mut f = vhdx_format::VhdxFile::open(storage, false).map_err(prep(layer))?;
+    let Some(old) = f.parent_locator().cloned() else {
+        return Ok(false);
+    };
+    if old.parent_linkage2().is_none() {
+        return Ok(false);
+    }
+    let new = vhdx_format::locator::ParentLocator {
+        locator_type: old.locator_type,
+        entries: old
+            .entries
+            .iter()
+            .filter(|(k, _)| !k.eq_ignore_ascii_case("parent_linkage2"))
+            .cloned()
+            .collect(),
+    };
+    f.set_parent_locator(&new).map_err(prep(layer))?;
+    f.close().map_err(prep(layer))?;
+    Ok(true)
 }
 
 /// Opens BASE (layer `depth` of `disk`) read-write for the job, after checking it has no

@@ -26,8 +26,8 @@ pub(crate) struct Driver {
     pub(crate) copier: Arc<Copier>,
     pub(crate) live: Arc<LiveDisk>,
     pub(crate) pivot: Pivot,
-    /// Files deleted after the pivot (a commit's merged layers).
-    pub(crate) retire: Vec<std::path::PathBuf>,
+    /// What happens after the pivot to a commit's merged layers.
+    pub(crate) retire: Vec<crate::commit::Post>,
     pub(crate) opts: JobOptions,
     pub(crate) ctl: watch::Receiver<Control>,
 }
@@ -244,12 +244,10 @@ impl Driver {
         })
         .await
         .map_err(|_| JobError::Aborted)??;
-        for path in std::mem::take(&mut self.retire) {
-            tokio::task::spawn_blocking(move || {
-                std::fs::remove_file(&path).map_err(|source| JobError::Retire { path, source })
-            })
-            .await
-            .map_err(|_| JobError::Aborted)??;
+        for post in std::mem::take(&mut self.retire) {
+            tokio::task::spawn_blocking(move || post.run())
+                .await
+                .map_err(|_| JobError::Aborted)??;
         }
         let c = &self.copier.counters;
         let t = &self.copier.tracker;

@@ -49,9 +49,9 @@ pub enum JobError {
         #[source]
         source: block_io::Error,
     },
-    /// A completed commit could not delete a merged layer (the chain is already the new
-    /// one; the file is stale).
-    #[error("cannot delete the merged layer {path}")]
+    /// A commit could not delete or unlink a merged layer after its pivot (the guest is
+    /// already on the base; the file is stale).
+    #[error("cannot retire the merged layer {path}")]
     Retire {
         /// The file.
         path: std::path::PathBuf,

@@ -106,8 +106,8 @@ pub struct Job {
     pub(crate) merge: Option<Arc<dyn BlockDevice>>,
     /// Commit: the disk the guest must be on when the job starts.
     pub(crate) guest: Option<Arc<dyn BlockDevice>>,
-    /// Commit: files deleted once the guest has moved onto the base.
-    pub(crate) retire: Vec<std::path::PathBuf>,
+    /// Commit: what happens to the merged layers once the guest has moved onto the base.
+    pub(crate) retire: Vec<crate::commit::Post>,
 }
 
 impl std::fmt::Debug for Job {

@@ -52,8 +52,10 @@
 //!
 //! ## Guarantees
 //!
-//! - A job never writes the source. A cancelled or failed job leaves it as the guest left it
-//!   and guest I/O goes on there; the job reports [`JobError::Cancelled`] or the error.
+//! - Copy and convert never write the source. A commit writes its base, which is part of
+//!   the source chain, only where the layers above hide it, so the guest's view never
+//!   changes. A cancelled or failed job leaves the guest's disk reading as the guest left
+//!   it, and guest I/O goes on there; the job reports [`JobError::Cancelled`] or the error.
 //! - After a completed job the destination holds exactly what the guest's disk held at the
 //!   pivot, and it was flushed before the job reported success (and, with
 //!   [`Pivot::Switch`], before the guest's first request to it). Every guest write is in
@@ -63,7 +65,8 @@
 //!   blocks dirty again.
 //! - The destination is valid at every instant as far as its format keeps it so: the job
 //!   writes it only through [`BlockDevice`] calls and mapped file extents of blocks already
-//!   allocated. Crash sweeps of jobs on the fault backend are not part of this release.
+//!   allocated. The commit job has a crash sweep on the fault backend
+//!   (`tests/commit_crash.rs`); copy and convert do not yet.
 //!
 //! [`BlockDevice`]: block_io::BlockDevice
 //! [`BlockDevice::map`]: block_io::BlockDevice::map
@@ -78,7 +81,7 @@ mod handle;
 mod job;
 mod live;
 
-pub use commit::{prepare_top, set_vhdx_linkage, CommitOptions, Retire};
+pub use commit::{prepare_top, set_vhdx_linkage, unlink_stale, CommitOptions, Retire};
 pub use error::{JobError, JobResult};
 pub use handle::{JobHandle, JobReport, Phase, Progress};
 pub use job::{Job, JobKind, JobOptions, JobRunner, Pivot};

@@ -136,6 +136,18 @@ fn case(runner: &JobRunner, kind: Kind, seed: u64, end: End) {
                     p.display()
                 );
             }
+            if retire == Retire::Keep && kind == Kind::Vhdx {
+                // The stale layers no longer open over BASE: the job unlinked BASE's child
+                // (not the live top); the live top is unlinked once closed.
+                if base == 1 {
+                    assert!(meta_ops::unlink_stale(&top, block_io::LockMode::Auto).unwrap());
+                }
+                let e = Disk::open(&top, &OpenOptions::new().read_only(true)).unwrap_err();
+                assert!(
+                    matches!(e, chain::ChainError::LineageMismatch { .. }),
+                    "{what}: {e}"
+                );
+            }
         }
         End::Cancel => {
             guests.run_for_ops(rng.random_range(0..200));

@@ -146,6 +146,15 @@ fn commit_into_the_parent_keeps_layers_and_libvhdi_reads_the_result() {
         pyvhdi_equal(&mid, &base, None, &before);
         // mid's chain opens with lineage checks on (info walks it).
         vdisk_ok(&["info", "--backing-chain", &mid]);
+        // The stale VHDX top no longer opens over mid (its lineage check fails).
+        if fmt == "vhdx" {
+            let o = vdisk(&["compare", &top, &before]);
+            assert!(!o.status.success(), "stale top opened: {o:?}");
+            assert!(
+                String::from_utf8_lossy(&o.stderr).contains("DataWriteGuid"),
+                "{o:?}"
+            );
+        }
     }
 }
 
@@ -157,6 +166,15 @@ fn commit_two_layers_deep_then_the_rest() {
         // -d keeps, as qemu-img's -d keeps the child.
         vdisk_ok(&["commit", "-d", "-b", &base, &top]);
         assert!(Path::new(&mid).exists() && Path::new(&top).exists());
+        if fmt == "vhdx" {
+            // mid (BASE's child, unlinked by the job) no longer opens over base.
+            let o = vdisk(&["compare", &mid, &before]);
+            assert!(!o.status.success(), "stale mid opened: {o:?}");
+            assert!(
+                String::from_utf8_lossy(&o.stderr).contains("DataWriteGuid"),
+                "{o:?}"
+            );
+        }
         vdisk_ok(&["compare", &base, &before]);
         vdisk_ok(&["check", &base]);
     }
@@ -196,4 +214,39 @@ fn refusals_leave_the_chain_alone() {
     assert!(!o.status.success(), "commit under a writer: {o:?}");
     assert!(err.to_lowercase().contains("lock"), "{err}");
     vdisk_ok(&["compare", &top, &before]);
+}
+
+/// `vdisk stress IMG --job merge`: guests on a temporary child of IMG while it is committed
+/// into IMG; zero mismatches, the child removed, IMG checks clean.
+#[test]
+fn stress_merge_zero_mismatches() {
+    for fmt in ["vhd", "vhdx"] {
+        let d = tempfile::tempdir().unwrap();
+        let img = p(d.path(), &format!("s.{fmt}"));
+        vdisk_ok(&["create", "-f", fmt, &img, "32M"]);
+        vdisk_ok(&["io", &img, "-c", "write -P 3 0 8M"]);
+        let out = vdisk_ok(&[
+            "stress",
+            &img,
+            "--job",
+            "merge",
+            "--seconds",
+            "3",
+            "--threads",
+            "3",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["mismatches"], 0, "{fmt}: {v}");
+        assert_eq!(v["errors"], 0, "{fmt}: {v}");
+        assert_eq!(v["job"], "completed", "{fmt}: {v}");
+        let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "{fmt}: the temporary child was removed");
+        vdisk_ok(&["check", &img]);
+    }
+    // A raw image has no children: refused.
+    let d = tempfile::tempdir().unwrap();
+    let raw = p(d.path(), "r.raw");
+    vdisk_ok(&["create", &raw, "8M"]);
+    let o = vdisk(&["stress", &raw, "--job", "merge", "--seconds", "1"]);
+    assert!(!o.status.success());
 }
