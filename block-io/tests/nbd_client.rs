@@ -561,3 +561,46 @@ fn our_server_stopped_and_restarted_on_the_same_port_is_reconnected() {
     });
     assert!(read(&*disk, MIB, 65_536) == pattern(MIB, 65_536, 13));
 }
+
+#[test]
+fn multi_conn_spreads_requests_over_connections_that_share_writes_and_flushes() {
+    let disk = mem_disk(32 * MIB);
+    let srv = Ours::start(disk.clone());
+    let o = NbdClientOptions {
+        connections: 4,
+        ..quick_opts()
+    };
+    let c = NbdClient::open(&srv.url(), o).unwrap();
+    assert_ne!(
+        c.export_info().flags & block_io::nbd::proto::TF_CAN_MULTI_CONN,
+        0
+    );
+    assert_eq!(c.connections(), 4);
+    // Requests of one caller land on different connections; each thread's reads must see
+    // its own writes whichever connection carried them.
+    model_workload(&c, 4, 200, 1 << 20, 31);
+    c.flush().unwrap();
+    let data = pattern(0, 8 * MIB as usize, 33);
+    c.write_at(&data, 0).unwrap();
+    assert!(read(&*disk, 0, data.len()) == data);
+}
+
+#[test]
+fn nbdkit_multi_conn_killed_and_restarted_reconnects_every_connection() {
+    if !oracle("nbdkit") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("d.raw");
+    pattern_file(&f, 16 * MIB, 14);
+    let mut p = Proc::nbdkit(&f, Listen::Tcp(free_port()), &["delay"], &["rdelay=50ms"]);
+    let o = NbdClientOptions {
+        connections: 3,
+        ..quick_opts()
+    };
+    let c = NbdClient::open(&p.url(), o.clone()).unwrap();
+    let multi = c.export_info().flags & block_io::nbd::proto::TF_CAN_MULTI_CONN != 0;
+    assert_eq!(c.connections(), if multi { 3 } else { 1 });
+    drop(c);
+    kill_and_restart_under_reads(&mut p, o, 128 * 1024, 2, 14);
+}

@@ -572,7 +572,13 @@ fn transmission_flags_decide_what_is_sent() {
             Act::Go
         }),
     );
-    let c = NbdClient::open(&fake.url(), quick_opts()).unwrap();
+    // Multi-conn is asked for but not advertised: one connection.
+    let o = NbdClientOptions {
+        connections: 4,
+        ..quick_opts()
+    };
+    let c = NbdClient::open(&fake.url(), o).unwrap();
+    assert_eq!(c.connections(), 1);
     c.flush().unwrap();
     c.discard(0, 65_536).unwrap();
     c.write_zeroes(65_536, 3 << 20 >> 2, false).unwrap();

@@ -31,17 +31,16 @@
 mod conn;
 mod error;
 mod handshake;
+mod lane;
 mod options;
 mod url;
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
-use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
-
-use self::conn::{drive, Op, Reply, Stats};
-use self::handshake::{connect, Negotiated};
+use self::conn::{Op, Reply, Stats};
+use self::handshake::Negotiated;
+use self::lane::Lane;
 use super::proto::{self, Command};
 use crate::device::{check_request, BlockDevice, BlockStatus, DiskInfo, StatusRun};
 use crate::error::{Error, ErrorKind, Result};
@@ -55,6 +54,9 @@ pub use self::url::{NbdTarget, NbdUrl, UrlError, DEFAULT_PORT};
 /// Longest trim, write-zeroes or block-status request sent at once (the length field is 32
 /// bits; 2 GiB is a multiple of every block size).
 const MAX_RANGE: u64 = 1 << 31;
+
+/// Most connections one client opens (multi-conn).
+const MAX_CONNECTIONS: u32 = 16;
 
 /// A range request before it is split.
 #[derive(Debug, Clone, Copy)]
@@ -120,8 +122,9 @@ pub struct NbdClient {
     max_io: u64,
     read_only: bool,
     write_through: bool,
-    tx: Option<UnboundedSender<Op>>,
-    thread: Option<JoinHandle<()>>,
+    /// One per connection (several with multi-conn); requests go round-robin.
+    lanes: Vec<Lane>,
+    next: AtomicUsize,
     stats: Arc<Stats>,
 }
 
@@ -142,57 +145,31 @@ impl NbdClient {
     }
 
     /// Connects to `url` and negotiates (one attempt within `opts.connect_timeout`; the
-    /// retry policy applies to later drops). Starts the client's runtime thread.
+    /// retry policy applies to later drops). Starts one thread per connection, each with a
+    /// single-threaded tokio runtime of its own, so callers need no runtime.
     pub fn connect(url: &NbdUrl, opts: NbdClientOptions) -> Result<Self, ClientError> {
         if url.tls && opts.tls.is_none() {
             return Err(ClientError::TlsConfig(
                 "an nbds:// URL needs TLS options".into(),
             ));
         }
-        let (init_tx, init_rx) = std::sync::mpsc::channel();
-        let (tx, rx) = unbounded_channel();
         let stats = Arc::new(Stats::default());
+        let (first, neg) = Lane::spawn(url, &opts, stats.clone(), 0)?;
+        let mut lanes = vec![first];
+        if opts.connections > 1 && neg.has(proto::TF_CAN_MULTI_CONN) {
+            for i in 1..opts.connections.min(MAX_CONNECTIONS) {
+                let (lane, other) = Lane::spawn(url, &opts, stats.clone(), i as usize)?;
+                if other.size != neg.size || other.flags != neg.flags {
+                    return Err(ClientError::ExportChanged(format!(
+                        "connection {i} sees size {} flags {:#x}, the first {} {:#x}",
+                        other.size, other.flags, neg.size, neg.flags
+                    )));
+                }
+                lanes.push(lane);
+            }
+        }
         let read_only_opt = opts.read_only;
         let write_through = opts.write_through;
-        let thread_url = url.clone();
-        let thread_stats = stats.clone();
-        let thread = std::thread::Builder::new()
-            .name("nbd-client".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = init_tx.send(Err(ClientError::transport(e)));
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    match connect(&thread_url, &opts).await {
-                        Err(e) => {
-                            let _ = init_tx.send(Err(e));
-                        }
-                        Ok((io, neg)) => {
-                            let _ = init_tx.send(Ok(neg.clone()));
-                            drive((io, neg), thread_url, opts, rx, thread_stats).await;
-                        }
-                    }
-                });
-            })
-            .map_err(ClientError::transport)?;
-        let neg = match init_rx.recv() {
-            Ok(Ok(neg)) => neg,
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                return Err(e);
-            }
-            Err(_) => {
-                let _ = thread.join();
-                return Err(ClientError::Closed);
-            }
-        };
         // The addressing unit: the server's minimum block, at least 512 bytes.
         let sector = neg.block.minimum.max(512);
         let preferred = neg.block.preferred.clamp(sector, 64 * 1024);
@@ -215,8 +192,8 @@ impl NbdClient {
             max_io,
             read_only,
             write_through,
-            tx: Some(tx),
-            thread: Some(thread),
+            lanes,
+            next: AtomicUsize::new(0),
             stats,
         })
     }
@@ -237,6 +214,11 @@ impl NbdClient {
             preferred_block: self.neg.block.preferred,
             max_payload: self.neg.block.maximum,
         }
+    }
+
+    /// Connections in use (more than one with multi-conn).
+    pub fn connections(&self) -> usize {
+        self.lanes.len()
     }
 
     /// How many times the client reconnected after a dropped connection.
@@ -273,11 +255,8 @@ impl NbdClient {
             payload,
             done,
         };
-        self.tx
-            .as_ref()
-            .ok_or(ClientError::Closed)?
-            .send(op)
-            .map_err(|_| ClientError::Closed)?;
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len().max(1);
+        self.lanes.get(i).ok_or(ClientError::Closed)?.send(op)?;
         Ok(rx)
     }
 
@@ -368,10 +347,13 @@ impl NbdClient {
 
 impl Drop for NbdClient {
     fn drop(&mut self) {
-        // Closing the channel makes the driver send NBD_CMD_DISC and end.
-        self.tx.take();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        // Closing the channels makes the drivers send NBD_CMD_DISC and end: all at once,
+        // then wait for each.
+        for lane in &mut self.lanes {
+            lane.shut();
+        }
+        for lane in &mut self.lanes {
+            lane.close();
         }
     }
 }

@@ -173,11 +173,16 @@ pub struct NbdClientOptions {
     /// `NBD_CMD_FLAG_FUA` when the export takes it (`NBD_FLAG_SEND_FUA`), else followed by a
     /// flush (proto.md "Command flags"). Off: durability waits for [`flush`](crate::BlockDevice::flush).
     pub write_through: bool,
+    /// Connections to open when the export advertises `NBD_FLAG_CAN_MULTI_CONN` (then a
+    /// flush on one makes the writes completed on all durable, proto.md "Transmission
+    /// flags"); requests are spread over them. One when the export does not advertise it;
+    /// at most 16.
+    pub connections: u32,
 }
 
 impl Default for NbdClientOptions {
     /// 10 s to connect, 30 s request timeout, the default [`RetryPolicy`], no TLS, writable,
-    /// no write-through.
+    /// no write-through, one connection.
     fn default() -> Self {
         NbdClientOptions {
             connect_timeout: Duration::from_secs(10),
@@ -186,6 +191,7 @@ impl Default for NbdClientOptions {
             tls: None,
             read_only: false,
             write_through: false,
+            connections: 1,
         }
     }
 }
