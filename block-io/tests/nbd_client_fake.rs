@@ -19,7 +19,7 @@ use block_io::nbd::{ClientError, NbdClient, NbdClientOptions, RetryPolicy};
 use block_io::{BlockDevice, BlockStatus, ErrorKind};
 use nbd_client_util::{pattern, quick_opts};
 
-const SIZE: u64 = 1 << 20;
+const SIZE: u64 = 8 << 20;
 const TAG: u8 = 0x5a;
 const CTX: u32 = 7;
 
@@ -75,7 +75,11 @@ impl Fake {
         std::thread::spawn(move || {
             for (conn, s) in l.incoming().enumerate() {
                 let Ok(mut s) = s else { return };
-                let _ = serve(conn, &cfg, &*behave, &log2, &mut s);
+                // A client that hangs up makes the scripted writes fail (and panic): that
+                // ends this connection, not the server.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    serve(conn, &cfg, &*behave, &log2, &mut s)
+                }));
             }
         });
         Fake { port, log }
@@ -258,6 +262,12 @@ fn check_violation(name: &str, bad: fn(&Request, &mut TcpStream)) {
     assert!(
         b.iter().all(|&x| x == 0),
         "{name}: bytes of a bad reply reached the caller"
+    );
+    // Even without retries, the next request connects anew (and gets good answers).
+    c.read_at(&mut b, 4096).unwrap();
+    assert!(
+        b == pattern(4096, 8192, TAG),
+        "{name}: wrong data on the new connection"
     );
     drop(c);
 
@@ -790,4 +800,46 @@ fn write_through_uses_fua_or_a_flush() {
         };
         assert_eq!(log, expect, "fua {fua}");
     }
+}
+
+#[test]
+fn a_slow_transfer_is_not_taken_for_a_silent_server() {
+    // A 4 MiB read trickles in over about 1.3 s, longer than the request timeout: the bytes
+    // arriving keep the connection alive.
+    let behave = |_, r: &Request, s: &mut TcpStream| {
+        if r.command != proto::Command::Read {
+            good(r, s, true);
+            return Act::Go;
+        }
+        let d = pattern(r.offset, r.length as usize, TAG);
+        let h = proto::structured_header(
+            proto::REPLY_FLAG_DONE,
+            proto::REPLY_TYPE_OFFSET_DATA,
+            r.cookie,
+            8 + r.length,
+        );
+        s.write_all(&h).unwrap();
+        s.write_all(&r.offset.to_be_bytes()).unwrap();
+        for piece in d.chunks(64 * 1024) {
+            s.write_all(piece).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Act::Go
+    };
+    let fake = Fake::start(Cfg::default(), Box::new(behave));
+    let o = NbdClientOptions {
+        request_timeout: Some(Duration::from_millis(800)),
+        ..never()
+    };
+    let c = NbdClient::open(&fake.url(), o).unwrap();
+    let t0 = std::time::Instant::now();
+    let mut b = vec![0u8; 4 << 20];
+    c.read_at(&mut b, 0).unwrap();
+    assert!(
+        t0.elapsed() > Duration::from_millis(800),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(b == pattern(0, 4 << 20, TAG));
+    assert_eq!(c.reconnects(), 0);
 }

@@ -25,6 +25,9 @@ use super::handshake::{connect, BoxIo, Negotiated};
 use super::options::NbdClientOptions;
 use super::url::NbdUrl;
 
+/// Payloads are moved in pieces of this size, each one a sign of life for the watchdog.
+const PROGRESS_PIECE: usize = 1 << 20;
+
 /// What a successful op yields.
 #[derive(Debug)]
 pub(crate) enum Reply {
@@ -171,7 +174,10 @@ pub(crate) async fn drive(
         let (io, neg) = match conn.take() {
             Some(c) => c,
             None => {
-                if requeue.is_empty() {
+                // A round for new work after an earlier one gave up (or after an idle drop)
+                // always tries at least once.
+                let fresh = requeue.is_empty();
+                if fresh {
                     // Reconnect lazily: only once there is work.
                     match rx.recv().await {
                         Some(op) => requeue.push_back(Entry::new(op)),
@@ -179,7 +185,7 @@ pub(crate) async fn drive(
                     }
                 }
                 let last = cause.take().unwrap_or(ClientError::Closed);
-                match reconnect(&url, &opts, &original, last).await {
+                match reconnect(&url, &opts, &original, last, fresh).await {
                     Ok(c) => {
                         stats.reconnects.fetch_add(1, Ordering::Relaxed);
                         stats
@@ -228,23 +234,35 @@ async fn reconnect(
     opts: &NbdClientOptions,
     original: &Negotiated,
     cause: ClientError,
+    at_least_once: bool,
 ) -> Result<(BoxIo, Negotiated), ClientError> {
     let policy = &opts.retry;
     let start = Instant::now();
     let mut backoff = policy.initial_backoff;
     let mut attempts = 0;
     let mut last = cause;
-    while attempts < policy.max_attempts {
+    loop {
         let elapsed = start.elapsed();
-        if elapsed >= policy.max_elapsed {
+        let first_of_fresh = at_least_once && attempts == 0;
+        if !first_of_fresh && (attempts >= policy.max_attempts || elapsed >= policy.max_elapsed) {
             break;
         }
         if attempts > 0 {
-            tokio::time::sleep(backoff.min(policy.max_elapsed - elapsed)).await;
+            tokio::time::sleep(backoff.min(policy.max_elapsed.saturating_sub(elapsed))).await;
             backoff = backoff.saturating_mul(2).min(policy.max_backoff);
         }
         attempts += 1;
-        match connect(url, opts).await {
+        // No attempt outlives the round (the first of a fresh round has the connect timeout).
+        let left = policy.max_elapsed.saturating_sub(start.elapsed());
+        let attempt = if first_of_fresh {
+            connect(url, opts).await
+        } else {
+            match tokio::time::timeout(left, connect(url, opts)).await {
+                Ok(r) => r,
+                Err(_) => Err(ClientError::Timeout(left)),
+            }
+        };
+        match attempt {
             Ok((io, neg)) => {
                 // The same export or nothing: a different size or writability would turn
                 // re-issued requests into wrong data.
@@ -362,15 +380,15 @@ async fn writer(
             }
             t.entries.insert(cookie, entry);
         }
-        let sent = match w.write_all(&header).await {
-            Ok(()) => match &payload {
-                Some(p) => w.write_all(p).await,
-                None => Ok(()),
-            },
-            Err(e) => Err(e),
-        };
-        if let Err(e) = sent {
+        if let Err(e) = w.write_all(&header).await {
             return End::Lost(ClientError::transport(e));
+        }
+        // A large payload on a slow link: the server taking bytes is a sign of life.
+        for piece in payload.iter().flat_map(|p| p.chunks(PROGRESS_PIECE)) {
+            if let Err(e) = w.write_all(piece).await {
+                return End::Lost(ClientError::transport(e));
+            }
+            table.borrow_mut().touch();
         }
     }
 }
@@ -418,6 +436,16 @@ async fn reader(r: ReadHalf<BoxIo>, neg: &Negotiated, table: &RefCell<Table>) ->
             return e;
         }
     }
+}
+
+/// Reads a payload in pieces, noting progress after each so that a long transfer on a slow
+/// link is not taken for a silent server.
+async fn read_payload(r: &mut Rd, b: &mut [u8], table: &RefCell<Table>) -> Result<(), ClientError> {
+    for piece in b.chunks_mut(PROGRESS_PIECE) {
+        read_exact(r, piece).await?;
+        table.borrow_mut().touch();
+    }
+    Ok(())
 }
 
 async fn read_exact(r: &mut Rd, b: &mut [u8]) -> Result<(), ClientError> {
@@ -481,8 +509,7 @@ async fn simple(
                 return Err(ClientError::protocol("simple reply to a read"));
             }
             let mut buf = vec![0u8; length as usize];
-            read_exact(r, &mut buf).await?;
-            table.borrow_mut().touch();
+            read_payload(r, &mut buf, table).await?;
             finish(table, cookie, Ok(Reply::Data(buf)));
         }
         Command::BlockStatus => {
@@ -571,10 +598,8 @@ async fn chunk(
                 e.cover(rel, n)?;
                 e.buffer()
             };
-            read_exact(r, &mut buf[rel as usize..(rel + n) as usize]).await?;
-            let mut t = table.borrow_mut();
-            t.touch();
-            t.get(cookie)?.buf = buf;
+            read_payload(r, &mut buf[rel as usize..(rel + n) as usize], table).await?;
+            table.borrow_mut().get(cookie)?.buf = buf;
         }
         proto::REPLY_TYPE_OFFSET_HOLE => {
             if command != Command::Read || length != 12 {
