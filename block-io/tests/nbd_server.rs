@@ -856,3 +856,134 @@ fn stop_cuts_off_a_client_that_never_reads_its_replies() {
     );
     drop(c);
 }
+
+/// A memory disk whose reads at offset 0 wait at a gate while it is closed.
+struct GatedReads {
+    inner: Arc<RawDisk<MemStorage>>,
+    /// (open, a read is waiting)
+    state: std::sync::Mutex<(bool, bool)>,
+    cv: std::sync::Condvar,
+}
+
+impl GatedReads {
+    fn wait(&self, offset: u64) {
+        if offset != 0 {
+            return;
+        }
+        let mut g = self.state.lock().unwrap();
+        g.1 = true;
+        self.cv.notify_all();
+        while !g.0 {
+            g = self.cv.wait(g).unwrap();
+        }
+    }
+
+    fn wait_entered(&self) {
+        let g = self.state.lock().unwrap();
+        let (_g, t) = self
+            .cv
+            .wait_timeout_while(g, std::time::Duration::from_secs(10), |s| !s.1)
+            .unwrap();
+        assert!(!t.timed_out(), "the read never reached the device");
+    }
+
+    fn open(&self) {
+        self.state.lock().unwrap().0 = true;
+        self.cv.notify_all();
+    }
+}
+
+impl BlockDevice for GatedReads {
+    fn info(&self) -> block_io::DiskInfo {
+        self.inner.info()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> block_io::Result<()> {
+        self.wait(offset);
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> block_io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    unsafe fn read_raw_at(&self, bufs: &[block_io::RawBuf], offset: u64) -> block_io::Result<()> {
+        self.wait(offset);
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { self.inner.read_raw_at(bufs, offset) }
+    }
+    unsafe fn write_raw_at(&self, bufs: &[block_io::RawBuf], offset: u64) -> block_io::Result<()> {
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { self.inner.write_raw_at(bufs, offset) }
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> block_io::Result<()> {
+        self.inner.write_zeroes(offset, len, unmap)
+    }
+    fn discard(&self, offset: u64, len: u64) -> block_io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn flush(&self) -> block_io::Result<()> {
+        self.inner.flush()
+    }
+    fn block_status(&self, offset: u64, len: u64) -> block_io::Result<block_io::StatusRun> {
+        self.inner.block_status(offset, len)
+    }
+}
+
+/// Trims and write-zeroes wait only for the reads and writes they overlap: with a read
+/// stuck in the device, a write-zeroes and a trim elsewhere complete, one over the read
+/// waits until the read is done (and then zeroes what the read had returned).
+#[test]
+fn trims_and_zeroes_wait_only_for_requests_they_overlap() {
+    let inner = mem_disk(4 << 20);
+    inner.write_at(&[0x66; 65536], 0).unwrap();
+    inner.write_at(&[0x67; 65536], 1 << 20).unwrap();
+    let dev = Arc::new(GatedReads {
+        inner: inner.clone(),
+        state: std::sync::Mutex::new((false, false)),
+        cv: std::sync::Condvar::new(),
+    });
+    let srv = Running::tcp(vec![Export::new("d", dev.clone())]);
+    // Dropped before the server: a failed check must not leave the read stuck.
+    struct Opener(Arc<GatedReads>);
+    impl Drop for Opener {
+        fn drop(&mut self) {
+            self.0.open();
+        }
+    }
+    let _opener = Opener(dev.clone());
+    let mut c = Raw::open(&srv);
+    c.go("d", true);
+    c.request(proto::CMD_READ, 0, 1, 0, 65536);
+    dev.wait_entered();
+    // Not overlapping the stuck read: both answered while it is stuck.
+    c.request(proto::CMD_WRITE_ZEROES, 0, 2, 1 << 20, 32768);
+    c.request(proto::CMD_TRIM, 0, 3, (1 << 20) + 32768, 32768);
+    c.s.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+        .unwrap();
+    let mut got = vec![c.reply(None), c.reply(None)];
+    got.sort();
+    assert_eq!(got, vec![(2, 0, vec![]), (3, 0, vec![])]);
+    assert_eq!(read_dev(&*inner, 1 << 20, 32768), vec![0; 32768]);
+    // Overlapping it: no answer while the read is stuck.
+    c.request(proto::CMD_WRITE_ZEROES, 0, 4, 4096, 4096);
+    c.s.set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    let early = c.s.peek(&mut b);
+    assert!(
+        early.is_err(),
+        "a write-zeroes over a read in flight was answered"
+    );
+    c.s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    assert_eq!(read_dev(&*inner, 4096, 4096), vec![0x66; 4096]);
+    dev.open();
+    let (cookie, err, data) = c.reply(Some(65536));
+    assert_eq!((cookie, err), (1, 0));
+    assert_eq!(
+        data,
+        vec![0x66; 65536],
+        "the read saw the zeroes that came after it"
+    );
+    assert_eq!(c.reply(None), (4, 0, vec![]));
+    assert_eq!(read_dev(&*inner, 4096, 4096), vec![0; 4096]);
+    srv.finish();
+}

@@ -287,7 +287,7 @@ impl Ctx {
                 let read = if len == 0 {
                     Ok(buf)
                 } else {
-                    let _g = self.export.zero_guard.read().await;
+                    let _g = self.export.ranges.lock(off, len, false).await;
                     disk.read_at(buf, off).await
                 };
                 match read {
@@ -298,7 +298,7 @@ impl Ctx {
             Command::Write => match payload {
                 Some(buf) => {
                     let w = {
-                        let _g = self.export.zero_guard.read().await;
+                        let _g = self.export.ranges.lock(off, len, false).await;
                         disk.write_at(buf, off).await.map(drop)
                     };
                     self.then_flush(w, fua).await
@@ -310,7 +310,7 @@ impl Ctx {
                 let d = if len == 0 {
                     Ok(())
                 } else {
-                    let _g = self.export.zero_guard.write().await;
+                    let _g = self.export.ranges.lock(off, len, true).await;
                     match disk.discard(off, len).await {
                         // A trim is a hint: a device that cannot discard ignores it.
                         Err(e) if e.kind() == ErrorKind::Unsupported => Ok(()),
@@ -324,7 +324,7 @@ impl Ctx {
                 let z = if len == 0 {
                     Ok(())
                 } else {
-                    let _g = self.export.zero_guard.write().await;
+                    let _g = self.export.ranges.lock(off, len, true).await;
                     disk.write_zeroes(off, len, unmap).await
                 };
                 self.then_flush(z, fua).await

@@ -3,9 +3,8 @@
 
 use std::sync::Arc;
 
-use tokio::sync::RwLock;
-
 use super::proto::{self, MAX_PAYLOAD};
+use super::ranges::IoRanges;
 use crate::engine::AsyncDisk;
 use crate::error::{ErrorKind, Result};
 use crate::BlockDevice;
@@ -71,12 +70,13 @@ pub(crate) struct Served {
     pub min_block: u32,
     /// Preferred block size: the physical sector, at least 4 KiB.
     pub preferred: u32,
-    /// Reads and writes hold it shared, trims and write-zeroes exclusively: a device may
-    /// release blocks on those, and a mapped read or write in flight to a released block
-    /// could then touch another range's data (see [`AsyncDisk::write_zeroes`]). A client
-    /// must not overlap such requests anyway; this keeps a client that does from hurting
-    /// anything but its own range.
-    pub zero_guard: RwLock<()>,
+    /// Reads and writes lock their range shared, trims and write-zeroes exclusively: a
+    /// device may release blocks on those, and a mapped read or write in flight to a
+    /// released block could then touch another range's data (see
+    /// [`AsyncDisk::write_zeroes`]). A client must not overlap such requests anyway; this
+    /// keeps a client that does from hurting anything but its own range, and costs no
+    /// waiting between requests that do not overlap.
+    pub ranges: IoRanges,
 }
 
 impl Served {
@@ -104,7 +104,7 @@ impl Served {
             size: info.virtual_size,
             min_block,
             preferred,
-            zero_guard: RwLock::new(()),
+            ranges: IoRanges::default(),
         }))
     }
 

@@ -23,6 +23,7 @@ mod export;
 pub mod fuzzing;
 mod handshake;
 pub mod proto;
+mod ranges;
 mod server;
 pub mod tls;
 
