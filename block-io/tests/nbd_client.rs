@@ -604,3 +604,28 @@ fn nbdkit_multi_conn_killed_and_restarted_reconnects_every_connection() {
     drop(c);
     kill_and_restart_under_reads(&mut p, o, 128 * 1024, 2, 14);
 }
+
+#[test]
+fn our_server_re_exports_a_client_of_qemu_nbd() {
+    if !oracle("qemu-nbd") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("d.raw");
+    pattern_file(&f, 32 * MIB, 15);
+    let p = Proc::qemu_nbd(&f, "raw", Listen::Tcp(free_port()), &["--discard=unmap"]);
+    // qemu-nbd <- NbdClient <- our NbdServer <- NbdClient: every layer sees the same disk.
+    let inner = Arc::new(NbdClient::open(&p.url(), quick_opts()).unwrap());
+    let srv = Ours::start(inner.clone());
+    let outer = NbdClient::open(&srv.url(), quick_opts()).unwrap();
+    assert_eq!(outer.info().virtual_size, 32 * MIB);
+    model_workload(&outer, 4, 150, 1 << 20, 41);
+    outer.flush().unwrap();
+    let via_outer = read(&outer, 0, 32 * MIB as usize);
+    assert!(via_outer == read(&*inner, 0, 32 * MIB as usize));
+    drop(outer);
+    drop(srv);
+    drop(inner);
+    drop(p);
+    assert!(via_outer == std::fs::read(&f).unwrap());
+}

@@ -2,13 +2,15 @@
 //! nbd-server, our own [`NbdServer`](super::NbdServer)), following NetworkBlockDevice/nbd
 //! `doc/proto.md`.
 //!
-//! - [`url`](NbdUrl): the URLs qemu-img spells, `nbd://HOST[:PORT]/NAME`,
+//! - [`NbdUrl`]: the URLs qemu-img spells, `nbd://HOST[:PORT]/NAME`,
 //!   `nbd+unix:///NAME?socket=PATH`, and `nbds://`/`nbds+unix://` requiring TLS;
 //! - handshake (proto.md "Fixed newstyle negotiation"): `NBD_OPT_STARTTLS` when TLS is
 //!   configured, `NBD_OPT_STRUCTURED_REPLY`, `NBD_OPT_SET_META_CONTEXT base:allocation`,
 //!   `NBD_OPT_GO` with `NBD_INFO_BLOCK_SIZE`, `NBD_OPT_EXPORT_NAME` for servers without GO;
 //! - transmission (proto.md "Transmission"): many requests in flight from many caller
-//!   threads on one connection, driven by a task on the client's own runtime thread; replies
+//!   threads on one connection, driven by a task on a thread and runtime of the client's
+//!   own (one per connection: with [`NbdClientOptions::connections`] and an export that
+//!   advertises `NBD_FLAG_CAN_MULTI_CONN`, requests are spread over several); replies
 //!   matched by cookie and parsed strictly; reads and writes split at the server's maximum
 //!   payload (at most 32 MiB, proto.md "Block size constraints");
 //! - the [`BlockDevice`] methods map to commands as proto.md "Request types" defines them:
