@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use block_io::remote::{open_url, open_url_with, upload, RemoteError, RemoteOptions};
+use block_io::remote::{
+    open_url, open_url_with, upload, RemoteError, RemoteOptions, RemoteStorage,
+};
 use block_io::{BlockDevice, ErrorKind, FileStorage, OpenOptions, Storage};
 
 fn tool(name: &str) -> Option<PathBuf> {
@@ -250,11 +252,14 @@ fn s3_upload_ranged_reads_multipart_and_changes() {
         srv.requests_log()
     );
     let gets = srv.requests(&["method: GET", "/vdisk/big.raw", "\"range\": \"bytes="]);
-    let (st, _) = open_url_with("s3://vdisk/big.raw", &mp).unwrap();
-    assert_same(&read_whole(&*st, 256 << 10), &big, "multipart read back");
-    // 14 blocks of 1 MiB, each one ranged GET.
+    let st = RemoteStorage::open("s3://vdisk/big.raw", &mp).unwrap();
+    assert_same(&read_whole(&st, 256 << 10), &big, "multipart read back");
+    // 14 blocks of 1 MiB, read ahead a few blocks a request: the server saw every request.
     let ranged = srv.requests(&["method: GET", "/vdisk/big.raw", "\"range\": \"bytes="]);
-    assert_eq!(ranged - gets, 14);
+    let s = st.stats();
+    assert_eq!(s.fetches, 14, "{s:?}");
+    assert!(s.requests < 14 && s.readahead > 0, "{s:?}");
+    assert_eq!((ranged - gets) as u64, s.requests, "{s:?}");
 
     // An object replaced under an open storage: the next fetch fails with the typed error.
     let mut no_ra = RemoteOptions::default();

@@ -39,8 +39,11 @@ pub(crate) trait Source: Send + Sync + std::fmt::Debug + 'static {
 /// Counters of a [`RemoteStorage`], for tests, benchmarks and curious operators.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RemoteStats {
-    /// Blocks fetched from the server (each one ranged request, retries not counted).
+    /// Blocks fetched from the server.
     pub fetches: u64,
+    /// Ranged requests that fetched them (a request covers up to
+    /// [`RemoteOptions::request_blocks`] consecutive blocks; retries not counted).
+    pub requests: u64,
     /// Of those, blocks fetched ahead of a sequential reader.
     pub readahead: u64,
     /// Bytes fetched.
@@ -99,6 +102,7 @@ struct State {
 #[derive(Debug, Default)]
 struct Counters {
     fetches: AtomicU64,
+    requests: AtomicU64,
     readahead: AtomicU64,
     bytes: AtomicU64,
     hits: AtomicU64,
@@ -113,6 +117,8 @@ struct Shared {
     blocks: u64,
     cap: usize,
     readahead: u64,
+    /// Most blocks one request fetches.
+    batch: usize,
     state: Mutex<State>,
     counters: Counters,
 }
@@ -167,6 +173,7 @@ impl RemoteStorage {
                 blocks,
                 cap,
                 readahead,
+                batch: opts.request_blocks.max(1),
                 state: Mutex::new(State {
                     next_seq: u64::MAX,
                     ..State::default()
@@ -186,6 +193,7 @@ impl RemoteStorage {
         let c = &self.shared.counters;
         RemoteStats {
             fetches: c.fetches.load(Ordering::Relaxed),
+            requests: c.requests.load(Ordering::Relaxed),
             readahead: c.readahead.load(Ordering::Relaxed),
             bytes: c.bytes.load(Ordering::Relaxed),
             hits: c.hits.load(Ordering::Relaxed),
@@ -219,26 +227,76 @@ impl Shared {
         f
     }
 
-    /// Starts fetching block `idx` on the runtime; its flight completes with the bytes.
-    fn start(self: &Arc<Self>, idx: u64, flight: Arc<Flight>, ahead: bool) {
-        let (off, len) = self.block_range(idx);
-        self.counters.fetches.fetch_add(1, Ordering::Relaxed);
+    /// Starts fetching `run` (consecutive claimed blocks, in order) with one ranged request on
+    /// the runtime; each block's flight completes with its slice of the answer.
+    fn start(self: &Arc<Self>, run: Vec<(u64, Arc<Flight>)>, ahead: bool) {
+        let Some(&(first, _)) = run.first() else {
+            return;
+        };
+        let (off, _) = self.block_range(first);
+        let len: u64 = run.iter().map(|(idx, _)| self.block_range(*idx).1).sum();
+        self.counters
+            .fetches
+            .fetch_add(run.len() as u64, Ordering::Relaxed);
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
         if ahead {
-            self.counters.readahead.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .readahead
+                .fetch_add(run.len() as u64, Ordering::Relaxed);
         }
         let me = self.clone();
         let rt = match runtime::runtime() {
             Ok(rt) => rt,
             Err(e) => {
-                me.complete(idx, &flight, Err(e));
+                for (idx, f) in &run {
+                    me.complete(*idx, f, Err(e.clone()));
+                }
                 return;
             }
         };
         let fut = self.src.clone().fetch(off, len);
         rt.spawn(async move {
-            let r = fut.await;
-            me.complete(idx, &flight, r);
+            match fut.await {
+                Ok(data) => {
+                    for (idx, f) in &run {
+                        let (boff, blen) = me.block_range(*idx);
+                        let at = (boff - off) as usize;
+                        let piece = if at + blen as usize <= data.len() {
+                            Ok(data.slice(at..at + blen as usize))
+                        } else {
+                            Err(RemoteError::Truncated {
+                                url: me.id.url.clone(),
+                                offset: off,
+                                want: len,
+                                got: data.len() as u64,
+                            })
+                        };
+                        me.complete(*idx, f, piece);
+                    }
+                }
+                Err(e) => {
+                    for (idx, f) in &run {
+                        me.complete(*idx, f, Err(e.clone()));
+                    }
+                }
+            }
         });
+    }
+
+    /// Starts the claimed blocks `claimed` (ascending) as runs of consecutive blocks, at most
+    /// `batch` blocks a request.
+    fn start_runs(self: &Arc<Self>, claimed: Vec<(u64, Arc<Flight>)>, ahead: bool) {
+        let mut run: Vec<(u64, Arc<Flight>)> = Vec::new();
+        for (idx, f) in claimed {
+            let contiguous = run.last().is_some_and(|(last, _)| *last + 1 == idx);
+            if !run.is_empty() && (!contiguous || run.len() >= self.batch) {
+                self.start(std::mem::take(&mut run), ahead);
+            }
+            run.push((idx, f));
+        }
+        if !run.is_empty() {
+            self.start(run, ahead);
+        }
     }
 
     /// Files the outcome of block `idx`'s fetch and wakes its readers.
@@ -312,7 +370,8 @@ impl Storage for RemoteStorage {
         let first = offset / sh.block;
         let last = (end - 1) / sh.block;
         let mut pieces = Vec::with_capacity((last - first + 1) as usize);
-        let mut starts = Vec::new();
+        let mut demand = Vec::new();
+        let mut ahead = Vec::new();
         {
             let mut st = sh.state.lock();
             if let Some(e) = &st.changed {
@@ -343,29 +402,33 @@ impl Storage for RemoteStorage {
                     None => {
                         let f = sh.claim(&mut st, idx);
                         pieces.push(Piece::Wait(f.clone()));
-                        starts.push((idx, f, false));
+                        demand.push((idx, f));
                         sh.counters.misses.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
             // Sequential (reads continuing each other over at least a block): keep the next
-            // `readahead` blocks cached or in flight. Small reads near each other (a format's
-            // headers) do not qualify.
+            // `readahead` blocks cached or in flight, topped up `batch` blocks a request (or
+            // at once when the very next block is missing). Small reads near each other (a
+            // format's headers) do not qualify.
             if st.streak >= 1 && end - st.run_start >= sh.block && sh.readahead > 0 {
                 let stop = last
                     .saturating_add(sh.readahead)
                     .min(sh.blocks.saturating_sub(1));
-                for idx in last + 1..=stop {
-                    if !st.slots.contains_key(&idx) {
+                let absent: Vec<u64> = (last + 1..=stop)
+                    .filter(|idx| !st.slots.contains_key(idx))
+                    .collect();
+                let next_missing = absent.first() == Some(&(last + 1));
+                if absent.len() >= sh.batch || next_missing || stop + 1 == sh.blocks {
+                    for idx in absent {
                         let f = sh.claim(&mut st, idx);
-                        starts.push((idx, f, true));
+                        ahead.push((idx, f));
                     }
                 }
             }
         }
-        for (idx, f, ahead) in starts {
-            sh.start(idx, f, ahead);
-        }
+        sh.start_runs(demand, false);
+        sh.start_runs(ahead, true);
         let mut pos = offset;
         let mut done = 0usize;
         for (i, piece) in pieces.into_iter().enumerate() {
@@ -441,14 +504,15 @@ mod tests {
     #[derive(Debug)]
     struct MemSource {
         data: Vec<u8>,
-        asked: Mutex<Vec<u64>>,
+        /// (offset, length) of every request.
+        asked: Mutex<Vec<(u64, u64)>>,
         changed: AtomicBool,
     }
 
     impl Source for MemSource {
         fn fetch(self: Arc<Self>, offset: u64, len: u64) -> FetchFuture {
             Box::pin(async move {
-                self.asked.lock().push(offset);
+                self.asked.lock().push((offset, len));
                 if self.changed.load(Ordering::Relaxed) {
                     return Err(RemoteError::Changed {
                         url: "mem".into(),
@@ -519,7 +583,7 @@ mod tests {
             src.asked
                 .lock()
                 .iter()
-                .map(|o| o / 4096)
+                .map(|o| o.0 / 4096)
                 .collect::<Vec<_>>(),
             [0, 1, 2, 3, 4, 1]
         );
@@ -542,8 +606,10 @@ mod tests {
         }
         let mut asked = src.asked.lock().clone();
         asked.sort();
-        assert_eq!(asked, [0, 4096, 2 * 4096, 3 * 4096, 4 * 4096]);
+        // Block 0 on demand, blocks 1-4 ahead in one request.
+        assert_eq!(asked, [(0, 4096), (4096, 4 * 4096)]);
         assert_eq!(s.stats().readahead, 4);
+        assert_eq!(s.stats().requests, 2);
         // Reading on through them costs no demand fetch.
         let misses = s.stats().misses;
         for i in 4..16u64 {
