@@ -302,6 +302,55 @@ fn qemu_io_writes_and_reads_over_tls_1_3_and_the_data_lands() {
 }
 
 #[test]
+fn tls_over_a_unix_socket() {
+    if !oracle("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    let sdir = ca.server_dir(dir.path());
+    let cdir = ca.client_dir(dir.path(), "client", None);
+    let config = TlsCredentials::from_dir(&sdir).server_config().unwrap();
+    let dev = mem_disk(1 << 20);
+    let sock = dir.path().join("nbd.sock");
+    let server = NbdServer::bind_unix(&sock, vec![Export::new("d", dev.clone())])
+        .unwrap()
+        .require_tls(config);
+    let stop = server.stop_handle();
+    let thread = std::thread::spawn(move || server.serve());
+    let obj = qemu_tls_object(&cdir);
+    let opts = format!(
+        "driver=nbd,server.type=unix,server.path={},export=d,tls-creds=tls0,tls-hostname=localhost",
+        sock.display()
+    );
+    let o = output(
+        "qemu-io",
+        &[
+            "--object",
+            &obj,
+            "--image-opts",
+            &opts,
+            "-c",
+            "write -P 0x7e 4k 4k",
+            "-c",
+            "read -P 0x7e 4k 4k",
+        ],
+    );
+    let plain = format!("nbd+unix:///d?socket={}", sock.display());
+    let refused = output("qemu-io", &["-f", "raw", "-c", "read 0 4k", &plain]);
+    stop.stop();
+    thread.join().unwrap().unwrap();
+    assert!(
+        qemu_io_ok(&o),
+        "qemu-io over TLS on a Unix socket: {}",
+        text(&o)
+    );
+    assert_eq!(read_dev(&*dev, 4096, 4096), vec![0x7e; 4096]);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(text(&refused).contains("TLS"), "{}", text(&refused));
+}
+
+#[test]
 fn qemu_img_convert_and_compare_over_tls() {
     if !oracle("qemu-img") {
         return;
@@ -651,6 +700,37 @@ fn clients_breaking_off_the_tls_handshake_do_not_hurt_the_server() {
     // Stopping the server ends the stuck handshake too.
     srv.finish();
     assert!(stuck.closed());
+}
+
+#[test]
+fn a_client_stalled_in_the_tls_handshake_is_cut_off_at_the_handshake_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    let sdir = ca.server_dir(dir.path());
+    let config = TlsCredentials::from_dir(&sdir).server_config().unwrap();
+    let server = NbdServer::bind_tcp("127.0.0.1:0", vec![Export::new("d", mem_disk(1 << 20))])
+        .unwrap()
+        .require_tls(config)
+        .handshake_limit(Duration::from_millis(300));
+    let addr = server.local_addr().unwrap();
+    let stop = server.stop_handle();
+    let thread = std::thread::spawn(move || server.serve());
+    let mut c = Raw {
+        s: TcpStream::connect(addr).unwrap(),
+    };
+    c.s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut g = [0u8; 18];
+    c.s.read_exact(&mut g).unwrap();
+    c.s.write_all(&proto::CLIENT_FIXED_NEWSTYLE.to_be_bytes())
+        .unwrap();
+    c.option(proto::OPT_STARTTLS, &[]);
+    assert_eq!(c.replies(proto::OPT_STARTTLS)[0].0, proto::REP_ACK);
+    c.s.write_all(&[0x16, 0x03, 0x01]).unwrap();
+    let t0 = std::time::Instant::now();
+    assert!(c.closed(), "still connected after the handshake limit");
+    assert!(t0.elapsed() < Duration::from_secs(4));
+    stop.stop();
+    thread.join().unwrap().unwrap();
 }
 
 #[test]

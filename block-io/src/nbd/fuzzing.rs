@@ -136,6 +136,8 @@ async fn converse(flags: u8, conversation: &[u8]) -> Outcome {
         server,
         served.clone(),
         tls.then(tls_config),
+        // Longer than the harness waits: a stuck handshake is a finding, not a timeout.
+        DEADLINE * 2,
         stop_rx,
     ));
     let (mut rd, mut wr) = tokio::io::split(client);

@@ -32,4 +32,4 @@ pub use client::{
     NbdTarget, NbdUrl, RetryPolicy, TlsOptions, UrlError, DEFAULT_PORT,
 };
 pub use export::Export;
-pub use server::{NbdServer, StopHandle};
+pub use server::{NbdServer, StopHandle, DEFAULT_HANDSHAKE_LIMIT};

@@ -79,7 +79,12 @@ pub struct NbdServer {
     stop: StopHandle,
     connections: Arc<AtomicU64>,
     tls: Option<Arc<ServerConfig>>,
+    handshake_limit: Duration,
 }
+
+/// How long a client may take over its handshake by default (TLS included), as qemu-nbd's
+/// `--handshake-limit`.
+pub const DEFAULT_HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 
 impl NbdServer {
     /// Listens on a TCP address (port 0 picks a free port: see
@@ -125,7 +130,16 @@ impl NbdServer {
             stop: StopHandle { tx: Arc::new(tx) },
             connections: Arc::new(AtomicU64::new(0)),
             tls: None,
+            handshake_limit: DEFAULT_HANDSHAKE_LIMIT,
         })
+    }
+
+    /// How long a client may take from connecting to choosing an export, TLS handshake
+    /// included ([`DEFAULT_HANDSHAKE_LIMIT`] unless set); a client still negotiating then is
+    /// disconnected, so that idle or stalled clients do not pile up.
+    pub fn handshake_limit(mut self, limit: Duration) -> Self {
+        self.handshake_limit = limit;
+        self
     }
 
     /// Requires TLS on every connection, as `qemu-nbd --tls-creds` does (proto.md "TLS
@@ -227,14 +241,15 @@ impl NbdServer {
                         let exports = exports.clone();
                         let stop = conn_stop.clone();
                         let tls = self.tls.clone();
+                        let limit = self.handshake_limit;
                         match stream {
                             Stream::Tcp(s) => {
                                 // Replies are small and latency-bound: no Nagle delay.
                                 let _ = s.set_nodelay(true);
-                                conns.spawn(connection(s, exports, tls, stop));
+                                conns.spawn(connection(s, exports, tls, limit, stop));
                             }
                             Stream::Unix(s) => {
-                                conns.spawn(connection(s, exports, tls, stop));
+                                conns.spawn(connection(s, exports, tls, limit, stop));
                             }
                         }
                     }
@@ -300,18 +315,22 @@ enum Handshaken<S> {
     Tls(Box<tokio_rustls::server::TlsStream<S>>, Session),
 }
 
-/// One connection: the handshake (abandoned if the server stops meanwhile), with TLS when
-/// `tls` is given, then requests.
+/// One connection: the handshake (abandoned if the server stops meanwhile or it takes longer
+/// than `limit`), with TLS when `tls` is given, then requests.
 pub(crate) async fn connection<S>(
     s: S,
     exports: Arc<[Arc<Served>]>,
     tls: Option<Arc<ServerConfig>>,
+    limit: Duration,
     mut stop: watch::Receiver<bool>,
 ) where
     S: NbdStream,
 {
     let done = tokio::select! {
-        r = handshake(s, &exports, tls) => r,
+        r = tokio::time::timeout(limit, handshake(s, &exports, tls)) => match r {
+            Ok(r) => r,
+            Err(_) => return,
+        },
         _ = stopped(&mut stop) => return,
     };
     match done {
