@@ -51,8 +51,43 @@ fn free_port() -> u16 {
 struct Nginx {
     child: Child,
     port: u16,
+    /// The same root over TLS, with a certificate for 127.0.0.1 signed by `ca_pem`.
+    tls_port: u16,
+    ca_pem: String,
     dir: tempfile::TempDir,
     root: PathBuf,
+}
+
+/// A fresh CA (PEM) and a server certificate and key (PEM) for 127.0.0.1 signed by it.
+fn tls_material() -> (String, String, String) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(DnType::CommonName, "vdisk test CA");
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2040, 1, 1);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_pem = p.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(p, ca_key);
+    let mut p = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    p.distinguished_name
+        .push(DnType::CommonName, "image server");
+    p.use_authority_key_identifier_extension = true;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2040, 1, 1);
+    let key = KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    (ca_pem, cert.pem(), key.serialize_pem())
 }
 
 impl Nginx {
@@ -70,8 +105,12 @@ impl Nginx {
         } else {
             ""
         };
+        let (ca_pem, cert_pem, key_pem) = tls_material();
+        std::fs::write(dir.path().join("server.pem"), cert_pem).unwrap();
+        std::fs::write(dir.path().join("server.key"), key_pem).unwrap();
         for _ in 0..5 {
             let port = free_port();
+            let tls_port = free_port();
             let conf = format!(
                 r#"worker_processes 1;
 {user}
@@ -95,6 +134,12 @@ http {{
     location /norange/ {{ max_ranges 0; }}
     location /fail/ {{ return 503; }}
   }}
+  server {{
+    listen 127.0.0.1:{tls_port} ssl;
+    ssl_certificate {p}/server.pem;
+    ssl_certificate_key {p}/server.key;
+    root {root};
+  }}
 }}
 "#,
                 root = root.display()
@@ -113,10 +158,14 @@ http {{
                 .unwrap();
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                if TcpStream::connect(("127.0.0.1", port)).is_ok()
+                    && TcpStream::connect(("127.0.0.1", tls_port)).is_ok()
+                {
                     return Some(Nginx {
                         child,
                         port,
+                        tls_port,
+                        ca_pem,
                         dir,
                         root,
                     });
@@ -138,6 +187,10 @@ http {{
 
     fn url(&self, name: &str) -> String {
         format!("http://127.0.0.1:{}/{name}", self.port)
+    }
+
+    fn tls_url(&self, name: &str) -> String {
+        format!("https://127.0.0.1:{}/{name}", self.tls_port)
     }
 
     /// The access log: one `METHOD URI STATUS "RANGE"` line per request.
@@ -335,6 +388,33 @@ fn an_object_replaced_on_the_server_is_detected() {
         matches!(RemoteError::find(&e), Some(RemoteError::Changed { .. })),
         "{e:?}"
     );
+}
+
+#[test]
+fn https_with_a_private_ca() {
+    let Some(ng) = Nginx::start() else { return };
+    let Some(raw) = make_image("vpc", &ng.root.join("tls.vhd")) else {
+        return;
+    };
+    // Not signed by a CA the system trusts: refused.
+    let e = RemoteStorage::open(&ng.tls_url("tls.vhd"), &RemoteOptions::default()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io, "{e:?}");
+    assert!(
+        matches!(RemoteError::find(&e), Some(RemoteError::Transport { .. })),
+        "{e:?}"
+    );
+    // With the CA: the image reads byte-exact over TLS.
+    let mut opts = RemoteOptions::default();
+    opts.ca_pem = Some(ng.ca_pem.clone().into_bytes());
+    let st = Arc::new(RemoteStorage::open(&ng.tls_url("tls.vhd"), &opts).unwrap());
+    let vhd = vhd_format::VhdFile::open(st.clone(), true).unwrap();
+    assert_same(&read_all(&vhd, 1 << 20), &raw, "vhd over https");
+    assert!(st.stats().requests > 0);
+    // Garbage for a CA is a configuration error.
+    opts.ca_pem =
+        Some(b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n".to_vec());
+    let e = RemoteStorage::open(&ng.tls_url("tls.vhd"), &opts).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e:?}");
 }
 
 #[test]

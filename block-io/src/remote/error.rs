@@ -82,6 +82,12 @@ pub enum RemoteError {
         /// Why not.
         detail: String,
     },
+    /// The options cannot be used (e.g. unreadable CA certificates).
+    #[error("{detail}")]
+    Config {
+        /// What is wrong.
+        detail: String,
+    },
     /// The background runtime could not be started or dropped a request.
     #[error("the remote-storage runtime failed: {detail}")]
     Runtime {
@@ -98,7 +104,7 @@ impl RemoteError {
         match self {
             RemoteError::Changed { .. } => ErrorKind::Corrupt,
             RemoteError::RangesIgnored { .. } => ErrorKind::Unsupported,
-            RemoteError::BadUrl { .. } => ErrorKind::InvalidInput,
+            RemoteError::BadUrl { .. } | RemoteError::Config { .. } => ErrorKind::InvalidInput,
             RemoteError::Status { status: 404, .. } => ErrorKind::InvalidInput,
             RemoteError::Store {
                 not_found: true, ..

@@ -84,13 +84,19 @@ impl HttpSource {
             detail: e.to_string(),
         })?;
         install_crypto_provider();
-        let client = Client::builder()
+        let mut builder = Client::builder()
             .connect_timeout(opts.timeout)
             .timeout(opts.timeout)
             .pool_max_idle_per_host(opts.readahead + 8)
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| transport(&parsed, &e))?;
+            .tcp_nodelay(true);
+        if let Some(pem) = &opts.ca_pem {
+            let certs =
+                reqwest::Certificate::from_pem_bundle(pem).map_err(|e| RemoteError::Config {
+                    detail: format!("reading the extra CA certificates: {}", chain(&e)),
+                })?;
+            builder = builder.tls_certs_merge(certs);
+        }
+        let client = builder.build().map_err(|e| transport(&parsed, &e))?;
         let retry = Retry {
             retries: opts.retries,
             delay: opts.retry_delay,

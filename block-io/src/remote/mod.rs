@@ -90,6 +90,10 @@ pub struct RemoteOptions {
     /// Part size of a multipart upload, in bytes (default 16 MiB; S3 needs at least 5 MiB).
     /// Images up to this size are uploaded with a single put.
     pub part_size: usize,
+    /// Extra CA certificates (PEM, one or more) that `https://` servers may chain to, besides
+    /// the system's roots: a private CA of an internal image server (default none). An `s3://`
+    /// endpoint is checked against the system's roots only.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl Default for RemoteOptions {
@@ -103,6 +107,7 @@ impl Default for RemoteOptions {
             retry_delay: Duration::from_millis(100),
             timeout: Duration::from_secs(60),
             part_size: 16 << 20,
+            ca_pem: None,
         }
     }
 }
