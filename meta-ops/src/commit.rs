@@ -114,7 +114,7 @@ pub struct CommitOptions {
     /// BASE already opened read-write by the caller (chains over other storage, tests). For
     /// a VHDX BASE its write session must have been started with the id its child's
     /// `parent_linkage2` names ([`vhdx_format::VhdxFile::begin_session_with`]); the job
-    /// then neither opens nor locks anything.
+    /// then neither opens, locks nor (with [`Retire::Keep`]) unlinks anything.
     pub base_layer: Option<Layer>,
 }
 
@@ -186,6 +186,7 @@ impl Job {
                 base.dev.info().virtual_size
             ));
         }
+        let own_files = opts.base_layer.is_none();
         let base_layer = match opts.base_layer {
             Some(l) => l,
             None => open_base(&disk, depth)?,
@@ -199,7 +200,7 @@ impl Job {
                 .map(|l| Post::Delete(l.path.clone()))
                 .collect(),
             // BASE's child, when the guest's chain holds it read-only (not the live top).
-            Retire::Keep if depth >= 2 && layers[depth - 1].format == Format::Vhdx => {
+            Retire::Keep if own_files && depth >= 2 && layers[depth - 1].format == Format::Vhdx => {
                 vec![Post::Unlink(layers[depth - 1].path.clone())]
             }
             Retire::Keep => Vec::new(),

@@ -1,9 +1,11 @@
-//! Crash sweep of the commit job on the fault-injecting backend: a two-layer chain (VHDX and
-//! VHD) whose base and child each live on a `FaultStorage`, one op counter over both. The
+//! Crash sweep of the commit job on the fault-injecting backend: chains of two and three
+//! layers (VHDX and VHD) committed into their root, each file on a `FaultStorage`, one op
+//! counter over all of them. The
 //! workload is the whole commit as `vdisk commit` does it — the child records the base's
 //! next id (VHDX), the base's session starts with it, the job merges while a guest writes and
 //! flushes through the `LiveDisk`, the pivot, guest writes on the base — and the power is cut
-//! after the N-th write or sync (every N up to the clean run's count, or a sample), then each
+//! after the N-th write or sync (every N up to the clean run's count, or a sample of them;
+//! the count varies a little between runs, as the guest runs beside the job), then each
 //! file is rebuilt from its durable bytes plus a random fate for each pending write. Then:
 //! if the job had completed, the new chain (the base alone) must open with lineage checks on;
 //! otherwise the old chain (child over base) must; and either way it must hold every guest
@@ -149,13 +151,20 @@ fn layer(kind: Kind, s: Disk0, read_only: bool, name: &str) -> IoResult<Layer> {
     })
 }
 
-/// The chain's two files, made once (not on the fault backend) and copied per run.
-fn images(kind: Kind, seed: u64) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+/// The chain's files (base first), made once (not on the fault backend) and copied per run,
+/// and the model of what the top reads.
+struct Images {
+    files: Vec<Vec<u8>>,
+    model: Vec<u8>,
+}
+
+fn images(kind: Kind, depth: usize, seed: u64) -> Images {
     let dir = tempfile::tempdir().unwrap();
-    let (_, model) = chains::build(dir.path(), kind, 2, SIZE, seed);
-    let base = std::fs::read(chains::layer_path(dir.path(), kind, 0)).unwrap();
-    let child = std::fs::read(chains::layer_path(dir.path(), kind, 1)).unwrap();
-    (base, child, model)
+    let (_, model) = chains::build(dir.path(), kind, depth, SIZE, seed);
+    let files = (0..depth)
+        .map(|i| std::fs::read(chains::layer_path(dir.path(), kind, i)).unwrap())
+        .collect();
+    Images { files, model }
 }
 
 /// A job's error as the device error under it (a power cut, here).
@@ -179,24 +188,31 @@ struct Outcome {
     unsure: HashSet<usize>,
 }
 
-/// The workload with the power cut after `cut_at` ops; returns what the guest knows and the
-/// two storages.
+/// The workload with the power cut after `cut_at` ops: a commit of every layer above the
+/// base into it. Returns what the guest knows and the storages (base first).
 fn workload(
     runner: &JobRunner,
     kind: Kind,
-    imgs: &(Vec<u8>, Vec<u8>, Vec<u8>),
+    imgs: &Images,
     cut_at: u64,
     seed: u64,
-) -> (Outcome, Arc<Power>, Disk0, Disk0) {
+) -> (Outcome, Arc<Power>, Vec<Disk0>) {
     let power = Power::new(cut_at);
-    let base_s = Disk0::new(MemStorage::from_bytes(&imgs.0), &power);
-    let child_s = Disk0::new(MemStorage::from_bytes(&imgs.1), &power);
+    let stores: Vec<Disk0> = imgs
+        .files
+        .iter()
+        .map(|f| Disk0::new(MemStorage::from_bytes(f), &power))
+        .collect();
+    let depth = stores.len();
+    let base_s = stores[0].clone();
+    // The base's child: the layer whose link the base's new id would break.
+    let child_s = stores[1].clone();
     let mut out = Outcome {
         pivoted: false,
-        flushed: imgs.2.clone(),
+        flushed: imgs.model.clone(),
         unsure: HashSet::new(),
     };
-    let mut model = imgs.2.clone();
+    let mut model = imgs.model.clone();
     let mut live_slot: Option<Arc<LiveDisk>> = None;
     let r = (|| -> IoResult<()> {
         // (a) the child records the base's next id; (b) the base's session starts with it.
@@ -226,9 +242,12 @@ fn workload(
             }
             Kind::Vhd => layer(kind, base_s.clone(), false, "base")?,
         };
-        let top = layer(kind, child_s.clone(), false, "child")?;
-        let base_ro = layer(kind, base_s.clone(), true, "base")?;
-        let disk = Arc::new(Disk::from_layers(vec![top, base_ro], false).unwrap());
+        let mut layers = Vec::new();
+        for (i, st) in stores.iter().enumerate().rev() {
+            // The top read-write, the others read-only as a chain opens them.
+            layers.push(layer(kind, st.clone(), i + 1 < depth, &format!("l{i}"))?);
+        }
+        let disk = Arc::new(Disk::from_layers(layers, false).unwrap());
         let live = LiveDisk::new(disk.clone());
         live_slot = Some(live.clone());
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -252,6 +271,7 @@ fn workload(
         let job = Job::commit(
             disk.clone(),
             CommitOptions {
+                base: Some(depth - 1),
                 base_layer: Some(base_rw),
                 ..CommitOptions::default()
             },
@@ -285,22 +305,21 @@ fn workload(
     // The guest is on the base once the pivot is done (its flush came first), whether or
     // not the job's result was seen before the power went.
     out.pivoted = live_slot.is_some_and(|l| l.generation() >= 1);
-    (out, power, base_s, child_s)
+    (out, power, stores)
 }
 
-fn check(kind: Kind, what: &str, out: &Outcome, base: MemStorage, child: MemStorage) {
+/// Opens the chain the guest was on from the crash images (base first) and checks it.
+fn check(kind: Kind, what: &str, out: &Outcome, files: Vec<MemStorage>) {
     let power = Power::new(u64::MAX);
-    let b = Disk0::new(base, &power);
-    let c = Disk0::new(child, &power);
-    let disk = if out.pivoted {
-        let l = layer(kind, b, true, "base").unwrap_or_else(|e| panic!("{what}: new base: {e}"));
-        Disk::from_layers(vec![l], false).unwrap()
-    } else {
-        let lc = layer(kind, c, true, "child").unwrap_or_else(|e| panic!("{what}: child: {e}"));
-        let lb = layer(kind, b, true, "base").unwrap_or_else(|e| panic!("{what}: base: {e}"));
-        Disk::from_layers(vec![lc, lb], false)
-            .unwrap_or_else(|e| panic!("{what}: old chain, lineage: {e}"))
-    };
+    let n = if out.pivoted { 1 } else { files.len() };
+    let mut layers = Vec::new();
+    for (i, f) in files.into_iter().enumerate().take(n).rev() {
+        let l = layer(kind, Disk0::new(f, &power), true, &format!("l{i}"))
+            .unwrap_or_else(|e| panic!("{what}: layer {i}: {e}"));
+        layers.push(l);
+    }
+    let disk = Disk::from_layers(layers, false)
+        .unwrap_or_else(|e| panic!("{what}: chain (pivoted: {}), lineage: {e}", out.pivoted));
     let got = chains::read_all(&disk);
     for (i, (g, w)) in got.chunks(BLK).zip(out.flushed.chunks(BLK)).enumerate() {
         if g != w && !out.unsure.contains(&i) {
@@ -314,10 +333,10 @@ fn check(kind: Kind, what: &str, out: &Outcome, base: MemStorage, child: MemStor
     }
 }
 
-fn sweep(kind: Kind, seed: u64) {
+fn sweep(kind: Kind, depth: usize, seed: u64) {
     let runner = JobRunner::new().unwrap();
-    let imgs = images(kind, seed);
-    let (clean, power, _, _) = workload(&runner, kind, &imgs, u64::MAX, seed);
+    let imgs = images(kind, depth, seed);
+    let (clean, power, _) = workload(&runner, kind, &imgs, u64::MAX, seed);
     assert!(clean.pivoted);
     let total = power.ops.load(Ordering::SeqCst);
     let max_cuts: u64 = std::env::var("META_OPS_CRASH_CUTS")
@@ -328,26 +347,40 @@ fn sweep(kind: Kind, seed: u64) {
     let mut cuts = 0;
     let mut pivoted = 0;
     for n in (0..total + 8).step_by(step as usize) {
-        let (out, _, b, c) = workload(&runner, kind, &imgs, n, seed ^ n);
+        let (out, _, stores) = workload(&runner, kind, &imgs, n, seed ^ n);
         for s in 0..2u64 {
-            let what = format!("{kind:?} seed {seed} cut {n}/{total} image {s}");
-            let bi = b.f.crash_image(s * 7919 + n);
-            let ci = c.f.crash_image(s * 104729 + n);
-            check(kind, &what, &out, bi, ci);
+            let what = format!("{kind:?} depth {depth} seed {seed} cut {n}/{total} image {s}");
+            let files = stores
+                .iter()
+                .enumerate()
+                .map(|(i, st)| st.f.crash_image(s * 7919 + n * 31 + i as u64))
+                .collect();
+            check(kind, &what, &out, files);
         }
         cuts += 1;
         pivoted += u64::from(out.pivoted);
     }
-    eprintln!("{kind:?} seed {seed}: {cuts} cuts over {total} ops (every {step}), {pivoted} after the pivot");
+    eprintln!("{kind:?} depth {depth} seed {seed}: {cuts} cuts over {total} ops (every {step}), {pivoted} after the pivot");
     assert!(cuts >= 10);
 }
 
 #[test]
 fn power_cuts_during_a_vhdx_commit() {
-    sweep(Kind::Vhdx, 1);
+    sweep(Kind::Vhdx, 2, 1);
 }
 
 #[test]
 fn power_cuts_during_a_vhd_commit() {
-    sweep(Kind::Vhd, 2);
+    sweep(Kind::Vhd, 2, 2);
+}
+
+/// Three layers committed into the root: the base's child is a read-only middle layer.
+#[test]
+fn power_cuts_during_a_two_layer_vhdx_commit() {
+    sweep(Kind::Vhdx, 3, 3);
+}
+
+#[test]
+fn power_cuts_during_a_two_layer_vhd_commit() {
+    sweep(Kind::Vhd, 3, 4);
 }
