@@ -460,6 +460,118 @@ fn failures_are_retried_a_bounded_number_of_times() {
 
     let e = RemoteStorage::open(&ng.url("missing.vhdx"), &opts).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e:?}");
+    for bad in [
+        "httpx://127.0.0.1/a",
+        "ftp://127.0.0.1/a",
+        "not a url",
+        "/srv/a.vhdx",
+    ] {
+        let e = RemoteStorage::open(bad, &opts).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad}: {e:?}");
+        assert!(matches!(
+            RemoteError::find(&e),
+            Some(RemoteError::BadUrl { .. })
+        ));
+    }
+    // Nothing listens there: a transport error after the bounded retries.
+    let e = RemoteStorage::open(&format!("http://127.0.0.1:{}/a", free_port()), &opts);
+    assert!(matches!(
+        RemoteError::find(&e.unwrap_err()),
+        Some(RemoteError::Transport { .. })
+    ),);
+}
+
+/// A TCP relay to `port` standing for a flaky link: while `cuts` is above zero, a connection
+/// whose answer passes 64 KiB is cut there (both sides closed) and `cuts` counts down.
+fn flaky_relay(port: u16, cuts: Arc<std::sync::atomic::AtomicU32>) -> u16 {
+    use std::io::Read;
+    use std::sync::atomic::Ordering;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let relay_port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for client in l.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = TcpStream::connect(("127.0.0.1", port)) else {
+                return;
+            };
+            let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c_in, &mut s_out);
+                let _ = s_out.shutdown(std::net::Shutdown::Write);
+            });
+            let cuts = cuts.clone();
+            std::thread::spawn(move || {
+                let (mut s_in, mut c_out) = (server, client);
+                let mut buf = vec![0u8; 16384];
+                let mut passed = 0usize;
+                loop {
+                    let n = match s_in.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    passed += n;
+                    if passed > 65536
+                        && cuts
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1))
+                            .is_ok()
+                    {
+                        break;
+                    }
+                    if c_out.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = c_out.shutdown(std::net::Shutdown::Both);
+                let _ = s_in.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    relay_port
+}
+
+#[test]
+fn responses_cut_mid_body_are_retried() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let Some(ng) = Nginx::start() else { return };
+    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i * 13 % 241) as u8).collect();
+    std::fs::write(ng.root.join("cut.raw"), &data).unwrap();
+    let cuts = Arc::new(AtomicU32::new(0));
+    let relay = flaky_relay(ng.port, cuts.clone());
+    let url = format!("http://127.0.0.1:{relay}/cut.raw");
+    let mut opts = RemoteOptions::default();
+    opts.readahead = 0;
+    opts.retry_delay = Duration::from_millis(5);
+    let st = RemoteStorage::open(&url, &opts).unwrap();
+
+    // Two answers cut short in a row: the third try delivers, byte-exact.
+    cuts.store(2, Ordering::SeqCst);
+    let mut buf = vec![0u8; 1 << 20];
+    st.read_at(&mut buf, 1 << 20).unwrap();
+    assert_same(&buf, &data[1 << 20..2 << 20], "after two cuts");
+    assert_eq!(cuts.load(Ordering::SeqCst), 0);
+    let tries = ng
+        .log()
+        .iter()
+        .filter(|l| l.contains("\"bytes=1048576-2097151\""))
+        .count();
+    assert_eq!(tries, 3, "{:?}", ng.log());
+
+    // More cuts than retries: a clean error, and nothing cached from the broken answers.
+    opts.retries = 1;
+    let st = RemoteStorage::open(&url, &opts).unwrap();
+    cuts.store(5, Ordering::SeqCst);
+    let e = st.read_at(&mut buf, 2 << 20).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io, "{e:?}");
+    assert!(
+        matches!(
+            RemoteError::find(&e),
+            Some(RemoteError::Truncated { .. } | RemoteError::Transport { .. })
+        ),
+        "{e:?}"
+    );
+    cuts.store(0, Ordering::SeqCst);
+    st.read_at(&mut buf, 2 << 20).unwrap();
+    assert_same(&buf, &data[2 << 20..3 << 20], "after the failure");
 }
 
 /// Parses a log line's `"bytes=A-B"` into (A, B).

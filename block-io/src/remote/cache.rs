@@ -141,18 +141,24 @@ impl RemoteStorage {
     /// size and identity and checks that it can be read by ranges.
     pub fn open(url: &str, opts: &RemoteOptions) -> Result<RemoteStorage> {
         let u = url.to_owned();
-        let lower = url.get(..5).unwrap_or(url).to_ascii_lowercase();
-        let opened = if lower == "s3://" {
-            let o = opts.clone();
-            runtime::run(async move { super::s3::S3Source::open(&u, &o).await })
-        } else if lower == "http:" || lower == "https" {
-            let o = opts.clone();
-            runtime::run(async move { super::http::HttpSource::open(&u, &o).await })
-        } else {
-            Ok(Err(RemoteError::BadUrl {
+        let scheme = reqwest::Url::parse(url).map(|p| p.scheme().to_owned());
+        let opened = match scheme.as_deref() {
+            Ok("s3") => {
+                let o = opts.clone();
+                runtime::run(async move { super::s3::S3Source::open(&u, &o).await })
+            }
+            Ok("http" | "https") => {
+                let o = opts.clone();
+                runtime::run(async move { super::http::HttpSource::open(&u, &o).await })
+            }
+            Ok(_) => Ok(Err(RemoteError::BadUrl {
                 url: url.to_owned(),
                 detail: "not an http://, https:// or s3:// URL".into(),
-            }))
+            })),
+            Err(e) => Ok(Err(RemoteError::BadUrl {
+                url: url.to_owned(),
+                detail: e.to_string(),
+            })),
         };
         let (src, id) = opened
             .and_then(|r| r)
