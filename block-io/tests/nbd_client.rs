@@ -629,3 +629,54 @@ fn our_server_re_exports_a_client_of_qemu_nbd() {
     drop(p);
     assert!(via_outer == std::fs::read(&f).unwrap());
 }
+
+#[test]
+fn raw_and_vectored_requests_scatter_and_gather_across_pieces() {
+    let srv = Ours::start(mem_disk(48 * MIB));
+    let c = NbdClient::open(&srv.url(), quick_opts()).unwrap();
+    // 20 MiB + 4 KiB in three unequal buffers: more than one raw batch and one payload.
+    let lens = [
+        3 * MIB as usize + 100,
+        9 * MIB as usize - 100,
+        8 * MIB as usize + 4096,
+    ];
+    let total: usize = lens.iter().sum();
+    let data = pattern(4096, total, 16);
+    let mut parts: Vec<Vec<u8>> = Vec::new();
+    let mut at = 0;
+    for l in lens {
+        parts.push(data[at..at + l].to_vec());
+        at += l;
+    }
+    let raws: Vec<block_io::RawBuf> = parts
+        .iter_mut()
+        .map(|p| block_io::RawBuf {
+            ptr: p.as_mut_ptr(),
+            len: p.len(),
+        })
+        .collect();
+    // SAFETY: the parts live and are not otherwise used until the call returns.
+    unsafe { c.write_raw_at(&raws, 4096) }.unwrap();
+    assert!(read(&c, 4096, total) == data);
+    for p in &mut parts {
+        p.fill(0);
+    }
+    let raws: Vec<block_io::RawBuf> = parts
+        .iter_mut()
+        .map(|p| block_io::RawBuf {
+            ptr: p.as_mut_ptr(),
+            len: p.len(),
+        })
+        .collect();
+    // SAFETY: as above.
+    unsafe { c.read_raw_at(&raws, 4096) }.unwrap();
+    assert!(parts.concat() == data);
+    // Vectored reads take the default path over read_at.
+    let (mut a, mut b) = (vec![0u8; 1000], vec![0u8; 3096]);
+    let mut v = [
+        std::io::IoSliceMut::new(&mut a),
+        std::io::IoSliceMut::new(&mut b),
+    ];
+    c.read_vectored_at(&mut v, 4096).unwrap();
+    assert!([a, b].concat() == data[..4096]);
+}
