@@ -664,6 +664,15 @@ fn cpu_seconds(who: libc::c_int) -> f64 {
     t(ru.ru_utime) + t(ru.ru_stime)
 }
 
+/// Minor page faults of this process so far.
+fn minor_faults() -> i64 {
+    // SAFETY: getrusage writes into the zeroed struct we own.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    ru.ru_minflt
+}
+
 /// Sequential reads of a 1 GiB file through the HTTP storage against `curl -o /dev/null` of the
 /// same URL, in one run; prints the ratio (target: at least 0.7x curl). Run by
 /// `.ci/bench-remote-http` (release mode); `VDISK_BENCH_MIB` changes the size,
@@ -691,7 +700,11 @@ fn bench_http_vs_curl() {
         w.flush().unwrap();
     }
     // Warm the page cache so both readers see the same server.
-    let _ = std::fs::read(ng.root.join("big.raw"));
+    {
+        let mut f = std::fs::File::open(ng.root.join("big.raw")).unwrap();
+        let mut b = vec![0u8; 1 << 20];
+        while std::io::Read::read(&mut f, &mut b).unwrap() > 0 {}
+    }
     let url = ng.url("big.raw");
     let env = |k: &str| std::env::var(k).ok().and_then(|s| s.parse::<usize>().ok());
     let mut bench_opts = RemoteOptions::default();
@@ -706,6 +719,7 @@ fn bench_http_vs_curl() {
     let mut ours_s = f64::MAX;
     let mut ours_cpu = f64::MAX;
     let mut curl_cpu = f64::MAX;
+    let mut faults = i64::MAX;
     for _ in 0..3 {
         let c0 = cpu_seconds(libc::RUSAGE_CHILDREN);
         let t = Instant::now();
@@ -713,6 +727,7 @@ fn bench_http_vs_curl() {
         curl_s = curl_s.min(t.elapsed().as_secs_f64());
         curl_cpu = curl_cpu.min(cpu_seconds(libc::RUSAGE_CHILDREN) - c0);
         let c0 = cpu_seconds(libc::RUSAGE_SELF);
+        let f0 = minor_faults();
 
         let t = Instant::now();
         let st = RemoteStorage::open(&url, &bench_opts).unwrap();
@@ -724,6 +739,7 @@ fn bench_http_vs_curl() {
         }
         ours_s = ours_s.min(t.elapsed().as_secs_f64());
         ours_cpu = ours_cpu.min(cpu_seconds(libc::RUSAGE_SELF) - c0);
+        faults = faults.min(minor_faults() - f0);
     }
     let rate = |s: f64| size as f64 / s / (1u64 << 20) as f64;
     let log = ng.log();
@@ -747,7 +763,7 @@ fn bench_http_vs_curl() {
     println!(
         "remote-http: {mib} MiB sequential, {read_kib} KiB reads, {} KiB blocks, read-ahead {}: curl {:.0} MiB/s ({curl_s:.3} s), \
          vdisk HttpStorage {:.0} MiB/s ({ours_s:.3} s): ratio {:.2}x curl (target >= 0.70); \
-         CPU curl {curl_cpu:.3} s, ours {ours_cpu:.3} s",
+         CPU curl {curl_cpu:.3} s, ours {ours_cpu:.3} s ({faults} page faults)",
         bench_opts.block_size >> 10,
         bench_opts.readahead,
         rate(curl_s),
