@@ -23,7 +23,9 @@ use super::error::ClientError;
 /// bytes of two attempts). A reconnect round makes at most `max_attempts` connection
 /// attempts within `max_elapsed`, sleeping `initial_backoff`, doubled each time up to
 /// `max_backoff`, between them; when the round fails, every waiting request fails with
-/// [`ClientError::GaveUp`]. The next request starts a new round.
+/// [`ClientError::GaveUp`]. The next request starts a new round, which makes at least one
+/// attempt whatever the limits (so a client with [`RetryPolicy::never`] still reconnects
+/// for new work).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// Connection attempts per round (0: never reconnect; requests fail at the first drop).
