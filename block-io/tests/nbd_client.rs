@@ -680,3 +680,42 @@ fn raw_and_vectored_requests_scatter_and_gather_across_pieces() {
     c.read_vectored_at(&mut v, 4096).unwrap();
     assert!([a, b].concat() == data[..4096]);
 }
+
+#[test]
+fn writes_in_flight_when_the_server_dies_are_reissued_and_the_model_holds() {
+    if !oracle("nbdkit") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("d.raw");
+    pattern_file(&f, 16 * MIB, 17);
+    let mut p = Proc::nbdkit(
+        &f,
+        Listen::Unix(dir.path().join("s.sock")),
+        &["delay"],
+        &["rdelay=20ms", "wdelay=20ms"],
+    );
+    let c = NbdClient::open(&p.url(), quick_opts()).unwrap();
+    std::thread::scope(|s| {
+        let w = s.spawn(|| model_workload(&c, 4, 120, 256 * 1024, 51));
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(400));
+            p.kill();
+            std::thread::sleep(Duration::from_millis(100));
+            p.restart();
+        }
+        w.join().unwrap();
+    });
+    eprintln!(
+        "{} reconnects, {} requests re-issued",
+        c.reconnects(),
+        c.reissued_requests()
+    );
+    assert!(c.reconnects() >= 1 && c.reissued_requests() >= 1);
+    // What the model saw is what the file holds.
+    c.flush().unwrap();
+    let all = read(&c, 0, 16 * MIB as usize);
+    drop(c);
+    drop(p);
+    assert!(all == std::fs::read(&f).unwrap());
+}
