@@ -21,9 +21,14 @@
 //! - **Retire.** The merged layers are then kept (stale, see below) or deleted
 //!   ([`Retire`]).
 //!
-//! Only *active* commits are implemented: the merged range always starts at the live top. A
-//! middle range (layers with children above them that stay) is not: [`Job::commit`] cannot
-//! express it.
+//! A **middle range** ([`CommitOptions::top`] > 0: layers with a child K above them that
+//! stays) is merged the same way, except that the guest keeps writing its own top, so what is
+//! merged never changes (guest writes are not tracked), and at the pivot, after BASE is
+//! flushed, K is repointed to BASE (its `parent_linkage` = BASE's new id, paths to BASE) and
+//! the guest moves to its chain without the merged layers. VHDX only (a VHD child records its
+//! parent's unique id and timestamp, which `vhd-format` cannot rewrite yet), and K must not be
+//! the live top (its locator cannot be rewritten under the guest's writable handle): the
+//! merged range starts at depth 2 or below.
 //!
 //! ## Why a crash never loses the chain (the ordering)
 //!
@@ -64,7 +69,13 @@
 //!    write acknowledged so far, and every later guest write goes to BASE (the new chain).
 //!    Which one to open after a crash is the caller's record of whether the pivot happened
 //!    (the job's result); both open with lineage checks on.
-//! 4. **Retire.** Deleting the merged layers happens after the pivot. With [`Retire::Keep`]
+//! 4. **Middle range: repointing K.** Guest writes go to the live top, above K, so the old
+//!    chain reads the same at every instant (1, 2). After BASE is durable, K's locator
+//!    becomes {parent_linkage = G, paths to BASE} in one logged metadata change (old locator
+//!    or new, never a mix). Before it is durable, the old chain opens (K over the merged
+//!    layers); after, the new one (K over BASE, which holds everything the merged layers
+//!    held). Only then is a merged layer deleted or unlinked (5).
+//! 5. **Retire.** Deleting the merged layers happens after the pivot. With [`Retire::Keep`]
 //!    the merged layers stay on disk *stale*: BASE has moved on, and opening them over it
 //!    would show data older than BASE's. A VHDX C is then unlinked ([`unlink_stale`]: its
 //!    `parent_linkage2` = G removed, one logged metadata change), so it no longer opens over
@@ -109,6 +120,10 @@ pub enum Retire {
 pub struct CommitOptions {
     /// Depth of BASE in the chain (1 = the top's parent, the default).
     pub base: Option<usize>,
+    /// Depth of the top merged layer (default 0: the live top, an active commit). Above 0,
+    /// the layers `[top, base)` are merged while the guest keeps writing its top, and the
+    /// layer at `top - 1` is repointed to BASE (VHDX only, `top` at least 2).
+    pub top: Option<usize>,
     /// What happens to the merged layers.
     pub retire: Retire,
     /// BASE already opened read-write by the caller (chains over other storage, tests). For
@@ -127,6 +142,12 @@ impl CommitOptions {
     /// BASE at depth `depth` (1 = the top's parent).
     pub fn base(mut self, depth: usize) -> Self {
         self.base = Some(depth);
+        self
+    }
+
+    /// Merge from the layer at depth `depth` down (see [`CommitOptions::top`]).
+    pub fn top(mut self, depth: usize) -> Self {
+        self.top = Some(depth);
         self
     }
 
@@ -152,20 +173,22 @@ fn chain_err(path: &Path) -> impl FnOnce(chain::ChainError) -> JobError + '_ {
 }
 
 impl Job {
-    /// Prepares a commit of the top layers of `disk` (the disk the guest's
-    /// [`crate::LiveDisk`] is on) into the layer at depth `opts.base` (see the module docs):
-    /// opens BASE read-write, records BASE's next VHDX id in its child, and builds the disk
-    /// the guest moves to. Start it with [`crate::JobRunner::start`]; it ends with the guest
-    /// on BASE.
+    /// Prepares a commit of layers of `disk` (the disk the guest's [`crate::LiveDisk`] is
+    /// on) into the layer at depth `opts.base` (see the module docs): opens BASE read-write,
+    /// records BASE's next VHDX id in its child, and builds the disk the guest moves to.
+    /// Start it with [`crate::JobRunner::start`]; it ends with the guest on BASE (an active
+    /// commit) or on its chain with the merged layers taken out (`opts.top` > 0).
     ///
     /// Errors: [`JobError::Invalid`] for a disk that cannot be committed (one layer, a
-    /// read-only top, BASE out of range or of another size, an unprepared VHDX top, see
-    /// [`prepare_top`]); [`JobError::Prepare`] when an image cannot be opened or changed
-    /// (kind `Locked` when BASE has another writer).
+    /// read-only top, BASE or the top merged layer out of range, BASE of another size, an
+    /// unprepared VHDX top, see [`prepare_top`]; a middle range that is not VHDX or whose
+    /// upper neighbour is the live top); [`JobError::Prepare`] when an image cannot be
+    /// opened or changed (kind `Locked` when BASE has another writer).
     pub fn commit(disk: Arc<Disk>, opts: CommitOptions) -> Result<Job, JobError> {
         let bad = |s: String| Err(JobError::Invalid(s));
         let layers = disk.layers();
         let depth = opts.base.unwrap_or(1);
+        let top = opts.top.unwrap_or(0);
         if layers.len() < 2 {
             return bad("the disk has no parent to commit into".into());
         }
@@ -174,6 +197,29 @@ impl Job {
                 "the base must be at depth 1 to {} of the chain, not {depth}",
                 layers.len() - 1
             ));
+        }
+        if top >= depth {
+            return bad(format!(
+                "the top merged layer (depth {top}) must be above the base (depth {depth})"
+            ));
+        }
+        if top == 1 {
+            return bad(
+                "the layer above the merged ones is the live top: repointing it while \
+                 the guest writes it is not supported"
+                    .into(),
+            );
+        }
+        if top > 0
+            && layers[top - 1..=depth]
+                .iter()
+                .any(|l| l.format != Format::Vhdx)
+        {
+            return bad(
+                "a commit below the top needs VHDX layers (a VHD child's parent ids \
+                 cannot be repointed)"
+                    .into(),
+            );
         }
         if disk.info().read_only {
             return bad("the disk is read-only".into());
@@ -191,11 +237,11 @@ impl Job {
             Some(l) => l,
             None => open_base(&disk, depth)?,
         };
-        let mut lower = vec![base_layer];
+        let mut lower = vec![base_layer.clone()];
         lower.extend(layers[depth + 1..].iter().cloned());
         let new_disk = Disk::from_layers(lower, false).map_err(chain_err(&base.path))?;
         let retire = match opts.retire {
-            Retire::Delete => layers[..depth]
+            Retire::Delete => layers[top..depth]
                 .iter()
                 .map(|l| Post::Delete(l.path.clone()))
                 .collect(),
@@ -205,17 +251,103 @@ impl Job {
             }
             Retire::Keep => Vec::new(),
         };
+        let (source, rel) = if top == 0 {
+            (disk.clone(), depth)
+        } else {
+            let sub = Disk::from_layers(layers[top..].to_vec(), false)
+                .map_err(chain_err(&layers[top].path))?;
+            (Arc::new(sub), depth - top)
+        };
         let merge: Arc<dyn BlockDevice> = Arc::new(MergeSource {
-            chain: disk.clone(),
-            depth,
+            chain: source,
+            depth: rel,
         });
-        let guest: Arc<dyn BlockDevice> = disk;
-        let mut job = Job::with_kind(JobKind::Commit, Arc::new(new_disk));
+        let new_disk: Arc<dyn BlockDevice> = Arc::new(new_disk);
+        let mut job = Job::with_kind(JobKind::Commit, new_disk);
+        if top > 0 {
+            // The guest stays on its top; the layer above the merged ones (K) is repointed
+            // to BASE inside the pivot, once BASE is durable.
+            let Identity::Vhdx {
+                data_write_guid: g, ..
+            } = base_layer.identity
+            else {
+                return bad("the base is not a VHDX image".into());
+            };
+            let k = &layers[top - 1];
+            let mut k_new = k.clone();
+            k_new.parent = Some(chain::ParentLink {
+                candidates: vec![chain::Candidate {
+                    source: "relative_path".into(),
+                    path: base.path.display().to_string(),
+                }],
+                expected: Expected::Vhdx {
+                    linkage: Some(g),
+                    linkage2: None,
+                },
+                name: None,
+            });
+            let mut guest_layers: Vec<Layer> = layers[..top - 1].to_vec();
+            guest_layers.push(k_new);
+            guest_layers.push(base_layer);
+            guest_layers.extend(layers[depth + 1..].iter().cloned());
+            let after = Disk::from_layers(guest_layers, false).map_err(chain_err(&k.path))?;
+            let (k_path, base_path) = (k.path.clone(), base.path.clone());
+            job.static_source = true;
+            job.switch_to = Some(Arc::new(after));
+            job.before_switch = Some(Arc::new(move || repoint(&k_path, &base_path, g)));
+        }
         job.merge = Some(merge);
-        job.guest = Some(guest);
+        job.guest = Some(disk);
         job.retire = retire;
         Ok(job)
     }
+}
+
+/// A step a commit runs inside its pivot.
+pub(crate) type Hook = Arc<dyn Fn() -> Result<(), JobError> + Send + Sync>;
+
+/// Points the differencing VHDX `child` at `base` (MS-VHDX 2.6.2.6): `parent_linkage` =
+/// `g` (BASE's DataWriteGuid after the merge), `relative_path` and `absolute_win32_path` to
+/// BASE, `parent_linkage2` and `volume_path` dropped, other keys kept: one logged metadata
+/// change, so a crash leaves the old link or the new one. Without image locks: the guest's
+/// chain holds the file read-only.
+fn repoint(child: &Path, base: &Path, g: Uuid) -> Result<(), JobError> {
+    let (relative, abs) = chain::parent_paths(child, base).map_err(|e| JobError::Prepare {
+        path: base.to_path_buf(),
+        source: e.into(),
+    })?;
+    let abs = abs.display().to_string();
+    let storage = FileStorage::open(
+        child,
+        &block_io::OpenOptions::new()
+            .read_only(false)
+            .lock(LockMode::Off),
+    )
+    .map_err(prep(child))?;
+    let mut f = vhdx_format::VhdxFile::open(storage, false).map_err(prep(child))?;
+    let old = f
+        .parent_locator()
+        .cloned()
+        .ok_or_else(|| JobError::Invalid(format!("{} has no parent locator", child.display())))?;
+    let mut entries: Vec<(String, String)> = vec![("parent_linkage".into(), chain::braced(&g))];
+    for (k, v) in &old.entries {
+        match k.to_ascii_lowercase().as_str() {
+            "parent_linkage"
+            | "parent_linkage2"
+            | "volume_path"
+            | "relative_path"
+            | "absolute_win32_path" => {}
+            _ => entries.push((k.clone(), v.clone())),
+        }
+    }
+    entries.push(("relative_path".into(), relative));
+    entries.push(("absolute_win32_path".into(), abs));
+    let new = vhdx_format::locator::ParentLocator {
+        locator_type: old.locator_type,
+        entries,
+    };
+    f.set_parent_locator(&new).map_err(prep(child))?;
+    f.close().map_err(prep(child))
 }
 
 /// What a commit does to a merged layer after the pivot.

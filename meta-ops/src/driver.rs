@@ -28,6 +28,8 @@ pub(crate) struct Driver {
     pub(crate) pivot: Pivot,
     /// What happens after the pivot to a commit's merged layers.
     pub(crate) retire: Vec<crate::commit::Post>,
+    /// Run inside the pivot, after the flush, before the guest moves.
+    pub(crate) before_switch: Option<crate::commit::Hook>,
     pub(crate) opts: JobOptions,
     pub(crate) ctl: watch::Receiver<Control>,
 }
@@ -206,6 +208,7 @@ impl Driver {
         let dest = self.copier.tracker.dest.clone();
         let switch = self.pivot == Pivot::Switch;
         let (copier, shared, live) = (self.copier.clone(), self.shared.clone(), self.live.clone());
+        let hook = self.before_switch.clone();
         let pause = tokio::task::spawn_blocking(move || {
             // Most of the flush outside the pause.
             dest.flush().map_err(|source| JobError::Destination {
@@ -225,6 +228,9 @@ impl Driver {
                         offset: 0,
                         source,
                     })?;
+                    if let Some(hook) = &hook {
+                        hook()?;
+                    }
                 }
                 Ok(())
             });

@@ -108,6 +108,13 @@ pub struct Job {
     pub(crate) guest: Option<Arc<dyn BlockDevice>>,
     /// Commit: what happens to the merged layers once the guest has moved onto the base.
     pub(crate) retire: Vec<crate::commit::Post>,
+    /// Commit of layers below the live top: guest writes do not change what is merged.
+    pub(crate) static_source: bool,
+    /// Commit: the disk the guest moves to, when it is not the destination.
+    pub(crate) switch_to: Option<Arc<dyn BlockDevice>>,
+    /// Commit: run with guest writes paused, after the destination is flushed and before
+    /// the guest moves (repointing the layer above the merged ones).
+    pub(crate) before_switch: Option<crate::commit::Hook>,
 }
 
 impl std::fmt::Debug for Job {
@@ -140,6 +147,9 @@ impl Job {
             merge: None,
             guest: None,
             retire: Vec::new(),
+            static_source: false,
+            switch_to: None,
+            before_switch: None,
         }
     }
 
@@ -158,6 +168,9 @@ impl Job {
             merge: None,
             guest: None,
             retire: Vec::new(),
+            static_source: false,
+            switch_to: None,
+            before_switch: None,
         }
     }
 
@@ -203,6 +216,9 @@ impl Job {
             merge: None,
             guest: None,
             retire: Vec::new(),
+            static_source: false,
+            switch_to: None,
+            before_switch: None,
         }
     }
 
@@ -331,13 +347,10 @@ impl JobRunner {
         }
         let (start, end, doff) = job.validate(&*current)?;
         let o = job.options.clone();
-        let tracker = Arc::new(Tracker::new(
-            job.dest.clone(),
-            start,
-            end,
-            doff,
-            o.granularity,
-        ));
+        let mut tracker = Tracker::new(job.dest.clone(), start, end, doff, o.granularity);
+        tracker.ignore_guest = job.static_source;
+        tracker.switch_to = job.switch_to.clone();
+        let tracker = Arc::new(tracker);
         let mut src = live.attach(tracker.clone())?;
         if let Some(m) = &job.merge {
             if job
@@ -392,6 +405,7 @@ impl JobRunner {
             live: live.clone(),
             pivot: job.pivot,
             retire: job.retire,
+            before_switch: job.before_switch,
             opts: o,
             ctl: ctl_rx,
         };

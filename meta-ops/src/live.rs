@@ -54,6 +54,11 @@ pub(crate) struct Tracker {
     pub(crate) through_bytes: AtomicU64,
     /// Bits guest writes set (blocks made dirty again or first).
     pub(crate) marked: AtomicU64,
+    /// The source does not change with guest writes (a commit of layers below the live
+    /// top): guest changes are neither tracked nor written through.
+    pub(crate) ignore_guest: bool,
+    /// What a switching pivot moves the guest to (default: the destination).
+    pub(crate) switch_to: Option<Arc<dyn BlockDevice>>,
 }
 
 impl std::fmt::Debug for Tracker {
@@ -102,6 +107,8 @@ impl Tracker {
             dest_sector,
             through_bytes: AtomicU64::new(0),
             marked: AtomicU64::new(0),
+            ignore_guest: false,
+            switch_to: None,
         }
     }
 
@@ -147,6 +154,9 @@ impl Tracker {
         what: Applied<'_>,
         through: bool,
     ) {
+        if self.ignore_guest {
+            return;
+        }
         let Some((a, b)) = self.bits(off, len) else {
             return;
         };
@@ -444,8 +454,9 @@ impl LiveDisk {
         if r.is_ok() {
             if let Some(t) = gate.tracker.take() {
                 if switch {
-                    let old = std::mem::replace(&mut gate.side, t.dest.clone());
-                    *self.side.write() = t.dest.clone();
+                    let to = t.switch_to.clone().unwrap_or_else(|| t.dest.clone());
+                    let old = std::mem::replace(&mut gate.side, to.clone());
+                    *self.side.write() = to;
                     self.retired.lock().push(old);
                 }
             }
