@@ -376,7 +376,7 @@ fn slow_link_keeps_many_requests_in_flight_and_a_silent_server_times_out() {
     });
     let took = t0.elapsed();
     eprintln!("16 concurrent 300 ms reads took {took:?}");
-    assert!(took < Duration::from_millis(2000), "{took:?}");
+    assert!(took < Duration::from_millis(2400), "{took:?}");
 
     // A request timeout shorter than the delay: each connection is declared dead, the read
     // is re-issued, and after two tries it fails cleanly.
