@@ -6,8 +6,10 @@
 //! One test function, because the S3 client takes its endpoint and keys from process-wide
 //! `AWS_*` variables. It uploads a qemu-made VHDX (one put) and a larger raw image (multipart),
 //! checks the stored objects byte for byte in the server's folder, reads both back by ranges
-//! (the VHDX through vhdx-format, against qemu-img's raw conversion), replaces an object under
-//! an open storage (typed error), and opens a missing key.
+//! (the VHDX through vhdx-format, against qemu-img's raw conversion), reads the VHDX through
+//! a presigned GET URL with the HTTP storage (the server refuses the unsigned HEAD with 403, so
+//! the one-byte probe finds the size), replaces an object under an open storage (typed error),
+//! and opens a missing key.
 //!
 //! Oracle rule: without `s3s-fs` (`cargo install s3s-fs --version 0.14.1 --locked --features
 //! binary`, see .ci/setup) or qemu the test fails when `CI=true`, else it prints a loud SKIP.
@@ -228,6 +230,40 @@ fn s3_upload_ranged_reads_multipart_and_changes() {
     assert_eq!(
         st.write_at(b"x", 0).unwrap_err().kind(),
         ErrorKind::ReadOnly
+    );
+
+    // A presigned GET URL is a plain https/http URL to the HTTP storage: HEAD is not signed
+    // for it, so the storage finds size and ETag by a one-byte ranged GET instead.
+    let signer = object_store::aws::AmazonS3Builder::from_env()
+        .with_bucket_name(BUCKET)
+        .build()
+        .unwrap();
+    let presigned = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(object_store::signer::Signer::signed_url(
+            &signer,
+            reqwest::Method::GET,
+            &object_store::path::Path::from("images/base.vhdx"),
+            Duration::from_secs(600),
+        ))
+        .unwrap();
+    assert!(
+        presigned.as_str().contains("X-Amz-Signature="),
+        "{presigned}"
+    );
+    let heads = srv.requests(&["method: HEAD"]);
+    let st = RemoteStorage::open(presigned.as_str(), &opts).unwrap();
+    assert_eq!(st.identity().size, local_bytes.len() as u64);
+    assert_eq!(st.identity().etag, id2.etag);
+    assert_same(&read_whole(&st, 1 << 20), &local_bytes, "presigned URL");
+    assert_eq!(
+        srv.requests(&["method: HEAD"]) - heads,
+        1,
+        "one refused HEAD"
+    );
+    assert!(
+        srv.requests(&["method: GET", "\"range\": \"bytes=0-0\""]) >= 1,
+        "the probe"
     );
 
     // A larger image goes up in parts: 13 MiB + 5 bytes in 5 MiB parts is three parts.
