@@ -3,9 +3,11 @@
 //! The object is cut into fixed blocks ([`RemoteOptions::block_size`]); a block is either
 //! cached (its bytes, with the tick of its last use), in flight (waiters sleep on its
 //! [`Flight`]), or absent. A read claims every block it covers, starts the absent ones at once
-//! on the shared runtime, and copies out of them in order. A read that starts where the previous
-//! one ended extends a sequential run; once a run of two or more reads spans a block, the
-//! blocks after it are fetched ahead so that a streaming reader finds them cached. Completed blocks beyond the
+//! on the shared runtime, and copies out of them in order. A read that starts where an earlier
+//! one ended extends that sequential run (eight runs are followed at once, so interleaved
+//! readers and a reader with many requests in flight are still seen as sequential); once a run
+//! of two or more reads spans a block, the blocks after it are fetched ahead so that a
+//! streaming reader finds them cached. Completed blocks beyond the
 //! memory budget are evicted least recently used first; blocks in flight are never evicted and
 //! readers keep the bytes they copy from alive on their own.
 //!
@@ -84,17 +86,66 @@ enum Slot {
     Pending(Arc<Flight>),
 }
 
+/// Sequential runs followed at once.
+const STREAMS: usize = 8;
+
+/// One sequential run: reads that each start where an earlier one ended.
+#[derive(Debug, Clone, Copy)]
+struct Stream {
+    /// Where its last read ended: a read starting here continues it.
+    next: u64,
+    /// Where it started.
+    start: u64,
+    /// Reads after its first.
+    reads: u32,
+    /// Tick of its last read (the least recent run makes way for a new one).
+    used: u64,
+}
+
+impl Default for Stream {
+    fn default() -> Self {
+        Stream {
+            next: u64::MAX,
+            start: 0,
+            reads: 0,
+            used: 0,
+        }
+    }
+}
+
+impl State {
+    /// Files a read of `[offset, end)`: continues the run it follows or starts a new one.
+    /// Returns whether the run is sequential enough for read-ahead: two or more reads spanning
+    /// at least `block` bytes (so small reads near each other, a format's headers, are not).
+    fn follow(&mut self, offset: u64, end: u64, block: u64) -> bool {
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some(s) = self.streams.iter_mut().find(|s| s.next == offset) {
+            s.next = end;
+            s.reads = s.reads.saturating_add(1);
+            s.used = tick;
+            return end - s.start >= block;
+        }
+        if let Some(s) = self.streams.iter_mut().min_by_key(|s| s.used) {
+            *s = Stream {
+                next: end,
+                start: offset,
+                reads: 0,
+                used: tick,
+            };
+        }
+        false
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     slots: HashMap<u64, Slot>,
     ready: usize,
     tick: u64,
-    /// Where the last read ended: a read starting here continues a sequential run.
-    next_seq: u64,
-    /// Where the current sequential run started.
-    run_start: u64,
-    /// Reads in the current run after its first.
-    streak: u32,
+    /// The sequential runs being followed (several readers, or one with many requests in
+    /// flight, interleave theirs).
+    streams: [Stream; STREAMS],
     /// The latched "object changed" failure.
     changed: Option<RemoteError>,
 }
@@ -189,10 +240,7 @@ impl RemoteStorage {
                 cap,
                 readahead,
                 batch: opts.request_blocks.max(1),
-                state: Mutex::new(State {
-                    next_seq: u64::MAX,
-                    ..State::default()
-                }),
+                state: Mutex::new(State::default()),
                 counters: Counters::default(),
             }),
         }
@@ -394,13 +442,7 @@ impl Storage for RemoteStorage {
                     .clone()
                     .into_error(format!("reading {offset}+{}", buf.len())));
             }
-            if offset == st.next_seq {
-                st.streak = st.streak.saturating_add(1);
-            } else {
-                st.streak = 0;
-                st.run_start = offset;
-            }
-            st.next_seq = end;
+            let sequential = st.follow(offset, end, sh.block);
             for idx in first..=last {
                 st.tick += 1;
                 let tick = st.tick;
@@ -426,7 +468,7 @@ impl Storage for RemoteStorage {
             // `readahead` blocks cached or in flight, topped up `batch` blocks a request (or
             // at once when the very next block is missing). Small reads near each other (a
             // format's headers) do not qualify.
-            if st.streak >= 1 && end - st.run_start >= sh.block && sh.readahead > 0 {
+            if sequential && sh.readahead > 0 {
                 let stop = last
                     .saturating_add(sh.readahead)
                     .min(sh.blocks.saturating_sub(1));
@@ -639,6 +681,37 @@ mod tests {
         }
         assert_eq!(src.asked.lock().len(), 4);
         assert_eq!(s.stats().readahead, 0);
+    }
+
+    #[test]
+    fn interleaved_sequential_readers_both_read_ahead() {
+        let (src, s) = setup(64 * 4096, &opts(4, 32));
+        let mut b = vec![0u8; 2048];
+        // Reader A from block 0, reader B from block 32, alternating, 2 KiB at a time.
+        for i in 0..4u64 {
+            for base in [0u64, 32 * 4096] {
+                s.read_at(&mut b, base + i * 2048).unwrap();
+                assert_eq!(b, src.data[(base + i * 2048) as usize..][..2048]);
+            }
+        }
+        for _ in 0..200 {
+            if s.stats().bytes >= s.stats().fetches * 4096 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut asked = src.asked.lock().clone();
+        asked.sort();
+        // Each reader: its first block on demand, the next four ahead in one request.
+        assert_eq!(
+            asked,
+            [
+                (0, 4096),
+                (4096, 4 * 4096),
+                (32 * 4096, 4096),
+                (33 * 4096, 4 * 4096)
+            ]
+        );
     }
 
     #[test]
