@@ -26,7 +26,7 @@ use parking_lot::{Condvar, Mutex};
 use super::error::RemoteError;
 use super::{runtime, RemoteIdentity, RemoteOptions};
 use crate::error::{Error, ErrorKind, Result};
-use crate::storage::{check_bounds, Extent, Storage};
+use crate::storage::{check_bounds, raw_scatter, raw_total, Extent, RawBuf, Storage};
 
 /// The future of one ranged fetch.
 pub(crate) type FetchFuture = Pin<Box<dyn Future<Output = Result<Bytes, RemoteError>> + Send>>;
@@ -423,11 +423,13 @@ impl Shared {
     }
 }
 
-impl Storage for RemoteStorage {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+impl RemoteStorage {
+    /// Reads `[offset, offset + len)`, handing the bytes to `sink(pos, bytes)` in order
+    /// (`pos` counts from `offset`): the one read path behind `read_at` and `read_raw_at`.
+    fn read_with(&self, offset: u64, len: usize, sink: &mut dyn FnMut(usize, &[u8])) -> Result<()> {
         let sh = &self.shared;
-        let end = check_bounds(offset, buf.len() as u64, sh.id.size)?;
-        if buf.is_empty() {
+        let end = check_bounds(offset, len as u64, sh.id.size)?;
+        if len == 0 {
             return Ok(());
         }
         let first = offset / sh.block;
@@ -438,9 +440,7 @@ impl Storage for RemoteStorage {
         {
             let mut st = sh.state.lock();
             if let Some(e) = &st.changed {
-                return Err(e
-                    .clone()
-                    .into_error(format!("reading {offset}+{}", buf.len())));
+                return Err(e.clone().into_error(format!("reading {offset}+{}", len)));
             }
             let sequential = st.follow(offset, end, sh.block);
             for idx in first..=last {
@@ -493,33 +493,51 @@ impl Storage for RemoteStorage {
                 Piece::Data(d) => d,
                 Piece::Wait(f) => f
                     .wait()
-                    .map_err(|e| e.into_error(format!("reading {offset}+{}", buf.len())))?,
+                    .map_err(|e| e.into_error(format!("reading {offset}+{}", len)))?,
             };
             let block_start = (first + i as u64) * sh.block;
             let at = (pos - block_start) as usize;
-            let n = (buf.len() - done).min(data.len().saturating_sub(at));
+            let n = (len - done).min(data.len().saturating_sub(at));
             if n == 0 {
                 return Err(Error::new(
                     ErrorKind::Io,
                     format!(
                         "reading {offset}+{}: block {} came back short",
-                        buf.len(),
+                        len,
                         first + i as u64
                     ),
                 ));
             }
-            buf[done..done + n].copy_from_slice(&data[at..at + n]);
+            sink(done, &data[at..at + n]);
             done += n;
             pos += n as u64;
         }
         // A change noticed by a concurrent fetch (read-ahead included) fails this read too:
         // its bytes may be of the old version while others are already of the new one.
         if let Some(e) = &sh.state.lock().changed {
-            return Err(e
-                .clone()
-                .into_error(format!("reading {offset}+{}", buf.len())));
+            return Err(e.clone().into_error(format!("reading {offset}+{}", len)));
         }
         Ok(())
+    }
+}
+
+impl Storage for RemoteStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_with(offset, buf.len(), &mut |pos, bytes| {
+            buf[pos..pos + bytes.len()].copy_from_slice(bytes)
+        })
+    }
+
+    unsafe fn read_raw_at(&self, bufs: &[RawBuf], offset: u64) -> Result<()> {
+        let total = raw_total(bufs)?;
+        let len = usize::try_from(total)
+            .map_err(|_| Error::new(ErrorKind::InvalidInput, "request too large"))?;
+        // Straight from the cached blocks into the caller's memory: no bounce buffer.
+        self.read_with(offset, len, &mut |pos, bytes| {
+            // SAFETY: the caller guarantees `bufs` valid for writes of their lengths for the
+            // whole call; `bytes` is our own memory, so the two cannot overlap.
+            unsafe { raw_scatter(bufs, pos as u64, bytes) }
+        })
     }
 
     fn write_at(&self, _buf: &[u8], offset: u64) -> Result<()> {
@@ -626,6 +644,34 @@ mod tests {
         assert_eq!(s.stats().fetches, 4);
         assert_eq!(s.write_at(&[1], 0).unwrap_err().kind(), ErrorKind::ReadOnly);
         assert_eq!(s.set_len(1).unwrap_err().kind(), ErrorKind::ReadOnly);
+    }
+
+    #[test]
+    fn raw_reads_scatter_straight_from_the_cache() {
+        let (src, s) = setup(5 * 4096 + 7, &opts(0, 16));
+        let mut a = vec![0u8; 5000];
+        let mut b = vec![0u8; 9000];
+        let bufs = [
+            RawBuf {
+                ptr: a.as_mut_ptr(),
+                len: a.len(),
+            },
+            RawBuf {
+                ptr: b.as_mut_ptr(),
+                len: b.len(),
+            },
+        ];
+        // SAFETY: both buffers are ours and live across the call.
+        unsafe { s.read_raw_at(&bufs, 3000).unwrap() };
+        assert_eq!(a, src.data[3000..8000]);
+        assert_eq!(b, src.data[8000..17000]);
+        let past = [RawBuf {
+            ptr: a.as_mut_ptr(),
+            len: 5000,
+        }];
+        // SAFETY: as above.
+        let e = unsafe { s.read_raw_at(&past, 5 * 4096) }.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::OutOfRange);
     }
 
     #[test]
