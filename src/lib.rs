@@ -8,7 +8,7 @@
 //! | [`vhd_format`] | VHD (fixed, dynamic, differencing layer) |
 //! | [`vhdx_format`] | VHDX (fixed, dynamic, differencing layer, log) |
 //! | [`chain`] | format detection, parents, lineage |
-//! | [`meta_ops`] | online jobs on a live disk: job engine (progress, pause, resume, cancel, throttle, guest-first, pivot), copy and convert (merge, compact, resize planned) |
+//! | [`meta_ops`] | online jobs on a live disk: job engine (progress, pause, resume, cancel, throttle, guest-first, pivot), copy, convert and commit/merge (compact, resize planned) |
 //! | [`offload_token`] | ODX-style offload tokens: sealed 512-byte tokens, offload read/write, registry (provider-to-provider transfer planned) |
 //!
 //! ```
