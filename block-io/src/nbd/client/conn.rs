@@ -448,6 +448,31 @@ async fn read_payload(r: &mut Rd, b: &mut [u8], table: &RefCell<Table>) -> Resul
     Ok(())
 }
 
+/// A fresh buffer of `n` payload bytes, read in pieces (as [`read_payload`]) without zeroing
+/// it first: `read_buf` fills the spare capacity and never past `n` (a `take` bounds it).
+async fn read_new(r: &mut Rd, n: usize, table: &RefCell<Table>) -> Result<Vec<u8>, ClientError> {
+    let mut v = Vec::with_capacity(n);
+    while v.len() < n {
+        let want = (n - v.len()).min(PROGRESS_PIECE);
+        let before = v.len();
+        while v.len() - before < want {
+            let left = (want - (v.len() - before)) as u64;
+            let got = (&mut *r)
+                .take(left)
+                .read_buf(&mut v)
+                .await
+                .map_err(ClientError::transport)?;
+            if got == 0 {
+                return Err(ClientError::transport(
+                    std::io::ErrorKind::UnexpectedEof.into(),
+                ));
+            }
+        }
+        table.borrow_mut().touch();
+    }
+    Ok(v)
+}
+
 async fn read_exact(r: &mut Rd, b: &mut [u8]) -> Result<(), ClientError> {
     r.read_exact(b)
         .await
@@ -508,8 +533,7 @@ async fn simple(
                 // proto.md: with structured replies a read MUST NOT get a simple reply.
                 return Err(ClientError::protocol("simple reply to a read"));
             }
-            let mut buf = vec![0u8; length as usize];
-            read_payload(r, &mut buf, table).await?;
+            let buf = read_new(r, length as usize, table).await?;
             finish(table, cookie, Ok(Reply::Data(buf)));
         }
         Command::BlockStatus => {
@@ -592,13 +616,20 @@ async fn chunk(
             read_exact(r, &mut o).await?;
             let n = u64::from(length - 8);
             let rel = inside(u64::from_be_bytes(o), n, req_off, req_len)?;
-            let mut buf = {
+            let whole = {
                 let mut t = table.borrow_mut();
                 let e = t.get(cookie)?;
                 e.cover(rel, n)?;
-                e.buffer()
+                // The usual answer: one chunk with all the data (no zeroed buffer needed).
+                e.buf.is_empty() && rel == 0 && n == u64::from(req_len)
             };
-            read_payload(r, &mut buf[rel as usize..(rel + n) as usize], table).await?;
+            let buf = if whole {
+                read_new(r, n as usize, table).await?
+            } else {
+                let mut buf = table.borrow_mut().get(cookie)?.buffer();
+                read_payload(r, &mut buf[rel as usize..(rel + n) as usize], table).await?;
+                buf
+            };
             table.borrow_mut().get(cookie)?.buf = buf;
         }
         proto::REPLY_TYPE_OFFSET_HOLE => {
