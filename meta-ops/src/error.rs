@@ -9,7 +9,8 @@ pub type JobResult = Result<JobReport, JobError>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum JobError {
-    /// The job was cancelled; the source is untouched and guest I/O goes on there.
+    /// The job was cancelled; the guest's disk reads as before and guest I/O goes on there
+    /// (a commit may have written its base where the layers above hide it).
     #[error("the job was cancelled")]
     Cancelled,
     /// Another job already runs on this disk.

@@ -29,7 +29,7 @@ pub enum Phase {
     Pivoting,
     /// Done; the result is ready.
     Completed,
-    /// Cancelled; the source is untouched.
+    /// Cancelled; the guest stays on its disk, which reads as it did.
     Cancelled,
     /// Failed; see the result.
     Failed,
@@ -227,7 +227,8 @@ impl JobHandle {
     }
 
     /// Stops the job: running chunks finish, the job detaches and ends with
-    /// [`JobError::Cancelled`]. The source is never written by a job, so it stays intact.
+    /// [`JobError::Cancelled`]. The guest's disk reads as it did: copy and convert never
+    /// write it, a commit writes its base only where the layers above hide it.
     pub fn cancel(&self) {
         self.shared.cancelled.store(true, Ordering::Release);
         self.shared.ctl.send_modify(|c| c.cancelled = true);
