@@ -676,7 +676,8 @@ fn minor_faults() -> i64 {
 /// Sequential reads of a 1 GiB file through the HTTP storage against `curl -o /dev/null` of the
 /// same URL, in one run; prints the ratio (target: at least 0.7x curl). Run by
 /// `.ci/bench-remote-http` (release mode); `VDISK_BENCH_MIB` changes the size,
-/// `VDISK_BENCH_BLOCK_KIB`, `VDISK_BENCH_READAHEAD` and `VDISK_BENCH_READ_KIB` the geometry.
+/// `VDISK_BENCH_BLOCK_KIB`, `VDISK_BENCH_READAHEAD`, `VDISK_BENCH_REQUEST_BLOCKS` and
+/// `VDISK_BENCH_READ_KIB` the geometry.
 #[test]
 #[ignore]
 fn bench_http_vs_curl() {
@@ -713,6 +714,9 @@ fn bench_http_vs_curl() {
     }
     if let Some(n) = env("VDISK_BENCH_READAHEAD") {
         bench_opts.readahead = n;
+    }
+    if let Some(n) = env("VDISK_BENCH_REQUEST_BLOCKS") {
+        bench_opts.request_blocks = n;
     }
     let read_kib = env("VDISK_BENCH_READ_KIB").unwrap_or(1024);
     let mut curl_s = f64::MAX;
@@ -761,11 +765,13 @@ fn bench_http_vs_curl() {
         conns.len()
     );
     println!(
-        "remote-http: {mib} MiB sequential, {read_kib} KiB reads, {} KiB blocks, read-ahead {}: curl {:.0} MiB/s ({curl_s:.3} s), \
+        "remote-http: {mib} MiB sequential, {read_kib} KiB reads, {} KiB blocks, read-ahead {} \
+         ({} a request): curl {:.0} MiB/s ({curl_s:.3} s), \
          vdisk HttpStorage {:.0} MiB/s ({ours_s:.3} s): ratio {:.2}x curl (target >= 0.70); \
          CPU curl {curl_cpu:.3} s, ours {ours_cpu:.3} s ({faults} page faults)",
         bench_opts.block_size >> 10,
         bench_opts.readahead,
+        bench_opts.request_blocks,
         rate(curl_s),
         rate(ours_s),
         curl_s / ours_s

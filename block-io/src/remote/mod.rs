@@ -77,9 +77,9 @@ pub struct RemoteOptions {
     pub cache_bytes: usize,
     /// Blocks fetched ahead of a sequential reader (default 16; 0 turns read-ahead off).
     pub readahead: usize,
-    /// Most consecutive blocks one request fetches (default 4): read-ahead tops its window up
-    /// this many blocks at a time, so a streaming reader costs a request per 4 MiB while
-    /// random reads still fetch single blocks.
+    /// Most consecutive blocks one request fetches (default 8): read-ahead tops its window up
+    /// this many blocks at a time, so a streaming reader costs a request per 8 MiB (two in
+    /// flight with the default window) while random reads still fetch single blocks.
     pub request_blocks: usize,
     /// Retries of a transient failure before the read fails (default 5).
     pub retries: u32,
@@ -102,7 +102,7 @@ impl Default for RemoteOptions {
             block_size: 1 << 20,
             cache_bytes: 64 << 20,
             readahead: 16,
-            request_blocks: 4,
+            request_blocks: 8,
             retries: 5,
             retry_delay: Duration::from_millis(100),
             timeout: Duration::from_secs(60),
