@@ -134,6 +134,17 @@ impl NbdUrl {
         }
     }
 
+    /// Whether `s` starts with one of the NBD schemes (so a CLI can tell an NBD URL from a
+    /// path or another URL before parsing it; the parse may still fail).
+    pub fn has_nbd_scheme(s: &str) -> bool {
+        s.split_once("://").is_some_and(|(scheme, _)| {
+            matches!(
+                scheme.to_ascii_lowercase().as_str(),
+                "nbd" | "nbd+tcp" | "nbd+unix" | "nbds" | "nbds+tcp" | "nbds+unix"
+            )
+        })
+    }
+
     /// The same URL with TLS required or not.
     pub fn with_tls(mut self, tls: bool) -> Self {
         self.tls = tls;
@@ -323,6 +334,15 @@ mod tests {
             p("nbds://[::1]/e%2Fx"),
             Ok(NbdUrl::tcp("::1", DEFAULT_PORT, "e/x").with_tls(true))
         );
+    }
+
+    #[test]
+    fn nbd_schemes_are_recognised() {
+        assert!(NbdUrl::has_nbd_scheme("nbd://h/x"));
+        assert!(NbdUrl::has_nbd_scheme("NBDS+UNIX:///x?socket=/s"));
+        assert!(!NbdUrl::has_nbd_scheme("https://h/x"));
+        assert!(!NbdUrl::has_nbd_scheme("/images/nbd://x"));
+        assert!(!NbdUrl::has_nbd_scheme("disk.vhdx"));
     }
 
     #[test]
