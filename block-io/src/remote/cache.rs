@@ -29,7 +29,77 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{check_bounds, raw_scatter, raw_total, Extent, RawBuf, Storage};
 
 /// The future of one ranged fetch.
-pub(crate) type FetchFuture = Pin<Box<dyn Future<Output = Result<Bytes, RemoteError>> + Send>>;
+pub(crate) type FetchFuture = Pin<Box<dyn Future<Output = Result<Segs, RemoteError>> + Send>>;
+
+/// Bytes as the network delivered them: the response's buffers in order, never copied into
+/// one (the copy into the reader's memory is the only one).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Segs {
+    parts: Arc<[Bytes]>,
+    len: usize,
+}
+
+impl From<Vec<Bytes>> for Segs {
+    fn from(parts: Vec<Bytes>) -> Self {
+        let len = parts.iter().map(Bytes::len).sum();
+        Segs {
+            parts: parts.into(),
+            len,
+        }
+    }
+}
+
+impl Segs {
+    /// Total length.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Hands bytes `[at, at + n)` (clamped to the end) to `f(pos, piece)` in order, `pos`
+    /// counting from `at`.
+    fn each(&self, at: usize, n: usize, f: &mut dyn FnMut(usize, &[u8])) {
+        let (mut skip, mut done) = (at, 0usize);
+        for p in self.parts.iter() {
+            if done == n {
+                break;
+            }
+            if skip >= p.len() {
+                skip -= p.len();
+                continue;
+            }
+            let take = (p.len() - skip).min(n - done);
+            f(done, &p[skip..skip + take]);
+            done += take;
+            skip = 0;
+        }
+    }
+
+    /// Cuts into consecutive pieces of `lens` bytes (the last ones shorter if the bytes run
+    /// out), sharing the buffers.
+    fn split(&self, lens: impl IntoIterator<Item = usize>) -> Vec<Segs> {
+        let (mut pi, mut poff) = (0usize, 0usize);
+        let mut out = Vec::new();
+        for want in lens {
+            let mut cur = Vec::new();
+            let mut need = want;
+            while need > 0 && pi < self.parts.len() {
+                let p = &self.parts[pi];
+                let take = (p.len() - poff).min(need);
+                if take > 0 {
+                    cur.push(p.slice(poff..poff + take));
+                }
+                need -= take;
+                poff += take;
+                if poff >= p.len() {
+                    pi += 1;
+                    poff = 0;
+                }
+            }
+            out.push(Segs::from(cur));
+        }
+        out
+    }
+}
 
 /// A remote object that can be read by ranges: what the cache sits on.
 pub(crate) trait Source: Send + Sync + std::fmt::Debug + 'static {
@@ -59,17 +129,17 @@ pub struct RemoteStats {
 /// One block being fetched: readers of the block wait here.
 #[derive(Debug, Default)]
 struct Flight {
-    done: Mutex<Option<Result<Bytes, RemoteError>>>,
+    done: Mutex<Option<Result<Segs, RemoteError>>>,
     cv: Condvar,
 }
 
 impl Flight {
-    fn finish(&self, r: Result<Bytes, RemoteError>) {
+    fn finish(&self, r: Result<Segs, RemoteError>) {
         *self.done.lock() = Some(r);
         self.cv.notify_all();
     }
 
-    fn wait(&self) -> Result<Bytes, RemoteError> {
+    fn wait(&self) -> Result<Segs, RemoteError> {
         let mut g = self.done.lock();
         loop {
             if let Some(r) = g.as_ref() {
@@ -82,7 +152,7 @@ impl Flight {
 
 #[derive(Debug)]
 enum Slot {
-    Ready { data: Bytes, used: u64 },
+    Ready { data: Segs, used: u64 },
     Pending(Arc<Flight>),
 }
 
@@ -192,7 +262,7 @@ impl std::fmt::Debug for RemoteStorage {
 }
 
 enum Piece {
-    Data(Bytes),
+    Data(Segs),
     Wait(Arc<Flight>),
 }
 
@@ -321,11 +391,11 @@ impl Shared {
         rt.spawn(async move {
             match fut.await {
                 Ok(data) => {
-                    for (idx, f) in &run {
-                        let (boff, blen) = me.block_range(*idx);
-                        let at = (boff - off) as usize;
-                        let piece = if at + blen as usize <= data.len() {
-                            Ok(data.slice(at..at + blen as usize))
+                    let lens = run.iter().map(|(idx, _)| me.block_range(*idx).1 as usize);
+                    let pieces = data.split(lens.clone());
+                    for (((idx, f), piece), want) in run.iter().zip(pieces).zip(lens) {
+                        let r = if piece.len() == want {
+                            Ok(piece)
                         } else {
                             Err(RemoteError::Truncated {
                                 url: me.id.url.clone(),
@@ -334,7 +404,7 @@ impl Shared {
                                 got: data.len() as u64,
                             })
                         };
-                        me.complete(*idx, f, piece);
+                        me.complete(*idx, f, r);
                     }
                 }
                 Err(e) => {
@@ -363,7 +433,7 @@ impl Shared {
     }
 
     /// Files the outcome of block `idx`'s fetch and wakes its readers.
-    fn complete(&self, idx: u64, flight: &Arc<Flight>, r: Result<Bytes, RemoteError>) {
+    fn complete(&self, idx: u64, flight: &Arc<Flight>, r: Result<Segs, RemoteError>) {
         {
             let mut st = self.state.lock();
             let ours =
@@ -508,7 +578,7 @@ impl RemoteStorage {
                     ),
                 ));
             }
-            sink(done, &data[at..at + n]);
+            data.each(at, n, &mut |pos, piece| sink(done + pos, piece));
             done += n;
             pos += n as u64;
         }
@@ -596,7 +666,13 @@ mod tests {
                     });
                 }
                 let s = offset as usize;
-                Ok(Bytes::copy_from_slice(&self.data[s..s + len as usize]))
+                // Two buffers where it can, as a network would deliver them.
+                let v = &self.data[s..s + len as usize];
+                let cut = v.len() / 3;
+                Ok(Segs::from(vec![
+                    Bytes::copy_from_slice(&v[..cut]),
+                    Bytes::copy_from_slice(&v[cut..]),
+                ]))
             })
         }
     }
@@ -644,6 +720,32 @@ mod tests {
         assert_eq!(s.stats().fetches, 4);
         assert_eq!(s.write_at(&[1], 0).unwrap_err().kind(), ErrorKind::ReadOnly);
         assert_eq!(s.set_len(1).unwrap_err().kind(), ErrorKind::ReadOnly);
+    }
+
+    #[test]
+    fn segments_split_and_walk_exactly() {
+        let segs = Segs::from(vec![
+            Bytes::from_static(b"abc"),
+            Bytes::new(),
+            Bytes::from_static(b"defgh"),
+            Bytes::from_static(b"ij"),
+        ]);
+        assert_eq!(segs.len(), 10);
+        let flat = |s: &Segs| {
+            let mut v = Vec::new();
+            s.each(0, usize::MAX, &mut |pos, p| {
+                assert_eq!(pos, v.len());
+                v.extend_from_slice(p)
+            });
+            v
+        };
+        let parts = segs.split([4, 4, 4]);
+        assert_eq!(flat(&parts[0]), b"abcd");
+        assert_eq!(flat(&parts[1]), b"efgh");
+        assert_eq!(flat(&parts[2]), b"ij");
+        let mut got = Vec::new();
+        segs.each(2, 5, &mut |_, p| got.extend_from_slice(p));
+        assert_eq!(got, b"cdefg");
     }
 
     #[test]

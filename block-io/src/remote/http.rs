@@ -12,11 +12,10 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use reqwest::header::{self, HeaderMap};
 use reqwest::{Client, StatusCode, Url};
 
-use super::cache::{FetchFuture, Source};
+use super::cache::{FetchFuture, Segs, Source};
 use super::error::{chain, RemoteError};
 use super::retry::Retry;
 use super::runtime::install_crypto_provider;
@@ -213,7 +212,7 @@ impl HttpSource {
     }
 
     /// One try at fetching `[offset, offset + len)`.
-    async fn fetch_once(&self, offset: u64, len: u64) -> Result<Bytes, RemoteError> {
+    async fn fetch_once(&self, offset: u64, len: u64) -> Result<Segs, RemoteError> {
         let url = &self.id.url;
         let mut r = self
             .request(offset, len)
@@ -262,25 +261,28 @@ impl HttpSource {
                 })
             }
         }
-        let mut buf = Vec::with_capacity(len as usize);
+        // The body's buffers are kept as they come: no copy into one.
+        let mut parts = Vec::new();
+        let mut got = 0u64;
         while let Some(chunk) = r.chunk().await.map_err(|e| transport(&self.url, &e))? {
-            if (buf.len() + chunk.len()) as u64 > len {
+            got += chunk.len() as u64;
+            if got > len {
                 return Err(RemoteError::Protocol {
                     url: url.clone(),
                     detail: format!("response for {offset}+{len} is longer than asked"),
                 });
             }
-            buf.extend_from_slice(&chunk);
+            parts.push(chunk);
         }
-        if buf.len() as u64 != len {
+        if got != len {
             return Err(RemoteError::Truncated {
                 url: url.clone(),
                 offset,
                 want: len,
-                got: buf.len() as u64,
+                got,
             });
         }
-        Ok(Bytes::from(buf))
+        Ok(Segs::from(parts))
     }
 }
 

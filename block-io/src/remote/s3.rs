@@ -12,7 +12,6 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path;
 use object_store::{
@@ -21,7 +20,7 @@ use object_store::{
 };
 use reqwest::Url;
 
-use super::cache::{FetchFuture, Source};
+use super::cache::{FetchFuture, Segs, Source};
 use super::error::{chain, RemoteError};
 use super::runtime::{self, install_crypto_provider};
 use super::{RemoteIdentity, RemoteOptions};
@@ -135,7 +134,7 @@ impl S3Source {
         }
     }
 
-    async fn fetch_range(&self, offset: u64, len: u64) -> Result<Bytes, RemoteError> {
+    async fn fetch_range(&self, offset: u64, len: u64) -> Result<Segs, RemoteError> {
         let url = &self.id.url;
         let want = offset..offset + len;
         let opts = GetOptions {
@@ -172,7 +171,7 @@ impl S3Source {
                 got: data.len() as u64,
             });
         }
-        Ok(data)
+        Ok(Segs::from(vec![data]))
     }
 }
 
