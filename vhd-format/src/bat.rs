@@ -12,6 +12,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// BAT value of an unallocated block.
 pub const UNALLOCATED: u32 = u32::MAX;
 
+/// BAT entries in one 512-byte sector.
+pub const ENTRIES_PER_SECTOR: usize = 128;
+
 /// The in-memory BAT.
 #[derive(Debug)]
 pub struct Bat {
@@ -66,20 +69,18 @@ impl Bat {
         (0..self.entries.len()).filter_map(|i| self.get(i).map(|s| (i, s)))
     }
 
-    /// The 512-byte BAT sector holding entry `i`, with entry `i` replaced by `value`, and the
-    /// sector's byte offset inside the table. Entries past the end are 0xFF padding.
-    pub fn sector_with(&self, i: usize, value: u32) -> (u64, [u8; 512]) {
-        let first = i / 128 * 128;
+    /// BAT sector number `sector` (entries `sector * 128 ..`) as stored in the file, with the
+    /// entries for which `hide` is true written as unallocated, and the sector's byte offset
+    /// inside the table. Entries past the end are 0xFF padding.
+    pub fn sector_bytes(&self, sector: usize, hide: impl Fn(usize) -> bool) -> (u64, [u8; 512]) {
+        let first = sector * ENTRIES_PER_SECTOR;
         let mut out = [0xFFu8; 512];
         for (k, chunk) in out.chunks_exact_mut(4).enumerate() {
             let idx = first + k;
-            let v = if idx == i {
-                value
-            } else {
-                match self.entries.get(idx) {
-                    Some(e) => e.load(Ordering::Acquire),
-                    None => UNALLOCATED,
-                }
+            let v = match self.entries.get(idx) {
+                Some(_) if hide(idx) => UNALLOCATED,
+                Some(e) => e.load(Ordering::Acquire),
+                None => UNALLOCATED,
             };
             chunk.copy_from_slice(&v.to_be_bytes());
         }
@@ -166,12 +167,18 @@ mod tests {
 
     #[test]
     fn bat_sector() {
-        let bat = Bat::empty(130);
+        let bat = Bat::empty(131);
+        bat.set(128, 9);
         bat.set(129, 7);
-        let (off, s) = bat.sector_with(128, 9);
+        bat.set(130, 5);
+        let (off, s) = bat.sector_bytes(1, |i| i == 130);
         assert_eq!(off, 512);
         assert_eq!(&s[0..8], &[0, 0, 0, 9, 0, 0, 0, 7]);
-        assert_eq!(&s[8..12], &[0xff; 4]);
-        assert_eq!(bat.allocated().collect::<Vec<_>>(), vec![(129, 7)]);
+        // Hidden entries and padding read as unallocated.
+        assert_eq!(&s[8..16], &[0xff; 8]);
+        assert_eq!(
+            bat.allocated().collect::<Vec<_>>(),
+            vec![(128, 9), (129, 7), (130, 5)]
+        );
     }
 }

@@ -124,7 +124,7 @@ impl<S: Storage> VhdFile<S> {
         for l in &h.locators {
             // Length bounded and inside the file (checked at open).
             let path = read_exact(
-                &self.storage,
+                self.storage(),
                 l.data_length as usize,
                 l.data_offset,
                 "parent locator",

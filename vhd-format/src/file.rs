@@ -38,7 +38,7 @@ use block_io::{
 };
 use parking_lot::{Condvar, Mutex};
 
-use crate::alloc::{AllocState, Durability};
+use crate::alloc::{AllocState, Durability, Pending};
 use crate::bat;
 use crate::error::corrupt;
 use crate::footer::{DiskType, Footer, FOOTER_SIZE};
@@ -87,7 +87,8 @@ fn in_zero_chunks(len: u64, mut write: impl FnMut(&[u8], u64) -> Result<()>) -> 
 
 /// One VHD image over a [`Storage`].
 pub struct VhdFile<S: Storage> {
-    pub(crate) storage: S,
+    /// `None` only after [`VhdFile::into_storage`] took it (the file is then being dropped).
+    store: Option<S>,
     pub(crate) footer: Footer,
     pub(crate) footer_bytes: [u8; FOOTER_SIZE],
     pub(crate) source: FooterSource,
@@ -99,8 +100,9 @@ pub struct VhdFile<S: Storage> {
     pub(crate) alloc: Mutex<AllocState>,
     /// Signalled when an allocation ends (done or given up).
     pub(crate) alloc_done: Condvar,
-    /// Serialises allocation commits (BAT sector and footer writes).
-    pub(crate) commit: Mutex<()>,
+    /// Allocations published in memory whose BAT entries are not yet in the file; also
+    /// serialises the BAT sector and footer writes that persist them.
+    pub(crate) commit: Mutex<Pending>,
     /// Coalesced syncs.
     pub(crate) durability: Durability,
     /// Cached sector bitmaps of a differencing layer, striped by block number.
@@ -118,6 +120,16 @@ impl<S: Storage> std::fmt::Debug for VhdFile<S> {
     }
 }
 
+impl<S: Storage> Drop for VhdFile<S> {
+    /// Persists the BAT entries of allocations no flush has written yet (best effort: a
+    /// failure here cannot be reported; [`VhdFile::close`] reports it).
+    fn drop(&mut self) {
+        if self.store.is_some() {
+            let _ = self.persist_on_close();
+        }
+    }
+}
+
 impl<S: Storage> VhdFile<S> {
     /// Opens an image. A writable open of an image whose end footer was lost (a crash during
     /// allocation) trims the unreferenced tail and rewrites the footer from the copy at 0.
@@ -131,7 +143,7 @@ impl<S: Storage> VhdFile<S> {
             l.footer_offset
         };
         let file = VhdFile {
-            storage,
+            store: Some(storage),
             footer: l.footer,
             footer_bytes: l.footer_bytes,
             source: l.source,
@@ -140,7 +152,7 @@ impl<S: Storage> VhdFile<S> {
             read_only,
             alloc: Mutex::new(AllocState::new(end)),
             alloc_done: Condvar::new(),
-            commit: Mutex::new(()),
+            commit: Mutex::new(Pending::default()),
             durability: Durability::default(),
             bitmaps: (0..STRIPES).map(|_| Mutex::default()).collect(),
             failstop: FailStop::new(),
@@ -148,21 +160,48 @@ impl<S: Storage> VhdFile<S> {
         if !read_only && file.source == FooterSource::CopyAtStart {
             // Order: drop the unreferenced tail, write the footer, sync.
             let pos = l.footer_offset;
-            file.storage.set_len(pos)?;
-            file.storage.write_at(&file.footer_bytes, pos)?;
-            file.storage.sync_data()?;
+            file.storage().set_len(pos)?;
+            file.storage().write_at(&file.footer_bytes, pos)?;
+            file.storage().sync_data()?;
         }
         Ok(file)
     }
 
     /// The underlying storage.
     pub fn storage(&self) -> &S {
-        &self.storage
+        match &self.store {
+            Some(s) => s,
+            // `store` is taken only by `into_storage`, which consumes the file.
+            None => unreachable!("a VhdFile's storage is present until into_storage"),
+        }
     }
 
-    /// Gives the storage back.
-    pub fn into_storage(self) -> S {
-        self.storage
+    /// Gives the storage back, after writing the BAT entries of allocations no flush has
+    /// persisted yet (errors are ignored here: use [`VhdFile::close`] to see them).
+    pub fn into_storage(mut self) -> S {
+        let _ = self.persist_on_close();
+        match self.store.take() {
+            Some(s) => s,
+            None => unreachable!("a VhdFile's storage is present until into_storage"),
+        }
+    }
+
+    /// Makes everything written so far durable and part of the image (as
+    /// [`BlockDevice::flush`]) and closes the file, reporting any error. Dropping a
+    /// `VhdFile` does the same but cannot report a failure.
+    pub fn close(mut self) -> Result<()> {
+        let r = self.persist_on_close();
+        // Nothing is left for `Drop` to do.
+        self.store.take();
+        r
+    }
+
+    /// The flush that closing a writable file owes: BAT entries still pending.
+    fn persist_on_close(&self) -> Result<()> {
+        if self.read_only || self.failstop.is_failed() {
+            return Ok(());
+        }
+        self.persist()
     }
 
     /// The validated footer in use.
@@ -203,15 +242,15 @@ impl<S: Storage> VhdFile<S> {
     /// Reads from the file; bytes past its end read as zeros (a block partly written before
     /// a crash, opened read-only).
     fn read_file(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        match self.storage.read_at(buf, off) {
+        match self.storage().read_at(buf, off) {
             Err(e) if e.kind() == ErrorKind::OutOfRange => {
-                let len = self.storage.len()?;
+                let len = self.storage().len()?;
                 let avail = usize::try_from(len.saturating_sub(off))
                     .unwrap_or(usize::MAX)
                     .min(buf.len());
                 buf[avail..].fill(0);
                 if avail > 0 {
-                    self.storage.read_at(&mut buf[..avail], off)?;
+                    self.storage().read_at(&mut buf[..avail], off)?;
                 }
                 Ok(())
             }
@@ -269,7 +308,7 @@ impl<S: Storage> VhdFile<S> {
         let last = (s1.saturating_sub(1) / 8 / 512 + 1) * 512;
         let last = last.min(bm.len());
         self.guard(
-            self.storage
+            self.storage()
                 .write_at(&bm[first..last], u64::from(sector) * 512 + first as u64),
         )
     }
@@ -319,12 +358,12 @@ impl<S: Storage> VhdFile<S> {
             },
         };
         if !self.is_diff() {
-            return self.guard(self.storage.write_at(buf, data + within));
+            return self.guard(self.storage().write_at(buf, data + within));
         }
         let s0 = (within / 512) as usize;
         let s1 = s0 + buf.len() / 512;
         let present = self.with_bitmap(d, b, |bm| Ok(bat::all_set(bm, s0, s1)))?;
-        self.guard(self.storage.write_at(buf, data + within))?;
+        self.guard(self.storage().write_at(buf, data + within))?;
         if !present {
             // The data must be durable before a bit claims it (a sync shared with concurrent
             // writers; no lock held).
@@ -361,7 +400,7 @@ impl<S: Storage> VhdFile<S> {
     fn read_layer(&self, buf: &mut [u8], offset: u64, bitmaps: bool) -> Result<()> {
         check_request(&self.info(), offset, buf.len() as u64, false)?;
         let Some(d) = &self.dynamic else {
-            return self.storage.read_at(buf, offset);
+            return self.storage().read_at(buf, offset);
         };
         let bitmaps = bitmaps && self.is_diff();
         self.for_each_piece(offset, buf.len() as u64, |b, within, start, n| {
@@ -372,13 +411,13 @@ impl<S: Storage> VhdFile<S> {
     /// Zeros `[file_off, +len)` of the container, by hole punching when `punch`.
     fn zero_file_range(&self, file_off: u64, len: u64, punch: bool) -> Result<()> {
         if punch {
-            match self.storage.punch_hole(file_off, len) {
+            match self.storage().punch_hole(file_off, len) {
                 Err(e) if e.kind() == ErrorKind::Unsupported => {}
                 r => return self.guard(r),
             }
         }
         in_zero_chunks(len, |zeros, done| {
-            self.guard(self.storage.write_at(zeros, file_off + done))
+            self.guard(self.storage().write_at(zeros, file_off + done))
         })
     }
 
@@ -418,7 +457,7 @@ impl<S: Storage> VhdFile<S> {
         } else {
             check_request(&self.info(), offset, len, false)?;
         }
-        let Some(handle) = self.storage.io_handle() else {
+        let Some(handle) = self.storage().io_handle() else {
             return Ok(false);
         };
         let Some(d) = &self.dynamic else {
@@ -531,7 +570,7 @@ impl<S: Storage> BlockDevice for VhdFile<S> {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_write(offset, buf.len() as u64)?;
         let Some(d) = &self.dynamic else {
-            return self.guard(self.storage.write_at(buf, offset));
+            return self.guard(self.storage().write_at(buf, offset));
         };
         self.for_each_piece(offset, buf.len() as u64, |b, within, start, n| {
             self.write_block_part(d, b, within, &buf[start..start + n])
@@ -574,8 +613,8 @@ impl<S: Storage> BlockDevice for VhdFile<S> {
         }
         self.failstop.check()?;
         // Takes no allocation or bitmap lock: reads and overwrites go on meanwhile, and
-        // concurrent flushes and allocations share the sync.
-        self.sync_durable()
+        // concurrent flushes share their syncs and BAT writes.
+        self.persist()
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<StatusRun> {

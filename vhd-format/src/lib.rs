@@ -86,7 +86,11 @@ impl<S: Storage> VhdFile<S> {
     /// Checks this image's file (see [`check_storage`]); `repair` is ignored on a read-only
     /// open.
     pub fn check(&self, repair: bool) -> Result<CheckReport> {
-        let repair = repair && !block_io::BlockDevice::info(self).read_only;
-        check_storage(self.storage(), repair)
+        let writable = !block_io::BlockDevice::info(self).read_only;
+        if writable {
+            // The file, not the memory, is what is checked: write what a flush would.
+            block_io::BlockDevice::flush(self)?;
+        }
+        check_storage(self.storage(), repair && writable)
     }
 }

@@ -87,12 +87,12 @@ impl<S: Storage> VhdFile<S> {
         // allocation is in flight, so the footer slot at `pos` is free to take.
         let fs = &self.failstop;
         if !data.is_empty() {
-            fs.guard(self.storage.write_at(&data, pos))?;
-            fs.guard(self.storage.write_at(&self.footer_bytes, new_end))?;
+            fs.guard(self.storage().write_at(&data, pos))?;
+            fs.guard(self.storage().write_at(&self.footer_bytes, new_end))?;
         }
-        fs.guard(self.storage.sync_data())?;
-        fs.guard(self.storage.write_at(&hb, header_off))?;
-        fs.guard(self.storage.sync_data())?;
+        fs.guard(self.storage().sync_data())?;
+        fs.guard(self.storage().write_at(&hb, header_off))?;
+        fs.guard(self.storage().sync_data())?;
         self.alloc.get_mut().end = new_end;
         if let Some(d) = self.dynamic.as_mut() {
             d.header = header;
