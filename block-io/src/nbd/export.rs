@@ -70,12 +70,12 @@ pub(crate) struct Served {
     pub min_block: u32,
     /// Preferred block size: the physical sector, at least 4 KiB.
     pub preferred: u32,
-    /// Reads and writes lock their range shared, trims and write-zeroes exclusively: a
-    /// device may release blocks on those, and a mapped read or write in flight to a
-    /// released block could then touch another range's data (see
+    /// Reads and writes lock their range shared, trims and write-zeroes exclusively, at
+    /// 1 MiB granularity: a device may release blocks on those, and a mapped read or write
+    /// in flight to a released block could then touch another range's data (see
     /// [`AsyncDisk::write_zeroes`]). A client must not overlap such requests anyway; this
-    /// keeps a client that does from hurting anything but its own range, and costs no
-    /// waiting between requests that do not overlap.
+    /// keeps a client that does from hurting anything but its own range, while requests
+    /// elsewhere in the export go on.
     pub ranges: IoRanges,
 }
 

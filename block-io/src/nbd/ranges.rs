@@ -1,153 +1,94 @@
-//! [`IoRanges`]: the byte ranges an export's requests are working on, shared by all its
-//! connections, so that a trim or write-zeroes waits only for the reads and writes it
-//! overlaps (and they for it), never for the whole export.
+//! [`IoRanges`]: the parts of an export its requests are working on, shared by all its
+//! connections, so that a trim or write-zeroes waits only for the reads and writes near it
+//! (and they for it), never for the whole export.
 //!
 //! Why anything waits: a device may release blocks on a discard or write-zeroes, and a mapped
 //! read or write in flight to a released block could then touch whatever the space is reused
 //! for ([`BlockDevice::map`](crate::BlockDevice::map): a mapping stays valid until *its
 //! range* is discarded or zeroed). Reads and writes take their range shared, trims and
-//! write-zeroes exclusively. Requests are granted in arrival order among those that overlap:
-//! a request waits only for earlier overlapping requests it conflicts with, so an exclusive
-//! one is never starved by a stream of shared ones, and there are no cycles.
+//! write-zeroes exclusively.
 //!
-//! The shared path is one short mutex hold to take a slot and one to free it; when no
-//! exclusive request exists, nothing is scanned.
+//! The export is cut into [`CHUNK`]-byte chunks, and chunk `i` is guarded by stripe
+//! `i % STRIPES`, a fair (FIFO) tokio `RwLock`: overlapping requests always share a stripe,
+//! requests far apart rarely do. A request takes the stripes of its chunks in ascending order
+//! (all of them when it spans [`STRIPES`] chunks or more), so there are no cycles, and a
+//! waiting exclusive request is not starved by later shared ones. A small read or write
+//! takes one read lock, as with one lock for the whole export, but on one of
+//! [`STRIPES`] locks, so connections and threads contend less.
 
-use std::pin::pin;
+use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use parking_lot::Mutex;
-use tokio::sync::Notify;
+/// Bytes per chunk: the granularity of the locks.
+pub(crate) const CHUNK: u64 = 1 << 20;
+/// Locks per export.
+pub(crate) const STRIPES: usize = 64;
 
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    /// Arrival order.
-    seq: u64,
-    start: u64,
-    end: u64,
-    exclusive: bool,
+/// Shared/exclusive locks on the chunks of one export, for async requests.
+#[derive(Debug)]
+pub(crate) struct IoRanges {
+    stripes: Box<[RwLock<()>]>,
 }
 
-#[derive(Debug, Default)]
-struct Table {
-    /// Slots; `None` is free.
-    slots: Vec<Option<Entry>>,
-    free: Vec<usize>,
-    next_seq: u64,
-    /// Exclusive entries held or waiting.
-    exclusive: usize,
-    /// Requests waiting for a conflict to end.
-    waiting: usize,
-}
-
-impl Table {
-    /// Whether `e` must wait: an earlier overlapping entry conflicts with it.
-    fn blocked(&self, e: &Entry) -> bool {
-        if !e.exclusive && self.exclusive == 0 {
-            return false;
+impl Default for IoRanges {
+    fn default() -> Self {
+        IoRanges {
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
         }
-        self.slots.iter().flatten().any(|o| {
-            o.seq < e.seq && o.start < e.end && e.start < o.end && (e.exclusive || o.exclusive)
-        })
     }
 }
 
-/// Shared/exclusive locks on byte ranges of one export, for async requests.
-#[derive(Debug, Default)]
-pub(crate) struct IoRanges {
-    table: Mutex<Table>,
-    released: Notify,
-}
-
-/// A held (or awaited) range; released on drop.
+/// Held stripes; released on drop.
 #[derive(Debug)]
-pub(crate) struct RangeGuard<'a> {
-    ranges: &'a IoRanges,
-    slot: usize,
-    waiting: bool,
+#[must_use = "the range is unlocked when the guard is dropped"]
+// The guards are held for their `Drop` only.
+#[allow(dead_code)]
+pub(crate) enum RangeGuard<'a> {
+    /// One stripe, shared (the common case: no allocation).
+    Shared(RwLockReadGuard<'a, ()>),
+    /// Several stripes, shared.
+    SharedMany(Vec<RwLockReadGuard<'a, ()>>),
+    /// Stripes held exclusively.
+    Exclusive(Vec<RwLockWriteGuard<'a, ()>>),
 }
 
 impl IoRanges {
-    /// Locks `[offset, offset+len)` (at least one byte), shared or exclusive, waiting for the
-    /// earlier overlapping requests it conflicts with.
-    pub async fn lock(&self, offset: u64, len: u64, exclusive: bool) -> RangeGuard<'_> {
-        // One hold for the arrival number and the slot: an entry numbered is an entry seen.
-        let (entry, slot, blocked) = {
-            let mut t = self.table.lock();
-            let entry = Entry {
-                seq: t.next_seq,
-                start: offset,
-                end: offset.saturating_add(len.max(1)),
-                exclusive,
-            };
-            t.next_seq += 1;
-            let blocked = t.blocked(&entry);
-            let slot = match t.free.pop() {
-                Some(i) => {
-                    t.slots[i] = Some(entry);
-                    i
-                }
-                None => {
-                    t.slots.push(Some(entry));
-                    t.slots.len() - 1
-                }
-            };
-            if exclusive {
-                t.exclusive += 1;
-            }
-            if blocked {
-                t.waiting += 1;
-            }
-            (entry, slot, blocked)
-        };
-        // From here on the guard owns the slot: a caller that gives up waiting frees it.
-        let mut guard = RangeGuard {
-            ranges: self,
-            slot,
-            waiting: blocked,
-        };
-        if blocked {
-            loop {
-                let mut notified = pin!(self.released.notified());
-                // Registered before the check: a release in between still wakes us.
-                notified.as_mut().enable();
-                {
-                    let mut t = self.table.lock();
-                    if !t.blocked(&entry) {
-                        t.waiting -= 1;
-                        guard.waiting = false;
-                        break;
-                    }
-                }
-                notified.await;
-            }
+    /// The stripes `[offset, offset+len)` (at least one byte) touches, ascending.
+    fn stripes(offset: u64, len: u64) -> Vec<usize> {
+        let first = offset / CHUNK;
+        let last = offset.saturating_add(len.max(1) - 1) / CHUNK;
+        if last - first >= STRIPES as u64 - 1 {
+            return (0..STRIPES).collect();
         }
-        guard
+        // Fewer than STRIPES consecutive chunks: distinct stripes.
+        let mut s: Vec<usize> = (first..=last)
+            .map(|c| (c % STRIPES as u64) as usize)
+            .collect();
+        s.sort_unstable();
+        s
     }
 
-    /// Ranges held or awaited.
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.table.lock().slots.iter().flatten().count()
-    }
-}
-
-impl Drop for RangeGuard<'_> {
-    fn drop(&mut self) {
-        let wake = {
-            let mut t = self.ranges.table.lock();
-            if let Some(e) = t.slots.get_mut(self.slot).and_then(Option::take) {
-                if e.exclusive {
-                    t.exclusive -= 1;
-                }
-                t.free.push(self.slot);
+    /// Locks `[offset, offset+len)` (at least one byte), shared or exclusive, waiting for
+    /// conflicting requests on the same stripes that came first.
+    pub async fn lock(&self, offset: u64, len: u64, exclusive: bool) -> RangeGuard<'_> {
+        let first = offset / CHUNK;
+        let last = offset.saturating_add(len.max(1) - 1) / CHUNK;
+        if !exclusive && first == last {
+            let i = (first % STRIPES as u64) as usize;
+            return RangeGuard::Shared(self.stripes[i].read().await);
+        }
+        let idx = Self::stripes(offset, len);
+        if exclusive {
+            let mut held = Vec::with_capacity(idx.len());
+            for i in idx {
+                held.push(self.stripes[i].write().await);
             }
-            if self.waiting {
-                t.waiting -= 1;
+            RangeGuard::Exclusive(held)
+        } else {
+            let mut held = Vec::with_capacity(idx.len());
+            for i in idx {
+                held.push(self.stripes[i].read().await);
             }
-            t.waiting > 0
-        };
-        if wake {
-            self.ranges.released.notify_waiters();
+            RangeGuard::SharedMany(held)
         }
     }
 }
@@ -173,51 +114,48 @@ mod tests {
     }
 
     #[test]
+    fn stripes_cover_every_chunk_touched_in_ascending_order() {
+        assert_eq!(IoRanges::stripes(0, 1), vec![0]);
+        assert_eq!(IoRanges::stripes(0, 0), vec![0]);
+        assert_eq!(IoRanges::stripes(CHUNK - 1, 2), vec![0, 1]);
+        assert_eq!(IoRanges::stripes(65 * CHUNK, CHUNK), vec![1]);
+        assert_eq!(IoRanges::stripes(63 * CHUNK, 2 * CHUNK), vec![0, 63]);
+        assert_eq!(IoRanges::stripes(5, 64 * CHUNK).len(), STRIPES);
+        assert_eq!(IoRanges::stripes(u64::MAX - 1, 100), vec![STRIPES - 1]);
+    }
+
+    #[test]
     fn shared_ranges_never_wait_for_each_other() {
         rt().block_on(async {
             let r = IoRanges::default();
             let _a = r.lock(0, 4096, false).await;
+            let _b = r.lock(0, 3 * CHUNK, false).await;
             assert!(completes(r.lock(0, 4096, false)).await);
-            assert_eq!(r.len(), 1);
         });
     }
 
     #[test]
-    fn exclusive_waits_only_for_what_it_overlaps() {
+    fn exclusive_waits_only_for_what_is_near() {
         rt().block_on(async {
             let r = Arc::new(IoRanges::default());
             let read = r.lock(0, 4096, false).await;
-            // A trim elsewhere goes ahead at once.
-            assert!(completes(r.lock(4096, 4096, true)).await);
+            // A trim in another chunk goes ahead at once.
+            assert!(completes(r.lock(CHUNK, 4096, true)).await);
             // A trim over the read waits for it.
             let r2 = r.clone();
             let trim = tokio::spawn(async move {
-                let _g = r2.lock(2048, 4096, true).await;
+                let _g = r2.lock(2048, CHUNK, true).await;
             });
             tokio::time::sleep(Duration::from_millis(20)).await;
             assert!(!trim.is_finished());
-            // A later read of the trimmed range waits for the trim (no starvation), one
-            // elsewhere does not.
+            // A later read where the trim waits queues behind it (no starvation); one
+            // elsewhere does not wait.
             assert!(!completes(r.lock(4096, 512, false)).await);
-            assert!(completes(r.lock(8192, 512, false)).await);
+            assert!(completes(r.lock(2 * CHUNK, 512, false)).await);
             drop(read);
             trim.await.unwrap();
-            assert!(completes(r.lock(4096, 512, false)).await);
-            assert_eq!(r.len(), 0);
-        });
-    }
-
-    #[test]
-    fn a_waiter_that_gives_up_frees_its_slot() {
-        rt().block_on(async {
-            let r = IoRanges::default();
-            let held = r.lock(0, 512, true).await;
-            assert!(!completes(r.lock(0, 512, false)).await);
-            drop(held);
-            assert_eq!(r.len(), 0);
-            assert_eq!(r.table.lock().waiting, 0);
-            assert_eq!(r.table.lock().exclusive, 0);
-            assert!(completes(r.lock(0, 512, true)).await);
+            assert!(completes(r.lock(CHUNK, 512, false)).await);
+            assert!(completes(r.lock(0, 64 * CHUNK, true)).await);
         });
     }
 
@@ -230,9 +168,10 @@ mod tests {
             .unwrap();
         rt.block_on(async {
             let r = Arc::new(IoRanges::default());
-            // Per 4 KiB block: readers in it, or -1 while an exclusive holder is in it.
+            // Per chunk (81 of them, so stripes are shared): readers in it, or -1 while an
+            // exclusive holder is in it.
             let inside: Arc<Vec<std::sync::atomic::AtomicI64>> = Arc::new(
-                (0..8)
+                (0..81)
                     .map(|_| std::sync::atomic::AtomicI64::new(0))
                     .collect(),
             );
@@ -242,17 +181,26 @@ mod tests {
                 tasks.push(tokio::spawn(async move {
                     use std::sync::atomic::Ordering::SeqCst;
                     for j in 0..50u64 {
-                        let block = ((i * 7 + j * 3) % 8) as usize;
+                        let chunk = ((i * 7 + j * 13) % 80) as usize;
+                        // Two chunks; 63 and 64 take stripes 63 and 0.
+                        let chunks = [chunk, chunk + 1];
                         let exclusive = (i + j) % 5 == 0;
-                        let _g = r.lock(block as u64 * 4096, 4096, exclusive).await;
-                        if exclusive {
-                            assert_eq!(inside[block].swap(-1, SeqCst), 0);
-                            tokio::task::yield_now().await;
-                            assert_eq!(inside[block].swap(0, SeqCst), -1);
-                        } else {
-                            assert!(inside[block].fetch_add(1, SeqCst) >= 0);
-                            tokio::task::yield_now().await;
-                            assert!(inside[block].fetch_sub(1, SeqCst) >= 1);
+                        let off = chunk as u64 * CHUNK + 4096;
+                        let _g = r.lock(off, CHUNK, exclusive).await;
+                        for &c in &chunks {
+                            if exclusive {
+                                assert_eq!(inside[c].swap(-1, SeqCst), 0);
+                            } else {
+                                assert!(inside[c].fetch_add(1, SeqCst) >= 0);
+                            }
+                        }
+                        tokio::task::yield_now().await;
+                        for &c in &chunks {
+                            if exclusive {
+                                assert_eq!(inside[c].swap(0, SeqCst), -1);
+                            } else {
+                                assert!(inside[c].fetch_sub(1, SeqCst) >= 1);
+                            }
                         }
                     }
                 }));
@@ -260,7 +208,6 @@ mod tests {
             for t in tasks {
                 t.await.unwrap();
             }
-            assert_eq!(r.len(), 0);
         });
     }
 }
