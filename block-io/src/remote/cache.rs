@@ -28,8 +28,11 @@ use super::{runtime, RemoteIdentity, RemoteOptions};
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{check_bounds, raw_scatter, raw_total, Extent, RawBuf, Storage};
 
-/// The future of one ranged fetch.
-pub(crate) type FetchFuture = Pin<Box<dyn Future<Output = Result<Segs, RemoteError>> + Send>>;
+/// Where a fetch hands the bytes of its range, in order, as they arrive.
+pub(crate) type Deliver = Box<dyn FnMut(Bytes) + Send>;
+
+/// The future of one ranged fetch: `Ok` once the whole range was delivered.
+pub(crate) type FetchFuture = Pin<Box<dyn Future<Output = Result<(), RemoteError>> + Send>>;
 
 /// Bytes as the network delivered them: the response's buffers in order, never copied into
 /// one (the copy into the reader's memory is the only one).
@@ -73,39 +76,54 @@ impl Segs {
             skip = 0;
         }
     }
-
-    /// Cuts into consecutive pieces of `lens` bytes (the last ones shorter if the bytes run
-    /// out), sharing the buffers.
-    fn split(&self, lens: impl IntoIterator<Item = usize>) -> Vec<Segs> {
-        let (mut pi, mut poff) = (0usize, 0usize);
-        let mut out = Vec::new();
-        for want in lens {
-            let mut cur = Vec::new();
-            let mut need = want;
-            while need > 0 && pi < self.parts.len() {
-                let p = &self.parts[pi];
-                let take = (p.len() - poff).min(need);
-                if take > 0 {
-                    cur.push(p.slice(poff..poff + take));
-                }
-                need -= take;
-                poff += take;
-                if poff >= p.len() {
-                    pi += 1;
-                    poff = 0;
-                }
-            }
-            out.push(Segs::from(cur));
-        }
-        out
-    }
 }
 
 /// A remote object that can be read by ranges: what the cache sits on.
 pub(crate) trait Source: Send + Sync + std::fmt::Debug + 'static {
-    /// Fetches exactly `[offset, offset + len)` of the object as it was at open (retrying
-    /// transient failures itself), or fails with [`RemoteError::Changed`] if it is no longer.
-    fn fetch(self: Arc<Self>, offset: u64, len: u64) -> FetchFuture;
+    /// Fetches `[offset, offset + len)` of the object as it was at open, handing its bytes to
+    /// `deliver` in order as they arrive, never more than `len` (a retry of a transient failure
+    /// resumes after the bytes already delivered). Fails with [`RemoteError::Changed`] if the
+    /// object is no longer the one opened; on any failure a prefix may have been delivered.
+    fn fetch(self: Arc<Self>, offset: u64, len: u64, deliver: Deliver) -> FetchFuture;
+}
+
+/// Cuts a run's bytes, as they arrive, into its blocks and completes each block as soon as
+/// it is whole, so readers start copying before the rest of the run is in.
+struct Assembler {
+    shared: Arc<Shared>,
+    run: Vec<(u64, Arc<Flight>)>,
+    /// The run's block being filled.
+    next: usize,
+    parts: Vec<Bytes>,
+    filled: usize,
+}
+
+impl Assembler {
+    fn push(&mut self, mut chunk: Bytes) {
+        while !chunk.is_empty() && self.next < self.run.len() {
+            let (idx, _) = self.run[self.next];
+            let want = self.shared.block_range(idx).1 as usize;
+            let take = (want - self.filled).min(chunk.len());
+            self.parts.push(chunk.split_to(take));
+            self.filled += take;
+            if self.filled == want {
+                let segs = Segs::from(std::mem::take(&mut self.parts));
+                let (idx, f) = &self.run[self.next];
+                self.shared.complete(*idx, f, Ok(segs));
+                self.next += 1;
+                self.filled = 0;
+            }
+        }
+    }
+
+    /// Fails the blocks not completed yet.
+    fn fail(&mut self, e: RemoteError) {
+        for (idx, f) in self.run.get(self.next..).unwrap_or(&[]) {
+            self.shared.complete(*idx, f, Err(e.clone()));
+        }
+        self.next = self.run.len();
+        self.parts.clear();
+    }
 }
 
 /// Counters of a [`RemoteStorage`], for tests, benchmarks and curious operators.
@@ -387,31 +405,40 @@ impl Shared {
                 return;
             }
         };
-        let fut = self.src.clone().fetch(off, len);
+        let asm = Arc::new(Mutex::new(Assembler {
+            shared: me.clone(),
+            run,
+            next: 0,
+            parts: Vec::new(),
+            filled: 0,
+        }));
+        let sink = asm.clone();
+        let fut = self
+            .src
+            .clone()
+            .fetch(off, len, Box::new(move |chunk| sink.lock().push(chunk)));
         rt.spawn(async move {
-            match fut.await {
-                Ok(data) => {
-                    let lens = run.iter().map(|(idx, _)| me.block_range(*idx).1 as usize);
-                    let pieces = data.split(lens.clone());
-                    for (((idx, f), piece), want) in run.iter().zip(pieces).zip(lens) {
-                        let r = if piece.len() == want {
-                            Ok(piece)
-                        } else {
-                            Err(RemoteError::Truncated {
-                                url: me.id.url.clone(),
-                                offset: off,
-                                want: len,
-                                got: data.len() as u64,
-                            })
-                        };
-                        me.complete(*idx, f, r);
-                    }
+            let r = fut.await;
+            let mut a = asm.lock();
+            match r {
+                Ok(()) if a.next == a.run.len() => {}
+                Ok(()) => {
+                    let got = a
+                        .run
+                        .get(..a.next)
+                        .unwrap_or(&[])
+                        .iter()
+                        .map(|(idx, _)| me.block_range(*idx).1)
+                        .sum::<u64>()
+                        + a.filled as u64;
+                    a.fail(RemoteError::Truncated {
+                        url: me.id.url.clone(),
+                        offset: off,
+                        want: len,
+                        got,
+                    });
                 }
-                Err(e) => {
-                    for (idx, f) in &run {
-                        me.complete(*idx, f, Err(e.clone()));
-                    }
-                }
+                Err(e) => a.fail(e),
             }
         });
     }
@@ -655,7 +682,7 @@ mod tests {
     }
 
     impl Source for MemSource {
-        fn fetch(self: Arc<Self>, offset: u64, len: u64) -> FetchFuture {
+        fn fetch(self: Arc<Self>, offset: u64, len: u64, mut deliver: Deliver) -> FetchFuture {
             Box::pin(async move {
                 self.asked.lock().push((offset, len));
                 if self.changed.load(Ordering::Relaxed) {
@@ -666,13 +693,12 @@ mod tests {
                     });
                 }
                 let s = offset as usize;
-                // Two buffers where it can, as a network would deliver them.
+                // In uneven pieces, as a network would deliver them.
                 let v = &self.data[s..s + len as usize];
-                let cut = v.len() / 3;
-                Ok(Segs::from(vec![
-                    Bytes::copy_from_slice(&v[..cut]),
-                    Bytes::copy_from_slice(&v[cut..]),
-                ]))
+                for piece in v.chunks(1000) {
+                    deliver(Bytes::copy_from_slice(piece));
+                }
+                Ok(())
             })
         }
     }
@@ -723,7 +749,7 @@ mod tests {
     }
 
     #[test]
-    fn segments_split_and_walk_exactly() {
+    fn segments_walk_exactly() {
         let segs = Segs::from(vec![
             Bytes::from_static(b"abc"),
             Bytes::new(),
@@ -739,10 +765,7 @@ mod tests {
             });
             v
         };
-        let parts = segs.split([4, 4, 4]);
-        assert_eq!(flat(&parts[0]), b"abcd");
-        assert_eq!(flat(&parts[1]), b"efgh");
-        assert_eq!(flat(&parts[2]), b"ij");
+        assert_eq!(flat(&segs), b"abcdefghij");
         let mut got = Vec::new();
         segs.each(2, 5, &mut |_, p| got.extend_from_slice(p));
         assert_eq!(got, b"cdefg");

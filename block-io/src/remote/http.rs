@@ -15,7 +15,7 @@ use std::sync::Arc;
 use reqwest::header::{self, HeaderMap};
 use reqwest::{Client, StatusCode, Url};
 
-use super::cache::{FetchFuture, Segs, Source};
+use super::cache::{Deliver, FetchFuture, Source};
 use super::error::{chain, RemoteError};
 use super::retry::Retry;
 use super::runtime::install_crypto_provider;
@@ -211,8 +211,15 @@ impl HttpSource {
         }
     }
 
-    /// One try at fetching `[offset, offset + len)`.
-    async fn fetch_once(&self, offset: u64, len: u64) -> Result<Segs, RemoteError> {
+    /// One try at fetching `[offset, offset + len)`: its bytes go to `deliver` as they arrive,
+    /// `got` counts them.
+    async fn fetch_once(
+        &self,
+        offset: u64,
+        len: u64,
+        got: &mut u64,
+        deliver: &mut Deliver,
+    ) -> Result<(), RemoteError> {
         let url = &self.id.url;
         let mut r = self
             .request(offset, len)
@@ -261,36 +268,49 @@ impl HttpSource {
                 })
             }
         }
-        // The body's buffers are kept as they come: no copy into one.
-        let mut parts = Vec::new();
-        let mut got = 0u64;
+        // The body's buffers go on as they come: no copy into one.
+        let mut this = 0u64;
         while let Some(chunk) = r.chunk().await.map_err(|e| transport(&self.url, &e))? {
-            got += chunk.len() as u64;
-            if got > len {
+            this += chunk.len() as u64;
+            if this > len {
                 return Err(RemoteError::Protocol {
                     url: url.clone(),
                     detail: format!("response for {offset}+{len} is longer than asked"),
                 });
             }
-            parts.push(chunk);
+            *got += chunk.len() as u64;
+            deliver(chunk);
         }
-        if got != len {
+        if this != len {
             return Err(RemoteError::Truncated {
                 url: url.clone(),
                 offset,
                 want: len,
-                got,
+                got: this,
             });
         }
-        Ok(Segs::from(parts))
+        Ok(())
     }
 }
 
 impl Source for HttpSource {
-    fn fetch(self: Arc<Self>, offset: u64, len: u64) -> FetchFuture {
+    fn fetch(self: Arc<Self>, offset: u64, len: u64, mut deliver: Deliver) -> FetchFuture {
         Box::pin(async move {
-            let me = &self;
-            me.retry.run(|| me.fetch_once(offset, len)).await
+            let mut got = 0u64;
+            let mut attempt = 0u32;
+            loop {
+                // A retry asks only for what has not arrived yet.
+                let r = self
+                    .fetch_once(offset + got, len - got, &mut got, &mut deliver)
+                    .await;
+                match r {
+                    Err(e) if e.is_transient() && attempt < self.retry.retries => {
+                        tokio::time::sleep(self.retry.delay(attempt)).await;
+                        attempt += 1;
+                    }
+                    r => return r,
+                }
+            }
         })
     }
 }

@@ -20,7 +20,7 @@ pub(crate) struct Retry {
 impl Retry {
     /// The delay before retry number `attempt` (0-based), with up to 25% jitter so that many
     /// readers do not come back at once.
-    fn delay(&self, attempt: u32) -> Duration {
+    pub fn delay(&self, attempt: u32) -> Duration {
         let base = self
             .delay
             .saturating_mul(1u32 << attempt.min(16))

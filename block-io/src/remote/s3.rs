@@ -20,7 +20,7 @@ use object_store::{
 };
 use reqwest::Url;
 
-use super::cache::{FetchFuture, Segs, Source};
+use super::cache::{Deliver, FetchFuture, Source};
 use super::error::{chain, RemoteError};
 use super::runtime::{self, install_crypto_provider};
 use super::{RemoteIdentity, RemoteOptions};
@@ -134,7 +134,12 @@ impl S3Source {
         }
     }
 
-    async fn fetch_range(&self, offset: u64, len: u64) -> Result<Segs, RemoteError> {
+    async fn fetch_range(
+        &self,
+        offset: u64,
+        len: u64,
+        deliver: &mut Deliver,
+    ) -> Result<(), RemoteError> {
         let url = &self.id.url;
         let want = offset..offset + len;
         let opts = GetOptions {
@@ -171,13 +176,14 @@ impl S3Source {
                 got: data.len() as u64,
             });
         }
-        Ok(Segs::from(vec![data]))
+        deliver(data);
+        Ok(())
     }
 }
 
 impl Source for S3Source {
-    fn fetch(self: Arc<Self>, offset: u64, len: u64) -> FetchFuture {
-        Box::pin(async move { self.fetch_range(offset, len).await })
+    fn fetch(self: Arc<Self>, offset: u64, len: u64, mut deliver: Deliver) -> FetchFuture {
+        Box::pin(async move { self.fetch_range(offset, len, &mut deliver).await })
     }
 }
 
