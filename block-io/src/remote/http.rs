@@ -304,6 +304,8 @@ impl Source for HttpSource {
                     .fetch_once(offset + got, len - got, &mut got, &mut deliver)
                     .await;
                 match r {
+                    // Everything arrived before the failure (a reset after the last byte).
+                    Err(_) if got == len => return Ok(()),
                     Err(e) if e.is_transient() && attempt < self.retry.retries => {
                         tokio::time::sleep(self.retry.delay(attempt)).await;
                         attempt += 1;
