@@ -206,6 +206,16 @@ fn create_vhd(
     size: u64,
     opts: &[(String, String)],
 ) -> Result<vhd_format::VhdFile<FileStorage>, CliError> {
+    let o = vhd_create_options(size, opts)?;
+    let s = FileStorage::create(path)?;
+    Ok(vhd_format::VhdFile::create(s, &o)?)
+}
+
+/// The VHD creation options `-o` asks for.
+pub fn vhd_create_options(
+    size: u64,
+    opts: &[(String, String)],
+) -> Result<vhd_format::CreateOptions, CliError> {
     let mut o = vhd_format::CreateOptions::new(size, vhd_format::Subformat::Dynamic);
     for (k, v) in opts {
         match k.as_str() {
@@ -223,8 +233,7 @@ fn create_vhd(
             _ => return Err(unknown("VHD", k)),
         }
     }
-    let s = FileStorage::create(path)?;
-    Ok(vhd_format::VhdFile::create(s, &o)?)
+    Ok(o)
 }
 
 fn create_vhdx(
@@ -233,6 +242,17 @@ fn create_vhdx(
     opts: &[(String, String)],
     parent: Option<vhdx_format::ParentRef>,
 ) -> Result<vhdx_format::VhdxFile<FileStorage>, CliError> {
+    let o = vhdx_create_options(size, opts, parent)?;
+    let s = FileStorage::create(path)?;
+    Ok(vhdx_format::create(s, &o)?)
+}
+
+/// The VHDX creation options `-o` asks for (a differencing image's with `parent`).
+pub fn vhdx_create_options(
+    size: u64,
+    opts: &[(String, String)],
+    parent: Option<vhdx_format::ParentRef>,
+) -> Result<vhdx_format::CreateOptions, CliError> {
     let mut o = match parent {
         Some(p) => vhdx_format::CreateOptions::differencing(size, p),
         None => vhdx_format::CreateOptions::dynamic(size),
@@ -254,8 +274,7 @@ fn create_vhdx(
             _ => return Err(unknown("VHDX", k)),
         }
     }
-    let s = FileStorage::create(path)?;
-    Ok(vhdx_format::create(s, &o)?)
+    Ok(o)
 }
 
 fn vhdx_parent(

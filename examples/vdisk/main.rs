@@ -7,6 +7,7 @@
 //! vdisk compare A B                  exit 0 same, 1 different, 2 error
 //! vdisk check [-r [leaks|all]] IMG  exit 0 clean, 2 corrupt
 //! vdisk map --output json IMG
+//! vdisk measure [-f FMT] -O FMT [-o OPTS] [--size SIZE] [--output json] [SRC]
 //! vdisk rebase -u -b NEWPARENT [-f FMT] IMG   relink a child to its moved parent (no copy)
 //! vdisk io [-r] IMG -c CMD ...       read/write [-P byte] OFF LEN, write -z, discard, flush
 //! vdisk token read|write|inspect ...  ODX-style offload tokens on local images
@@ -31,6 +32,7 @@ mod image;
 mod info;
 mod io_cmd;
 mod jobs;
+mod measure;
 mod nbd_serve;
 mod rebase;
 mod serve;
@@ -110,6 +112,27 @@ enum Cmd {
         src: PathBuf,
         /// Destination image.
         dst: PathBuf,
+    },
+    /// Bytes a new image needs: for a convert of SRC, or an empty one of --size (as
+    /// qemu-img measure, which measures neither VHD nor VHDX).
+    Measure {
+        /// Source format (detected if absent).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Format to measure: raw, vhd, vhdx.
+        #[arg(short = 'O', default_value = "raw")]
+        out_format: String,
+        /// Its options, k=v[,k=v...] (as for create and convert).
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        /// Size of an empty image, instead of a source.
+        #[arg(long)]
+        size: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// Source image.
+        src: Option<PathBuf>,
     },
     /// Compare the contents of two images (exit 0 same, 1 different).
     Compare {
@@ -343,6 +366,29 @@ fn main() -> ExitCode {
             &src,
             &dst,
         ),
+        Cmd::Measure {
+            format,
+            out_format,
+            options,
+            size,
+            output,
+            src,
+        } => size
+            .as_deref()
+            .map(size::parse_size)
+            .transpose()
+            .and_then(|size| {
+                measure::measure(
+                    src.as_deref().map(|p| (p, format.as_deref())),
+                    size,
+                    &out_format,
+                    &options,
+                )
+            })
+            .map(|m| {
+                measure::print(&m, output == Output::Json);
+                0
+            }),
         Cmd::Compare {
             format_a,
             format_b,
