@@ -31,6 +31,7 @@ use crate::detect::Format;
 use crate::error::ChainError;
 use crate::layer::{open_layer_with, Layer, LayerOptions};
 use crate::policy::PathPolicy;
+use crate::remote::RemoteParents;
 
 /// How to open a chain.
 #[derive(Debug, Clone)]
@@ -50,6 +51,9 @@ pub struct OpenOptions {
     /// Image locks on every layer (default [`LockMode::Auto`]; [`LockMode::Off`] is
     /// `-U`/force share). See [`open_layer_with`] for what each layer takes.
     pub lock: LockMode,
+    /// Whether parents named by URL are opened (default [`RemoteParents::Deny`]; see
+    /// [`crate::remote`]).
+    pub remote_parents: RemoteParents,
 }
 
 impl Default for OpenOptions {
@@ -62,6 +66,7 @@ impl Default for OpenOptions {
             ignore_lineage: false,
             direct: false,
             lock: LockMode::Auto,
+            remote_parents: RemoteParents::Deny,
         }
     }
 }
@@ -99,6 +104,11 @@ impl OpenOptions {
     /// Sets [`lock`](Self::lock).
     pub fn lock(mut self, mode: LockMode) -> Self {
         self.lock = mode;
+        self
+    }
+    /// Sets [`remote_parents`](Self::remote_parents).
+    pub fn remote_parents(mut self, r: RemoteParents) -> Self {
+        self.remote_parents = r;
         self
     }
 }
@@ -147,7 +157,10 @@ impl Disk {
             lock: opts.lock,
             parent: false,
         };
-        let top = open_layer_with(path, opts.format, &top_opts)?;
+        let top = match path.to_str().filter(|s| crate::remote::is_url(s)) {
+            Some(url) => crate::remote::open_top(url, opts.format, opts.read_only)?,
+            None => open_layer_with(path, opts.format, &top_opts)?,
+        };
         let mut seen: HashSet<(u64, u64)> = file_key(path).into_iter().collect();
         let mut layers = vec![top];
         let mut links = Vec::new();
@@ -163,26 +176,39 @@ impl Disk {
                 });
             }
             let child_path = child.path.clone();
-            let parent_path: PathBuf =
-                opts.policy
-                    .resolve(&child_path, &link.candidates)
-                    .map_err(|tried| ChainError::ParentNotFound {
-                        child: child_path.clone(),
-                        tried,
+            // A parent named by URL (see crate::remote); else, or when that is refused, a
+            // local one.
+            let remote =
+                crate::remote::resolve_parent(&child_path, &link.candidates, opts.remote_parents);
+            let (parent_path, parent) = match remote {
+                Ok(Some(parent)) => (parent.path.clone(), parent),
+                remote => {
+                    let parent_path: PathBuf = opts
+                        .policy
+                        .resolve(&child_path, &link.candidates)
+                        .map_err(|tried| match remote {
+                        Err(refused) => refused,
+                        Ok(_) => ChainError::ParentNotFound {
+                            child: child_path.clone(),
+                            tried,
+                        },
                     })?;
-            if let Some(key) = file_key(&parent_path) {
-                if !seen.insert(key) {
-                    return Err(ChainError::Loop {
-                        child: child_path,
-                        parent: parent_path,
-                    });
+                    if let Some(key) = file_key(&parent_path) {
+                        if !seen.insert(key) {
+                            return Err(ChainError::Loop {
+                                child: child_path,
+                                parent: parent_path,
+                            });
+                        }
+                    }
+                    let parent_opts = LayerOptions {
+                        parent: true,
+                        ..top_opts
+                    };
+                    let parent = open_layer_with(&parent_path, None, &parent_opts)?;
+                    (parent_path, parent)
                 }
-            }
-            let parent_opts = LayerOptions {
-                parent: true,
-                ..top_opts
             };
-            let parent = open_layer_with(&parent_path, None, &parent_opts)?;
             check_geometry(child, &parent)?;
             let check = if link.expected.matches(&parent.identity) {
                 LinkCheck::Verified

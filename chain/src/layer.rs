@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use block_io::{BlockDevice, FileStorage, LockMode, RawDisk};
+use block_io::{BlockDevice, FileStorage, LockMode, RawDisk, Storage};
 use uuid::Uuid;
 
 use crate::detect::{detect, Format};
@@ -218,6 +218,40 @@ pub fn open_layer_with(
         // file holding its metadata.
         storage.set_share_writes(false).map_err(err)?;
     }
+    layer_from_storage(path, storage, format, read_only)
+}
+
+/// Opens one layer (never its parents) from any [`Storage`]: a file, memory, or a remote
+/// object ([`crate::remote`]). `path` names it in the [`Layer`] and in errors (a URL for a
+/// remote one); relative parent paths of a differencing layer resolve against it. Takes no
+/// locks: locking is the business of whoever opened `storage`.
+pub fn open_layer_from_storage<S: Storage + 'static>(
+    path: &Path,
+    storage: S,
+    format: Option<Format>,
+    read_only: bool,
+) -> Result<Layer, ChainError> {
+    let format = match format {
+        Some(f) => f,
+        None => detect(&storage).map_err(|source| ChainError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?,
+    };
+    layer_from_storage(path, storage, format, read_only)
+}
+
+/// The format half of [`open_layer_with`] and [`open_layer_from_storage`].
+fn layer_from_storage<S: Storage + 'static>(
+    path: &Path,
+    storage: S,
+    format: Format,
+    read_only: bool,
+) -> Result<Layer, ChainError> {
+    let err = |source| ChainError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
     let (dev, identity, parent): (Arc<dyn BlockDevice>, _, _) = match format {
         Format::Raw => (
             Arc::new(RawDisk::with_options(storage, 512, read_only).map_err(err)?),
@@ -256,15 +290,20 @@ pub fn open_layer_with(
                         .map(|(_, v)| v.clone())
                 };
                 ParentLink {
-                    candidates: ["relative_path", "volume_path", "absolute_win32_path"]
-                        .iter()
-                        .filter_map(|k| {
-                            get(k).map(|p| Candidate {
-                                source: (*k).to_string(),
-                                path: p,
-                            })
+                    candidates: [
+                        crate::remote::URL_KEY,
+                        "relative_path",
+                        "volume_path",
+                        "absolute_win32_path",
+                    ]
+                    .iter()
+                    .filter_map(|k| {
+                        get(k).map(|p| Candidate {
+                            source: (*k).to_string(),
+                            path: p,
                         })
-                        .collect(),
+                    })
+                    .collect(),
                     expected: Expected::Vhdx {
                         linkage: loc.and_then(|l| l.parent_linkage()),
                         linkage2: loc.and_then(|l| l.parent_linkage2()),

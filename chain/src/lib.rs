@@ -14,6 +14,8 @@
 //!   [`block_io::LockMode::Off`] (`-U`, force share) skips them;
 //! - [`rebase`]: point a child at a moved or copied parent (same content, verified) by
 //!   rewriting only its parent locator.
+//! - [`remote`]: images on web servers, object stores and NBD exports as the top of a chain,
+//!   and remote parents of local children (opt-in: [`OpenOptions::remote_parents`]).
 //!
 //! ```no_run
 //! use chain::{Disk, OpenOptions};
@@ -33,10 +35,15 @@ mod error;
 mod layer;
 mod policy;
 mod rebase;
+pub mod remote;
 
 pub use detect::{detect, Format};
 pub use disk::{Disk, LinkCheck, OpenOptions};
 pub use error::{braced, ChainError, Tried};
-pub use layer::{open_layer, open_layer_with, Expected, Identity, Layer, LayerOptions, ParentLink};
+pub use layer::{
+    open_layer, open_layer_from_storage, open_layer_with, Expected, Identity, Layer, LayerOptions,
+    ParentLink,
+};
 pub use policy::{Candidate, PathPolicy};
 pub use rebase::{parent_paths, rebase, RebaseOptions};
+pub use remote::RemoteParents;

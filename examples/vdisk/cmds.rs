@@ -74,6 +74,18 @@ pub fn convert(
     reads.extend(layers.iter().map(|l| l.path.as_path()));
     guard::refuse_same_file(dst, reads, "which the conversion reads")?;
     let size = s.dev.info().virtual_size;
+    if crate::remote::is_url(dst) {
+        let bar = progress.then(|| progress_bar(size));
+        crate::remote::convert_to(&*s.dev, out, options, dst, |done| {
+            if let Some(b) = &bar {
+                b.set_position(done);
+            }
+        })?;
+        if let Some(b) = bar {
+            b.finish();
+        }
+        return Ok(0);
+    }
     let d = image::create(out, dst, size, options, None)?;
     let bar = progress.then(|| progress_bar(size));
     copy(&*s.dev, &*d.dev, |done| {

@@ -68,7 +68,8 @@ pub fn chain_options(format: Option<&str>, read_only: bool) -> Result<OpenOption
     let mut o = OpenOptions::new()
         .read_only(read_only)
         .format(format.map(parse_format).transpose()?)
-        .lock(lock_mode());
+        .lock(lock_mode())
+        .remote_parents(chain::RemoteParents::Allow);
     if let Some(roots) = std::env::var_os("VDISK_PARENT_ROOTS") {
         o.policy.roots = std::env::split_paths(&roots).collect();
     }
@@ -100,6 +101,9 @@ pub fn open(path: &Path, format: Option<&str>, read_only: bool) -> Result<Image,
 
 /// [`open`] with the cache mode and locking asked.
 pub fn open_with(path: &Path, format: Option<&str>, access: &Access) -> Result<Image, CliError> {
+    if crate::remote::is_url(path) {
+        return crate::remote::open(path, format, access);
+    }
     let mut opts = chain_options(format, access.read_only)?;
     opts.direct = access.direct;
     if access.force_share {
@@ -141,7 +145,11 @@ pub fn create(
             if !o.iter().any(|(k, _)| k == "logical_sector_size") {
                 o.push(("logical_sector_size".into(), sector.to_string()));
             }
-            Arc::new(create_vhdx(path, size, &o, Some(pref))?)
+            let mut f = create_vhdx(path, size, &o, Some(pref))?;
+            if crate::remote::is_url(parent) {
+                crate::remote::record_vhdx_url(&mut f, parent)?;
+            }
+            Arc::new(f)
         }
     };
     Ok(Image {
@@ -281,6 +289,9 @@ fn vhdx_parent(
     child: &Path,
     parent: &Path,
 ) -> Result<(vhdx_format::ParentRef, u64, u32), CliError> {
+    if crate::remote::is_url(parent) {
+        return crate::remote::vhdx_parent(parent);
+    }
     let l = chain::open_layer_with(
         parent,
         None,
@@ -321,6 +332,32 @@ fn create_vhd_child(
     opts: &[(String, String)],
     parent: &Path,
 ) -> Result<vhd_format::VhdFile<FileStorage>, CliError> {
+    let mut o = if crate::remote::is_url(parent) {
+        crate::remote::vhd_child(parent)?
+    } else {
+        local_vhd_child(path, parent)?
+    };
+    let details_size = o.size;
+    if size != 0 && size != details_size {
+        return Err(CliError::new(format!(
+            "a VHD child must have its parent's size ({details_size} bytes)"
+        )));
+    }
+    for (k, v) in opts {
+        match k.as_str() {
+            "block_size" => o.block_size = u32_size(k, v)?,
+            _ => return Err(unknown("VHD", k)),
+        }
+    }
+    let s = FileStorage::create(path)?;
+    Ok(vhd_format::VhdFile::create_differencing(s, &o)?)
+}
+
+/// Differencing options of a VHD child of the local VHD `parent`.
+fn local_vhd_child(
+    path: &Path,
+    parent: &Path,
+) -> Result<vhd_format::DifferencingOptions, CliError> {
     let ps = FileStorage::open(parent, &file_options(true).share_writes(false))?;
     if chain::detect(&ps)? != Format::Vhd {
         return Err(CliError::new(format!(
@@ -332,24 +369,10 @@ fn create_vhd_child(
     let (relative, abs) =
         chain::parent_paths(path, parent).map_err(|e| CliError::new(e.to_string()))?;
     let abs_s = abs.display().to_string();
-    let mut o = vhd_format::DifferencingOptions::for_parent(
+    Ok(vhd_format::DifferencingOptions::for_parent(
         &details,
         abs_s.clone(),
         Some(abs_s),
         Some(relative),
-    );
-    if size != 0 && size != details.virtual_size {
-        return Err(CliError::new(format!(
-            "a VHD child must have its parent's size ({} bytes)",
-            details.virtual_size
-        )));
-    }
-    for (k, v) in opts {
-        match k.as_str() {
-            "block_size" => o.block_size = u32_size(k, v)?,
-            _ => return Err(unknown("VHD", k)),
-        }
-    }
-    let s = FileStorage::create(path)?;
-    Ok(vhd_format::VhdFile::create_differencing(s, &o)?)
+    ))
 }

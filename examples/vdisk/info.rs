@@ -13,6 +13,9 @@ use crate::{CliError, CliResult};
 
 /// The facts of one image file as JSON (never opens a parent).
 pub fn facts(path: &Path, format: Option<Format>) -> Result<Value, CliError> {
+    if crate::remote::is_url(path) {
+        return crate::remote::facts(path, format);
+    }
     let mut s = FileStorage::open(path, &crate::image::file_options(true))?;
     let file_size = s.len()?;
     let format = match format {
@@ -40,13 +43,13 @@ pub fn facts(path: &Path, format: Option<Format>) -> Result<Value, CliError> {
     Ok(v)
 }
 
-fn merge(into: &mut Value, from: Value) {
+pub fn merge(into: &mut Value, from: Value) {
     if let (Value::Object(a), Value::Object(b)) = (into, from) {
         a.extend(b);
     }
 }
 
-fn vhd_facts(d: &vhd_format::VhdDetails) -> Value {
+pub fn vhd_facts(d: &vhd_format::VhdDetails) -> Value {
     let locators: Vec<Value> = d
         .locators
         .iter()
@@ -86,7 +89,7 @@ fn vhd_facts(d: &vhd_format::VhdDetails) -> Value {
     })
 }
 
-fn vhdx_facts(d: &vhdx_format::VhdxDetails) -> Value {
+pub fn vhdx_facts(d: &vhdx_format::VhdxDetails) -> Value {
     let locator: Vec<Value> = d
         .parent_locator
         .iter()
@@ -133,7 +136,15 @@ fn walk_chain(path: &Path, format: Option<Format>) -> Result<Vec<Value>, CliErro
             break;
         };
         let mut l = json!({ "expected": link.expected.to_string() });
-        let parent = match opts.policy.resolve(&cur, &link.candidates) {
+        let url = link
+            .candidates
+            .iter()
+            .find(|c| chain::remote::is_object_url(&c.path));
+        let resolved = match url {
+            Some(c) => Ok(PathBuf::from(&c.path)),
+            None => opts.policy.resolve(&cur, &link.candidates),
+        };
+        let parent = match resolved {
             Ok(parent) => parent,
             Err(tried) => {
                 let t: Vec<String> = tried.iter().map(|t| t.to_string()).collect();
@@ -241,6 +252,9 @@ pub fn actual_size(path: &Path) -> u64 {
 /// Opens one layer read-only as `info` looks at it (locks per `-U`; a VHD/VHDX refuses
 /// writers while it looks, a raw file does not).
 fn open_top(path: &Path, format: Option<Format>) -> Result<chain::Layer, CliError> {
+    if let Some(url) = path.to_str().filter(|s| chain::remote::is_object_url(s)) {
+        return Ok(chain::remote::open_object_layer(url, format)?);
+    }
     Ok(chain::open_layer_with(
         path,
         format,

@@ -20,6 +20,9 @@
 //! vdisk bench [-c N] [-d N] [-s SIZE] [-S STEP] [-o OFF] [-w] [--pattern B] [-t none|writeback]
 //!             [-i io_uring|threads] IMG      qemu-img bench's workload through the I/O engine
 //! ```
+//! Images may be URLs: `http(s)://` and `s3://` (read-only), `nbd://`, `nbd+unix://`, `nbds://`
+//! (`--nbd-tls-creds DIR`); `convert SRC nbd://...` writes into the export, `convert SRC
+//! s3://...` uploads. Differencing children may have URL parents (`create -b URL`).
 //! Errors go to stderr as one sentence, with a non-zero exit.
 #![allow(clippy::print_stdout)]
 
@@ -35,6 +38,7 @@ mod jobs;
 mod measure;
 mod nbd_serve;
 mod rebase;
+mod remote;
 mod serve;
 mod size;
 mod token;
@@ -52,6 +56,10 @@ struct Cli {
     /// else may write them meanwhile.
     #[arg(short = 'U', long = "force-share", global = true)]
     force_share: bool,
+    /// TLS credentials for nbds:// (and nbd://) URLs, laid out as qemu's tls-creds-x509 for a
+    /// client: ca-cert.pem, optionally client-cert.pem and client-key.pem.
+    #[arg(long = "nbd-tls-creds", value_name = "DIR", global = true)]
+    nbd_tls_creds: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -326,6 +334,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     image::set_force_share(cli.force_share);
+    remote::set_nbd_tls_creds(cli.nbd_tls_creds);
     let result = match cli.cmd {
         Cmd::Info {
             output,

@@ -1,0 +1,320 @@
+//! Remote layers and remote parents: images on web servers and object stores (`http://`,
+//! `https://`, `s3://`, read through [`block_io::remote`]) and NBD exports (`nbd://`,
+//! `nbd+unix://`, `nbds://`, through [`block_io::nbd::NbdClient`]), as the top of a chain or
+//! as the parent of a local differencing child.
+//!
+//! # Where a child records a remote parent
+//!
+//! - VHDX: the parent locator (MS-VHDX 2.2.4: a list of key-value entries; readers use the
+//!   keys they know and ignore the rest, and only `parent_linkage` is required) keeps the URL
+//!   under the extra key [`URL_KEY`] (`vdisk_url`), next to `parent_linkage` (the parent's
+//!   DataWriteGuid, checked as for a local parent) and a `relative_path` holding the URL's
+//!   last segment, so that Windows finds a downloaded copy placed next to the child.
+//! - VHD: the URL is the parent's name (the header's Parent Unicode Name, which QEMU also
+//!   reads as the parent's path); no W2ku/W2ru locator is written, since Windows cannot read
+//!   a URL. The parent's unique id and timestamp are recorded and checked as for a local one.
+//!
+//! # When a remote parent is opened
+//!
+//! Only when [`OpenOptions::remote_parents`](crate::OpenOptions::remote_parents) is
+//! [`RemoteParents::Allow`]: a local image must not make a library user's process fetch URLs
+//! it names unless the user asked for that. With [`RemoteParents::Deny`] (the default) the
+//! URL is passed over and the child's local locators are tried; if none resolves, opening
+//! fails with [`ChainError::PolicyRefused`] naming the URL. An allowed remote VHD or VHDX
+//! parent is opened read-only through [`block_io::remote::open_url`] and gets the same
+//! lineage checks as a local one; if the object is replaced on the server later, its reads
+//! fail with [`block_io::remote::RemoteError::Changed`] (kind `Corrupt`).
+//!
+//! NBD exports carry no identity a child could record, so they are accepted as the top of a
+//! chain (a raw disk) but never as a parent: a parent whose lineage cannot be checked could
+//! be any disk. Parent URLs with an NBD scheme are refused with [`ChainError::PolicyRefused`].
+
+use std::path::{Path, PathBuf};
+
+use crate::error::ChainError;
+use crate::layer::Layer;
+use crate::policy::Candidate;
+use crate::Format;
+
+/// The VHDX parent locator key holding a remote parent's URL.
+pub const URL_KEY: &str = "vdisk_url";
+
+/// Whether a chain may open parents that its children name by URL.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RemoteParents {
+    /// Never fetch a parent from a URL (the library's default).
+    #[default]
+    Deny,
+    /// Open `http://`, `https://` and `s3://` parents read-only (the CLI's choice).
+    Allow,
+}
+
+/// Whether `s` is a URL this module opens: `http://`, `https://`, `s3://` (objects) or
+/// `nbd://`, `nbd+unix://`, `nbds://`, ... (NBD exports).
+pub fn is_url(s: &str) -> bool {
+    is_object_url(s) || is_nbd_url(s)
+}
+
+/// Whether `path` is one of the URLs of [`is_url`] (as a [`Layer::path`] of a remote layer is).
+pub fn is_url_path(path: &Path) -> bool {
+    path.to_str().is_some_and(is_url)
+}
+
+/// `http://`, `https://` or `s3://`.
+pub fn is_object_url(s: &str) -> bool {
+    let lower = s.get(..8).unwrap_or(s).to_ascii_lowercase();
+    lower.starts_with("http://") || lower.starts_with("https://") || lower.starts_with("s3://")
+}
+
+/// An NBD URL scheme (`nbd`, `nbds`, `nbd+unix`, `nbds+unix`, ...).
+pub fn is_nbd_url(s: &str) -> bool {
+    let lower = s.get(..12).unwrap_or(s).to_ascii_lowercase();
+    lower.starts_with("nbd") && s.contains("://")
+}
+
+/// The last segment of a URL's path (without query), for a `relative_path` locator entry
+/// next to the URL: what Windows tools look for beside the child.
+pub fn url_file_name(url: &str) -> Option<String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.split(['?', '#']).next().unwrap_or(rest);
+    let (_, path) = rest.split_once('/')?;
+    let name = path.rsplit('/').next()?;
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+/// The URL candidates of a child's locators, in order.
+pub(crate) fn url_candidates(candidates: &[Candidate]) -> Vec<&Candidate> {
+    candidates
+        .iter()
+        .filter(|c| is_url(c.path.trim()))
+        .collect()
+}
+
+/// A relative locator path of a remote child, joined to the child's URL (`.\base.vhdx` next to
+/// `https://h/d/child.vhdx` is `https://h/d/base.vhdx`). `None` for absolute paths.
+fn join_relative(child_url: &str, rel: &str) -> Option<String> {
+    let rel = rel.trim_end_matches('\0').replace('\\', "/");
+    let rel = rel.strip_prefix("./").unwrap_or(&rel);
+    if rel.is_empty() || rel.starts_with('/') || rel.contains(':') || rel.starts_with("../") {
+        return None;
+    }
+    let query_at = child_url.find(['?', '#']).unwrap_or(child_url.len());
+    let base = &child_url[..query_at];
+    let dir_end = base.rfind('/')? + 1;
+    // Not past the scheme's "//".
+    if base.get(..dir_end)?.ends_with("://") {
+        return None;
+    }
+    Some(format!("{}{}", &base[..dir_end], rel))
+}
+
+/// Resolves the parent of `child` when a URL is involved: the child names its parent by URL,
+/// or the child itself is remote (its relative locators are then relative to its URL).
+/// Returns `Ok(None)` when no URL is involved (the caller resolves local paths), the parent
+/// layer when it was opened, or the refusal.
+pub(crate) fn resolve_parent(
+    child: &Path,
+    candidates: &[Candidate],
+    allow: RemoteParents,
+) -> Result<Option<Layer>, ChainError> {
+    let mut urls: Vec<String> = url_candidates(candidates)
+        .iter()
+        .map(|c| c.path.trim().to_string())
+        .collect();
+    if let Some(child_url) = child.to_str().filter(|s| is_url(s)) {
+        urls.extend(
+            candidates
+                .iter()
+                .filter(|c| c.source == "relative_path" || c.source == "W2ru")
+                .filter_map(|c| join_relative(child_url, &c.path)),
+        );
+    }
+    let Some(first) = urls.first().cloned() else {
+        return Ok(None);
+    };
+    let refused = |url: &str, rule: &str| ChainError::PolicyRefused {
+        child: child.to_path_buf(),
+        path: PathBuf::from(url),
+        rule: rule.to_string(),
+    };
+    if allow == RemoteParents::Deny {
+        return Err(refused(
+            &first,
+            "remote parents are not allowed (OpenOptions::remote_parents is Deny)",
+        ));
+    }
+    let Some(url) = urls.iter().find(|u| is_object_url(u)) else {
+        return Err(refused(
+            &first,
+            "an NBD export cannot be a parent: it has no identity to check the child's lineage against",
+        ));
+    };
+    open_object_layer(url, None).map(Some)
+}
+
+/// Opens the object at `url` (`http://`, `https://`, `s3://`) read-only as one layer (never
+/// its parents), by content or as `format`. Its [`Layer::path`] is the URL.
+#[cfg(feature = "remote")]
+pub fn open_object_layer(url: &str, format: Option<Format>) -> Result<Layer, ChainError> {
+    let path = PathBuf::from(url);
+    let (storage, _identity) =
+        block_io::remote::open_url(url).map_err(|source| ChainError::Open {
+            path: path.clone(),
+            source,
+        })?;
+    crate::layer::open_layer_from_storage(&path, storage, format, true)
+}
+
+/// Without the `remote` feature: an error saying so.
+#[cfg(not(feature = "remote"))]
+pub fn open_object_layer(url: &str, _format: Option<Format>) -> Result<Layer, ChainError> {
+    Err(not_built(url))
+}
+
+/// Opens the NBD export at `url` as one raw layer (an NBD export is a disk, not an image
+/// file). Its [`Layer::path`] is the URL.
+#[cfg(feature = "remote")]
+pub fn open_nbd_layer(
+    url: &str,
+    opts: block_io::nbd::NbdClientOptions,
+) -> Result<Layer, ChainError> {
+    use std::sync::Arc;
+    let path = PathBuf::from(url);
+    let client = block_io::nbd::NbdClient::open(url, opts).map_err(|e| ChainError::Open {
+        path: path.clone(),
+        source: e.into_error("NBD"),
+    })?;
+    Ok(Layer {
+        path,
+        format: Format::Raw,
+        dev: Arc::new(client),
+        identity: crate::Identity::Raw,
+        parent: None,
+    })
+}
+
+/// Opens `url` as the top layer of a chain: an object read-only ([`open_object_layer`]), an
+/// NBD export with default client options, read-only if `read_only`.
+pub(crate) fn open_top(
+    url: &str,
+    format: Option<Format>,
+    read_only: bool,
+) -> Result<Layer, ChainError> {
+    if is_object_url(url) {
+        if !read_only {
+            return Err(ChainError::Open {
+                path: PathBuf::from(url),
+                source: block_io::Error::new(
+                    block_io::ErrorKind::ReadOnly,
+                    "HTTP and S3 images open read-only",
+                ),
+            });
+        }
+        return open_object_layer(url, format);
+    }
+    open_nbd_top(url, format, read_only)
+}
+
+#[cfg(feature = "remote")]
+fn open_nbd_top(url: &str, format: Option<Format>, read_only: bool) -> Result<Layer, ChainError> {
+    if format.is_some_and(|f| f != Format::Raw) {
+        return Err(ChainError::Open {
+            path: PathBuf::from(url),
+            source: block_io::Error::new(
+                block_io::ErrorKind::Unsupported,
+                "an NBD export is a disk: it opens as raw",
+            ),
+        });
+    }
+    let opts = block_io::nbd::NbdClientOptions {
+        read_only,
+        ..Default::default()
+    };
+    open_nbd_layer(url, opts)
+}
+
+#[cfg(not(feature = "remote"))]
+fn open_nbd_top(url: &str, _format: Option<Format>, _read_only: bool) -> Result<Layer, ChainError> {
+    Err(not_built(url))
+}
+
+#[cfg(not(feature = "remote"))]
+fn not_built(url: &str) -> ChainError {
+    ChainError::Open {
+        path: PathBuf::from(url),
+        source: block_io::Error::new(
+            block_io::ErrorKind::Unsupported,
+            "remote images need the chain crate's `remote` feature",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_told_from_paths() {
+        assert!(is_url("https://h/a.vhdx"));
+        assert!(is_url("s3://b/k"));
+        assert!(is_url("nbd://127.0.0.1:10809/x"));
+        assert!(is_url("nbd+unix:///x?socket=/tmp/s"));
+        assert!(is_url("nbds://h/x"));
+        assert!(!is_url("/srv/a.vhdx"));
+        assert!(!is_url("nbd.vhdx"));
+        assert!(!is_url("base.vhdx"));
+    }
+
+    #[test]
+    fn file_names_of_urls() {
+        assert_eq!(
+            url_file_name("https://h/d/base.vhdx?x=1").as_deref(),
+            Some("base.vhdx")
+        );
+        assert_eq!(
+            url_file_name("s3://bucket/k/base.vhd").as_deref(),
+            Some("base.vhd")
+        );
+        assert_eq!(url_file_name("https://h/"), None);
+        assert_eq!(url_file_name("https://h"), None);
+    }
+
+    #[test]
+    fn relative_paths_join_a_child_url() {
+        assert_eq!(
+            join_relative("https://h/d/child.vhdx", ".\\base.vhdx").as_deref(),
+            Some("https://h/d/base.vhdx")
+        );
+        assert_eq!(join_relative("https://h/d/child.vhdx", "C:\\x.vhdx"), None);
+        assert_eq!(join_relative("https://h/d/child.vhdx", "../x.vhdx"), None);
+        assert_eq!(join_relative("https://h", "x.vhdx"), None);
+    }
+
+    #[test]
+    fn denied_by_default() {
+        let c = vec![Candidate {
+            source: URL_KEY.into(),
+            path: "https://127.0.0.1:1/base.vhdx".into(),
+        }];
+        let e = resolve_parent(Path::new("child.vhdx"), &c, RemoteParents::default());
+        assert!(matches!(e, Err(ChainError::PolicyRefused { .. })));
+        let local = vec![Candidate {
+            source: "relative_path".into(),
+            path: "base.vhdx".into(),
+        }];
+        assert!(matches!(
+            resolve_parent(Path::new("child.vhdx"), &local, RemoteParents::Allow),
+            Ok(None)
+        ));
+    }
+
+    #[test]
+    fn nbd_parents_are_refused() {
+        let c = vec![Candidate {
+            source: URL_KEY.into(),
+            path: "nbd://127.0.0.1:1/x".into(),
+        }];
+        let e = resolve_parent(Path::new("child.vhdx"), &c, RemoteParents::Allow);
+        assert!(matches!(e, Err(ChainError::PolicyRefused { .. })));
+    }
+}
