@@ -395,3 +395,204 @@ fn local_children_of_http_parents() {
         );
     }
 }
+
+/// An s3s-fs server (a bucket `vdisk` in a temporary folder) on a free port, killed on drop.
+struct S3 {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl S3 {
+    fn start() -> Option<S3> {
+        let bin = nginx::tool("s3s-fs")?;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("vdisk")).unwrap();
+        for _ in 0..5 {
+            let port = free_port();
+            let mut child = Command::new(&bin)
+                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--access-key", "AKVDISKTEST", "--secret-key", "SKVDISKTEST"])
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Some(S3 { child, port, dir });
+                }
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("s3s-fs would not start");
+    }
+
+    /// `vdisk ARGS` with the S3 environment of this server.
+    fn vdisk(&self, args: &[&str]) -> std::process::Output {
+        Command::new(common::vdisk_bin())
+            .args(args)
+            .env(
+                "AWS_ENDPOINT_URL",
+                format!("http://127.0.0.1:{}", self.port),
+            )
+            .env("AWS_ACCESS_KEY_ID", "AKVDISKTEST")
+            .env("AWS_SECRET_ACCESS_KEY", "SKVDISKTEST")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ALLOW_HTTP", "true")
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn s3_upload_and_read_back() {
+    let (Some(o), Some(s3)) = (oracles(), S3::start()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_image(dir.path(), "base.vhd", "vhd");
+    let url = "s3://vdisk/images/up.vhdx";
+    common::assert_ok(
+        s3.vdisk(&["convert", "-O", "vhdx", &base, url]),
+        "convert into s3",
+    );
+    // The object the server stored is the converted image.
+    let stored = s3.dir.path().join("vdisk/images/up.vhdx");
+    assert_same(&o.qemu_img, &base, &stored.display().to_string());
+    // And it reads back through s3:// as a source.
+    let info: serde_json::Value = serde_json::from_str(&common::assert_ok(
+        s3.vdisk(&["info", "--output", "json", url]),
+        "info s3",
+    ))
+    .unwrap();
+    assert_eq!(info["format"], "vhdx");
+    let out = p(dir.path(), "back.raw");
+    common::assert_ok(
+        s3.vdisk(&["convert", "-O", "raw", url, &out]),
+        "convert from s3",
+    );
+    assert_same(&o.qemu_img, &base, &out);
+    // A missing key names the object and the status.
+    let r = s3.vdisk(&["info", "s3://vdisk/images/none.vhdx"]);
+    assert!(!r.status.success());
+    let e = String::from_utf8_lossy(&r.stderr);
+    assert!(e.contains("none.vhdx"), "{e}");
+}
+
+/// A CA (PEM) and QEMU-layout credential folders signed by it: `server` (ca-cert.pem,
+/// server-cert.pem, server-key.pem for 127.0.0.1) and `client` (ca-cert.pem only).
+fn tls_creds(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "remote test CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    ca.not_after = rcgen::date_time_ymd(2040, 1, 1);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    leaf.distinguished_name
+        .push(DnType::CommonName, "vdisk test");
+    leaf.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    leaf.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    leaf.not_after = rcgen::date_time_ymd(2040, 1, 1);
+    let key = KeyPair::generate().unwrap();
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    let server = dir.join("server");
+    let client = dir.join("client");
+    for d in [&server, &client] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("ca-cert.pem"), &ca_pem).unwrap();
+    }
+    std::fs::write(server.join("server-cert.pem"), cert.pem()).unwrap();
+    std::fs::write(server.join("server-key.pem"), key.serialize_pem()).unwrap();
+    (server, client)
+}
+
+#[test]
+fn nbds_with_tls_creds() {
+    use std::io::{BufRead, BufReader, Read};
+    let Some(o) = oracles() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (server, client) = tls_creds(dir.path());
+    let base = base_image(dir.path(), "base.vhdx", "vhdx");
+    let target = p(dir.path(), "target.vhdx");
+    vdisk_ok(&["create", "-f", "vhdx", &target, "16M"]);
+    let mut child = Command::new(common::vdisk_bin())
+        .args([
+            "serve",
+            "--nbd",
+            "127.0.0.1:0",
+            "--export",
+            "disk",
+            "--tls-creds",
+        ])
+        .arg(&server)
+        .arg(&target)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let port: u16 = line
+        .split("nbds://127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no nbds:// address in {line:?}"));
+    let url = format!("nbds://127.0.0.1:{port}/disk");
+    let creds = client.to_str().unwrap();
+    let conv = vdisk(&[
+        "--nbd-tls-creds",
+        creds,
+        "convert",
+        "-O",
+        "raw",
+        &base,
+        &url,
+    ]);
+    let info = vdisk(&["--nbd-tls-creds", creds, "info", "--output", "json", &url]);
+    let no_creds = vdisk(&["info", &url]);
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let mut log = String::new();
+    err.read_to_string(&mut log).unwrap();
+    let _ = child.wait();
+    common::assert_ok(conv, "convert into nbds://");
+    let info: serde_json::Value =
+        serde_json::from_str(&common::assert_ok(info, "info nbds://")).unwrap();
+    assert_eq!(info["virtual_size"], 16 * MIB);
+    assert!(!no_creds.status.success());
+    assert!(
+        String::from_utf8_lossy(&no_creds.stderr).contains("--nbd-tls-creds"),
+        "{no_creds:?}"
+    );
+    assert_same(&o.qemu_img, &base, &target);
+}
