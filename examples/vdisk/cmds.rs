@@ -62,10 +62,14 @@ pub fn convert(
     format: Option<&str>,
     out_format: &str,
     options: &[String],
-    progress: bool,
+    copy_opts: &crate::convert::CopyOptions,
     src: &Path,
     dst: &Path,
 ) -> CliResult {
+    let progress = copy_opts.progress;
+    if copy_opts.parallel == 0 {
+        return Err(CliError::new("-m takes at least 1 request in flight"));
+    }
     let out = parse_format(out_format)?;
     let s = image::open(src, format, true)?;
     // Before the destination is created (which truncates it): not a file the source reads.
@@ -87,20 +91,12 @@ pub fn convert(
         return Ok(0);
     }
     let d = image::create(out, dst, size, options, None)?;
-    let bar = progress.then(|| progress_bar(size));
-    copy(&*s.dev, &*d.dev, |done| {
-        if let Some(b) = &bar {
-            b.set_position(done);
-        }
-    })?;
-    d.dev.flush()?;
-    if let Some(b) = bar {
-        b.finish();
-    }
+    crate::convert::copy_job(s.dev.clone(), d.dev.clone(), copy_opts)?;
     Ok(0)
 }
 
-fn progress_bar(len: u64) -> indicatif::ProgressBar {
+/// A bytes progress bar on stderr.
+pub(crate) fn progress_bar(len: u64) -> indicatif::ProgressBar {
     let b = indicatif::ProgressBar::new(len);
     if let Ok(style) = indicatif::ProgressStyle::with_template(
         "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",

@@ -3,7 +3,7 @@
 //! ```text
 //! vdisk info [--output json] IMG
 //! vdisk create -f raw|vhd|vhdx [-o k=v,...] [-b PARENT] IMG [SIZE]
-//! vdisk convert [-f FMT] -O raw|vhd|vhdx [-o k=v,...] [-p] SRC DST
+//! vdisk convert [-f FMT] -O raw|vhd|vhdx [-o k=v,...] [-p] [-m N] [--rate B/S] SRC DST
 //! vdisk compare A B                  exit 0 same, 1 different, 2 error
 //! vdisk check [-r [leaks|all]] IMG  exit 0 clean, 2 corrupt
 //! vdisk map --output json IMG
@@ -29,6 +29,7 @@
 mod bench;
 mod cmds;
 mod commit;
+mod convert;
 mod demo;
 mod guard;
 mod image;
@@ -116,6 +117,12 @@ enum Cmd {
         /// Show progress.
         #[arg(short = 'p')]
         progress: bool,
+        /// Bytes per second at most (K/M/G suffixes; default unlimited).
+        #[arg(long)]
+        rate: Option<String>,
+        /// Requests in flight (as qemu-img convert -m).
+        #[arg(short = 'm', default_value_t = 8)]
+        parallel: usize,
         /// Source image.
         src: PathBuf,
         /// Destination image.
@@ -365,16 +372,22 @@ fn main() -> ExitCode {
             out_format,
             options,
             progress,
+            rate,
+            parallel,
             src,
             dst,
-        } => cmds::convert(
-            format.as_deref(),
-            &out_format,
-            &options,
-            progress,
-            &src,
-            &dst,
-        ),
+        } => rate
+            .as_deref()
+            .map(size::parse_size)
+            .transpose()
+            .and_then(|rate| {
+                let copy = convert::CopyOptions {
+                    rate: rate.unwrap_or(0),
+                    parallel,
+                    progress,
+                };
+                cmds::convert(format.as_deref(), &out_format, &options, &copy, &src, &dst)
+            }),
         Cmd::Measure {
             format,
             out_format,

@@ -177,22 +177,44 @@ impl Copier {
     }
 
     fn data(&self, pos: u64, n: u64) -> Result<(), JobError> {
+        // Zeros inside this run may be skipped only where the destination still reads zeros.
+        let fresh = self.dest_zeroed
+            && self
+                .tracker
+                .bits(pos, n)
+                .is_none_or(|(x, y)| self.tracker.touched.all_clear(x, y));
         if let Some((x, y)) = self.tracker.bits(pos, n) {
             self.tracker.touched.set(x, y);
         }
         let mut done = 0;
         if self.use_cfr.load(Ordering::Relaxed) {
-            done = self.mapped(pos, n)?;
+            done = self.mapped(pos, n, fresh)?;
         }
         if done < n {
-            self.buffered(pos + done, n - done)?;
+            self.buffered(pos + done, n - done, fresh)?;
         }
+        Ok(())
+    }
+
+    /// Source bytes `[pos, pos+n)` of a data run read as zeros (a hole of the file, or a
+    /// buffer of zeros): skipped when the destination is `fresh` there, else zeroed.
+    fn zeros_in_data(&self, pos: u64, n: u64, fresh: bool) -> Result<(), JobError> {
+        if fresh {
+            self.counters.skipped.fetch_add(n, Ordering::Relaxed);
+            return Ok(());
+        }
+        let at = self.tracker.dest_pos(pos);
+        self.tracker
+            .dest
+            .write_zeroes(at, n, true)
+            .map_err(dst_err("zero", at))?;
+        self.counters.zeroed.fetch_add(n, Ordering::Relaxed);
         Ok(())
     }
 
     /// Moves `[pos, pos+n)` with `copy_file_range` where both disks map it to files; returns
     /// how many leading bytes it moved (0 when it could not map).
-    fn mapped(&self, pos: u64, n: u64) -> Result<u64, JobError> {
+    fn mapped(&self, pos: u64, n: u64, fresh: bool) -> Result<u64, JobError> {
         let dest = &self.tracker.dest;
         let at = self.tracker.dest_pos(pos);
         let mut sm = Vec::new();
@@ -229,7 +251,16 @@ impl Copier {
                 break;
             };
             let seg = (sl - si).min(dl - dj).min(n - done);
-            match copy_file_range(sh.fd, so + si, dh.fd, doff + dj, seg) {
+            // A hole of the source file inside a data run reads as zeros: it is skipped (or
+            // zeroed) as a zero run would be, rather than copied into allocated zeros.
+            let (hole, seg) = file_run(sh.fd, so + si, seg);
+            let r = if hole {
+                self.zeros_in_data(pos + done, seg, fresh)?;
+                Ok(Cfr::Done)
+            } else {
+                copy_file_range(sh.fd, so + si, dh.fd, doff + dj, seg)
+            };
+            match r {
                 Ok(Cfr::Done) => {}
                 Ok(Cfr::Unsupported(part)) => {
                     self.use_cfr.store(false, Ordering::Relaxed);
@@ -265,7 +296,7 @@ impl Copier {
         Ok(done)
     }
 
-    fn buffered(&self, pos: u64, n: u64) -> Result<(), JobError> {
+    fn buffered(&self, pos: u64, n: u64, fresh: bool) -> Result<(), JobError> {
         thread_local! {
             static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
         }
@@ -276,6 +307,13 @@ impl Copier {
                 let k = (pos + n - off).min(buf.len() as u64) as usize;
                 let b = &mut buf[..k];
                 self.src.read_at(b, off).map_err(src_err(off))?;
+                if b.iter().all(|&x| x == 0) {
+                    // Data that reads as zeros: a zero run (skipped on a fresh destination, so
+                    // it stays sparse, as qemu-img convert leaves it).
+                    self.zeros_in_data(off, k as u64, fresh)?;
+                    off += k as u64;
+                    continue;
+                }
                 let at = self.tracker.dest_pos(off);
                 self.tracker
                     .dest
@@ -298,6 +336,32 @@ impl Copier {
             _ => run(&mut vec![0u8; piece]),
         }
     }
+}
+
+/// The run of file `fd` at `off` (at most `len` bytes): `(true, n)` for `n` bytes of hole,
+/// `(false, n)` for data, by `lseek(2)` `SEEK_DATA`/`SEEK_HOLE`. A file system that cannot
+/// tell reports data.
+fn file_run(fd: i32, off: u64, len: u64) -> (bool, u64) {
+    let Ok(at) = libc::off_t::try_from(off) else {
+        return (false, len);
+    };
+    // SAFETY: lseek on a descriptor the device keeps open for the call; no memory involved.
+    let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+    if data < 0 {
+        // ENXIO: no data from `off` to the end of the file; anything else: don't know.
+        let hole = std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+        return (hole, len);
+    }
+    let data = data as u64;
+    if data > off {
+        return (true, (data - off).min(len));
+    }
+    // SAFETY: as above.
+    let hole = unsafe { libc::lseek(fd, at, libc::SEEK_HOLE) };
+    if hole <= at {
+        return (false, len);
+    }
+    (false, (hole as u64 - off).min(len))
 }
 
 /// `copy_file_range(2)` of `len` bytes from `sfd` at `soff` to `dfd` at `doff`, continued

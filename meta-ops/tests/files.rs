@@ -186,3 +186,80 @@ fn chains_flatten_into_the_other_format_under_guest_io() {
         );
     }
 }
+
+/// Allocated bytes of a file (st_blocks).
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// Data runs that read as zeros — holes of the source file inside an allocated VHDX block
+/// (moved with `copy_file_range`) and blocks written full of zeros (moved through a buffer
+/// into a VHDX) — stay holes in a fresh destination, as `qemu-img convert` leaves them;
+/// the contents are equal.
+#[test]
+fn convert_keeps_zeros_inside_data_runs_sparse() {
+    let dir = tempfile::tempdir().unwrap();
+    let src_path = dir.path().join("src.vhdx");
+    // 8 MiB blocks: each written 64 KiB leaves the rest of its block a hole of the file.
+    let mut o = vhdx_format::CreateOptions::dynamic(64 << 20);
+    o.block_size = Some(8 << 20);
+    let src = vhdx_format::create(FileStorage::create(&src_path).unwrap(), &o).unwrap();
+    let mut want = vec![0u8; 64 << 20];
+    for i in 0..8u64 {
+        let off = i * (8 << 20) + (i % 3) * (1 << 20);
+        let d = vec![i as u8 + 1; 64 << 10];
+        src.write_at(&d, off).unwrap();
+        want[off as usize..off as usize + d.len()].copy_from_slice(&d);
+    }
+    // A block allocated with nothing but zeros in it.
+    src.write_at(&vec![0u8; 1 << 20], 60 << 20).unwrap();
+    src.flush().unwrap();
+    drop(src);
+    let open_src = || {
+        let st = FileStorage::open(&src_path, &FileOptions::new().read_only(true)).unwrap();
+        Arc::new(vhdx_format::VhdxFile::open(st, true).unwrap()) as Arc<dyn BlockDevice>
+    };
+    let raw_path = dir.path().join("out.raw");
+    let raw = FileStorage::create(&raw_path).unwrap();
+    block_io::Storage::set_len(&raw, 64 << 20).unwrap();
+    let raw: Arc<dyn BlockDevice> = Arc::new(block_io::RawDisk::new(raw).unwrap());
+    let vhdx_path = dir.path().join("out.vhdx");
+    let mut o = vhdx_format::CreateOptions::dynamic(64 << 20);
+    o.block_size = Some(1 << 20);
+    let out_vhdx: Arc<dyn BlockDevice> =
+        Arc::new(vhdx_format::create(FileStorage::create(&vhdx_path).unwrap(), &o).unwrap());
+    let runner = JobRunner::new().unwrap();
+    for dest in [raw.clone(), out_vhdx.clone()] {
+        let live = LiveDisk::new(open_src());
+        let job = Job::convert(dest.clone()).pivot(Pivot::Detach);
+        runner.start(&live, job).unwrap().wait_blocking().unwrap();
+        let mut got = vec![0u8; 64 << 20];
+        dest.read_at(&mut got, 0).unwrap();
+        assert!(got == want, "contents differ");
+    }
+    // 8 pieces of 64 KiB: raw keeps them in about as many file-system blocks (plus the
+    // written zero block: copy_file_range moves the source file's data without reading it,
+    // so zeros stored as data go along; the holes around the pieces stay holes). The VHDX
+    // (buffered: the job sees the bytes) allocates one 1 MiB block per piece, not the 8 MiB
+    // source blocks, and not the zero block.
+    assert!(
+        allocated(&raw_path) <= 8 * (128 << 10) + (1 << 20),
+        "{}",
+        allocated(&raw_path)
+    );
+    let mut st = out_vhdx.block_status(60 << 20, 1 << 20).unwrap();
+    assert_ne!(
+        st.status,
+        block_io::BlockStatus::Data,
+        "the zero block was copied"
+    );
+    st = out_vhdx.block_status(0, 1 << 20).unwrap();
+    assert_eq!(st.status, block_io::BlockStatus::Data);
+    drop(out_vhdx);
+    assert!(
+        allocated(&vhdx_path) < 8 * (1 << 20) + (8 << 20),
+        "{}",
+        allocated(&vhdx_path)
+    );
+}

@@ -125,3 +125,37 @@ fn measure_refuses_bad_arguments_with_a_reason() {
         assert!(err.contains(why), "{args:?}: {err}");
     }
 }
+
+/// `vdisk convert -m N --rate B/S -p`: the same image whatever the requests in flight; a rate
+/// limit holds the copy back (a lower bound only: 4 MiB at 4 MiB/s after the first burst);
+/// bad values are refused with a reason.
+#[test]
+fn convert_takes_parallel_and_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = p(&dir, "src.raw");
+    raw_image_with(&src, "8M", &["write -P 7 0 4M", "write -P 8 6M 1M"]);
+    for (m, fmt) in [("1", "vhdx"), ("16", "vhd"), ("4", "raw")] {
+        let out = p(&dir, &format!("out-{m}.{fmt}"));
+        vdisk_ok(&["convert", "-m", m, "-p", "-O", fmt, &src, &out]);
+        vdisk_ok(&["compare", &src, &out]);
+    }
+    let out = p(&dir, "slow.vhdx");
+    let t0 = std::time::Instant::now();
+    vdisk_ok(&["convert", "--rate", "4M", "-O", "vhdx", &src, &out]);
+    assert!(
+        t0.elapsed() >= std::time::Duration::from_millis(400),
+        "5 MiB at 4 MiB/s took {:?}",
+        t0.elapsed()
+    );
+    vdisk_ok(&["compare", &src, &out]);
+    for (args, why) in [
+        (vec!["-m", "0"], "-m"),
+        (vec!["--rate", "fast"], "invalid size"),
+    ] {
+        let o = vdisk(&[&["convert"], &args[..], &[&src, &p(&dir, "x.raw")]].concat());
+        assert!(!o.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(why), "{args:?}: {err}");
+        assert!(!dir.path().join("x.raw").exists(), "{args:?} left a file");
+    }
+}
