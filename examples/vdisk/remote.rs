@@ -1,8 +1,9 @@
 //! Remote images in the CLI: sources and destinations given as URLs.
 //!
 //! - `http://`, `https://`, `s3://`: read-only images (any format) through
-//!   `block_io::remote`, with parents of their own; `convert SRC s3://bucket/key` converts to a
-//!   temporary file next to nothing (the system's temp folder) and uploads it.
+//!   `block_io::remote`, with parents of their own; `convert SRC s3://bucket/key` converts
+//!   into a temporary file (in the system's temporary folder, removed afterwards) and uploads
+//!   it with `block_io::remote::upload` (which takes a whole `Storage`, so no streaming).
 //! - `nbd://`, `nbd+unix://`, `nbds://`: NBD exports through `block_io::nbd::NbdClient`, raw
 //!   disks; `convert SRC nbd://...` writes into the export, as `qemu-img convert -n` does.
 //!   `nbds://` takes its credentials from `--nbd-tls-creds DIR` (qemu's `tls-creds-x509`
@@ -330,10 +331,11 @@ fn copy_over(
         };
         if data {
             dst.write_at(b, pos)?;
-        } else if dst.block_status(pos, n)?.status != BlockStatus::Zero
-            || dst.block_status(pos, n)?.len < n
-        {
-            dst.write_zeroes(pos, n, false)?;
+        } else {
+            let there = dst.block_status(pos, n)?;
+            if there.status != BlockStatus::Zero || there.len < n {
+                dst.write_zeroes(pos, n, false)?;
+            }
         }
         pos += n;
         on_progress(pos);

@@ -249,6 +249,24 @@ fn nbd_sources_and_destinations() {
     assert_eq!(vdisk(&["compare", &base, &url]).status.code(), Some(0));
     srv.stop();
 
+    // The same over a Unix socket (nbd+unix://).
+    let sock = p(dir.path(), "nbd.sock");
+    let mut unix = Command::new(&qemu_nbd)
+        .args(["-f", "vhdx", "-r", "-t", "-x", "disk", "-k", &sock, &base])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !Path::new(&sock).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let unix_url = format!("nbd+unix:///disk?socket={sock}");
+    let r = vdisk(&["compare", &base, &unix_url]);
+    let _ = unix.kill();
+    let _ = unix.wait();
+    assert_eq!(r.status.code(), Some(0), "{r:?}");
+
     // Destination: an export full of old bytes is overwritten everywhere, zeros included.
     let target = p(dir.path(), "target.raw");
     let c = run(&o.qemu_img, &["create", "-f", "raw", &target, "16M"]);
