@@ -158,31 +158,23 @@ impl Copier {
         Ok(())
     }
 
+    /// `true` when the destination still reads zeros at `[pos, pos+n)`: it did when the job
+    /// started, and no chunk of the job has written there since.
+    fn fresh(&self, pos: u64, n: u64) -> bool {
+        self.dest_zeroed
+            && self
+                .tracker
+                .bits(pos, n)
+                .is_none_or(|(x, y)| self.tracker.touched.all_clear(x, y))
+    }
+
     fn zero(&self, pos: u64, n: u64) -> Result<(), JobError> {
-        let untouched = self
-            .tracker
-            .bits(pos, n)
-            .is_none_or(|(x, y)| self.tracker.touched.all_clear(x, y));
-        if self.dest_zeroed && untouched {
-            self.counters.skipped.fetch_add(n, Ordering::Relaxed);
-            return Ok(());
-        }
-        let at = self.tracker.dest_pos(pos);
-        self.tracker
-            .dest
-            .write_zeroes(at, n, true)
-            .map_err(dst_err("zero", at))?;
-        self.counters.zeroed.fetch_add(n, Ordering::Relaxed);
-        Ok(())
+        self.zeros_in_data(pos, n, self.fresh(pos, n))
     }
 
     fn data(&self, pos: u64, n: u64) -> Result<(), JobError> {
         // Zeros inside this run may be skipped only where the destination still reads zeros.
-        let fresh = self.dest_zeroed
-            && self
-                .tracker
-                .bits(pos, n)
-                .is_none_or(|(x, y)| self.tracker.touched.all_clear(x, y));
+        let fresh = self.fresh(pos, n);
         if let Some((x, y)) = self.tracker.bits(pos, n) {
             self.tracker.touched.set(x, y);
         }
@@ -196,8 +188,8 @@ impl Copier {
         Ok(())
     }
 
-    /// Source bytes `[pos, pos+n)` of a data run read as zeros (a hole of the file, or a
-    /// buffer of zeros): skipped when the destination is `fresh` there, else zeroed.
+    /// Source bytes `[pos, pos+n)` read as zeros (a zero run, a hole of the file inside a data
+    /// run, or a buffer of zeros): skipped when the destination is `fresh` there, else zeroed.
     fn zeros_in_data(&self, pos: u64, n: u64, fresh: bool) -> Result<(), JobError> {
         if fresh {
             self.counters.skipped.fetch_add(n, Ordering::Relaxed);
