@@ -1,13 +1,15 @@
 //! Remote layers and remote parents: images on web servers and object stores (`http://`,
-//! `https://`, `s3://`, read through [`block_io::remote`]) and NBD exports (`nbd://`,
-//! `nbd+unix://`, `nbds://`, through [`block_io::nbd::NbdClient`]), as the top of a chain or
-//! as the parent of a local differencing child.
+//! `https://`, `s3://`, read through `block_io::remote`) and NBD exports (`nbd://`,
+//! `nbd+unix://`, `nbds://`, through `block_io::nbd::NbdClient`), as the top of a chain or
+//! as the parent of a local differencing child. Opening them needs the crate feature
+//! `remote`; without it the same calls fail with `ErrorKind::Unsupported`.
 //!
 //! # Where a child records a remote parent
 //!
-//! - VHDX: the parent locator (MS-VHDX 2.2.4: a list of key-value entries; readers use the
-//!   keys they know and ignore the rest, and only `parent_linkage` is required) keeps the URL
-//!   under the extra key [`URL_KEY`] (`vdisk_url`), next to `parent_linkage` (the parent's
+//! - VHDX: the parent locator (MS-VHDX 2.2.4: a list of key-value entries of which only
+//!   `parent_linkage` is required; the spec names the keys of its locator type and does not
+//!   forbid others; libvhdi opens such a child, see `tests/remote_parent.rs`; Hyper-V was not
+//!   tried) keeps the URL under the extra key [`URL_KEY`] (`vdisk_url`), next to `parent_linkage` (the parent's
 //!   DataWriteGuid, checked as for a local parent) and a `relative_path` holding the URL's
 //!   last segment, so that Windows finds a downloaded copy placed next to the child.
 //! - VHD: the URL is the parent's name (the header's Parent Unicode Name, which QEMU also
@@ -21,9 +23,9 @@
 //! it names unless the user asked for that. With [`RemoteParents::Deny`] (the default) the
 //! URL is passed over and the child's local locators are tried; if none resolves, opening
 //! fails with [`ChainError::PolicyRefused`] naming the URL. An allowed remote VHD or VHDX
-//! parent is opened read-only through [`block_io::remote::open_url`] and gets the same
+//! parent is opened read-only through `block_io::remote::open_url` and gets the same
 //! lineage checks as a local one; if the object is replaced on the server later, its reads
-//! fail with [`block_io::remote::RemoteError::Changed`] (kind `Corrupt`).
+//! fail with `block_io::remote::RemoteError::Changed` (kind `Corrupt`).
 //!
 //! NBD exports carry no identity a child could record, so they are accepted as the top of a
 //! chain (a raw disk) but never as a parent: a parent whose lineage cannot be checked could
