@@ -311,6 +311,25 @@ mod tests {
     }
 
     #[test]
+    fn layers_open_from_any_storage() {
+        use std::sync::Arc;
+        let mem = Arc::new(block_io::MemStorage::new());
+        let f = vhdx_format::create(mem.clone(), &vhdx_format::CreateOptions::dynamic(8 << 20))
+            .unwrap();
+        drop(f);
+        let name = Path::new("https://h/m.vhdx");
+        let l = crate::open_layer_from_storage(name, mem.clone(), None, true).unwrap();
+        assert_eq!(l.format, Format::Vhdx);
+        assert_eq!(l.path, name);
+        assert!(matches!(l.identity, crate::Identity::Vhdx { .. }));
+        assert_eq!(l.dev.info().virtual_size, 8 << 20);
+        assert!(l.dev.info().read_only);
+        // Forced raw: the container bytes as a disk.
+        let raw = crate::open_layer_from_storage(name, mem, Some(Format::Raw), true).unwrap();
+        assert_eq!(raw.identity, crate::Identity::Raw);
+    }
+
+    #[test]
     fn nbd_parents_are_refused() {
         let c = vec![Candidate {
             source: URL_KEY.into(),
