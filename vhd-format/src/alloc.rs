@@ -2,15 +2,17 @@
 //! payload I/O or a sync (VHD spec 1.0, "Block Allocation Table and Data Blocks": a new block
 //! goes where the footer was and the footer moves to the new end of the file).
 //!
-//! An allocation runs in three steps; only (1) and (3) take a lock, and neither does I/O:
+//! An allocation runs in three steps; only (1) and (3) take a lock, and only (3) does I/O
+//! under it, a 512-byte write:
 //! 1. **Reserve** (under `alloc`, no I/O): take the next space past the highest reserved end
 //!    plus one footer slot, advance the end, and put the block on the in-flight list. A second
 //!    writer of the same block waits on `alloc_done` and then finds it published (or, after a
 //!    failed allocation, reserves it anew): a block is never allocated twice.
 //! 2. **Fill** (no lock): write the payload and the block's sector bitmap into the reserved
 //!    space.
-//! 3. **Publish** (under `commit`, no I/O): cache the bitmap, set the entry in the in-memory
-//!    BAT and note it as *pending* with a sequence number. Readers, overwrites and
+//! 3. **Publish** (under `commit`; one 512-byte write, no sync): write the footer at the end
+//!    of the highest reserved space (so the file covers the whole block), cache the bitmap,
+//!    set the entry in the in-memory BAT and note it as *pending* with a sequence number. Readers, overwrites and
 //!    [`BlockDevice::map`](block_io::BlockDevice::map) see the block from here on.
 //!
 //! The BAT entries reach the file at the next flush ([`VhdFile::persist`]), as a write
@@ -257,6 +259,12 @@ impl<S: Storage> VhdFile<S> {
         if self.is_diff() {
             self.cache_bitmap(res.block, bm);
         }
+        // VHD 1.0: the footer is the last structure of the file. Written at the end of the
+        // highest reserved space, it lies past this block, so the file covers all of it (a
+        // mapped read of the block's unwritten part must not meet the end of the file); blocks
+        // reserved later start past its slot. No sync: the BAT does not point here yet.
+        let footer_at = self.alloc.lock().end;
+        self.guard(self.storage().write_at(&self.footer_bytes, footer_at))?;
         // From here the block is read, overwritten and mapped in place.
         d.bat.set(res.block, res.sector);
         let seq = p.next_seq;
@@ -424,6 +432,22 @@ mod tests {
         // Nothing pending: a flush is one sync.
         f.flush().unwrap();
         assert_eq!(st.syncs.load(Ordering::SeqCst), base + 3);
+    }
+
+    /// A published block lies inside the file, all of it, before any flush: the engine maps
+    /// its unwritten part to the file and reads it there.
+    #[test]
+    fn a_published_block_is_inside_the_file() {
+        use block_io::BlockDevice;
+        let st = Arc::new(Gated::default());
+        let f = dynamic_on(st.clone(), 4);
+        f.write_at(&[3; 512], 2 << 20).unwrap();
+        let d = f.dynamic.as_ref().unwrap();
+        let data = f.data_offset(d, 1).unwrap();
+        assert!(st.mem.len().unwrap() >= data + (2 << 20));
+        let mut buf = vec![1u8; 4096];
+        st.mem.read_at(&mut buf, data + (2 << 20) - 4096).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
     }
 
     /// An entry published after a flush's first sync started is not written by that flush
