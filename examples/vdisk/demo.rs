@@ -38,7 +38,7 @@ pub fn run(keep: bool) -> CliResult {
     let mut steps = Vec::new();
     let started = Instant::now();
     type StepFn = fn(&Path) -> Result<String, CliError>;
-    let plan: [(&'static str, StepFn); 7] = [
+    let plan: [(&'static str, StepFn); 8] = [
         ("create + write a raw disk", raw_roundtrip),
         ("convert, skipping holes", convert_sparse),
         ("VHDX: create, write, snapshot", vhdx_snapshot),
@@ -46,6 +46,7 @@ pub fn run(keep: bool) -> CliResult {
         ("convert a chain to VHD", chain_to_vhd),
         ("crash consistency", crash_tour),
         ("throttled copy", throttled_copy),
+        ("online convert, guest writing", online_convert),
     ];
     for (name, f) in plan {
         let t = Instant::now();
@@ -256,6 +257,102 @@ fn throttled_copy(_dir: &Path) -> Result<String, CliError> {
     Ok(format!(
         "16 MiB at a 64 MiB/s limit took {secs:.2} s ({}/s)",
         human(rate as u64)
+    ))
+}
+
+/// An online job: a guest keeps writing a VHDX through a `LiveDisk` while a convert job (at
+/// a 64 MiB/s rate limit) moves it into a new VHD and switches the guest over; every write,
+/// before, during and after the switch, reads back, live and from the VHD reopened.
+fn online_convert(dir: &Path) -> Result<String, CliError> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    use vdisk::meta_ops::{Job, JobRunner, LiveDisk, Pivot};
+
+    const SIZE: u64 = 32 << 20;
+    const PIECE: u64 = 16 << 10;
+    let job_err = |e: vdisk::meta_ops::JobError| CliError::new(crate::cause_chain(&e));
+    let src = image::create(Format::Vhdx, &dir.join("live.vhdx"), SIZE, &[], None)?;
+    let mut start = vec![0u8; SIZE as usize];
+    for i in 0..8u64 {
+        let off = i * (4 << 20);
+        let d = vec![i as u8 + 1; 512 << 10];
+        src.dev.write_at(&d, off)?;
+        start[off as usize..off as usize + d.len()].copy_from_slice(&d);
+    }
+    let vhd_path = dir.join("moved.vhd");
+    let dst = image::create(Format::Vhd, &vhd_path, SIZE, &[], None)?;
+    let live = LiveDisk::new(src.dev.clone());
+    let model = Arc::new(Mutex::new(start));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = Arc::new(AtomicU64::new(0));
+    // The guest: one thread writing 16 KiB pieces at pseudo-random places, recording each in
+    // the model once the write returned.
+    let guest = {
+        let (live, model, stop, writes) =
+            (live.clone(), model.clone(), stop.clone(), writes.clone());
+        std::thread::spawn(move || -> Result<(), CliError> {
+            let mut x = 0x2545_f491_4f6c_dd1du64;
+            while !stop.load(Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let off = (x % (SIZE / PIECE)) * PIECE;
+                let n = writes.fetch_add(1, Ordering::Relaxed);
+                let d = vec![(n % 251) as u8 + 1; PIECE as usize];
+                live.write_at(&d, off)?;
+                let mut m = model
+                    .lock()
+                    .map_err(|_| CliError::new("model lock poisoned"))?;
+                m[off as usize..(off + PIECE) as usize].copy_from_slice(&d);
+            }
+            Ok(())
+        })
+    };
+    let runner = JobRunner::new().map_err(job_err)?;
+    let job = Job::convert(dst.dev.clone())
+        .pivot(Pivot::Switch)
+        .rate(64 << 20);
+    let report = runner
+        .start(&live, job)
+        .map_err(job_err)?
+        .wait_blocking()
+        .map_err(job_err)?;
+    let during = writes.load(Ordering::Relaxed);
+    // The guest goes on for a moment on the VHD.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    stop.store(true, Ordering::Relaxed);
+    guest
+        .join()
+        .map_err(|_| CliError::new("the guest thread panicked"))??;
+    live.flush()?;
+    let model = model
+        .lock()
+        .map_err(|_| CliError::new("model lock poisoned"))?
+        .clone();
+    let mut got = vec![0u8; SIZE as usize];
+    live.read_at(&mut got, 0)?;
+    verify(
+        got == model,
+        "every guest write reads back after the switch",
+    )?;
+    let total = writes.load(Ordering::Relaxed);
+    drop((live, runner, dst, src));
+    let reopened = image::open(&vhd_path, None, true)?;
+    verify(
+        reopened.format == Format::Vhd,
+        "the guest's disk is now the VHD",
+    )?;
+    reopened.dev.read_at(&mut got, 0)?;
+    verify(
+        got == model,
+        "the VHD reopened from disk holds every guest write",
+    )?;
+    Ok(format!(
+        "{total} guest writes ({during} while the job ran, {} blocks dirtied and copied again), \
+         VHDX -> VHD in {} ms; guest writes paused {} us at the switch",
+        report.blocks_dirtied,
+        report.duration.as_millis(),
+        report.pivot_pause.as_micros()
     ))
 }
 

@@ -213,4 +213,5 @@ fn demo_runs() {
     let out = vdisk_ok(&["demo"]);
     assert!(out.contains("Summary"), "{out}");
     assert!(!out.contains("failed"), "{out}");
+    assert!(out.contains("[ok] online convert, guest writing"), "{out}");
 }
