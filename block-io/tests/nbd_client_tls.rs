@@ -8,8 +8,11 @@
 
 mod nbd_client_util;
 
+#[path = "support/test_ca.rs"]
+mod test_ca;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use test_ca::Ca;
 
 use block_io::nbd::tls::TlsCredentials;
 use block_io::nbd::{ClientError, Export, NbdClient, NbdClientOptions, NbdServer, TlsOptions};
@@ -17,71 +20,15 @@ use block_io::{BlockDevice, ErrorKind};
 use nbd_client_util::{
     free_port, mem_disk, model_workload, oracle, pattern, quick_opts, Listen, Proc,
 };
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
 
 const MIB: u64 = 1 << 20;
 
-/// A certificate authority for one test.
-struct Ca {
-    pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
 impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name.push(DnType::CommonName, name);
-        p.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
-        p.not_after = rcgen::date_time_ymd(2040, 1, 1);
-        let key = KeyPair::generate().unwrap();
-        let cert = p.self_signed(&key).unwrap();
-        Ca {
-            pem: cert.pem(),
-            issuer: Issuer::new(p, key),
-        }
-    }
-
-    /// A leaf certificate and key in PEM: a server's (localhost, 127.0.0.1) or a client's.
-    fn leaf(&self, server: bool) -> (String, String) {
-        let sans = if server {
-            vec!["localhost".to_string(), "127.0.0.1".to_string()]
-        } else {
-            vec![]
-        };
-        let mut p = CertificateParams::new(sans).unwrap();
-        p.distinguished_name
-            .push(DnType::CommonName, if server { "server" } else { "client" });
-        p.use_authority_key_identifier_extension = true;
-        p.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        p.extended_key_usages = vec![if server {
-            ExtendedKeyUsagePurpose::ServerAuth
-        } else {
-            ExtendedKeyUsagePurpose::ClientAuth
-        }];
-        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
-        p.not_after = rcgen::date_time_ymd(2040, 1, 1);
-        let key = KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
     /// `dir/name` in qemu's `endpoint=server` layout.
     fn server_dir(&self, dir: &Path, name: &str) -> PathBuf {
         let d = dir.join(name);
         std::fs::create_dir_all(&d).unwrap();
-        let (cert, key) = self.leaf(true);
+        let (cert, key) = self.leaf(true, "server");
         std::fs::write(d.join("ca-cert.pem"), &self.pem).unwrap();
         std::fs::write(d.join("server-cert.pem"), cert).unwrap();
         std::fs::write(d.join("server-key.pem"), key).unwrap();
@@ -95,7 +42,7 @@ impl Ca {
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(d.join("ca-cert.pem"), &self.pem).unwrap();
         if let Some(s) = signer {
-            let (cert, key) = s.leaf(false);
+            let (cert, key) = s.leaf(false, "client");
             std::fs::write(d.join("client-cert.pem"), cert).unwrap();
             std::fs::write(d.join("client-key.pem"), key).unwrap();
         }

@@ -5,6 +5,8 @@
 #![cfg(feature = "nbd")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "support/test_ca.rs"]
+mod test_ca;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -12,15 +14,12 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
+use test_ca::Ca;
 
 use block_io::nbd::proto::{self, InfoRequest, OptionHeader, Request};
 use block_io::nbd::tls::{self, rustls, TlsCredentials};
 use block_io::nbd::{Export, NbdServer, StopHandle};
 use block_io::{BlockDevice, FileStorage, MemStorage, RawDisk, Storage};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
 
 // ---- oracles and processes -------------------------------------------------------------
 
@@ -60,61 +59,7 @@ fn run(cmd: &str, args: &[&str]) -> String {
 
 // ---- certificates ----------------------------------------------------------------------
 
-/// A CA that signs server and client certificates.
-struct Ca {
-    pem: String,
-    der: rustls::pki_types::CertificateDer<'static>,
-    issuer: Issuer<'static, KeyPair>,
-}
-
 impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name.push(DnType::CommonName, name);
-        p.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
-        p.not_after = rcgen::date_time_ymd(2040, 1, 1);
-        let key = KeyPair::generate().unwrap();
-        let cert = p.self_signed(&key).unwrap();
-        Ca {
-            pem: cert.pem(),
-            der: cert.der().clone(),
-            issuer: Issuer::new(p, key),
-        }
-    }
-
-    /// A leaf certificate and its key (PEM): a server's for localhost and 127.0.0.1, or a
-    /// client's.
-    fn leaf(&self, server: bool, name: &str) -> (String, String) {
-        let sans = if server {
-            vec!["localhost".to_string(), "127.0.0.1".to_string()]
-        } else {
-            vec![]
-        };
-        let mut p = CertificateParams::new(sans).unwrap();
-        p.distinguished_name.push(DnType::CommonName, name);
-        p.use_authority_key_identifier_extension = true;
-        p.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        p.extended_key_usages = vec![if server {
-            ExtendedKeyUsagePurpose::ServerAuth
-        } else {
-            ExtendedKeyUsagePurpose::ClientAuth
-        }];
-        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
-        p.not_after = rcgen::date_time_ymd(2040, 1, 1);
-        let key = KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
     /// A directory in QEMU's `tls-creds-x509` layout for a server signed by this CA.
     fn server_dir(&self, dir: &Path) -> PathBuf {
         let d = dir.join("server");
@@ -578,7 +523,9 @@ fn mutual_tls_from_certificates_in_memory_with_a_rustls_client() {
     let config = tls::server_config(
         pem_certs(&scert),
         pem_key(&skey),
-        Some(vec![ca.der.clone()]),
+        Some(vec![rustls::pki_types::CertificateDer::from(
+            ca.der.clone(),
+        )]),
     )
     .unwrap();
     let dev = mem_disk(1 << 20);
@@ -590,7 +537,9 @@ fn mutual_tls_from_certificates_in_memory_with_a_rustls_client() {
 
     let client_config = |with_cert: bool| {
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca.der.clone()).unwrap();
+        roots
+            .add(rustls::pki_types::CertificateDer::from(ca.der.clone()))
+            .unwrap();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let b = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])

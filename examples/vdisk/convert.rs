@@ -29,7 +29,8 @@ pub struct CopyOptions {
 const CHUNK: u64 = 4 << 20;
 
 /// Copies all of `src` into `dst`, a new image (reading as zeros) at least as large, and
-/// flushes `dst`.
+/// flushes `dst`. `opts.parallel` is at least 1 (`cmds::convert` checks it before it creates
+/// the destination).
 pub fn copy_job(
     src: Arc<dyn BlockDevice>,
     dst: Arc<dyn BlockDevice>,
@@ -38,9 +39,6 @@ pub fn copy_job(
     let size = src.info().virtual_size;
     if dst.info().virtual_size < size {
         return Err(CliError::new("the destination is smaller than the source"));
-    }
-    if opts.parallel == 0 {
-        return Err(CliError::new("-m takes at least 1 request in flight"));
     }
     let err = |e: vdisk::meta_ops::JobError| CliError::new(crate::cause_chain(&e));
     let live = LiveDisk::new(src);

@@ -119,14 +119,16 @@ fn blocks_with_data(dev: &dyn BlockDevice, block: u64) -> Result<u64, CliError> 
     let mut last: Option<u64> = None;
     while off < size {
         let run = dev.block_status(off, size - off)?;
-        if run.len == 0 {
+        // A run never counts past what was asked (a device reporting more is clamped).
+        let len = run.len.min(size - off);
+        if len == 0 {
             return Err(CliError::new(format!(
                 "the source reported an empty allocation run at offset {off}"
             )));
         }
         if run.status == BlockStatus::Data {
             let first = off / block;
-            let end = (off + run.len - 1) / block;
+            let end = (off + len - 1) / block;
             let from = match last {
                 Some(l) if l >= first => l + 1,
                 _ => first,
@@ -136,7 +138,7 @@ fn blocks_with_data(dev: &dyn BlockDevice, block: u64) -> Result<u64, CliError> 
                 last = Some(end);
             }
         }
-        off += run.len;
+        off += len;
     }
     Ok(count)
 }

@@ -5,63 +5,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
+#[path = "../../../block-io/tests/support/test_ca.rs"]
+mod test_ca;
 use common::*;
+use test_ca::Ca;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, Command, Output, Stdio};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
-
-/// A CA, and writes QEMU credential directories signed by it.
-struct Ca {
-    pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
 impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name.push(DnType::CommonName, name);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
-        p.not_after = rcgen::date_time_ymd(2040, 1, 1);
-        let key = KeyPair::generate().unwrap();
-        let cert = p.self_signed(&key).unwrap();
-        Ca {
-            pem: cert.pem(),
-            issuer: Issuer::new(p, key),
-        }
-    }
-
-    fn leaf(&self, server: bool) -> (String, String) {
-        let sans = if server {
-            vec!["localhost".to_string(), "127.0.0.1".to_string()]
-        } else {
-            vec![]
-        };
-        let mut p = CertificateParams::new(sans).unwrap();
-        p.distinguished_name.push(DnType::CommonName, "vdisk test");
-        p.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        p.extended_key_usages = vec![if server {
-            ExtendedKeyUsagePurpose::ServerAuth
-        } else {
-            ExtendedKeyUsagePurpose::ClientAuth
-        }];
-        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
-        p.not_after = rcgen::date_time_ymd(2040, 1, 1);
-        let key = KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
     /// `dir/name` with ca-cert.pem and the `role`'s certificate and key (`server` or
     /// `client`), or only ca-cert.pem for `None`.
     fn creds(&self, dir: &Path, name: &str, role: Option<&str>) -> PathBuf {
@@ -69,7 +22,7 @@ impl Ca {
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(d.join("ca-cert.pem"), &self.pem).unwrap();
         if let Some(role) = role {
-            let (cert, key) = self.leaf(role == "server");
+            let (cert, key) = self.leaf(role == "server", "vdisk test");
             std::fs::write(d.join(format!("{role}-cert.pem")), cert).unwrap();
             std::fs::write(d.join(format!("{role}-key.pem")), key).unwrap();
         }
