@@ -3,9 +3,9 @@
 //! The foundation of the vdisk family. It owns:
 //! - [`Storage`], what an image file lives in (positional `&self` I/O, length, sync, holes), with
 //!   a file backend ([`FileStorage`]: pread/pwrite, optional `O_DIRECT`, hole punching, image
-//!   locks shared with QEMU, see [`LockMode`]), a sparse memory backend ([`MemStorage`]) and a
-//!   fault-injecting backend ([`FaultStorage`]) that keeps live and durable bytes apart, cuts
-//!   power at a chosen write or sync, and injects EIO/ENOSPC;
+//!   locks shared with QEMU, see [`LockMode`]), a sparse memory backend ([`MemStorage`]) and,
+//!   with the `testing` feature, a fault-injecting backend (`FaultStorage`) that keeps live and
+//!   durable bytes apart, cuts power at a chosen write or sync, and injects EIO/ENOSPC;
 //! - [`BlockDevice`], what a guest sees (a virtual disk), and [`RawDisk`], a raw image over any
 //!   `Storage`;
 //! - [`RangeLock`] (block-granular shared/exclusive locks), [`RateLimiter`] (token bucket) and
@@ -19,6 +19,7 @@ mod device;
 pub mod engine;
 mod error;
 mod failstop;
+#[cfg(feature = "testing")]
 mod fault;
 mod file;
 mod lock;
@@ -40,6 +41,7 @@ pub use device::{
 };
 pub use error::{Error, ErrorKind, Result};
 pub use failstop::FailStop;
+#[cfg(feature = "testing")]
 pub use fault::{CutPoint, FaultStorage, Injection, WriteFate};
 pub use file::{AlignedBuf, FileStorage, LockMode, OpenOptions};
 pub use memory::MemStorage;

@@ -4,7 +4,7 @@
 //! shared seek cursor), so many threads can read and write it at once. Image formats sit on a
 //! `Storage`; raw disks expose one directly. Implementations: [`FileStorage`](crate::FileStorage)
 //! (pread/pwrite, optional `O_DIRECT`), [`MemStorage`](crate::MemStorage) (sparse, in memory),
-//! and [`FaultStorage`](crate::FaultStorage) (crash and error injection for tests).
+//! and `FaultStorage` (crash and error injection for tests, with the `testing` feature).
 
 use std::io::{IoSlice, IoSliceMut};
 

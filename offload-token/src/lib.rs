@@ -82,6 +82,7 @@ mod body;
 mod clock;
 mod envelope;
 mod error;
+#[cfg(feature = "testing")]
 pub mod fuzzing;
 pub mod hex;
 mod key;

@@ -47,6 +47,7 @@ mod details;
 mod error;
 mod file;
 pub mod footer;
+#[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod header;

@@ -70,6 +70,7 @@ mod create;
 pub mod error;
 mod file;
 pub mod file_id;
+#[cfg(feature = "testing")]
 pub mod fuzzing;
 pub mod guid;
 pub mod header;

@@ -20,6 +20,7 @@
 mod client;
 mod conn;
 mod export;
+#[cfg(feature = "testing")]
 pub mod fuzzing;
 mod handshake;
 pub mod proto;

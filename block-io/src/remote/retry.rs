@@ -25,7 +25,11 @@ impl Retry {
             .delay
             .saturating_mul(1u32 << attempt.min(16))
             .min(MAX_DELAY);
-        let jitter = rand::random::<u32>() % 256;
+        // std's RandomState draws fresh keys per process and thread: random enough for jitter.
+        let jitter = (std::hash::BuildHasher::hash_one(
+            &std::collections::hash_map::RandomState::new(),
+            attempt,
+        ) % 256) as u32;
         base + base * jitter / 1024
     }
 

@@ -43,6 +43,7 @@
 mod backend;
 pub mod client;
 pub mod config;
+#[cfg(feature = "testing")]
 pub mod fuzzing;
 pub mod request;
 mod server;
