@@ -54,6 +54,7 @@ pub mod header;
 mod layout;
 pub mod locator;
 mod reparent;
+pub mod resize;
 
 pub use check::{check_storage, CheckReport, Issue};
 pub use compact::VhdCompactor;
@@ -64,6 +65,7 @@ pub use file::VhdFile;
 pub use footer::{DiskType, Geometry};
 pub use layout::FooterSource;
 pub use locator::PlatformCode;
+pub use resize::{resize_storage, ResizeError, ResizeReport};
 
 use block_io::{Result, Storage};
 
