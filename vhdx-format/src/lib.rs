@@ -39,7 +39,8 @@
 //! - a dirty log whose replay updates more than [`replay::MAX_OVERLAY_RANGES`] separate file
 //!   ranges is refused as unsupported (replay folds the log in memory first; real logs update
 //!   far fewer ranges);
-//! - resize and the `parent_linkage2` merge protocol.
+//! - growing the BAT region on resize (refused, see [`resize`]), and the `parent_linkage2`
+//!   merge protocol.
 //!
 //! ```
 //! use block_io::{BlockDevice, MemStorage};
@@ -80,9 +81,11 @@ mod read;
 pub mod region;
 mod reparent;
 pub mod replay;
+pub mod resize;
 mod write;
 
 pub use alloc::{AllocGuard, WriteExtent};
 pub use create::{create, create_file, default_block_size, CreateError, CreateOptions, ParentRef};
 pub use error::FormatError;
 pub use file::{check_image, open_file, probe, CheckReport, Subformat, VhdxDetails, VhdxFile};
+pub use resize::{ResizeError, ResizeReport};
