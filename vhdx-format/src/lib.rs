@@ -23,7 +23,10 @@
 //! - [`create()`] for fixed, dynamic and differencing images with qemu-img's defaults;
 //! - [`VhdxFile::set_parent_locator`]: a new parent locator through the log (`reparent`,
 //!   2.6.2.6), for rebasing a child onto a moved or copied parent;
-//! - [`probe`], [`VhdxFile::details`] and [`VhdxFile::check`] for tools.
+//! - [`probe`], [`VhdxFile::details`] and [`VhdxFile::check`] for tools;
+//! - [`VhdxCompactor`]: empty blocks give their space back (ZERO / NOT_PRESENT), blocks move
+//!   down into holes, the file is truncated, in steps an online job can interleave with
+//!   guest I/O ([`compact`]).
 //!
 //! Not implemented yet (honestly):
 //! - `check` reports what `open` cannot already refuse (dirty log not replayed, partially
@@ -67,6 +70,7 @@
 mod alloc;
 pub mod bat;
 mod commit;
+pub mod compact;
 mod create;
 pub mod error;
 mod file;
@@ -85,6 +89,7 @@ pub mod resize;
 mod write;
 
 pub use alloc::{AllocGuard, WriteExtent};
+pub use compact::VhdxCompactor;
 pub use create::{create, create_file, default_block_size, CreateError, CreateOptions, ParentRef};
 pub use error::FormatError;
 pub use file::{check_image, open_file, probe, CheckReport, Subformat, VhdxDetails, VhdxFile};
