@@ -80,9 +80,11 @@ mod error;
 mod handle;
 mod job;
 mod live;
+mod resize;
 
 pub use commit::{prepare_top, set_vhdx_linkage, unlink_stale, CommitOptions, Retire};
 pub use error::{JobError, JobResult};
 pub use handle::{JobHandle, JobReport, Phase, Progress};
 pub use job::{Job, JobKind, JobOptions, JobRunner, Pivot};
 pub use live::{GuestStats, LiveDisk};
+pub use resize::{resize_image, resize_live, ResizeError, Resized};

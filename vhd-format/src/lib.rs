@@ -65,7 +65,7 @@ pub use file::VhdFile;
 pub use footer::{DiskType, Geometry};
 pub use layout::FooterSource;
 pub use locator::PlatformCode;
-pub use resize::{resize_storage, ResizeError, ResizeReport};
+pub use resize::{resize_storage, resize_storage_with, ResizeError, ResizeReport};
 
 use block_io::{Result, Storage};
 

@@ -149,6 +149,18 @@ pub fn resize_storage<S: Storage + ?Sized>(
     st: &S,
     new_size: u64,
 ) -> Result<ResizeReport, ResizeError> {
+    resize_storage_with(st, new_size, true)
+}
+
+/// [`resize_storage`], choosing how an enlarged BAT makes room: with `move_blocks` false it
+/// always moves to the end of the file, so no byte of a data block is rewritten anywhere
+/// (for an online resize, where a read mapped to the file before the resize may still be
+/// in flight).
+pub fn resize_storage_with<S: Storage + ?Sized>(
+    st: &S,
+    new_size: u64,
+    move_blocks: bool,
+) -> Result<ResizeReport, ResizeError> {
     let mut l = layout::load(st)?;
     if l.source == FooterSource::CopyAtStart {
         // As a writable open does: drop the unreferenced tail and restore the end footer.
@@ -188,7 +200,7 @@ pub fn resize_storage<S: Storage + ?Sized>(
     if size < old_size {
         check_shrink(st, &l, size)?;
     } else {
-        prepare_grow(st, &mut l, &mut end, size, &mut report)?;
+        prepare_grow(st, &mut l, &mut end, size, move_blocks, &mut report)?;
     }
     let fb = footer.to_bytes();
     st.write_at(&fb, end)?;
@@ -251,6 +263,7 @@ fn prepare_grow<S: Storage + ?Sized>(
     l: &mut Loaded,
     end: &mut u64,
     size: u64,
+    move_blocks: bool,
     report: &mut ResizeReport,
 ) -> Result<(), ResizeError> {
     let old_size = l.footer.current_size;
@@ -311,11 +324,13 @@ fn prepare_grow<S: Storage + ?Sized>(
                 (u64::from(loc.data_length).div_ceil(512) * 512).max(512),
             )
         });
+    // Entries that fit the BAT's last sector need no room at all.
+    let relocate = grow_to > grow_from && (locators_in_way || !move_blocks);
     let block_total = d.bitmap_size + bs;
     let mut header = d.header.clone();
     header.max_table_entries = entries;
-    if locators_in_way {
-        // The BAT moves past the last block: copy it there (the new entries unallocated),
+    if relocate {
+        // (Or blocks may not move.) The BAT moves past the last block: copy it there (the new entries unallocated),
         // sync, then switch the header to it.
         let at = *end;
         let mut bytes = vec![0xFFu8; new_len as usize];
