@@ -22,7 +22,8 @@
 //! ```
 //! Images may be URLs: `http(s)://` and `s3://` (read-only), `nbd://`, `nbd+unix://`, `nbds://`
 //! (`--nbd-tls-creds DIR`); `convert SRC nbd://...` writes into the export, `convert SRC
-//! s3://...` uploads. Differencing children may have URL parents (`create -b URL`).
+//! s3://...` uploads. Differencing children may have URL parents (`create -b URL`; an NBD
+//! parent that advertises no identity needs `--unverified-nbd-parents`).
 //! Errors go to stderr as one sentence, with a non-zero exit.
 #![allow(clippy::print_stdout)]
 
@@ -61,6 +62,10 @@ struct Cli {
     /// client: ca-cert.pem, optionally client-cert.pem and client-key.pem.
     #[arg(long = "nbd-tls-creds", value_name = "DIR", global = true)]
     nbd_tls_creds: Option<PathBuf>,
+    /// Accept NBD parents that advertise no identity (qemu-nbd, nbdkit, raw images), checked
+    /// by a content fingerprint (size and 16 sampled blocks) only.
+    #[arg(long = "unverified-nbd-parents", global = true)]
+    unverified_nbd_parents: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -342,6 +347,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     image::set_force_share(cli.force_share);
     remote::set_nbd_tls_creds(cli.nbd_tls_creds);
+    remote::set_unverified_nbd_parents(cli.unverified_nbd_parents);
     let result = match cli.cmd {
         Cmd::Info {
             output,
