@@ -248,6 +248,11 @@ pub struct LiveDisk {
     max_wait_ns: AtomicU64,
     busy: AtomicBool,
     retired: Mutex<Vec<Arc<dyn BlockDevice>>>,
+    /// Guest reads take their blocks shared in the range lock (a compaction moves data
+    /// in place; see [`LiveDisk::lock_reads`]).
+    reads_locked: AtomicBool,
+    /// Guest reads in flight that took no range lock.
+    unlocked_reads: AtomicU64,
 }
 
 impl std::fmt::Debug for LiveDisk {
@@ -285,6 +290,8 @@ impl LiveDisk {
             max_wait_ns: AtomicU64::new(0),
             busy: AtomicBool::new(false),
             retired: Mutex::new(Vec::new()),
+            reads_locked: AtomicBool::new(false),
+            unlocked_reads: AtomicU64::new(0),
         })
     }
 
@@ -467,6 +474,39 @@ impl LiveDisk {
         &self.lock
     }
 
+    /// Makes guest reads take their blocks shared in the range lock (`on`), so that a job
+    /// holding a block exclusively (a compaction moving it in the file) never overlaps one;
+    /// returns once no read that took no lock is still running. Mapped reads are refused
+    /// meanwhile (the caller falls back to `read_at`).
+    pub(crate) fn lock_reads(&self, on: bool) {
+        self.reads_locked.store(on, Ordering::SeqCst);
+        while on && self.unlocked_reads.load(Ordering::SeqCst) > 0 {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
+    /// What a guest read of `[offset, offset+len)` holds while it runs (see
+    /// [`lock_reads`](Self::lock_reads)): a shared range lock, or its place in the count of
+    /// unlocked reads.
+    fn read_lock(&self, offset: u64, len: u64) -> ReadLock<'_> {
+        if !self.reads_locked.load(Ordering::SeqCst) {
+            self.unlocked_reads.fetch_add(1, Ordering::SeqCst);
+            // Checked again after counting: `lock_reads` sets the flag, then waits for the
+            // count, so one of the two sees the other.
+            if !self.reads_locked.load(Ordering::SeqCst) {
+                return ReadLock::Counted(self);
+            }
+            self.unlocked_reads.fetch_sub(1, Ordering::SeqCst);
+        }
+        let t0 = Instant::now();
+        let g = self.lock.lock_shared(offset, len);
+        self.max_wait_ns.fetch_max(
+            u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            Ordering::AcqRel,
+        );
+        ReadLock::Held(g)
+    }
+
     /// A guest change of `[offset, offset+len)`.
     fn change(&self, offset: u64, len: u64, change: Change<'_>) -> block_io::Result<u64> {
         let _c = self.enter();
@@ -578,6 +618,22 @@ impl LiveDisk {
     }
 }
 
+/// A guest read's hold (see [`LiveDisk::read_lock`]).
+enum ReadLock<'a> {
+    /// Counted as a read without a lock.
+    Counted(&'a LiveDisk),
+    /// Holding its blocks shared (released on drop).
+    Held(#[allow(dead_code)] block_io::RangeGuard<'a>),
+}
+
+impl Drop for ReadLock<'_> {
+    fn drop(&mut self) {
+        if let ReadLock::Counted(d) = self {
+            d.unlocked_reads.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
 /// Copies the concatenation of `bufs` into a vector.
 fn gather(bufs: &[RawBuf]) -> block_io::Result<Vec<u8>> {
     let total = usize::try_from(block_io::raw_total(bufs)?).map_err(|_| {
@@ -603,6 +659,7 @@ impl BlockDevice for LiveDisk {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> block_io::Result<()> {
         let _c = self.enter();
+        let _r = self.read_lock(offset, buf.len() as u64);
         self.reading(|d| d.read_at(buf, offset))
     }
 
@@ -612,6 +669,7 @@ impl BlockDevice for LiveDisk {
 
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> block_io::Result<()> {
         let _c = self.enter();
+        let _r = self.read_lock(offset, bufs.iter().map(|b| b.len() as u64).sum());
         self.reading(|d| d.read_vectored_at(bufs, offset))
     }
 
@@ -622,6 +680,7 @@ impl BlockDevice for LiveDisk {
 
     unsafe fn read_raw_at(&self, bufs: &[RawBuf], offset: u64) -> block_io::Result<()> {
         let _c = self.enter();
+        let _r = self.read_lock(offset, block_io::raw_total(bufs)?);
         // SAFETY: forwarded caller contract (buffers valid for writes).
         self.reading(|d| unsafe { d.read_raw_at(bufs, offset) })
     }
@@ -651,6 +710,7 @@ impl BlockDevice for LiveDisk {
 
     fn read_data_at(&self, buf: &mut [u8], offset: u64) -> block_io::Result<()> {
         let _c = self.enter();
+        let _r = self.read_lock(offset, buf.len() as u64);
         self.reading(|d| d.read_data_at(buf, offset))
     }
 
@@ -664,8 +724,8 @@ impl BlockDevice for LiveDisk {
         write: bool,
         out: &mut Vec<Mapping>,
     ) -> block_io::Result<bool> {
-        if write {
-            block_io::check_request(&self.info(), offset, len, true)?;
+        if write || self.reads_locked.load(Ordering::SeqCst) {
+            block_io::check_request(&self.info(), offset, len, write)?;
             return Ok(false);
         }
         self.current().map(offset, len, false, out)
