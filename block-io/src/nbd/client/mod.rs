@@ -23,7 +23,11 @@
 //!   the context every run is data. [`NbdClientOptions::write_through`] adds FUA;
 //! - reconnect ([`RetryPolicy`]): a dropped, silent or misbehaving connection is replaced and
 //!   every request not fully answered is re-issued whole; after the policy's limit the
-//!   requests fail with [`ClientError::GaveUp`] naming the last cause.
+//!   requests fail with [`ClientError::GaveUp`] naming the last cause. The new connection
+//!   must show the same export: the same size and writability, and the same identity line
+//!   in its description if the first one advertised one ([`ExportInfo::identity`]), else
+//!   the requests fail with [`ClientError::ExportChanged`] (a server restarted with another
+//!   image behind the URL is never read).
 //!
 //! Caveat of any network disk: a write the server acknowledged but had not made durable
 //! (no FUA, no flush yet) is lost if the *server's host* crashes; a flush re-issued after a
