@@ -15,7 +15,9 @@
 //! of another format (VHDX for raw and VHD, VHD for VHDX) that the guest switches to at the
 //! pivot. For `merge`, the guests run on a temporary differencing child of IMG (a VHD or
 //! VHDX), which the commit job folds into IMG while they write; they end on IMG and the child
-//! is deleted. IMG's contents are overwritten by the guest writes.
+//! is deleted. For `compact`, the guests run on IMG (a VHD or VHDX, over its parents if it
+//! has any) while the compact job returns its unused space in place; there is no other side
+//! to compare. IMG's contents are overwritten by the guest writes.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -42,6 +44,8 @@ pub enum StressJob {
     Convert,
     /// Commit a temporary child of IMG into IMG (the guest ends on IMG).
     Merge,
+    /// Compact IMG in place (the guest stays on IMG).
+    Compact,
 }
 
 /// `vdisk stress` arguments.
@@ -319,7 +323,7 @@ fn destination(
     size: u64,
 ) -> Result<(Arc<dyn BlockDevice>, TempFile), CliError> {
     let format = match (job, source) {
-        (StressJob::Copy | StressJob::Merge, _) => Format::Raw,
+        (StressJob::Copy | StressJob::Merge | StressJob::Compact, _) => Format::Raw,
         (StressJob::Convert, Format::Vhdx) => Format::Vhd,
         (StressJob::Convert, _) => Format::Vhdx,
     };
@@ -390,9 +394,22 @@ pub fn run(a: StressArgs) -> crate::CliResult {
         .map(crate::size::parse_size)
         .transpose()?
         .unwrap_or(0);
+    let mut compacted = None;
     let (img, merged, merge_temp) = if a.job == StressJob::Merge {
         let (img, disk, temp) = merge_chain(&a.image, a.format.as_deref())?;
         (img, Some(disk), Some(temp))
+    } else if a.job == StressJob::Compact {
+        let opts = crate::image::chain_options(a.format.as_deref(), false)?;
+        let (disk, target) = vdisk::meta_ops::open_chain_for_compact(&a.image, &opts)
+            .map_err(|e| CliError::new(crate::cause_chain(&e)))?;
+        compacted = Some(target);
+        let format = disk.layers()[0].format;
+        let img = crate::image::Image {
+            dev: disk.clone(),
+            chain: Some(disk),
+            format,
+        };
+        (img, None, None)
     } else {
         (
             crate::image::open(&a.image, a.format.as_deref(), false)?,
@@ -411,7 +428,7 @@ pub fn run(a: StressArgs) -> crate::CliResult {
     }
     let chain = img.chain.as_ref().is_some_and(|c| c.layers().len() > 1);
     // A merge has no destination of its own (the job builds it from the chain).
-    let (dest, temp) = if a.job == StressJob::Merge {
+    let (dest, temp) = if matches!(a.job, StressJob::Merge | StressJob::Compact) {
         (img.dev.clone(), None)
     } else {
         let (d, t) = destination(&a.image, a.job, img.format, size)?;
@@ -445,6 +462,10 @@ pub fn run(a: StressArgs) -> crate::CliResult {
             Job::commit(disk.clone(), CommitOptions::new().retire(Retire::Delete))
         }
         (StressJob::Convert, _) => Ok(Job::convert(dest.clone())),
+        (StressJob::Compact, _) => compacted
+            .clone()
+            .map(Job::compact)
+            .ok_or_else(|| JobError::Invalid("no image to compact".into())),
         _ => Ok(Job::copy(dest.clone()).dest_zeroed(true)),
     };
     let options = JobOptions {
@@ -493,6 +514,8 @@ pub fn run(a: StressArgs) -> crate::CliResult {
                 StressJob::Copy => Some(Pivot::Detach),
                 // The old chain's base is the guest's disk now: nothing else to compare.
                 StressJob::Merge => None,
+                // In place: the guest's disk is the only side.
+                StressJob::Compact => None,
             },
         ),
         Err(e) if e.is_cancelled() => ("cancelled", None),

@@ -9,6 +9,7 @@
 //! vdisk map --output json IMG
 //! vdisk measure [-f FMT] -O FMT [-o OPTS] [--size SIZE] [--output json] [SRC]
 //! vdisk rebase -u -b NEWPARENT [-f FMT] IMG   relink a child to its moved parent (no copy)
+//! vdisk compact [-p] [--rate B/S] IMG   return unused space (online compact job)
 //! vdisk io [-r] IMG -c CMD ...       read/write [-P byte] OFF LEN, write -z, discard, flush
 //! vdisk token read|write|inspect ...  ODX-style offload tokens on local images
 //! vdisk stress IMG --job copy|convert --seconds N [--threads T] [--rate B/S]   online job + model
@@ -30,6 +31,7 @@
 mod bench;
 mod cmds;
 mod commit;
+mod compact;
 mod convert;
 mod demo;
 mod guard;
@@ -264,6 +266,8 @@ enum Cmd {
     },
     /// Fold an image into its backing file (or a deeper one, -b), as qemu-img commit.
     Commit(commit::CommitArgs),
+    /// Return a VHD's or VHDX's unused space: empty blocks freed, blocks moved down, file cut.
+    Compact(compact::CompactArgs),
     /// Measure I/O on an image as qemu-img bench does (same flags), through the I/O engine.
     Bench(bench::BenchArgs),
     /// Random guest I/O against a model while an online job runs on the image; one JSON line.
@@ -454,6 +458,7 @@ fn main() -> ExitCode {
         Cmd::Token(args) => token::run(args),
         Cmd::Stress(args) => jobs::run(args),
         Cmd::Commit(args) => commit::run(args),
+        Cmd::Compact(args) => compact::run(args),
         Cmd::Serve {
             socket,
             queues,
