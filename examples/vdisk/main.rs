@@ -9,6 +9,7 @@
 //! vdisk map --output json IMG
 //! vdisk measure [-f FMT] -O FMT [-o OPTS] [--size SIZE] [--output json] [SRC]
 //! vdisk rebase -u -b NEWPARENT [-f FMT] IMG   relink a child to its moved parent (no copy)
+//! vdisk resize [--shrink [--force]] [-f FMT] IMG [+|-]SIZE   change the virtual size
 //! vdisk compact [-p] [--rate B/S] IMG   return unused space (online compact job)
 //! vdisk io [-r] IMG -c CMD ...       read/write [-P byte] OFF LEN, write -z, discard, flush
 //! vdisk token read|write|inspect ...  ODX-style offload tokens on local images
@@ -43,6 +44,7 @@ mod measure;
 mod nbd_serve;
 mod rebase;
 mod remote;
+mod resize;
 mod serve;
 mod size;
 mod token;
@@ -266,6 +268,8 @@ enum Cmd {
     },
     /// Fold an image into its backing file (or a deeper one, -b), as qemu-img commit.
     Commit(commit::CommitArgs),
+    /// Change an image's virtual size ([+|-]SIZE), as qemu-img resize.
+    Resize(resize::ResizeArgs),
     /// Return a VHD's or VHDX's unused space: empty blocks freed, blocks moved down, file cut.
     Compact(compact::CompactArgs),
     /// Measure I/O on an image as qemu-img bench does (same flags), through the I/O engine.
@@ -458,6 +462,7 @@ fn main() -> ExitCode {
         Cmd::Token(args) => token::run(args),
         Cmd::Stress(args) => jobs::run(args),
         Cmd::Commit(args) => commit::run(args),
+        Cmd::Resize(args) => resize::run(args),
         Cmd::Compact(args) => compact::run(args),
         Cmd::Serve {
             socket,
