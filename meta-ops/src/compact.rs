@@ -415,6 +415,8 @@ pub(crate) fn start(
     };
     rt.spawn(async move {
         let r = run.run().await;
+        // Detached before the result is out: a caller that saw it may start another job.
+        guard.release();
         guard.shared.finish(r);
         drop(guard);
     });
@@ -428,11 +430,17 @@ struct Detach {
     live: Arc<LiveDisk>,
 }
 
-impl Drop for Detach {
-    fn drop(&mut self) {
+impl Detach {
+    fn release(&self) {
         self.live.lock_reads(false);
         self.live.detach(&self.shared.tracker);
+    }
+}
+
+impl Drop for Detach {
+    fn drop(&mut self) {
         if !self.shared.finished.load(Ordering::Acquire) {
+            self.release();
             self.shared.finish(Err(JobError::Aborted));
         }
     }
