@@ -13,6 +13,8 @@
 //! vdisk compact [-p] [--rate B/S] IMG   return unused space (online compact job)
 //! vdisk io [-r] IMG -c CMD ...       read/write [-P byte] OFF LEN, write -z, discard, flush
 //! vdisk token read|write|inspect ...  ODX-style offload tokens on local images
+//! vdisk provider serve --listen ADDR --root DIR   an offload provider daemon
+//! vdisk offload copy --from ADDR:PATH[@OFF+LEN] --to ADDR:PATH[@OFF] [--relay]   S -> D copy
 //! vdisk stress IMG --job copy|convert --seconds N [--threads T] [--rate B/S]   online job + model
 //! vdisk demo                         a guided tour in a temporary folder
 //! vdisk serve --socket PATH [--queues N] [--read-only] [--cache none|writeback]
@@ -42,6 +44,7 @@ mod io_cmd;
 mod jobs;
 mod measure;
 mod nbd_serve;
+mod provider;
 mod rebase;
 mod remote;
 mod resize;
@@ -278,6 +281,10 @@ enum Cmd {
     Stress(jobs::StressArgs),
     /// Offload tokens (ODX): mint, redeem, inspect.
     Token(token::TokenArgs),
+    /// An offload provider daemon serving the images under a folder.
+    Provider(provider::ProviderArgs),
+    /// Offload copies between two providers (the initiator).
+    Offload(provider::OffloadArgs),
     /// A guided tour of the family in a temporary folder.
     Demo {
         /// Keep the temporary folder and print its path.
@@ -460,6 +467,8 @@ fn main() -> ExitCode {
         Cmd::Demo { keep } => demo::run(keep),
         Cmd::Bench(args) => bench::run(args),
         Cmd::Token(args) => token::run(args),
+        Cmd::Provider(args) => provider::run_provider(args),
+        Cmd::Offload(args) => provider::run_offload(args),
         Cmd::Stress(args) => jobs::run(args),
         Cmd::Commit(args) => commit::run(args),
         Cmd::Resize(args) => resize::run(args),
