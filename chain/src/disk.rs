@@ -178,8 +178,12 @@ impl Disk {
             let child_path = child.path.clone();
             // A parent named by URL (see crate::remote); else, or when that is refused, a
             // local one.
-            let remote =
-                crate::remote::resolve_parent(&child_path, &link.candidates, opts.remote_parents);
+            let remote = crate::remote::resolve_parent(
+                &child_path,
+                child.format,
+                &link.candidates,
+                opts.remote_parents,
+            );
             let (parent_path, parent) = match remote {
                 Ok(Some(parent)) => (parent.path.clone(), parent),
                 remote => {
@@ -491,7 +495,10 @@ fn check_geometry(child: &Layer, parent: &Layer) -> Result<(), ChainError> {
             p.virtual_size, c.virtual_size
         )));
     }
-    if child.format == Format::Vhdx && parent.format != Format::Vhdx {
+    // An NBD export is a disk whatever image is served: its identity was checked instead
+    // (crate::remote).
+    let nbd = parent.path.to_str().is_some_and(crate::remote::is_nbd_url);
+    if child.format == Format::Vhdx && parent.format != Format::Vhdx && !nbd {
         return Err(bad(format!(
             "a VHDX child needs a VHDX parent, not {}",
             parent.format

@@ -33,6 +33,8 @@ mod detect;
 mod disk;
 mod error;
 mod layer;
+#[cfg(feature = "remote")]
+mod nbd_parent;
 mod policy;
 mod rebase;
 pub mod remote;

@@ -9,9 +9,10 @@
 //! - VHDX: the parent locator (MS-VHDX 2.2.4: a list of key-value entries of which only
 //!   `parent_linkage` is required; the spec names the keys of its locator type and does not
 //!   forbid others; libvhdi opens such a child, see `tests/remote_parent.rs`; Hyper-V was not
-//!   tried) keeps the URL under the extra key [`URL_KEY`] (`vdisk_url`), next to `parent_linkage` (the parent's
-//!   DataWriteGuid, checked as for a local parent) and a `relative_path` holding the URL's
-//!   last segment, so that Windows finds a downloaded copy placed next to the child.
+//!   tried) keeps the URL under the extra key [`URL_KEY`] (`vdisk_url`), next to
+//!   `parent_linkage` (the parent's DataWriteGuid, checked as for a local parent; for an NBD
+//!   parent, see below) and a `relative_path` holding the URL's last segment, so that
+//!   Windows finds a downloaded copy placed next to the child.
 //! - VHD: the URL is the parent's name (the header's Parent Unicode Name, which QEMU also
 //!   reads as the parent's path); no W2ku/W2ru locator is written, since Windows cannot read
 //!   a URL. The parent's unique id and timestamp are recorded and checked as for a local one.
@@ -19,17 +20,51 @@
 //! # When a remote parent is opened
 //!
 //! Only when [`OpenOptions::remote_parents`](crate::OpenOptions::remote_parents) is
-//! [`RemoteParents::Allow`]: a local image must not make a library user's process fetch URLs
-//! it names unless the user asked for that. With [`RemoteParents::Deny`] (the default) the
-//! URL is passed over and the child's local locators are tried; if none resolves, opening
-//! fails with [`ChainError::PolicyRefused`] naming the URL. An allowed remote VHD or VHDX
-//! parent is opened read-only through `block_io::remote::open_url` and gets the same
-//! lineage checks as a local one; if the object is replaced on the server later, its reads
-//! fail with `block_io::remote::RemoteError::Changed` (kind `Corrupt`).
+//! [`RemoteParents::Allow`] or [`RemoteParents::AllowUnverified`]: a local image must not
+//! make a library user's process fetch URLs it names unless the user asked for that. With
+//! [`RemoteParents::Deny`] (the default) the URL is passed over and the child's local
+//! locators are tried; if none resolves, opening fails with [`ChainError::PolicyRefused`]
+//! naming the URL. An allowed remote VHD or VHDX parent is opened read-only through
+//! `block_io::remote::open_url` and gets the same lineage checks as a local one; if the
+//! object is replaced on the server later, its reads fail with
+//! `block_io::remote::RemoteError::Changed` (kind `Corrupt`).
 //!
-//! NBD exports carry no identity a child could record, so they are accepted as the top of a
-//! chain (a raw disk) but never as a parent: a parent whose lineage cannot be checked could
-//! be any disk. Parent URLs with an NBD scheme are refused with [`ChainError::PolicyRefused`].
+//! # NBD exports as parents
+//!
+//! An NBD export is a disk, not an image file: the protocol carries no identity a child
+//! could record. Two ways give it one ([`open_nbd_parent`]); either way the export is
+//! opened read-only (the client refuses writes) and is a raw layer ([`Format::Raw`]) whose
+//! [`Layer::identity`] is what was checked:
+//!
+//! - **Advertised identity** (with [`RemoteParents::Allow`]): our own server, exporting a
+//!   VHD or VHDX read-only (`vdisk serve --nbd --read-only`), puts a line
+//!   `vdisk-identity: v1 size=N format=vhdx data-write-guid=G disk-id=D` (VHD: `format=vhd
+//!   unique-id=U timestamp=T`) into the export's `NBD_INFO_DESCRIPTION`, a text standard
+//!   clients only show to people ([`AdvertisedIdentity`]; `block_io::nbd::ExportInfo::identity`
+//!   finds the line). A child records it as it records a local parent of that format
+//!   (VHDX: `parent_linkage` = the DataWriteGuid; VHD: the parent unique id and timestamp),
+//!   and opening the chain checks the export's advertised identity and size against it: a
+//!   mismatch is [`ChainError::LineageMismatch`]. The NBD client compares the identity line
+//!   again on every reconnect: a server restarted with another image behind the URL makes
+//!   every later request fail with `block_io::nbd::ClientError::ExportChanged` (kind
+//!   `Corrupt`), never a read of the other image. Writable exports advertise nothing (their
+//!   content changes under a child), nor do raw images (they have no identity). The
+//!   identity is the server's claim: it guards against a wrong or replaced parent, not
+//!   against a server that lies.
+//! - **Content fingerprint** (only with [`RemoteParents::AllowUnverified`]): for exports that
+//!   advertise nothing (qemu-nbd, nbdkit, a raw image), the child records a [`fingerprint`]
+//!   of the export (size and SHA-256 of 16 samples of 64 KiB spread over the disk, the first
+//!   and last included) where it records a parent identity (VHDX: as `parent_linkage`; VHD:
+//!   as the parent unique id, timestamp 0). Opening the chain computes the fingerprint again
+//!   (a mismatch is [`ChainError::LineageMismatch`]), and after every reconnect of the
+//!   client the next request waits for it to be computed once more (a change fails that
+//!   request and every later one with [`FingerprintChanged`], kind `Corrupt`). A fingerprint
+//!   detects a different size and any change inside the sampled 1 MiB; it cannot detect a
+//!   change elsewhere (a file system that rewrote a few blocks in the middle of the disk
+//!   keeps its fingerprint). Hence the explicit opt-in.
+//!
+//! NBD parents connect with default client options (reconnecting, no TLS): an `nbds://`
+//! parent cannot be opened by [`crate::Disk::open`] yet.
 
 use std::path::{Path, PathBuf};
 
@@ -37,6 +72,12 @@ use crate::error::ChainError;
 use crate::layer::Layer;
 use crate::policy::Candidate;
 use crate::Format;
+
+#[cfg(feature = "remote")]
+pub use crate::nbd_parent::{
+    fingerprint, fingerprint_identity, fingerprint_samples, AdvertisedIdentity, BadIdentity,
+    FingerprintChanged, FINGERPRINT_SAMPLES, FINGERPRINT_SAMPLE_LEN,
+};
 
 /// The VHDX parent locator key holding a remote parent's URL.
 pub const URL_KEY: &str = "vdisk_url";
@@ -47,8 +88,12 @@ pub enum RemoteParents {
     /// Never fetch a parent from a URL (the library's default).
     #[default]
     Deny,
-    /// Open `http://`, `https://` and `s3://` parents read-only (the CLI's choice).
+    /// Open `http://`, `https://` and `s3://` parents, and NBD exports that advertise an
+    /// identity, read-only (the CLI's choice).
     Allow,
+    /// As [`Allow`](Self::Allow), and NBD exports that advertise no identity too, checked
+    /// only by their content [`fingerprint`] (see the module docs for what it cannot detect).
+    AllowUnverified,
 }
 
 /// Whether `s` is a URL this module opens: `http://`, `https://`, `s3://` (objects) or
@@ -110,12 +155,13 @@ fn join_relative(child_url: &str, rel: &str) -> Option<String> {
     Some(format!("{}{}", &base[..dir_end], rel))
 }
 
-/// Resolves the parent of `child` when a URL is involved: the child names its parent by URL,
-/// or the child itself is remote (its relative locators are then relative to its URL).
-/// Returns `Ok(None)` when no URL is involved (the caller resolves local paths), the parent
-/// layer when it was opened, or the refusal.
+/// Resolves the parent of `child` (a layer of `child_format`) when a URL is involved: the
+/// child names its parent by URL, or the child itself is remote (its relative locators are
+/// then relative to its URL). Returns `Ok(None)` when no URL is involved (the caller
+/// resolves local paths), the parent layer when it was opened, or the refusal.
 pub(crate) fn resolve_parent(
     child: &Path,
+    child_format: Format,
     candidates: &[Candidate],
     allow: RemoteParents,
 ) -> Result<Option<Layer>, ChainError> {
@@ -131,27 +177,123 @@ pub(crate) fn resolve_parent(
                 .filter_map(|c| join_relative(child_url, &c.path)),
         );
     }
-    let Some(first) = urls.first().cloned() else {
+    let Some(url) = urls.first().cloned() else {
         return Ok(None);
-    };
-    let refused = |url: &str, rule: &str| ChainError::PolicyRefused {
-        child: child.to_path_buf(),
-        path: PathBuf::from(url),
-        rule: rule.to_string(),
     };
     if allow == RemoteParents::Deny {
         return Err(refused(
-            &first,
+            child,
+            &url,
             "remote parents are not allowed (OpenOptions::remote_parents is Deny)",
         ));
     }
-    let Some(url) = urls.iter().find(|u| is_object_url(u)) else {
+    if is_nbd_url(&url) {
+        return open_nbd_parent(child, &url, child_format, allow).map(Some);
+    }
+    open_object_layer(&url, None).map(Some)
+}
+
+fn refused(child: &Path, url: &str, rule: &str) -> ChainError {
+    ChainError::PolicyRefused {
+        child: child.to_path_buf(),
+        path: PathBuf::from(url),
+        rule: rule.to_string(),
+    }
+}
+
+/// Opens the NBD export at `url` read-only as the parent of `child` (a layer of
+/// `child_format`, or one about to be made), with default client options. The layer's
+/// identity is the one the export advertises, or, when it advertises none and `allow` is
+/// [`RemoteParents::AllowUnverified`], its [`fingerprint`] in the form a child of
+/// `child_format` records ([`fingerprint_identity`]); see the module docs. A child records
+/// this layer's identity; the caller checks it against what a child recorded.
+pub fn open_nbd_parent(
+    child: &Path,
+    url: &str,
+    child_format: Format,
+    allow: RemoteParents,
+) -> Result<Layer, ChainError> {
+    #[cfg(feature = "remote")]
+    return open_nbd_parent_with(child, url, child_format, allow, Default::default());
+    #[cfg(not(feature = "remote"))]
+    {
+        let _ = (child, child_format, allow);
+        Err(not_built(url))
+    }
+}
+
+/// [`open_nbd_parent`] with client options (TLS, timeouts); `read_only` is forced.
+#[cfg(feature = "remote")]
+pub fn open_nbd_parent_with(
+    child: &Path,
+    url: &str,
+    child_format: Format,
+    allow: RemoteParents,
+    opts: block_io::nbd::NbdClientOptions,
+) -> Result<Layer, ChainError> {
+    use std::sync::Arc;
+
+    use block_io::{BlockDevice, Error, ErrorKind};
+
+    use crate::nbd_parent::{check_size, Fingerprinted};
+
+    if allow == RemoteParents::Deny {
         return Err(refused(
-            &first,
-            "an NBD export cannot be a parent: it has no identity to check the child's lineage against",
+            child,
+            url,
+            "remote parents are not allowed (OpenOptions::remote_parents is Deny)",
         ));
+    }
+    let path = PathBuf::from(url);
+    let open_err = |source| ChainError::Open {
+        path: path.clone(),
+        source,
     };
-    open_object_layer(url, None).map(Some)
+    let opts = block_io::nbd::NbdClientOptions {
+        read_only: true,
+        ..opts
+    };
+    let client =
+        block_io::nbd::NbdClient::open(url, opts).map_err(|e| open_err(e.into_error("NBD")))?;
+    let export = client.export_info();
+    if let Some(line) = export.identity() {
+        let adv = AdvertisedIdentity::parse(line).map_err(|e| {
+            open_err(Error::with_source(
+                ErrorKind::Corrupt,
+                "the export's advertised identity",
+                e,
+            ))
+        })?;
+        if let Some(why) = check_size(&adv, &client.info()) {
+            return Err(open_err(Error::new(ErrorKind::Corrupt, why)));
+        }
+        return Ok(Layer {
+            path,
+            format: Format::Raw,
+            dev: Arc::new(client),
+            identity: adv.identity,
+            parent: None,
+        });
+    }
+    if allow != RemoteParents::AllowUnverified {
+        return Err(refused(
+            child,
+            url,
+            "the NBD export advertises no identity (only `vdisk serve --nbd --read-only` of a \
+             VHD or VHDX does); a parent checked by content fingerprint alone needs \
+             RemoteParents::AllowUnverified",
+        ));
+    }
+    let dev =
+        Fingerprinted::new(url, client, block_io::nbd::NbdClient::reconnects).map_err(open_err)?;
+    let identity = fingerprint_identity(dev.fingerprint(), child_format);
+    Ok(Layer {
+        path,
+        format: Format::Raw,
+        dev: Arc::new(dev),
+        identity,
+        parent: None,
+    })
 }
 
 /// Opens the object at `url` (`http://`, `https://`, `s3://`) read-only as one layer (never
@@ -298,14 +440,15 @@ mod tests {
             source: URL_KEY.into(),
             path: "https://127.0.0.1:1/base.vhdx".into(),
         }];
-        let e = resolve_parent(Path::new("child.vhdx"), &c, RemoteParents::default());
+        let child = Path::new("child.vhdx");
+        let e = resolve_parent(child, Format::Vhdx, &c, RemoteParents::default());
         assert!(matches!(e, Err(ChainError::PolicyRefused { .. })));
         let local = vec![Candidate {
             source: "relative_path".into(),
             path: "base.vhdx".into(),
         }];
         assert!(matches!(
-            resolve_parent(Path::new("child.vhdx"), &local, RemoteParents::Allow),
+            resolve_parent(child, Format::Vhdx, &local, RemoteParents::Allow),
             Ok(None)
         ));
     }
@@ -330,12 +473,16 @@ mod tests {
     }
 
     #[test]
-    fn nbd_parents_are_refused() {
+    fn nbd_parents_are_opened_only_when_allowed() {
         let c = vec![Candidate {
             source: URL_KEY.into(),
             path: "nbd://127.0.0.1:1/x".into(),
         }];
-        let e = resolve_parent(Path::new("child.vhdx"), &c, RemoteParents::Allow);
+        let child = Path::new("child.vhdx");
+        let e = resolve_parent(child, Format::Vhdx, &c, RemoteParents::Deny);
         assert!(matches!(e, Err(ChainError::PolicyRefused { .. })));
+        // Allowed: tried (nothing listens on port 1).
+        let e = resolve_parent(child, Format::Vhdx, &c, RemoteParents::Allow);
+        assert!(matches!(e, Err(ChainError::Open { .. })), "{e:?}");
     }
 }

@@ -38,7 +38,7 @@ pub fn run(keep: bool) -> CliResult {
     let mut steps = Vec::new();
     let started = Instant::now();
     type StepFn = fn(&Path) -> Result<String, CliError>;
-    let plan: [(&'static str, StepFn); 8] = [
+    let plan: [(&'static str, StepFn); 9] = [
         ("create + write a raw disk", raw_roundtrip),
         ("convert, skipping holes", convert_sparse),
         ("VHDX: create, write, snapshot", vhdx_snapshot),
@@ -47,6 +47,7 @@ pub fn run(keep: bool) -> CliResult {
         ("crash consistency", crash_tour),
         ("throttled copy", throttled_copy),
         ("online convert, guest writing", online_convert),
+        ("offload copy between providers", crate::provider::demo_step),
     ];
     for (name, f) in plan {
         let t = Instant::now();

@@ -69,7 +69,7 @@ pub fn chain_options(format: Option<&str>, read_only: bool) -> Result<OpenOption
         .read_only(read_only)
         .format(format.map(parse_format).transpose()?)
         .lock(lock_mode())
-        .remote_parents(chain::RemoteParents::Allow);
+        .remote_parents(crate::remote::remote_parents());
     if let Some(roots) = std::env::var_os("VDISK_PARENT_ROOTS") {
         o.policy.roots = std::env::split_paths(&roots).collect();
     }
@@ -290,7 +290,7 @@ fn vhdx_parent(
     parent: &Path,
 ) -> Result<(vhdx_format::ParentRef, u64, u32), CliError> {
     if crate::remote::is_url(parent) {
-        return crate::remote::vhdx_parent(parent);
+        return crate::remote::vhdx_parent(child, parent);
     }
     let l = chain::open_layer_with(
         parent,
@@ -333,7 +333,7 @@ fn create_vhd_child(
     parent: &Path,
 ) -> Result<vhd_format::VhdFile<FileStorage>, CliError> {
     let mut o = if crate::remote::is_url(parent) {
-        crate::remote::vhd_child(parent)?
+        crate::remote::vhd_child(path, parent)?
     } else {
         local_vhd_child(path, parent)?
     };

@@ -139,7 +139,7 @@ fn walk_chain(path: &Path, format: Option<Format>) -> Result<Vec<Value>, CliErro
         let url = link
             .candidates
             .iter()
-            .find(|c| chain::remote::is_object_url(&c.path));
+            .find(|c| chain::remote::is_url(&c.path));
         let resolved = match url {
             Some(c) => Ok(PathBuf::from(&c.path)),
             None => opts.policy.resolve(&cur, &link.candidates),
@@ -157,7 +157,11 @@ fn walk_chain(path: &Path, format: Option<Format>) -> Result<Vec<Value>, CliErro
                 break;
             }
         };
-        let p = open_top(&parent, None)?;
+        let p = match parent.to_str().filter(|s| chain::remote::is_nbd_url(s)) {
+            // An NBD export has the identity it advertises, or its fingerprint.
+            Some(_) => crate::remote::nbd_parent_layer(&cur, &parent, layer.format)?,
+            None => open_top(&parent, None)?,
+        };
         let ok = link.expected.matches(&p.identity);
         merge(
             &mut l,
@@ -254,6 +258,9 @@ pub fn actual_size(path: &Path) -> u64 {
 fn open_top(path: &Path, format: Option<Format>) -> Result<chain::Layer, CliError> {
     if let Some(url) = path.to_str().filter(|s| chain::remote::is_object_url(s)) {
         return Ok(chain::remote::open_object_layer(url, format)?);
+    }
+    if crate::remote::is_url(path) {
+        return crate::remote::nbd_layer(path);
     }
     Ok(chain::open_layer_with(
         path,

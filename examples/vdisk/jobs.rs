@@ -1,4 +1,4 @@
-//! `vdisk stress IMG --job copy|convert|merge --seconds N [--threads T] [--rate BYTES/S]`: random
+//! `vdisk stress IMG --job copy|convert|merge|resize --seconds N [--threads T] [--rate BYTES/S]`: random
 //! guest I/O against an in-memory model while an online job runs, as a guest would see it.
 //!
 //! Guest threads do 4 KiB random writes, reads, discards, write-zeroes and flushes through a
@@ -15,7 +15,12 @@
 //! of another format (VHDX for raw and VHD, VHD for VHDX) that the guest switches to at the
 //! pivot. For `merge`, the guests run on a temporary differencing child of IMG (a VHD or
 //! VHDX), which the commit job folds into IMG while they write; they end on IMG and the child
-//! is deleted. IMG's contents are overwritten by the guest writes.
+//! is deleted. For `compact`, the guests run on IMG (a VHD or VHDX, over its parents if it
+//! has any) while the compact job returns its unused space in place; there is no other side
+//! to compare. For `resize`, IMG itself grows to twice its size under
+//! the guests (`meta_ops::resize_live`): they address the new size from the start, requests
+//! past the old end must be refused until the switch and served after it, and the new space
+//! reads as zeros. IMG's contents are overwritten by the guest writes.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -42,6 +47,10 @@ pub enum StressJob {
     Convert,
     /// Commit a temporary child of IMG into IMG (the guest ends on IMG).
     Merge,
+    /// Grow IMG to twice its size (online resize; the guests use the new space after it).
+    Resize,
+    /// Compact IMG in place (the guest stays on IMG).
+    Compact,
 }
 
 /// `vdisk stress` arguments.
@@ -166,16 +175,21 @@ fn guest(
     t: u64,
     threads: u64,
     blocks: u64,
+    old_blocks: u64,
     chain: bool,
 ) -> Vec<Cell> {
     let mine = blocks.saturating_sub(t).div_ceil(threads);
-    let mut cells = vec![
-        Cell {
-            cur: St::Orig,
+    // Blocks past the old end (a resize) read as zeros once they exist.
+    let mut cells: Vec<Cell> = (0..mine)
+        .map(|i| Cell {
+            cur: if t + i * threads >= old_blocks {
+                St::Zero
+            } else {
+                St::Orig
+            },
             at_pivot: None,
-        };
-        mine as usize
-    ];
+        })
+        .collect();
     let mut rng = Rng(0x5eed ^ t.wrapping_mul(0x1234_5678_9abc));
     let mut buf = vec![0u8; BLK as usize];
     let mut scratch = vec![0u8; BLK as usize];
@@ -190,9 +204,16 @@ fn guest(
         let cell = &mut cells[i as usize];
         let op = rng.below(100);
         shared.ops.fetch_add(1, Ordering::Relaxed);
+        // Past the old end before the resize: refused, and nothing changes.
+        let beyond = b >= old_blocks;
+        let refused = |e: &vdisk::block_io::Error| {
+            beyond && e.kind() == vdisk::block_io::ErrorKind::OutOfRange
+        };
         if op < 40 {
-            if live.read_at(&mut buf, off).is_err() {
-                fail(&shared);
+            if let Err(e) = live.read_at(&mut buf, off) {
+                if !refused(&e) {
+                    fail(&shared);
+                }
                 continue;
             }
             if !matches(cell.cur, b, &buf, &mut scratch) {
@@ -238,6 +259,11 @@ fn guest(
             (live.write_zeroes_gen(off, BLK, rng.below(2) == 0), St::Zero)
         };
         match r {
+            Ok(0) if beyond => {
+                shared.mismatches.fetch_add(1, Ordering::Relaxed);
+                eprintln!("vdisk stress: a change of block {b} past the old end was accepted");
+            }
+            Err(e) if refused(&e) => {}
             Ok(gen) => {
                 if gen >= 1 && cell.at_pivot.is_none() {
                     cell.at_pivot = Some(before);
@@ -319,7 +345,9 @@ fn destination(
     size: u64,
 ) -> Result<(Arc<dyn BlockDevice>, TempFile), CliError> {
     let format = match (job, source) {
-        (StressJob::Copy | StressJob::Merge, _) => Format::Raw,
+        (StressJob::Copy | StressJob::Resize | StressJob::Merge | StressJob::Compact, _) => {
+            Format::Raw
+        }
         (StressJob::Convert, Format::Vhdx) => Format::Vhd,
         (StressJob::Convert, _) => Format::Vhdx,
     };
@@ -390,9 +418,22 @@ pub fn run(a: StressArgs) -> crate::CliResult {
         .map(crate::size::parse_size)
         .transpose()?
         .unwrap_or(0);
+    let mut compacted = None;
     let (img, merged, merge_temp) = if a.job == StressJob::Merge {
         let (img, disk, temp) = merge_chain(&a.image, a.format.as_deref())?;
         (img, Some(disk), Some(temp))
+    } else if a.job == StressJob::Compact {
+        let opts = crate::image::chain_options(a.format.as_deref(), false)?;
+        let (disk, target) = vdisk::meta_ops::open_chain_for_compact(&a.image, &opts)
+            .map_err(|e| CliError::new(crate::cause_chain(&e)))?;
+        compacted = Some(target);
+        let format = disk.layers()[0].format;
+        let img = crate::image::Image {
+            dev: disk.clone(),
+            chain: Some(disk),
+            format,
+        };
+        (img, None, None)
     } else {
         (
             crate::image::open(&a.image, a.format.as_deref(), false)?,
@@ -405,13 +446,30 @@ pub fn run(a: StressArgs) -> crate::CliResult {
         return Err(CliError::new(format!("{} is read-only", a.image.display())));
     }
     let size = info.virtual_size;
-    let blocks = size / BLK;
-    if blocks == 0 {
+    let old_blocks = size / BLK;
+    if old_blocks == 0 {
         return Err(CliError::new("the image is smaller than 4 KiB"));
     }
+    // A resize doubles the disk: the guests address the new size from the start.
+    let resize_to = size.saturating_mul(2);
+    let blocks = if a.job == StressJob::Resize {
+        resize_to / BLK
+    } else {
+        old_blocks
+    };
+    let resized_disk = match (a.job, &img.chain) {
+        (StressJob::Resize, Some(d)) => Some(d.clone()),
+        (StressJob::Resize, None) => {
+            return Err(CliError::new("--job resize needs an image file"));
+        }
+        _ => None,
+    };
     let chain = img.chain.as_ref().is_some_and(|c| c.layers().len() > 1);
     // A merge has no destination of its own (the job builds it from the chain).
-    let (dest, temp) = if a.job == StressJob::Merge {
+    let (dest, temp) = if matches!(
+        a.job,
+        StressJob::Resize | StressJob::Merge | StressJob::Compact
+    ) {
         (img.dev.clone(), None)
     } else {
         let (d, t) = destination(&a.image, a.job, img.format, size)?;
@@ -427,7 +485,7 @@ pub fn run(a: StressArgs) -> crate::CliResult {
         .map(|t| {
             let (live, shared) = (live.clone(), shared.clone());
             let n = a.threads;
-            std::thread::spawn(move || guest(live, shared, t, n, blocks, chain))
+            std::thread::spawn(move || guest(live, shared, t, n, blocks, old_blocks, chain))
         })
         .collect();
 
@@ -445,6 +503,10 @@ pub fn run(a: StressArgs) -> crate::CliResult {
             Job::commit(disk.clone(), CommitOptions::new().retire(Retire::Delete))
         }
         (StressJob::Convert, _) => Ok(Job::convert(dest.clone())),
+        (StressJob::Compact, _) => compacted
+            .clone()
+            .map(Job::compact)
+            .ok_or_else(|| JobError::Invalid("no image to compact".into())),
         _ => Ok(Job::copy(dest.clone()).dest_zeroed(true)),
     };
     let options = JobOptions {
@@ -453,10 +515,24 @@ pub fn run(a: StressArgs) -> crate::CliResult {
     };
     let ops_at_start = shared.ops.load(Ordering::Relaxed);
     let started = Instant::now();
-    let handle = job.and_then(|job| runner.start(&live, job.options(options)));
+    let handle = match &resized_disk {
+        Some(_) => Err(JobError::Invalid("a resize is no engine job".into())),
+        None => job.and_then(|job| runner.start(&live, job.options(options))),
+    };
     let outcome: Result<JobReport, JobError>;
     let mut during = (0u64, Duration::ZERO);
+    let mut resize_result = None;
     match handle {
+        _ if resized_disk.is_some() => {
+            let disk = resized_disk.as_ref().map(Arc::clone);
+            let r = disk.map(|d| vdisk::meta_ops::resize_live(&live, &d, resize_to, false));
+            during = (
+                shared.ops.load(Ordering::Relaxed) - ops_at_start,
+                started.elapsed(),
+            );
+            outcome = Err(JobError::Cancelled);
+            resize_result = r;
+        }
         Err(e) => outcome = Err(e),
         Ok(h) => {
             let deadline = t0 + total;
@@ -485,23 +561,30 @@ pub fn run(a: StressArgs) -> crate::CliResult {
     }
     live.flush()?;
 
-    let (job_state, pivot) = match &outcome {
-        Ok(_) => (
+    let (job_state, pivot) = match (&outcome, &resize_result) {
+        (_, Some(Ok(_))) => ("completed", None),
+        (_, Some(Err(e))) => {
+            eprintln!("vdisk stress: the resize failed: {}", crate::cause_chain(e));
+            ("failed", None)
+        }
+        (Ok(_), None) => (
             "completed",
             match a.job {
                 StressJob::Convert => Some(Pivot::Switch),
                 StressJob::Copy => Some(Pivot::Detach),
                 // The old chain's base is the guest's disk now: nothing else to compare.
-                StressJob::Merge => None,
+                StressJob::Merge | StressJob::Resize => None,
+                // In place: the guest's disk is the only side.
+                StressJob::Compact => None,
             },
         ),
-        Err(e) if e.is_cancelled() => ("cancelled", None),
-        Err(_) => ("failed", None),
+        (Err(e), None) if e.is_cancelled() => ("cancelled", None),
+        (Err(_), None) => ("failed", None),
     };
     if let (true, Ok(r)) = (a.verbose, &outcome) {
         eprintln!("vdisk stress: {r:?}");
     }
-    if let Err(e) = &outcome {
+    if let (Err(e), None) = (&outcome, &resize_result) {
         if !e.is_cancelled() {
             eprintln!("vdisk stress: the job failed: {}", crate::cause_chain(e));
         }
@@ -515,10 +598,13 @@ pub fn run(a: StressArgs) -> crate::CliResult {
     let final_bad = verify(&*now, other.as_deref(), &models, a.threads, blocks)?;
     let mismatches = shared.mismatches.load(Ordering::Relaxed) + final_bad;
     let errors = shared.errors.load(Ordering::Relaxed);
-    let max_pause = outcome
-        .as_ref()
-        .map(|r| r.pivot_pause.max(r.max_guest_wait))
-        .unwrap_or(live.guest_stats().max_wait);
+    let max_pause = match &resize_result {
+        Some(Ok(r)) => r.pause,
+        _ => outcome
+            .as_ref()
+            .map(|r| r.pivot_pause.max(r.max_guest_wait))
+            .unwrap_or(live.guest_stats().max_wait),
+    };
     let line = serde_json::json!({
         "ios": shared.ops.load(Ordering::Relaxed),
         "mismatches": mismatches,
@@ -532,7 +618,16 @@ pub fn run(a: StressArgs) -> crate::CliResult {
         "copy_file_range_bytes": outcome.as_ref().map(|r| r.copy_file_range_bytes).unwrap_or(0),
     });
     println!("{line}");
-    drop((live, now, other, dest, source, merged));
+    drop((
+        live,
+        now,
+        other,
+        dest,
+        source,
+        merged,
+        resized_disk,
+        resize_result,
+    ));
     drop(temp);
     drop(merge_temp);
     Ok(u8::from(

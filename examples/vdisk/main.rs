@@ -9,8 +9,12 @@
 //! vdisk map --output json IMG
 //! vdisk measure [-f FMT] -O FMT [-o OPTS] [--size SIZE] [--output json] [SRC]
 //! vdisk rebase -u -b NEWPARENT [-f FMT] IMG   relink a child to its moved parent (no copy)
+//! vdisk resize [--shrink [--force]] [-f FMT] IMG [+|-]SIZE   change the virtual size
+//! vdisk compact [-p] [--rate B/S] IMG   return unused space (online compact job)
 //! vdisk io [-r] IMG -c CMD ...       read/write [-P byte] OFF LEN, write -z, discard, flush
 //! vdisk token read|write|inspect ...  ODX-style offload tokens on local images
+//! vdisk provider serve --listen ADDR --root DIR   an offload provider daemon
+//! vdisk offload copy --from ADDR:PATH[@OFF+LEN] --to ADDR:PATH[@OFF] [--relay]   S -> D copy
 //! vdisk stress IMG --job copy|convert --seconds N [--threads T] [--rate B/S]   online job + model
 //! vdisk demo                         a guided tour in a temporary folder
 //! vdisk serve --socket PATH [--queues N] [--read-only] [--cache none|writeback]
@@ -22,13 +26,15 @@
 //! ```
 //! Images may be URLs: `http(s)://` and `s3://` (read-only), `nbd://`, `nbd+unix://`, `nbds://`
 //! (`--nbd-tls-creds DIR`); `convert SRC nbd://...` writes into the export, `convert SRC
-//! s3://...` uploads. Differencing children may have URL parents (`create -b URL`).
+//! s3://...` uploads. Differencing children may have URL parents (`create -b URL`; an NBD
+//! parent that advertises no identity needs `--unverified-nbd-parents`).
 //! Errors go to stderr as one sentence, with a non-zero exit.
 #![allow(clippy::print_stdout)]
 
 mod bench;
 mod cmds;
 mod commit;
+mod compact;
 mod convert;
 mod demo;
 mod guard;
@@ -38,8 +44,10 @@ mod io_cmd;
 mod jobs;
 mod measure;
 mod nbd_serve;
+mod provider;
 mod rebase;
 mod remote;
+mod resize;
 mod serve;
 mod size;
 mod token;
@@ -61,6 +69,10 @@ struct Cli {
     /// client: ca-cert.pem, optionally client-cert.pem and client-key.pem.
     #[arg(long = "nbd-tls-creds", value_name = "DIR", global = true)]
     nbd_tls_creds: Option<PathBuf>,
+    /// Accept NBD parents that advertise no identity (qemu-nbd, nbdkit, raw images), checked
+    /// by a content fingerprint (size and 16 sampled blocks) only.
+    #[arg(long = "unverified-nbd-parents", global = true)]
+    unverified_nbd_parents: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -259,12 +271,20 @@ enum Cmd {
     },
     /// Fold an image into its backing file (or a deeper one, -b), as qemu-img commit.
     Commit(commit::CommitArgs),
+    /// Change an image's virtual size ([+|-]SIZE), as qemu-img resize.
+    Resize(resize::ResizeArgs),
+    /// Return a VHD's or VHDX's unused space: empty blocks freed, blocks moved down, file cut.
+    Compact(compact::CompactArgs),
     /// Measure I/O on an image as qemu-img bench does (same flags), through the I/O engine.
     Bench(bench::BenchArgs),
     /// Random guest I/O against a model while an online job runs on the image; one JSON line.
     Stress(jobs::StressArgs),
     /// Offload tokens (ODX): mint, redeem, inspect.
     Token(token::TokenArgs),
+    /// An offload provider daemon serving the images under a folder.
+    Provider(provider::ProviderArgs),
+    /// Offload copies between two providers (the initiator).
+    Offload(provider::OffloadArgs),
     /// A guided tour of the family in a temporary folder.
     Demo {
         /// Keep the temporary folder and print its path.
@@ -342,6 +362,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     image::set_force_share(cli.force_share);
     remote::set_nbd_tls_creds(cli.nbd_tls_creds);
+    remote::set_unverified_nbd_parents(cli.unverified_nbd_parents);
     let result = match cli.cmd {
         Cmd::Info {
             output,
@@ -446,8 +467,12 @@ fn main() -> ExitCode {
         Cmd::Demo { keep } => demo::run(keep),
         Cmd::Bench(args) => bench::run(args),
         Cmd::Token(args) => token::run(args),
+        Cmd::Provider(args) => provider::run_provider(args),
+        Cmd::Offload(args) => provider::run_offload(args),
         Cmd::Stress(args) => jobs::run(args),
         Cmd::Commit(args) => commit::run(args),
+        Cmd::Resize(args) => resize::run(args),
+        Cmd::Compact(args) => compact::run(args),
         Cmd::Serve {
             socket,
             queues,

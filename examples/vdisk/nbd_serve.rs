@@ -82,9 +82,19 @@ pub fn run(image: &Path, listen: NbdListen, export: &str, read_only: bool, tls: 
     let img = crate::image::open(image, None, read_only)?;
     let dev = img.dev.clone();
     let info = dev.info();
+    // A read-only VHD/VHDX advertises its identity, so that it can be a parent of local
+    // differencing children (chain::remote).
+    let mut description = format!("{} ({})", image.display(), img.format.name());
+    if let Some(id) = img
+        .chain
+        .as_deref()
+        .and_then(vdisk::chain::remote::AdvertisedIdentity::of)
+    {
+        description = format!("{description}\n{}", id.to_line());
+    }
     let exports = vec![Export::new(export, dev.clone())
         .read_only(read_only)
-        .description(format!("{} ({})", image.display(), img.format.name()))];
+        .description(description)];
     let (server, where_) = match &listen {
         NbdListen::Tcp(addr) => {
             let addr = with_port(addr);

@@ -11,6 +11,11 @@
 //!
 //! Local children of remote parents are made by `create -b URL` (see [`vhdx_parent`] and
 //! [`vhd_child`]) and opened with remote parents allowed (`chain::RemoteParents::Allow`).
+//! An NBD parent must advertise its identity (`vdisk serve --nbd --read-only` of a VHD or
+//! VHDX does); one that advertises none (qemu-nbd, nbdkit, a raw image) is accepted, checked
+//! by content fingerprint only, with `--unverified-nbd-parents`
+//! (`chain::RemoteParents::AllowUnverified`; see `chain::remote` for what a fingerprint
+//! cannot detect).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -26,6 +31,47 @@ use crate::{cause_chain, CliError};
 
 /// `--nbd-tls-creds DIR`, set once by `main`.
 static NBD_TLS_CREDS: OnceLock<PathBuf> = OnceLock::new();
+
+/// `--unverified-nbd-parents`, set once by `main`.
+static UNVERIFIED_NBD_PARENTS: OnceLock<bool> = OnceLock::new();
+
+/// Allows NBD parents that advertise no identity (checked by content fingerprint only).
+pub fn set_unverified_nbd_parents(yes: bool) {
+    let _ = UNVERIFIED_NBD_PARENTS.set(yes);
+}
+
+/// Which remote parents chains open: all that can be checked, and with
+/// `--unverified-nbd-parents` also NBD exports checked by fingerprint only.
+pub fn remote_parents() -> chain::RemoteParents {
+    if UNVERIFIED_NBD_PARENTS.get() == Some(&true) {
+        chain::RemoteParents::AllowUnverified
+    } else {
+        chain::RemoteParents::Allow
+    }
+}
+
+/// The NBD export at `url` as the parent of `child` (a `child_format` image being made or
+/// looked at), read-only, with the identity a child records (see `chain::remote`).
+pub fn nbd_parent_layer(
+    child: &Path,
+    url: &Path,
+    child_format: Format,
+) -> Result<chain::Layer, CliError> {
+    let s = url_str(url)?;
+    Ok(remote::open_nbd_parent_with(
+        child,
+        s,
+        child_format,
+        remote_parents(),
+        nbd_options(s, true)?,
+    )?)
+}
+
+/// The NBD export at `url` as a raw layer, read-only (`info` of an NBD layer).
+pub fn nbd_layer(url: &Path) -> Result<chain::Layer, CliError> {
+    let s = url_str(url)?;
+    Ok(remote::open_nbd_layer(s, nbd_options(s, true)?)?)
+}
 
 /// Sets the TLS credentials folder NBD URLs connect with.
 pub fn set_nbd_tls_creds(dir: Option<PathBuf>) {
@@ -152,18 +198,22 @@ fn open_failed(url: &str, e: &vdisk::block_io::Error) -> CliError {
     CliError::new(format!("cannot open {url}: {}", e.chain_string()))
 }
 
-/// The parent of a VHDX child to be made with `create -b URL`: the parent's DataWriteGuid,
-/// size and sector size; the child records the URL afterwards ([`record_vhdx_url`]).
-pub fn vhdx_parent(url: &Path) -> Result<(vhdx_format::ParentRef, u64, u32), CliError> {
+/// The parent of a VHDX child (at `child`) to be made with `create -b URL`: the parent's
+/// DataWriteGuid (an NBD export's advertised one, or its fingerprint), size and sector size;
+/// the child records the URL afterwards ([`record_vhdx_url`]).
+pub fn vhdx_parent(
+    child: &Path,
+    url: &Path,
+) -> Result<(vhdx_format::ParentRef, u64, u32), CliError> {
     let s = url_str(url)?;
-    let l = remote_parent_layer(s)?;
+    let l = remote_parent_layer(child, s, Format::Vhdx)?;
     let Identity::Vhdx {
         data_write_guid, ..
     } = l.identity
     else {
         return Err(CliError::new(format!(
             "a VHDX child needs a VHDX parent; {s} is {}",
-            l.format
+            parent_kind(&l)
         )));
     };
     let info = l.dev.info();
@@ -177,6 +227,16 @@ pub fn vhdx_parent(url: &Path) -> Result<(vhdx_format::ParentRef, u64, u32), Cli
         info.virtual_size,
         info.logical_sector_size,
     ))
+}
+
+/// What a parent layer is, for messages: its format, or for an NBD export the format its
+/// identity names.
+fn parent_kind(l: &chain::Layer) -> &'static str {
+    match l.identity {
+        Identity::Vhdx { .. } => "a VHDX",
+        Identity::Vhd { .. } => "a VHD",
+        Identity::Raw => "raw",
+    }
 }
 
 /// Adds the `vdisk_url` entry (`chain::remote::URL_KEY`) to a new VHDX child's locator.
@@ -199,14 +259,35 @@ pub fn record_vhdx_url(
     Ok(())
 }
 
-/// Options of a VHD child of the VHD at `url`: the URL is the parent's name, no Windows
-/// path locators (see `chain::remote`).
-pub fn vhd_child(url: &Path) -> Result<vhd_format::DifferencingOptions, CliError> {
+/// Options of a VHD child (at `child`) of the VHD at `url`: the URL is the parent's name,
+/// no Windows path locators (see `chain::remote`). An NBD parent's unique id and timestamp
+/// are its advertised ones, or its fingerprint and 0.
+pub fn vhd_child(child: &Path, url: &Path) -> Result<vhd_format::DifferencingOptions, CliError> {
     let s = url_str(url)?;
-    if !remote::is_object_url(s) {
-        return Err(CliError::new(format!(
-            "{s}: only http(s):// and s3:// images can be parents (an NBD export has no identity to check)"
-        )));
+    if remote::is_nbd_url(s) {
+        let l = remote_parent_layer(child, s, Format::Vhd)?;
+        let Identity::Vhd {
+            unique_id,
+            timestamp,
+        } = l.identity
+        else {
+            return Err(CliError::new(format!(
+                "a VHD child needs a VHD parent; {s} is {}",
+                parent_kind(&l)
+            )));
+        };
+        return Ok(vhd_format::DifferencingOptions {
+            size: l.dev.info().virtual_size,
+            block_size: 2 << 20,
+            parent_unique_id: unique_id,
+            parent_timestamp: timestamp,
+            parent_name: s.to_string(),
+            absolute_path: None,
+            relative_path: None,
+            unique_id: None,
+            timestamp: None,
+            creator: vhd_format::Creator::default(),
+        });
     }
     let (storage, _) = vdisk::block_io::remote::open_url(s).map_err(|e| open_failed(s, &e))?;
     if chain::detect(&storage)? != Format::Vhd {
@@ -223,11 +304,15 @@ pub fn vhd_child(url: &Path) -> Result<vhd_format::DifferencingOptions, CliError
     ))
 }
 
-fn remote_parent_layer(s: &str) -> Result<chain::Layer, CliError> {
-    if !remote::is_object_url(s) {
-        return Err(CliError::new(format!(
-            "{s}: only http(s):// and s3:// images can be parents (an NBD export has no identity to check)"
-        )));
+/// The parent layer at `s`: an object, or an NBD export opened as a parent of a
+/// `child_format` child.
+fn remote_parent_layer(
+    child: &Path,
+    s: &str,
+    child_format: Format,
+) -> Result<chain::Layer, CliError> {
+    if remote::is_nbd_url(s) {
+        return nbd_parent_layer(child, Path::new(s), child_format);
     }
     Ok(remote::open_object_layer(s, None)?)
 }

@@ -28,6 +28,8 @@ pub enum JobKind {
     /// Layers of a chain folded into an ancestor, the guest then moved onto it
     /// ([`Job::commit`]).
     Commit,
+    /// Unused space of an image returned, the file truncated ([`Job::compact`]).
+    Compact,
 }
 
 impl JobKind {
@@ -37,6 +39,7 @@ impl JobKind {
             JobKind::Copy => "copy",
             JobKind::Convert => "convert",
             JobKind::Commit => "commit",
+            JobKind::Compact => "compact",
         }
     }
 }
@@ -115,6 +118,8 @@ pub struct Job {
     /// Commit: run with guest writes paused, after the destination is flushed and before
     /// the guest moves (repointing the layer above the merged ones).
     pub(crate) before_switch: Option<crate::commit::Hook>,
+    /// Compact: the image compacted in place (the job has no destination of its own).
+    pub(crate) compact: Option<Arc<crate::compact::CompactTarget>>,
 }
 
 impl std::fmt::Debug for Job {
@@ -150,6 +155,7 @@ impl Job {
             static_source: false,
             switch_to: None,
             before_switch: None,
+            compact: None,
         }
     }
 
@@ -171,6 +177,7 @@ impl Job {
             static_source: false,
             switch_to: None,
             before_switch: None,
+            compact: None,
         }
     }
 
@@ -219,6 +226,7 @@ impl Job {
             static_source: false,
             switch_to: None,
             before_switch: None,
+            compact: None,
         }
     }
 
@@ -337,6 +345,9 @@ impl JobRunner {
     /// tracked) and spawns its driver. Fails with [`JobError::Busy`] if a job already runs
     /// there.
     pub fn start(&self, live: &Arc<LiveDisk>, job: Job) -> Result<JobHandle, JobError> {
+        if let Some(target) = job.compact.clone() {
+            return crate::compact::start(&self.handle, live, target, job.options.clone());
+        }
         let current = live.current();
         if let Some(g) = &job.guest {
             if !std::ptr::addr_eq(Arc::as_ptr(g), Arc::as_ptr(&current)) {

@@ -4,8 +4,10 @@
 //! run while the guest keeps reading and writing the same disk. This release has the job
 //! engine and two jobs, **copy** (a disk or a byte range of it to another [`BlockDevice`]) and
 //! **convert** (the whole disk — a differencing chain flattened when the source is the chain's
-//! top `chain::Disk` — into a new image of another format that the caller created). Merge,
-//! compact, resize, stream and mirror are to come on the same engine.
+//! top `chain::Disk` — into a new image of another format that the caller created), with
+//! **commit** (merge layers of a chain into an ancestor) and **compact** (return an image's
+//! unused space in place while the guest uses it, [`Job::compact`]). Resize, stream and
+//! mirror are to come on the same engine.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -74,15 +76,19 @@
 
 mod bitmap;
 mod commit;
+mod compact;
 mod copy;
 mod driver;
 mod error;
 mod handle;
 mod job;
 mod live;
+mod resize;
 
 pub use commit::{prepare_top, set_vhdx_linkage, unlink_stale, CommitOptions, Retire};
+pub use compact::{open_chain_for_compact, CompactStats, CompactTarget};
 pub use error::{JobError, JobResult};
 pub use handle::{JobHandle, JobReport, Phase, Progress};
 pub use job::{Job, JobKind, JobOptions, JobRunner, Pivot};
 pub use live::{GuestStats, LiveDisk};
+pub use resize::{resize_image, resize_live, ResizeError, Resized};

@@ -9,9 +9,12 @@
 //!   them (again) — or, once the job converges (write-through), writes the same bytes to the
 //!   destination too when those blocks are already in sync.
 //!
-//! Reads take no lock: the job never changes the source, and after a pivot that switches the
-//! guest to the destination they go there. Devices the guest was switched away from are kept
-//! open as long as the `LiveDisk`, so that extents mapped from them stay valid.
+//! Reads take no lock of the job's: the job never changes the source, and after a pivot that
+//! switches the guest to the destination they go there. They hold the device's read lock for
+//! their duration, which only a device swap takes exclusively (a pivot, briefly; a resize,
+//! [`LiveDisk::exclusive`], which must know no read runs on the device it changes). Devices
+//! the guest was switched away from are kept open as long as the `LiveDisk`, so that extents
+//! mapped from them stay valid.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -245,6 +248,11 @@ pub struct LiveDisk {
     max_wait_ns: AtomicU64,
     busy: AtomicBool,
     retired: Mutex<Vec<Arc<dyn BlockDevice>>>,
+    /// Guest reads take their blocks shared in the range lock (a compaction moves data
+    /// in place; see [`LiveDisk::lock_reads`]).
+    reads_locked: AtomicBool,
+    /// Guest reads in flight that took no range lock.
+    unlocked_reads: AtomicU64,
 }
 
 impl std::fmt::Debug for LiveDisk {
@@ -282,12 +290,54 @@ impl LiveDisk {
             max_wait_ns: AtomicU64::new(0),
             busy: AtomicBool::new(false),
             retired: Mutex::new(Vec::new()),
+            reads_locked: AtomicBool::new(false),
+            unlocked_reads: AtomicU64::new(0),
         })
     }
 
     /// The device guest I/O goes to now (the destination after a switching pivot).
     pub fn current(&self) -> Arc<dyn BlockDevice> {
         self.side.read().clone()
+    }
+
+    /// Runs `f` on the current device with the device's read lock held (guest reads: see
+    /// the module docs).
+    fn reading<T>(&self, f: impl FnOnce(&dyn BlockDevice) -> T) -> T {
+        let side = self.side.read();
+        f(&**side)
+    }
+
+    /// Runs `f` with every guest request paused: new changes wait at the gate and new reads
+    /// at the device lock, those in flight finish first. `f` gets the current device and may
+    /// return a new one, which guest I/O goes to from the next request on (the old one is
+    /// kept open, as after a pivot, and the generation advances). For jobs that change the
+    /// disk itself (a resize). Fails with [`JobError::Busy`] while a job is attached. Returns
+    /// how long guest I/O was paused, and what `f` returned.
+    pub(crate) fn exclusive<T, E>(
+        &self,
+        f: impl FnOnce(&Arc<dyn BlockDevice>) -> (Option<Arc<dyn BlockDevice>>, Result<T, E>),
+    ) -> Result<(Duration, Result<T, E>), JobError> {
+        if self
+            .busy
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err(JobError::Busy);
+        }
+        let t0 = Instant::now();
+        let mut gate = self.gate.write();
+        let mut side = self.side.write();
+        let (next, r) = f(&gate.side);
+        if let Some(next) = next {
+            let old = std::mem::replace(&mut gate.side, next.clone());
+            *side = next;
+            self.retired.lock().push(old);
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        drop(side);
+        drop(gate);
+        self.busy.store(false, Ordering::Release);
+        Ok((t0.elapsed(), r))
     }
 
     /// How many pivots this disk has been through: a guest change made while the value is
@@ -355,6 +405,106 @@ impl LiveDisk {
     /// The range lock chunk copies take exclusively.
     pub(crate) fn range_lock(&self) -> &RangeLock {
         &self.lock
+    }
+
+    /// How many pivots this disk has been through: a guest change made while the value is
+    /// `g` is in every image a pivot `g + 1` completes.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Whether a job is attached.
+    pub fn job_running(&self) -> bool {
+        self.busy.load(Ordering::Acquire)
+    }
+
+    /// Counters of the guest I/O served so far.
+    pub fn guest_stats(&self) -> GuestStats {
+        let arrived = self.arrived.load(Ordering::Acquire);
+        let completed = self.completed.load(Ordering::Acquire);
+        GuestStats {
+            requests: arrived,
+            in_flight: arrived.saturating_sub(completed),
+            max_wait: Duration::from_nanos(self.max_wait_ns.load(Ordering::Acquire)),
+            generation: self.generation(),
+        }
+    }
+
+    /// Starts measuring [`GuestStats::max_wait`] afresh.
+    pub fn reset_max_wait(&self) {
+        self.max_wait_ns.store(0, Ordering::Release);
+    }
+
+    /// [`BlockDevice::write_at`] that also returns the [`generation`](Self::generation) the
+    /// write landed in: it is in the image of every pivot numbered above it, and in none
+    /// numbered up to it. For callers that must know which side of a pivot holds a write
+    /// (journals, model-checking tests).
+    pub fn write_at_gen(&self, buf: &[u8], offset: u64) -> block_io::Result<u64> {
+        self.change(offset, buf.len() as u64, Change::Write(buf))
+    }
+
+    /// [`BlockDevice::write_zeroes`] returning the generation, as [`write_at_gen`](Self::write_at_gen).
+    pub fn write_zeroes_gen(&self, offset: u64, len: u64, unmap: bool) -> block_io::Result<u64> {
+        self.change(offset, len, Change::Zeroes(unmap))
+    }
+
+    /// [`BlockDevice::discard`] returning the generation, as [`write_at_gen`](Self::write_at_gen).
+    pub fn discard_gen(&self, offset: u64, len: u64) -> block_io::Result<u64> {
+        self.change(offset, len, Change::Discard)
+    }
+
+    fn enter(&self) -> InFlight<'_> {
+        self.arrived.fetch_add(1, Ordering::AcqRel);
+        InFlight(self)
+    }
+
+    /// Requests started so far (the job's priority rule waits for those started before it
+    /// looked to complete).
+    pub(crate) fn arrived(&self) -> u64 {
+        self.arrived.load(Ordering::Acquire)
+    }
+
+    /// Requests completed so far.
+    pub(crate) fn completed(&self) -> u64 {
+        self.completed.load(Ordering::Acquire)
+    }
+
+    /// The range lock chunk copies take exclusively.
+    pub(crate) fn range_lock(&self) -> &RangeLock {
+        &self.lock
+    }
+
+    /// Makes guest reads take their blocks shared in the range lock (`on`), so that a job
+    /// holding a block exclusively (a compaction moving it in the file) never overlaps one;
+    /// returns once no read that took no lock is still running. Mapped reads are refused
+    /// meanwhile (the caller falls back to `read_at`).
+    pub(crate) fn lock_reads(&self, on: bool) {
+        self.reads_locked.store(on, Ordering::SeqCst);
+        while on && self.unlocked_reads.load(Ordering::SeqCst) > 0 {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
+    /// What a guest read of `[offset, offset+len)` holds while it runs (see
+    /// [`lock_reads`](Self::lock_reads)): a shared range lock, or its place in the count of
+    /// unlocked reads.
+    fn read_lock(&self, offset: u64, len: u64) -> ReadLock<'_> {
+        if !self.reads_locked.load(Ordering::SeqCst) {
+            self.unlocked_reads.fetch_add(1, Ordering::SeqCst);
+            // Checked again after counting: `lock_reads` sets the flag, then waits for the
+            // count, so one of the two sees the other.
+            if !self.reads_locked.load(Ordering::SeqCst) {
+                return ReadLock::Counted(self);
+            }
+            self.unlocked_reads.fetch_sub(1, Ordering::SeqCst);
+        }
+        let t0 = Instant::now();
+        let g = self.lock.lock_shared(offset, len);
+        self.max_wait_ns.fetch_max(
+            u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            Ordering::AcqRel,
+        );
+        ReadLock::Held(g)
     }
 
     /// A guest change of `[offset, offset+len)`.
@@ -468,6 +618,22 @@ impl LiveDisk {
     }
 }
 
+/// A guest read's hold (see [`LiveDisk::read_lock`]).
+enum ReadLock<'a> {
+    /// Counted as a read without a lock.
+    Counted(&'a LiveDisk),
+    /// Holding its blocks shared (released on drop).
+    Held(#[allow(dead_code)] block_io::RangeGuard<'a>),
+}
+
+impl Drop for ReadLock<'_> {
+    fn drop(&mut self) {
+        if let ReadLock::Counted(d) = self {
+            d.unlocked_reads.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
 /// Copies the concatenation of `bufs` into a vector.
 fn gather(bufs: &[RawBuf]) -> block_io::Result<Vec<u8>> {
     let total = usize::try_from(block_io::raw_total(bufs)?).map_err(|_| {
@@ -493,7 +659,8 @@ impl BlockDevice for LiveDisk {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> block_io::Result<()> {
         let _c = self.enter();
-        self.current().read_at(buf, offset)
+        let _r = self.read_lock(offset, buf.len() as u64);
+        self.reading(|d| d.read_at(buf, offset))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> block_io::Result<()> {
@@ -502,7 +669,8 @@ impl BlockDevice for LiveDisk {
 
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> block_io::Result<()> {
         let _c = self.enter();
-        self.current().read_vectored_at(bufs, offset)
+        let _r = self.read_lock(offset, bufs.iter().map(|b| b.len() as u64).sum());
+        self.reading(|d| d.read_vectored_at(bufs, offset))
     }
 
     fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> block_io::Result<()> {
@@ -512,8 +680,9 @@ impl BlockDevice for LiveDisk {
 
     unsafe fn read_raw_at(&self, bufs: &[RawBuf], offset: u64) -> block_io::Result<()> {
         let _c = self.enter();
+        let _r = self.read_lock(offset, block_io::raw_total(bufs)?);
         // SAFETY: forwarded caller contract (buffers valid for writes).
-        unsafe { self.current().read_raw_at(bufs, offset) }
+        self.reading(|d| unsafe { d.read_raw_at(bufs, offset) })
     }
 
     unsafe fn write_raw_at(&self, bufs: &[RawBuf], offset: u64) -> block_io::Result<()> {
@@ -531,7 +700,8 @@ impl BlockDevice for LiveDisk {
 
     fn flush(&self) -> block_io::Result<()> {
         let _c = self.enter();
-        self.current().flush()
+        // Under the device lock: a resize must know no flush runs on the device it changes.
+        self.reading(|d| d.flush())
     }
 
     fn block_status(&self, offset: u64, len: u64) -> block_io::Result<StatusRun> {
@@ -540,7 +710,8 @@ impl BlockDevice for LiveDisk {
 
     fn read_data_at(&self, buf: &mut [u8], offset: u64) -> block_io::Result<()> {
         let _c = self.enter();
-        self.current().read_data_at(buf, offset)
+        let _r = self.read_lock(offset, buf.len() as u64);
+        self.reading(|d| d.read_data_at(buf, offset))
     }
 
     /// Reads map through to the current device (devices switched away from stay open as
@@ -553,8 +724,8 @@ impl BlockDevice for LiveDisk {
         write: bool,
         out: &mut Vec<Mapping>,
     ) -> block_io::Result<bool> {
-        if write {
-            block_io::check_request(&self.info(), offset, len, true)?;
+        if write || self.reads_locked.load(Ordering::SeqCst) {
+            block_io::check_request(&self.info(), offset, len, write)?;
             return Ok(false);
         }
         self.current().map(offset, len, false, out)

@@ -2,8 +2,10 @@
 //!
 //! ODX-style offload tokens over any [`block_io::BlockDevice`]: minting on offload read,
 //! redeeming on offload write, and the registry that keeps tokens honest. The semantics are
-//! those of FSCTL_OFFLOAD_READ and FSCTL_OFFLOAD_WRITE (MS-FSCC 2.3.77-2.3.80); the
-//! provider-to-provider transfer (DESIGN.md, "Offload tokens") is not here yet.
+//! those of FSCTL_OFFLOAD_READ and FSCTL_OFFLOAD_WRITE (MS-FSCC 2.3.77-2.3.80). With the
+//! feature `transfer`, [`transfer`] copies between two independent providers (DESIGN.md,
+//! "Offload tokens"): a per-transfer CA, a versioned control protocol, and the data pulled
+//! by the destination from the source over NBD with mutual TLS 1.3.
 //!
 //! ## Token layout
 //!
@@ -91,6 +93,8 @@ mod provider;
 mod registry;
 mod stamp;
 mod tracked;
+#[cfg(feature = "transfer")]
+pub mod transfer;
 
 pub use acl::{Access, AccessPolicy, Acl, AllowAll, Principal, PrincipalId};
 pub use body::{

@@ -258,6 +258,24 @@ impl Provider {
         self.registry.live_on(&disk)
     }
 
+    /// The liveness flag of a live token (an error naming why it is not live).
+    #[cfg(feature = "transfer")]
+    pub(crate) fn live_state(&self, id: TokenId) -> Result<Arc<LiveState>> {
+        Ok(self.registry.check(id, self.clock.now_ms())?.state)
+    }
+
+    /// Records that a live token was found invalidated.
+    #[cfg(feature = "transfer")]
+    pub(crate) fn mark_invalidated(&self, id: TokenId) {
+        self.registry.invalidated(id);
+    }
+
+    /// Restarts a token's inactivity TTL (it was used).
+    #[cfg(feature = "transfer")]
+    pub(crate) fn touch(&self, id: TokenId) {
+        self.registry.touch(id, self.clock.now_ms());
+    }
+
     fn next_id(&self) -> TokenId {
         let mut id = [0u8; 16];
         match &self.ids {

@@ -75,6 +75,11 @@ impl AllocState {
             in_flight: Vec::new(),
         }
     }
+
+    /// Whether no allocation is in flight (compaction may cut the file).
+    pub fn idle(&self) -> bool {
+        self.in_flight.is_empty()
+    }
 }
 
 /// Allocations published in memory whose BAT entries the file does not have yet (guarded
@@ -90,6 +95,13 @@ pub(crate) struct Pending {
     /// BAT/footer write batches done so far, and how many of them a sync has covered.
     meta_written: u64,
     meta_durable: u64,
+}
+
+impl Pending {
+    /// Whether block `b` is published but its BAT entry is not in the file yet.
+    pub(crate) fn contains(&self, b: usize) -> bool {
+        self.blocks.contains_key(&b)
+    }
 }
 
 /// Coalesced `sync_data`: one sync at a time, shared by every caller whose writes completed

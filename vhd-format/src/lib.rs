@@ -42,6 +42,7 @@
 mod alloc;
 pub mod bat;
 mod check;
+pub mod compact;
 mod create;
 mod details;
 mod error;
@@ -54,8 +55,10 @@ pub mod header;
 mod layout;
 pub mod locator;
 mod reparent;
+pub mod resize;
 
 pub use check::{check_storage, CheckReport, Issue};
+pub use compact::VhdCompactor;
 pub use create::{size_and_geometry, CreateOptions, Creator, DifferencingOptions, Subformat};
 pub use details::{read_details, LocatorDetails, VhdDetails};
 pub use error::FormatError;
@@ -63,6 +66,7 @@ pub use file::VhdFile;
 pub use footer::{DiskType, Geometry};
 pub use layout::FooterSource;
 pub use locator::PlatformCode;
+pub use resize::{resize_storage, resize_storage_with, ResizeError, ResizeReport};
 
 use block_io::{Result, Storage};
 

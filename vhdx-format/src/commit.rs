@@ -142,6 +142,26 @@ impl<S: Storage> VhdxFile<S> {
         }
     }
 
+    /// Commits what is pending, then runs `f` before any other commit can start (the log
+    /// has no other writer meanwhile): compaction's truncation, which empties the log,
+    /// cuts the file and starts a new log.
+    pub(crate) fn exclusive_commit<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let mut c = self.commits.lock();
+        while c.running {
+            self.commit_cv.wait(&mut c);
+        }
+        c.running = true;
+        c.started += 1;
+        let mut run = Running {
+            file: self,
+            gen: c.started,
+            seq: c.log_seq,
+        };
+        drop(c);
+        let r = self.commit_once(&mut run.seq).and_then(|()| f());
+        self.failstop.guard(r)
+    }
+
     /// `true` while a commit runs.
     pub(crate) fn commit_running(&self) -> bool {
         self.commits.lock().running

@@ -23,7 +23,10 @@
 //! - [`create()`] for fixed, dynamic and differencing images with qemu-img's defaults;
 //! - [`VhdxFile::set_parent_locator`]: a new parent locator through the log (`reparent`,
 //!   2.6.2.6), for rebasing a child onto a moved or copied parent;
-//! - [`probe`], [`VhdxFile::details`] and [`VhdxFile::check`] for tools.
+//! - [`probe`], [`VhdxFile::details`] and [`VhdxFile::check`] for tools;
+//! - [`VhdxCompactor`]: empty blocks give their space back (ZERO / NOT_PRESENT), blocks move
+//!   down into holes, the file is truncated, in steps an online job can interleave with
+//!   guest I/O ([`compact`]).
 //!
 //! Not implemented yet (honestly):
 //! - `check` reports what `open` cannot already refuse (dirty log not replayed, partially
@@ -39,7 +42,8 @@
 //! - a dirty log whose replay updates more than [`replay::MAX_OVERLAY_RANGES`] separate file
 //!   ranges is refused as unsupported (replay folds the log in memory first; real logs update
 //!   far fewer ranges);
-//! - resize and the `parent_linkage2` merge protocol.
+//! - growing the BAT region on resize (refused, see [`resize`]), and the `parent_linkage2`
+//!   merge protocol.
 //!
 //! ```
 //! use block_io::{BlockDevice, MemStorage};
@@ -66,6 +70,7 @@
 mod alloc;
 pub mod bat;
 mod commit;
+pub mod compact;
 mod create;
 pub mod error;
 mod file;
@@ -81,9 +86,12 @@ mod read;
 pub mod region;
 mod reparent;
 pub mod replay;
+pub mod resize;
 mod write;
 
 pub use alloc::{AllocGuard, WriteExtent};
+pub use compact::VhdxCompactor;
 pub use create::{create, create_file, default_block_size, CreateError, CreateOptions, ParentRef};
 pub use error::FormatError;
 pub use file::{check_image, open_file, probe, CheckReport, Subformat, VhdxDetails, VhdxFile};
+pub use resize::{ResizeError, ResizeReport};

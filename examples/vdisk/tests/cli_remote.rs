@@ -6,7 +6,10 @@
 //! - `info` and `convert` of an `nbd://` export; `convert` into an `nbd://` export over old
 //!   data (zero runs overwritten too);
 //! - a local differencing child of an HTTP parent (`create -b URL`, VHDX and VHD): written,
-//!   read back, flattened byte-exact against qemu's flattening of the same data.
+//!   read back, flattened byte-exact against qemu's flattening of the same data;
+//! - the same with an NBD parent: `vdisk serve --nbd --read-only` of a VHDX and a VHD
+//!   (verified by the identity it advertises; a restart with another image is refused), and
+//!   qemu-nbd of a raw file (only with `--unverified-nbd-parents`, checked by fingerprint).
 //!
 //! Oracle rule: without nginx, qemu-img, qemu-io or qemu-nbd the tests fail when `CI=true`,
 //! else they print a loud SKIP and pass.
@@ -288,32 +291,45 @@ fn nbd_sources_and_destinations() {
 /// `vdisk serve --nbd` of `image` on a free port.
 fn serve_nbd(image: &str) -> (Child, u16) {
     for _ in 0..5 {
-        let port = free_port();
-        let mut c = Command::new(common::vdisk_bin())
-            .args(["serve", "--nbd", &format!("127.0.0.1:{port}"), image])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut up = false;
-        while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                up = true;
-                break;
-            }
-            if let Ok(Some(_)) = c.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if let Some(served) = serve_nbd_on(image, free_port(), &[]) {
+            return served;
         }
-        if up {
-            return (c, port);
-        }
-        let _ = c.kill();
-        let _ = c.wait();
     }
     panic!("vdisk serve --nbd would not start");
+}
+
+/// `vdisk serve --nbd 127.0.0.1:PORT EXTRA.. IMAGE`, once it accepts connections.
+fn serve_nbd_on(image: &str, port: u16, extra: &[&str]) -> Option<(Child, u16)> {
+    let mut c = Command::new(common::vdisk_bin())
+        .args(["serve", "--nbd", &format!("127.0.0.1:{port}")])
+        .args(extra)
+        .arg(image)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some((c, port));
+        }
+        if let Ok(Some(_)) = c.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+    None
+}
+
+/// Stops a `vdisk serve` child with SIGTERM (it flushes and exits).
+fn stop_served(mut child: Child) {
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let _ = child.wait();
 }
 
 #[test]
@@ -613,4 +629,140 @@ fn nbds_with_tls_creds() {
         "{no_creds:?}"
     );
     assert_same(&o.qemu_img, &base, &target);
+}
+
+#[test]
+fn local_children_of_nbd_parents() {
+    let (Some(o), Some(qemu_nbd)) = (oracles(), oracle("qemu-nbd")) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for fmt in ["vhdx", "vhd"] {
+        let name = format!("base.{fmt}");
+        let base = base_image(dir.path(), &name, fmt);
+        let base_bytes = std::fs::read(&base).unwrap();
+        let (served, port) = (0..5)
+            .find_map(|_| serve_nbd_on(&base, free_port(), &["--read-only"]))
+            .expect("vdisk serve --nbd would not start");
+        let url = format!("nbd://127.0.0.1:{port}/");
+        let child = p(dir.path(), &format!("child-nbd.{fmt}"));
+        vdisk_ok(&["create", "-f", fmt, "-b", &url, &child]);
+        let info = vdisk_json(&["info", "--output", "json", &child]);
+        assert!(info.to_string().contains(&url), "{fmt}: {info}");
+        let layers = vdisk_json(&["info", "--backing-chain", "--output", "json", &child]);
+        assert_eq!(layers.as_array().unwrap().len(), 2, "{fmt}: {layers}");
+        assert_eq!(layers[0]["link"]["verified"], true, "{fmt}: {layers}");
+        assert_eq!(layers[1]["filename"], url.as_str());
+        vdisk_ok(&[
+            "io",
+            &child,
+            "-c",
+            "write -P 0x77 512k 1M",
+            "-c",
+            "write -z 5M 4k",
+        ]);
+        vdisk_ok(&[
+            "io",
+            "-r",
+            &child,
+            "-c",
+            "read -P 0x5a 0 512k",
+            "-c",
+            "read -P 0x77 512k 1M",
+            "-c",
+            "read -P 0 5M 4k",
+            "-c",
+            "read -P 0x33 5246976 4k",
+            "-c",
+            "read -P 0xc1 12M 64k",
+        ]);
+        // The oracle: the same writes by qemu-io on a raw copy of the base.
+        let expected = p(dir.path(), &format!("expected-nbd-{fmt}.raw"));
+        let c = run(&o.qemu_img, &["convert", "-O", "raw", &base, &expected]);
+        assert!(c.status.success());
+        let w = run(
+            &o.qemu_io,
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x77 512k 1M",
+                "-c",
+                "write -z 5M 4k",
+                &expected,
+            ],
+        );
+        assert!(w.status.success());
+        let flat = p(dir.path(), &format!("flat-nbd-{fmt}.raw"));
+        vdisk_ok(&["convert", "-O", "raw", &child, &flat]);
+        assert_same(&o.qemu_img, &expected, &flat);
+        assert_eq!(
+            vdisk(&["compare", &child, &expected]).status.code(),
+            Some(0)
+        );
+        let map = vdisk_json(&["map", "--output", "json", &child]);
+        let end = map
+            .as_array()
+            .unwrap()
+            .last()
+            .map(|r| r["start"].as_u64().unwrap() + r["length"].as_u64().unwrap());
+        assert_eq!(end, Some(16 * MIB), "{fmt}: {map}");
+        // Writes went to the child only.
+        assert!(
+            std::fs::read(&base).unwrap() == base_bytes,
+            "{fmt}: base changed"
+        );
+        // The server restarted with another image: the child's parent is refused.
+        stop_served(served);
+        let other = base_image(dir.path(), &format!("other-nbd.{fmt}"), fmt);
+        let (served, _) = serve_nbd_on(&other, port, &["--read-only"])
+            .expect("vdisk serve --nbd would not restart on its port");
+        let e = stderr_of(&["convert", "-O", "raw", &child, &flat]);
+        assert!(
+            e.contains("DataWriteGuid") || e.contains("unique id"),
+            "{fmt}: {e}"
+        );
+        stop_served(served);
+    }
+
+    // qemu-nbd advertises no identity: a parent only with --unverified-nbd-parents.
+    let raw = p(dir.path(), "base-nbd.raw");
+    let base = base_image(dir.path(), "base-for-raw.vhdx", "vhdx");
+    let c = run(&o.qemu_img, &["convert", "-O", "raw", &base, &raw]);
+    assert!(c.status.success());
+    let srv = QemuNbd::start(&qemu_nbd, &raw, "raw", true);
+    let child = p(dir.path(), "child-qemu-nbd.vhdx");
+    let e = stderr_of(&["create", "-f", "vhdx", "-b", &srv.url(), &child]);
+    assert!(e.contains("advertises no identity"), "{e}");
+    vdisk_ok(&[
+        "create",
+        "--unverified-nbd-parents",
+        "-f",
+        "vhdx",
+        "-b",
+        &srv.url(),
+        &child,
+    ]);
+    let e = stderr_of(&["io", "-r", &child, "-c", "read -P 0x5a 0 4k"]);
+    assert!(e.contains("advertises no identity"), "{e}");
+    vdisk_ok(&[
+        "io",
+        "--unverified-nbd-parents",
+        &child,
+        "-c",
+        "write -P 0x44 8M 64k",
+    ]);
+    vdisk_ok(&[
+        "io",
+        "--unverified-nbd-parents",
+        "-r",
+        &child,
+        "-c",
+        "read -P 0x5a 0 1M",
+        "-c",
+        "read -P 0x44 8M 64k",
+        "-c",
+        "read -P 0xc1 12M 64k",
+    ]);
+    srv.stop();
 }

@@ -112,3 +112,143 @@ fn changed_tampered_and_foreign_tokens_are_refused() {
     // Nothing was written by any refused redeem.
     vdisk_ok(&["io", "-r", &dst, "-c", "read -P 0 0 1M"]);
 }
+
+/// A `vdisk provider serve` child process.
+struct ProviderProc {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl ProviderProc {
+    fn start(root: &str, key: &str, extra: &[&str]) -> ProviderProc {
+        use std::io::BufRead;
+        std::fs::create_dir_all(root).unwrap();
+        let mut args = vec![
+            "provider",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--root",
+            root,
+            "--control-key",
+            key,
+        ];
+        args.extend_from_slice(extra);
+        let mut child = std::process::Command::new(vdisk_bin())
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("provider said {line:?}"))
+            .to_string();
+        ProviderProc { child, addr }
+    }
+}
+
+impl Drop for ProviderProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn offload_copy_between_two_provider_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sroot, droot) = (p(&dir, "s"), p(&dir, "d"));
+    let (skey, dkey) = (p(&dir, "s.key"), p(&dir, "d.key"));
+    let s = ProviderProc::start(&sroot, &skey, &[]);
+    let d = ProviderProc::start(&droot, &dkey, &[]);
+    let src = p(&sroot, "src.vhdx");
+    vdisk_ok(&["create", "-f", "vhdx", &src, "16M"]);
+    vdisk_ok(&[
+        "io",
+        &src,
+        "-c",
+        "write -P 0x5a 1M 3M",
+        "-c",
+        "write -P 0x17 9M 512k",
+    ]);
+    let dst = p(&droot, "dst.vhd");
+    vdisk_ok(&["create", "-f", "vhd", "-o", "force_size=on", &dst, "16M"]);
+    let keys = ["--from-key", skey.as_str(), "--to-key", dkey.as_str()];
+    let copy = |from: &str, to: &str, extra: &[&str]| {
+        let mut a = vec!["offload", "copy", "--from", from, "--to", to];
+        a.extend_from_slice(&keys);
+        a.extend_from_slice(extra);
+        vdisk(&a)
+    };
+    let from = format!("{}:src.vhdx", s.addr);
+    let to = format!("{}:dst.vhd", d.addr);
+    let out = ok(copy(&from, &to, &[]), "offload copy");
+    let j: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(j["bytes_copied"], 16 << 20, "{out}");
+    assert!(j["tokens"].as_u64().unwrap() >= 1, "{out}");
+    assert!(j["seconds"].as_f64().is_some(), "{out}");
+    let through = j["bytes_through_initiator"].as_u64().unwrap();
+    assert!(through < 64 * 1024, "{out}");
+    vdisk_ok(&["compare", &src, &dst]);
+
+    // A range to an offset, relayed: the data now crosses the initiator.
+    let from_range = format!("{}:src.vhdx@1M+2M", s.addr);
+    let to_off = format!("{}:dst.vhd@8M", d.addr);
+    let out = ok(copy(&from_range, &to_off, &["--relay"]), "relayed copy");
+    let j: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(
+        j["bytes_through_initiator"].as_u64().unwrap() >= 4 << 20,
+        "{out}"
+    );
+    vdisk_ok(&["io", "-r", &dst, "-c", "read -P 0x5a 8M 2M"]);
+
+    // Paths outside the root, and the wrong key, are refused.
+    std::fs::write(p(&dir, "outside.raw"), vec![0u8; 1 << 20]).unwrap();
+    for bad in ["../outside.raw", "/etc/passwd"] {
+        let e = refused(copy(&format!("{}:{bad}", s.addr), &to, &[]), bad);
+        assert!(e.contains("outside the provider's root"), "{bad}: {e}");
+    }
+    let mut a = vec!["offload", "copy", "--from", &from, "--to", &to];
+    a.extend(["--control-key", dkey.as_str()]);
+    let e = refused(vdisk(&a), "wrong key");
+    assert!(!e.is_empty());
+
+    // S killed mid-copy: the initiator says so and D's image stays valid.
+    let mut slow = ProviderProc::start(&p(&dir, "s2"), &skey, &["--export-rate", "4M"]);
+    let big = p(&dir, "s2/big.vhdx");
+    vdisk_ok(&["create", "-f", "vhdx", &big, "16M"]);
+    vdisk_ok(&["io", &big, "-c", "write -P 0x33 0 16M"]);
+    let mut a: Vec<String> = ["offload", "copy", "--from"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    a.extend([format!("{}:big.vhdx", slow.addr), "--to".into(), to.clone()]);
+    a.extend(keys.iter().map(|s| s.to_string()));
+    let initiator = std::process::Command::new(vdisk_bin())
+        .args(&a)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    slow.child.kill().unwrap();
+    let o = initiator.wait_with_output().unwrap();
+    let e = refused(o, "a copy from a killed source");
+    assert!(!e.is_empty() && !e.contains("panicked"), "{e}");
+    // D ends the transfer when the initiator leaves; then its image checks clean.
+    let mut checked = vdisk(&["check", &dst]);
+    for _ in 0..50 {
+        if checked.status.success() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        checked = vdisk(&["check", &dst]);
+    }
+    assert_ok(checked, "check of D's image");
+    drop(d);
+}

@@ -274,6 +274,11 @@ async fn reconnect(
                         original.size, neg.size, original.flags, neg.flags
                     )));
                 }
+                // An export that advertised an identity must advertise the same one: a
+                // server restarted with another image behind the name is another disk.
+                if let Some(why) = identity_changed(original, &neg) {
+                    return Err(ClientError::ExportChanged(why));
+                }
                 return Ok((io, neg));
             }
             Err(e) => last = e,
@@ -283,6 +288,21 @@ async fn reconnect(
         attempts,
         elapsed: start.elapsed(),
         last: Box::new(last),
+    })
+}
+
+/// Why `now` is not the export `first` was, by the identity lines of their descriptions
+/// ([`ExportInfo::identity`](super::ExportInfo::identity)); `None` when they agree (both
+/// absent included).
+pub(crate) fn identity_changed(first: &Negotiated, now: &Negotiated) -> Option<String> {
+    let a = super::identity_line(first.description.as_deref());
+    let b = super::identity_line(now.description.as_deref());
+    (a != b).then(|| {
+        format!(
+            "the advertised identity changed from '{}' to '{}'",
+            a.unwrap_or("none"),
+            b.unwrap_or("none")
+        )
     })
 }
 

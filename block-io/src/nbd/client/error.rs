@@ -82,8 +82,8 @@ pub enum ClientError {
     /// Nothing came from the server for this long while requests were outstanding.
     #[error("no reply from the server for {0:?}")]
     Timeout(Duration),
-    /// After a reconnect the export is not the one this client opened (its size or
-    /// read-only flag changed); the client refuses to go on.
+    /// After a reconnect the export is not the one this client opened (its size, read-only
+    /// flag or advertised identity changed); the client refuses to go on.
     #[error("the export changed across a reconnect: {0}")]
     ExportChanged(String),
     /// The connection dropped and every reconnect attempt failed.
@@ -168,6 +168,9 @@ impl ClientError {
             },
             ClientError::TlsConfig(_) | ClientError::Url(_) => ErrorKind::InvalidInput,
             ClientError::Unsupported(_) => ErrorKind::Unsupported,
+            // Another disk behind the same URL: as a replaced remote object, not a transient
+            // failure.
+            ClientError::ExportChanged(_) => ErrorKind::Corrupt,
             ClientError::GaveUp { last, .. } | ClientError::TooManyTries { last, .. } => {
                 match last.kind() {
                     ErrorKind::InvalidInput => ErrorKind::InvalidInput,

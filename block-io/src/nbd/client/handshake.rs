@@ -1,8 +1,10 @@
 //! The client side of the handshake (proto.md "Newstyle negotiation", "Option types"):
 //! connect over TCP or a Unix socket, optionally `NBD_OPT_STARTTLS` and a rustls handshake,
 //! then `NBD_OPT_STRUCTURED_REPLY`, `NBD_OPT_SET_META_CONTEXT base:allocation` and
-//! `NBD_OPT_GO` asking for `NBD_INFO_BLOCK_SIZE`, falling back to `NBD_OPT_EXPORT_NAME` for
-//! servers without `NBD_OPT_GO`. The result is the [`Negotiated`] facts of the export.
+//! `NBD_OPT_GO` asking for `NBD_INFO_BLOCK_SIZE` and `NBD_INFO_DESCRIPTION` (which carries
+//! the identity our server advertises, see [`ExportInfo::identity`](super::ExportInfo::identity)),
+//! falling back to `NBD_OPT_EXPORT_NAME` for servers without `NBD_OPT_GO`. The result is the
+//! [`Negotiated`] facts of the export.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
@@ -58,6 +60,8 @@ pub(crate) struct Negotiated {
     pub context: Option<u32>,
     /// Block size constraints.
     pub block: BlockSizes,
+    /// The export's description (`NBD_INFO_DESCRIPTION`), if the server sent one.
+    pub description: Option<String>,
 }
 
 impl Negotiated {
@@ -151,7 +155,7 @@ async fn negotiate(
             ));
         }
         let (size, flags) = export_name(&mut io, &url.export, no_zeroes).await?;
-        return Ok((io, negotiated(size, flags, false, None, None)?));
+        return Ok((io, negotiated(size, flags, false, None, None, None)?));
     }
     if let Some(tls) = tls {
         send_option(&mut io, proto::OPT_STARTTLS, &[]).await?;
@@ -216,11 +220,12 @@ async fn negotiate(
 
     let req = InfoRequest {
         name: url.export.clone(),
-        requests: vec![proto::INFO_BLOCK_SIZE],
+        requests: vec![proto::INFO_BLOCK_SIZE, proto::INFO_DESCRIPTION],
     };
     send_option(&mut io, proto::OPT_GO, &req.encode()).await?;
     let mut export = None;
     let mut block = None;
+    let mut description = None;
     loop {
         let (h, data) = read_reply(&mut io, proto::OPT_GO).await?;
         match h.reply {
@@ -251,7 +256,15 @@ async fn negotiate(
                             maximum: u(8),
                         });
                     }
-                    // NAME, DESCRIPTION and future items: not needed.
+                    proto::INFO_DESCRIPTION => {
+                        // proto.md "NBD_INFO_DESCRIPTION": UTF-8 text (bounded by
+                        // MAX_OPTION_DATA like every reply); not UTF-8 is a protocol error.
+                        let text = std::str::from_utf8(b).map_err(|_| {
+                            ClientError::protocol("NBD_INFO_DESCRIPTION is not UTF-8")
+                        })?;
+                        description = Some(text.to_string());
+                    }
+                    // NAME and future items: not needed.
                     _ => {}
                 }
             }
@@ -260,7 +273,7 @@ async fn negotiate(
                 // proto.md: a server without NBD_OPT_GO; NBD_OPT_EXPORT_NAME ends the
                 // negotiation instead.
                 let (size, flags) = export_name(&mut io, &url.export, no_zeroes).await?;
-                let n = negotiated(size, flags, structured, context, None)?;
+                let n = negotiated(size, flags, structured, context, None, None)?;
                 return Ok((io, n));
             }
             proto::REP_ERR_UNKNOWN => {
@@ -275,7 +288,10 @@ async fn negotiate(
     }
     let (size, flags) = export
         .ok_or_else(|| ClientError::protocol("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT"))?;
-    Ok((io, negotiated(size, flags, structured, context, block)?))
+    Ok((
+        io,
+        negotiated(size, flags, structured, context, block, description)?,
+    ))
 }
 
 /// Validates and assembles the handshake's result.
@@ -285,6 +301,7 @@ fn negotiated(
     structured: bool,
     context: Option<u32>,
     block: Option<BlockSizes>,
+    description: Option<String>,
 ) -> Result<Negotiated, ClientError> {
     // proto.md "Transmission flags": without HAS_FLAGS no other bit means anything.
     let flags = if flags & proto::TF_HAS_FLAGS != 0 {
@@ -319,6 +336,7 @@ fn negotiated(
         structured,
         context: context.filter(|_| structured),
         block,
+        description,
     })
 }
 

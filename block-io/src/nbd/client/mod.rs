@@ -23,7 +23,11 @@
 //!   the context every run is data. [`NbdClientOptions::write_through`] adds FUA;
 //! - reconnect ([`RetryPolicy`]): a dropped, silent or misbehaving connection is replaced and
 //!   every request not fully answered is re-issued whole; after the policy's limit the
-//!   requests fail with [`ClientError::GaveUp`] naming the last cause.
+//!   requests fail with [`ClientError::GaveUp`] naming the last cause. The new connection
+//!   must show the same export: the same size and writability, and the same identity line
+//!   in its description if the first one advertised one ([`ExportInfo::identity`]), else
+//!   the requests fail with [`ClientError::ExportChanged`] (a server restarted with another
+//!   image behind the URL is never read).
 //!
 //! Caveat of any network disk: a write the server acknowledged but had not made durable
 //! (no FUA, no flush yet) is lost if the *server's host* crashes; a flush re-issued after a
@@ -101,6 +105,32 @@ pub struct ExportInfo {
     pub preferred_block: u32,
     /// Maximum payload (32 MiB when the server sent none).
     pub max_payload: u32,
+    /// The export's description (`NBD_INFO_DESCRIPTION`), if the server sent one.
+    pub description: Option<String>,
+}
+
+impl ExportInfo {
+    /// How a line of an export's description that advertises the identity of the image
+    /// behind it starts. Our server ([`NbdServer`](super::NbdServer), as `vdisk serve --nbd
+    /// --read-only` configures it) puts such a line into `NBD_INFO_DESCRIPTION`, a text that
+    /// clients show to people and otherwise ignore (proto.md "NBD_INFO_DESCRIPTION"); the
+    /// rest of the line is the business of whoever reads it (the `chain` crate's
+    /// `remote` module documents its form). The client only compares it across reconnects.
+    pub const IDENTITY_PREFIX: &'static str = "vdisk-identity:";
+
+    /// The identity the server advertised: the rest of the description's first line that
+    /// starts with [`IDENTITY_PREFIX`](Self::IDENTITY_PREFIX), trimmed; `None` when none does.
+    pub fn identity(&self) -> Option<&str> {
+        identity_line(self.description.as_deref())
+    }
+}
+
+/// See [`ExportInfo::identity`].
+pub(crate) fn identity_line(description: Option<&str>) -> Option<&str> {
+    description?
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(ExportInfo::IDENTITY_PREFIX))
+        .map(str::trim)
 }
 
 /// A [`BlockDevice`] over an NBD export.
@@ -171,6 +201,9 @@ impl NbdClient {
                         other.size, other.flags, neg.size, neg.flags
                     )));
                 }
+                if let Some(why) = conn::identity_changed(&neg, &other) {
+                    return Err(ClientError::ExportChanged(format!("connection {i}: {why}")));
+                }
                 lanes.push(lane);
             }
         }
@@ -219,6 +252,7 @@ impl NbdClient {
             min_block: self.neg.block.minimum,
             preferred_block: self.neg.block.preferred,
             max_payload: self.neg.block.maximum,
+            description: self.neg.description.clone(),
         }
     }
 
@@ -563,5 +597,52 @@ impl BlockDevice for NbdClient {
                 file_offset: None,
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_lines_are_found_in_descriptions() {
+        assert_eq!(identity_line(None), None);
+        assert_eq!(identity_line(Some("base.vhdx (vhdx)")), None);
+        assert_eq!(
+            identity_line(Some(
+                "base.vhdx (vhdx)\n  vdisk-identity:  v1 vhd x=1 \nmore"
+            )),
+            Some("v1 vhd x=1")
+        );
+        // Only at the start of a line.
+        assert_eq!(identity_line(Some("see vdisk-identity: v1")), None);
+        let a = Negotiated {
+            size: 1 << 20,
+            flags: 0,
+            structured: true,
+            context: None,
+            block: handshake::BlockSizes::default(),
+            description: Some("vdisk-identity: v1 a".into()),
+        };
+        let same = Negotiated {
+            description: Some("other text\nvdisk-identity: v1 a".into()),
+            ..a.clone()
+        };
+        assert_eq!(conn::identity_changed(&a, &same), None);
+        let other = Negotiated {
+            description: Some("vdisk-identity: v1 b".into()),
+            ..a.clone()
+        };
+        assert!(conn::identity_changed(&a, &other).is_some());
+        let none = Negotiated {
+            description: None,
+            ..a.clone()
+        };
+        assert!(conn::identity_changed(&a, &none).is_some());
+        assert_eq!(conn::identity_changed(&none, &none), None);
+        assert_eq!(
+            ClientError::ExportChanged(String::new()).kind(),
+            ErrorKind::Corrupt
+        );
     }
 }

@@ -1,0 +1,646 @@
+//! The compact job: return unused space of a dynamic or differencing VHD or VHDX while the
+//! guest keeps reading and writing it (Hyper-V's `Optimize-VHD` does it only offline or
+//! read-only).
+//!
+//! ## What it does
+//!
+//! [`Job::compact`] takes a [`CompactTarget`] (the image, opened read-write through the
+//! format crate: [`CompactTarget::open`], [`CompactTarget::vhd`], [`CompactTarget::vhdx`]),
+//! [`crate::JobRunner::start`] runs it on a [`LiveDisk`] whose guest I/O goes to that image,
+//! or to a chain whose top it is ([`open_chain_for_compact`]). The steps are those of the
+//! format crates ([`vhd_format::compact`], [`vhdx_format::compact`]):
+//! 1. **Reclaim** ([`Phase::Scanning`]): every block is checked, and one that holds nothing
+//!    gives its space back (VHD: all zeros, or in a differencing image no sector present,
+//!    becomes unallocated; VHDX: all zeros becomes PAYLOAD_BLOCK_ZERO, a partially present
+//!    block with no sector present NOT_PRESENT; a block that hides the parent never starts
+//!    showing it).
+//! 2. **Move** ([`Phase::Copying`]): the block lying highest in the file moves into the
+//!    lowest hole below it, one block at a time, until none fits lower.
+//! 3. **Truncate** ([`Phase::Pivoting`]): the file is cut after the last block.
+//!
+//! ## Guest I/O meanwhile
+//!
+//! While the job is attached, guest writes take their blocks shared in the disk's range lock
+//! (as for every job) and so do guest reads ([`LiveDisk`] switches reads to locking when the
+//! job starts, after the reads already running without a lock have finished; mapped reads
+//! fall back to `read_at`). Each reclaim and each move holds its block exclusively: a guest
+//! request to that block waits for one block check or move (a few MiB of I/O and, for a
+//! move, a sync), every other block is served as usual. Before each step the job lets the
+//! guest requests already in flight finish (priority, up to `yield_cap`) and takes the bytes
+//! it reads from the rate limiter ([`crate::JobHandle::set_rate`]). Guest writes are not
+//! tracked: the job never copies guest data elsewhere, it changes where a block lies while
+//! nobody uses the block. Pausing stops between steps; cancelling leaves the image valid and
+//! as compact as it got (nothing to undo: every step is complete on its own).
+//!
+//! A block allocated by a guest write while the job runs lands past the end of the file as
+//! always and takes part in the moves once its allocation is durable; the truncation is
+//! skipped when an allocation is in flight at that moment.
+//!
+//! ## Crash safety
+//!
+//! Every step leaves the file openable after a power cut at any write or sync (old or new
+//! place of a block valid, a BAT entry never pointing at unwritten data, freed space reused
+//! only after the change freeing it is durable): see the format modules for the order of
+//! writes and syncs, and `tests/compact_crash.rs` for the sweep.
+//!
+//! ## Report
+//!
+//! The [`crate::JobReport`] of a compact job counts, in `bytes`, the bytes checked and moved;
+//! `zeroed_bytes` are the bytes of reclaimed blocks, `buffered_bytes` those moved. What the
+//! file lost is in [`CompactTarget::stats`].
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use block_io::{BlockDevice, FileStorage, LockMode, RateLimiter, Storage};
+use chain::{Disk, Format, Layer};
+use parking_lot::{Condvar, Mutex};
+use tokio::sync::watch;
+use vhd_format::{VhdCompactor, VhdFile};
+use vhdx_format::{VhdxCompactor, VhdxFile};
+
+use crate::error::{JobError, JobResult};
+use crate::handle::{Control, JobHandle, JobReport, Phase, Shared};
+use crate::job::{Job, JobKind, JobOptions};
+use crate::live::{LiveDisk, Tracker};
+
+/// A block move, whatever the format.
+#[derive(Debug, Clone, Copy)]
+struct Move {
+    block: u64,
+    from: u64,
+    to: u64,
+    len: u64,
+}
+
+/// The format's compaction steps.
+trait Steps: Send + Sync {
+    fn block_size(&self) -> u64;
+    fn block_count(&self) -> u64;
+    fn reclaim(&self, block: u64) -> block_io::Result<bool>;
+    fn plan_move(&self) -> block_io::Result<Option<Move>>;
+    fn move_block(&self, m: &Move) -> block_io::Result<bool>;
+    fn truncate(&self) -> block_io::Result<u64>;
+    fn file_len(&self) -> block_io::Result<u64>;
+}
+
+impl<S: Storage> Steps for VhdCompactor<S> {
+    fn block_size(&self) -> u64 {
+        VhdCompactor::block_size(self)
+    }
+    fn block_count(&self) -> u64 {
+        VhdCompactor::block_count(self)
+    }
+    fn reclaim(&self, block: u64) -> block_io::Result<bool> {
+        VhdCompactor::reclaim(self, block)
+    }
+    fn plan_move(&self) -> block_io::Result<Option<Move>> {
+        Ok(VhdCompactor::plan_move(self)?.map(|m| Move {
+            block: m.block,
+            from: m.from,
+            to: m.to,
+            len: m.len,
+        }))
+    }
+    fn move_block(&self, m: &Move) -> block_io::Result<bool> {
+        VhdCompactor::move_block(
+            self,
+            &vhd_format::compact::BlockMove {
+                block: m.block,
+                from: m.from,
+                to: m.to,
+                len: m.len,
+            },
+        )
+    }
+    fn truncate(&self) -> block_io::Result<u64> {
+        VhdCompactor::truncate(self)
+    }
+    fn file_len(&self) -> block_io::Result<u64> {
+        self.file().storage().len()
+    }
+}
+
+impl<S: Storage> Steps for VhdxCompactor<S> {
+    fn block_size(&self) -> u64 {
+        VhdxCompactor::block_size(self)
+    }
+    fn block_count(&self) -> u64 {
+        VhdxCompactor::block_count(self)
+    }
+    fn reclaim(&self, block: u64) -> block_io::Result<bool> {
+        VhdxCompactor::reclaim(self, block)
+    }
+    fn plan_move(&self) -> block_io::Result<Option<Move>> {
+        Ok(VhdxCompactor::plan_move(self)?.map(|m| Move {
+            block: m.block,
+            from: m.from,
+            to: m.to,
+            len: m.len,
+        }))
+    }
+    fn move_block(&self, m: &Move) -> block_io::Result<bool> {
+        VhdxCompactor::move_block(
+            self,
+            &vhdx_format::compact::BlockMove {
+                block: m.block,
+                from: m.from,
+                to: m.to,
+                len: m.len,
+            },
+        )
+    }
+    fn truncate(&self) -> block_io::Result<u64> {
+        VhdxCompactor::truncate(self)
+    }
+    fn file_len(&self) -> block_io::Result<u64> {
+        self.file().storage().len()
+    }
+}
+
+/// What a compaction did to its image so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CompactStats {
+    /// Blocks that gave their space back.
+    pub reclaimed_blocks: u64,
+    /// Blocks moved lower in the file.
+    pub moved_blocks: u64,
+    /// Bytes per block.
+    pub block_size: u64,
+    /// The file's length when the job started.
+    pub len_before: u64,
+    /// The file's length when the job ended (0 before).
+    pub len_after: u64,
+}
+
+impl CompactStats {
+    /// Bytes the file shrank by.
+    pub fn freed(&self) -> u64 {
+        self.len_before.saturating_sub(self.len_after)
+    }
+}
+
+/// An image a compact job can work on: a dynamic or differencing VHD or VHDX opened
+/// read-write, as the block device the guest (or the top of its chain) uses and as the
+/// format's compaction steps.
+pub struct CompactTarget {
+    steps: Box<dyn Steps>,
+    dev: Arc<dyn BlockDevice>,
+    stats: Mutex<CompactStats>,
+}
+
+impl std::fmt::Debug for CompactTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompactTarget")
+            .field("info", &self.dev.info())
+            .field("stats", &*self.stats.lock())
+            .finish_non_exhaustive()
+    }
+}
+
+fn prep(path: &Path) -> impl FnOnce(block_io::Error) -> JobError + '_ {
+    move |source| JobError::Prepare {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn invalid(e: block_io::Error) -> JobError {
+    JobError::Invalid(e.to_string())
+}
+
+impl CompactTarget {
+    /// A VHD opened read-write (dynamic or differencing; `Invalid` otherwise).
+    pub fn vhd<S: Storage + 'static>(file: Arc<VhdFile<S>>) -> Result<Arc<Self>, JobError> {
+        let steps = VhdCompactor::new(file.clone()).map_err(invalid)?;
+        Ok(Self::with(Box::new(steps), file))
+    }
+
+    /// A VHDX opened read-write (dynamic or differencing; `Invalid` otherwise). Starts its
+    /// write session keeping its DataWriteGuid when none has started (see
+    /// [`vhdx_format::compact`]).
+    pub fn vhdx<S: Storage + 'static>(file: Arc<VhdxFile<S>>) -> Result<Arc<Self>, JobError> {
+        let steps = VhdxCompactor::new(file.clone()).map_err(invalid)?;
+        Ok(Self::with(Box::new(steps), file))
+    }
+
+    fn with(steps: Box<dyn Steps>, dev: Arc<dyn BlockDevice>) -> Arc<Self> {
+        Arc::new(CompactTarget {
+            stats: Mutex::new(CompactStats {
+                block_size: steps.block_size(),
+                ..CompactStats::default()
+            }),
+            steps,
+            dev,
+        })
+    }
+
+    /// Opens the image file at `path` read-write with image locks `lock` (QEMU's writer
+    /// locks with [`LockMode::Auto`]), VHD or VHDX by content. Its parents are not opened:
+    /// compaction never reads them.
+    pub fn open(path: &Path, lock: LockMode) -> Result<Arc<Self>, JobError> {
+        let storage = FileStorage::open(
+            path,
+            &block_io::OpenOptions::new().read_only(false).lock(lock),
+        )
+        .map_err(prep(path))?;
+        if vhdx_format::probe(&storage) {
+            let f = VhdxFile::open(storage, false).map_err(prep(path))?;
+            Self::vhdx(Arc::new(f))
+        } else if vhd_format::probe(&storage) {
+            let f = VhdFile::open(storage, false).map_err(prep(path))?;
+            Self::vhd(Arc::new(f))
+        } else {
+            Err(JobError::Invalid(format!(
+                "{} is neither a VHD nor a VHDX image",
+                path.display()
+            )))
+        }
+    }
+
+    /// The image as a block device (a differencing one reads absent sectors as zeros: put
+    /// it on top of its parents for a guest, see [`open_chain_for_compact`]).
+    pub fn device(&self) -> Arc<dyn BlockDevice> {
+        self.dev.clone()
+    }
+
+    /// What the compaction did so far.
+    pub fn stats(&self) -> CompactStats {
+        *self.stats.lock()
+    }
+
+    /// Compacts the image at once, with no guest and no job (an image nobody else uses).
+    pub fn compact_offline(&self) -> Result<CompactStats, JobError> {
+        let err = |op: &'static str| {
+            move |source| JobError::Destination {
+                op,
+                offset: 0,
+                source,
+            }
+        };
+        let s = &*self.steps;
+        let before = s.file_len().map_err(err("compact"))?;
+        self.stats.lock().len_before = before;
+        for b in 0..s.block_count() {
+            if s.reclaim(b).map_err(err("reclaim"))? {
+                self.stats.lock().reclaimed_blocks += 1;
+            }
+        }
+        while let Some(m) = s.plan_move().map_err(err("move"))? {
+            if !s.move_block(&m).map_err(err("move"))? {
+                break;
+            }
+            self.stats.lock().moved_blocks += 1;
+        }
+        s.truncate().map_err(err("truncate"))?;
+        let after = s.file_len().map_err(err("compact"))?;
+        let mut st = self.stats.lock();
+        st.len_after = after;
+        Ok(*st)
+    }
+}
+
+/// Opens the chain at `path` for a guest while its top is compacted: the top read-write as
+/// a [`CompactTarget`], its parents as [`Disk::open`] opens them with `opts` (which must be
+/// writable). Returns the disk for the guest's [`LiveDisk`] and the target for
+/// [`Job::compact`].
+pub fn open_chain_for_compact(
+    path: &Path,
+    opts: &chain::OpenOptions,
+) -> Result<(Arc<Disk>, Arc<CompactTarget>), JobError> {
+    let chain_err = |e: chain::ChainError| JobError::Prepare {
+        path: path.to_path_buf(),
+        source: block_io::Error::with_source(e.kind(), "cannot open the chain", e),
+    };
+    if opts.read_only {
+        return Err(JobError::Invalid(
+            "a compaction needs a writable disk".into(),
+        ));
+    }
+    // The chain resolves and checks the parents; its own handle of the top is closed (and
+    // unlocked) before the target opens the top again.
+    let disk = Disk::open(path, opts).map_err(chain_err)?;
+    let mut layers: Vec<Layer> = disk.layers().to_vec();
+    drop(disk);
+    let top = layers.remove(0);
+    let format = top.format;
+    let (top_path, identity, parent) = (top.path.clone(), top.identity, top.parent.clone());
+    drop(top);
+    if !matches!(format, Format::Vhd | Format::Vhdx) {
+        return Err(JobError::Invalid(format!(
+            "{} is not a VHD or VHDX image",
+            path.display()
+        )));
+    }
+    let target = CompactTarget::open(&top_path, opts.lock)?;
+    let mut all = vec![Layer {
+        path: top_path,
+        format,
+        dev: target.device(),
+        identity,
+        parent,
+    }];
+    all.extend(layers);
+    let disk = Disk::from_layers(all, opts.ignore_lineage).map_err(chain_err)?;
+    Ok((Arc::new(disk), target))
+}
+
+impl Job {
+    /// Compacts `target` (see the module docs). Start it on the [`LiveDisk`] the guest uses
+    /// for the target's [`device`](CompactTarget::device), or for a chain whose top it is;
+    /// the job changes no guest data, so there is no pivot: the guest stays where it is.
+    pub fn compact(target: Arc<CompactTarget>) -> Job {
+        let mut job = Job::with_kind(JobKind::Compact, target.device());
+        job.compact = Some(target);
+        job
+    }
+}
+
+/// Starts a compact job (from [`crate::JobRunner::start`]).
+pub(crate) fn start(
+    rt: &tokio::runtime::Handle,
+    live: &Arc<LiveDisk>,
+    target: Arc<CompactTarget>,
+    o: JobOptions,
+) -> Result<JobHandle, JobError> {
+    let size = target.dev.info().virtual_size;
+    let guest = live.current().info();
+    if guest.virtual_size != size {
+        return Err(JobError::Invalid(format!(
+            "the guest's disk ({} bytes) is not the image compacted ({size} bytes)",
+            guest.virtual_size
+        )));
+    }
+    let bs = target.steps.block_size().max(1);
+    let mut tracker = Tracker::new(target.device(), 0, size, 0, bs);
+    // Guest changes take their range locks but are not tracked: nothing is copied for them.
+    tracker.ignore_guest = true;
+    let tracker = Arc::new(tracker);
+    live.attach(tracker.clone())?;
+    let (ctl, ctl_rx) = watch::channel(Control::default());
+    let (done_tx, done_rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        kind: JobKind::Compact,
+        ctl,
+        cancelled: AtomicBool::new(false),
+        limiter: RateLimiter::new(0, 1),
+        chunk: bs,
+        gran: bs,
+        phase: AtomicU8::new(Phase::Scanning as u8),
+        start: Instant::now(),
+        paused_ns: AtomicU64::new(0),
+        done: AtomicU64::new(0),
+        in_flight: AtomicU64::new(0),
+        tracker,
+        result: Mutex::new(None),
+        finished: AtomicBool::new(false),
+        done_cv: Condvar::new(),
+        done_tx,
+    });
+    shared.limiter.set_rate(o.rate, bs.max(1));
+    live.reset_max_wait();
+    let run = Compaction {
+        shared: shared.clone(),
+        live: live.clone(),
+        target,
+        ctl: ctl_rx,
+        yield_cap: o.yield_cap,
+        yields: Arc::new(AtomicU64::new(0)),
+    };
+    let guard = Detach {
+        shared: shared.clone(),
+        live: live.clone(),
+    };
+    rt.spawn(async move {
+        let r = run.run().await;
+        // Detached before the result is out: a caller that saw it may start another job.
+        guard.release();
+        guard.shared.finish(r);
+        drop(guard);
+    });
+    Ok(JobHandle { shared, done_rx })
+}
+
+/// Puts guest reads back to lock-free and detaches the job when its task ends, however it
+/// ends (also when the runtime drops it: then the result is [`JobError::Aborted`]).
+struct Detach {
+    shared: Arc<Shared>,
+    live: Arc<LiveDisk>,
+}
+
+impl Detach {
+    fn release(&self) {
+        self.live.lock_reads(false);
+        self.live.detach(&self.shared.tracker);
+    }
+}
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        if !self.shared.finished.load(Ordering::Acquire) {
+            self.release();
+            self.shared.finish(Err(JobError::Aborted));
+        }
+    }
+}
+
+/// The driver task of a compact job.
+struct Compaction {
+    shared: Arc<Shared>,
+    live: Arc<LiveDisk>,
+    target: Arc<CompactTarget>,
+    ctl: watch::Receiver<Control>,
+    yield_cap: Duration,
+    yields: Arc<AtomicU64>,
+}
+
+fn step_err(op: &'static str, offset: u64) -> impl FnOnce(block_io::Error) -> JobError {
+    move |source| JobError::Destination { op, offset, source }
+}
+
+/// The priority rule (as for chunk copies): guest requests that started before this step go
+/// first, for at most `cap`.
+fn yield_to_guests(live: &LiveDisk, cap: Duration, yields: &AtomicU64) {
+    let target = live.arrived();
+    if live.completed() >= target {
+        return;
+    }
+    yields.fetch_add(1, Ordering::Relaxed);
+    let deadline = Instant::now() + cap;
+    while live.completed() < target && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(20));
+    }
+}
+
+impl Compaction {
+    async fn run(mut self) -> JobResult {
+        let live = self.live.clone();
+        tokio::task::spawn_blocking(move || live.lock_reads(true))
+            .await
+            .map_err(|_| JobError::Aborted)?;
+        self.main().await
+    }
+
+    /// Runs `f` on the blocking pool with block `block`'s guest range held exclusively,
+    /// after the guest requests already in flight.
+    async fn locked<T: Send + 'static>(
+        &self,
+        block: u64,
+        f: impl FnOnce(&CompactTarget) -> T + Send + 'static,
+    ) -> Result<T, JobError> {
+        let (live, target, yields) = (self.live.clone(), self.target.clone(), self.yields.clone());
+        let cap = self.yield_cap;
+        let bs = self.shared.gran;
+        tokio::task::spawn_blocking(move || {
+            yield_to_guests(&live, cap, &yields);
+            let size = target.dev.info().virtual_size;
+            let start = block.saturating_mul(bs).min(size);
+            let _g = live
+                .range_lock()
+                .lock_exclusive(start, bs.min(size - start));
+            f(&target)
+        })
+        .await
+        .map_err(|_| JobError::Aborted)
+    }
+
+    async fn main(&mut self) -> JobResult {
+        let t0 = Instant::now();
+        let bs = self.shared.gran;
+        let t = self.target.clone();
+        let steps = &*t.steps;
+        let before = steps.file_len().map_err(step_err("compact", 0))?;
+        self.target.stats.lock().len_before = before;
+        let tracker = self.shared.tracker.clone();
+        tracker.dirty.set(0, tracker.dirty.len());
+        let (mut reclaimed, mut moved) = (0u64, 0u64);
+        // 1. Reclaim.
+        let mut b = 0;
+        while b < steps.block_count() {
+            self.checkpoint().await?;
+            if !self.tokens(bs).await {
+                continue;
+            }
+            tracker.dirty.take(b, b + 1);
+            self.shared.in_flight.fetch_add(bs, Ordering::AcqRel);
+            let r = self.locked(b, move |t| t.steps.reclaim(b)).await;
+            self.shared.in_flight.fetch_sub(bs, Ordering::AcqRel);
+            if r?.map_err(step_err("reclaim", b * bs))? {
+                reclaimed += 1;
+                self.target.stats.lock().reclaimed_blocks += 1;
+            }
+            self.shared.done.fetch_add(bs, Ordering::AcqRel);
+            b += 1;
+        }
+        // 2. Move.
+        self.shared.set_phase(Phase::Copying);
+        let mut stale = 0u32;
+        loop {
+            self.checkpoint().await?;
+            let target = self.target.clone();
+            let plan = tokio::task::spawn_blocking(move || target.steps.plan_move())
+                .await
+                .map_err(|_| JobError::Aborted)?
+                .map_err(step_err("move", 0))?;
+            let Some(m) = plan else {
+                break;
+            };
+            if !self.tokens(m.len).await {
+                continue;
+            }
+            self.shared.in_flight.fetch_add(m.len, Ordering::AcqRel);
+            let r = self.locked(m.block, move |t| t.steps.move_block(&m)).await;
+            self.shared.in_flight.fetch_sub(m.len, Ordering::AcqRel);
+            if r?.map_err(step_err("move", m.block * bs))? {
+                stale = 0;
+                moved += 1;
+                self.target.stats.lock().moved_blocks += 1;
+                self.shared.done.fetch_add(m.len, Ordering::AcqRel);
+            } else {
+                // The block changed under the plan (a guest wrote or discarded it): plan
+                // again, a few times at most.
+                stale += 1;
+                if stale > 8 {
+                    break;
+                }
+            }
+        }
+        // 3. Truncate.
+        self.checkpoint().await?;
+        self.shared.set_phase(Phase::Pivoting);
+        let target = self.target.clone();
+        let pause = Instant::now();
+        let after = tokio::task::spawn_blocking(move || {
+            target.steps.truncate()?;
+            target.steps.file_len()
+        })
+        .await
+        .map_err(|_| JobError::Aborted)?
+        .map_err(step_err("truncate", 0))?;
+        let truncate_time = pause.elapsed();
+        self.target.stats.lock().len_after = after;
+        Ok(JobReport {
+            kind: JobKind::Compact,
+            bytes: self.shared.done.load(Ordering::Acquire),
+            copy_file_range_bytes: 0,
+            buffered_bytes: moved * bs,
+            zeroed_bytes: reclaimed * bs,
+            skipped_bytes: 0,
+            blocks_dirtied: 0,
+            written_through: 0,
+            passes: 1,
+            yields: self.yields.load(Ordering::Relaxed),
+            duration: t0.elapsed(),
+            // Guest I/O is never paused as a whole; allocating writers wait for the
+            // truncation's syncs at most.
+            pivot_pause: truncate_time.min(self.live.guest_stats().max_wait),
+            max_guest_wait: self.live.guest_stats().max_wait,
+            generation: self.live.generation(),
+        })
+    }
+
+    /// Returns at once unless paused (then waits for resume or cancel); errs when cancelled.
+    async fn checkpoint(&mut self) -> Result<(), JobError> {
+        loop {
+            let c = *self.ctl.borrow_and_update();
+            if c.cancelled {
+                return Err(JobError::Cancelled);
+            }
+            if !c.paused {
+                return Ok(());
+            }
+            let before = self.shared.phase();
+            self.shared.set_phase(Phase::Paused);
+            let t = Instant::now();
+            let closed = self.ctl.changed().await.is_err();
+            let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.shared.paused_ns.fetch_add(ns, Ordering::AcqRel);
+            self.shared.set_phase(before);
+            if closed {
+                return Err(JobError::Aborted);
+            }
+        }
+    }
+
+    /// Takes `bytes` tokens from the limiter; false if paused or cancelled meanwhile.
+    async fn tokens(&mut self, bytes: u64) -> bool {
+        loop {
+            let c = *self.ctl.borrow_and_update();
+            if c.paused || c.cancelled {
+                return false;
+            }
+            match self.shared.limiter.try_acquire(bytes) {
+                Ok(()) => return true,
+                Err(wait) => {
+                    let wait = wait.min(Duration::from_millis(100));
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        _ = self.ctl.changed() => {}
+                    }
+                }
+            }
+        }
+    }
+}
