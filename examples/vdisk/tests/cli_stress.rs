@@ -40,3 +40,32 @@ fn stress_copy_and_convert_find_no_mismatch() {
         );
     }
 }
+
+/// `vdisk stress --job resize` on a VHD and a VHDX: the image doubles under the guests with
+/// zero mismatches (past-the-end requests refused before the switch, served after it), and
+/// the image keeps its new size.
+#[test]
+fn stress_resize_finds_no_mismatch() {
+    let dir = tempfile::tempdir().unwrap();
+    for fmt in ["vhd", "vhdx"] {
+        let img = p(&dir, &format!("g.{fmt}"));
+        vdisk_ok(&["create", "-f", fmt, &img, "16M"]);
+        let out = vdisk_ok(&[
+            "stress",
+            &img,
+            "--job",
+            "resize",
+            "--seconds",
+            "2",
+            "--threads",
+            "2",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["mismatches"], 0, "{fmt}: {v}");
+        assert_eq!(v["errors"], 0, "{fmt}: {v}");
+        assert_eq!(v["job"], "completed", "{fmt}: {v}");
+        let info = vdisk_json(&["info", "--output", "json", &img]);
+        assert_eq!(info["virtual_size"], 32 << 20, "{fmt}: {info}");
+        vdisk_ok(&["check", &img]);
+    }
+}
