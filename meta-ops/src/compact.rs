@@ -11,9 +11,9 @@
 //! format crates ([`vhd_format::compact`], [`vhdx_format::compact`]):
 //! 1. **Reclaim** ([`Phase::Scanning`]): every block is checked, and one that holds nothing
 //!    gives its space back (VHD: all zeros, or in a differencing image no sector present,
-//!    becomes unallocated; VHDX: all zeros becomes PAYLOAD_BLOCK_ZERO, a partially present
-//!    block with no sector present NOT_PRESENT; a block that hides the parent never starts
-//!    showing it).
+//!    becomes unallocated; VHDX: all zeros in a dynamic image becomes PAYLOAD_BLOCK_ZERO, a
+//!    partially present block of a differencing image with no sector present NOT_PRESENT; a
+//!    block that hides the parent never starts showing it).
 //! 2. **Move** ([`Phase::Copying`]): the block lying highest in the file moves into the
 //!    lowest hole below it, one block at a time, until none fits lower.
 //! 3. **Truncate** ([`Phase::Pivoting`]): the file is cut after the last block.
