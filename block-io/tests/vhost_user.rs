@@ -916,3 +916,84 @@ fn an_available_index_beyond_the_ring_stalls_only_that_queue() {
         assert!(t0.elapsed() < Duration::from_secs(5));
     }
 }
+
+/// A memory disk whose size the test changes (as an online resize does to a `LiveDisk`).
+struct Growable {
+    mem: MemStorage,
+    size: std::sync::atomic::AtomicU64,
+}
+
+impl BlockDevice for Growable {
+    fn info(&self) -> block_io::DiskInfo {
+        block_io::DiskInfo {
+            virtual_size: self.size.load(std::sync::atomic::Ordering::Acquire),
+            logical_sector_size: 512,
+            physical_sector_size: 512,
+            read_only: false,
+            disk_id: None,
+            format: "raw",
+        }
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> block_io::Result<()> {
+        block_io::check_request(&self.info(), offset, buf.len() as u64, false)?;
+        self.mem.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> block_io::Result<()> {
+        block_io::check_request(&self.info(), offset, buf.len() as u64, true)?;
+        self.mem.write_at(buf, offset)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> block_io::Result<()> {
+        self.write_at(&vec![0u8; len as usize], offset)
+    }
+    fn discard(&self, offset: u64, len: u64) -> block_io::Result<()> {
+        self.write_zeroes(offset, len, true)
+    }
+    fn flush(&self) -> block_io::Result<()> {
+        Ok(())
+    }
+    fn block_status(&self, offset: u64, len: u64) -> block_io::Result<block_io::StatusRun> {
+        block_io::check_request(&self.info(), offset, len, false)?;
+        Ok(block_io::StatusRun {
+            status: block_io::BlockStatus::Data,
+            len,
+            file_offset: None,
+        })
+    }
+}
+
+/// The disk grows under a connected frontend: `ConfigHandle::refresh` sends
+/// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG on the backend request channel, GET_CONFIG then shows
+/// the new capacity, and requests past the old end, refused before, are served.
+#[test]
+fn a_resized_disk_announces_its_new_capacity() {
+    const OLD: u64 = 4 << 20;
+    const NEW: u64 = 8 << 20;
+    let mem = MemStorage::new();
+    mem.set_len(NEW).unwrap();
+    let dev = Arc::new(Growable {
+        mem,
+        size: std::sync::atomic::AtomicU64::new(OLD),
+    });
+    let s = Served::start(dev.clone(), 1);
+    let mut c = s.client(1);
+    c.watch_config_changes().unwrap();
+    assert_eq!(c.config().capacity, OLD / 512);
+    assert_eq!(s.config.capacity(), OLD / 512);
+    assert_eq!(c.read(OLD / 512, 4096).unwrap().0, VIRTIO_BLK_S_IOERR);
+    // Nothing changed: no message.
+    assert!(!s.config.refresh().unwrap());
+    assert_eq!(c.wait_config_change(Duration::from_millis(50)).unwrap(), 0);
+
+    dev.size.store(NEW, std::sync::atomic::Ordering::Release);
+    let config = s.config.clone();
+    // With REPLY_ACK the backend waits for the frontend's answer.
+    let announcer = std::thread::spawn(move || config.refresh());
+    assert_eq!(c.wait_config_change(Duration::from_secs(10)).unwrap(), 1);
+    assert!(announcer.join().unwrap().unwrap());
+    assert_eq!(c.read_config().unwrap().capacity, NEW / 512);
+    assert_eq!(c.config().capacity, NEW / 512);
+    let data = pattern(4096, 9);
+    assert_eq!(c.write(OLD / 512, &data).unwrap(), VIRTIO_BLK_S_OK);
+    assert_eq!(c.read(OLD / 512, 4096).unwrap(), (VIRTIO_BLK_S_OK, data));
+    assert_eq!(c.read(NEW / 512, 512).unwrap().0, VIRTIO_BLK_S_IOERR);
+}

@@ -1,7 +1,8 @@
 //! `vdisk compact IMG [-p] [--rate BYTES/S]`: return the unused space of a dynamic or
 //! differencing VHD or VHDX, with the online compact job of `meta_ops` (no guest here, so the
 //! job has the image to itself): blocks that hold nothing give their space back (VHD:
-//! unallocated; VHDX: ZERO, or NOT_PRESENT for an empty partially present block), blocks at
+//! unallocated; VHDX: ZERO in a dynamic image, NOT_PRESENT for an empty partially present
+//! block of a differencing one), blocks at
 //! the end of the file move into the holes, and the file is truncated. A differencing image's
 //! parents are not opened: nothing that hides the parent is ever dropped. Prints what it
 //! freed.

@@ -11,9 +11,9 @@
 //! format crates ([`vhd_format::compact`], [`vhdx_format::compact`]):
 //! 1. **Reclaim** ([`Phase::Scanning`]): every block is checked, and one that holds nothing
 //!    gives its space back (VHD: all zeros, or in a differencing image no sector present,
-//!    becomes unallocated; VHDX: all zeros becomes PAYLOAD_BLOCK_ZERO, a partially present
-//!    block with no sector present NOT_PRESENT; a block that hides the parent never starts
-//!    showing it).
+//!    becomes unallocated; VHDX: all zeros in a dynamic image becomes PAYLOAD_BLOCK_ZERO, a
+//!    partially present block of a differencing image with no sector present NOT_PRESENT; a
+//!    block that hides the parent never starts showing it).
 //! 2. **Move** ([`Phase::Copying`]): the block lying highest in the file moves into the
 //!    lowest hole below it, one block at a time, until none fits lower.
 //! 3. **Truncate** ([`Phase::Pivoting`]): the file is cut after the last block.
@@ -310,6 +310,20 @@ pub fn open_chain_for_compact(
     path: &Path,
     opts: &chain::OpenOptions,
 ) -> Result<(Arc<Disk>, Arc<CompactTarget>), JobError> {
+    open_chain_for_compact_layer(path, opts, 0)
+}
+
+/// As [`open_chain_for_compact`], for the layer at `depth` (0 = the top, 1 = its parent, ...):
+/// that layer is opened read-write (with `opts.lock`, so another user of it is refused) as
+/// the target, and stays in the guest's chain below the top, which the guest keeps writing.
+/// Compaction changes nothing a reader sees, so the layers above keep matching it (a VHDX
+/// keeps its DataWriteGuid, a VHD its ids). Every other chain over that layer must be
+/// closed: its handle would not see the blocks move.
+pub fn open_chain_for_compact_layer(
+    path: &Path,
+    opts: &chain::OpenOptions,
+    depth: usize,
+) -> Result<(Arc<Disk>, Arc<CompactTarget>), JobError> {
     let chain_err = |e: chain::ChainError| JobError::Prepare {
         path: path.to_path_buf(),
         source: block_io::Error::with_source(e.kind(), "cannot open the chain", e),
@@ -319,31 +333,40 @@ pub fn open_chain_for_compact(
             "a compaction needs a writable disk".into(),
         ));
     }
-    // The chain resolves and checks the parents; its own handle of the top is closed (and
-    // unlocked) before the target opens the top again.
+    // The chain resolves and checks the parents.
     let disk = Disk::open(path, opts).map_err(chain_err)?;
     let mut layers: Vec<Layer> = disk.layers().to_vec();
     drop(disk);
-    let top = layers.remove(0);
-    let format = top.format;
-    let (top_path, identity, parent) = (top.path.clone(), top.identity, top.parent.clone());
-    drop(top);
+    if depth >= layers.len() {
+        return Err(JobError::Invalid(format!(
+            "the chain of {} has {} layer(s), none at depth {depth}",
+            path.display(),
+            layers.len()
+        )));
+    }
+    let old = layers.remove(depth);
+    let format = old.format;
+    let (layer_path, identity, parent) = (old.path.clone(), old.identity, old.parent.clone());
+    // The chain's own handle is closed (and unlocked) before the target opens the file.
+    drop(old);
     if !matches!(format, Format::Vhd | Format::Vhdx) {
         return Err(JobError::Invalid(format!(
             "{} is not a VHD or VHDX image",
-            path.display()
+            layer_path.display()
         )));
     }
-    let target = CompactTarget::open(&top_path, opts.lock)?;
-    let mut all = vec![Layer {
-        path: top_path,
-        format,
-        dev: target.device(),
-        identity,
-        parent,
-    }];
-    all.extend(layers);
-    let disk = Disk::from_layers(all, opts.ignore_lineage).map_err(chain_err)?;
+    let target = CompactTarget::open(&layer_path, opts.lock)?;
+    layers.insert(
+        depth,
+        Layer {
+            path: layer_path,
+            format,
+            dev: target.device(),
+            identity,
+            parent,
+        },
+    );
+    let disk = Disk::from_layers(layers, opts.ignore_lineage).map_err(chain_err)?;
     Ok((Arc::new(disk), target))
 }
 

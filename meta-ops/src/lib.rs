@@ -86,7 +86,9 @@ mod live;
 mod resize;
 
 pub use commit::{prepare_top, set_vhdx_linkage, unlink_stale, CommitOptions, Retire};
-pub use compact::{open_chain_for_compact, CompactStats, CompactTarget};
+pub use compact::{
+    open_chain_for_compact, open_chain_for_compact_layer, CompactStats, CompactTarget,
+};
 pub use error::{JobError, JobResult};
 pub use handle::{JobHandle, JobReport, Phase, Progress};
 pub use job::{Job, JobKind, JobOptions, JobRunner, Pivot};

@@ -6,8 +6,12 @@
 //!   check clean and hold every guest write that was acknowledged and flushed (blocks
 //!   written after the last good flush may read either way);
 //! - pause, resume, rate limit and cancel: a cancelled compaction leaves the image valid and
-//!   reading as before; a completed one without guests shrinks the file.
+//!   reading as before; a completed one without guests shrinks the file;
+//! - the parent of a live VHDX chain compacted while guests write the child: the base file
+//!   shrinks, the guests see their model, and the chain reopens with lineage checks on.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -253,4 +257,65 @@ fn pause_resume_rate_cancel_then_complete() {
         let again = target_on(vhdx, MemStorage::from_bytes(&mem.to_vec().unwrap())).unwrap();
         assert_eq!(read_all(&*again.device()), before);
     }
+}
+
+/// A VHDX base (zeroed blocks among data) under a differencing child, on files; the base is
+/// compacted online (`open_chain_for_compact_layer` at depth 1) while guests write the child.
+#[test]
+fn parent_of_a_live_chain_compacts_under_guest_io() {
+    let runner = JobRunner::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhdx");
+    let child = dir.path().join("child.vhdx");
+    let bytes = image(true, 11);
+    std::fs::write(&base, &bytes).unwrap();
+    let dwg = vhdx_format::open_file(&base, true)
+        .unwrap()
+        .header()
+        .data_write_guid;
+    let mut o = vhdx_format::CreateOptions::differencing(
+        SIZE,
+        vhdx_format::ParentRef {
+            data_write_guid: dwg,
+            relative_path: "base.vhdx".into(),
+            absolute_path: None,
+        },
+    );
+    o.block_size = Some(1 << 20);
+    vhdx_format::create_file(&child, &o)
+        .unwrap()
+        .close()
+        .unwrap();
+    let (disk, target) =
+        meta_ops::open_chain_for_compact_layer(&child, &chain::OpenOptions::new(), 1).unwrap();
+    let live = LiveDisk::new(disk);
+    let initial = read_all(&*live);
+    let guests = common::start(&live, common::Model::new(initial, 1), 2, 11, false);
+    guests.run_for_ops(50);
+    let r = runner
+        .start(&live, Job::compact(target.clone()))
+        .unwrap()
+        .wait_blocking()
+        .unwrap();
+    guests.run_for_ops(100);
+    let (model, counts) = guests.stop();
+    assert_eq!(counts.errors.load(Ordering::Relaxed), 0);
+    assert_eq!(counts.mismatches.load(Ordering::Relaxed), 0);
+    assert_eq!(common::mismatches(&*live, 0, &model.cur), 0);
+    let s = target.stats();
+    assert!(s.reclaimed_blocks > 0 && s.freed() > 0, "{s:?} {r:?}");
+    live.flush().unwrap();
+    drop(live);
+    drop(target);
+    assert!(std::fs::metadata(&base).unwrap().len() < bytes.len() as u64);
+    // The chain opens with lineage checks on (the base kept its DataWriteGuid).
+    let again = chain::Disk::open(&child, &chain::OpenOptions::new().read_only(true)).unwrap();
+    assert_eq!(common::mismatches(&again, 0, &model.cur), 0);
+    assert_eq!(
+        vhdx_format::open_file(&base, true)
+            .unwrap()
+            .header()
+            .data_write_guid,
+        dwg
+    );
 }

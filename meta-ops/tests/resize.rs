@@ -218,3 +218,48 @@ fn refusals_leave_the_guest_on_a_working_disk() {
     ));
     live.write_at(&[9; 4096], 0).unwrap();
 }
+
+/// The whole path: a guest behind the vhost-user backend serving the `LiveDisk` sees the
+/// online resize (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG, then the new capacity) and can use the
+/// new space; a request there was refused before.
+#[test]
+fn a_vhost_user_frontend_sees_the_online_resize() {
+    use block_io::vhost_user::client::{Client, ClientOptions};
+    use block_io::vhost_user::request::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+    use block_io::vhost_user::{ServerOptions, VhostUserBlkServer};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (top, _) = chains::build(dir.path(), Kind::Vhdx, 1, OLD, 5);
+    let disk = Arc::new(Disk::open(&top, &OpenOptions::new()).unwrap());
+    let live = LiveDisk::new(disk.clone());
+    let sock = dir.path().join("vub.sock");
+    let mut server =
+        VhostUserBlkServer::bind(&sock, live.clone(), &ServerOptions::default()).unwrap();
+    let (stop, config) = (server.stop_handle(), server.config_handle());
+    let serving = std::thread::spawn(move || server.serve());
+    let mut c = Client::connect(&sock, &ClientOptions::default()).unwrap();
+    c.watch_config_changes().unwrap();
+    assert_eq!(c.config().capacity, OLD / 512);
+    assert_eq!(c.read(OLD / 512, 4096).unwrap().0, VIRTIO_BLK_S_IOERR);
+
+    let r = resize_live(&live, &disk, NEW, false).unwrap();
+    let announce = std::thread::spawn(move || config.refresh());
+    assert_eq!(c.wait_config_change(Duration::from_secs(10)).unwrap(), 1);
+    assert!(announce.join().unwrap().unwrap());
+    assert_eq!(c.read_config().unwrap().capacity, NEW / 512);
+    let data = vec![0x3C; 4096];
+    assert_eq!(c.write(OLD / 512, &data).unwrap(), VIRTIO_BLK_S_OK);
+    assert_eq!(c.flush().unwrap(), VIRTIO_BLK_S_OK);
+    assert_eq!(
+        c.read(OLD / 512, 4096).unwrap(),
+        (VIRTIO_BLK_S_OK, data.clone())
+    );
+    c.close();
+    stop.stop();
+    serving.join().unwrap().unwrap();
+    drop((live, disk, r));
+    let d = Disk::open(&top, &OpenOptions::new()).unwrap();
+    let mut b = vec![0u8; 4096];
+    d.read_at(&mut b, OLD).unwrap();
+    assert_eq!(b, data);
+}

@@ -24,7 +24,8 @@
 //! - [`VhdxFile::set_parent_locator`]: a new parent locator through the log (`reparent`,
 //!   2.6.2.6), for rebasing a child onto a moved or copied parent;
 //! - [`probe`], [`VhdxFile::details`] and [`VhdxFile::check`] for tools;
-//! - [`VhdxCompactor`]: empty blocks give their space back (ZERO / NOT_PRESENT), blocks move
+//! - [`VhdxCompactor`]: empty blocks give their space back (ZERO, or NOT_PRESENT for an empty
+//!   partially present block of a differencing image), blocks move
 //!   down into holes, the file is truncated, in steps an online job can interleave with
 //!   guest I/O ([`compact`]).
 //!

@@ -13,11 +13,12 @@
 //! is done, and the driver is interrupted when the used-event index says so.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 
 use parking_lot::{Condvar, Mutex, RwLock};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -37,10 +38,15 @@ const BATCH: usize = 64;
 /// Largest config read answered (the vhost-user message limit).
 const MAX_CONFIG_READ: usize = 256;
 
-/// What every connection shares: the disk and its fixed answers.
+/// What every connection shares: the disk and its fixed answers (but the capacity, which
+/// follows the disk's size when told to, see [`Shared::refresh`]).
 pub(crate) struct Shared {
     pub dev: Arc<dyn BlockDevice>,
     pub info: DiskInfo,
+    /// The capacity in 512-byte sectors: config space and request checks.
+    pub capacity: AtomicU64,
+    /// The current connection's backend request channel (BACKEND_REQ), if it opened one.
+    pub frontend: Mutex<Option<Backend>>,
     pub config: [u8; CONFIG_LEN],
     pub features: u64,
     pub num_queues: usize,
@@ -64,6 +70,8 @@ impl Shared {
         let n = serial.len().min(ID_LEN);
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
         Shared {
+            capacity: AtomicU64::new(info.virtual_size / 512),
+            frontend: Mutex::new(None),
             config: BlkConfig::for_disk(&info, num_queues).to_bytes(),
             features: device_features(&info),
             num_queues: usize::from(num_queues),
@@ -73,6 +81,26 @@ impl Shared {
             dev,
             aio,
         }
+    }
+}
+
+impl Shared {
+    /// Takes the disk's size again; when it changed, the config space's `capacity` changes
+    /// and the connected frontend, if it opened the backend request channel, is sent
+    /// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (virtio 1.2, 2.5.1: the device's configuration
+    /// change notification; the driver then reads the config space again). Requests are
+    /// checked against the new capacity from their next batch on. Returns whether it changed.
+    pub(crate) fn refresh(&self) -> crate::Result<bool> {
+        let sectors = self.dev.info().virtual_size / 512;
+        if self.capacity.swap(sectors, Ordering::AcqRel) == sectors {
+            return Ok(false);
+        }
+        if let Some(fe) = self.frontend.lock().as_ref() {
+            fe.handle_config_change().map_err(|e| {
+                crate::Error::io("cannot send the configuration change to the frontend", e)
+            })?;
+        }
+        Ok(true)
     }
 }
 
@@ -167,7 +195,7 @@ impl Drop for Finish<'_> {
 fn target(shared: &Shared) -> Target<'_> {
     Target {
         dev: &*shared.dev,
-        sectors: shared.info.virtual_size / 512,
+        sectors: shared.capacity.load(Ordering::Acquire),
         block_size: u64::from(shared.info.logical_sector_size.max(512)),
         read_only: shared.info.read_only,
         id: &shared.id,
@@ -198,8 +226,8 @@ fn finish_io(tok: IoToken, r: crate::Result<()>, in_flight: &InFlight) {
 
 /// The offload thread of one queue: runs the jobs it is sent until every sender is gone.
 fn offload_loop(shared: Arc<Shared>, in_flight: Arc<InFlight>, jobs: mpsc::Receiver<Job>) {
-    let t = target(&shared);
     for job in jobs {
+        let t = target(&shared);
         let _done = Finish(&in_flight);
         let used = process(&job.mem, &job.descs, &t);
         complete(&job.vring, job.head, used);
@@ -475,10 +503,12 @@ impl VhostUserBackend for BlkBackend {
         // GET_MAX_MEM_SLOTS, ADD_MEM_REG and REM_MEM_REG by swapping the guest memory in the
         // `GuestMemoryAtomic` this backend shares (see `update_memory`); requests take a fresh
         // snapshot of it (see `drain`).
+        // BACKEND_REQ: the channel a disk resize is announced on (Shared::refresh).
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -490,8 +520,15 @@ impl VhostUserBackend for BlkBackend {
         let mut out = vec![0u8; size];
         let start = (offset as usize).min(CONFIG_LEN);
         let end = start.saturating_add(size).min(CONFIG_LEN);
-        out[..end - start].copy_from_slice(&self.shared.config[start..end]);
+        let mut config = self.shared.config;
+        let capacity = self.shared.capacity.load(Ordering::Acquire);
+        config[..8].copy_from_slice(&capacity.to_le_bytes());
+        out[..end - start].copy_from_slice(&config[start..end]);
         out
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        *self.shared.frontend.lock() = Some(backend);
     }
 
     fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {

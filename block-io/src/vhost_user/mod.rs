@@ -16,11 +16,14 @@
 //!   match qemu-storage-daemon's for well-framed requests.
 //! - Each queue has a worker thread, plus an offload thread for big requests when the host has
 //!   more cores than queues.
+//! - A disk whose size changes (an online resize) is announced with
+//!   [`ConfigHandle::refresh`]: new `capacity` in the config space and
+//!   VHOST_USER_BACKEND_CONFIG_CHANGE_MSG on the backend request channel (BACKEND_REQ).
 //! - Protocol features: MQ, CONFIG, REPLY_ACK and CONFIGURE_MEM_SLOTS (libblkio's
 //!   `virtio-blk-vhost-user` driver, and QEMU's `blkio` driver through it, require the last
-//!   three). With CONFIGURE_MEM_SLOTS the frontend adds and removes guest memory regions
-//!   (ADD_MEM_REG, REM_MEM_REG) while the queues run; each batch of requests is resolved
-//!   against the memory as it is when the batch is taken.
+//!   three), and BACKEND_REQ (resize announcements). With CONFIGURE_MEM_SLOTS the frontend
+//!   adds and removes guest memory regions (ADD_MEM_REG, REM_MEM_REG) while the queues run;
+//!   each batch of requests is resolved against the memory as it is when the batch is taken.
 //! - [`client`] is a frontend with its own guest memory (a memfd) and split virtqueues.
 //!
 //! ## Zero-copy, soundly
@@ -49,4 +52,4 @@ pub mod request;
 mod server;
 
 pub use config::BlkConfig;
-pub use server::{ServerOptions, StopHandle, VhostUserBlkServer};
+pub use server::{ConfigHandle, ServerOptions, StopHandle, VhostUserBlkServer};

@@ -89,6 +89,38 @@ impl StopHandle {
     }
 }
 
+/// Announces a change of the disk's size to the frontend (from
+/// [`VhostUserBlkServer::config_handle`]).
+#[derive(Clone)]
+pub struct ConfigHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ConfigHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigHandle")
+            .field("capacity", &self.shared.capacity.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConfigHandle {
+    /// Takes the disk's size again (after an online resize): when it changed, the virtio-blk
+    /// `capacity` in the config space changes, requests are checked against it, and the
+    /// connected frontend is sent VHOST_USER_BACKEND_CONFIG_CHANGE_MSG on the backend request
+    /// channel, if it opened one (QEMU does; the guest driver then reads the capacity again).
+    /// Returns whether the size changed. With REPLY_ACK negotiated it waits for the
+    /// frontend's acknowledgement.
+    pub fn refresh(&self) -> Result<bool> {
+        self.shared.refresh()
+    }
+
+    /// The capacity the frontend is shown, in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.shared.capacity.load(Ordering::Acquire)
+    }
+}
+
 /// A vhost-user-blk server for one [`BlockDevice`] on one unix socket.
 pub struct VhostUserBlkServer {
     shared: Arc<Shared>,
@@ -162,6 +194,13 @@ impl VhostUserBlkServer {
         self.stop.clone()
     }
 
+    /// A handle that announces a change of the disk's size ([`ConfigHandle::refresh`]).
+    pub fn config_handle(&self) -> ConfigHandle {
+        ConfigHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Number of frontend connections served to their end so far.
     pub fn connections(&self) -> u64 {
         self.connections.load(Ordering::SeqCst)
@@ -225,6 +264,8 @@ impl VhostUserBlkServer {
         // A frontend that breaks the protocol or vanishes ends its connection, not the server.
         let _ = daemon.wait();
         *self.stop.inner.current.lock() = None;
+        // That frontend's request channel is gone with it.
+        *self.shared.frontend.lock() = None;
         for h in daemon.get_epoll_handlers() {
             h.send_exit_event();
         }

@@ -9,12 +9,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use block_io::vhost_user::client::{Client, ClientOptions};
-use block_io::vhost_user::{ServerOptions, StopHandle, VhostUserBlkServer};
+use block_io::vhost_user::{ConfigHandle, ServerOptions, StopHandle, VhostUserBlkServer};
 use block_io::BlockDevice;
 
 /// Our server running on a thread; stopped and joined on drop.
 pub struct Served {
     pub path: PathBuf,
+    /// Announces size changes of the served disk.
+    pub config: ConfigHandle,
     stop: StopHandle,
     thread: Option<JoinHandle<(block_io::Result<()>, u64)>>,
     _dir: tempfile::TempDir,
@@ -41,12 +43,14 @@ impl Served {
         };
         let mut server = VhostUserBlkServer::bind(&path, dev, &opts).unwrap();
         let stop = server.stop_handle();
+        let config = server.config_handle();
         let thread = std::thread::spawn(move || {
             let r = server.serve();
             (r, server.connections())
         });
         Served {
             path,
+            config,
             stop,
             thread: Some(thread),
             _dir: dir,

@@ -354,3 +354,153 @@ fn windows_differencing_vhd_without_parent() {
         String::from_utf8_lossy(&o.stdout)
     );
 }
+
+/// `vdisk resize` on images qemu made and on ours: grown VHD (fixed and dynamic, qemu's
+/// CHS-sized ones too, and a qemu dynamic VHD whose BAT must push blocks out of its way) and
+/// VHDX grown and shrunk pass `qemu-img check`, `qemu-img info` shows the new size, and
+/// `qemu-img compare` matches a raw model (the old contents, then zeros). A shrink that would
+/// cut data is refused without `--force`, and needs `--shrink` at all.
+#[test]
+fn resized_images_pass_qemu_check_info_and_compare() {
+    let Some(qemu) = oracle("qemu-img") else {
+        return;
+    };
+    let Some(qemu_io) = oracle("qemu-io") else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let qemu_size = |fmt: &str, img: &str| -> u64 {
+        let o = run(&qemu, &["info", "--output", "json", "-f", qfmt(fmt), img]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["virtual-size"].as_u64().unwrap()
+    };
+    // (made by qemu, format, create options, size, resize steps)
+    let cases: &[(bool, &str, &[&str], &str, &[&[&str]])] = &[
+        (true, "vhd", &["-o", "subformat=fixed"], "8M", &[&["+8M"]]),
+        (true, "vhd", &[], "8M", &[&["300M"]]),
+        (false, "vhd", &["-o", "subformat=fixed"], "8M", &[&["24M"]]),
+        (
+            false,
+            "vhd",
+            &[],
+            "8M",
+            &[&["300M"], &["--shrink", "-292M"]],
+        ),
+        (
+            true,
+            "vhdx",
+            &[],
+            "64M",
+            &[&["+136M"], &["--shrink", "40M"]],
+        ),
+        (
+            true,
+            "vhdx",
+            &["-o", "subformat=fixed"],
+            "16M",
+            &[&["+16M"]],
+        ),
+        (
+            false,
+            "vhdx",
+            &["-o", "block_size=1M"],
+            "64M",
+            &[&["100M"], &["--shrink", "-60M"]],
+        ),
+    ];
+    for (i, (by_qemu, fmt, opts, size, steps)) in cases.iter().enumerate() {
+        let img = p(&d, &format!("r{i}.{fmt}"));
+        if *by_qemu {
+            let mut args = vec!["create", "-q", "-f", qfmt(fmt)];
+            args.extend_from_slice(opts);
+            args.extend([img.as_str(), size]);
+            assert!(run(&qemu, &args).status.success(), "{img}");
+            for cmd in [
+                "write -P 0x5a 0 64k",
+                "write -P 0xa5 3M 1M",
+                "write -P 0x11 7M 4k",
+            ] {
+                let o = run(&qemu_io, &["-f", qfmt(fmt), "-c", cmd, &img]);
+                assert!(o.status.success(), "{img}: {cmd}");
+            }
+        } else {
+            let mut args = vec!["create", "-f", fmt];
+            args.extend_from_slice(opts);
+            args.extend([img.as_str(), size]);
+            vdisk_ok(&args);
+            vdisk_ok(&[
+                "io",
+                &img,
+                "-c",
+                "write -P 0x5a 0 64k",
+                "-c",
+                "write -P 0xa5 3M 1M",
+                "-c",
+                "write -P 0x11 7M 4k",
+            ]);
+        }
+        let model = p(&d, &format!("r{i}.raw"));
+        let o = run(
+            &qemu,
+            &["convert", "-f", qfmt(fmt), "-O", "raw", &img, &model],
+        );
+        assert!(o.status.success(), "{img}");
+        for step in steps.iter() {
+            let mut args = vec!["resize"];
+            args.extend_from_slice(&step[..step.len() - 1]);
+            args.extend([img.as_str(), step[step.len() - 1]]);
+            vdisk_ok(&args);
+            let size = qemu_size(fmt, &img);
+            assert_eq!(
+                vdisk_json(&["info", "--output", "json", &img])["virtual_size"].as_u64(),
+                Some(size),
+                "{img}: qemu and vdisk agree on the size"
+            );
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&model)
+                .unwrap()
+                .set_len(size)
+                .unwrap();
+            assert_qemu_check(&qemu, fmt, &img);
+            vdisk_ok(&["check", &img]);
+            let c = run(
+                &qemu,
+                &["compare", "-f", qfmt(fmt), "-F", "raw", &img, &model],
+            );
+            assert_eq!(
+                c.status.code(),
+                Some(0),
+                "{img} after {step:?}: {}",
+                String::from_utf8_lossy(&c.stdout)
+            );
+        }
+    }
+
+    // Shrinking needs --shrink; data past the new end needs --force too.
+    let img = p(&d, "cut.vhdx");
+    vdisk_ok(&["create", "-f", "vhdx", "-o", "block_size=1M", &img, "16M"]);
+    vdisk_ok(&["io", &img, "-c", "write -P 0x77 12M 4k"]);
+    let o = vdisk(&["resize", &img, "8M"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--shrink"));
+    let o = vdisk(&["resize", "--shrink", &img, "8M"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("beyond the new end"));
+    assert_eq!(qemu_size("vhdx", &img), 16 << 20);
+    vdisk_ok(&["resize", "--shrink", "--force", &img, "8M"]);
+    vdisk_ok(&["resize", &img, "16M"]);
+    assert_qemu_check(&qemu, "vhdx", &img);
+    let o = run(&qemu_io, &["-f", "vhdx", "-c", "read -P 0 8M 8M", &img]);
+    assert!(
+        o.status.success()
+            && !String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed"),
+        "the dropped data must read as zeros: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    // A fixed VHD never shrinks.
+    let img = p(&d, "fixed.vhd");
+    vdisk_ok(&["create", "-f", "vhd", "-o", "subformat=fixed", &img, "8M"]);
+    assert!(!vdisk(&["resize", "--shrink", &img, "4M"]).status.success());
+}

@@ -645,6 +645,8 @@ fn local_children_of_nbd_parents() {
             .find_map(|_| serve_nbd_on(&base, free_port(), &["--read-only"]))
             .expect("vdisk serve --nbd would not start");
         let url = format!("nbd://127.0.0.1:{port}/");
+        // A standard client reads the export with the identity line in its description.
+        assert_same(&o.qemu_img, &base, &url);
         let child = p(dir.path(), &format!("child-nbd.{fmt}"));
         vdisk_ok(&["create", "-f", fmt, "-b", &url, &child]);
         let info = vdisk_json(&["info", "--output", "json", &child]);

@@ -40,3 +40,78 @@ fn stress_copy_and_convert_find_no_mismatch() {
         );
     }
 }
+
+/// `vdisk stress --job compact` on a VHDX and on a VHD child over its parent: zero mismatches,
+/// the job completes.
+#[test]
+fn stress_compact_finds_no_mismatch() {
+    let dir = tempfile::tempdir().unwrap();
+    let vhdx = p(&dir, "c.vhdx");
+    vdisk_ok(&["create", "-f", "vhdx", "-o", "block_size=1M", &vhdx, "32M"]);
+    vdisk_ok(&[
+        "io",
+        &vhdx,
+        "-c",
+        "write -P 3 0 32M",
+        "-c",
+        "write -z 4M 8M",
+    ]);
+    let base = p(&dir, "b.vhd");
+    let child = p(&dir, "ch.vhd");
+    vdisk_ok(&["create", "-f", "vhd", &base, "32M"]);
+    vdisk_ok(&["io", &base, "-c", "write -P 4 0 32M"]);
+    vdisk_ok(&["create", "-f", "vhd", "-b", &base, &child]);
+    vdisk_ok(&[
+        "io",
+        &child,
+        "-c",
+        "write -P 5 0 16M",
+        "-c",
+        "discard 2M 8M",
+    ]);
+    for img in [&vhdx, &child] {
+        let out = vdisk_ok(&[
+            "stress",
+            img,
+            "--job",
+            "compact",
+            "--seconds",
+            "2",
+            "--threads",
+            "2",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["mismatches"], 0, "{img}: {v}");
+        assert_eq!(v["job"], "completed", "{img}: {v}");
+        assert!(v["ios"].as_u64().unwrap() > 0, "{v}");
+    }
+}
+
+/// `vdisk stress --job resize` on a VHD and a VHDX: the image doubles under the guests with
+/// zero mismatches (past-the-end requests refused before the switch, served after it), and
+/// the image keeps its new size.
+#[test]
+fn stress_resize_finds_no_mismatch() {
+    let dir = tempfile::tempdir().unwrap();
+    for fmt in ["vhd", "vhdx"] {
+        let img = p(&dir, &format!("g.{fmt}"));
+        vdisk_ok(&["create", "-f", fmt, &img, "16M"]);
+        let out = vdisk_ok(&[
+            "stress",
+            &img,
+            "--job",
+            "resize",
+            "--seconds",
+            "2",
+            "--threads",
+            "2",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["mismatches"], 0, "{fmt}: {v}");
+        assert_eq!(v["errors"], 0, "{fmt}: {v}");
+        assert_eq!(v["job"], "completed", "{fmt}: {v}");
+        let info = vdisk_json(&["info", "--output", "json", &img]);
+        assert_eq!(info["virtual_size"], 32 << 20, "{fmt}: {info}");
+        vdisk_ok(&["check", &img]);
+    }
+}

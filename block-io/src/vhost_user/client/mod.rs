@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
 };
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::vhost_user::{
+    Frontend, FrontendReqHandler, VhostUserFrontend, VhostUserFrontendReqHandler,
+};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -147,6 +149,29 @@ pub struct Client {
     protocol: VhostUserProtocolFeatures,
     config: BlkConfig,
     mem: GuestMemoryMmap,
+    /// The backend request channel, once opened.
+    watch: Option<(FrontendReqHandler<ConfigWatch>, std::sync::Arc<ConfigWatch>)>,
+}
+
+/// Counts the configuration-change notifications a backend sends (the frontend's side of
+/// the backend request channel).
+#[derive(Debug, Default)]
+pub struct ConfigWatch {
+    changes: std::sync::atomic::AtomicU64,
+}
+
+impl ConfigWatch {
+    /// Notifications received so far.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
+    }
+}
+
+impl VhostUserFrontendReqHandler for ConfigWatch {
+    fn handle_config_change(&self) -> std::io::Result<u64> {
+        self.changes.fetch_add(1, Ordering::AcqRel);
+        Ok(0)
+    }
 }
 
 impl std::fmt::Debug for Client {
@@ -247,11 +272,14 @@ impl Client {
             let pf = fe
                 .get_protocol_features()
                 .map_err(|e| vu_err("GET_PROTOCOL_FEATURES", e))?;
-            // REPLY_ACK is only used (NEED_REPLY set) around memory slot changes.
+            // REPLY_ACK is only used (NEED_REPLY set) around memory slot changes and the
+            // backend request channel; BACKEND_REQ only once that channel is opened
+            // (Client::watch_config_changes).
             let pf = pf
                 & (VhostUserProtocolFeatures::MQ
                     | VhostUserProtocolFeatures::CONFIG
                     | VhostUserProtocolFeatures::REPLY_ACK
+                    | VhostUserProtocolFeatures::BACKEND_REQ
                     | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
             protocol = pf;
             fe.set_protocol_features(pf)
@@ -358,7 +386,72 @@ impl Client {
             protocol,
             config,
             mem,
+            watch: None,
         })
+    }
+
+    /// Opens the backend request channel (SET_BACKEND_REQ_FD), on which the backend
+    /// announces configuration changes (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG), as QEMU does
+    /// at start. Needs `BACKEND_REQ`.
+    pub fn watch_config_changes(&mut self) -> Result<()> {
+        if !self
+            .protocol
+            .contains(VhostUserProtocolFeatures::BACKEND_REQ)
+        {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "the backend does not offer BACKEND_REQ",
+            ));
+        }
+        let watch = std::sync::Arc::new(ConfigWatch::default());
+        let mut h = FrontendReqHandler::new(watch.clone())
+            .map_err(|e| vu_err("backend request channel", e))?;
+        h.set_reply_ack_flag(self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK));
+        let fd = h.get_tx_raw_fd();
+        self.acked(|fe| fe.set_backend_request_fd(&fd))
+            .map_err(|e| vu_err("SET_BACKEND_REQ_FD", e))?;
+        self.watch = Some((h, watch));
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for one message on the backend request channel and answers it;
+    /// returns how many configuration changes have been announced so far.
+    pub fn wait_config_change(&mut self, timeout: Duration) -> Result<u64> {
+        let Some((h, watch)) = self.watch.as_mut() else {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "the backend request channel is not open",
+            ));
+        };
+        let mut pfd = libc::pollfd {
+            fd: h.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd, owned by this frame, for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n > 0 {
+            h.handle_request()
+                .map_err(|e| vu_err("backend request", e))?;
+        }
+        Ok(watch.changes())
+    }
+
+    /// GET_CONFIG again (after a configuration change): the new configuration space, which
+    /// [`Client::config`] returns from then on.
+    pub fn read_config(&mut self) -> Result<BlkConfig> {
+        let (_, bytes) = self
+            .frontend
+            .get_config(
+                0,
+                CONFIG_LEN as u32,
+                VhostUserConfigFlags::WRITABLE,
+                &[0u8; CONFIG_LEN],
+            )
+            .map_err(|e| vu_err("GET_CONFIG", e))?;
+        self.config = BlkConfig::from_bytes(&bytes);
+        Ok(self.config)
     }
 
     /// The negotiated virtio features.
