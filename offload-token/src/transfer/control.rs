@@ -665,8 +665,14 @@ mod tests {
                 feed(key, &[f0.clone(), f0.clone()], b'S', b'C').await,
                 [true, false]
             );
-            assert_eq!(feed(key, &[f1.clone()], b'S', b'C').await, [false]);
-            assert_eq!(feed(key, &[f0.clone()], b'C', b'S').await, [false]);
+            assert_eq!(
+                feed(key, std::slice::from_ref(&f1), b'S', b'C').await,
+                [false]
+            );
+            assert_eq!(
+                feed(key, std::slice::from_ref(&f0), b'C', b'S').await,
+                [false]
+            );
             assert_eq!(feed([8u8; 32], &[f0], b'S', b'C').await, [false]);
         });
     }
