@@ -6,7 +6,8 @@
 //! **convert** (the whole disk — a differencing chain flattened when the source is the chain's
 //! top `chain::Disk` — into a new image of another format that the caller created), with
 //! **commit** (merge layers of a chain into an ancestor) and **compact** (return an image's
-//! unused space in place while the guest uses it, [`Job::compact`]). Resize, stream and
+//! unused space in place while the guest uses it, [`Job::compact`]), and a **resize** of the
+//! top image under a running guest ([`resize_live`]; offline [`resize_image`]). Stream and
 //! mirror are to come on the same engine.
 //!
 //! ```no_run
