@@ -70,6 +70,9 @@
 //!   writes it only through [`BlockDevice`] calls and mapped file extents of blocks already
 //!   allocated. The commit job has a crash sweep on the fault backend
 //!   (`tests/commit_crash.rs`); copy and convert do not yet.
+//! - A compact job changes where blocks lie in the guest's own image, never what it reads;
+//!   each step leaves the file openable after a crash at any write or sync, with every
+//!   flushed guest write intact (`tests/compact.rs`, [`Job::compact`]).
 //!
 //! [`BlockDevice`]: block_io::BlockDevice
 //! [`BlockDevice::map`]: block_io::BlockDevice::map
