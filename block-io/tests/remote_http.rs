@@ -118,7 +118,7 @@ error_log {p}/error.log;
 pid {p}/nginx.pid;
 events {{ worker_connections 512; }}
 http {{
-  log_format rlog '$request_method $uri $status "$http_range" $msec $request_time c$connection';
+  log_format rlog '$request_method $uri $status "$http_range" $msec $request_time b$body_bytes_sent c$connection';
   access_log {p}/access.log rlog;
   client_body_temp_path {p}/body;
   proxy_temp_path {p}/proxy;
@@ -193,7 +193,7 @@ http {{
         format!("https://127.0.0.1:{}/{name}", self.tls_port)
     }
 
-    /// The access log: one `METHOD URI STATUS "RANGE"` line per request.
+    /// The access log: one `METHOD URI STATUS "RANGE" MSEC TIME bBYTES cCONN` line per request.
     fn log(&self) -> Vec<String> {
         std::fs::read_to_string(self.dir.path().join("access.log"))
             .unwrap_or_default()
@@ -541,6 +541,8 @@ fn responses_cut_mid_body_are_retried() {
     let mut opts = RemoteOptions::default();
     opts.readahead = 0;
     opts.retry_delay = Duration::from_millis(5);
+    // The cache's retries are tested here; direct streams in `direct_streams_...`.
+    opts.stream_reads = false;
     let st = RemoteStorage::open(&url, &opts).unwrap();
 
     // Two answers cut short in a row: the third try delivers the rest, byte-exact.
@@ -600,6 +602,8 @@ fn sequential_reads_are_read_ahead() {
     opts.block_size = MIB as usize;
     opts.readahead = 4;
     opts.request_blocks = 4;
+    // The cache's read-ahead is tested here (its 256 KiB reads would take direct streams).
+    opts.stream_reads = false;
     let st = RemoteStorage::open(&ng.url("seq.raw"), &opts).unwrap();
 
     // 16 reads of 256 KiB: the first 4 MiB.
@@ -663,6 +667,246 @@ fn sequential_reads_are_read_ahead() {
     assert_eq!(st.stats().readahead, 0);
 }
 
+/// The body bytes nginx sent for the requests of `uri`, once it has logged `n` of them.
+fn bytes_sent(ng: &Nginx, uri: &str, n: usize) -> u64 {
+    let prefix = format!("GET {uri} ");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines: Vec<String> = ng
+            .log()
+            .into_iter()
+            .filter(|l| l.starts_with(&prefix))
+            .collect();
+        if lines.len() >= n || Instant::now() > deadline {
+            assert_eq!(lines.len(), n, "{lines:?}");
+            return lines
+                .iter()
+                .filter_map(|l| l.split(" b").nth(1)?.split(' ').next()?.parse::<u64>().ok())
+                .sum();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn large_sequential_reads_stream_past_the_cache() {
+    let Some(ng) = Nginx::start() else { return };
+    const MIB: u64 = 1 << 20;
+    let data: Vec<u8> = (0..40 * MIB).map(|i| (i * 29 % 251) as u8).collect();
+    std::fs::write(ng.root.join("dir.raw"), &data).unwrap();
+    let st = RemoteStorage::open(&ng.url("dir.raw"), &RemoteOptions::default()).unwrap();
+
+    // 1 MiB reads from 0 to the end. The first goes through the cache; the second continues
+    // it, so the run takes a direct stream: ranges of 4, 8, 16 MiB, then the 11 MiB left.
+    let mut buf = vec![0u8; MIB as usize];
+    for i in 0..40u64 {
+        st.read_at(&mut buf, i * MIB).unwrap();
+        assert_same(&buf, &data[(i * MIB) as usize..][..buf.len()], "sequential");
+    }
+    let s = st.stats();
+    assert_eq!((s.fetches, s.readahead), (1, 0), "{s:?}");
+    assert_eq!((s.stream_requests, s.stream_bytes), (4, 39 * MIB), "{s:?}");
+    bytes_sent(&ng, "/dir.raw", 5);
+    let ranges: Vec<(u64, u64)> = ng
+        .log()
+        .iter()
+        .filter(|l| l.starts_with("GET /dir.raw 206"))
+        .filter_map(|l| range_of(l.as_str()))
+        .collect();
+    assert_eq!(
+        ranges,
+        [
+            (0, MIB - 1),
+            (MIB, 5 * MIB - 1),
+            (5 * MIB, 13 * MIB - 1),
+            (13 * MIB, 29 * MIB - 1),
+            (29 * MIB, 40 * MIB - 1)
+        ]
+    );
+    // The ranges of a run share one kept-alive connection (after the HEAD and the first GET).
+    let conns: std::collections::BTreeSet<String> = ng
+        .log()
+        .iter()
+        .skip(2)
+        .filter_map(|l| l.rsplit(' ').next().map(str::to_owned))
+        .collect();
+    assert_eq!(conns.len(), 1, "{:?}", ng.log());
+
+    // Two interleaved readers, one of them through scattered raw buffers, 192 KiB a read:
+    // each run goes through the cache until it spans a block (five reads), then gets its own
+    // stream, byte-exact.
+    let st = RemoteStorage::open(&ng.url("dir.raw"), &RemoteOptions::default()).unwrap();
+    let (mut a, mut b1, mut b2) = (
+        vec![0u8; 192 << 10],
+        vec![0u8; 100 << 10],
+        vec![0u8; 92 << 10],
+    );
+    let step = 192u64 << 10;
+    for i in 0..40u64 {
+        let (oa, ob) = (i * step, 20 * MIB + i * step);
+        st.read_at(&mut a, oa).unwrap();
+        assert_same(&a, &data[oa as usize..][..a.len()], "reader A");
+        let bufs = [
+            block_io::RawBuf {
+                ptr: b1.as_mut_ptr(),
+                len: b1.len(),
+            },
+            block_io::RawBuf {
+                ptr: b2.as_mut_ptr(),
+                len: b2.len(),
+            },
+        ];
+        // SAFETY: both buffers are ours and live across the call.
+        unsafe { st.read_raw_at(&bufs, ob) }.unwrap();
+        assert_same(
+            &b1,
+            &data[ob as usize..][..b1.len()],
+            "reader B, first buffer",
+        );
+        assert_same(
+            &b2,
+            &data[ob as usize + b1.len()..][..b2.len()],
+            "reader B, second",
+        );
+    }
+    let s = st.stats();
+    assert_eq!(s.fetches, 2, "{s:?}");
+    assert_eq!(s.stream_bytes, 2 * 35 * step, "{s:?}");
+
+    // Turned off, the same reads go through the cache.
+    let mut opts = RemoteOptions::default();
+    opts.stream_reads = false;
+    let st = RemoteStorage::open(&ng.url("dir.raw"), &opts).unwrap();
+    for i in 0..8u64 {
+        st.read_at(&mut buf, i * MIB).unwrap();
+        assert_same(&buf, &data[(i * MIB) as usize..][..buf.len()], "cached");
+    }
+    assert_eq!(st.stats().stream_requests, 0);
+}
+
+#[test]
+fn random_reads_fetch_little_more_than_they_read() {
+    let Some(ng) = Nginx::start() else { return };
+    const MIB: u64 = 1 << 20;
+    let data: Vec<u8> = (0..64 * MIB).map(|i| (i * 37 % 247) as u8).collect();
+    std::fs::write(ng.root.join("rnd.raw"), &data).unwrap();
+    let st = RemoteStorage::open(&ng.url("rnd.raw"), &RemoteOptions::default()).unwrap();
+    // 48 reads of 256 KiB at scattered offsets (a fixed LCG), none continuing another.
+    let mut buf = vec![0u8; 256 << 10];
+    let mut x = 12345u64;
+    let mut read = 0u64;
+    for _ in 0..48 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let off = (x >> 20) % (64 * MIB - buf.len() as u64);
+        st.read_at(&mut buf, off).unwrap();
+        assert_same(&buf, &data[off as usize..][..buf.len()], "random");
+        read += buf.len() as u64;
+    }
+    let s = st.stats();
+    assert_eq!((s.readahead, s.stream_requests), (0, 0), "{s:?}");
+    drop(st);
+    // Each read fetched its 1 MiB block (or two), some already cached: at most 8x what it
+    // read, and no read-ahead or stream on top.
+    assert!(s.fetches <= 2 * 48, "{s:?}");
+    let sent = bytes_sent(&ng, "/rnd.raw", s.requests as usize);
+    assert!(sent <= 8 * read, "{sent} bytes sent for {read} read");
+    assert_eq!(sent, s.bytes, "{s:?}");
+
+    // A run that stops after two reads: its stream asked for 4 MiB, and nginx sent no more.
+    let st = RemoteStorage::open(&ng.url("rnd.raw"), &RemoteOptions::default()).unwrap();
+    let mut buf = vec![0u8; MIB as usize];
+    for off in [10 * MIB, 11 * MIB] {
+        st.read_at(&mut buf, off).unwrap();
+        assert_same(&buf, &data[off as usize..][..buf.len()], "short run");
+    }
+    assert_eq!(st.stats().stream_requests, 1);
+    drop(st);
+    // Its two GETs: block 10 for the first read, the stream's range for the second.
+    let sent = bytes_sent(&ng, "/rnd.raw", s.requests as usize + 2) - s.bytes;
+    assert!(sent <= 5 * MIB, "{sent}");
+}
+
+#[test]
+fn direct_streams_cut_mid_body_fall_back_to_the_cache() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let Some(ng) = Nginx::start() else { return };
+    const MIB: u64 = 1 << 20;
+    let data: Vec<u8> = (0..16 * MIB).map(|i| (i * 19 % 239) as u8).collect();
+    std::fs::write(ng.root.join("cut.raw"), &data).unwrap();
+    let cuts = Arc::new(AtomicU32::new(0));
+    let relay = flaky_relay(ng.port, cuts.clone());
+    let mut opts = RemoteOptions::default();
+    opts.retry_delay = Duration::from_millis(5);
+    let st = RemoteStorage::open(&format!("http://127.0.0.1:{relay}/cut.raw"), &opts).unwrap();
+    let mut buf = vec![0u8; MIB as usize];
+    st.read_at(&mut buf, 0).unwrap();
+    // The stream of the second read is cut after 64 KiB: the cache (whose own first try is
+    // cut too) serves the rest of the read, byte-exact; the next read streams again.
+    cuts.store(2, Ordering::SeqCst);
+    for i in 1..16u64 {
+        st.read_at(&mut buf, i * MIB).unwrap();
+        assert_same(
+            &buf,
+            &data[(i * MIB) as usize..][..buf.len()],
+            "after a cut",
+        );
+    }
+    assert_eq!(cuts.load(Ordering::SeqCst), 0);
+    let s = st.stats();
+    assert!(
+        s.stream_requests >= 2 && s.stream_bytes >= 12 * MIB,
+        "{s:?}"
+    );
+}
+
+#[test]
+fn an_object_replaced_under_a_direct_stream_is_detected() {
+    let Some(ng) = Nginx::start() else { return };
+    const MIB: u64 = 1 << 20;
+    let path = ng.root.join("swap.raw");
+    let data: Vec<u8> = (0..16 * MIB).map(|i| (i * 23 % 233) as u8).collect();
+    std::fs::write(&path, &data).unwrap();
+    let st = RemoteStorage::open(&ng.url("swap.raw"), &RemoteOptions::default()).unwrap();
+    let mut buf = vec![0u8; MIB as usize];
+    for i in 0..3u64 {
+        st.read_at(&mut buf, i * MIB).unwrap();
+    }
+    assert_eq!(st.stats().stream_requests, 1);
+    let new = ng.root.join("swap.new");
+    std::fs::write(&new, vec![0xeeu8; 16 * MIB as usize]).unwrap();
+    set_mtime(
+        &new,
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000),
+    );
+    std::fs::rename(&new, &path).unwrap();
+    // The range in flight (bytes 1-5 MiB) is nginx's open file, the old version; the next
+    // range is refused by If-Match. No read returns new bytes.
+    let mut failed = None;
+    for i in 3..16u64 {
+        match st.read_at(&mut buf, i * MIB) {
+            Ok(()) => assert_same(&buf, &data[(i * MIB) as usize..][..buf.len()], "old bytes"),
+            Err(e) => {
+                failed = Some((i, e));
+                break;
+            }
+        }
+    }
+    let (i, e) = failed.expect("the change went unnoticed");
+    assert_eq!(i, 5, "{e:?}");
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e:?}");
+    assert!(matches!(
+        RemoteError::find(&e),
+        Some(RemoteError::Changed { .. })
+    ));
+    // Latched: even a read the cache could answer fails.
+    assert_eq!(
+        st.read_at(&mut buf, 0).unwrap_err().kind(),
+        ErrorKind::Corrupt
+    );
+}
+
 /// User plus system CPU seconds of `who` (`RUSAGE_SELF` or `RUSAGE_CHILDREN`).
 fn cpu_seconds(who: libc::c_int) -> f64 {
     // SAFETY: getrusage writes into the zeroed struct we own.
@@ -682,20 +926,34 @@ fn minor_faults() -> i64 {
     ru.ru_minflt
 }
 
+/// The median of `v` (not empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// Sequential reads of a 1 GiB file through the HTTP storage against `curl -o /dev/null` of the
-/// same URL, in one run; prints the ratio (target: at least 0.7x curl). Run by
-/// `.ci/bench-remote-http` (release mode); `VDISK_BENCH_MIB` changes the size,
-/// `VDISK_BENCH_BLOCK_KIB`, `VDISK_BENCH_READAHEAD`, `VDISK_BENCH_REQUEST_BLOCKS` and
-/// `VDISK_BENCH_READ_KIB` the geometry.
+/// same URL, in one run; prints the ratios (target: at least 0.7x curl). Run by
+/// `.ci/bench-remote-http` (release mode). Cases: `direct` (the default options: large
+/// sequential reads stream straight into the reader's buffer), `cached` (`stream_reads` off:
+/// the block cache with read-ahead) and `https` (TLS, which always goes through the cache;
+/// curl checks the same private CA). Each repetition runs curl and then ours, alternating, so
+/// both see the same load; best and median are printed. `VDISK_BENCH_REPS` (or `BENCH_REPS`,
+/// default 3) sets the repetitions, `VDISK_BENCH_CASES` (e.g. `direct,cached`) the cases,
+/// `VDISK_BENCH_MIB` the size, `VDISK_BENCH_BLOCK_KIB`, `VDISK_BENCH_READAHEAD`,
+/// `VDISK_BENCH_REQUEST_BLOCKS` and `VDISK_BENCH_READ_KIB` the geometry.
 #[test]
 #[ignore]
 fn bench_http_vs_curl() {
     let Some(ng) = Nginx::start() else { return };
     let Some(curl) = tool("curl") else { return };
-    let mib: u64 = std::env::var("VDISK_BENCH_MIB")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1024);
+    let env = |k: &str| std::env::var(k).ok().and_then(|s| s.parse::<usize>().ok());
+    let mib = env("VDISK_BENCH_MIB").unwrap_or(1024) as u64;
+    let reps = env("VDISK_BENCH_REPS")
+        .or_else(|| env("BENCH_REPS"))
+        .unwrap_or(3)
+        .max(1);
+    let cases = std::env::var("VDISK_BENCH_CASES").unwrap_or("direct,cached,https".into());
     let size = mib << 20;
     {
         let f = std::fs::File::create(ng.root.join("big.raw")).unwrap();
@@ -715,74 +973,93 @@ fn bench_http_vs_curl() {
         let mut b = vec![0u8; 1 << 20];
         while std::io::Read::read(&mut f, &mut b).unwrap() > 0 {}
     }
-    let url = ng.url("big.raw");
-    let env = |k: &str| std::env::var(k).ok().and_then(|s| s.parse::<usize>().ok());
-    let mut bench_opts = RemoteOptions::default();
+    let ca_path = ng.dir.path().join("ca.pem");
+    std::fs::write(&ca_path, &ng.ca_pem).unwrap();
+    let mut base = RemoteOptions::default();
     if let Some(kib) = env("VDISK_BENCH_BLOCK_KIB") {
-        bench_opts.block_size = kib << 10;
+        base.block_size = kib << 10;
     }
     if let Some(n) = env("VDISK_BENCH_READAHEAD") {
-        bench_opts.readahead = n;
+        base.readahead = n;
     }
     if let Some(n) = env("VDISK_BENCH_REQUEST_BLOCKS") {
-        bench_opts.request_blocks = n;
+        base.request_blocks = n;
     }
     let read_kib = env("VDISK_BENCH_READ_KIB").unwrap_or(1024);
-    let mut curl_s = f64::MAX;
-    let mut ours_s = f64::MAX;
-    let mut ours_cpu = f64::MAX;
-    let mut curl_cpu = f64::MAX;
-    let mut faults = i64::MAX;
-    for _ in 0..3 {
-        let c0 = cpu_seconds(libc::RUSAGE_CHILDREN);
-        let t = Instant::now();
-        run(Command::new(&curl).args(["-s", "-f", "-o", "/dev/null", &url]));
-        curl_s = curl_s.min(t.elapsed().as_secs_f64());
-        curl_cpu = curl_cpu.min(cpu_seconds(libc::RUSAGE_CHILDREN) - c0);
-        let c0 = cpu_seconds(libc::RUSAGE_SELF);
-        let f0 = minor_faults();
-
-        let t = Instant::now();
-        let st = RemoteStorage::open(&url, &bench_opts).unwrap();
-        let mut buf = vec![0u8; read_kib << 10];
-        let mut off = 0;
-        while off < size {
-            st.read_at(&mut buf, off).unwrap();
-            off += buf.len() as u64;
-        }
-        ours_s = ours_s.min(t.elapsed().as_secs_f64());
-        ours_cpu = ours_cpu.min(cpu_seconds(libc::RUSAGE_SELF) - c0);
-        faults = faults.min(minor_faults() - f0);
-    }
     let rate = |s: f64| size as f64 / s / (1u64 << 20) as f64;
-    let log = ng.log();
-    let conns: std::collections::BTreeSet<&str> = log
-        .iter()
-        .filter(|l| l.starts_with("GET /big.raw 206"))
-        .filter_map(|l| l.rsplit(' ').next())
-        .collect();
-    if std::env::var_os("VDISK_BENCH_LOG").is_some() {
-        for l in log.iter().rev().take(40).rev() {
-            println!("{l}");
+    for case in cases.split(',') {
+        let mut opts = base.clone();
+        let (url, curl_args) = match case {
+            "direct" => (ng.url("big.raw"), vec![]),
+            "cached" => {
+                opts.stream_reads = false;
+                (ng.url("big.raw"), vec![])
+            }
+            "https" => {
+                opts.ca_pem = Some(ng.ca_pem.clone().into_bytes());
+                let ca = ca_path.display().to_string();
+                (ng.tls_url("big.raw"), vec!["--cacert".to_string(), ca])
+            }
+            other => panic!("unknown case {other}"),
+        };
+        let log_before = ng.log().len();
+        let (mut curl_t, mut ours_t, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut curl_cpu, mut ours_cpu, mut faults) = (f64::MAX, f64::MAX, i64::MAX);
+        let mut stats = None;
+        for _ in 0..reps {
+            let c0 = cpu_seconds(libc::RUSAGE_CHILDREN);
+            let t = Instant::now();
+            run(Command::new(&curl)
+                .args(["-s", "-f", "-o", "/dev/null"])
+                .args(&curl_args)
+                .arg(&url));
+            let ct = t.elapsed().as_secs_f64();
+            curl_cpu = curl_cpu.min(cpu_seconds(libc::RUSAGE_CHILDREN) - c0);
+            let c0 = cpu_seconds(libc::RUSAGE_SELF);
+            let f0 = minor_faults();
+            let t = Instant::now();
+            let st = RemoteStorage::open(&url, &opts).unwrap();
+            let mut buf = vec![0u8; read_kib << 10];
+            let mut off = 0;
+            while off < size {
+                let n = buf.len().min((size - off) as usize);
+                st.read_at(&mut buf[..n], off).unwrap();
+                off += n as u64;
+            }
+            let ot = t.elapsed().as_secs_f64();
+            ours_cpu = ours_cpu.min(cpu_seconds(libc::RUSAGE_SELF) - c0);
+            faults = faults.min(minor_faults() - f0);
+            stats = Some(st.stats());
+            curl_t.push(ct);
+            ours_t.push(ot);
+            ratios.push(ct / ot);
         }
-    }
-    println!(
-        "remote-http: {} ranged GETs over {} connections",
-        log.iter()
+        let log = ng.log();
+        let gets: Vec<&String> = log[log_before..]
+            .iter()
             .filter(|l| l.starts_with("GET /big.raw 206"))
-            .count(),
-        conns.len()
-    );
-    println!(
-        "remote-http: {mib} MiB sequential, {read_kib} KiB reads, {} KiB blocks, read-ahead {} \
-         ({} a request): curl {:.0} MiB/s ({curl_s:.3} s), \
-         vdisk HttpStorage {:.0} MiB/s ({ours_s:.3} s): ratio {:.2}x curl (target >= 0.70); \
-         CPU curl {curl_cpu:.3} s, ours {ours_cpu:.3} s ({faults} page faults)",
-        bench_opts.block_size >> 10,
-        bench_opts.readahead,
-        bench_opts.request_blocks,
-        rate(curl_s),
-        rate(ours_s),
-        curl_s / ours_s
-    );
+            .collect();
+        let conns: std::collections::BTreeSet<&str> =
+            gets.iter().filter_map(|l| l.rsplit(' ').next()).collect();
+        if std::env::var_os("VDISK_BENCH_LOG").is_some() {
+            for l in log.iter().rev().take(40).rev() {
+                println!("{l}");
+            }
+        }
+        let best = |v: &[f64]| v.iter().copied().fold(f64::MAX, f64::min);
+        let ratio_list: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        println!(
+            "remote-http {case}: {mib} MiB sequential, {read_kib} KiB reads, {reps} reps: \
+             curl {:.0} MiB/s, ours {:.0} MiB/s (best); ratio per rep {} => median {:.2}x curl \
+             (target >= 0.70); CPU (least) curl {curl_cpu:.3} s, ours {ours_cpu:.3} s, \
+             {faults} page faults; {} ranged GETs over {} connections; last {:?}",
+            rate(best(&curl_t)),
+            rate(best(&ours_t)),
+            ratio_list.join(" "),
+            median(ratios.clone()),
+            gets.len(),
+            conns.len(),
+            stats.unwrap_or_default(),
+        );
+    }
 }

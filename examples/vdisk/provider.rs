@@ -61,6 +61,18 @@ enum ProviderCmd {
         /// Limit each token's export to this many bytes/s (K/M/G suffixes; tests use it).
         #[arg(long, value_name = "B/S", hide = true)]
         export_rate: Option<String>,
+        /// Requests D keeps in flight to S while redeeming (tuning).
+        #[arg(long, value_name = "N", hide = true)]
+        pull_workers: Option<usize>,
+        /// NBD connections D opens to S (tuning).
+        #[arg(long, value_name = "N", hide = true)]
+        pull_connections: Option<u32>,
+        /// Bytes per pull request (tuning).
+        #[arg(long, value_name = "SIZE", hide = true)]
+        pull_chunk: Option<String>,
+        /// Most bytes one redeem writes (tuning).
+        #[arg(long, value_name = "SIZE", hide = true)]
+        max_redeem: Option<String>,
     },
 }
 
@@ -157,6 +169,10 @@ pub fn run_provider(args: ProviderArgs) -> CliResult {
             root,
             control_key,
             export_rate,
+            pull_workers,
+            pull_connections,
+            pull_chunk,
+            max_redeem,
         } => {
             let path = match control_key {
                 Some(p) => p,
@@ -180,6 +196,18 @@ pub fn run_provider(args: ProviderArgs) -> CliResult {
                 .map_err(|e| CliError::new(format!("cannot use {}: {e}", root.display())))?;
             let mut config = DaemonConfig::new(&canonical, key);
             config.export_rate = export_rate.as_deref().map(parse_size).transpose()?;
+            if let Some(n) = pull_workers {
+                config.pull_workers = n;
+            }
+            if let Some(n) = pull_connections {
+                config.pull_connections = n;
+            }
+            if let Some(s) = pull_chunk {
+                config.pull_chunk = parse_size(&s)?;
+            }
+            if let Some(s) = max_redeem {
+                config.max_redeem_len = parse_size(&s)?;
+            }
             let daemon = ProviderDaemon::bind(
                 listen.as_str(),
                 config,

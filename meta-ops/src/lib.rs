@@ -6,7 +6,8 @@
 //! **convert** (the whole disk — a differencing chain flattened when the source is the chain's
 //! top `chain::Disk` — into a new image of another format that the caller created), with
 //! **commit** (merge layers of a chain into an ancestor) and **compact** (return an image's
-//! unused space in place while the guest uses it, [`Job::compact`]). Resize, stream and
+//! unused space in place while the guest uses it, [`Job::compact`]), and a **resize** of the
+//! top image under a running guest ([`resize_live`]; offline [`resize_image`]). Stream and
 //! mirror are to come on the same engine.
 //!
 //! ```no_run
@@ -69,6 +70,9 @@
 //!   writes it only through [`BlockDevice`] calls and mapped file extents of blocks already
 //!   allocated. The commit job has a crash sweep on the fault backend
 //!   (`tests/commit_crash.rs`); copy and convert do not yet.
+//! - A compact job changes where blocks lie in the guest's own image, never what it reads;
+//!   each step leaves the file openable after a crash at any write or sync, with every
+//!   flushed guest write intact (`tests/compact.rs`, [`Job::compact`]).
 //!
 //! [`BlockDevice`]: block_io::BlockDevice
 //! [`BlockDevice::map`]: block_io::BlockDevice::map

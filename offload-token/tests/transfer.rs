@@ -13,7 +13,7 @@ use chain::{Disk, OpenOptions};
 use offload_token::transfer::{
     copy_blocking, destination_config, peer_name, resolve_under, ByteCounter, ControlClient,
     ControlKey, CopyRequest, DaemonConfig, DaemonStop, Endpoint, ImageOpener, ProviderDaemon,
-    ProviderKeyPair, Role, TransferCa, TransferError,
+    ProviderKeyPair, Reply, Request, Role, TransferCa, TransferError,
 };
 use uuid::Uuid;
 
@@ -206,6 +206,14 @@ fn pull_with(
     url: &str,
 ) -> Result<Vec<u8>, String> {
     let config = destination_config(ca, cert, key.private_der()).map_err(|e| e.to_string())?;
+    pull_with_config(config, transfer, url)
+}
+
+fn pull_with_config(
+    config: Arc<block_io::nbd::tls::rustls::ClientConfig>,
+    transfer: Uuid,
+    url: &str,
+) -> Result<Vec<u8>, String> {
     let opts = NbdClientOptions {
         connect_timeout: Duration::from_secs(5),
         retry: RetryPolicy::never(),
@@ -291,6 +299,21 @@ fn certificates_of_another_transfer_expired_or_of_the_wrong_role_are_refused() {
     for (what, cert) in &cases {
         let r = pull_with(ca.cert_der(), cert, &key, tid, &url);
         assert!(r.is_err(), "S admitted a certificate of {what}");
+    }
+    // No certificate at all.
+    {
+        use block_io::nbd::tls::rustls;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert_der().to_vec().into()).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let r = pull_with_config(Arc::new(config), tid, &url);
+        assert!(r.is_err(), "S admitted a client without a certificate");
     }
 
     // D refuses a source whose certificate is not this transfer's source.
@@ -448,4 +471,76 @@ fn the_control_channel_wants_the_key_and_paths_stay_under_the_root() {
     // The session survives refusals, and a transfer cannot be minted from before trust.
     let r = rt.block_on(c.mint(Uuid::new_v4(), "a.vhd", 0, 4096, None));
     assert!(matches!(r, Err(TransferError::Remote { ref code, .. }) if code == "no-transfer"));
+}
+
+#[test]
+fn cancel_from_another_connection_stops_a_running_redeem() {
+    let (_dir, sroot, droot) = roots();
+    make_vhdx(&sroot.join("src.vhdx"), 16 * MIB, &[(0, 16 * MIB)]);
+    make_vhd(&droot.join("dst.vhd"), 16 * MIB);
+    // S serves 2 MiB/s: one 16 MiB redeem would take 8 s.
+    let s = Daemon::start(&sroot, |c| c.export_rate = Some(2 * MIB));
+    let d = Daemon::start(&droot, |c| {
+        c.max_redeem_len = 16 * MIB;
+        c.pull_chunk = 256 * 1024;
+    });
+    let rt = rt();
+    let counter = Arc::new(ByteCounter::default());
+    let ca = TransferCa::new(Uuid::new_v4(), Duration::from_secs(600)).unwrap();
+    let tid = ca.transfer();
+    let (mut sc, mut dc, mut other) = rt
+        .block_on(async {
+            let sc = ControlClient::connect(&s.addr, &s.key, counter.clone()).await?;
+            let dc = ControlClient::connect(&d.addr, &d.key, counter.clone()).await?;
+            let other = ControlClient::connect(&d.addr, &d.key, counter.clone()).await?;
+            Ok::<_, TransferError>((sc, dc, other))
+        })
+        .unwrap();
+    rt.block_on(sc.join(&ca, Role::Source)).unwrap();
+    rt.block_on(dc.join(&ca, Role::Destination)).unwrap();
+    let m = rt
+        .block_on(sc.mint(tid, "src.vhdx", 0, 16 * MIB, None))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let redeem = rt.spawn(async move {
+        let r = dc
+            .redeem(tid, "dst.vhd", 0, 16 * MIB, &m.token, 0, m.source.clone())
+            .await;
+        (r, dc)
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    let status = |c: &mut ControlClient| match rt.block_on(c.call(&Request::Status {
+        transfer: tid,
+        role: Role::Destination,
+    })) {
+        Ok(Reply::Status(st)) => st,
+        r => panic!("{r:?}"),
+    };
+    let st = status(&mut other);
+    assert!(st.certified && !st.cancelled, "{st:?}");
+    match rt.block_on(other.call(&Request::Cancel {
+        transfer: tid,
+        role: Role::Destination,
+    })) {
+        Ok(Reply::Cancelled { .. }) => {}
+        r => panic!("{r:?}"),
+    }
+    let (r, mut dc) = rt.block_on(redeem).unwrap();
+    match r {
+        Err(TransferError::Remote { code, .. }) => assert_eq!(code, "cancelled"),
+        r => panic!("the redeem went on after cancel: {r:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(7));
+    assert!(status(&mut other).cancelled);
+    // A cancelled transfer takes no more redeems.
+    let r = rt.block_on(dc.redeem(
+        tid,
+        "dst.vhd",
+        0,
+        MIB,
+        &offload_token::Token::zero(),
+        0,
+        None,
+    ));
+    assert!(matches!(r, Err(TransferError::Remote { ref code, .. }) if code == "cancelled"));
 }

@@ -476,23 +476,25 @@ mod tests {
         );
     }
 
-    /// Power cut at every write and sync of a compaction (each pending write lost, kept or
-    /// torn by a seed): the image opens, checks clean and reads as before.
-    #[test]
-    fn crash_at_every_step_leaves_the_image_readable() {
-        let f = image(6);
-        for b in 0..6u64 {
-            f.write_at(&[b as u8 + 1; 1024], b * MB2).unwrap();
-        }
-        for b in [0u64, 2] {
-            f.write_at(&vec![0u8; MB2 as usize], b * MB2).unwrap();
-        }
-        f.flush().unwrap();
-        let before = read_all(&*f);
-        let bytes = f.storage().to_vec().unwrap();
-        drop(f);
+    /// Data and, for a differencing layer (where absent sectors show the parent), presence
+    /// (`block_status` per 4 KiB) of a layer.
+    fn view<S: Storage>(f: &VhdFile<S>) -> (Vec<u8>, Vec<bool>) {
+        let size = f.info().virtual_size;
+        let diff = f.disk_type() == DiskType::Differencing;
+        let present = (0..size / 4096)
+            .filter(|_| diff)
+            .map(|i| f.block_status(i * 4096, 4096).unwrap().status == BlockStatus::Data)
+            .collect();
+        (read_all(f), present)
+    }
+
+    /// Power cut at every write and sync of a compaction of `bytes` (each pending write lost,
+    /// kept or torn by a seed): the image opens, checks clean and reads as before (data and
+    /// which sectors the layer holds).
+    fn crash_sweep(bytes: &[u8]) {
+        let before = view(&VhdFile::open(MemStorage::from_bytes(bytes), true).unwrap());
         let run = |cut: Option<u64>| -> (Arc<FaultStorage>, u64) {
-            let fs = Arc::new(FaultStorage::new(MemStorage::from_bytes(&bytes)));
+            let fs = Arc::new(FaultStorage::new(MemStorage::from_bytes(bytes)));
             let f = Arc::new(VhdFile::open(fs.clone(), false).unwrap());
             let ops0 = fs.ops();
             if let Some(n) = cut {
@@ -511,11 +513,52 @@ mod tests {
                 let img = Arc::new(fs.crash_image(seed));
                 let f = VhdFile::open(img.clone(), true)
                     .unwrap_or_else(|e| panic!("cut {n} seed {seed}: {e}"));
-                assert_eq!(read_all(&f), before, "cut {n} seed {seed}");
+                assert!(view(&f) == before, "cut {n} seed {seed}");
                 drop(f);
                 let r = crate::check_storage(&*img, false).unwrap();
                 assert!(r.is_clean(), "cut {n} seed {seed}: {r:?}");
             }
         }
+    }
+
+    #[test]
+    fn crash_at_every_step_leaves_the_image_readable() {
+        let f = image(6);
+        for b in 0..6u64 {
+            f.write_at(&[b as u8 + 1; 1024], b * MB2).unwrap();
+        }
+        for b in [0u64, 2] {
+            f.write_at(&vec![0u8; MB2 as usize], b * MB2).unwrap();
+        }
+        f.flush().unwrap();
+        let bytes = f.storage().to_vec().unwrap();
+        drop(f);
+        crash_sweep(&bytes);
+    }
+
+    /// The same for a differencing layer: blocks discarded (nothing present) go, the later
+    /// ones (bitmaps included) move down.
+    #[test]
+    fn crash_at_every_step_of_a_differencing_compaction() {
+        let parent = image(6);
+        let details = parent.details().unwrap();
+        let opts = DifferencingOptions::for_parent(&details, "p.vhd", None, None);
+        let child = VhdFile::create_differencing(Arc::new(MemStorage::new()), &opts).unwrap();
+        for b in 0..6u64 {
+            child
+                .write_at(&[b as u8 + 1; 1024], b * MB2 + 4096)
+                .unwrap();
+        }
+        child.write_zeroes(5 * MB2, 4096, false).unwrap();
+        for b in [1u64, 3] {
+            child.discard(b * MB2, MB2).unwrap();
+        }
+        child.flush().unwrap();
+        let bytes = child.storage().to_vec().unwrap();
+        drop(child);
+        let f = Arc::new(VhdFile::open(MemStorage::from_bytes(&bytes), false).unwrap());
+        let s = VhdCompactor::new(f).unwrap().compact().unwrap();
+        assert!(s.reclaimed == 2 && s.moved >= 1, "{s:?}");
+        crash_sweep(&bytes);
     }
 }

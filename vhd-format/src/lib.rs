@@ -14,7 +14,8 @@
 //!
 //! Entry points: [`probe`], [`VhdFile::open`], [`VhdFile::create`],
 //! [`VhdFile::create_differencing`], [`VhdFile::details`], [`check_storage`], and
-//! [`VhdFile::set_parent`] (new parent name and locators, for rebasing onto a moved parent).
+//! [`VhdFile::set_parent`] (new parent name and locators, for rebasing onto a moved parent),
+//! [`VhdFile::resize`] and [`resize_storage`] (a new virtual size, see [`resize`]).
 //!
 //! ```
 //! use block_io::{BlockDevice, BlockStatus, MemStorage};

@@ -23,6 +23,7 @@
 //! - [`create()`] for fixed, dynamic and differencing images with qemu-img's defaults;
 //! - [`VhdxFile::set_parent_locator`]: a new parent locator through the log (`reparent`,
 //!   2.6.2.6), for rebasing a child onto a moved or copied parent;
+//! - [`VhdxFile::resize`]: grow or shrink the virtual size through the log ([`resize`]);
 //! - [`probe`], [`VhdxFile::details`] and [`VhdxFile::check`] for tools;
 //! - [`VhdxCompactor`]: empty blocks give their space back (ZERO, or NOT_PRESENT for an empty
 //!   partially present block of a differencing image), blocks move
@@ -43,8 +44,7 @@
 //! - a dirty log whose replay updates more than [`replay::MAX_OVERLAY_RANGES`] separate file
 //!   ranges is refused as unsupported (replay folds the log in memory first; real logs update
 //!   far fewer ranges);
-//! - growing the BAT region on resize (refused, see [`resize`]), and the `parent_linkage2`
-//!   merge protocol.
+//! - the `parent_linkage2` merge protocol (the `meta-ops` commit job does it).
 //!
 //! ```
 //! use block_io::{BlockDevice, MemStorage};

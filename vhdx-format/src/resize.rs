@@ -21,9 +21,13 @@
 //!   NOT_PRESENT; their file ranges are punched once that is durable. A crash between leaves
 //!   the new size with stale entries past it, which no reader of the new size looks at and
 //!   which a later grow overwrites.
-//! - **The BAT region** (2.2.3) is not enlarged yet: a grow whose entries do not fit it is
-//!   refused with [`ResizeError::BatRegionFull`]. With qemu-img's and this crate's default
-//!   block sizes a 1 MiB BAT region maps 1 TiB or more.
+//! - **The BAT region** (2.2.3) grows when the new entries do not fit it: a region of the
+//!   size needed is written past everything in the file (the current entries, then the new
+//!   ones) and synced while nothing refers to it; then one log entry switches both region
+//!   table copies (MS-VHDX 2.2.3: the BAT region's offset and length) together with the size
+//!   item, so a crash leaves the old table and size or the new ones. No payload block moves;
+//!   the old region's space is left unused (punched). The log must hold the two 64 KiB
+//!   tables and the size sector in one entry ([`ResizeError::BatRegionFull`] otherwise).
 //!
 //! A resize is a user-visible change: it runs in a write session, which starts (if none has)
 //! with a new DataWriteGuid (2.2.2.1), so children recorded against the old id no longer
@@ -41,6 +45,7 @@ use crate::guid;
 use crate::header::MIB;
 use crate::log::{max_data_sectors, SECTOR};
 use crate::metadata::{IS_USER, MAX_VIRTUAL_SIZE};
+use crate::region::{REGION_TABLE_OFFSETS, REGION_TABLE_SIZE};
 
 /// Why a resize was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -155,12 +160,26 @@ impl<S: Storage> VhdxFile<S> {
         )
         .map_err(Error::from)?;
         let region = self.regions.bat.length;
-        if new.total_entries * 8 > u64::from(region) {
-            return Err(ResizeError::BatRegionFull {
-                region,
-                entries: new.total_entries,
-            });
+        let full = || ResizeError::BatRegionFull {
+            region,
+            entries: new.total_entries,
+        };
+        // The BAT region moves to the end of the file when the new entries do not fit it.
+        let relocate = new.total_entries * 8 > u64::from(region);
+        let header_log = self.hdr.get_mut().header.log_length;
+        let table_sectors = 2 * (REGION_TABLE_SIZE as u64 / SECTOR) + 1;
+        if relocate && max_data_sectors(u64::from(header_log)) < table_sectors {
+            return Err(full());
         }
+        let new_region_len = u32::try_from(new.bat_bytes()).map_err(|_| full())?;
+        let new_region_at = if relocate {
+            let st = self.state.get_mut();
+            let at = st.file_end;
+            st.file_end = at + u64::from(new_region_len);
+            Some(at)
+        } else {
+            None
+        };
         let bs = u64::from(old.block_size);
         let grow = new_size > old.virtual_size;
         // (index, new value) of every BAT entry that changes.
@@ -249,10 +268,37 @@ impl<S: Storage> VhdxFile<S> {
                 }
             }
         }
-        // The 4 KiB BAT sectors holding the changes, as they will be.
+        let mut regions = self.regions.clone();
+        if let Some(at) = new_region_at {
+            // The whole new region, written while nothing refers to it, durable before the
+            // log entry that switches to it.
+            let total = new.total_entries as usize;
+            let mut bytes = vec![0u8; new_region_len as usize];
+            for (i, slot) in bytes.chunks_exact_mut(8).take(total).enumerate() {
+                let v = changes
+                    .get(&(i as u64))
+                    .copied()
+                    .unwrap_or_else(|| self.bat.get(i).map_or(0, |a| a.load(Ordering::Acquire)));
+                slot.copy_from_slice(&v.to_le_bytes());
+            }
+            for (k, chunk) in bytes.chunks(MIB as usize).enumerate() {
+                self.failstop
+                    .guard(self.storage.write_at(chunk, at + k as u64 * MIB))?;
+            }
+            let end = at + u64::from(new_region_len);
+            let grown = self.grown.get_mut();
+            if end > *grown {
+                *grown = end;
+            }
+            self.failstop.guard(self.storage.sync_data())?;
+            regions.bat.file_offset = at;
+            regions.bat.length = new_region_len;
+        }
+        // The 4 KiB BAT sectors holding the changes, as they will be (in the region in use:
+        // a relocated region holds them already).
         let bat_sector = |i: u64| i * 8 / SECTOR;
         let mut bat_sectors: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-        for &i in changes.keys() {
+        for &i in changes.keys().filter(|_| !relocate) {
             let s = bat_sector(i);
             if let std::collections::btree_map::Entry::Vacant(v) = bat_sectors.entry(s) {
                 let mut buf = vec![0u8; SECTOR as usize];
@@ -289,6 +335,15 @@ impl<S: Storage> VhdxFile<S> {
             .iter()
             .map(|(s, d)| (bat_off + s * SECTOR, &d[..]))
             .collect();
+        // MS-VHDX 2.2.3: both copies of the region table, in the same entry as the size.
+        let table = regions.to_bytes();
+        if relocate {
+            for off in REGION_TABLE_OFFSETS {
+                for (k, sector) in table.chunks(SECTOR as usize).enumerate() {
+                    sectors.push((off + k as u64 * SECTOR, sector));
+                }
+            }
+        }
         // Grow: entries first, the size last. Shrink: the size first.
         if grow {
             sectors.push((size_sector_at, &size_sector));
@@ -305,7 +360,12 @@ impl<S: Storage> VhdxFile<S> {
             offset: header.log_offset,
             length: header.log_length,
         };
-        let per_entry = max_data_sectors(u64::from(log.length)).max(1) as usize;
+        let per_entry = if relocate {
+            // Tables and size in one entry (checked above that the log holds them).
+            sectors.len()
+        } else {
+            max_data_sectors(u64::from(log.length)).max(1) as usize
+        };
         let file_len = self.failstop.guard(self.storage.len())?;
         let mut seq = self.commits.get_mut().log_seq;
         let mut r = Ok(());
@@ -326,6 +386,14 @@ impl<S: Storage> VhdxFile<S> {
         }
         self.commits.get_mut().log_seq = seq;
         r?;
+        if relocate {
+            // The old region is unused now.
+            punch.push((
+                self.regions.bat.file_offset,
+                u64::from(self.regions.bat.length),
+            ));
+            self.regions = regions;
+        }
         for (o, l) in punch {
             match self.storage.punch_hole(o, l) {
                 Err(e) if e.kind() == ErrorKind::Unsupported => {}
@@ -512,23 +580,42 @@ mod tests {
     }
 
     #[test]
-    fn a_full_bat_region_is_refused() {
+    fn a_full_bat_region_moves_to_the_end() {
         let st = dynamic(8 * M, M as u32);
-        let mut f = VhdxFile::open(st, false).unwrap();
+        let mut f = VhdxFile::open(st.clone(), false).unwrap();
+        f.write_at(&pattern(1, 4096), 7 * M).unwrap();
+        let before = f.regions().bat;
         // 1 MiB blocks, 512-byte sectors: a 1 MiB region maps about 128 GiB.
+        let r = f.resize(200 << 30, false).unwrap();
+        assert_eq!(r.log_entries, 1);
+        let after = f.regions().bat;
+        assert!(after.file_offset > before.file_offset);
+        assert_eq!(u64::from(after.length), 2 * M);
+        f.write_at(&pattern(2, 4096), 150 << 30).unwrap();
+        f.close().unwrap();
+        drop(f);
+        let f = VhdxFile::open(st, true).unwrap();
+        assert_eq!(f.info().virtual_size, 200 << 30);
+        assert_eq!(f.regions().bat, after);
+        assert_eq!(read(&f, 7 * M, 4096), pattern(1, 4096));
+        assert_eq!(read(&f, 150 << 30, 4096), pattern(2, 4096));
+        assert!(f.check(false).unwrap().errors.is_empty());
+        let mut g = VhdxFile::open(dynamic(8 * M, M as u32), false).unwrap();
         assert!(matches!(
-            f.resize(200 << 30, false).unwrap_err(),
-            ResizeError::BatRegionFull { .. }
-        ));
-        assert!(matches!(
-            f.resize(1000, false).unwrap_err(),
+            g.resize(1000, false).unwrap_err(),
             ResizeError::BadSize { .. }
         ));
     }
 
     /// A power cut at every write and sync leaves the old size or the new one, with every
     /// flushed byte.
-    fn crash_sweep(image: Arc<MemStorage>, new_size: u64, force: bool, data: &[(u64, Vec<u8>)]) {
+    fn crash_sweep(
+        image: Arc<MemStorage>,
+        new_size: u64,
+        force: bool,
+        data: &[(u64, Vec<u8>)],
+        seeds: u64,
+    ) {
         let old_size = VhdxFile::open(image.clone(), true)
             .unwrap()
             .info()
@@ -541,7 +628,7 @@ mod tests {
             fault.set_cut(CutPoint::AfterOps(n));
             let done = f.resize(new_size, force).is_ok() && f.close().is_ok();
             drop(f);
-            for seed in 0..6 {
+            for seed in 0..seeds {
                 let img = fault.crash_image(seed);
                 for ro in [true, false] {
                     let f = VhdxFile::open(img.clone(), ro)
@@ -559,9 +646,8 @@ mod tests {
                         }
                     }
                     if size > old_size {
-                        assert!(read(&f, old_size, (size - old_size) as usize)
-                            .iter()
-                            .all(|&b| b == 0));
+                        let n = (size - old_size).min(2 * M) as usize;
+                        assert!(read(&f, old_size, n).iter().all(|&b| b == 0));
                     }
                     if !ro {
                         let c = f.check(false).unwrap();
@@ -591,6 +677,7 @@ mod tests {
             8 * M,
             false,
             &[(3 * M, pattern(1, 1536)), (0, pattern(2, 4096))],
+            6,
         );
     }
 
@@ -602,6 +689,17 @@ mod tests {
         f.write_at(&pattern(2, 4096), M).unwrap();
         f.close().unwrap();
         drop(f);
-        crash_sweep(st, 4 * M, true, &[(M, pattern(2, 4096))]);
+        crash_sweep(st, 4 * M, true, &[(M, pattern(2, 4096))], 6);
+    }
+
+    #[test]
+    fn crash_sweep_bat_region_moves() {
+        let st = dynamic(8 * M, M as u32);
+        let f = VhdxFile::open(st.clone(), false).unwrap();
+        f.write_at(&pattern(3, 4096), 5 * M).unwrap();
+        f.close().unwrap();
+        drop(f);
+        // Few seeds: every crash image is a copy of an 11 MiB file.
+        crash_sweep(st, 200 << 30, false, &[(5 * M, pattern(3, 4096))], 3);
     }
 }

@@ -11,22 +11,28 @@
 //! memory budget are evicted least recently used first; blocks in flight are never evicted and
 //! readers keep the bytes they copy from alive on their own.
 //!
+//! Large reads that continue a sequential run skip all this when the source has direct
+//! streams (plain `http://`, see [`super::direct`]): the run keeps a connection of its own and
+//! its reads come straight from the socket; a stream that fails hands the rest of its read to
+//! the cache.
+//!
 //! A changed object ([`RemoteError::Changed`]) is latched: every later read fails with it, even
 //! a read the cache could answer, so old and new bytes never mix in one image.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
+use super::direct::{Conn, DirectError, FIRST_SPAN, MAX_SPAN};
 use super::error::RemoteError;
 use super::{runtime, RemoteIdentity, RemoteOptions};
 use crate::error::{Error, ErrorKind, Result};
-use crate::storage::{check_bounds, raw_scatter, raw_total, Extent, RawBuf, Storage};
+use crate::storage::{check_bounds, raw_scatter, raw_slice, raw_total, Extent, RawBuf, Storage};
 
 /// Where a fetch hands the bytes of its range, in order, as they arrive.
 pub(crate) type Deliver = Box<dyn FnMut(Bytes) + Send>;
@@ -85,6 +91,18 @@ pub(crate) trait Source: Send + Sync + std::fmt::Debug + 'static {
     /// resumes after the bytes already delivered). Fails with [`RemoteError::Changed`] if the
     /// object is no longer the one opened; on any failure a prefix may have been delivered.
     fn fetch(self: Arc<Self>, offset: u64, len: u64, deliver: Deliver) -> FetchFuture;
+
+    /// Whether [`Source::open_range`] serves direct streams (see [`super::direct`]).
+    fn direct(&self) -> bool {
+        false
+    }
+
+    /// Asks for `[offset, offset + len)` as one direct stream, on `conn` if it can take
+    /// another request, else on a new connection; blocks the calling thread.
+    fn open_range(&self, conn: Option<Conn>, offset: u64, len: u64) -> Result<Conn, DirectError> {
+        let _ = (conn, offset, len);
+        Err(DirectError::Unsuitable("no direct streams here".into()))
+    }
 }
 
 /// Cuts a run's bytes, as they arrive, into its blocks and completes each block as soon as
@@ -142,6 +160,11 @@ pub struct RemoteStats {
     pub hits: u64,
     /// Block lookups that had to start a fetch.
     pub misses: u64,
+    /// Range requests of direct streams, which large sequential reads read straight into the
+    /// caller's buffers past the cache ([`RemoteOptions::stream_reads`]).
+    pub stream_requests: u64,
+    /// Bytes read by direct streams.
+    pub stream_bytes: u64,
 }
 
 /// One block being fetched: readers of the block wait here.
@@ -236,6 +259,29 @@ struct State {
     streams: [Stream; STREAMS],
     /// The latched "object changed" failure.
     changed: Option<RemoteError>,
+    /// Direct streams not in use, each waiting for the read that continues its run.
+    direct: Vec<DirectRun>,
+}
+
+/// Most direct streams kept between reads (each holds a connection and, while its range is
+/// not read to the end, up to the kernel's socket buffers of it).
+const DIRECT_RUNS: usize = 4;
+
+/// The smallest read that takes a direct stream: smaller ones would cost a system call each;
+/// the cache's read-ahead serves them in bulk.
+const DIRECT_MIN: usize = 64 << 10;
+
+/// A sequential run served by a direct stream.
+#[derive(Debug)]
+struct DirectRun {
+    /// Where the run's next read starts (and its connection's body continues, if any).
+    pos: u64,
+    /// The next range's length.
+    span: u64,
+    /// The connection, in the middle of a body or between requests.
+    conn: Option<Conn>,
+    /// Tick of its last read.
+    used: u64,
 }
 
 #[derive(Debug, Default)]
@@ -246,6 +292,8 @@ struct Counters {
     bytes: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
+    stream_requests: AtomicU64,
+    stream_bytes: AtomicU64,
 }
 
 struct Shared {
@@ -257,6 +305,8 @@ struct Shared {
     readahead: u64,
     /// Most blocks one request fetches.
     batch: usize,
+    /// Whether large sequential reads take direct streams.
+    direct: AtomicBool,
     state: Mutex<State>,
     counters: Counters,
 }
@@ -318,6 +368,7 @@ impl RemoteStorage {
         let block = opts.block_size.max(4096) as u64;
         let blocks = id.size.div_ceil(block);
         let readahead = opts.readahead as u64;
+        let direct = AtomicBool::new(opts.stream_reads && src.direct());
         let cap = (opts.cache_bytes as u64 / block).max(2 * readahead).max(2) as usize;
         RemoteStorage {
             shared: Arc::new(Shared {
@@ -328,6 +379,7 @@ impl RemoteStorage {
                 cap,
                 readahead,
                 batch: opts.request_blocks.max(1),
+                direct,
                 state: Mutex::new(State::default()),
                 counters: Counters::default(),
             }),
@@ -349,6 +401,8 @@ impl RemoteStorage {
             bytes: c.bytes.load(Ordering::Relaxed),
             hits: c.hits.load(Ordering::Relaxed),
             misses: c.misses.load(Ordering::Relaxed),
+            stream_requests: c.stream_requests.load(Ordering::Relaxed),
+            stream_bytes: c.stream_bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -520,10 +574,157 @@ impl Shared {
     }
 }
 
+/// The piece of `bufs` at byte `at` of their concatenation: its start and how many bytes
+/// follow it in the same buffer (`None` past the end). Pure pointer arithmetic.
+fn dest_at(bufs: &[RawBuf], at: usize) -> Option<(*mut u8, usize)> {
+    let mut skip = at;
+    for b in bufs {
+        if skip < b.len {
+            return Some((b.ptr.wrapping_add(skip), b.len - skip));
+        }
+        skip -= b.len;
+    }
+    None
+}
+
 impl RemoteStorage {
-    /// Reads `[offset, offset + len)`, handing the bytes to `sink(pos, bytes)` in order
-    /// (`pos` counts from `offset`): the one read path behind `read_at` and `read_raw_at`.
-    fn read_with(&self, offset: u64, len: usize, sink: &mut dyn FnMut(usize, &[u8])) -> Result<()> {
+    /// Reads `[offset, offset + total(bufs))` into `bufs`: through a direct stream if the read
+    /// is large and continues a sequential run (and the source has them), else through the
+    /// cache. The one read path behind `read_at` and `read_raw_at`.
+    ///
+    /// # Safety
+    /// Every buffer must be valid for writes of its length for the duration of the call.
+    unsafe fn read_into(&self, offset: u64, bufs: &[RawBuf]) -> Result<()> {
+        let total = raw_total(bufs)?;
+        let len = usize::try_from(total)
+            .map_err(|_| Error::new(ErrorKind::InvalidInput, "request too large"))?;
+        let sh = &self.shared;
+        let end = check_bounds(offset, total, sh.id.size)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let mut sequential = None;
+        let mut run = None;
+        if len >= DIRECT_MIN && sh.direct.load(Ordering::Relaxed) {
+            let mut st = sh.state.lock();
+            if let Some(e) = &st.changed {
+                return Err(e.clone().into_error(format!("reading {offset}+{len}")));
+            }
+            let seq = st.follow(offset, end, sh.block);
+            let tick = st.tick;
+            if let Some(i) = st.direct.iter().position(|r| r.pos == offset) {
+                run = Some(st.direct.swap_remove(i));
+            } else if seq {
+                run = Some(DirectRun {
+                    pos: offset,
+                    span: FIRST_SPAN,
+                    conn: None,
+                    used: tick,
+                });
+            }
+            sequential = Some(seq);
+        }
+        let mut done = 0usize;
+        if let Some(mut run) = run {
+            // SAFETY: passed on from our caller.
+            let r = unsafe { self.read_direct(&mut run, offset, bufs, len, &mut done) };
+            match r {
+                Ok(()) => {
+                    let mut st = sh.state.lock();
+                    run.used = st.tick;
+                    if st.direct.len() >= DIRECT_RUNS {
+                        if let Some(i) = (0..st.direct.len()).min_by_key(|&i| st.direct[i].used) {
+                            st.direct.swap_remove(i);
+                        }
+                    }
+                    st.direct.push(run);
+                    if let Some(e) = &st.changed {
+                        return Err(e.clone().into_error(format!("reading {offset}+{len}")));
+                    }
+                    return Ok(());
+                }
+                Err(DirectError::Changed(e)) => {
+                    let mut st = sh.state.lock();
+                    if st.changed.is_none() {
+                        st.changed = Some(e.clone());
+                    }
+                    return Err(e.into_error(format!("reading {offset}+{len}")));
+                }
+                Err(DirectError::Unsuitable(_)) => {
+                    // The cache serves this storage from now on; drop the idle streams.
+                    sh.direct.store(false, Ordering::Relaxed);
+                    sh.state.lock().direct.clear();
+                }
+                // The cache, with its retries, serves the rest of this read.
+                Err(DirectError::Failed(_)) => {}
+            }
+            sequential = Some(false);
+        }
+        let rest = raw_slice(bufs, done as u64, len - done);
+        self.read_cached(
+            offset + done as u64,
+            len - done,
+            sequential,
+            &mut |pos, bytes| {
+                // SAFETY: `rest` lies within `bufs`, valid for writes (our caller's contract);
+                // `bytes` is our own memory, so the two cannot overlap.
+                unsafe { raw_scatter(&rest, pos as u64, bytes) }
+            },
+        )
+    }
+
+    /// Reads `[offset, offset + len)` from `run`'s stream into `bufs`, asking for a new range
+    /// when the current one is read (`done` counts the bytes read, also on failure).
+    ///
+    /// # Safety
+    /// Every buffer must be valid for writes of its length for the duration of the call.
+    unsafe fn read_direct(
+        &self,
+        run: &mut DirectRun,
+        offset: u64,
+        bufs: &[RawBuf],
+        len: usize,
+        done: &mut usize,
+    ) -> std::result::Result<(), DirectError> {
+        let sh = &self.shared;
+        while *done < len {
+            let pos = offset + *done as u64;
+            let mut conn = match run.conn.take() {
+                Some(c) if c.left() > 0 => c,
+                idle => {
+                    // At least the rest of this read; never past the end.
+                    let want = (len - *done) as u64;
+                    let span = run.span.max(want).min(sh.id.size - pos);
+                    run.span = run.span.saturating_mul(2).min(MAX_SPAN);
+                    sh.counters.stream_requests.fetch_add(1, Ordering::Relaxed);
+                    sh.src.open_range(idle, pos, span)?
+                }
+            };
+            let Some((ptr, room)) = dest_at(bufs, *done) else {
+                break;
+            };
+            // SAFETY: `ptr` has `room` writable bytes after it (our caller's contract).
+            let n = unsafe { conn.read_body(ptr, room.min(len - *done))? };
+            *done += n;
+            run.pos = pos + n as u64;
+            run.conn = Some(conn);
+            sh.counters
+                .stream_bytes
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Reads `[offset, offset + len)` through the cache, handing the bytes to `sink(pos,
+    /// bytes)` in order (`pos` counts from `offset`). `sequential` is the run detector's
+    /// verdict if the caller has already filed this read with it.
+    fn read_cached(
+        &self,
+        offset: u64,
+        len: usize,
+        sequential: Option<bool>,
+        sink: &mut dyn FnMut(usize, &[u8]),
+    ) -> Result<()> {
         let sh = &self.shared;
         let end = check_bounds(offset, len as u64, sh.id.size)?;
         if len == 0 {
@@ -539,7 +740,10 @@ impl RemoteStorage {
             if let Some(e) = &st.changed {
                 return Err(e.clone().into_error(format!("reading {offset}+{}", len)));
             }
-            let sequential = st.follow(offset, end, sh.block);
+            let sequential = match sequential {
+                Some(s) => s,
+                None => st.follow(offset, end, sh.block),
+            };
             for idx in first..=last {
                 st.tick += 1;
                 let tick = st.tick;
@@ -620,21 +824,19 @@ impl RemoteStorage {
 
 impl Storage for RemoteStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.read_with(offset, buf.len(), &mut |pos, bytes| {
-            buf[pos..pos + bytes.len()].copy_from_slice(bytes)
-        })
+        let bufs = [RawBuf {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+        }];
+        // SAFETY: `buf` is borrowed mutably for the whole call.
+        unsafe { self.read_into(offset, &bufs) }
     }
 
     unsafe fn read_raw_at(&self, bufs: &[RawBuf], offset: u64) -> Result<()> {
-        let total = raw_total(bufs)?;
-        let len = usize::try_from(total)
-            .map_err(|_| Error::new(ErrorKind::InvalidInput, "request too large"))?;
-        // Straight from the cached blocks into the caller's memory: no bounce buffer.
-        self.read_with(offset, len, &mut |pos, bytes| {
-            // SAFETY: the caller guarantees `bufs` valid for writes of their lengths for the
-            // whole call; `bytes` is our own memory, so the two cannot overlap.
-            unsafe { raw_scatter(bufs, pos as u64, bytes) }
-        })
+        // Straight from the socket or the cached blocks into the caller's memory: no bounce
+        // buffer.
+        // SAFETY: passed on from our caller.
+        unsafe { self.read_into(offset, bufs) }
     }
 
     fn write_at(&self, _buf: &[u8], offset: u64) -> Result<()> {
@@ -852,6 +1054,36 @@ mod tests {
         }
         assert_eq!(src.asked.lock().len(), 4);
         assert_eq!(s.stats().readahead, 0);
+    }
+
+    #[test]
+    fn the_read_ahead_window_stays_within_its_bound() {
+        // Cache of 8 blocks, 3 ahead, requests of 2 blocks; 1 KiB and 6 KiB reads to the end.
+        let mut o = opts(3, 8);
+        o.request_blocks = 2;
+        let (src, s) = setup(64 * 4096, &o);
+        let mut off = 0u64;
+        let mut i = 0usize;
+        while off < 64 * 4096 {
+            let len = if i % 3 == 0 { 6144 } else { 1024 }.min(64 * 4096 - off as usize);
+            let mut b = vec![0u8; len];
+            s.read_at(&mut b, off).unwrap();
+            assert_eq!(b, src.data[off as usize..][..len]);
+            let st = s.shared.state.lock();
+            let pending = st
+                .slots
+                .values()
+                .filter(|v| matches!(v, Slot::Pending(_)))
+                .count();
+            // Cached blocks within the budget; in flight at most the window past the read.
+            assert!(st.ready <= 8, "{} cached", st.ready);
+            assert!(pending <= 3, "{pending} in flight at {off}");
+            drop(st);
+            off += len as u64;
+            i += 1;
+        }
+        // Every block fetched once.
+        assert_eq!(s.stats().fetches, 64);
     }
 
     #[test]

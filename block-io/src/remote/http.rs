@@ -16,6 +16,7 @@ use reqwest::header::{self, HeaderMap};
 use reqwest::{Client, StatusCode, Url};
 
 use super::cache::{Deliver, FetchFuture, Source};
+use super::direct::{Conn, DirectError, Target};
 use super::error::{chain, RemoteError};
 use super::retry::Retry;
 use super::runtime::install_crypto_provider;
@@ -28,6 +29,8 @@ pub(crate) struct HttpSource {
     url: Url,
     id: RemoteIdentity,
     retry: Retry,
+    /// Where direct streams ask, if they suit the URL (see [`super::direct`]).
+    direct: Option<Target>,
 }
 
 /// What a response says about the object's version.
@@ -159,11 +162,13 @@ impl HttpSource {
             id.etag = v.etag;
             id.last_modified = v.last_modified;
         }
+        let direct = Target::new(&parsed, &id, opts.timeout);
         let src = HttpSource {
             client,
             url: parsed,
             id: id.clone(),
             retry,
+            direct,
         };
         Ok((Arc::new(src), id))
     }
@@ -201,6 +206,52 @@ impl HttpSource {
             return Err(self.changed(found.version()));
         }
         Ok(())
+    }
+
+    /// Judges the head of a direct stream's answer to `[offset, offset + len)` as
+    /// [`HttpSource::fetch_once`] judges its answers.
+    fn check_direct(
+        &self,
+        status: u16,
+        h: &HeaderMap,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), DirectError> {
+        match status {
+            206 => {}
+            412 => {
+                return Err(DirectError::Changed(
+                    self.changed("the server refused the precondition (412)".into()),
+                ))
+            }
+            416 => {
+                return Err(DirectError::Changed(
+                    self.changed(format!("range {offset}+{len} not satisfiable (416)")),
+                ))
+            }
+            200 => {
+                self.check_version(h, None).map_err(DirectError::Changed)?;
+                return Err(DirectError::Unsuitable(
+                    "the range was ignored (200)".into(),
+                ));
+            }
+            408 | 429 | 500..=599 => return Err(DirectError::Failed(format!("HTTP {status}"))),
+            _ => return Err(DirectError::Unsuitable(format!("HTTP {status}"))),
+        }
+        let cr = content_range(h);
+        self.check_version(h, cr.map(|c| c.2))
+            .map_err(DirectError::Changed)?;
+        match cr {
+            Some((first, last, _))
+                if first == offset && Some(last) == (offset + len).checked_sub(1) =>
+            {
+                Ok(())
+            }
+            _ => Err(DirectError::Unsuitable(format!(
+                "asked for {offset}+{len}, got Content-Range {:?}",
+                header_str(h, header::CONTENT_RANGE)
+            ))),
+        }
     }
 
     fn changed(&self, found: String) -> RemoteError {
@@ -294,6 +345,19 @@ impl HttpSource {
 }
 
 impl Source for HttpSource {
+    fn direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    fn open_range(&self, conn: Option<Conn>, offset: u64, len: u64) -> Result<Conn, DirectError> {
+        match &self.direct {
+            Some(t) => t.request(conn, offset, len, &|status, h| {
+                self.check_direct(status, h, offset, len)
+            }),
+            None => Err(DirectError::Unsuitable("not a plain http:// URL".into())),
+        }
+    }
+
     fn fetch(self: Arc<Self>, offset: u64, len: u64, mut deliver: Deliver) -> FetchFuture {
         Box::pin(async move {
             let mut got = 0u64;

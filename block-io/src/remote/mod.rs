@@ -15,7 +15,10 @@
 //! [`RemoteOptions::cache_bytes`] of them, least recently used evicted) with sequential
 //! read-ahead: once reads that continue each other have covered a block, the next
 //! [`RemoteOptions::readahead`] blocks are fetched in the background, several requests of up to
-//! [`RemoteOptions::request_blocks`] blocks in flight at once.
+//! [`RemoteOptions::request_blocks`] blocks in flight at once. Large sequential reads of a plain
+//! `http://` object skip the cache instead ([`RemoteOptions::stream_reads`]): each such run of
+//! reads gets a connection of its own with one long range request at a time, whose body is read
+//! from the socket straight into the caller's buffers on the caller's thread, as `curl` reads.
 //! Transient failures (connection errors, timeouts, truncated bodies, HTTP 5xx, 408, 429) are
 //! retried with exponential backoff, [`RemoteOptions::retries`] times at most.
 //!
@@ -51,6 +54,7 @@
 //!   storage and with `curl` in one run and prints the ratio.
 
 mod cache;
+mod direct;
 mod error;
 mod http;
 mod retry;
@@ -90,6 +94,12 @@ pub struct RemoteOptions {
     /// Part size of a multipart upload, in bytes (default 16 MiB; S3 needs at least 5 MiB).
     /// Images up to this size are uploaded with a single put.
     pub part_size: usize,
+    /// Whether large sequential reads of a plain `http://` object are read straight from the
+    /// socket into the caller's buffers, past the cache (default true): once a run of reads
+    /// of at least 64 KiB each is sequential, it gets its own connection and one long range
+    /// request at a time (4 MiB, doubling up to 256 MiB), read as `curl` reads. `https://`,
+    /// S3, smaller reads and random reads always go through the cache.
+    pub stream_reads: bool,
     /// Extra CA certificates (PEM, one or more) that `https://` servers may chain to, besides
     /// the system's roots: a private CA of an internal image server (default none). An `s3://`
     /// endpoint is checked against the system's roots only.
@@ -107,6 +117,7 @@ impl Default for RemoteOptions {
             retry_delay: Duration::from_millis(100),
             timeout: Duration::from_secs(60),
             part_size: 16 << 20,
+            stream_reads: true,
             ca_pem: None,
         }
     }

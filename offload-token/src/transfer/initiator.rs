@@ -76,7 +76,7 @@ impl ControlClient {
         .map_err(|_| TransferError::Timeout("waiting for a provider's reply"))??;
         match r {
             None => Err(TransferError::Protocol(format!(
-                "provider {} closed the connection",
+                "provider {} closed the connection (a wrong control key, or it stopped)",
                 self.addr
             ))),
             Some(Reply::Error { code, message }) => Err(TransferError::Remote {
