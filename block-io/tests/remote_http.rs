@@ -128,6 +128,8 @@ http {{
   sendfile on;
   tcp_nopush on;
   keepalive_requests 1000000;
+  # Short, so that a test can see a kept-alive connection closed by the server.
+  keepalive_timeout 2s;
   server {{
     listen 127.0.0.1:{port};
     root {root};
@@ -826,6 +828,41 @@ fn random_reads_fetch_little_more_than_they_read() {
     // Its two GETs: block 10 for the first read, the stream's range for the second.
     let sent = bytes_sent(&ng, "/rnd.raw", s.requests as usize + 2) - s.bytes;
     assert!(sent <= 5 * MIB, "{sent}");
+}
+
+#[test]
+fn a_kept_alive_stream_closed_by_the_server_reconnects() {
+    let Some(ng) = Nginx::start() else { return };
+    const MIB: u64 = 1 << 20;
+    let data: Vec<u8> = (0..12 * MIB).map(|i| (i * 17 % 241) as u8).collect();
+    std::fs::write(ng.root.join("idle.raw"), &data).unwrap();
+    let st = RemoteStorage::open(&ng.url("idle.raw"), &RemoteOptions::default()).unwrap();
+    let mut buf = vec![0u8; MIB as usize];
+    // Reads 0-4: the stream's first range (1-5 MiB) is read to its end.
+    for i in 0..5u64 {
+        st.read_at(&mut buf, i * MIB).unwrap();
+    }
+    assert_eq!(st.stats().stream_requests, 1);
+    // nginx closes the idle connection after 2 s; the next range goes on a new one.
+    std::thread::sleep(Duration::from_millis(3000));
+    for i in 5..12u64 {
+        st.read_at(&mut buf, i * MIB).unwrap();
+        assert_same(
+            &buf,
+            &data[(i * MIB) as usize..][..buf.len()],
+            "after idling",
+        );
+    }
+    let s = st.stats();
+    assert_eq!((s.stream_requests, s.fetches), (2, 1), "{s:?}");
+    bytes_sent(&ng, "/idle.raw", 3);
+    let conns: std::collections::BTreeSet<String> = ng
+        .log()
+        .iter()
+        .skip(2)
+        .filter_map(|l| l.rsplit(' ').next().map(str::to_owned))
+        .collect();
+    assert_eq!(conns.len(), 2, "{:?}", ng.log());
 }
 
 #[test]
