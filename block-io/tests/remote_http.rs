@@ -47,7 +47,8 @@ fn free_port() -> u16 {
 }
 
 /// An nginx serving `root` on a free loopback port, stopped on drop. Besides the plain root:
-/// `/norange/…` serves the same files ignoring Range (`max_ranges 0`), `/fail/…` answers 503.
+/// `/norange/…` serves the same files ignoring Range (`max_ranges 0`), `/fail/…` answers 503,
+/// `/moved/…` redirects (302) to the same file at the root.
 struct Nginx {
     child: Child,
     port: u16,
@@ -135,6 +136,7 @@ http {{
     root {root};
     location /norange/ {{ max_ranges 0; }}
     location /fail/ {{ return 503; }}
+    location /moved/ {{ rewrite ^/moved/(.*)$ /$1 redirect; }}
   }}
   server {{
     listen 127.0.0.1:{tls_port} ssl;
@@ -412,6 +414,8 @@ fn https_with_a_private_ca() {
     let vhd = vhd_format::VhdFile::open(st.clone(), true).unwrap();
     assert_same(&read_all(&vhd, 1 << 20), &raw, "vhd over https");
     assert!(st.stats().requests > 0);
+    // TLS is read through the cache: direct streams are for plain http:// only.
+    assert_eq!(st.stats().stream_requests, 0);
     // Garbage for a CA is a configuration error.
     opts.ca_pem =
         Some(b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n".to_vec());
@@ -863,6 +867,25 @@ fn a_kept_alive_stream_closed_by_the_server_reconnects() {
         .filter_map(|l| l.rsplit(' ').next().map(str::to_owned))
         .collect();
     assert_eq!(conns.len(), 2, "{:?}", ng.log());
+}
+
+#[test]
+fn a_redirecting_url_turns_direct_streams_off() {
+    let Some(ng) = Nginx::start() else { return };
+    const MIB: u64 = 1 << 20;
+    let data: Vec<u8> = (0..8 * MIB).map(|i| (i * 11 % 239) as u8).collect();
+    std::fs::write(ng.root.join("moved.raw"), &data).unwrap();
+    // reqwest follows the redirect; the direct stream's request is answered 302, which that
+    // small client does not follow: the cache serves the read and the storage from then on.
+    let st = RemoteStorage::open(&ng.url("moved/moved.raw"), &RemoteOptions::default()).unwrap();
+    let mut buf = vec![0u8; MIB as usize];
+    for i in 0..8u64 {
+        st.read_at(&mut buf, i * MIB).unwrap();
+        assert_same(&buf, &data[(i * MIB) as usize..][..buf.len()], "redirected");
+    }
+    let s = st.stats();
+    assert_eq!((s.stream_requests, s.stream_bytes), (1, 0), "{s:?}");
+    assert!(s.readahead > 0, "{s:?}");
 }
 
 #[test]
