@@ -655,12 +655,7 @@ fn pull_client(
         return Ok(c.clone());
     }
     let config = tls::destination_config(&t.ca, cert, t.key.private_der())?;
-    let host = if ep.host.contains(':') && !ep.host.starts_with('[') {
-        format!("[{}]", ep.host)
-    } else {
-        ep.host.clone()
-    };
-    let url = format!("nbds://{}:{}/{}", host, ep.port, ep.export);
+    let url = ep.url();
     let opts = NbdClientOptions {
         connect_timeout: Duration::from_secs(10),
         request_timeout: Some(Duration::from_secs(30)),

@@ -477,7 +477,7 @@ impl Relay {
         let config =
             tls::destination_config(&self.ca, &self.client_cert, self.client_key.private_der())?;
         let name = peer_name(self.transfer, Role::Source);
-        let url = format!("nbds://{}:{}/{}", ep.host, ep.port, ep.export);
+        let url = ep.url();
         let client = tokio::task::spawn_blocking(move || {
             let opts = NbdClientOptions {
                 retry: RetryPolicy::never(),

@@ -69,6 +69,17 @@
 //! every image under the provider's root ([`resolve_under`] refuses absolute paths, `..` and
 //! symlinks leading outside it). Keep per-provider keys apart.
 //!
+//! ## Limits
+//!
+//! - The certificates live [`CopyRequest::cert_lifetime`] (15 min by default): S opens a new
+//!   export per token and D reaches it by a new handshake, so a copy must end within it.
+//! - S serves each export on the address its control connection arrived on, and D is told
+//!   to reach it at the address the initiator used for S: S must be reachable from D there
+//!   (no NAT between them).
+//! - The control channel authenticates but does not encrypt; tokens and image paths are
+//!   visible on the wire.
+//! - Tokens live in S's memory: a restarted S has forgotten them, and the copy fails.
+//!
 //! [`NbdServer`]: block_io::nbd::NbdServer
 
 pub mod ca;
