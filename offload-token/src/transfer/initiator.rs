@@ -483,7 +483,8 @@ impl Relay {
                 retry: RetryPolicy::never(),
                 tls: Some(TlsOptions::new(config).with_server_name(name)),
                 read_only: true,
-                connections: 2,
+                // As many as D opens to S by default.
+                connections: 4,
                 ..NbdClientOptions::default()
             };
             // NbdClient runs its own runtime; open it off this one.
