@@ -376,7 +376,8 @@ fn resized_images_pass_qemu_check_info_and_compare() {
         v["virtual-size"].as_u64().unwrap()
     };
     // (made by qemu, format, create options, size, resize steps)
-    let cases: &[(bool, &str, &[&str], &str, &[&[&str]])] = &[
+    type Case<'a> = (bool, &'a str, &'a [&'a str], &'a str, &'a [&'a [&'a str]]);
+    let cases: &[Case] = &[
         (true, "vhd", &["-o", "subformat=fixed"], "8M", &[&["+8M"]]),
         (true, "vhd", &[], "8M", &[&["300M"]]),
         (false, "vhd", &["-o", "subformat=fixed"], "8M", &[&["24M"]]),
