@@ -104,7 +104,8 @@ pub struct RemoteOptions {
     /// socket into the caller's buffers, past the cache (default true): once a run of reads
     /// of at least 64 KiB each is sequential, it gets its own connection and one long range
     /// request at a time (4 MiB, doubling up to 256 MiB), read as `curl` reads. `https://`,
-    /// S3, smaller reads and random reads always go through the cache.
+    /// S3, smaller reads, random reads and readers with several reads in flight at once (they
+    /// share the cache's blocks instead) always go through the cache.
     pub stream_reads: bool,
     /// Extra CA certificates (PEM, one or more) that `https://` servers may chain to, besides
     /// the system's roots: a private CA of an internal image server (default none). An `s3://`
