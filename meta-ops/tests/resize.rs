@@ -271,3 +271,62 @@ fn a_vhost_user_frontend_sees_the_online_resize() {
     d.read_at(&mut b, OLD).unwrap();
     assert_eq!(b, data);
 }
+
+/// A forced VHDX shrink under a guest writing and reading the part that stays: every read
+/// matches, requests past the new end are refused afterwards, the reopened image has the new
+/// size and the guest's data.
+#[test]
+fn forced_shrink_vhdx_under_guest_io() {
+    const KEEP: u64 = 4 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let (top, initial) = chains::build(dir.path(), Kind::Vhdx, 1, OLD, 11);
+    let disk = Arc::new(Disk::open(&top, &OpenOptions::new()).unwrap());
+    let live = LiveDisk::new(disk.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let guest = {
+        let (live, stop) = (live.clone(), stop.clone());
+        let mut model = initial[..KEEP as usize].to_vec();
+        std::thread::spawn(move || {
+            let mut rng = ChaCha8Rng::seed_from_u64(5);
+            let mut buf = vec![0u8; BLK as usize];
+            let mut bad = 0u64;
+            let mut seq = 0u8;
+            while !stop.load(Ordering::Acquire) {
+                let off = rng.random_range(0..KEEP / BLK) * BLK;
+                let r = off as usize..(off + BLK) as usize;
+                if rng.random_bool(0.5) {
+                    seq = seq.wrapping_add(1);
+                    let data = vec![seq; BLK as usize];
+                    live.write_at(&data, off).unwrap();
+                    model[r].copy_from_slice(&data);
+                } else {
+                    live.read_at(&mut buf, off).unwrap();
+                    bad += u64::from(buf[..] != model[r]);
+                }
+            }
+            live.flush().unwrap();
+            (bad, model)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let r = resize_live(&live, &disk, KEEP, true).unwrap();
+    assert_eq!((r.old_size, r.new_size), (OLD, KEEP));
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Release);
+    let (bad, model) = guest.join().unwrap();
+    assert_eq!(bad, 0);
+    let mut b = vec![0u8; 4096];
+    assert_eq!(
+        live.read_at(&mut b, KEEP).unwrap_err().kind(),
+        ErrorKind::OutOfRange
+    );
+    drop((live, disk, r));
+    let d = Disk::open(&top, &OpenOptions::new()).unwrap();
+    assert_eq!(d.info().virtual_size, KEEP);
+    let mut got = vec![0u8; KEEP as usize];
+    d.read_at(&mut got, 0).unwrap();
+    assert!(
+        got == model,
+        "the reopened image differs from the guest's model"
+    );
+}
