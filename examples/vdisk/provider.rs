@@ -161,8 +161,18 @@ impl ImageOpener for ChainOpener {
     }
 }
 
+/// Sockets whose peer left give EPIPE instead of killing the process (`main` restores
+/// SIGPIPE's default for the other verbs): a provider outlives its initiators and its peers.
+fn ignore_sigpipe() {
+    // SAFETY: sets a signal's disposition to ignore; no handler runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+}
+
 /// Runs `vdisk provider`.
 pub fn run_provider(args: ProviderArgs) -> CliResult {
+    ignore_sigpipe();
     match args.cmd {
         ProviderCmd::Serve {
             listen,
@@ -215,6 +225,19 @@ pub fn run_provider(args: ProviderArgs) -> CliResult {
             )
             .map_err(|e| err(&e))?;
             let addr = daemon.local_addr().map_err(|e| err(&e))?;
+            // SIGINT/SIGTERM stop it cleanly: connections end, their transfers close (D
+            // flushes its images).
+            let stop = daemon.stop_handle();
+            let mut signals = signal_hook::iterator::Signals::new([
+                signal_hook::consts::SIGINT,
+                signal_hook::consts::SIGTERM,
+            ])
+            .map_err(|e| CliError::new(format!("cannot install signal handlers: {e}")))?;
+            std::thread::spawn(move || {
+                if signals.forever().next().is_some() {
+                    stop.stop();
+                }
+            });
             println!("listening on {addr}");
             use std::io::Write;
             let _ = std::io::stdout().flush();
@@ -247,6 +270,7 @@ fn split_target(s: &str) -> Result<(String, String, Option<String>), CliError> {
 
 /// Runs `vdisk offload`.
 pub fn run_offload(args: OffloadArgs) -> CliResult {
+    ignore_sigpipe();
     match args.cmd {
         OffloadCmd::Copy {
             from,
@@ -304,6 +328,7 @@ pub fn run_offload(args: OffloadArgs) -> CliResult {
 /// The demo's step: two providers in this process on loopback, with different roots; a
 /// VHDX's data copied into a VHD; the bytes compared.
 pub fn demo_step(dir: &Path) -> Result<String, CliError> {
+    ignore_sigpipe();
     let (sroot, droot) = (dir.join("provider-s"), dir.join("provider-d"));
     for r in [&sroot, &droot] {
         std::fs::create_dir_all(r)

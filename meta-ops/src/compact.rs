@@ -15,7 +15,8 @@
 //!    partially present block of a differencing image with no sector present NOT_PRESENT; a
 //!    block that hides the parent never starts showing it).
 //! 2. **Move** ([`Phase::Copying`]): the block lying highest in the file moves into the
-//!    lowest hole below it, one block at a time, until none fits lower.
+//!    lowest hole below it, one block at a time, until none fits lower (a VHDX sector bitmap
+//!    block too, with the whole chunk it serves held).
 //! 3. **Truncate** ([`Phase::Pivoting`]): the file is cut after the last block.
 //!
 //! ## Guest I/O meanwhile
@@ -70,9 +71,13 @@ use crate::live::{LiveDisk, Tracker};
 #[derive(Debug, Clone, Copy)]
 struct Move {
     block: u64,
+    /// A VHDX sector bitmap block (`block` is its chunk).
+    sector_bitmap: bool,
     from: u64,
     to: u64,
     len: u64,
+    /// The guest range `(offset, len)` held exclusively while it moves.
+    range: (u64, u64),
 }
 
 /// The format's compaction steps.
@@ -97,11 +102,18 @@ impl<S: Storage> Steps for VhdCompactor<S> {
         VhdCompactor::reclaim(self, block)
     }
     fn plan_move(&self) -> block_io::Result<Option<Move>> {
-        Ok(VhdCompactor::plan_move(self)?.map(|m| Move {
-            block: m.block,
-            from: m.from,
-            to: m.to,
-            len: m.len,
+        let bs = VhdCompactor::block_size(self);
+        let size = self.file().info().virtual_size;
+        Ok(VhdCompactor::plan_move(self)?.map(|m| {
+            let start = m.block.saturating_mul(bs).min(size);
+            Move {
+                block: m.block,
+                sector_bitmap: false,
+                from: m.from,
+                to: m.to,
+                len: m.len,
+                range: (start, bs.min(size - start)),
+            }
         }))
     }
     fn move_block(&self, m: &Move) -> block_io::Result<bool> {
@@ -136,9 +148,11 @@ impl<S: Storage> Steps for VhdxCompactor<S> {
     fn plan_move(&self) -> block_io::Result<Option<Move>> {
         Ok(VhdxCompactor::plan_move(self)?.map(|m| Move {
             block: m.block,
+            sector_bitmap: m.sector_bitmap,
             from: m.from,
             to: m.to,
             len: m.len,
+            range: m.guest_range,
         }))
     }
     fn move_block(&self, m: &Move) -> block_io::Result<bool> {
@@ -146,9 +160,11 @@ impl<S: Storage> Steps for VhdxCompactor<S> {
             self,
             &vhdx_format::compact::BlockMove {
                 block: m.block,
+                sector_bitmap: m.sector_bitmap,
                 from: m.from,
                 to: m.to,
                 len: m.len,
+                guest_range: m.range,
             },
         )
     }
@@ -506,23 +522,26 @@ impl Compaction {
         self.main().await
     }
 
-    /// Runs `f` on the blocking pool with block `block`'s guest range held exclusively,
+    /// The guest range of block `block`.
+    fn block_range(&self, block: u64) -> (u64, u64) {
+        let bs = self.shared.gran;
+        let size = self.target.dev.info().virtual_size;
+        let start = block.saturating_mul(bs).min(size);
+        (start, bs.min(size - start))
+    }
+
+    /// Runs `f` on the blocking pool with the guest range `(offset, len)` held exclusively,
     /// after the guest requests already in flight.
     async fn locked<T: Send + 'static>(
         &self,
-        block: u64,
+        (offset, len): (u64, u64),
         f: impl FnOnce(&CompactTarget) -> T + Send + 'static,
     ) -> Result<T, JobError> {
         let (live, target, yields) = (self.live.clone(), self.target.clone(), self.yields.clone());
         let cap = self.yield_cap;
-        let bs = self.shared.gran;
         tokio::task::spawn_blocking(move || {
             yield_to_guests(&live, cap, &yields);
-            let size = target.dev.info().virtual_size;
-            let start = block.saturating_mul(bs).min(size);
-            let _g = live
-                .range_lock()
-                .lock_exclusive(start, bs.min(size - start));
+            let _g = live.range_lock().lock_exclusive(offset, len);
             f(&target)
         })
         .await
@@ -548,7 +567,9 @@ impl Compaction {
             }
             tracker.dirty.take(b, b + 1);
             self.shared.in_flight.fetch_add(bs, Ordering::AcqRel);
-            let r = self.locked(b, move |t| t.steps.reclaim(b)).await;
+            let r = self
+                .locked(self.block_range(b), move |t| t.steps.reclaim(b))
+                .await;
             self.shared.in_flight.fetch_sub(bs, Ordering::AcqRel);
             if r?.map_err(step_err("reclaim", b * bs))? {
                 reclaimed += 1;
@@ -574,9 +595,9 @@ impl Compaction {
                 continue;
             }
             self.shared.in_flight.fetch_add(m.len, Ordering::AcqRel);
-            let r = self.locked(m.block, move |t| t.steps.move_block(&m)).await;
+            let r = self.locked(m.range, move |t| t.steps.move_block(&m)).await;
             self.shared.in_flight.fetch_sub(m.len, Ordering::AcqRel);
-            if r?.map_err(step_err("move", m.block * bs))? {
+            if r?.map_err(step_err("move", m.range.0))? {
                 stale = 0;
                 moved += 1;
                 self.target.stats.lock().moved_blocks += 1;

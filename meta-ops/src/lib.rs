@@ -42,8 +42,9 @@
 //!   drain), copies what is left, flushes the destination, switches the guest to it
 //!   ([`Pivot::Switch`]) or leaves it as a point-in-time copy ([`Pivot::Detach`]), and opens
 //!   the gate. The time the gate was closed is reported as [`JobReport::pivot_pause`]; the
-//!   longest wait of any one guest request as [`JobReport::max_guest_wait`]. Guest reads never
-//!   wait.
+//!   longest wait of any one guest request as [`JobReport::max_guest_wait`]. Guest reads wait
+//!   only for the device swap itself (and for a whole [`resize_live`], which changes the file
+//!   under them).
 //! - **Yielding to the guest.** Before each chunk the job lets the guest requests that were
 //!   already in flight finish (up to `yield_cap`), and it takes the chunk's bytes from a
 //!   [`block_io::RateLimiter`] whose rate [`JobHandle::set_rate`] changes while it runs.

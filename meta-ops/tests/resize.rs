@@ -43,13 +43,14 @@ fn guest(
     live: Arc<LiveDisk>,
     initial: Arc<Vec<u8>>,
     t: u64,
+    new: u64,
     stop: Arc<AtomicBool>,
     resized: Arc<AtomicBool>,
     counts: Arc<Counts>,
 ) -> HashMap<u64, Vec<u8>> {
     let mut rng = ChaCha8Rng::seed_from_u64(t + 99);
     let mut written: HashMap<u64, Vec<u8>> = HashMap::new();
-    let blocks = NEW / BLK;
+    let blocks = new / BLK;
     let mut buf = vec![0u8; BLK as usize];
     let mut seq = 0u64;
     while !stop.load(Ordering::Acquire) {
@@ -108,7 +109,7 @@ fn guest(
     written
 }
 
-fn grow_case(kind: Kind, depth: usize) {
+fn grow_case(kind: Kind, depth: usize, new: u64) {
     let dir = tempfile::tempdir().unwrap();
     let (top, initial) = chains::build(dir.path(), kind, depth, OLD, depth as u64 * 7);
     let initial = Arc::new(initial);
@@ -126,17 +127,17 @@ fn grow_case(kind: Kind, depth: usize) {
                 resized.clone(),
                 counts.clone(),
             );
-            std::thread::spawn(move || guest(live, initial, t, stop, resized, counts))
+            std::thread::spawn(move || guest(live, initial, t, new, stop, resized, counts))
         })
         .collect();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(live.info().virtual_size, OLD);
     let t0 = Instant::now();
-    let r = resize_live(&live, &disk, NEW, false).unwrap();
+    let r = resize_live(&live, &disk, new, false).unwrap();
     resized.store(true, Ordering::Release);
-    assert_eq!((r.old_size, r.new_size), (OLD, NEW));
+    assert_eq!((r.old_size, r.new_size), (OLD, new));
     assert!(r.pause <= t0.elapsed());
-    assert_eq!(live.info().virtual_size, NEW);
+    assert_eq!(live.info().virtual_size, new);
     assert_eq!(live.generation(), 1);
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Release);
@@ -150,15 +151,15 @@ fn grow_case(kind: Kind, depth: usize) {
     drop((live, disk, r));
     // The reopened chain (lineage checks on) reads the model.
     let d = Disk::open(&top, &OpenOptions::new()).unwrap();
-    assert_eq!(d.info().virtual_size, NEW);
+    assert_eq!(d.info().virtual_size, new);
     let mut model = initial.to_vec();
-    model.resize(NEW as usize, 0);
+    model.resize(new as usize, 0);
     for w in written {
         for (b, data) in w {
             model[(b * BLK) as usize..((b + 1) * BLK) as usize].copy_from_slice(&data);
         }
     }
-    let mut got = vec![0u8; NEW as usize];
+    let mut got = vec![0u8; new as usize];
     d.read_at(&mut got, 0).unwrap();
     assert!(
         got == model,
@@ -168,17 +169,24 @@ fn grow_case(kind: Kind, depth: usize) {
 
 #[test]
 fn grow_vhd_under_guest_io() {
-    grow_case(Kind::Vhd, 1);
+    grow_case(Kind::Vhd, 1, NEW);
+}
+
+/// 200 blocks of 1 MiB: the VHD's BAT outgrows its sector and moves to the end of the file
+/// while the guests run.
+#[test]
+fn grow_vhd_past_its_bat_under_guest_io() {
+    grow_case(Kind::Vhd, 1, 200 << 20);
 }
 
 #[test]
 fn grow_vhdx_under_guest_io() {
-    grow_case(Kind::Vhdx, 1);
+    grow_case(Kind::Vhdx, 1, NEW);
 }
 
 #[test]
 fn grow_vhdx_child_past_its_parent_under_guest_io() {
-    grow_case(Kind::Vhdx, 2);
+    grow_case(Kind::Vhdx, 2, NEW);
 }
 
 #[test]
@@ -262,4 +270,63 @@ fn a_vhost_user_frontend_sees_the_online_resize() {
     let mut b = vec![0u8; 4096];
     d.read_at(&mut b, OLD).unwrap();
     assert_eq!(b, data);
+}
+
+/// A forced VHDX shrink under a guest writing and reading the part that stays: every read
+/// matches, requests past the new end are refused afterwards, the reopened image has the new
+/// size and the guest's data.
+#[test]
+fn forced_shrink_vhdx_under_guest_io() {
+    const KEEP: u64 = 4 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let (top, initial) = chains::build(dir.path(), Kind::Vhdx, 1, OLD, 11);
+    let disk = Arc::new(Disk::open(&top, &OpenOptions::new()).unwrap());
+    let live = LiveDisk::new(disk.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let guest = {
+        let (live, stop) = (live.clone(), stop.clone());
+        let mut model = initial[..KEEP as usize].to_vec();
+        std::thread::spawn(move || {
+            let mut rng = ChaCha8Rng::seed_from_u64(5);
+            let mut buf = vec![0u8; BLK as usize];
+            let mut bad = 0u64;
+            let mut seq = 0u8;
+            while !stop.load(Ordering::Acquire) {
+                let off = rng.random_range(0..KEEP / BLK) * BLK;
+                let r = off as usize..(off + BLK) as usize;
+                if rng.random_bool(0.5) {
+                    seq = seq.wrapping_add(1);
+                    let data = vec![seq; BLK as usize];
+                    live.write_at(&data, off).unwrap();
+                    model[r].copy_from_slice(&data);
+                } else {
+                    live.read_at(&mut buf, off).unwrap();
+                    bad += u64::from(buf[..] != model[r]);
+                }
+            }
+            live.flush().unwrap();
+            (bad, model)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let r = resize_live(&live, &disk, KEEP, true).unwrap();
+    assert_eq!((r.old_size, r.new_size), (OLD, KEEP));
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Release);
+    let (bad, model) = guest.join().unwrap();
+    assert_eq!(bad, 0);
+    let mut b = vec![0u8; 4096];
+    assert_eq!(
+        live.read_at(&mut b, KEEP).unwrap_err().kind(),
+        ErrorKind::OutOfRange
+    );
+    drop((live, disk, r));
+    let d = Disk::open(&top, &OpenOptions::new()).unwrap();
+    assert_eq!(d.info().virtual_size, KEEP);
+    let mut got = vec![0u8; KEEP as usize];
+    d.read_at(&mut got, 0).unwrap();
+    assert!(
+        got == model,
+        "the reopened image differs from the guest's model"
+    );
 }

@@ -482,6 +482,7 @@ fn cancel_from_another_connection_stops_a_running_redeem() {
     let s = Daemon::start(&sroot, |c| c.export_rate = Some(2 * MIB));
     let d = Daemon::start(&droot, |c| {
         c.max_redeem_len = 16 * MIB;
+        c.redeem_time = Duration::from_secs(20);
         c.pull_chunk = 256 * 1024;
     });
     let rt = rt();
@@ -543,4 +544,30 @@ fn cancel_from_another_connection_stops_a_running_redeem() {
         None,
     ));
     assert!(matches!(r, Err(TransferError::Remote { ref code, .. }) if code == "cancelled"));
+}
+
+#[test]
+fn a_slow_source_gets_short_redeems_that_loop_to_completion() {
+    let (_dir, sroot, droot) = roots();
+    make_vhdx(&sroot.join("src.vhdx"), 8 * MIB, &[(0, 8 * MIB)]);
+    make_vhd(&droot.join("dst.vhd"), 8 * MIB);
+    // 8 MiB at 4 MiB/s with redeems cut after 200 ms (2 pulls of 256 KiB in flight):
+    // about 1 MiB per redeem.
+    let s = Daemon::start(&sroot, |c| c.export_rate = Some(4 * MIB));
+    let d = Daemon::start(&droot, |c| {
+        c.redeem_time = Duration::from_millis(200);
+        c.pull_chunk = 256 * 1024;
+        c.pull_workers = 2;
+    });
+    let req = CopyRequest::new(s.endpoint("src.vhdx", 0), d.endpoint("dst.vhd", 0), None);
+    let r = copy_blocking(&req).unwrap();
+    assert_eq!(r.bytes_copied, 8 * MIB);
+    assert_eq!(r.tokens, 1, "{r:?}");
+    assert!(r.redeems >= 3, "{r:?}");
+    drop(s);
+    drop(d);
+    assert!(
+        read_all(&sroot.join("src.vhdx"), 0, 8 * MIB)
+            == read_all(&droot.join("dst.vhd"), 0, 8 * MIB)
+    );
 }

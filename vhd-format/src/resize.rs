@@ -8,7 +8,8 @@
 //!
 //! - **Size and geometry.** The footer's current size is the size asked (a multiple of 512),
 //!   its CHS geometry computed from it by the spec's algorithm, as [`crate::VhdFile::create`]
-//!   does. Exception: an image whose creator application is one that readers size by CHS
+//!   does. The original size is set to it as well: the spec calls that field informational
+//!   (the size at creation), but libvhdi reports it as the disk's size. Exception: an image whose creator application is one that readers size by CHS
 //!   (`vpc `, `qemu`: qemu's vpc driver takes the size from the geometry for those) is grown
 //!   to the size its new geometry covers, rounded up as qemu-img and Virtual PC create them, so
 //!   every reader agrees on the new size; [`ResizeReport::new_size`] says what it became.
@@ -181,8 +182,11 @@ pub fn resize_storage_with<S: Storage + ?Sized>(
     if size == old_size {
         return Ok(report);
     }
+    // The original size follows too: the spec calls it informational, but libvhdi takes
+    // the disk's size from it.
     let footer = Footer {
         current_size: size,
+        original_size: size,
         geometry,
         ..l.footer.clone()
     };

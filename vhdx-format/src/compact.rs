@@ -34,8 +34,9 @@
 //!    Cutting with entries in the log would leave them claiming a FlushedFileOffset past the
 //!    end of the file, which replay must refuse (MS-VHDX 2.3.3).
 //!
-//! Sector bitmap blocks are not moved (a commit may be writing them in place); one lying at
-//! the end of the file stops the truncation there.
+//! A differencing image's sector bitmap blocks move the same way, with the log held (no
+//! commit writes bitmap sectors at the old place meanwhile) and guest I/O kept off the whole
+//! chunk the bitmap serves ([`BlockMove::guest_range`]).
 //!
 //! A compactor starts the image's write session keeping its DataWriteGuid when none has
 //! started: moving blocks changes nothing a reader sees (MS-VHDX 2.2.2: DataWriteGuid changes
@@ -62,14 +63,19 @@ const IO_CHUNK: u64 = MIB;
 /// One block move chosen by [`VhdxCompactor::plan_move`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockMove {
-    /// The payload block.
+    /// The payload block, or with `sector_bitmap` the chunk whose sector bitmap moves.
     pub block: u64,
+    /// Whether a sector bitmap block moves (differencing images).
+    pub sector_bitmap: bool,
     /// File offset of its data now.
     pub from: u64,
     /// File offset it moves to.
     pub to: u64,
-    /// Bytes of file space it takes (the block size).
+    /// Bytes of file space it takes (the block size, or 1 MiB for a sector bitmap).
     pub len: u64,
+    /// The virtual range `(offset, len)` the caller keeps guest I/O off while it moves: the
+    /// block's, or for a sector bitmap its whole chunk's.
+    pub guest_range: (u64, u64),
 }
 
 /// What [`VhdxCompactor::compact`] did.
@@ -85,8 +91,9 @@ pub struct CompactStats {
     pub len_after: u64,
 }
 
-/// File ranges `(start, end)` in use, and the highest payload block `(offset, block)`.
-type Used = (Vec<(u64, u64)>, Option<(u64, u64)>);
+/// File ranges `(start, end)` in use, and the block lying highest `(offset, index, is a
+/// sector bitmap)` (index: payload block or chunk).
+type Used = (Vec<(u64, u64)>, Option<(u64, u64, bool)>);
 
 /// Compaction steps over a writable dynamic or differencing VHDX (see the module docs).
 #[derive(Debug)]
@@ -220,7 +227,7 @@ impl<S: Storage> VhdxCompactor<S> {
         used.extend(f.regions.all().map(|r| (r.file_offset, r.end())));
         let bs = self.block_size();
         used.extend(st.punch.iter().map(|&(o, l)| (o, o.saturating_add(l))));
-        let mut highest: Option<(u64, u64)> = None;
+        let mut highest: Option<(u64, u64, bool)> = None;
         for (i, a) in f.bat.iter().enumerate() {
             let raw = a.load(std::sync::atomic::Ordering::Acquire);
             let e = BatEntry::try_from(raw)?;
@@ -228,14 +235,15 @@ impl<S: Storage> VhdxCompactor<S> {
                 continue;
             }
             let i = i as u64;
-            if f.geo.has_parent && f.geo.is_bitmap_index(i) {
-                used.push((e.file_offset, e.file_offset.saturating_add(BITMAP_BLOCK)));
-                continue;
-            }
-            used.push((e.file_offset, e.file_offset.saturating_add(bs)));
-            let block = i - i / (f.geo.chunk_ratio + 1);
-            if highest.is_none_or(|(o, _)| e.file_offset > o) {
-                highest = Some((e.file_offset, block));
+            let bitmap = f.geo.has_parent && f.geo.is_bitmap_index(i);
+            let (len, index) = if bitmap {
+                (BITMAP_BLOCK, i / (f.geo.chunk_ratio + 1))
+            } else {
+                (bs, i - i / (f.geo.chunk_ratio + 1))
+            };
+            used.push((e.file_offset, e.file_offset.saturating_add(len)));
+            if highest.is_none_or(|(o, _, _)| e.file_offset > o) {
+                highest = Some((e.file_offset, index, bitmap));
             }
         }
         used.sort_unstable();
@@ -248,10 +256,10 @@ impl<S: Storage> VhdxCompactor<S> {
     pub fn plan_move(&self) -> Result<Option<BlockMove>> {
         self.file.flush_inner()?;
         let (used, highest) = self.used(&self.file.state.lock())?;
-        let Some((from, block)) = highest else {
+        let Some((from, block, sector_bitmap)) = highest else {
             return Ok(None);
         };
-        let bs = self.block_size();
+        let (len, guest_range) = self.span(block, sector_bitmap);
         let mut cursor = 0u64;
         for &(s, e) in &used {
             if s > from {
@@ -259,12 +267,14 @@ impl<S: Storage> VhdxCompactor<S> {
             }
             // MS-VHDX 2.5: blocks lie on 1 MiB boundaries.
             let to = cursor.next_multiple_of(MIB);
-            if to + bs <= s && to + bs <= from {
+            if to + len <= s && to + len <= from {
                 return Ok(Some(BlockMove {
                     block,
+                    sector_bitmap,
                     from,
                     to,
-                    len: bs,
+                    len,
+                    guest_range,
                 }));
             }
             cursor = cursor.max(e);
@@ -272,17 +282,34 @@ impl<S: Storage> VhdxCompactor<S> {
         Ok(None)
     }
 
+    /// File bytes of block `index` (payload, or a chunk's sector bitmap) and the virtual
+    /// range it serves, clipped to the disk.
+    fn span(&self, index: u64, sector_bitmap: bool) -> (u64, (u64, u64)) {
+        let bs = self.block_size();
+        let size = self.file.meta.virtual_size;
+        let (len, per) = if sector_bitmap {
+            (BITMAP_BLOCK, bs.saturating_mul(self.file.geo.chunk_ratio))
+        } else {
+            (bs, bs)
+        };
+        let start = index.saturating_mul(per).min(size);
+        (len, (start, per.min(size - start)))
+    }
+
     /// Step 2b: moves a block as planned (see the module docs); the caller keeps guest I/O
-    /// off the block's range meanwhile. Returns `false`, having changed nothing, when the
-    /// block is no longer where the plan found it.
+    /// off [`BlockMove::guest_range`] meanwhile. Returns `false`, having changed nothing,
+    /// when the block is no longer where the plan found it.
     pub fn move_block(&self, m: &BlockMove) -> Result<bool> {
         let f = &*self.file;
         f.failstop.check()?;
-        if m.block >= self.block_count()
-            || m.len != self.block_size()
-            || m.to % MIB != 0
-            || m.to.saturating_add(m.len) > m.from
-        {
+        let (len, _) = self.span(m.block, m.sector_bitmap);
+        if m.len != len || m.to % MIB != 0 || m.to.saturating_add(m.len) > m.from {
+            return Ok(false);
+        }
+        if m.sector_bitmap {
+            return self.move_bitmap(m);
+        }
+        if m.block >= self.block_count() {
             return Ok(false);
         }
         let raw = f.entry(m.block);
@@ -312,6 +339,44 @@ impl<S: Storage> VhdxCompactor<S> {
         drop(st);
         f.maybe_commit(pending)?;
         Ok(true)
+    }
+
+    /// Moves the sector bitmap block of chunk `m.block`, holding the log so that no commit
+    /// writes its sectors meanwhile: the commit that starts the slot writes the pending ones
+    /// in place (old place), the copy takes them along, and bits set later stay pending for
+    /// the next commit, which writes them at the new place (it reads the entry then).
+    fn move_bitmap(&self, m: &BlockMove) -> Result<bool> {
+        let f = &*self.file;
+        if !f.geo.has_parent || m.block.saturating_mul(f.geo.chunk_ratio) >= self.block_count() {
+            return Ok(false);
+        }
+        let index = f.geo.bitmap_index(m.block);
+        let moved = f.exclusive_commit(|| {
+            let raw = f.bitmap_entry(m.block);
+            let e = BatEntry::try_from(raw)?;
+            if e.state != BlockState::FullyPresent || e.file_offset != m.from {
+                return Ok(false);
+            }
+            let mut buf = vec![0u8; IO_CHUNK as usize];
+            let mut done = 0;
+            while done < m.len {
+                let n = IO_CHUNK.min(m.len - done) as usize;
+                f.storage.read_at(&mut buf[..n], m.from + done)?;
+                f.failstop
+                    .guard(f.storage.write_at(&buf[..n], m.to + done))?;
+                done += n as u64;
+            }
+            let mut st = f.state.lock();
+            if f.bitmap_entry(m.block) != raw || st.loading.contains(&m.block) {
+                return Ok(false);
+            }
+            // MS-VHDX 2.5.1.2: SB_BLOCK_PRESENT at the new place; logged by the next commit,
+            // after its sync makes the copy durable.
+            f.set_entry(&mut st, index, BatEntry::encode(state::FULLY_PRESENT, m.to));
+            st.punch.push((m.from, m.len));
+            Ok(true)
+        })?;
+        Ok(moved)
     }
 
     /// Step 3: cuts the file after the last structure in use (see the module docs). Returns
@@ -618,8 +683,8 @@ mod tests {
         crash_sweep(&bytes);
     }
 
-    /// The same for a differencing layer: a discarded block leaves a hole, the later blocks
-    /// (partially present ones included) move down.
+    /// The same for a differencing layer: discarded blocks leave holes, the later blocks
+    /// (partially present ones, and the sector bitmap block) move down.
     #[test]
     fn crash_at_every_step_of_a_differencing_compaction() {
         let mut o = CreateOptions::differencing(
@@ -632,17 +697,30 @@ mod tests {
         );
         o.block_size = Some(MIB as u32);
         let f = create(Arc::new(MemStorage::new()), &o).unwrap();
-        for b in 0..6u64 {
+        // Blocks 0-2 whole (no bitmap needed), then partial writes: the sector bitmap block
+        // lands after them, the partial blocks after it; blocks 0-2 are then discarded.
+        for b in 0..3u64 {
+            f.write_at(&vec![b as u8 + 1; MIB as usize], b * MIB)
+                .unwrap();
+        }
+        for b in 3..5u64 {
             f.write_at(&[b as u8 + 1; 1024], b * MIB + 4096).unwrap();
         }
-        f.write_at(&vec![0u8; MIB as usize], 4 * MIB).unwrap();
-        f.discard(MIB, MIB).unwrap();
+        for b in 0..3u64 {
+            f.discard(b * MIB, MIB).unwrap();
+        }
         f.close().unwrap();
         let bytes = f.storage().to_vec().unwrap();
         drop(f);
         let g = Arc::new(VhdxFile::open(MemStorage::from_bytes(&bytes), false).unwrap());
-        let s = VhdxCompactor::new(g).unwrap().compact().unwrap();
-        assert!(s.moved >= 1 && s.len_after < s.len_before, "{s:?}");
+        let bitmap_at = g.bitmap_entry(0) & crate::bat::OFFSET_MASK;
+        let s = VhdxCompactor::new(g.clone()).unwrap().compact().unwrap();
+        assert!(s.moved >= 3 && s.len_after < s.len_before, "{s:?}");
+        assert!(
+            g.bitmap_entry(0) & crate::bat::OFFSET_MASK < bitmap_at,
+            "the sector bitmap moved down"
+        );
+        assert!(g.check(false).unwrap().errors.is_empty());
         crash_sweep(&bytes);
     }
 }

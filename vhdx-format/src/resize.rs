@@ -272,18 +272,25 @@ impl<S: Storage> VhdxFile<S> {
         if let Some(at) = new_region_at {
             // The whole new region, written while nothing refers to it, durable before the
             // log entry that switches to it.
-            let total = new.total_entries as usize;
-            let mut bytes = vec![0u8; new_region_len as usize];
-            for (i, slot) in bytes.chunks_exact_mut(8).take(total).enumerate() {
-                let v = changes
-                    .get(&(i as u64))
-                    .copied()
-                    .unwrap_or_else(|| self.bat.get(i).map_or(0, |a| a.load(Ordering::Acquire)));
-                slot.copy_from_slice(&v.to_le_bytes());
-            }
-            for (k, chunk) in bytes.chunks(MIB as usize).enumerate() {
+            // A MiB at a time (a region may hold hundreds of MiB of entries).
+            let total = new.total_entries;
+            let mut chunk = vec![0u8; MIB as usize];
+            for k in 0..u64::from(new_region_len) / MIB {
+                chunk.fill(0);
+                for (j, slot) in chunk.chunks_exact_mut(8).enumerate() {
+                    let i = k * (MIB / 8) + j as u64;
+                    if i >= total {
+                        break;
+                    }
+                    let v = changes.get(&i).copied().unwrap_or_else(|| {
+                        self.bat
+                            .get(i as usize)
+                            .map_or(0, |a| a.load(Ordering::Acquire))
+                    });
+                    slot.copy_from_slice(&v.to_le_bytes());
+                }
                 self.failstop
-                    .guard(self.storage.write_at(chunk, at + k as u64 * MIB))?;
+                    .guard(self.storage.write_at(&chunk, at + k * MIB))?;
             }
             let end = at + u64::from(new_region_len);
             let grown = self.grown.get_mut();

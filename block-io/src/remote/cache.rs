@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -225,6 +225,17 @@ impl Default for Stream {
 }
 
 impl State {
+    /// Whether a direct stream, idle or in use, will deliver byte `at` later: a read there
+    /// comes from several in flight at once (a reader with a queue), and a stream of its own
+    /// would fetch the same bytes again.
+    fn streaming(&self, at: u64) -> bool {
+        self.busy.iter().any(|&(_, a, b)| a <= at && at < b)
+            || self.direct.iter().any(|r| {
+                let left = r.conn.as_ref().map_or(0, Conn::left);
+                r.pos < at && at < r.pos.saturating_add(left)
+            })
+    }
+
     /// Files a read of `[offset, end)`: continues the run it follows or starts a new one.
     /// Returns whether the run is sequential enough for read-ahead: two or more reads spanning
     /// at least `block` bytes (so small reads near each other, a format's headers, are not).
@@ -261,11 +272,18 @@ struct State {
     changed: Option<RemoteError>,
     /// Direct streams not in use, each waiting for the read that continues its run.
     direct: Vec<DirectRun>,
+    /// Direct streams in use: (tick they were taken at, first byte, end of their range).
+    busy: Vec<(u64, u64, u64)>,
 }
 
 /// Most direct streams kept between reads (each holds a connection and, while its range is
 /// not read to the end, up to the kernel's socket buffers of it).
 const DIRECT_RUNS: usize = 4;
+
+/// Reads in a row that must start alone (no other read in progress) before direct streams
+/// may start or ask for new ranges again: readers with several reads in flight share the
+/// cache instead, where streams of their own would fetch the same bytes twice.
+const CALM: u64 = 32;
 
 /// The smallest read that takes a direct stream: smaller ones would cost a system call each;
 /// the cache's read-ahead serves them in bulk.
@@ -307,6 +325,10 @@ struct Shared {
     batch: usize,
     /// Whether large sequential reads take direct streams.
     direct: AtomicBool,
+    /// Reads in progress.
+    reading: AtomicUsize,
+    /// Reads started since one started while another was in progress (saturating).
+    calm: AtomicU64,
     state: Mutex<State>,
     counters: Counters,
 }
@@ -380,6 +402,8 @@ impl RemoteStorage {
                 readahead,
                 batch: opts.request_blocks.max(1),
                 direct,
+                reading: AtomicUsize::new(0),
+                calm: AtomicU64::new(CALM),
                 state: Mutex::new(State::default()),
                 counters: Counters::default(),
             }),
@@ -574,6 +598,15 @@ impl Shared {
     }
 }
 
+/// Counts a read in progress until dropped.
+struct Reading<'a>(&'a AtomicUsize);
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The piece of `bufs` at byte `at` of their concatenation: its start and how many bytes
 /// follow it in the same buffer (`None` past the end). Pure pointer arithmetic.
 fn dest_at(bufs: &[RawBuf], at: usize) -> Option<(*mut u8, usize)> {
@@ -603,6 +636,14 @@ impl RemoteStorage {
         if len == 0 {
             return Ok(());
         }
+        let others = sh.reading.fetch_add(1, Ordering::Relaxed);
+        let _reading = Reading(&sh.reading);
+        let alone = if others > 0 {
+            sh.calm.store(0, Ordering::Relaxed);
+            false
+        } else {
+            sh.calm.fetch_add(1, Ordering::Relaxed) >= CALM
+        };
         let mut sequential = None;
         let mut run = None;
         if len >= DIRECT_MIN && sh.direct.load(Ordering::Relaxed) {
@@ -614,20 +655,45 @@ impl RemoteStorage {
             let tick = st.tick;
             if let Some(i) = st.direct.iter().position(|r| r.pos == offset) {
                 run = Some(st.direct.swap_remove(i));
-            } else if seq {
+            } else if seq && alone && !st.streaming(offset) {
+                // Only a reader with one read at a time gets a new stream: reads in flight
+                // at once would each start one over the same bytes; the cache shares them.
+                // A connection between requests, left by an idle run, saves a connect.
+                let conn = st
+                    .direct
+                    .iter_mut()
+                    .find(|r| r.conn.as_ref().is_some_and(|c| c.left() == 0))
+                    .and_then(|r| r.conn.take());
                 run = Some(DirectRun {
                     pos: offset,
                     span: FIRST_SPAN,
-                    conn: None,
+                    conn,
                     used: tick,
                 });
+            }
+            if let Some(r) = &mut run {
+                // Unique per read (`follow` ticks): the key of its `busy` entry.
+                r.used = tick;
+                // What this run's stream will cover: the rest of its range, or the range it
+                // is about to ask for.
+                let reach = match r.conn.as_ref().map_or(0, Conn::left) {
+                    0 => offset.saturating_add(r.span.max(len as u64)),
+                    left => offset.saturating_add(left),
+                };
+                st.busy.push((tick, offset, reach.min(sh.id.size)));
             }
             sequential = Some(seq);
         }
         let mut done = 0usize;
         if let Some(mut run) = run {
             // SAFETY: passed on from our caller.
-            let r = unsafe { self.read_direct(&mut run, offset, bufs, len, &mut done) };
+            let r = unsafe { self.read_direct(&mut run, offset, bufs, len, alone, &mut done) };
+            {
+                let mut st = sh.state.lock();
+                if let Some(i) = st.busy.iter().position(|b| b.0 == run.used) {
+                    st.busy.swap_remove(i);
+                }
+            }
             match r {
                 Ok(()) => {
                     let mut st = sh.state.lock();
@@ -674,7 +740,8 @@ impl RemoteStorage {
     }
 
     /// Reads `[offset, offset + len)` from `run`'s stream into `bufs`, asking for a new range
-    /// when the current one is read (`done` counts the bytes read, also on failure).
+    /// when the current one is read if `may_ask` (reads have come one at a time lately), else
+    /// failing there (`done` counts the bytes read, also on failure).
     ///
     /// # Safety
     /// Every buffer must be valid for writes of its length for the duration of the call.
@@ -684,6 +751,7 @@ impl RemoteStorage {
         offset: u64,
         bufs: &[RawBuf],
         len: usize,
+        may_ask: bool,
         done: &mut usize,
     ) -> std::result::Result<(), DirectError> {
         let sh = &self.shared;
@@ -691,6 +759,11 @@ impl RemoteStorage {
             let pos = offset + *done as u64;
             let mut conn = match run.conn.take() {
                 Some(c) if c.left() > 0 => c,
+                _ if !may_ask => {
+                    return Err(DirectError::Failed(
+                        "other reads in flight: the cache serves them together".into(),
+                    ))
+                }
                 idle => {
                     // At least the rest of this read; never past the end.
                     let want = (len - *done) as u64;

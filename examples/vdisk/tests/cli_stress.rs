@@ -47,28 +47,21 @@ fn stress_copy_and_convert_find_no_mismatch() {
 fn stress_compact_finds_no_mismatch() {
     let dir = tempfile::tempdir().unwrap();
     let vhdx = p(&dir, "c.vhdx");
-    vdisk_ok(&["create", "-f", "vhdx", "-o", "block_size=1M", &vhdx, "32M"]);
+    vdisk_ok(&["create", "-f", "vhdx", "-o", "block_size=1M", &vhdx, "16M"]);
     vdisk_ok(&[
         "io",
         &vhdx,
         "-c",
-        "write -P 3 0 32M",
+        "write -P 3 0 16M",
         "-c",
-        "write -z 4M 8M",
+        "write -z 4M 4M",
     ]);
     let base = p(&dir, "b.vhd");
     let child = p(&dir, "ch.vhd");
-    vdisk_ok(&["create", "-f", "vhd", &base, "32M"]);
-    vdisk_ok(&["io", &base, "-c", "write -P 4 0 32M"]);
+    vdisk_ok(&["create", "-f", "vhd", &base, "16M"]);
+    vdisk_ok(&["io", &base, "-c", "write -P 4 0 16M"]);
     vdisk_ok(&["create", "-f", "vhd", "-b", &base, &child]);
-    vdisk_ok(&[
-        "io",
-        &child,
-        "-c",
-        "write -P 5 0 16M",
-        "-c",
-        "discard 2M 8M",
-    ]);
+    vdisk_ok(&["io", &child, "-c", "write -P 5 0 8M", "-c", "discard 2M 4M"]);
     for img in [&vhdx, &child] {
         let out = vdisk_ok(&[
             "stress",

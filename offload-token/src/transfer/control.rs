@@ -398,6 +398,18 @@ pub struct SourceEndpoint {
     pub export: String,
 }
 
+impl SourceEndpoint {
+    /// The `nbds://` URL of the export (IPv6 hosts in brackets).
+    pub fn url(&self) -> String {
+        let host = if self.host.contains(':') && !self.host.starts_with('[') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        format!("nbds://{}:{}/{}", host, self.port, self.export)
+    }
+}
+
 /// A request from the initiator (version 1).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]

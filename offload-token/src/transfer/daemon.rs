@@ -42,12 +42,15 @@ pub struct DaemonConfig {
     pub root: PathBuf,
     /// The control key initiators must hold.
     pub key: ControlKey,
-    /// Most bytes one redeem writes (default 64 MiB: each redeem drains D's pipeline of
-    /// pulls, so longer ones go faster; still well under MS-FSCC's 4 s at 100 MB/s).
+    /// Most bytes one redeem writes (default 256 MiB, a whole token: each redeem drains D's
+    /// pipeline of pulls, so longer ones go faster).
     pub max_redeem_len: u64,
+    /// Time after which a redeem starts no new pull and returns what it wrote (default 1 s:
+    /// MS-FSCC asks each call to stay well under 4 s; a slow source gets short writes).
+    pub redeem_time: Duration,
     /// Bytes D reads from S per request while redeeming (default 2 MiB).
     pub pull_chunk: u64,
-    /// Requests D keeps in flight to S while redeeming (default 4).
+    /// Requests D keeps in flight to S while redeeming (default 8).
     pub pull_workers: usize,
     /// NBD connections D opens to S's export (default 2).
     pub pull_connections: u32,
@@ -63,10 +66,11 @@ impl DaemonConfig {
         DaemonConfig {
             root: root.into(),
             key,
-            max_redeem_len: 64 << 20,
+            max_redeem_len: 256 << 20,
+            redeem_time: Duration::from_secs(1),
             pull_chunk: 2 << 20,
-            pull_workers: 4,
-            pull_connections: 2,
+            pull_workers: 8,
+            pull_connections: 4,
             pull_retry: Duration::from_secs(2),
             export_rate: None,
         }
@@ -651,12 +655,7 @@ fn pull_client(
         return Ok(c.clone());
     }
     let config = tls::destination_config(&t.ca, cert, t.key.private_der())?;
-    let host = if ep.host.contains(':') && !ep.host.starts_with('[') {
-        format!("[{}]", ep.host)
-    } else {
-        ep.host.clone()
-    };
-    let url = format!("nbds://{}:{}/{}", host, ep.port, ep.export);
+    let url = ep.url();
     let opts = NbdClientOptions {
         connect_timeout: Duration::from_secs(10),
         request_timeout: Some(Duration::from_secs(30)),
@@ -744,12 +743,15 @@ fn redeem(
     if n == 0 {
         return Err(crate::Error::InvalidRequest("remaining token length below one sector").into());
     }
-    pull(inner, t, &src, &dst, token_offset, offset, n, unit)?;
+    let n = pull(inner, t, &src, &dst, token_offset, offset, n, unit)?;
     t.written.fetch_add(n, Ordering::Relaxed);
     Ok(n)
 }
 
-/// Copies `n` bytes from `src` at `from` to `dst` at `to` with several requests in flight.
+/// Copies up to `n` bytes from `src` at `from` to `dst` at `to` with several requests in
+/// flight, in chunks handed out in order; after [`DaemonConfig::redeem_time`] no new chunk
+/// starts, so it returns the bytes of the chunks started (a prefix, whole sectors), at least
+/// one chunk's worth.
 #[allow(clippy::too_many_arguments)]
 fn pull(
     inner: &Inner,
@@ -760,13 +762,14 @@ fn pull(
     to: u64,
     n: u64,
     unit: u64,
-) -> Result<(), TransferError> {
+) -> Result<u64, TransferError> {
     let chunk = inner.config.pull_chunk.max(unit);
     let chunk = chunk - chunk % unit;
     let chunks = n.div_ceil(chunk);
-    let next = AtomicU64::new(0);
+    let deadline = std::time::Instant::now() + inner.config.redeem_time;
+    // Chunks handed out so far, and whether to hand out more.
+    let issued: Mutex<(u64, bool)> = Mutex::new((0, true));
     let failed: Mutex<Option<TransferError>> = Mutex::new(None);
-    let stop = AtomicBool::new(false);
     let workers = inner
         .config
         .pull_workers
@@ -774,6 +777,20 @@ fn pull(
         .min(usize::try_from(chunks).unwrap_or(64));
     let size = usize::try_from(chunk)
         .map_err(|_| TransferError::Invalid("pull chunk too large".into()))?;
+    let next = || {
+        let mut g = issued.lock();
+        let late = g.0 > 0 && std::time::Instant::now() >= deadline;
+        if !g.1 || g.0 >= chunks || late {
+            g.1 = false;
+            return None;
+        }
+        g.0 += 1;
+        Some(g.0 - 1)
+    };
+    let fail = |e: TransferError| {
+        failed.lock().get_or_insert(e);
+        issued.lock().1 = false;
+    };
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| {
@@ -783,14 +800,9 @@ fn pull(
                     .pop()
                     .filter(|b| b.len() == size)
                     .unwrap_or_else(|| vec![0u8; size]);
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= chunks || stop.load(Ordering::Relaxed) {
-                        break;
-                    }
+                while let Some(i) = next() {
                     if t.cancelled.load(Ordering::SeqCst) {
-                        failed.lock().get_or_insert(TransferError::Cancelled(t.id));
-                        stop.store(true, Ordering::Relaxed);
+                        fail(TransferError::Cancelled(t.id));
                         break;
                     }
                     let off = i * chunk;
@@ -799,8 +811,7 @@ fn pull(
                         .read_at(&mut buf[..len], from + off)
                         .and_then(|()| dst.write_at(&buf[..len], to + off));
                     if let Err(e) = r {
-                        failed.lock().get_or_insert(TransferError::Block(e));
-                        stop.store(true, Ordering::Relaxed);
+                        fail(TransferError::Block(e));
                         break;
                     }
                 }
@@ -812,6 +823,7 @@ fn pull(
     });
     match failed.into_inner() {
         Some(e) => Err(e),
-        None => Ok(()),
+        // Every chunk handed out completed: the written bytes are a prefix.
+        None => Ok((issued.into_inner().0 * chunk).min(n)),
     }
 }

@@ -477,13 +477,14 @@ impl Relay {
         let config =
             tls::destination_config(&self.ca, &self.client_cert, self.client_key.private_der())?;
         let name = peer_name(self.transfer, Role::Source);
-        let url = format!("nbds://{}:{}/{}", ep.host, ep.port, ep.export);
+        let url = ep.url();
         let client = tokio::task::spawn_blocking(move || {
             let opts = NbdClientOptions {
                 retry: RetryPolicy::never(),
                 tls: Some(TlsOptions::new(config).with_server_name(name)),
                 read_only: true,
-                connections: 2,
+                // As many as D opens to S by default.
+                connections: 4,
                 ..NbdClientOptions::default()
             };
             // NbdClient runs its own runtime; open it off this one.

@@ -53,7 +53,7 @@
 //! | `trust` | `transfer`, `role`, `ca` (DER) | `trusted`: `public_key` (Ed25519, 32 bytes) | join a transfer; the CA becomes its only trust anchor |
 //! | `certify` | `transfer`, `role`, `cert` (DER) | `certified` | install the certificate signed over that key |
 //! | `mint` | `transfer`, `path`, `offset`, `length`, `ttl_ms` | `minted`: `token` (512 bytes), `transfer_length`, `flags`, `port`, `export` | offload read at S (FSCTL_OFFLOAD_READ semantics: may be shorter; flag 1 = ALL_ZERO_BEYOND_CURRENT_RANGE; the zero-data token has no export) |
-//! | `redeem` | `transfer`, `path`, `offset`, `length`, `token`, `token_offset`, `source` {`host`, `port`, `export`} | `redeemed`: `written` | offload write at D (FSCTL_OFFLOAD_WRITE semantics: at most [`DaemonConfig::max_redeem_len`], 64 MiB by default, per call; may be shorter; callers loop) |
+//! | `redeem` | `transfer`, `path`, `offset`, `length`, `token`, `token_offset`, `source` {`host`, `port`, `export`} | `redeemed`: `written` | offload write at D (FSCTL_OFFLOAD_WRITE semantics: at most [`DaemonConfig::max_redeem_len`] (256 MiB) and about [`DaemonConfig::redeem_time`] (1 s) of pulling per call, so it may write less; callers loop) |
 //! | `status` | `transfer`, `role` | `status`: `role`, `certified`, `cancelled`, `tokens`, `bytes_served`, `bytes_written` | counters |
 //! | `cancel` | `transfer`, `role` | `cancelled`: `revoked` | revoke the transfer's tokens, stop its exports, fail its redeems (from any connection) |
 //! | `close` | `transfer`, `role` | `closed` | flush D's images, revoke tokens, stop exports, forget the transfer |
@@ -68,6 +68,17 @@
 //! The control key is the provider's whole authorization: its holders may read and write
 //! every image under the provider's root ([`resolve_under`] refuses absolute paths, `..` and
 //! symlinks leading outside it). Keep per-provider keys apart.
+//!
+//! ## Limits
+//!
+//! - The certificates live [`CopyRequest::cert_lifetime`] (15 min by default): S opens a new
+//!   export per token and D reaches it by a new handshake, so a copy must end within it.
+//! - S serves each export on the address its control connection arrived on, and D is told
+//!   to reach it at the address the initiator used for S: S must be reachable from D there
+//!   (no NAT between them).
+//! - The control channel authenticates but does not encrypt; tokens and image paths are
+//!   visible on the wire.
+//! - Tokens live in S's memory: a restarted S has forgotten them, and the copy fails.
 //!
 //! [`NbdServer`]: block_io::nbd::NbdServer
 
