@@ -197,9 +197,17 @@ pub fn run_provider(args: ProviderArgs) -> CliResult {
                     })?;
                 }
                 let k = ControlKey::generate();
-                k.save_new(&path).map_err(|e| err(&e))?;
-                eprintln!("created the control key {}", path.display());
-                k
+                match k.save_new(&path) {
+                    Ok(()) => {
+                        eprintln!("created the control key {}", path.display());
+                        k
+                    }
+                    // Another provider created it meanwhile: use theirs.
+                    Err(TransferError::Io(e)) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        load_key(&path)?
+                    }
+                    Err(e) => return Err(err(&e)),
+                }
             };
             let canonical = root
                 .canonicalize()

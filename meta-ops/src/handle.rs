@@ -110,7 +110,7 @@ pub struct JobReport {
     pub pivot_pause: Duration,
     /// The longest time one guest request waited for the job (range locks or the pivot).
     pub max_guest_wait: Duration,
-    /// The disk's generation after the pivot ([`LiveDisk::generation`]).
+    /// The disk's generation after the pivot ([`LiveDisk::generation`](crate::LiveDisk::generation)).
     pub generation: u64,
 }
 

@@ -251,4 +251,31 @@ fn offload_copy_between_two_provider_processes() {
     }
     assert_ok(checked, "check of D's image");
     drop(d);
+
+    // D killed (SIGKILL) mid-copy: the initiator says so, and D's image still checks clean.
+    let slow = ProviderProc::start(&p(&dir, "s3"), &skey, &["--export-rate", "4M"]);
+    std::fs::copy(&big, p(&dir, "s3/big.vhdx")).unwrap();
+    let mut d3 = ProviderProc::start(&p(&dir, "d3"), &dkey, &[]);
+    let dst3 = p(&dir, "d3/dst.vhd");
+    vdisk_ok(&["create", "-f", "vhd", "-o", "force_size=on", &dst3, "16M"]);
+    let initiator = std::process::Command::new(vdisk_bin())
+        .args(["offload", "copy", "--from"])
+        .arg(format!("{}:big.vhdx", slow.addr))
+        .arg("--to")
+        .arg(format!("{}:dst.vhd", d3.addr))
+        .args(keys)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    d3.child.kill().unwrap();
+    let _ = d3.child.wait();
+    let e = refused(
+        initiator.wait_with_output().unwrap(),
+        "a copy to a killed destination",
+    );
+    assert!(e.contains("closed the connection"), "{e}");
+    vdisk_ok(&["check", &dst3]);
+    vdisk_ok(&["info", &dst3]);
 }

@@ -92,18 +92,26 @@ impl ControlKey {
         })
     }
 
-    /// Writes the key to a new file, mode 0600; fails if the file exists.
+    /// Writes the key to a new file, mode 0600; fails (`AlreadyExists`) if the file exists.
+    /// The file appears whole: written beside it, synced, then linked into place.
     pub fn save_new(&self, path: &Path) -> Result<(), TransferError> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)?;
-        f.write_all(format!("{}\n", self.to_hex()).as_bytes())?;
-        f.sync_all()?;
-        Ok(())
+        let mut name = path.as_os_str().to_owned();
+        name.push(format!(".tmp{}", std::process::id()));
+        let tmp = std::path::PathBuf::from(name);
+        let written = (|| {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(format!("{}\n", self.to_hex()).as_bytes())?;
+            f.sync_all()?;
+            std::fs::hard_link(&tmp, path)
+        })();
+        let _ = std::fs::remove_file(&tmp);
+        Ok(written?)
     }
 }
 
@@ -592,6 +600,26 @@ mod tests {
         Request::Info {
             path: "a.vhdx".into(),
         }
+    }
+
+    #[test]
+    fn a_key_file_is_created_once_private_and_loads_back() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.key");
+        let k = ControlKey::generate();
+        k.save_new(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        match ControlKey::generate().save_new(&path) {
+            Err(TransferError::Io(e)) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists)
+            }
+            r => panic!("{r:?}"),
+        }
+        assert_eq!(ControlKey::load(&path).unwrap(), k);
+        // Nothing but the key file is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

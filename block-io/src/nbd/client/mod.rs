@@ -467,7 +467,7 @@ impl BlockDevice for NbdClient {
         })
     }
 
-    /// One buffer for the whole request (up to [`RAW_BATCH`]), read with every piece in
+    /// One buffer for the whole request (up to 8 MiB at a time), read with every piece in
     /// flight at once, instead of the default's 256 KiB pieces one after another.
     unsafe fn read_raw_at(&self, bufs: &[RawBuf], offset: u64) -> Result<()> {
         let total = raw_total(bufs)?;
