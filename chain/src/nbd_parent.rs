@@ -329,7 +329,9 @@ impl<D: BlockDevice> BlockDevice for Fingerprinted<D> {
     }
 
     fn read_data_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let r = self.check().and_then(|()| self.dev.read_data_at(buf, offset));
+        let r = self
+            .check()
+            .and_then(|()| self.dev.read_data_at(buf, offset));
         self.then(r).inspect_err(|_| buf.fill(0))
     }
 

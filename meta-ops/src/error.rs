@@ -39,10 +39,10 @@ pub enum JobError {
         #[source]
         source: block_io::Error,
     },
-    /// A commit could not prepare an image (open its base writable, record the base's new
-    /// id in a child): a base held by another writer gives a source of kind
-    /// [`block_io::ErrorKind::Locked`].
-    #[error("cannot prepare {path} for the commit")]
+    /// A job could not prepare an image (a commit: open its base writable, record the base's
+    /// new id in a child; a compaction: open the image writable): an image held by another
+    /// writer gives a source of kind [`block_io::ErrorKind::Locked`].
+    #[error("cannot prepare {path} for the job")]
     Prepare {
         /// The image.
         path: std::path::PathBuf,

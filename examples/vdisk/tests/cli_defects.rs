@@ -143,6 +143,18 @@ fn every_verb_names_the_cause() {
             assert_eq!(err.lines().count(), 1, "{a:?}: not one line: {err}");
         }
     }
+    // The job verbs: on the malformed image itself, and through a child over it (compact
+    // works on the child alone and never opens its parent).
+    for a in [
+        vec!["compact", base.as_str()],
+        vec!["resize", base.as_str(), "+1M"],
+        vec!["resize", top.as_str(), "+1M"],
+        vec!["commit", top.as_str()],
+    ] {
+        let err = fails(&a);
+        assert!(err.contains("checksum mismatch"), "{a:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{a:?}: not one line: {err}");
+    }
     // check names it too (in its report).
     let o = vdisk(&["check", &top]);
     assert_eq!(o.status.code(), Some(2));
@@ -154,6 +166,16 @@ fn every_verb_names_the_cause() {
         if a[0] == "info" {
             continue; // info --backing-chain reports a missing parent in its output
         }
+        let err = fails(&a);
+        assert!(
+            err.contains("parent") && err.contains("not found"),
+            "{a:?}: {err}"
+        );
+    }
+    for a in [
+        vec!["resize", top.as_str(), "+1M"],
+        vec!["commit", top.as_str()],
+    ] {
         let err = fails(&a);
         assert!(
             err.contains("parent") && err.contains("not found"),
