@@ -299,12 +299,16 @@ fn our_fill(dir: &Path, vhdx: bool) -> Duration {
     }
     let t = Instant::now();
     if vhdx {
-        let f = vdisk::vhdx_format::open_file(&path, false).unwrap();
+        let f =
+            vdisk::vhdx_format::open_file(&path, &vhdx_format::OpenOptions::new().read_only(false))
+                .unwrap();
         fill(&f);
         f.close().unwrap();
     } else {
         let s = FileStorage::open(&path, &IoOpen::new()).unwrap();
-        let f = vdisk::vhd_format::VhdFile::open(s, false).unwrap();
+        let f =
+            vdisk::vhd_format::VhdFile::open(s, &vhd_format::OpenOptions::new().read_only(false))
+                .unwrap();
         fill(&f);
     }
     let d = t.elapsed();
@@ -344,10 +348,13 @@ fn chain_create(vhdx: bool, path: &Path, parent: Option<&Path>) {
         ),
         (true, Some(p)) => {
             let ps = FileStorage::open(p, &IoOpen::new().read_only(true)).unwrap();
-            let dwg = vdisk::vhdx_format::VhdxFile::open(ps, true)
-                .unwrap()
-                .details()
-                .data_write_guid;
+            let dwg = vdisk::vhdx_format::VhdxFile::open(
+                ps,
+                &vhdx_format::OpenOptions::new().read_only(true),
+            )
+            .unwrap()
+            .details()
+            .data_write_guid;
             let pref = vdisk::vhdx_format::ParentRef {
                 data_write_guid: dwg,
                 relative_path: p.file_name().unwrap().to_string_lossy().into_owned(),
@@ -363,10 +370,13 @@ fn chain_create(vhdx: bool, path: &Path, parent: Option<&Path>) {
         }
         (false, Some(p)) => {
             let ps = FileStorage::open(p, &IoOpen::new().read_only(true)).unwrap();
-            let d = vdisk::vhd_format::VhdFile::open(ps, true)
-                .unwrap()
-                .details()
-                .unwrap();
+            let d = vdisk::vhd_format::VhdFile::open(
+                ps,
+                &vhd_format::OpenOptions::new().read_only(true),
+            )
+            .unwrap()
+            .details()
+            .unwrap();
             let name = p.file_name().unwrap().to_string_lossy().into_owned();
             let o = vdisk::vhd_format::DifferencingOptions::for_parent(
                 &d,

@@ -145,7 +145,13 @@ fn main() {
                 let dev: Arc<dyn BlockDevice> = if fmt == "raw" {
                     Arc::new(RawDisk::new(storage).unwrap())
                 } else {
-                    Arc::new(vdisk::vhdx_format::VhdxFile::open(storage, false).unwrap())
+                    Arc::new(
+                        vdisk::vhdx_format::VhdxFile::open(
+                            storage,
+                            &vhdx_format::OpenOptions::new().read_only(false),
+                        )
+                        .unwrap(),
+                    )
                 };
                 let sock = dir.path().join("ours.sock");
                 let mut server = VhostUserBlkServer::bind(

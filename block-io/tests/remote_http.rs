@@ -293,7 +293,9 @@ fn vhdx_and_vhd_over_http_read_byte_exact() {
     assert_eq!(id.size, local_len);
     assert_eq!(st.len().unwrap(), local_len);
     assert!(id.etag.is_some() && id.last_modified.is_some(), "{id}");
-    let vhdx = vhdx_format::VhdxFile::open(st.clone(), true).unwrap();
+    let vhdx =
+        vhdx_format::VhdxFile::open(st.clone(), &vhdx_format::OpenOptions::new().read_only(true))
+            .unwrap();
     assert_same(&read_all(&vhdx, 1 << 20), &vhdx_raw, "vhdx, 1 MiB reads");
     assert_same(&read_all(&vhdx, 12288 + 512), &vhdx_raw, "vhdx, odd reads");
     // The container bytes themselves, too.
@@ -308,7 +310,8 @@ fn vhdx_and_vhd_over_http_read_byte_exact() {
     assert!(vhdx.write_at(&[0u8; 512], 0).is_err());
 
     let (st, _) = open_url(&ng.url("base.vhd")).unwrap();
-    let vhd = vhd_format::VhdFile::open(st, true).unwrap();
+    let vhd =
+        vhd_format::VhdFile::open(st, &vhd_format::OpenOptions::new().read_only(true)).unwrap();
     assert_same(&read_all(&vhd, 1 << 20), &vhd_raw, "vhd, 1 MiB reads");
     assert_same(&read_all(&vhd, 4096 * 3), &vhd_raw, "vhd, 12 KiB reads");
 
@@ -344,7 +347,9 @@ fn an_object_replaced_on_the_server_is_detected() {
         o
     };
     let st = Arc::new(RemoteStorage::open(&ng.url("img.vhdx"), &opts).unwrap());
-    let vhdx = vhdx_format::VhdxFile::open(st.clone(), true).unwrap();
+    let vhdx =
+        vhdx_format::VhdxFile::open(st.clone(), &vhdx_format::OpenOptions::new().read_only(true))
+            .unwrap();
     let mut buf = vec![0u8; 65536];
     vhdx.read_at(&mut buf, 0).unwrap();
     assert_same(&buf, &raw[..65536], "before the change");
@@ -411,7 +416,9 @@ fn https_with_a_private_ca() {
     let mut opts = RemoteOptions::default();
     opts.ca_pem = Some(ng.ca_pem.clone().into_bytes());
     let st = Arc::new(RemoteStorage::open(&ng.tls_url("tls.vhd"), &opts).unwrap());
-    let vhd = vhd_format::VhdFile::open(st.clone(), true).unwrap();
+    let vhd =
+        vhd_format::VhdFile::open(st.clone(), &vhd_format::OpenOptions::new().read_only(true))
+            .unwrap();
     assert_same(&read_all(&vhd, 1 << 20), &raw, "vhd over https");
     assert!(st.stats().requests > 0);
     // TLS is read through the cache: direct streams are for plain http:// only.

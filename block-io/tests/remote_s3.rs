@@ -221,7 +221,9 @@ fn s3_upload_ranged_reads_multipart_and_changes() {
     let mut odd = vec![0u8; 70_001];
     st.read_at(&mut odd, 1_234_567).unwrap();
     assert_same(&odd, &local_bytes[1_234_567..][..70_001], "odd range");
-    let vhdx = vhdx_format::VhdxFile::open(st.clone(), true).unwrap();
+    let vhdx =
+        vhdx_format::VhdxFile::open(st.clone(), &vhdx_format::OpenOptions::new().read_only(true))
+            .unwrap();
     let mut disk = vec![0u8; raw.len()];
     for (i, c) in disk.chunks_mut(1 << 20).enumerate() {
         vhdx.read_at(c, (i << 20) as u64).unwrap();

@@ -804,10 +804,11 @@ mod raw_tests {
         b.flush().unwrap();
         drop(b);
         let ps = FileStorage::open(&base, &FileOptions::new().read_only(true)).unwrap();
-        let details = vhd_format::VhdFile::open(ps, true)
-            .unwrap()
-            .details()
-            .unwrap();
+        let details =
+            vhd_format::VhdFile::open(ps, &vhd_format::OpenOptions::new().read_only(true))
+                .unwrap()
+                .details()
+                .unwrap();
         let o = vhd_format::DifferencingOptions::for_parent(
             &details,
             base.display().to_string(),

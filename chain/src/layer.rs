@@ -259,7 +259,11 @@ fn layer_from_storage<S: Storage + 'static>(
             None,
         ),
         Format::Vhd => {
-            let f = vhd_format::VhdFile::open(storage, read_only).map_err(err)?;
+            let f = vhd_format::VhdFile::open(
+                storage,
+                &vhd_format::OpenOptions::new().read_only(read_only),
+            )
+            .map_err(err)?;
             let d = f.details().map_err(err)?;
             let parent = match (d.disk_type, d.parent_unique_id) {
                 (vhd_format::DiskType::Differencing, Some(unique_id)) => Some(ParentLink {
@@ -279,7 +283,11 @@ fn layer_from_storage<S: Storage + 'static>(
             (Arc::new(f), identity, parent)
         }
         Format::Vhdx => {
-            let f = vhdx_format::VhdxFile::open(storage, read_only).map_err(err)?;
+            let f = vhdx_format::VhdxFile::open(
+                storage,
+                &vhdx_format::OpenOptions::new().read_only(read_only),
+            )
+            .map_err(err)?;
             let d = f.details();
             let parent = (d.subformat == vhdx_format::Subformat::Differencing).then(|| {
                 let loc = f.parent_locator();

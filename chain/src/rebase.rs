@@ -121,11 +121,14 @@ pub fn rebase(child: &Path, new_parent: &Path, opts: &RebaseOptions) -> Result<(
         Identity::Vhdx {
             data_write_guid, ..
         } => {
-            let mut f =
-                vhdx_format::VhdxFile::open(storage, false).map_err(|source| ChainError::Open {
-                    path: child.to_path_buf(),
-                    source,
-                })?;
+            let mut f = vhdx_format::VhdxFile::open(
+                storage,
+                &vhdx_format::OpenOptions::new().read_only(false),
+            )
+            .map_err(|source| ChainError::Open {
+                path: child.to_path_buf(),
+                source,
+            })?;
             let old = f.parent_locator().cloned().ok_or_else(|| {
                 refuse("the image changed: it has no parent locator any more".into())
             })?;
@@ -140,11 +143,14 @@ pub fn rebase(child: &Path, new_parent: &Path, opts: &RebaseOptions) -> Result<(
             f.close().map_err(failed)?;
         }
         Identity::Vhd { .. } => {
-            let mut f =
-                vhd_format::VhdFile::open(storage, false).map_err(|source| ChainError::Open {
-                    path: child.to_path_buf(),
-                    source,
-                })?;
+            let mut f = vhd_format::VhdFile::open(
+                storage,
+                &vhd_format::OpenOptions::new().read_only(false),
+            )
+            .map_err(|source| ChainError::Open {
+                path: child.to_path_buf(),
+                source,
+            })?;
             let d = f.details().map_err(failed)?;
             let expected = Expected::Vhd {
                 unique_id: d.parent_unique_id.unwrap_or_else(Uuid::nil),

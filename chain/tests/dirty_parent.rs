@@ -34,7 +34,11 @@ fn dirty_images(cut: u64) -> Vec<MemStorage> {
     (0..4)
         .map(|seed| f.crash_image(seed))
         .filter(|img| {
-            vhdx_format::VhdxFile::open(img.clone(), true).is_ok_and(|v| v.details().log_dirty)
+            vhdx_format::VhdxFile::open(
+                img.clone(),
+                &vhdx_format::OpenOptions::new().read_only(true),
+            )
+            .is_ok_and(|v| v.details().log_dirty)
         })
         .collect()
 }
@@ -52,7 +56,10 @@ fn dirty_parent_is_replayed_in_memory_and_never_written() {
             let probe = d.path().join("probe.vhdx");
             std::fs::write(&probe, &bytes).unwrap();
             let s = FileStorage::open(&probe, &block_io::OpenOptions::new()).unwrap();
-            drop(vhdx_format::VhdxFile::open(s, false).unwrap());
+            drop(
+                vhdx_format::VhdxFile::open(s, &vhdx_format::OpenOptions::new().read_only(false))
+                    .unwrap(),
+            );
             let after = std::fs::read(&probe).unwrap();
             // Past the headers (first MiB) and the log (second MiB): replay changed the BAT.
             let tail = |v: &[u8]| v.get(2 << 20..).map(<[u8]>::to_vec).unwrap_or_default();
@@ -73,10 +80,10 @@ fn dirty_parent_is_replayed_in_memory_and_never_written() {
     let expected = {
         let v = vhdx_format::VhdxFile::open(
             FileStorage::open(&copy, &block_io::OpenOptions::new()).unwrap(),
-            false,
+            &vhdx_format::OpenOptions::new().read_only(false),
         )
         .unwrap();
-        assert!(!v.details().log_dirty || v.check(false).unwrap().log_replayed);
+        assert!(!v.details().log_dirty || v.check().unwrap().log_replayed);
         read_all(&v)
     };
 

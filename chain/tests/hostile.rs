@@ -138,7 +138,7 @@ fn sector_size_and_size_mismatches_are_refused() {
     drop(create_base(Fmt::Vhd, &small, SIZE / 2));
     let big = d.path().join("big.vhd");
     let ps = FileStorage::open(&small, &block_io::OpenOptions::new().read_only(true)).unwrap();
-    let det = vhd_format::VhdFile::open(ps, true)
+    let det = vhd_format::VhdFile::open(ps, &vhd_format::OpenOptions::new().read_only(true))
         .unwrap()
         .details()
         .unwrap();
@@ -163,7 +163,7 @@ fn sector_size_and_size_mismatches_are_refused() {
     drop(p);
     let dwg = {
         let s = FileStorage::open(&pv, &block_io::OpenOptions::new().read_only(true)).unwrap();
-        vhdx_format::VhdxFile::open(s, true)
+        vhdx_format::VhdxFile::open(s, &vhdx_format::OpenOptions::new().read_only(true))
             .unwrap()
             .details()
             .data_write_guid
@@ -184,7 +184,7 @@ fn a_modified_vhdx_parent_is_detected_with_both_ids() {
     let before = {
         let s =
             FileStorage::open(&paths[0], &block_io::OpenOptions::new().read_only(true)).unwrap();
-        vhdx_format::VhdxFile::open(s, true)
+        vhdx_format::VhdxFile::open(s, &vhdx_format::OpenOptions::new().read_only(true))
             .unwrap()
             .details()
             .data_write_guid
@@ -197,7 +197,7 @@ fn a_modified_vhdx_parent_is_detected_with_both_ids() {
     let after = {
         let s =
             FileStorage::open(&paths[0], &block_io::OpenOptions::new().read_only(true)).unwrap();
-        vhdx_format::VhdxFile::open(s, true)
+        vhdx_format::VhdxFile::open(s, &vhdx_format::OpenOptions::new().read_only(true))
             .unwrap()
             .details()
             .data_write_guid

@@ -54,9 +54,9 @@ fn assert_chain_reads(top: &Path, opts: &OpenOptions, model: &[u8], paths: &[Pat
 fn check_clean(fmt: Fmt, p: &Path) {
     let s = block_io::FileStorage::open(p, &block_io::OpenOptions::new().read_only(true)).unwrap();
     match fmt {
-        Fmt::Vhd => assert!(vhd_format::check_storage(&s, false).unwrap().is_clean()),
+        Fmt::Vhd => assert!(vhd_format::check_storage(&s).unwrap().is_clean()),
         Fmt::Vhdx => {
-            let r = vhdx_format::check_image(s, false).unwrap();
+            let r = vhdx_format::check_image(s).unwrap();
             assert!(r.errors.is_empty(), "{:?}", r.errors);
             assert!(!r.log_was_dirty);
         }

@@ -307,17 +307,24 @@ fn check_one(
     Ok(match format {
         Format::Raw => (Vec::new(), Vec::new()),
         Format::Vhd => {
-            let r = vdisk::vhd_format::check_storage(&s, repair)?;
+            let r = if repair {
+                vdisk::vhd_format::repair_storage(&s)?
+            } else {
+                vdisk::vhd_format::check_storage(&s)?
+            };
             let (fixed, left): (Vec<_>, Vec<_>) = r.issues.into_iter().partition(|i| i.repaired);
             (
                 left.into_iter().map(|i| i.message).collect(),
                 fixed.into_iter().map(|i| i.message).collect(),
             )
         }
-        Format::Vhdx => match vdisk::vhdx_format::VhdxFile::open(s, !repair) {
+        Format::Vhdx => match vdisk::vhdx_format::VhdxFile::open(
+            s,
+            &vhdx_format::OpenOptions::new().read_only(!repair),
+        ) {
             Err(e) => (vec![e.chain_string()], Vec::new()),
             Ok(f) => {
-                let r = f.check(repair)?;
+                let r = if repair { f.repair()? } else { f.check()? };
                 let mut fixed = Vec::new();
                 if r.log_replayed {
                     fixed.push("replayed the log".to_string());

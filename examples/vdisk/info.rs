@@ -37,7 +37,10 @@ pub fn facts(path: &Path, format: Option<Format>) -> Result<Value, CliError> {
             "physical_sector_size": 512,
         }),
         Format::Vhd => vhd_facts(&vhd_format::read_details(s)?),
-        Format::Vhdx => vhdx_facts(&vhdx_format::VhdxFile::open(s, true)?.details()),
+        Format::Vhdx => vhdx_facts(
+            &vhdx_format::VhdxFile::open(s, &vhdx_format::OpenOptions::new().read_only(true))?
+                .details(),
+        ),
     };
     merge(&mut v, extra);
     Ok(v)

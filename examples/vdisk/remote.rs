@@ -186,9 +186,13 @@ pub fn facts(url: &Path, format: Option<Format>) -> Result<Value, CliError> {
             "physical_sector_size": 512,
         }),
         Format::Vhd => crate::info::vhd_facts(&vhd_format::read_details(storage)?),
-        Format::Vhdx => {
-            crate::info::vhdx_facts(&vhdx_format::VhdxFile::open(storage, true)?.details())
-        }
+        Format::Vhdx => crate::info::vhdx_facts(
+            &vhdx_format::VhdxFile::open(
+                storage,
+                &vhdx_format::OpenOptions::new().read_only(true),
+            )?
+            .details(),
+        ),
     };
     crate::info::merge(&mut v, extra);
     Ok(v)

@@ -324,7 +324,9 @@ fn repoint(child: &Path, base: &Path, g: Uuid) -> Result<(), JobError> {
             .lock(LockMode::Off),
     )
     .map_err(prep(child))?;
-    let mut f = vhdx_format::VhdxFile::open(storage, false).map_err(prep(child))?;
+    let mut f =
+        vhdx_format::VhdxFile::open(storage, &vhdx_format::OpenOptions::new().read_only(false))
+            .map_err(prep(child))?;
     let old = f
         .parent_locator()
         .cloned()
@@ -396,7 +398,9 @@ pub fn unlink_stale(layer: &Path, lock: LockMode) -> Result<bool, JobError> {
     if !vhdx_format::probe(&storage) {
         return Ok(false);
     }
-    let mut f = vhdx_format::VhdxFile::open(storage, false).map_err(prep(layer))?;
+    let mut f =
+        vhdx_format::VhdxFile::open(storage, &vhdx_format::OpenOptions::new().read_only(false))
+            .map_err(prep(layer))?;
     let Some(old) = f.parent_locator().cloned() else {
         return Ok(false);
     };
@@ -438,7 +442,11 @@ fn open_base(disk: &Disk, depth: usize) -> Result<Layer, JobError> {
             Identity::Raw,
         ),
         Format::Vhd => {
-            let f = vhd_format::VhdFile::open(storage, false).map_err(prep(path))?;
+            let f = vhd_format::VhdFile::open(
+                storage,
+                &vhd_format::OpenOptions::new().read_only(false),
+            )
+            .map_err(prep(path))?;
             (Arc::new(f), base.identity)
         }
         Format::Vhdx => {
@@ -471,7 +479,11 @@ fn open_base(disk: &Disk, depth: usize) -> Result<Layer, JobError> {
                     )))
                 }
             };
-            let f = vhdx_format::VhdxFile::open(storage, false).map_err(prep(path))?;
+            let f = vhdx_format::VhdxFile::open(
+                storage,
+                &vhdx_format::OpenOptions::new().read_only(false),
+            )
+            .map_err(prep(path))?;
             if f.header().data_write_guid != now {
                 return Err(JobError::Invalid(format!(
                     "{} changed since the chain was opened",
@@ -513,7 +525,9 @@ fn set_linkage(path: &Path, now: Uuid, next: Uuid) -> Result<(), JobError> {
 }
 
 fn write_linkage(storage: FileStorage, path: &Path, now: Uuid, next: Uuid) -> Result<(), JobError> {
-    let mut f = vhdx_format::VhdxFile::open(storage, false).map_err(prep(path))?;
+    let mut f =
+        vhdx_format::VhdxFile::open(storage, &vhdx_format::OpenOptions::new().read_only(false))
+            .map_err(prep(path))?;
     set_vhdx_linkage(&mut f, now, next).map_err(prep(path))?;
     f.close().map_err(prep(path))
 }

@@ -263,10 +263,12 @@ impl CompactTarget {
         )
         .map_err(prep(path))?;
         if vhdx_format::probe(&storage) {
-            let f = VhdxFile::open(storage, false).map_err(prep(path))?;
+            let f = VhdxFile::open(storage, &vhdx_format::OpenOptions::new().read_only(false))
+                .map_err(prep(path))?;
             Self::vhdx(Arc::new(f))
         } else if vhd_format::probe(&storage) {
-            let f = VhdFile::open(storage, false).map_err(prep(path))?;
+            let f = VhdFile::open(storage, &vhd_format::OpenOptions::new().read_only(false))
+                .map_err(prep(path))?;
             Self::vhd(Arc::new(f))
         } else {
             Err(JobError::Invalid(format!(

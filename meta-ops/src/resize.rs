@@ -173,7 +173,11 @@ fn resize_storage(
             Ok((r.old_size, r.new_size))
         }
         Format::Vhdx => {
-            let mut f = vhdx_format::VhdxFile::open(storage, false).map_err(open)?;
+            let mut f = vhdx_format::VhdxFile::open(
+                storage,
+                &vhdx_format::OpenOptions::new().read_only(false),
+            )
+            .map_err(open)?;
             let r = f.resize(new_size, force)?;
             f.close().map_err(vhdx_format::ResizeError::Io)?;
             Ok((r.old_size, r.new_size))
@@ -214,11 +218,13 @@ pub fn resize_image(
         })?,
     };
     if format == Format::Vhd {
-        let f = vhd_format::VhdFile::open(storage.clone(), true).map_err(|source| {
-            ResizeError::Open {
-                path: path.to_path_buf(),
-                source,
-            }
+        let f = vhd_format::VhdFile::open(
+            storage.clone(),
+            &vhd_format::OpenOptions::new().read_only(true),
+        )
+        .map_err(|source| ResizeError::Open {
+            path: path.to_path_buf(),
+            source,
         })?;
         let size = f.info().virtual_size;
         if f.disk_type() == vhd_format::DiskType::Differencing && new_size > size {

@@ -105,7 +105,10 @@ fn layer(kind: Kind, s: Disk0, read_only: bool, name: &str) -> IoResult<Layer> {
     let path = std::path::PathBuf::from(name);
     Ok(match kind {
         Kind::Vhdx => {
-            let f = vhdx_format::VhdxFile::open(s, read_only)?;
+            let f = vhdx_format::VhdxFile::open(
+                s,
+                &vhdx_format::OpenOptions::new().read_only(read_only),
+            )?;
             let d = f.details();
             let parent = f.parent_locator().map(|l| ParentLink {
                 candidates: Vec::new(),
@@ -127,7 +130,8 @@ fn layer(kind: Kind, s: Disk0, read_only: bool, name: &str) -> IoResult<Layer> {
             }
         }
         Kind::Vhd => {
-            let f = vhd_format::VhdFile::open(s, read_only)?;
+            let f =
+                vhd_format::VhdFile::open(s, &vhd_format::OpenOptions::new().read_only(read_only))?;
             let d = f.details()?;
             let parent = d.parent_unique_id.map(|u| ParentLink {
                 candidates: Vec::new(),
@@ -218,15 +222,24 @@ fn workload(
         // (a) the child records the base's next id; (b) the base's session starts with it.
         let base_rw = match kind {
             Kind::Vhdx => {
-                let probe = vhdx_format::VhdxFile::open(base_s.clone(), true)?;
+                let probe = vhdx_format::VhdxFile::open(
+                    base_s.clone(),
+                    &vhdx_format::OpenOptions::new().read_only(true),
+                )?;
                 let now = probe.details().data_write_guid;
                 drop(probe);
                 let next = Uuid::new_v4();
-                let mut c = vhdx_format::VhdxFile::open(child_s.clone(), false)?;
+                let mut c = vhdx_format::VhdxFile::open(
+                    child_s.clone(),
+                    &vhdx_format::OpenOptions::new().read_only(false),
+                )?;
                 meta_ops::set_vhdx_linkage(&mut c, now, next)?;
                 c.close()?;
                 drop(c);
-                let b = vhdx_format::VhdxFile::open(base_s.clone(), false)?;
+                let b = vhdx_format::VhdxFile::open(
+                    base_s.clone(),
+                    &vhdx_format::OpenOptions::new().read_only(false),
+                )?;
                 b.begin_session_with(next)?;
                 let d = b.details();
                 Layer {

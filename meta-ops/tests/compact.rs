@@ -57,9 +57,15 @@ fn image(vhdx: bool, seed: u64) -> Vec<u8> {
 
 fn target_on<S: Storage + 'static>(vhdx: bool, s: S) -> block_io::Result<Arc<CompactTarget>> {
     let t = if vhdx {
-        CompactTarget::vhdx(Arc::new(vhdx_format::VhdxFile::open(s, false)?))
+        CompactTarget::vhdx(Arc::new(vhdx_format::VhdxFile::open(
+            s,
+            &vhdx_format::OpenOptions::new().read_only(false),
+        )?))
     } else {
-        CompactTarget::vhd(Arc::new(vhd_format::VhdFile::open(s, false)?))
+        CompactTarget::vhd(Arc::new(vhd_format::VhdFile::open(
+            s,
+            &vhd_format::OpenOptions::new().read_only(false),
+        )?))
     };
     t.map_err(|e| block_io::Error::new(block_io::ErrorKind::Io, e.to_string()))
 }
@@ -162,17 +168,23 @@ fn sweep(vhdx: bool) {
             let img = fs.crash_image(seed + n);
             let what = format!("vhdx {vhdx} cut {n} seed {seed}");
             let dev: Arc<dyn BlockDevice> = if vhdx {
-                let f = vhdx_format::VhdxFile::open(img.clone(), false)
-                    .unwrap_or_else(|e| panic!("{what}: {e}"));
-                let r = f.check(false).unwrap();
+                let f = vhdx_format::VhdxFile::open(
+                    img.clone(),
+                    &vhdx_format::OpenOptions::new().read_only(false),
+                )
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+                let r = f.check().unwrap();
                 assert!(r.errors.is_empty(), "{what}: {r:?}");
                 Arc::new(f)
             } else {
-                let r = vhd_format::check_storage(&img, false).unwrap();
-                let f = vhd_format::VhdFile::open(img.clone(), false)
-                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                let r = vhd_format::check_storage(&img).unwrap();
+                let f = vhd_format::VhdFile::open(
+                    img.clone(),
+                    &vhd_format::OpenOptions::new().read_only(false),
+                )
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
                 // A lost footer (the copy at 0 used) is repaired by the writable open.
-                let r2 = vhd_format::check_storage(f.storage(), false).unwrap();
+                let r2 = vhd_format::check_storage(f.storage()).unwrap();
                 assert!(r2.is_clean(), "{what}: {r:?} then {r2:?}");
                 Arc::new(f)
             };
@@ -269,7 +281,7 @@ fn parent_of_a_live_chain_compacts_under_guest_io() {
     let child = dir.path().join("child.vhdx");
     let bytes = image(true, 11);
     std::fs::write(&base, &bytes).unwrap();
-    let dwg = vhdx_format::open_file(&base, true)
+    let dwg = vhdx_format::open_file(&base, &vhdx_format::OpenOptions::new().read_only(true))
         .unwrap()
         .header()
         .data_write_guid;
@@ -312,7 +324,7 @@ fn parent_of_a_live_chain_compacts_under_guest_io() {
     let again = chain::Disk::open(&child, &chain::OpenOptions::new().read_only(true)).unwrap();
     assert_eq!(common::mismatches(&again, 0, &model.cur), 0);
     assert_eq!(
-        vhdx_format::open_file(&base, true)
+        vhdx_format::open_file(&base, &vhdx_format::OpenOptions::new().read_only(true))
             .unwrap()
             .header()
             .data_write_guid,

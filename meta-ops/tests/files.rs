@@ -38,7 +38,9 @@ fn child(vhdx_fmt: bool, path: &Path, parent: &Path) {
     let ps = FileStorage::open(parent, &FileOptions::new().read_only(true)).unwrap();
     let s = FileStorage::create(path).unwrap();
     if vhdx_fmt {
-        let d = vhdx_format::VhdxFile::open(ps, true).unwrap().details();
+        let d = vhdx_format::VhdxFile::open(ps, &vhdx_format::OpenOptions::new().read_only(true))
+            .unwrap()
+            .details();
         let pref = vhdx_format::ParentRef {
             data_write_guid: d.data_write_guid,
             relative_path: name,
@@ -48,7 +50,7 @@ fn child(vhdx_fmt: bool, path: &Path, parent: &Path) {
         o.block_size = Some(1 << 20);
         drop(vhdx_format::create(s, &o).unwrap());
     } else {
-        let d = vhd_format::VhdFile::open(ps, true)
+        let d = vhd_format::VhdFile::open(ps, &vhd_format::OpenOptions::new().read_only(true))
             .unwrap()
             .details()
             .unwrap();
@@ -218,7 +220,10 @@ fn convert_keeps_zeros_inside_data_runs_sparse() {
     drop(src);
     let open_src = || {
         let st = FileStorage::open(&src_path, &FileOptions::new().read_only(true)).unwrap();
-        Arc::new(vhdx_format::VhdxFile::open(st, true).unwrap()) as Arc<dyn BlockDevice>
+        Arc::new(
+            vhdx_format::VhdxFile::open(st, &vhdx_format::OpenOptions::new().read_only(true))
+                .unwrap(),
+        ) as Arc<dyn BlockDevice>
     };
     let raw_path = dir.path().join("out.raw");
     let raw = FileStorage::create(&raw_path).unwrap();

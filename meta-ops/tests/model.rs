@@ -369,9 +369,21 @@ fn compact_in_memory_under_guest_io() {
         drop(target);
         let bytes = mem.to_vec().unwrap();
         let again: Arc<dyn BlockDevice> = if vhdx {
-            Arc::new(vhdx_format::VhdxFile::open(MemStorage::from_bytes(&bytes), false).unwrap())
+            Arc::new(
+                vhdx_format::VhdxFile::open(
+                    MemStorage::from_bytes(&bytes),
+                    &vhdx_format::OpenOptions::new().read_only(false),
+                )
+                .unwrap(),
+            )
         } else {
-            Arc::new(vhd_format::VhdFile::open(MemStorage::from_bytes(&bytes), false).unwrap())
+            Arc::new(
+                vhd_format::VhdFile::open(
+                    MemStorage::from_bytes(&bytes),
+                    &vhd_format::OpenOptions::new().read_only(false),
+                )
+                .unwrap(),
+            )
         };
         assert_eq!(
             common::mismatches(&*again, 0, &model.cur),

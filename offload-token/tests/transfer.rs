@@ -118,8 +118,8 @@ fn read_all(path: &Path, off: u64, len: u64) -> Vec<u8> {
 fn vhd_is_clean(path: &Path) -> bool {
     let s =
         block_io::FileStorage::open(path, &block_io::OpenOptions::new().read_only(true)).unwrap();
-    let f = vhd_format::VhdFile::open(s, true).unwrap();
-    f.check(false).unwrap().is_clean()
+    let f = vhd_format::VhdFile::open(s, &vhd_format::OpenOptions::new().read_only(true)).unwrap();
+    f.check().unwrap().is_clean()
 }
 
 fn roots() -> (tempfile::TempDir, PathBuf, PathBuf) {

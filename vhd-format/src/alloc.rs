@@ -502,7 +502,7 @@ mod tests {
             } else {
                 drop(f);
             }
-            let f = VhdFile::open(st.clone(), true).unwrap();
+            let f = VhdFile::open(st.clone(), &crate::OpenOptions::new().read_only(true)).unwrap();
             let mut buf = [0u8; 512];
             f.read_at(&mut buf, 3 << 20).unwrap();
             assert_eq!(buf, [9; 512], "close {close}");

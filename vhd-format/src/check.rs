@@ -57,9 +57,18 @@ impl CheckReport {
     }
 }
 
-/// Checks the image in `storage`; with `repair`, fixes what is safe (see the module docs).
-/// Only I/O failures are errors; everything malformed is reported.
-pub fn check_storage<S: Storage + ?Sized>(s: &S, repair: bool) -> Result<CheckReport> {
+/// Checks the image in `storage` without writing. Only I/O failures are errors; everything
+/// malformed is reported.
+pub fn check_storage<S: Storage + ?Sized>(s: &S) -> Result<CheckReport> {
+    check_with(s, false)
+}
+
+/// Checks the image in `storage` and fixes what is safe (see the module docs).
+pub fn repair_storage<S: Storage + ?Sized>(s: &S) -> Result<CheckReport> {
+    check_with(s, true)
+}
+
+fn check_with<S: Storage + ?Sized>(s: &S, repair: bool) -> Result<CheckReport> {
     let mut r = CheckReport::default();
     let len = s.len()?;
     if len < FOOTER_SIZE as u64 {

@@ -413,8 +413,8 @@ mod tests {
         let st = f.storage().clone();
         drop(c);
         drop(f);
-        assert!(crate::check_storage(&*st, false).unwrap().is_clean());
-        let again = VhdFile::open(st.clone(), false).unwrap();
+        assert!(crate::check_storage(&*st).unwrap().is_clean());
+        let again = VhdFile::open(st.clone(), &crate::OpenOptions::new().read_only(false)).unwrap();
         assert_eq!(read_all(&again), before);
         // Writes after compaction allocate past the new end and read back.
         again.write_at(&[9; 512], 2 * MB2).unwrap();
@@ -423,7 +423,7 @@ mod tests {
         again.read_at(&mut buf, 2 * MB2).unwrap();
         assert_eq!(buf, [9; 512]);
         drop(again);
-        assert!(crate::check_storage(&*st, false).unwrap().is_clean());
+        assert!(crate::check_storage(&*st).unwrap().is_clean());
     }
 
     /// A differencing block is dropped only when no sector is present; zeros written into
@@ -469,7 +469,7 @@ mod tests {
         let d = image(2);
         let st = d.storage().clone();
         drop(d);
-        let ro = Arc::new(VhdFile::open(st, true).unwrap());
+        let ro = Arc::new(VhdFile::open(st, &crate::OpenOptions::new().read_only(true)).unwrap());
         assert_eq!(
             VhdCompactor::new(ro).unwrap_err().kind(),
             ErrorKind::ReadOnly
@@ -492,10 +492,18 @@ mod tests {
     /// kept or torn by a seed): the image opens, checks clean and reads as before (data and
     /// which sectors the layer holds).
     fn crash_sweep(bytes: &[u8]) {
-        let before = view(&VhdFile::open(MemStorage::from_bytes(bytes), true).unwrap());
+        let before = view(
+            &VhdFile::open(
+                MemStorage::from_bytes(bytes),
+                &crate::OpenOptions::new().read_only(true),
+            )
+            .unwrap(),
+        );
         let run = |cut: Option<u64>| -> (Arc<FaultStorage>, u64) {
             let fs = Arc::new(FaultStorage::new(MemStorage::from_bytes(bytes)));
-            let f = Arc::new(VhdFile::open(fs.clone(), false).unwrap());
+            let f = Arc::new(
+                VhdFile::open(fs.clone(), &crate::OpenOptions::new().read_only(false)).unwrap(),
+            );
             let ops0 = fs.ops();
             if let Some(n) = cut {
                 fs.set_cut(block_io::CutPoint::AfterOps(ops0 + n));
@@ -511,11 +519,11 @@ mod tests {
             let (fs, _) = run(Some(n));
             for seed in 0..4 {
                 let img = Arc::new(fs.crash_image(seed));
-                let f = VhdFile::open(img.clone(), true)
+                let f = VhdFile::open(img.clone(), &crate::OpenOptions::new().read_only(true))
                     .unwrap_or_else(|e| panic!("cut {n} seed {seed}: {e}"));
                 assert!(view(&f) == before, "cut {n} seed {seed}");
                 drop(f);
-                let r = crate::check_storage(&*img, false).unwrap();
+                let r = crate::check_storage(&*img).unwrap();
                 assert!(r.is_clean(), "cut {n} seed {seed}: {r:?}");
             }
         }
@@ -556,7 +564,13 @@ mod tests {
         child.flush().unwrap();
         let bytes = child.storage().to_vec().unwrap();
         drop(child);
-        let f = Arc::new(VhdFile::open(MemStorage::from_bytes(&bytes), false).unwrap());
+        let f = Arc::new(
+            VhdFile::open(
+                MemStorage::from_bytes(&bytes),
+                &crate::OpenOptions::new().read_only(false),
+            )
+            .unwrap(),
+        );
         let s = VhdCompactor::new(f).unwrap().compact().unwrap();
         assert!(s.reclaimed == 2 && s.moved >= 1, "{s:?}");
         crash_sweep(&bytes);

@@ -276,7 +276,7 @@ impl<S: Storage> VhdFile<S> {
                 write_dynamic(&storage, &footer, header, None, None)?;
             }
         }
-        VhdFile::open(storage, false)
+        VhdFile::open(storage, &crate::OpenOptions::new().read_only(false))
     }
 
     /// Creates a differencing image in `storage` and opens it writable. The parent is never
@@ -306,7 +306,7 @@ impl<S: Storage> VhdFile<S> {
         };
         let (absolute, relative) = (opts.absolute_path.as_deref(), opts.relative_path.as_deref());
         write_dynamic(&storage, &footer, header, absolute, relative)?;
-        VhdFile::open(storage, false)
+        VhdFile::open(storage, &crate::OpenOptions::new().read_only(false))
     }
 }
 
@@ -360,7 +360,7 @@ mod tests {
         assert_eq!(&b[1536..1556], &[0xFF; 20]);
         assert_eq!(&b[..512], &b[2048..]);
         // New blocks' data starts on a 4 KiB boundary.
-        let f = VhdFile::open(st.clone(), false).unwrap();
+        let f = VhdFile::open(st.clone(), &crate::OpenOptions::new().read_only(false)).unwrap();
         for off in [0u64, 5 << 20, 3 << 20] {
             f.write_at(&[1u8; 512], off).unwrap();
             let run = f.block_status(off, 512).unwrap();

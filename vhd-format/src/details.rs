@@ -143,5 +143,5 @@ impl<S: Storage> VhdFile<S> {
 
 /// Opens `storage` read-only and returns its details.
 pub fn read_details<S: Storage>(storage: S) -> Result<VhdDetails> {
-    VhdFile::open(storage, true)?.details()
+    VhdFile::open(storage, &crate::OpenOptions::new().read_only(true))?.details()
 }

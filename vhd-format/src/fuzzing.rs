@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use block_io::{BlockDevice, MemStorage, Storage};
 
-use crate::{check_storage, probe, VhdFile};
+use crate::{check_storage, probe, repair_storage, VhdFile};
 
 /// Room for the input plus what a few writes may allocate.
 pub const CAPACITY: u64 = 8 << 20;
@@ -19,10 +19,10 @@ pub fn run(data: &[u8]) -> bool {
         return false;
     }
     let _ = probe(&*st);
-    let _ = check_storage(&*st, false);
-    let Ok(f) = VhdFile::open(st.clone(), false) else {
+    let _ = check_storage(&*st);
+    let Ok(f) = VhdFile::open(st.clone(), &crate::OpenOptions::new().read_only(false)) else {
         let copy = MemStorage::from_bytes(data);
-        let _ = check_storage(&copy, true);
+        let _ = repair_storage(&copy);
         return false;
     };
     let _ = f.details();
@@ -43,9 +43,9 @@ pub fn run(data: &[u8]) -> bool {
     let _ = f.discard(0, 512.min(size));
     let _ = f.write_zeroes(mid, 1024.min(size - mid) / 512 * 512, true);
     let _ = f.flush();
-    let _ = f.check(false);
+    let _ = f.check();
     drop(f);
-    if let Ok(g) = VhdFile::open(st.clone(), true) {
+    if let Ok(g) = VhdFile::open(st.clone(), &crate::OpenOptions::new().read_only(true)) {
         let _ = g.read_at(&mut buf[..n], 0);
         let _ = g.read_at(&mut buf[..n], mid.min(last));
     }

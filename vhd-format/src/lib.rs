@@ -13,7 +13,8 @@
 //! malformed image yields an error ([`block_io::ErrorKind::Corrupt`]), never a panic.
 //!
 //! Entry points: [`probe`], [`VhdFile::open`], [`VhdFile::create`],
-//! [`VhdFile::create_differencing`], [`VhdFile::details`], [`check_storage`], and
+//! [`VhdFile::create_differencing`], [`VhdFile::details`], [`VhdFile::check`] and
+//! [`VhdFile::repair`] (or [`check_storage`] and [`repair_storage`] on a storage), and
 //! [`VhdFile::set_parent`] (new parent name and locators, for rebasing onto a moved parent),
 //! [`VhdFile::resize`] and [`resize_storage`] (a new virtual size, see [`resize`]).
 //!
@@ -58,12 +59,12 @@ pub mod locator;
 mod reparent;
 pub mod resize;
 
-pub use check::{check_storage, CheckReport, Issue};
+pub use check::{check_storage, repair_storage, CheckReport, Issue};
 pub use compact::VhdCompactor;
 pub use create::{size_and_geometry, CreateOptions, Creator, DifferencingOptions, Subformat};
 pub use details::{read_details, LocatorDetails, VhdDetails};
 pub use error::FormatError;
-pub use file::VhdFile;
+pub use file::{OpenOptions, VhdFile};
 pub use footer::{DiskType, Geometry};
 pub use layout::FooterSource;
 pub use locator::PlatformCode;
@@ -89,14 +90,27 @@ pub fn probe<S: Storage + ?Sized>(storage: &S) -> bool {
 }
 
 impl<S: Storage> VhdFile<S> {
-    /// Checks this image's file (see [`check_storage`]); `repair` is ignored on a read-only
-    /// open.
-    pub fn check(&self, repair: bool) -> Result<CheckReport> {
+    /// Checks this image's file (see [`check_storage`]).
+    pub fn check(&self) -> Result<CheckReport> {
+        self.check_with(false)
+    }
+
+    /// Checks this image's file and repairs what is safe (see [`repair_storage`]); on a
+    /// read-only open it only checks.
+    pub fn repair(&self) -> Result<CheckReport> {
+        self.check_with(true)
+    }
+
+    fn check_with(&self, repair: bool) -> Result<CheckReport> {
         let writable = !block_io::BlockDevice::info(self).read_only;
         if writable {
             // The file, not the memory, is what is checked: write what a flush would.
             block_io::BlockDevice::flush(self)?;
         }
-        check_storage(self.storage(), repair && writable)
+        if repair && writable {
+            repair_storage(self.storage())
+        } else {
+            check_storage(self.storage())
+        }
     }
 }

@@ -132,7 +132,8 @@ mod tests {
     fn set_parent_rewrites_locators_and_keeps_data() {
         let (mem, pd) = pair();
         let mem = Arc::new(mem);
-        let mut f = VhdFile::open(mem.clone(), false).unwrap();
+        let mut f =
+            VhdFile::open(mem.clone(), &crate::OpenOptions::new().read_only(false)).unwrap();
         let long = format!("D:\\{}\\base.vhd", "x".repeat(700));
         f.set_parent("base.vhd", Some(&long), Some(".\\sub\\base.vhd"))
             .unwrap();
@@ -140,7 +141,7 @@ mod tests {
         f.write_at(&[0x6B; 512], 3 << 20).unwrap();
         f.flush().unwrap();
         drop(f);
-        let f = VhdFile::open(mem.clone(), true).unwrap();
+        let f = VhdFile::open(mem.clone(), &crate::OpenOptions::new().read_only(true)).unwrap();
         let d = f.details().unwrap();
         assert_eq!(d.parent_name.as_deref(), Some("base.vhd"));
         assert_eq!(d.parent_unique_id, Some(pd.unique_id));
@@ -166,7 +167,7 @@ mod tests {
         assert_eq!(buf, vec![0x5A; 4096]);
         f.read_at(&mut buf[..512], 3 << 20).unwrap();
         assert_eq!(&buf[..512], &[0x6B; 512][..]);
-        assert!(f.check(false).unwrap().is_clean());
+        assert!(f.check().unwrap().is_clean());
     }
 
     #[test]
@@ -174,12 +175,14 @@ mod tests {
         let (mem, _) = pair();
         let mem = Arc::new(mem);
         let before = mem.to_vec().unwrap();
-        let mut ro = VhdFile::open(mem.clone(), true).unwrap();
+        let mut ro =
+            VhdFile::open(mem.clone(), &crate::OpenOptions::new().read_only(true)).unwrap();
         assert_eq!(
             ro.set_parent("p", Some("p"), None).unwrap_err().kind(),
             block_io::ErrorKind::ReadOnly
         );
-        let mut f = VhdFile::open(mem.clone(), false).unwrap();
+        let mut f =
+            VhdFile::open(mem.clone(), &crate::OpenOptions::new().read_only(false)).unwrap();
         let name = "n".repeat(300);
         assert_eq!(
             f.set_parent(&name, None, None).unwrap_err().kind(),
@@ -191,7 +194,11 @@ mod tests {
             &CreateOptions::new(8 << 20, Subformat::Dynamic),
         )
         .unwrap();
-        let mut base = VhdFile::open(base.into_storage(), false).unwrap();
+        let mut base = VhdFile::open(
+            base.into_storage(),
+            &crate::OpenOptions::new().read_only(false),
+        )
+        .unwrap();
         assert_eq!(
             base.set_parent("p", Some("p"), None).unwrap_err().kind(),
             block_io::ErrorKind::InvalidInput
@@ -202,7 +209,10 @@ mod tests {
     fn every_crash_point_leaves_old_or_new_locators() {
         use block_io::{CutPoint, FaultStorage};
         let (mem, _) = pair();
-        let old = VhdFile::open(mem.clone(), true).unwrap().details().unwrap();
+        let old = VhdFile::open(mem.clone(), &crate::OpenOptions::new().read_only(true))
+            .unwrap()
+            .details()
+            .unwrap();
         let (mut saw_old, mut saw_new) = (false, false);
         let mut n = 0;
         loop {
@@ -210,7 +220,8 @@ mod tests {
             // filesystems with 4 KiB atomic writes, which this models. (VHD keeps no second
             // header, so a device that tears 512-byte sectors could tear it.)
             let fault = Arc::new(FaultStorage::new(mem.clone()).with_sector_size(4096));
-            let mut f = VhdFile::open(fault.clone(), false).unwrap();
+            let mut f =
+                VhdFile::open(fault.clone(), &crate::OpenOptions::new().read_only(false)).unwrap();
             fault.set_cut(CutPoint::AfterOps(n));
             let done = f
                 .set_parent("new.vhd", Some("E:\\new\\new.vhd"), Some(".\\new.vhd"))
@@ -218,7 +229,8 @@ mod tests {
             for seed in 0..6 {
                 let img = fault.crash_image(seed);
                 for ro in [true, false] {
-                    let f = VhdFile::open(img.clone(), ro).unwrap();
+                    let f = VhdFile::open(img.clone(), &crate::OpenOptions::new().read_only(ro))
+                        .unwrap();
                     let d = f.details().unwrap();
                     let name = d.parent_name.clone().unwrap();
                     if name == "new.vhd" {
@@ -241,7 +253,10 @@ mod tests {
             if done {
                 // Everything synced: the new header is durable.
                 let img = fault.durable_image();
-                let d = VhdFile::open(img, true).unwrap().details().unwrap();
+                let d = VhdFile::open(img, &crate::OpenOptions::new().read_only(true))
+                    .unwrap()
+                    .details()
+                    .unwrap();
                 assert_eq!(d.parent_name.as_deref(), Some("new.vhd"));
                 break;
             }

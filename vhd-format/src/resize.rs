@@ -450,7 +450,10 @@ impl<S: Storage> VhdFile<S> {
         self.flush()?;
         let st = self.into_storage();
         let report = resize_storage(&st, new_size)?;
-        Ok((VhdFile::open(st, false)?, report))
+        Ok((
+            VhdFile::open(st, &crate::OpenOptions::new().read_only(false))?,
+            report,
+        ))
     }
 }
 
@@ -518,10 +521,10 @@ mod tests {
         f.write_at(&pattern(4, 4096), 1000 * MIB).unwrap();
         f.flush().unwrap();
         drop(f);
-        let f = VhdFile::open(st.clone(), true).unwrap();
+        let f = VhdFile::open(st.clone(), &crate::OpenOptions::new().read_only(true)).unwrap();
         assert_eq!(f.info().virtual_size, 1024 * MIB);
         assert_eq!(read(&f, 1000 * MIB, 4096), pattern(4, 4096));
-        assert!(f.check(false).unwrap().issues.is_empty());
+        assert!(f.check().unwrap().issues.is_empty());
     }
 
     /// A qemu-style layout (blocks right after the BAT) of 4 KiB blocks, `blocks` written
@@ -560,7 +563,7 @@ mod tests {
         let r = resize_storage(&*st, 16 * MIB).unwrap();
         assert_eq!(r.bat_entries, Some((2048, 4096)));
         assert_eq!(r.blocks_moved, 2);
-        let f = VhdFile::open(st.clone(), false).unwrap();
+        let f = VhdFile::open(st.clone(), &crate::OpenOptions::new().read_only(false)).unwrap();
         for b in [3u64, 0, 2] {
             assert_eq!(read(&f, b * 4096, 4096), pattern(b as u8, 4096));
         }
@@ -568,8 +571,8 @@ mod tests {
         assert!(read(&f, 8 * MIB, 8 * MIB as usize).iter().all(|&x| x == 0));
         f.write_at(&pattern(9, 512), 15 * MIB).unwrap();
         f.close().unwrap();
-        assert!(crate::check_storage(&*st, false).unwrap().issues.is_empty());
-        let f = VhdFile::open(st.clone(), true).unwrap();
+        assert!(crate::check_storage(&*st).unwrap().issues.is_empty());
+        let f = VhdFile::open(st.clone(), &crate::OpenOptions::new().read_only(true)).unwrap();
         assert_eq!(read(&f, 15 * MIB, 512), pattern(9, 512));
     }
 
@@ -599,9 +602,9 @@ mod tests {
         assert_eq!(d.parent_timestamp, Some(7));
         f.write_at(&pattern(6, 4096), 1000 * MIB).unwrap();
         f.close().unwrap();
-        let f = VhdFile::open(st.clone(), true).unwrap();
+        let f = VhdFile::open(st.clone(), &crate::OpenOptions::new().read_only(true)).unwrap();
         assert_eq!(read(&f, 1000 * MIB, 4096), pattern(6, 4096));
-        assert!(f.check(false).unwrap().issues.is_empty());
+        assert!(f.check().unwrap().issues.is_empty());
     }
 
     #[test]
@@ -617,7 +620,7 @@ mod tests {
         let f = match f.resize(4 * MIB) {
             Err(ResizeError::DataBeyondEnd { offset, .. }) => {
                 assert_eq!(offset, 4 * MIB);
-                VhdFile::open(st.clone(), false).unwrap()
+                VhdFile::open(st.clone(), &crate::OpenOptions::new().read_only(false)).unwrap()
             }
             other => panic!("{other:?}"),
         };
@@ -626,7 +629,7 @@ mod tests {
             f.resize(5 * MIB).unwrap_err(),
             ResizeError::DataBeyondEnd { offset, .. } if offset == 5 * MIB
         ));
-        let f = VhdFile::open(st.clone(), false).unwrap();
+        let f = VhdFile::open(st.clone(), &crate::OpenOptions::new().read_only(false)).unwrap();
         let (f, _) = f.resize(5 * MIB + 512).unwrap();
         assert_eq!(f.info().virtual_size, 5 * MIB + 512);
         assert_eq!(read(&f, 5 * MIB, 512), pattern(1, 512));
@@ -652,7 +655,7 @@ mod tests {
     /// A power cut at every write and sync of a resize leaves the old size or the new one,
     /// and every byte flushed before.
     fn crash_sweep(image: Arc<MemStorage>, new_size: u64, data: &[(u64, Vec<u8>)]) {
-        let old_size = VhdFile::open(image.clone(), true)
+        let old_size = VhdFile::open(image.clone(), &crate::OpenOptions::new().read_only(true))
             .unwrap()
             .info()
             .virtual_size;
@@ -665,7 +668,7 @@ mod tests {
             for seed in 0..6 {
                 let img = fault.crash_image(seed);
                 for ro in [true, false] {
-                    let f = VhdFile::open(img.clone(), ro)
+                    let f = VhdFile::open(img.clone(), &crate::OpenOptions::new().read_only(ro))
                         .unwrap_or_else(|e| panic!("cut {n} seed {seed} ro {ro}: {e:?}"));
                     let size = f.info().virtual_size;
                     if size == new_size {
@@ -680,7 +683,7 @@ mod tests {
                     if !ro {
                         // A cut between the two footer writes leaves the copy at 0 behind the
                         // end footer (the one the loader takes); a repair rewrites it.
-                        let c = f.check(true).unwrap();
+                        let c = f.repair().unwrap();
                         assert!(c.is_clean(), "cut {n} seed {seed}: {:?}", c.issues);
                         assert!(c
                             .issues

@@ -106,10 +106,14 @@ fn model_run<S: Storage>(st: Arc<Probe<S>>, diff: bool, seed: u64) -> Vec<Log> {
     dev.flush().unwrap();
     drop(dev);
     for read_only in [true, false] {
-        let dev = VhdFile::open(st.clone(), read_only).unwrap();
+        let dev = VhdFile::open(
+            st.clone(),
+            &vhd_format::OpenOptions::new().read_only(read_only),
+        )
+        .unwrap();
         assert_eq!(dev.footer_source(), FooterSource::End);
         assert_same(&read_all(&dev), &model, &format!("seed {seed} (reopened)"));
-        let r = dev.check(false).unwrap();
+        let r = dev.check().unwrap();
         assert!(r.is_clean(), "seed {seed}: {r:?}");
     }
     logs
@@ -197,11 +201,14 @@ fn two_writers_of_one_block_allocate_it_once() {
         };
         verify(&dev, "live");
         dev.flush().unwrap();
-        let r = dev.check(false).unwrap();
+        let r = dev.check().unwrap();
         assert!(r.is_clean(), "{r:?}");
         assert_eq!(r.allocated_blocks, BLOCKS, "a block was allocated twice");
         drop(dev);
-        verify(&VhdFile::open(st.clone(), true).unwrap(), "reopened");
+        verify(
+            &VhdFile::open(st.clone(), &vhd_format::OpenOptions::new().read_only(true)).unwrap(),
+            "reopened",
+        );
     }
 }
 
@@ -288,9 +295,9 @@ fn sync_in_progress_blocks_no_lock(diff: bool) {
     model[2 * B as usize..2 * B as usize + 4096].copy_from_slice(&pattern(4, 4096));
     assert_same(&read_all(&dev), &model, "live");
     drop(dev);
-    let dev = VhdFile::open(st.clone(), false).unwrap();
+    let dev = VhdFile::open(st.clone(), &vhd_format::OpenOptions::new().read_only(false)).unwrap();
     assert_same(&read_all(&dev), &model, "reopened");
-    assert!(dev.check(false).unwrap().is_clean());
+    assert!(dev.check().unwrap().is_clean());
 }
 
 #[test]
@@ -404,7 +411,7 @@ fn failed_allocation_leaves_readable_unreferenced_space(diff: bool) {
         "A's payload landed (unreferenced)"
     );
     let ro = OpenOptions::new().read_only(true);
-    let r = vhd_format::check_storage(&FileStorage::open(&img, &ro).unwrap(), false).unwrap();
+    let r = vhd_format::check_storage(&FileStorage::open(&img, &ro).unwrap()).unwrap();
     assert!(r.is_clean(), "{r:?}");
     assert_eq!(r.allocated_blocks, 2);
 
@@ -413,13 +420,13 @@ fn failed_allocation_leaves_readable_unreferenced_space(diff: bool) {
     let st = Arc::new(Probe::new(
         FileStorage::open(&img, &OpenOptions::new()).unwrap(),
     ));
-    let dev = VhdFile::open(st, false).unwrap();
+    let dev = VhdFile::open(st, &vhd_format::OpenOptions::new().read_only(false)).unwrap();
     assert_eq!(dev.footer_source(), FooterSource::End);
     put(&dev, 6 * MB, 2 * MB, 4);
     put(&dev, SIZE - 4096, 4096, 5);
     dev.flush().unwrap();
     assert_same(&read_all(&dev), &model, "ours");
-    let r = dev.check(false).unwrap();
+    let r = dev.check().unwrap();
     assert!(r.is_clean(), "{r:?}");
     drop(dev);
 

@@ -129,8 +129,11 @@ fn run(dev: &VhdFile<Arc<FaultStorage>>, ops: &[Op], diff: bool) -> Cands {
 fn verify(img: &MemStorage, cands: &Cands, diff: bool, what: &str) {
     for writable in [false, true] {
         let st = Arc::new(img.clone());
-        let f = VhdFile::open(st.clone(), !writable)
-            .unwrap_or_else(|e| panic!("{what}: reopen (writable={writable}) failed: {e:?}"));
+        let f = VhdFile::open(
+            st.clone(),
+            &vhd_format::OpenOptions::new().read_only(!writable),
+        )
+        .unwrap_or_else(|e| panic!("{what}: reopen (writable={writable}) failed: {e:?}"));
         let buf = read_composed(&f, SIZE, diff);
         for (i, c) in cands.iter().enumerate() {
             let got = &buf[i * 512..(i + 1) * 512];
@@ -146,10 +149,10 @@ fn verify(img: &MemStorage, cands: &Cands, diff: bool, what: &str) {
             );
         }
         if writable {
-            let r = f.check(false).unwrap();
+            let r = f.check().unwrap();
             assert!(r.is_clean(), "{what}: check after writable reopen: {r:?}");
             drop(f);
-            VhdFile::open(st, true).unwrap();
+            VhdFile::open(st, &vhd_format::OpenOptions::new().read_only(true)).unwrap();
         }
     }
 }
@@ -159,7 +162,7 @@ fn crash_all_cuts(diff: bool, wseed: u64) {
     let ops = workload(wseed, diff);
     // Dry run: count the ops.
     let fs = Arc::new(FaultStorage::new(base.clone()));
-    let dev = VhdFile::open(fs.clone(), false).unwrap();
+    let dev = VhdFile::open(fs.clone(), &vhd_format::OpenOptions::new().read_only(false)).unwrap();
     let full = run(&dev, &ops, diff);
     let total = fs.ops();
     drop(dev);
@@ -169,7 +172,8 @@ fn crash_all_cuts(diff: bool, wseed: u64) {
     for n in 0..=total {
         let fs = Arc::new(FaultStorage::new(base.clone()));
         fs.set_cut(CutPoint::AfterOps(n));
-        let dev = VhdFile::open(fs.clone(), false).unwrap();
+        let dev =
+            VhdFile::open(fs.clone(), &vhd_format::OpenOptions::new().read_only(false)).unwrap();
         let cands = run(&dev, &ops, diff);
         drop(dev);
         for seed in 0..SEEDS {
@@ -203,7 +207,7 @@ fn failed_write_latches_fail_stop() {
     let base = base_image(false);
     let fs = Arc::new(FaultStorage::new(base));
     fs.inject(block_io::Injection::WriteError { nth: 0 });
-    let dev = VhdFile::open(fs.clone(), false).unwrap();
+    let dev = VhdFile::open(fs.clone(), &vhd_format::OpenOptions::new().read_only(false)).unwrap();
     assert!(dev.write_at(&[1u8; 512], 0).is_err());
     assert!(dev.is_failed());
     let e = dev.write_at(&[1u8; 512], 0).unwrap_err();

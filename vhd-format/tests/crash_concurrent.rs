@@ -63,7 +63,7 @@ fn run(base: &MemStorage, wseed: u64, cut: Option<u64>) -> (Arc<FaultStorage>, V
     }
     let probe = Arc::new(Probe::new(fs.clone()));
     probe.set_jitter(true);
-    let dev = VhdFile::open(probe, false).unwrap();
+    let dev = VhdFile::open(probe, &vhd_format::OpenOptions::new().read_only(false)).unwrap();
     let clock = AtomicU64::new(0);
     let logs = std::thread::scope(|sc| {
         let hs: Vec<_> = (0..GEO.threads)
@@ -81,14 +81,17 @@ fn run(base: &MemStorage, wseed: u64, cut: Option<u64>) -> (Arc<FaultStorage>, V
 fn verify(img: &MemStorage, cands: &Cands, diff: bool, what: &str) {
     // No structural damage before any repair: what a crash may leave is a lost end footer
     // (the copy at 0 stands in) and unreferenced space, never blocks over blocks or metadata.
-    let r = vhd_format::check_storage(img, false).unwrap();
+    let r = vhd_format::check_storage(img).unwrap();
     assert_eq!(r.header_ok, Some(true), "{what}: {r:?}");
     assert!(r.overlapping_blocks.is_empty(), "{what}: {r:?}");
     assert!(r.blocks_overlapping_metadata.is_empty(), "{what}: {r:?}");
     for writable in [false, true] {
         let st = Arc::new(img.clone());
-        let f = VhdFile::open(st.clone(), !writable)
-            .unwrap_or_else(|e| panic!("{what}: reopen (writable={writable}) failed: {e:?}"));
+        let f = VhdFile::open(
+            st.clone(),
+            &vhd_format::OpenOptions::new().read_only(!writable),
+        )
+        .unwrap_or_else(|e| panic!("{what}: reopen (writable={writable}) failed: {e:?}"));
         let buf = read_composed(&f, GEO.size, diff);
         for (i, c) in cands.iter().enumerate() {
             let got = &buf[i * 512..(i + 1) * 512];
@@ -105,10 +108,10 @@ fn verify(img: &MemStorage, cands: &Cands, diff: bool, what: &str) {
             );
         }
         if writable {
-            let r = f.check(false).unwrap();
+            let r = f.check().unwrap();
             assert!(r.is_clean(), "{what}: check after writable reopen: {r:?}");
             drop(f);
-            VhdFile::open(st, true).unwrap();
+            VhdFile::open(st, &vhd_format::OpenOptions::new().read_only(true)).unwrap();
         }
     }
 }

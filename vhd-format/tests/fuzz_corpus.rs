@@ -37,7 +37,8 @@ fn seeds_stay_valid_after_writes() {
         let path = entry.unwrap().path();
         let data = std::fs::read(&path).unwrap();
         let st = Arc::new(MemStorage::from_bytes(&data));
-        let Ok(f) = VhdFile::open(st.clone(), false) else {
+        let Ok(f) = VhdFile::open(st.clone(), &vhd_format::OpenOptions::new().read_only(false))
+        else {
             continue;
         };
         let size = f.info().virtual_size;
@@ -45,10 +46,10 @@ fn seeds_stay_valid_after_writes() {
         f.write_at(&[0x5Au8; 1024], off).unwrap();
         f.flush().unwrap();
         drop(f);
-        let g = VhdFile::open(st.clone(), true).unwrap();
+        let g = VhdFile::open(st.clone(), &vhd_format::OpenOptions::new().read_only(true)).unwrap();
         let mut b = [0u8; 1024];
         g.read_at(&mut b, off).unwrap();
         assert!(b.iter().all(|&x| x == 0x5A), "{}", path.display());
-        assert!(g.check(false).unwrap().is_clean(), "{}", path.display());
+        assert!(g.check().unwrap().is_clean(), "{}", path.display());
     }
 }

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use block_io::{BlockDevice, ErrorKind, MemStorage, Storage};
 use vhd_format::footer::checksum;
 use vhd_format::{
-    check_storage, CreateOptions, DifferencingOptions, FooterSource, Subformat, VhdFile,
+    check_storage, repair_storage, CreateOptions, DifferencingOptions, FooterSource, Subformat,
+    VhdFile,
 };
 
 const BLOCK: u32 = 4096;
@@ -70,7 +71,8 @@ fn same(a: &[u8], b: &[u8]) {
 
 fn expect_err(bytes: &[u8], what: &str) -> block_io::Error {
     let st = MemStorage::from_bytes(bytes);
-    let e = VhdFile::open(st.clone(), true).expect_err(what);
+    let e =
+        VhdFile::open(st.clone(), &vhd_format::OpenOptions::new().read_only(true)).expect_err(what);
     assert!(
         matches!(
             e.kind(),
@@ -78,7 +80,7 @@ fn expect_err(bytes: &[u8], what: &str) -> block_io::Error {
         ),
         "{what}: {e:?}"
     );
-    let r = check_storage(&st, false).unwrap();
+    let r = check_storage(&st).unwrap();
     assert!(!r.is_clean(), "{what}: check found nothing");
     e
 }
@@ -114,14 +116,14 @@ fn bat_entries_past_eof_and_overlapping() {
     be32(&mut b, 1536 + 4 * 3, 0x00FF_FFFF);
     let e = expect_err(&b, "BAT entry past EOF");
     assert!(e.chain_string().contains("BAT entry 3"), "{e:?}");
-    let r = check_storage(&MemStorage::from_bytes(&b), false).unwrap();
+    let r = check_storage(&MemStorage::from_bytes(&b)).unwrap();
     assert_eq!(r.bat_entries_past_eof, vec![3]);
 
     let mut b = dynamic_bytes();
     let first = u32::from_be_bytes(b[1536..1540].try_into().unwrap());
     be32(&mut b, 1536 + 4 * 7, first + 1);
     expect_err(&b, "overlapping blocks");
-    let r = check_storage(&MemStorage::from_bytes(&b), false).unwrap();
+    let r = check_storage(&MemStorage::from_bytes(&b)).unwrap();
     assert!(r.overlapping_blocks.contains(&(0, 7)), "{r:?}");
 
     let mut b = dynamic_bytes();
@@ -158,7 +160,7 @@ fn bad_end_footer_falls_back_to_the_copy_and_repairs() {
     let n = b.len();
     b[n - 512 + 20] ^= 1;
     let st = MemStorage::from_bytes(&b);
-    let f = VhdFile::open(st.clone(), true).unwrap();
+    let f = VhdFile::open(st.clone(), &vhd_format::OpenOptions::new().read_only(true)).unwrap();
     assert_eq!(f.footer_source(), FooterSource::CopyAtStart);
     let d = f.details().unwrap();
     assert!(d.end_footer_error.unwrap().contains("checksum"));
@@ -166,24 +168,26 @@ fn bad_end_footer_falls_back_to_the_copy_and_repairs() {
     f.read_at(&mut buf, 0).unwrap();
     assert_eq!(buf, vec![0xAA; 4096]);
     // check + repair rewrites the footer from the copy.
-    let r = check_storage(&st, false).unwrap();
+    let r = check_storage(&st).unwrap();
     assert!(!r.footer_ok && !r.is_clean());
-    let r = check_storage(&st, true).unwrap();
+    let r = repair_storage(&st).unwrap();
     assert!(r.is_clean(), "{r:?}");
     same(&st.to_vec().unwrap(), &good);
     // A writable open repairs too.
     let st = Arc::new(MemStorage::from_bytes(&b));
-    VhdFile::open(st.clone(), false).unwrap();
+    VhdFile::open(st.clone(), &vhd_format::OpenOptions::new().read_only(false)).unwrap();
     same(&st.to_vec().unwrap(), &good);
     // A bad copy at 0 is repaired from the end footer.
     let mut b = good.clone();
     b[30] ^= 1;
     let st = MemStorage::from_bytes(&b);
     assert_eq!(
-        VhdFile::open(st.clone(), true).unwrap().footer_source(),
+        VhdFile::open(st.clone(), &vhd_format::OpenOptions::new().read_only(true))
+            .unwrap()
+            .footer_source(),
         FooterSource::End
     );
-    let r = check_storage(&st, true).unwrap();
+    let r = repair_storage(&st).unwrap();
     assert!(r.is_clean() && !r.issues.is_empty(), "{r:?}");
     same(&st.to_vec().unwrap(), &good);
 }
@@ -217,7 +221,7 @@ fn truncated_files() {
         b.len() - 1,
     ] {
         let st = MemStorage::from_bytes(&b[..len]);
-        match VhdFile::open(st.clone(), true) {
+        match VhdFile::open(st.clone(), &vhd_format::OpenOptions::new().read_only(true)) {
             // Cut inside the last block the copy at 0 still opens; reads must not fail.
             Ok(f) => {
                 let mut buf = vec![0u8; 64 * 1024];
@@ -228,7 +232,7 @@ fn truncated_files() {
                 "len {len}: {e:?}"
             ),
         }
-        let _ = check_storage(&st, false).unwrap();
+        let _ = check_storage(&st).unwrap();
     }
     // A header that does not fit.
     let mut b = dynamic_bytes();
@@ -312,11 +316,12 @@ fn locator_at_the_end_of_u64() {
     st.write_at(&b[..n - 512], 0).unwrap();
     st.set_len(u64::MAX).unwrap();
     st.write_at(&b[n - 512..], u64::MAX - 512).unwrap();
-    let e = VhdFile::open(st.clone(), true).expect_err("locator at the end of u64");
+    let e = VhdFile::open(st.clone(), &vhd_format::OpenOptions::new().read_only(true))
+        .expect_err("locator at the end of u64");
     assert!(
         matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::Unsupported),
         "{e:?}"
     );
-    let r = check_storage(&st, false).unwrap();
+    let r = check_storage(&st).unwrap();
     assert!(!r.is_clean(), "check found nothing: {r:?}");
 }

@@ -173,7 +173,11 @@ fn run_ops(ops: &[Op], kind: &str) {
             Op::Reopen => {
                 f.flush().unwrap();
                 drop(f);
-                f = VhdFile::open(storage.clone(), false).unwrap();
+                f = VhdFile::open(
+                    storage.clone(),
+                    &vhd_format::OpenOptions::new().read_only(false),
+                )
+                .unwrap();
             }
         }
         apply(&mut model, op, diff);
@@ -181,9 +185,13 @@ fn run_ops(ops: &[Op], kind: &str) {
     verify(&f, &model, diff);
     f.flush().unwrap();
     drop(f);
-    let f = VhdFile::open(storage.clone(), true).unwrap();
+    let f = VhdFile::open(
+        storage.clone(),
+        &vhd_format::OpenOptions::new().read_only(true),
+    )
+    .unwrap();
     verify(&f, &model, diff);
-    let r = f.check(false).unwrap();
+    let r = f.check().unwrap();
     assert!(r.is_clean(), "{r:?}");
 }
 
@@ -229,7 +237,11 @@ fn concurrent_writers_allocate_safely() {
         t.join().unwrap();
     }
     f.flush().unwrap();
-    let g = VhdFile::open(storage.clone(), true).unwrap();
+    let g = VhdFile::open(
+        storage.clone(),
+        &vhd_format::OpenOptions::new().read_only(true),
+    )
+    .unwrap();
     for t in 0..4u64 {
         for i in 0..64u64 {
             let off = (i * 4 + t) * 4096 * 8 % (8 << 20);
@@ -238,5 +250,5 @@ fn concurrent_writers_allocate_safely() {
             assert_eq!(buf, common::pattern(t * 1000 + i, 4096), "t{t} i{i}");
         }
     }
-    assert!(g.check(false).unwrap().is_clean());
+    assert!(g.check().unwrap().is_clean());
 }

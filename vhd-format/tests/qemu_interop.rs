@@ -14,7 +14,7 @@ use vhd_format::{CreateOptions, DiskType, Subformat, VhdFile};
 
 fn open_file(path: &std::path::Path, read_only: bool) -> VhdFile<FileStorage> {
     let st = FileStorage::open(path, &OpenOptions::new().read_only(read_only)).unwrap();
-    VhdFile::open(st, read_only).unwrap()
+    VhdFile::open(st, &vhd_format::OpenOptions::new().read_only(read_only)).unwrap()
 }
 
 /// (subformat, size argument, force_size)
@@ -76,7 +76,7 @@ fn qemu_made_images_read_identically() {
             }
         );
         assert_eq!(d.creator_app, if force { "qem2" } else { "qemu" });
-        assert!(f.check(false).unwrap().is_clean());
+        assert!(f.check().unwrap().is_clean());
         // Then write through us and let qemu read it back.
         drop(f);
         let f = open_file(&img, false);

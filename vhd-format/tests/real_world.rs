@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use block_io::{BlockDevice, ErrorKind, FileStorage, MemStorage, OpenOptions, Storage};
-use vhd_format::{check_storage, probe, DiskType, FooterSource, VhdFile};
+use vhd_format::{check_storage, probe, repair_storage, DiskType, FooterSource, VhdFile};
 
 /// CI lays `shared/` beside the clone (two levels above this crate); sessions have it at
 /// /work/shared.
@@ -36,7 +36,7 @@ fn load(name: &str) -> Option<MemStorage> {
 fn ext2_opens_and_reads_a_superblock() {
     let Some(st) = load("ext2.vhd") else { return };
     assert!(probe(&st));
-    let f = VhdFile::open(st, true).unwrap();
+    let f = VhdFile::open(st, &vhd_format::OpenOptions::new().read_only(true)).unwrap();
     let d = f.details().unwrap();
     assert_eq!(d.disk_type, DiskType::Dynamic);
     assert_eq!(d.virtual_size, 4_212_736);
@@ -48,7 +48,7 @@ fn ext2_opens_and_reads_a_superblock() {
     let mut sb = vec![0u8; 1024];
     f.read_at(&mut sb, 1024).unwrap();
     assert_eq!(&sb[56..58], &[0x53, 0xEF]);
-    let r = f.check(false).unwrap();
+    let r = f.check().unwrap();
     assert!(r.is_clean(), "{r:?}");
 }
 
@@ -57,7 +57,7 @@ fn fat_differential_gives_details_without_its_parent() {
     let Some(st) = load("fat-differential.vhd") else {
         return;
     };
-    let f = VhdFile::open(st, true).unwrap();
+    let f = VhdFile::open(st, &vhd_format::OpenOptions::new().read_only(true)).unwrap();
     let d = f.details().unwrap();
     assert_eq!(d.disk_type, DiskType::Differencing);
     assert_eq!(d.virtual_size, 4 << 20);
@@ -103,7 +103,7 @@ fn fat_differential_gives_details_without_its_parent() {
         off += run.len;
     }
     assert!(seen_data && seen_parent);
-    assert!(f.check(false).unwrap().is_clean());
+    assert!(f.check().unwrap().is_clean());
 }
 
 /// Decision: a strict open refuses a footer with a wrong checksum unless the copy at 0 is
@@ -114,23 +114,24 @@ fn wrong_checksums_are_refused_as_corrupt() {
     for name in ["image.vhd", "image-differential.vhd"] {
         let Some(st) = load(name) else { return };
         assert!(probe(&st), "{name}");
-        let e = VhdFile::open(st.clone(), true).unwrap_err();
+        let e =
+            VhdFile::open(st.clone(), &vhd_format::OpenOptions::new().read_only(true)).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Corrupt, "{name}: {e:?}");
         assert!(e.chain_string().contains("checksum"), "{name}: {e:?}");
-        let r = check_storage(&st, false).unwrap();
+        let r = check_storage(&st).unwrap();
         assert!(
             !r.footer_ok && r.footer_copy_ok == Some(false),
             "{name}: {r:?}"
         );
         assert!(!r.is_clean());
         // Neither copy is valid, so repair may not touch the footer.
-        let r = check_storage(&st, true).unwrap();
+        let r = repair_storage(&st).unwrap();
         assert!(!r.is_clean());
     }
     let Some(st) = load("image-differential.vhd") else {
         return;
     };
-    assert_eq!(check_storage(&st, false).unwrap().header_ok, Some(false));
+    assert_eq!(check_storage(&st).unwrap().header_ok, Some(false));
 }
 
 #[test]
@@ -141,7 +142,7 @@ fn opens_through_file_storage() {
     }
     let st = FileStorage::open(&path, &OpenOptions::new().read_only(true)).unwrap();
     assert!(st.len().unwrap() > 0);
-    let f = VhdFile::open(st, true).unwrap();
+    let f = VhdFile::open(st, &vhd_format::OpenOptions::new().read_only(true)).unwrap();
     assert!(f.info().read_only);
     let e = f.write_at(&[0u8; 512], 0).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ReadOnly);

@@ -190,7 +190,7 @@ fn open(read_only: bool, path: &str) {
         plan.map_or(0, |p| p.positions.len())
     );
     let t = Instant::now();
-    let r = VhdxFile::open(st, read_only);
+    let r = VhdxFile::open(st, &vhdx_format::OpenOptions::new().read_only(read_only));
     let secs = t.elapsed().as_secs_f64();
     match r {
         Ok(f) => println!(

@@ -513,7 +513,7 @@ mod tests {
         f.flush().unwrap();
         f.read_at(&mut buf, 3 * MIB - 4096).unwrap();
         assert_eq!(buf, [5; 8192]);
-        assert!(f.check(false).unwrap().errors.is_empty());
+        assert!(f.check().unwrap().errors.is_empty());
     }
 
     #[test]
@@ -566,7 +566,7 @@ mod tests {
         let s = f.block_status(MIB, MIB).unwrap();
         assert_eq!((s.status, s.len), (BlockStatus::Data, 512));
         f.close().unwrap();
-        assert!(f.check(false).unwrap().errors.is_empty());
+        assert!(f.check().unwrap().errors.is_empty());
     }
 
     #[test]

@@ -507,21 +507,22 @@ mod tests {
                 BlockStatus::Zero
             );
         }
-        assert!(f.check(false).unwrap().errors.is_empty());
+        assert!(f.check().unwrap().errors.is_empty());
         f.close().unwrap();
         let st = f.storage().clone();
         drop(c);
         drop(f);
-        let again = VhdxFile::open(st.clone(), false).unwrap();
+        let again =
+            VhdxFile::open(st.clone(), &crate::OpenOptions::new().read_only(false)).unwrap();
         assert_eq!(read_all(&again), before);
-        assert_eq!(again.check(false).unwrap().unreferenced_bytes, 0);
+        assert_eq!(again.check().unwrap().unreferenced_bytes, 0);
         // A write after compaction allocates past the new end and reads back.
         again.write_at(&[9; 512], MIB).unwrap();
         again.flush().unwrap();
         let mut buf = [0u8; 512];
         again.read_at(&mut buf, MIB).unwrap();
         assert_eq!(buf, [9; 512]);
-        assert!(again.check(false).unwrap().errors.is_empty());
+        assert!(again.check().unwrap().errors.is_empty());
     }
 
     /// A compaction keeps the DataWriteGuid (children still match) when it starts the session.
@@ -532,7 +533,7 @@ mod tests {
         f.close().unwrap();
         let st = f.storage().clone();
         drop(f);
-        let f = Arc::new(VhdxFile::open(st, false).unwrap());
+        let f = Arc::new(VhdxFile::open(st, &crate::OpenOptions::new().read_only(false)).unwrap());
         let id = f.header().data_write_guid;
         VhdxCompactor::new(f.clone()).unwrap().compact().unwrap();
         assert_eq!(f.header().data_write_guid, id);
@@ -571,7 +572,7 @@ mod tests {
         assert_eq!(buf[..512], [6; 512]);
         assert_eq!(f.entry(2) & 7, state::PARTIALLY_PRESENT);
         assert!(s.len_after < s.len_before, "{s:?}");
-        assert!(f.check(false).unwrap().errors.is_empty());
+        assert!(f.check().unwrap().errors.is_empty());
     }
 
     /// A partially present block whose bits were all cleared becomes NOT_PRESENT.
@@ -617,7 +618,7 @@ mod tests {
         d.close().unwrap();
         let st = d.storage().clone();
         drop(d);
-        let ro = Arc::new(VhdxFile::open(st, true).unwrap());
+        let ro = Arc::new(VhdxFile::open(st, &crate::OpenOptions::new().read_only(true)).unwrap());
         assert_eq!(
             VhdxCompactor::new(ro).unwrap_err().kind(),
             ErrorKind::ReadOnly
@@ -640,10 +641,18 @@ mod tests {
     /// kept or torn by a seed): the image opens (replaying its log), checks clean and reads
     /// as before (data and which sectors the layer holds).
     fn crash_sweep(bytes: &[u8]) {
-        let before = view(&VhdxFile::open(MemStorage::from_bytes(bytes), true).unwrap());
+        let before = view(
+            &VhdxFile::open(
+                MemStorage::from_bytes(bytes),
+                &crate::OpenOptions::new().read_only(true),
+            )
+            .unwrap(),
+        );
         let run = |cut: Option<u64>| -> (Arc<FaultStorage>, u64) {
             let fs = Arc::new(FaultStorage::new(MemStorage::from_bytes(bytes)));
-            let f = Arc::new(VhdxFile::open(fs.clone(), false).unwrap());
+            let f = Arc::new(
+                VhdxFile::open(fs.clone(), &crate::OpenOptions::new().read_only(false)).unwrap(),
+            );
             let ops0 = fs.ops();
             if let Some(n) = cut {
                 fs.set_cut(block_io::CutPoint::AfterOps(ops0 + n));
@@ -659,10 +668,10 @@ mod tests {
             let (fs, _) = run(Some(n));
             for seed in 0..4 {
                 let img = Arc::new(fs.crash_image(seed));
-                let f = VhdxFile::open(img.clone(), false)
+                let f = VhdxFile::open(img.clone(), &crate::OpenOptions::new().read_only(false))
                     .unwrap_or_else(|e| panic!("cut {n} seed {seed}: {e}"));
                 assert!(view(&f) == before, "cut {n} seed {seed}");
-                let r = f.check(false).unwrap();
+                let r = f.check().unwrap();
                 assert!(r.errors.is_empty(), "cut {n} seed {seed}: {r:?}");
             }
         }
@@ -712,7 +721,13 @@ mod tests {
         f.close().unwrap();
         let bytes = f.storage().to_vec().unwrap();
         drop(f);
-        let g = Arc::new(VhdxFile::open(MemStorage::from_bytes(&bytes), false).unwrap());
+        let g = Arc::new(
+            VhdxFile::open(
+                MemStorage::from_bytes(&bytes),
+                &crate::OpenOptions::new().read_only(false),
+            )
+            .unwrap(),
+        );
         let bitmap_at = g.bitmap_entry(0) & crate::bat::OFFSET_MASK;
         let s = VhdxCompactor::new(g.clone()).unwrap().compact().unwrap();
         assert!(s.moved >= 3 && s.len_after < s.len_before, "{s:?}");
@@ -720,7 +735,7 @@ mod tests {
             g.bitmap_entry(0) & crate::bat::OFFSET_MASK < bitmap_at,
             "the sector bitmap moved down"
         );
-        assert!(g.check(false).unwrap().errors.is_empty());
+        assert!(g.check().unwrap().errors.is_empty());
         crash_sweep(&bytes);
     }
 }

@@ -155,6 +155,14 @@ impl From<CreateError> for Error {
     }
 }
 
+impl<S: Storage> VhdxFile<S> {
+    /// Creates an image on `storage` (which should be empty) and opens it writable: the same
+    /// entry point as `vhd_format::VhdFile::create` (also reachable as the free [`create`]).
+    pub fn create(storage: S, opts: &CreateOptions) -> Result<Self> {
+        create(storage, opts)
+    }
+}
+
 /// Creates an image on `storage` (which should be empty) and opens it writable.
 pub fn create<S: Storage>(storage: S, opts: &CreateOptions) -> Result<VhdxFile<S>> {
     let diff = opts.subformat == Subformat::Differencing;
@@ -294,7 +302,7 @@ pub fn create<S: Storage>(storage: S, opts: &CreateOptions) -> Result<VhdxFile<S
         storage.write_at(&h.to_bytes(), *off)?;
     }
     storage.sync_data()?;
-    VhdxFile::open(storage, false)
+    VhdxFile::open(storage, &crate::OpenOptions::new().read_only(false))
 }
 
 /// Creates an image file at `path` (replacing any file there) and opens it writable.
@@ -388,7 +396,7 @@ mod tests {
         meta.physical_sector_size = 512;
         m.write_at(&meta.to_bytes().unwrap(), md.file_offset)
             .unwrap();
-        let f = VhdxFile::open(m, true).unwrap();
+        let f = VhdxFile::open(m, &crate::OpenOptions::new().read_only(true)).unwrap();
         let d = f.details();
         assert_eq!((d.logical_sector_size, d.physical_sector_size), (4096, 512));
     }

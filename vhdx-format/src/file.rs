@@ -251,10 +251,35 @@ pub(crate) fn read_headers<S: Storage + ?Sized>(storage: &S) -> Result<(Header, 
     Ok(select_current(h(0)?, h(1)?)?)
 }
 
+/// How an image is opened ([`VhdxFile::open`]): writable unless [`read_only`](Self::read_only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpenOptions {
+    read_only: bool,
+}
+
+impl OpenOptions {
+    /// A writable open (the default).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Opens read-only when `yes`: a dirty log is replayed in memory only, nothing is ever written.
+    pub fn read_only(mut self, yes: bool) -> Self {
+        self.read_only = yes;
+        self
+    }
+
+    /// Whether the open is read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+}
+
 impl<S: Storage> VhdxFile<S> {
     /// Opens an image. A writable open replays a dirty log into the file (changing the
     /// FileWriteGuid first); a read-only open replays it in memory and never writes.
-    pub fn open(storage: S, read_only: bool) -> Result<Self> {
+    pub fn open(storage: S, opts: &OpenOptions) -> Result<Self> {
+        let read_only = opts.read_only;
         let len = storage.len()?;
         if len < 320 * 1024 {
             return Err(corrupt_io("the file is too small to be a VHDX image"));
@@ -481,10 +506,20 @@ impl<S: Storage> VhdxFile<S> {
     /// Checks the image. Opening already validated every structure (headers, region tables,
     /// metadata, every BAT entry against the file and each other) and replayed the log — into
     /// the file when writable, which is the repair. This adds the checks that need the sector
-    /// bitmaps and reports whether a log still needs replay. `repair` on a read-only handle
-    /// cannot write: it reports that the image must be reopened writable (see
-    /// [`check_image`]).
-    pub fn check(&self, repair: bool) -> Result<CheckReport> {
+    /// bitmaps and reports whether a log still needs replay. See [`repair`](Self::repair).
+    pub fn check(&self) -> Result<CheckReport> {
+        self.check_with(false)
+    }
+
+    /// [`check`](Self::check), asking for a repair: a writable handle has already repaired
+    /// what opening repairs (the log replayed, a damaged header or region table copy
+    /// rewritten); a read-only one cannot write and reports that the image must be reopened
+    /// writable (see [`repair_image`]).
+    pub fn repair(&self) -> Result<CheckReport> {
+        self.check_with(true)
+    }
+
+    fn check_with(&self, repair: bool) -> Result<CheckReport> {
         // A writable open replays a dirty log into the file; a read-only one cannot.
         let log_replayed = self.log_was_dirty && !self.read_only;
         let mut report = CheckReport {
@@ -575,22 +610,33 @@ impl<S: Storage> VhdxFile<S> {
     }
 }
 
-/// Opens `storage` (writable when `repair`, so a dirty log is replayed into the file) and
-/// checks it. Structural damage makes the open fail: that error is the check's answer.
-pub fn check_image<S: Storage>(storage: S, repair: bool) -> Result<CheckReport> {
-    let f = VhdxFile::open(storage, !repair)?;
-    let r = f.check(repair)?;
+/// Opens `storage` read-only and checks it. Structural damage makes the open fail: that
+/// error is the check's answer.
+pub fn check_image<S: Storage>(storage: S) -> Result<CheckReport> {
+    check_image_with(storage, false)
+}
+
+/// Opens `storage` writable, so a dirty log is replayed into the file and a damaged header
+/// or region table copy rewritten, and checks it.
+pub fn repair_image<S: Storage>(storage: S) -> Result<CheckReport> {
+    check_image_with(storage, true)
+}
+
+fn check_image_with<S: Storage>(storage: S, repair: bool) -> Result<CheckReport> {
+    let f = VhdxFile::open(storage, &crate::OpenOptions::new().read_only(!repair))?;
+    let r = f.check_with(repair)?;
     f.close()?;
     Ok(r)
 }
 
-/// Opens the image at `path` (read-only or read-write) on a [`block_io::FileStorage`].
+/// Opens the image at `path` on a [`block_io::FileStorage`], as `opts` say.
 pub fn open_file(
     path: impl AsRef<std::path::Path>,
-    read_only: bool,
+    opts: &crate::OpenOptions,
 ) -> Result<VhdxFile<block_io::FileStorage>> {
-    let st = block_io::FileStorage::open(path, &block_io::OpenOptions::new().read_only(read_only))?;
-    VhdxFile::open(st, read_only)
+    let ro = opts.is_read_only();
+    let st = block_io::FileStorage::open(path, &block_io::OpenOptions::new().read_only(ro))?;
+    VhdxFile::open(st, opts)
 }
 
 /// Validates every BAT entry: states allowed for the layout, present blocks inside the file,
@@ -761,16 +807,23 @@ mod tests {
     #[test]
     fn huge_last_file_offset_is_capped_not_a_panic() {
         let ok = dirty_with_last_file_offset(0);
-        assert!(VhdxFile::open(ok, true).unwrap().details().log_dirty);
+        assert!(
+            VhdxFile::open(ok, &crate::OpenOptions::new().read_only(true))
+                .unwrap()
+                .details()
+                .log_dirty
+        );
         // Was a panic (rounding overflow), then a refusal; now capped to what the layout needs.
         for lfo in [u64::MAX, 8 << 40] {
             let bad = dirty_with_last_file_offset(lfo);
             let len = bad.len().unwrap();
-            let f = VhdxFile::open(bad.clone(), true).unwrap();
+            let f =
+                VhdxFile::open(bad.clone(), &crate::OpenOptions::new().read_only(true)).unwrap();
             assert!(f.details().log_dirty);
-            assert_eq!(f.check(false).unwrap().file_size, len);
+            assert_eq!(f.check().unwrap().file_size, len);
             drop(f);
-            let f = VhdxFile::open(bad.clone(), false).unwrap();
+            let f =
+                VhdxFile::open(bad.clone(), &crate::OpenOptions::new().read_only(false)).unwrap();
             assert_eq!(f.state.lock().file_end, len);
             drop(f);
             assert_eq!(bad.len().unwrap(), len);

@@ -70,12 +70,12 @@ pub fn encode_sparse(image: &[u8]) -> Vec<u8> {
 /// flush and close. Errors are fine; panics, hangs and huge allocations are bugs.
 pub fn run(data: &[u8]) {
     let Some(m) = materialize(data) else { return };
-    if let Ok(f) = VhdxFile::open(m.clone(), true) {
+    if let Ok(f) = VhdxFile::open(m.clone(), &crate::OpenOptions::new().read_only(true)) {
         exercise_reads(&f);
         let _ = f.details();
-        let _ = f.check(false);
+        let _ = f.check();
     }
-    if let Ok(f) = VhdxFile::open(m, false) {
+    if let Ok(f) = VhdxFile::open(m, &crate::OpenOptions::new().read_only(false)) {
         exercise_reads(&f);
         let info = f.info();
         let ss = u64::from(info.logical_sector_size);

@@ -33,8 +33,8 @@
 //! Not implemented yet (honestly):
 //! - `check` reports what `open` cannot already refuse (dirty log not replayed, partially
 //!   present blocks without a bitmap) and counts unreferenced (leaked) bytes, but reclaims
-//!   nothing; repairing needs a writable open ([`check_image`] with `repair`), which replays
-//!   the log and rewrites a damaged region table copy;
+//!   nothing; repairing needs a writable open ([`repair_image`], or [`VhdxFile::repair`] on
+//!   a writable handle), which replays the log and rewrites a damaged region table copy;
 //! - blocks that qemu marks ZERO while keeping a preallocated offset (old qemu fixed images)
 //!   get new space at the end of the file on first write instead of reusing that offset;
 //! - freed space (discard, unmap) is punched but never reused; a PARTIALLY_PRESENT block whose
@@ -56,7 +56,7 @@
 //! disk.flush()?; // payload synced, BAT change logged, applied in place
 //! disk.close()?; // log marked empty
 //! drop(disk);
-//! let again = VhdxFile::open(mem, true)?;
+//! let again = VhdxFile::open(mem, &vhdx_format::OpenOptions::new().read_only(true))?;
 //! let mut buf = [0u8; 4096];
 //! again.read_at(&mut buf, 1 << 20)?;
 //! assert_eq!(buf, [0xAB; 4096]);
@@ -94,5 +94,8 @@ pub use alloc::{AllocGuard, WriteExtent};
 pub use compact::VhdxCompactor;
 pub use create::{create, create_file, default_block_size, CreateError, CreateOptions, ParentRef};
 pub use error::FormatError;
-pub use file::{check_image, open_file, probe, CheckReport, Subformat, VhdxDetails, VhdxFile};
+pub use file::{
+    check_image, open_file, probe, repair_image, CheckReport, OpenOptions, Subformat, VhdxDetails,
+    VhdxFile,
+};
 pub use resize::{ResizeError, ResizeReport};

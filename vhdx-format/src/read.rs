@@ -343,7 +343,7 @@ mod tests {
         f.close().unwrap();
         drop(f);
         let status = |f: &VhdxFile<Arc<MemStorage>>, off| f.block_status(off, 65536).unwrap();
-        let f = VhdxFile::open(mem.clone(), false).unwrap();
+        let f = VhdxFile::open(mem.clone(), &crate::OpenOptions::new().read_only(false)).unwrap();
         // Reads fill the page cache from the file.
         assert_eq!(status(&f, 8192).status, BlockStatus::Data);
         assert_eq!(status(&f, 12288).status, BlockStatus::Unallocated);
@@ -357,7 +357,7 @@ mod tests {
         assert_eq!(buf, [2; 4096]);
         f.flush().unwrap();
         drop(f);
-        let ro = VhdxFile::open(mem, true).unwrap();
+        let ro = VhdxFile::open(mem, &crate::OpenOptions::new().read_only(true)).unwrap();
         assert_eq!(status(&ro, 12288).status, BlockStatus::Data);
         assert_eq!(status(&ro, 8192).len, 8192);
         assert_eq!(status(&ro, 4096).status, BlockStatus::Unallocated);

@@ -265,7 +265,8 @@ mod tests {
     #[test]
     fn rewrite_in_place_and_moved_keeps_data_write_guid() {
         let mem = child();
-        let mut f = VhdxFile::open(mem.clone(), false).unwrap();
+        let mut f =
+            VhdxFile::open(mem.clone(), &crate::OpenOptions::new().read_only(false)).unwrap();
         let before = f.header();
         let old_entry = *f
             .meta
@@ -312,9 +313,9 @@ mod tests {
         assert_ne!(f.header().data_write_guid, before.data_write_guid);
         f.close().unwrap();
         drop(f);
-        let f = VhdxFile::open(mem.clone(), true).unwrap();
+        let f = VhdxFile::open(mem.clone(), &crate::OpenOptions::new().read_only(true)).unwrap();
         assert_eq!(f.parent_locator(), Some(&long));
-        assert!(f.check(false).unwrap().errors.is_empty());
+        assert!(f.check().unwrap().errors.is_empty());
         assert_eq!(read8k(&f), vec![0x3C; 8192]);
     }
 
@@ -322,13 +323,15 @@ mod tests {
     fn refusals_write_nothing() {
         let mem = child();
         let before = mem.to_vec().unwrap();
-        let mut ro = VhdxFile::open(mem.clone(), true).unwrap();
+        let mut ro =
+            VhdxFile::open(mem.clone(), &crate::OpenOptions::new().read_only(true)).unwrap();
         let l = new_locator("C:\\x.vhdx");
         assert_eq!(
             ro.set_parent_locator(&l).unwrap_err().kind(),
             ErrorKind::ReadOnly
         );
-        let mut f = VhdxFile::open(mem.clone(), false).unwrap();
+        let mut f =
+            VhdxFile::open(mem.clone(), &crate::OpenOptions::new().read_only(false)).unwrap();
         let bad = ParentLocator::new(vec![("relative_path".into(), "x".into())]);
         assert_eq!(
             f.set_parent_locator(&bad).unwrap_err().kind(),
@@ -354,7 +357,7 @@ mod tests {
             .unwrap()
             .close()
             .unwrap();
-        let mut b = VhdxFile::open(base, false).unwrap();
+        let mut b = VhdxFile::open(base, &crate::OpenOptions::new().read_only(false)).unwrap();
         assert_eq!(
             b.set_parent_locator(&l).unwrap_err().kind(),
             ErrorKind::InvalidInput
@@ -368,7 +371,7 @@ mod tests {
     /// to the free space below it: a real move with the table entry updated.
     fn child_with_locator_high() -> Arc<MemStorage> {
         let mem = child();
-        let f = VhdxFile::open(mem.clone(), true).unwrap();
+        let f = VhdxFile::open(mem.clone(), &crate::OpenOptions::new().read_only(true)).unwrap();
         let md = f.regions.metadata;
         let (i, e) = f
             .meta
@@ -392,7 +395,7 @@ mod tests {
             md.file_offset + 32 + 32 * i as u64 + 16,
         )
         .unwrap();
-        let f = VhdxFile::open(mem.clone(), true).unwrap();
+        let f = VhdxFile::open(mem.clone(), &crate::OpenOptions::new().read_only(true)).unwrap();
         assert_eq!(f.meta.entries[i].offset, high, "the crafted layout opens");
         mem
     }
@@ -408,14 +411,15 @@ mod tests {
     #[test]
     fn larger_locator_moves_to_free_space() {
         let mem = child_with_locator_high();
-        let mut f = VhdxFile::open(mem.clone(), false).unwrap();
+        let mut f =
+            VhdxFile::open(mem.clone(), &crate::OpenOptions::new().read_only(false)).unwrap();
         let old = locator_entry(&f);
         let new = new_locator(&format!("E:\\{}\\base.vhdx", "m".repeat(900)));
         f.set_parent_locator(&new).unwrap();
         let moved = locator_entry(&f);
         assert!(moved.offset < old.offset, "{moved:?} vs {old:?}");
         drop(f);
-        let f = VhdxFile::open(mem.clone(), true).unwrap();
+        let f = VhdxFile::open(mem.clone(), &crate::OpenOptions::new().read_only(true)).unwrap();
         assert_eq!(locator_entry(&f), moved);
         assert_eq!(f.parent_locator(), Some(&new));
         // The old item's bytes were zeroed.
@@ -438,12 +442,12 @@ mod tests {
     }
 
     fn crash_points(mem: Arc<MemStorage>) {
-        let old = VhdxFile::open(mem.clone(), true)
+        let old = VhdxFile::open(mem.clone(), &crate::OpenOptions::new().read_only(true))
             .unwrap()
             .parent_locator()
             .cloned()
             .unwrap();
-        let data_guid = VhdxFile::open(mem.clone(), true)
+        let data_guid = VhdxFile::open(mem.clone(), &crate::OpenOptions::new().read_only(true))
             .unwrap()
             .header()
             .data_write_guid;
@@ -452,14 +456,15 @@ mod tests {
         let mut n = 0;
         loop {
             let fault = Arc::new(FaultStorage::new((*mem).clone()));
-            let mut f = VhdxFile::open(fault.clone(), false).unwrap();
+            let mut f =
+                VhdxFile::open(fault.clone(), &crate::OpenOptions::new().read_only(false)).unwrap();
             fault.set_cut(CutPoint::AfterOps(n));
             let done = f.set_parent_locator(&new).is_ok();
             drop(f);
             for seed in 0..8 {
                 let img = fault.crash_image(seed);
                 for ro in [true, false] {
-                    let f = VhdxFile::open(img.clone(), ro)
+                    let f = VhdxFile::open(img.clone(), &crate::OpenOptions::new().read_only(ro))
                         .unwrap_or_else(|e| panic!("cut {n} seed {seed}: {e:?}"));
                     let got = f.parent_locator().cloned().unwrap();
                     if got == new {
@@ -471,11 +476,15 @@ mod tests {
                     assert_eq!(f.header().data_write_guid, data_guid);
                     saw_replay |= f.details().log_dirty && got == new;
                     assert_eq!(read8k(&f), vec![0x3C; 8192], "cut {n} seed {seed}");
-                    assert!(f.check(false).unwrap().errors.is_empty() || ro);
+                    assert!(f.check().unwrap().errors.is_empty() || ro);
                 }
             }
             if done {
-                let f = VhdxFile::open(fault.durable_image(), true).unwrap();
+                let f = VhdxFile::open(
+                    fault.durable_image(),
+                    &crate::OpenOptions::new().read_only(true),
+                )
+                .unwrap();
                 assert_eq!(f.parent_locator(), Some(&new));
                 break;
             }

@@ -506,7 +506,8 @@ mod tests {
     #[test]
     fn dynamic_grows_and_keeps_data() {
         let st = dynamic(10 * M, M as u32);
-        let mut f = VhdxFile::open(st.clone(), false).unwrap();
+        let mut f =
+            VhdxFile::open(st.clone(), &crate::OpenOptions::new().read_only(false)).unwrap();
         let old_guid = f.header().data_write_guid;
         // A resize alone is a user-visible change: a new DataWriteGuid.
         f.resize(12 * M, false).unwrap();
@@ -519,11 +520,11 @@ mod tests {
         assert_eq!(read(&f, 9 * M, 4096), pattern(1, 4096));
         f.close().unwrap();
         drop(f);
-        let f = VhdxFile::open(st, true).unwrap();
+        let f = VhdxFile::open(st, &crate::OpenOptions::new().read_only(true)).unwrap();
         assert_eq!(f.info().virtual_size, 64 * M);
         assert_eq!(read(&f, 63 * M, 4096), pattern(2, 4096));
         assert!(read(&f, 10 * M, 53 * M as usize).iter().all(|&b| b == 0));
-        assert!(f.check(false).unwrap().errors.is_empty());
+        assert!(f.check().unwrap().errors.is_empty());
     }
 
     #[test]
@@ -541,17 +542,18 @@ mod tests {
         f.write_at(&pattern(4, 512), 12 * M - 512).unwrap();
         f.close().unwrap();
         drop(f);
-        let f = VhdxFile::open(st, true).unwrap();
+        let f = VhdxFile::open(st, &crate::OpenOptions::new().read_only(true)).unwrap();
         assert_eq!(f.subformat(), crate::Subformat::Fixed);
         assert_eq!(read(&f, 8 * M - 512, 512), pattern(3, 512));
         assert_eq!(read(&f, 12 * M - 512, 512), pattern(4, 512));
-        assert!(f.check(false).unwrap().errors.is_empty());
+        assert!(f.check().unwrap().errors.is_empty());
     }
 
     #[test]
     fn shrink_refuses_to_cut_data_unless_forced() {
         let st = dynamic(16 * M, M as u32);
-        let mut f = VhdxFile::open(st.clone(), false).unwrap();
+        let mut f =
+            VhdxFile::open(st.clone(), &crate::OpenOptions::new().read_only(false)).unwrap();
         f.write_at(&pattern(5, 4096), 2 * M).unwrap();
         f.write_at(&pattern(6, 4096), 12 * M).unwrap();
         f.write_at(&[0; 4096], 5 * M).unwrap();
@@ -580,16 +582,17 @@ mod tests {
             .all(|&b| b == 0));
         f.close().unwrap();
         drop(f);
-        let f = VhdxFile::open(st, true).unwrap();
+        let f = VhdxFile::open(st, &crate::OpenOptions::new().read_only(true)).unwrap();
         assert_eq!(read(&f, 2 * M, 4096), pattern(5, 4096));
         assert!(read(&f, 12 * M, 4096).iter().all(|&b| b == 0));
-        assert!(f.check(false).unwrap().errors.is_empty());
+        assert!(f.check().unwrap().errors.is_empty());
     }
 
     #[test]
     fn a_full_bat_region_moves_to_the_end() {
         let st = dynamic(8 * M, M as u32);
-        let mut f = VhdxFile::open(st.clone(), false).unwrap();
+        let mut f =
+            VhdxFile::open(st.clone(), &crate::OpenOptions::new().read_only(false)).unwrap();
         f.write_at(&pattern(1, 4096), 7 * M).unwrap();
         let before = f.regions().bat;
         // 1 MiB blocks, 512-byte sectors: a 1 MiB region maps about 128 GiB.
@@ -601,13 +604,17 @@ mod tests {
         f.write_at(&pattern(2, 4096), 150 << 30).unwrap();
         f.close().unwrap();
         drop(f);
-        let f = VhdxFile::open(st, true).unwrap();
+        let f = VhdxFile::open(st, &crate::OpenOptions::new().read_only(true)).unwrap();
         assert_eq!(f.info().virtual_size, 200 << 30);
         assert_eq!(f.regions().bat, after);
         assert_eq!(read(&f, 7 * M, 4096), pattern(1, 4096));
         assert_eq!(read(&f, 150 << 30, 4096), pattern(2, 4096));
-        assert!(f.check(false).unwrap().errors.is_empty());
-        let mut g = VhdxFile::open(dynamic(8 * M, M as u32), false).unwrap();
+        assert!(f.check().unwrap().errors.is_empty());
+        let mut g = VhdxFile::open(
+            dynamic(8 * M, M as u32),
+            &crate::OpenOptions::new().read_only(false),
+        )
+        .unwrap();
         assert!(matches!(
             g.resize(1000, false).unwrap_err(),
             ResizeError::BadSize { .. }
@@ -623,7 +630,7 @@ mod tests {
         data: &[(u64, Vec<u8>)],
         seeds: u64,
     ) {
-        let old_size = VhdxFile::open(image.clone(), true)
+        let old_size = VhdxFile::open(image.clone(), &crate::OpenOptions::new().read_only(true))
             .unwrap()
             .info()
             .virtual_size;
@@ -631,14 +638,15 @@ mod tests {
         let mut n = 0;
         loop {
             let fault = Arc::new(FaultStorage::new((*image).clone()));
-            let mut f = VhdxFile::open(fault.clone(), false).unwrap();
+            let mut f =
+                VhdxFile::open(fault.clone(), &crate::OpenOptions::new().read_only(false)).unwrap();
             fault.set_cut(CutPoint::AfterOps(n));
             let done = f.resize(new_size, force).is_ok() && f.close().is_ok();
             drop(f);
             for seed in 0..seeds {
                 let img = fault.crash_image(seed);
                 for ro in [true, false] {
-                    let f = VhdxFile::open(img.clone(), ro)
+                    let f = VhdxFile::open(img.clone(), &crate::OpenOptions::new().read_only(ro))
                         .unwrap_or_else(|e| panic!("cut {n} seed {seed}: {e:?}"));
                     let size = f.info().virtual_size;
                     if size == new_size {
@@ -657,7 +665,7 @@ mod tests {
                         assert!(read(&f, old_size, n).iter().all(|&b| b == 0));
                     }
                     if !ro {
-                        let c = f.check(false).unwrap();
+                        let c = f.check().unwrap();
                         assert!(c.errors.is_empty(), "cut {n} seed {seed}: {:?}", c.errors);
                     }
                 }
@@ -674,7 +682,7 @@ mod tests {
     #[test]
     fn crash_sweep_grow() {
         let st = dynamic(3 * M + 512 * 3, M as u32);
-        let f = VhdxFile::open(st.clone(), false).unwrap();
+        let f = VhdxFile::open(st.clone(), &crate::OpenOptions::new().read_only(false)).unwrap();
         f.write_at(&pattern(1, 1536), 3 * M).unwrap();
         f.write_at(&pattern(2, 4096), 0).unwrap();
         f.close().unwrap();
@@ -691,7 +699,7 @@ mod tests {
     #[test]
     fn crash_sweep_forced_shrink() {
         let st = dynamic(8 * M, M as u32);
-        let f = VhdxFile::open(st.clone(), false).unwrap();
+        let f = VhdxFile::open(st.clone(), &crate::OpenOptions::new().read_only(false)).unwrap();
         f.write_at(&pattern(1, 4096), 6 * M).unwrap();
         f.write_at(&pattern(2, 4096), M).unwrap();
         f.close().unwrap();
@@ -702,7 +710,7 @@ mod tests {
     #[test]
     fn crash_sweep_bat_region_moves() {
         let st = dynamic(8 * M, M as u32);
-        let f = VhdxFile::open(st.clone(), false).unwrap();
+        let f = VhdxFile::open(st.clone(), &crate::OpenOptions::new().read_only(false)).unwrap();
         f.write_at(&pattern(3, 4096), 5 * M).unwrap();
         f.close().unwrap();
         drop(f);

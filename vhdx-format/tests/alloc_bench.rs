@@ -76,7 +76,8 @@ fn run(flush_every: u64, delay: Duration) -> Figures {
         sync_nanos: AtomicU64::new(0),
         delay,
     };
-    let dev = Arc::new(VhdxFile::open(st, false).unwrap());
+    let dev =
+        Arc::new(VhdxFile::open(st, &vhdx_format::OpenOptions::new().read_only(false)).unwrap());
     // The last block is allocated before the run: the reader reads it, a writer overwrites it.
     let last = THREADS * BLOCKS_PER_THREAD;
     dev.write_at(&[1u8; WRITE], last << 20).unwrap();

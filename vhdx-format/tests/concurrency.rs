@@ -75,9 +75,9 @@ fn parallel_writers_and_readers() {
         assert!(read_all(dev.as_ref()) == model);
         dev.close().unwrap();
         drop(dev);
-        let r = check_image(mem.clone(), false).unwrap();
+        let r = check_image(mem.clone()).unwrap();
         assert!(r.errors.is_empty(), "{:?}", r.errors);
-        let again = VhdxFile::open(mem, true).unwrap();
+        let again = VhdxFile::open(mem, &vhdx_format::OpenOptions::new().read_only(true)).unwrap();
         assert!(read_all(&again) == model);
     }
 }

@@ -198,9 +198,9 @@ fn threads_against_model(diff: bool, seed: u64) {
     verify(&read_all(dev.as_ref()), "live");
     dev.close().unwrap();
     drop(Arc::try_unwrap(dev).unwrap());
-    let r = vhdx_format::check_image(mem.clone(), false).unwrap();
+    let r = vhdx_format::check_image(mem.clone()).unwrap();
     assert!(r.errors.is_empty(), "{:?}", r.errors);
-    let again = VhdxFile::open(mem, true).unwrap();
+    let again = VhdxFile::open(mem, &vhdx_format::OpenOptions::new().read_only(true)).unwrap();
     verify(&read_all(&again), "reopened");
 }
 
@@ -280,15 +280,22 @@ impl History {
 /// reads back per the history; then closes clean and reopens read-only the same.
 fn verify_crash_image(img: MemStorage, hist: &History, what: &str) {
     let store = Arc::new(img);
-    let rw = VhdxFile::open(store.clone(), false)
-        .unwrap_or_else(|e| panic!("{what}: writable open failed: {e:?}"));
-    let r = rw.check(false).unwrap();
+    let rw = VhdxFile::open(
+        store.clone(),
+        &vhdx_format::OpenOptions::new().read_only(false),
+    )
+    .unwrap_or_else(|e| panic!("{what}: writable open failed: {e:?}"));
+    let r = rw.check().unwrap();
     assert!(r.errors.is_empty(), "{what}: check: {:?}", r.errors);
     let got = read_all(&rw);
     hist.check(&got, what);
     rw.close().unwrap();
     drop(rw);
-    let ro = VhdxFile::open(store.as_ref().clone(), true).unwrap();
+    let ro = VhdxFile::open(
+        store.as_ref().clone(),
+        &vhdx_format::OpenOptions::new().read_only(true),
+    )
+    .unwrap();
     assert!(
         !ro.details().log_dirty,
         "{what}: log still dirty after close"
@@ -488,7 +495,10 @@ fn base_image(diff: bool, layout: Layout) -> MemStorage {
 }
 
 fn open_session(fs: &Arc<FaultStorage>) -> block_io::Result<VhdxFile<Arc<FaultStorage>>> {
-    let dev = VhdxFile::open(fs.clone(), false)?;
+    let dev = VhdxFile::open(
+        fs.clone(),
+        &vhdx_format::OpenOptions::new().read_only(false),
+    )?;
     // Start the session with a write that changes nothing visible (zeros over an
     // unallocated sector of a dynamic layer are no change; of a differencing layer they
     // are a write of zeros, recorded by no one because every sector reads zeros anyway).
@@ -786,7 +796,7 @@ fn nothing_waits(diff: bool) {
     dev.read_at(&mut buf, 4 * MIB).unwrap();
     assert_eq!(buf, vec![7; 12800]);
     dev.close().unwrap();
-    let r = dev.check(false).unwrap();
+    let r = dev.check().unwrap();
     assert!(r.errors.is_empty(), "{:?}", r.errors);
 }
 
@@ -828,7 +838,11 @@ fn concurrent_flushes_coalesce() {
     let syncs = st.syncs.load(Ordering::SeqCst) - before;
     assert!(syncs <= 6, "{syncs} syncs for eight concurrent flushes");
     drop(Arc::try_unwrap(dev).unwrap());
-    let again = VhdxFile::open(Arc::new(st.inner.clone()), true).unwrap();
+    let again = VhdxFile::open(
+        Arc::new(st.inner.clone()),
+        &vhdx_format::OpenOptions::new().read_only(true),
+    )
+    .unwrap();
     let mut buf = [0u8; 4096];
     again.read_at(&mut buf, MIB).unwrap();
     assert_eq!(buf, [2; 4096]);

@@ -149,7 +149,11 @@ fn crash_suite(base: MemStorage, base_content: Vec<u8>, seed: u64, stride: u64) 
     let ops = workload(seed);
     // Dry run: count operations.
     let fs = Arc::new(FaultStorage::new(base.clone()));
-    let dev = VhdxFile::open(fs.clone(), false).unwrap();
+    let dev = VhdxFile::open(
+        fs.clone(),
+        &vhdx_format::OpenOptions::new().read_only(false),
+    )
+    .unwrap();
     let mut model = Model::new(base_content.clone());
     assert!(run(&dev, &ops, &mut model));
     assert!(read_all(&dev) == model.current);
@@ -162,25 +166,38 @@ fn crash_suite(base: MemStorage, base_content: Vec<u8>, seed: u64, stride: u64) 
         let fs = Arc::new(FaultStorage::new(base.clone()));
         fs.set_cut(CutPoint::AfterOps(n));
         let mut model = Model::new(base_content.clone());
-        if let Ok(dev) = VhdxFile::open(fs.clone(), false) {
+        if let Ok(dev) = VhdxFile::open(
+            fs.clone(),
+            &vhdx_format::OpenOptions::new().read_only(false),
+        ) {
             run(&dev, &ops, &mut model);
             std::mem::forget(dev); // power is gone: no clean close
         }
         for crash_seed in 0..3 {
             let img = fs.crash_image(crash_seed);
             let what = format!("seed {seed} cut {n} crash {crash_seed}");
-            let ro = VhdxFile::open(img.clone(), true)
-                .unwrap_or_else(|e| panic!("{what}: read-only open failed: {e:?}"));
+            let ro = VhdxFile::open(
+                img.clone(),
+                &vhdx_format::OpenOptions::new().read_only(true),
+            )
+            .unwrap_or_else(|e| panic!("{what}: read-only open failed: {e:?}"));
             let got = read_all(&ro);
             model.check(&got, &what);
             drop(ro);
             let rw_store = Arc::new(img);
-            let rw = VhdxFile::open(rw_store.clone(), false)
-                .unwrap_or_else(|e| panic!("{what}: writable open failed: {e:?}"));
+            let rw = VhdxFile::open(
+                rw_store.clone(),
+                &vhdx_format::OpenOptions::new().read_only(false),
+            )
+            .unwrap_or_else(|e| panic!("{what}: writable open failed: {e:?}"));
             assert!(read_all(&rw) == got, "{what}: writable replay differs");
             rw.close().unwrap();
             drop(rw);
-            let again = VhdxFile::open(rw_store.as_ref().clone(), true).unwrap();
+            let again = VhdxFile::open(
+                rw_store.as_ref().clone(),
+                &vhdx_format::OpenOptions::new().read_only(true),
+            )
+            .unwrap();
             assert!(!again.details().log_dirty, "{what}: log still dirty");
             assert!(read_all(&again) == got);
             images += 1;
@@ -235,7 +252,11 @@ fn failed_sync_latches_fail_stop() {
     let (base, _) = fresh(&o);
     let fs = Arc::new(FaultStorage::new(base));
     fs.inject(block_io::Injection::SyncError { nth: 2 });
-    let dev = VhdxFile::open(fs.clone(), false).unwrap();
+    let dev = VhdxFile::open(
+        fs.clone(),
+        &vhdx_format::OpenOptions::new().read_only(false),
+    )
+    .unwrap();
     let mut failed = false;
     for i in 0..4u64 {
         let r = dev
@@ -259,7 +280,11 @@ fn allocating_writes_are_batched() {
     o.block_size = Some(1 << 20);
     let (base, _) = fresh(&o);
     let fs = Arc::new(FaultStorage::new(base));
-    let dev = VhdxFile::open(fs.clone(), false).unwrap();
+    let dev = VhdxFile::open(
+        fs.clone(),
+        &vhdx_format::OpenOptions::new().read_only(false),
+    )
+    .unwrap();
     let before = fs.syncs();
     // 6 blocks allocated by 4 KiB writes, then one flush.
     for i in 0..(SIZE / 4096) {
@@ -283,18 +308,22 @@ fn interrupted_allocation_leaks_space_that_check_reports() {
     let mut o = CreateOptions::dynamic(SIZE);
     o.block_size = Some(1 << 20);
     let (base, _) = fresh(&o);
-    let r = vhdx_format::check_image(base.clone(), false).unwrap();
+    let r = vhdx_format::check_image(base.clone()).unwrap();
     assert_eq!(r.unreferenced_bytes, 0, "a fresh image wastes nothing");
     // Allocate a block and lose power before any flush: the payload and the new file length
     // reach the disk (an OS writeback), the BAT change never does.
     let fs = Arc::new(FaultStorage::new(base));
-    let dev = VhdxFile::open(fs.clone(), false).unwrap();
+    let dev = VhdxFile::open(
+        fs.clone(),
+        &vhdx_format::OpenOptions::new().read_only(false),
+    )
+    .unwrap();
     dev.write_at(&[7u8; 4096], 2 << 20).unwrap();
     fs.sync_data().unwrap(); // the payload and the new length reach the disk
     fs.cut_now();
     std::mem::forget(dev);
     let img = fs.crash_image(0);
-    let r = vhdx_format::check_image(img, false).unwrap();
+    let r = vhdx_format::check_image(img).unwrap();
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert_eq!(r.allocated_blocks, 0);
     assert!(r.unreferenced_bytes >= 1 << 20, "{r:?}");

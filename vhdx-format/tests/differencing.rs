@@ -89,7 +89,11 @@ fn partial_writes_mark_only_their_sectors() {
         child.close().unwrap();
         drop(child);
         // Reopen from the bytes: the bitmap is on disk, LSB-first.
-        let child = VhdxFile::open(mem.clone(), true).unwrap();
+        let child = VhdxFile::open(
+            mem.clone(),
+            &vhdx_format::OpenOptions::new().read_only(true),
+        )
+        .unwrap();
         assert!(chain_read(&child, &parent) == model);
         let loc = child.parent_locator().unwrap();
         assert_eq!(loc.parent_linkage(), Some(pguid));
@@ -241,7 +245,11 @@ fn block_filled_sector_by_sector_becomes_fully_present() {
     child.close().unwrap();
     drop(child);
     let bytes = mem.to_vec().unwrap();
-    let child = VhdxFile::open(MemStorage::from_bytes(&bytes), true).unwrap();
+    let child = VhdxFile::open(
+        MemStorage::from_bytes(&bytes),
+        &vhdx_format::OpenOptions::new().read_only(true),
+    )
+    .unwrap();
     let bat = child.regions().bat.file_offset as usize;
     let idx = child.geometry().payload_index(1) as usize;
     let e = u64::from_le_bytes(bytes[bat + 8 * idx..bat + 8 * idx + 8].try_into().unwrap());

@@ -25,7 +25,7 @@ fn corpus_replays_without_panics() {
         let data = std::fs::read(&p).unwrap();
         fuzzing::run(&data);
         if let Some(m) = fuzzing::materialize(&data) {
-            if let Ok(f) = VhdxFile::open(m, true) {
+            if let Ok(f) = VhdxFile::open(m, &vhdx_format::OpenOptions::new().read_only(true)) {
                 opened += 1;
                 dirty += usize::from(f.details().log_dirty);
             }
@@ -87,7 +87,7 @@ fn regenerate_seeds() {
         let bytes = std::fs::read(&img).unwrap();
         let enc = fuzzing::encode_sparse(&bytes);
         let m = fuzzing::materialize(&enc).unwrap();
-        let f = VhdxFile::open(m, true).unwrap();
+        let f = VhdxFile::open(m, &vhdx_format::OpenOptions::new().read_only(true)).unwrap();
         let _ = f.info();
         std::fs::write(corpus_dir().join(name), enc).unwrap();
     }
@@ -128,7 +128,9 @@ fn regenerate_seeds() {
                 .unwrap();
             let bytes = std::fs::read(&img).unwrap();
             let m = fuzzing::materialize(&fuzzing::encode_sparse(&bytes)).unwrap();
-            if VhdxFile::open(m, true).is_ok_and(|f| f.details().log_dirty) {
+            if VhdxFile::open(m, &vhdx_format::OpenOptions::new().read_only(true))
+                .is_ok_and(|f| f.details().log_dirty)
+            {
                 std::fs::write(
                     corpus_dir().join("qemu_dirty_log"),
                     fuzzing::encode_sparse(&bytes),

@@ -49,12 +49,16 @@ fn write_session_changes_ids_once() {
     drop(f);
     // Read-only open: nothing written.
     let before = m.to_vec().unwrap();
-    let r = VhdxFile::open(m.as_ref().clone(), true).unwrap();
+    let r = VhdxFile::open(
+        m.as_ref().clone(),
+        &vhdx_format::OpenOptions::new().read_only(true),
+    )
+    .unwrap();
     r.flush().unwrap();
     drop(r);
     assert!(m.to_vec().unwrap() == before);
     // Writable open without writes: nothing changes either.
-    let w = VhdxFile::open(m.clone(), false).unwrap();
+    let w = VhdxFile::open(m.clone(), &vhdx_format::OpenOptions::new().read_only(false)).unwrap();
     drop(w);
     assert!(m.to_vec().unwrap() == before);
 }

@@ -160,7 +160,11 @@ fn open_bounded(mem: &MemStorage, max_total: u64, dirty: bool) -> MemStorage {
     for read_only in [true, false] {
         let st = Counting::new(mem.clone());
         st.reset();
-        let f = VhdxFile::open(st.clone(), read_only).unwrap();
+        let f = VhdxFile::open(
+            st.clone(),
+            &vhdx_format::OpenOptions::new().read_only(read_only),
+        )
+        .unwrap();
         assert_eq!(f.details().log_dirty, dirty);
         assert!(
             st.max_read() <= MIB,
@@ -268,14 +272,18 @@ fn a_log_full_of_valid_entries_replays_with_bounded_reads() {
     let l = img.log_len;
     let before = img.mem.clone();
     // Read-only: replayed in memory, matching the model.
-    let f = VhdxFile::open(before.clone(), true).unwrap();
+    let f = VhdxFile::open(
+        before.clone(),
+        &vhdx_format::OpenOptions::new().read_only(true),
+    )
+    .unwrap();
     assert!(f.details().log_dirty);
     let mut got = vec![0u8; 1 << 20];
     f.read_at(&mut got, 0).unwrap();
     assert!(got == model, "read-only replay differs");
     drop(f);
     let after = open_bounded(&img.mem, 4 * l + 8 * MIB, true);
-    let f = VhdxFile::open(after, true).unwrap();
+    let f = VhdxFile::open(after, &vhdx_format::OpenOptions::new().read_only(true)).unwrap();
     assert!(!f.details().log_dirty);
     f.read_at(&mut got, 0).unwrap();
     assert!(got == model, "writable replay differs");
@@ -309,14 +317,18 @@ fn a_huge_last_file_offset_does_not_grow_the_file() {
     let len = img.mem.len().unwrap();
     dirty_bat(&img, None, 8 << 40);
     // Read-only: the replayed view is as long as the file.
-    let f = VhdxFile::open(img.mem.clone(), true).unwrap();
+    let f = VhdxFile::open(
+        img.mem.clone(),
+        &vhdx_format::OpenOptions::new().read_only(true),
+    )
+    .unwrap();
     assert!(f.details().log_dirty);
-    assert_eq!(f.check(false).unwrap().file_size, len);
+    assert_eq!(f.check().unwrap().file_size, len);
     drop(f);
     assert_eq!(img.mem.len().unwrap(), len);
     // Writable: replayed, the file keeps its length, and a new block goes at its end.
     let m = Arc::new(img.mem.clone());
-    let f = VhdxFile::open(m.clone(), false).unwrap();
+    let f = VhdxFile::open(m.clone(), &vhdx_format::OpenOptions::new().read_only(false)).unwrap();
     assert!(f.details().log_dirty);
     assert_eq!(m.len().unwrap(), len);
     f.write_at(&[0x77; 4096], 5 << 20).unwrap();
@@ -324,7 +336,7 @@ fn a_huge_last_file_offset_does_not_grow_the_file() {
     f.close().unwrap();
     drop(f);
     assert_eq!(m.len().unwrap(), len + MIB);
-    let f = VhdxFile::open(m, true).unwrap();
+    let f = VhdxFile::open(m, &vhdx_format::OpenOptions::new().read_only(true)).unwrap();
     let mut buf = [0u8; 4096];
     f.read_at(&mut buf, 5 << 20).unwrap();
     assert_eq!(buf, [0x77; 4096]);
@@ -341,8 +353,12 @@ fn a_lost_file_extension_is_restored_as_far_as_the_layout_needs() {
         let img = image(1 << 20);
         let len = img.mem.len().unwrap();
         dirty_bat(&img, Some((1, len | 6)), len + extra);
-        let f = VhdxFile::open(img.mem.clone(), true).unwrap();
-        assert_eq!(f.check(false).unwrap().file_size, len + MIB);
+        let f = VhdxFile::open(
+            img.mem.clone(),
+            &vhdx_format::OpenOptions::new().read_only(true),
+        )
+        .unwrap();
+        assert_eq!(f.check().unwrap().file_size, len + MIB);
         let mut buf = vec![9u8; 1 << 20];
         f.read_at(&mut buf, 1 << 20).unwrap();
         assert!(buf.iter().all(|&b| b == 0));
@@ -352,7 +368,8 @@ fn a_lost_file_extension_is_restored_as_far_as_the_layout_needs() {
         );
         drop(f);
         let m = Arc::new(img.mem.clone());
-        let f = VhdxFile::open(m.clone(), false).unwrap();
+        let f =
+            VhdxFile::open(m.clone(), &vhdx_format::OpenOptions::new().read_only(false)).unwrap();
         assert_eq!(m.len().unwrap(), len + MIB, "extra {extra}");
         f.read_at(&mut buf, 1 << 20).unwrap();
         assert!(buf.iter().all(|&b| b == 0));

@@ -29,7 +29,10 @@ fn image() -> Vec<u8> {
 }
 
 fn open(bytes: &[u8]) -> block_io::Result<VhdxFile<MemStorage>> {
-    VhdxFile::open(MemStorage::from_bytes(bytes), true)
+    VhdxFile::open(
+        MemStorage::from_bytes(bytes),
+        &vhdx_format::OpenOptions::new().read_only(true),
+    )
 }
 
 fn header(bytes: &[u8], slot: usize) -> Header {
@@ -281,7 +284,7 @@ fn log_damage() {
     // A valid dirty log is replayed in memory and the file is untouched.
     let b = dirty(&good, target, len, true);
     let m = MemStorage::from_bytes(&b);
-    let f = VhdxFile::open(m.clone(), true).unwrap();
+    let f = VhdxFile::open(m.clone(), &vhdx_format::OpenOptions::new().read_only(true)).unwrap();
     let mut buf = [0u8; 4096];
     f.read_at(&mut buf, 0).unwrap();
     assert_eq!(buf, [0x99; 4096]);
@@ -289,10 +292,13 @@ fn log_damage() {
     assert!(m.to_vec().unwrap() == b, "read-only open changed the file");
     // The same, writable: replayed into the file, log cleared.
     let m = Arc::new(MemStorage::from_bytes(&b));
-    let old = VhdxFile::open(MemStorage::from_bytes(&b), true)
-        .unwrap()
-        .header();
-    let f = VhdxFile::open(m.clone(), false).unwrap();
+    let old = VhdxFile::open(
+        MemStorage::from_bytes(&b),
+        &vhdx_format::OpenOptions::new().read_only(true),
+    )
+    .unwrap()
+    .header();
+    let f = VhdxFile::open(m.clone(), &vhdx_format::OpenOptions::new().read_only(false)).unwrap();
     f.read_at(&mut buf, 0).unwrap();
     assert_eq!(buf, [0x99; 4096]);
     // Replay is a write session: new FileWriteGuid, same DataWriteGuid, log cleared.
@@ -301,7 +307,11 @@ fn log_damage() {
     assert_eq!(h.data_write_guid, old.data_write_guid);
     assert!(h.log_guid.is_nil());
     drop(f);
-    let f = VhdxFile::open(m.as_ref().clone(), true).unwrap();
+    let f = VhdxFile::open(
+        m.as_ref().clone(),
+        &vhdx_format::OpenOptions::new().read_only(true),
+    )
+    .unwrap();
     assert!(!f.details().log_dirty);
     // A foreign entry (other LogGuid) is ignored.
     let b = dirty(&good, target, len, false);
@@ -350,8 +360,15 @@ fn writable_open_rewrites_a_damaged_region_table_copy() {
         b[o + 100] ^= 0x10;
         let m = Arc::new(MemStorage::from_bytes(&b));
         // Read-only: nothing written.
-        drop(VhdxFile::open(m.as_ref().clone(), true).unwrap());
-        let f = VhdxFile::open(m.clone(), false).unwrap();
+        drop(
+            VhdxFile::open(
+                m.as_ref().clone(),
+                &vhdx_format::OpenOptions::new().read_only(true),
+            )
+            .unwrap(),
+        );
+        let f =
+            VhdxFile::open(m.clone(), &vhdx_format::OpenOptions::new().read_only(false)).unwrap();
         drop(f);
         let after = m.to_vec().unwrap();
         assert_eq!(

@@ -100,7 +100,11 @@ fn run_case(kind: Subformat, ss: u32, ops: &[Op]) {
             Op::Reopen => {
                 dev.close().unwrap();
                 drop(dev);
-                dev = VhdxFile::open(mem.clone(), false).unwrap();
+                dev = VhdxFile::open(
+                    mem.clone(),
+                    &vhdx_format::OpenOptions::new().read_only(false),
+                )
+                .unwrap();
             }
         }
     }
@@ -118,7 +122,11 @@ fn run_case(kind: Subformat, ss: u32, ops: &[Op]) {
     }
     dev.close().unwrap();
     drop(dev);
-    let ro = VhdxFile::open(mem.as_ref().clone(), true).unwrap();
+    let ro = VhdxFile::open(
+        mem.as_ref().clone(),
+        &vhdx_format::OpenOptions::new().read_only(true),
+    )
+    .unwrap();
     assert!(read_all(&ro) == model);
     data_runs_read_alike(&ro, &model);
 }

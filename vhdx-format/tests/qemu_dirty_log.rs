@@ -79,7 +79,7 @@ fn replays_logs_left_by_killed_qemu() {
             let before = std::fs::read(&img).unwrap();
             // Read-only: replay in memory, file untouched.
             let st = FileStorage::open(&img, &OpenOptions::new().read_only(true)).unwrap();
-            let f = VhdxFile::open(st, true).unwrap();
+            let f = VhdxFile::open(st, &vhdx_format::OpenOptions::new().read_only(true)).unwrap();
             assert!(f.details().log_dirty);
             let ours_ro = read_all(&f);
             drop(f);
@@ -91,8 +91,8 @@ fn replays_logs_left_by_killed_qemu() {
             let mine = dir.path().join(format!("m{n}.vhdx"));
             std::fs::copy(&img, &mine).unwrap();
             let st = FileStorage::open(&mine, &OpenOptions::new()).unwrap();
-            let f = VhdxFile::open(st, false).unwrap();
-            assert!(f.check(false).unwrap().log_replayed);
+            let f = VhdxFile::open(st, &vhdx_format::OpenOptions::new().read_only(false)).unwrap();
+            assert!(f.check().unwrap().log_replayed);
             let ours_rw = read_all(&f);
             drop(f);
             // The oracle: qemu replays a copy, then converts.

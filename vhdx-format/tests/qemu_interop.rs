@@ -11,7 +11,7 @@ use vhdx_format::{create, CreateOptions, Subformat, VhdxFile};
 
 fn open_ro(p: &std::path::Path) -> VhdxFile<FileStorage> {
     let st = FileStorage::open(p, &OpenOptions::new().read_only(true)).unwrap();
-    VhdxFile::open(st, true).unwrap()
+    VhdxFile::open(st, &vhdx_format::OpenOptions::new().read_only(true)).unwrap()
 }
 
 fn qemu_case(size: u64, block_mib: u32, fixed: bool, zero: bool, writes: &[(u64, u64, u8)]) {

@@ -25,7 +25,11 @@ fn qemu_replays_our_dirty_log() {
     let data: Vec<u8> = (0..(3 << 20)).map(|i: u32| (i / 512) as u8 | 1).collect();
     // Dry run to count operations.
     let fs = Arc::new(FaultStorage::new(base.clone()));
-    let dev = VhdxFile::open(fs.clone(), false).unwrap();
+    let dev = VhdxFile::open(
+        fs.clone(),
+        &vhdx_format::OpenOptions::new().read_only(false),
+    )
+    .unwrap();
     dev.write_at(&data, 1 << 20).unwrap();
     dev.flush().unwrap();
     std::mem::forget(dev);
@@ -35,11 +39,19 @@ fn qemu_replays_our_dirty_log() {
     for n in 0..total {
         let fs = Arc::new(FaultStorage::new(base.clone()));
         fs.set_cut(CutPoint::AfterOps(n));
-        let dev = VhdxFile::open(fs.clone(), false).unwrap();
+        let dev = VhdxFile::open(
+            fs.clone(),
+            &vhdx_format::OpenOptions::new().read_only(false),
+        )
+        .unwrap();
         let _ = dev.write_at(&data, 1 << 20).and_then(|_| dev.flush());
         std::mem::forget(dev);
         let img = fs.durable_image();
-        let ro = VhdxFile::open(img.clone(), true).unwrap();
+        let ro = VhdxFile::open(
+            img.clone(),
+            &vhdx_format::OpenOptions::new().read_only(true),
+        )
+        .unwrap();
         if !ro.details().log_dirty {
             continue;
         }

@@ -90,7 +90,7 @@ fn raw_reads_equal_reads_on_every_block_state() {
     // Read-only reopen, as a parent would be.
     let r = VhdxFile::open(
         FileStorage::open(&base, &OpenOptions::new().read_only(true)).unwrap(),
-        true,
+        &vhdx_format::OpenOptions::new().read_only(true),
     )
     .unwrap();
     compare_all(&r, 3);
@@ -109,7 +109,7 @@ fn raw_reads_see_a_log_replayed_in_memory() {
     std::fs::write(&p, img.to_vec().unwrap()).unwrap();
     let f = VhdxFile::open(
         FileStorage::open(&p, &OpenOptions::new().read_only(true)).unwrap(),
-        true,
+        &vhdx_format::OpenOptions::new().read_only(true),
     )
     .unwrap();
     assert!(f.details().log_dirty, "the seed must carry a dirty log");

@@ -48,7 +48,7 @@ pub fn create_child(fmt: Fmt, path: &Path, parent: &Path, relative: &str) -> Box
     let s = FileStorage::create(path).unwrap();
     match fmt {
         Fmt::Vhd => {
-            let d = vhd_format::VhdFile::open(ps, true)
+            let d = vhd_format::VhdFile::open(ps, &vhd_format::OpenOptions::new().read_only(true))
                 .unwrap()
                 .details()
                 .unwrap();
@@ -62,7 +62,10 @@ pub fn create_child(fmt: Fmt, path: &Path, parent: &Path, relative: &str) -> Box
             Box::new(vhd_format::VhdFile::create_differencing(s, &o).unwrap())
         }
         Fmt::Vhdx => {
-            let d = vhdx_format::VhdxFile::open(ps, true).unwrap().details();
+            let d =
+                vhdx_format::VhdxFile::open(ps, &vhdx_format::OpenOptions::new().read_only(true))
+                    .unwrap()
+                    .details();
             let pref = vhdx_format::ParentRef {
                 data_write_guid: d.data_write_guid,
                 relative_path: relative.to_string(),

@@ -81,7 +81,12 @@ pub fn build(dir: &Path, kind: Kind, depth: usize, size: u64, seed: u64) -> (Pat
             (Kind::Vhdx, _) => {
                 let parent = layer_path(dir, kind, i - 1);
                 let ps = FileStorage::open(&parent, &FileOptions::new().read_only(true)).unwrap();
-                let d = vhdx_format::VhdxFile::open(ps, true).unwrap().details();
+                let d = vhdx_format::VhdxFile::open(
+                    ps,
+                    &vhdx_format::OpenOptions::new().read_only(true),
+                )
+                .unwrap()
+                .details();
                 let pref = vhdx_format::ParentRef {
                     data_write_guid: d.data_write_guid,
                     relative_path: format!(".\\l{}.vhdx", i - 1),
@@ -103,10 +108,11 @@ pub fn build(dir: &Path, kind: Kind, depth: usize, size: u64, seed: u64) -> (Pat
             (Kind::Vhd, _) => {
                 let parent = layer_path(dir, kind, i - 1);
                 let ps = FileStorage::open(&parent, &FileOptions::new().read_only(true)).unwrap();
-                let d = vhd_format::VhdFile::open(ps, true)
-                    .unwrap()
-                    .details()
-                    .unwrap();
+                let d =
+                    vhd_format::VhdFile::open(ps, &vhd_format::OpenOptions::new().read_only(true))
+                        .unwrap()
+                        .details()
+                        .unwrap();
                 let mut o = vhd_format::DifferencingOptions::for_parent(
                     &d,
                     parent.display().to_string(),
