@@ -189,6 +189,65 @@ impl FileStorage {
             };
             Error::io(format!("{what} {}", path.display()), e)
         })?;
+        Self::adopt(file, path, options)
+    }
+
+    /// Wraps a file the caller already opened (a descriptor handed over by a parent process or
+    /// a VMM, say: `File::from(OwnedFd)`), as [`open`](Self::open) would: its image locks are
+    /// taken as `options` say and `options.truncate` empties it once they are held. `name`
+    /// names the file in errors and in [`path`](Self::path). The descriptor's access mode must
+    /// allow what `options` ask: a writable storage over a descriptor opened read-only is an
+    /// [`ErrorKind::InvalidInput`] error. `options.direct` sets `O_DIRECT` on the open file
+    /// description (an error where the file system does not support it); `options.create`
+    /// means nothing here.
+    pub fn from_file(file: File, name: impl AsRef<Path>, options: &OpenOptions) -> Result<Self> {
+        let path = name.as_ref();
+        let fd = file.as_raw_fd();
+        // SAFETY: F_GETFL on a descriptor this function owns; no memory is passed.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if flags < 0 {
+            return Err(Error::io(
+                format!("cannot read the flags of {}", path.display()),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let mode = flags & libc::O_ACCMODE;
+        if mode != libc::O_RDWR && (!options.read_only || mode != libc::O_RDONLY) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "{}: the descriptor is open {}, not for {}",
+                    path.display(),
+                    if mode == libc::O_RDONLY {
+                        "read-only"
+                    } else {
+                        "write-only"
+                    },
+                    if options.read_only {
+                        "reading"
+                    } else {
+                        "reading and writing"
+                    }
+                ),
+            ));
+        }
+        if options.direct && flags & libc::O_DIRECT == 0 {
+            // SAFETY: F_SETFL on a descriptor this function owns, with an int argument.
+            if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_DIRECT) } < 0 {
+                return Err(Error::io(
+                    format!(
+                        "the file system does not support O_DIRECT for {}",
+                        path.display()
+                    ),
+                    std::io::Error::last_os_error(),
+                ));
+            }
+        }
+        Self::adopt(file, path, options)
+    }
+
+    /// Takes the image locks of an open file and builds the storage (`open`, `from_file`).
+    fn adopt(file: File, path: &Path, options: &OpenOptions) -> Result<Self> {
         let locking = options.lock == LockMode::Auto && lock::ofd_supported(file.as_raw_fd());
         let locks = match (locking, options.read_only, options.share_writes) {
             (false, _, _) => Perms::NONE,
@@ -725,6 +784,47 @@ impl Storage for FileStorage {
 #[cfg(test)]
 mod tests {
     use super::AlignedBuf;
+    use crate::{ErrorKind, FileStorage, OpenOptions, Storage};
+
+    #[test]
+    fn an_open_file_is_adopted_with_its_locks_and_access_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![7u8; 8192]).unwrap();
+        let rw = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap()
+        };
+        // A descriptor opened read-only cannot back a writable storage, but a read-only one.
+        let ro_fd = std::fs::File::open(&path).unwrap();
+        let e = FileStorage::from_file(ro_fd, "fd", &OpenOptions::new()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+        let ro_fd = std::fs::File::open(&path).unwrap();
+        let ro = FileStorage::from_file(ro_fd, "fd", &OpenOptions::new().read_only(true)).unwrap();
+        let mut b = [0u8; 512];
+        ro.read_at(&mut b, 4096).unwrap();
+        assert_eq!(b, [7u8; 512]);
+        assert_eq!(ro.write_at(&b, 0).unwrap_err().kind(), ErrorKind::ReadOnly);
+        drop(ro);
+        // A writable adoption takes the writer's locks: a second writer is refused.
+        let st = FileStorage::from_file(rw(), "fd", &OpenOptions::new()).unwrap();
+        st.write_at(&[1u8; 512], 0).unwrap();
+        if st.is_locked() {
+            let e = FileStorage::from_file(rw(), "again", &OpenOptions::new()).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Locked, "{e}");
+            let e = FileStorage::open(&path, &OpenOptions::new()).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Locked, "{e}");
+        }
+        assert_eq!(st.path(), std::path::Path::new("fd"));
+        drop(st);
+        assert_eq!(std::fs::read(&path).unwrap()[..512], [1u8; 512]);
+        // truncate empties the file once the locks are held.
+        let st = FileStorage::from_file(rw(), "fd", &OpenOptions::new().truncate(true)).unwrap();
+        assert_eq!(st.len().unwrap(), 0);
+    }
 
     #[test]
     fn a_cloned_aligned_buffer_is_aligned_and_equal() {
