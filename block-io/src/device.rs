@@ -45,6 +45,33 @@ impl DiskInfo {
     }
 }
 
+/// How an image format opens an image (`vhd_format::VhdFile::open`,
+/// `vhdx_format::VhdxFile::open`, both re-exported there as `OpenOptions`): writable unless
+/// [`read_only`](Self::read_only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ImageOpenOptions {
+    read_only: bool,
+}
+
+impl ImageOpenOptions {
+    /// A writable open (the default).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Opens read-only when `yes`: nothing is ever written to the storage (a VHDX's dirty
+    /// log is replayed in memory only).
+    pub fn read_only(mut self, yes: bool) -> Self {
+        self.read_only = yes;
+        self
+    }
+
+    /// Whether the open is read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+}
+
 /// What a run of a disk holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BlockStatus {

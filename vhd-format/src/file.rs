@@ -130,35 +130,14 @@ impl<S: Storage> Drop for VhdFile<S> {
     }
 }
 
-/// How an image is opened ([`VhdFile::open`]): writable unless [`read_only`](Self::read_only).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct OpenOptions {
-    read_only: bool,
-}
-
-impl OpenOptions {
-    /// A writable open (the default).
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Opens read-only when `yes`: nothing is ever written to the storage.
-    pub fn read_only(mut self, yes: bool) -> Self {
-        self.read_only = yes;
-        self
-    }
-
-    /// Whether the open is read-only.
-    pub fn is_read_only(&self) -> bool {
-        self.read_only
-    }
-}
+/// How an image is opened (shared with the other format crate: the same entry-point shape).
+pub use block_io::ImageOpenOptions as OpenOptions;
 
 impl<S: Storage> VhdFile<S> {
     /// Opens an image. A writable open of an image whose end footer was lost (a crash during
     /// allocation) trims the unreferenced tail and rewrites the footer from the copy at 0.
     pub fn open(storage: S, opts: &OpenOptions) -> Result<Self> {
-        let read_only = opts.read_only;
+        let read_only = opts.is_read_only();
         let l = layout::load(&storage)?;
         // End of data. A read-only open of an image whose last block was cut short by a
         // crash: only what the file holds maps (the rest reads as zeros through `read_file`).

@@ -251,35 +251,14 @@ pub(crate) fn read_headers<S: Storage + ?Sized>(storage: &S) -> Result<(Header, 
     Ok(select_current(h(0)?, h(1)?)?)
 }
 
-/// How an image is opened ([`VhdxFile::open`]): writable unless [`read_only`](Self::read_only).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct OpenOptions {
-    read_only: bool,
-}
-
-impl OpenOptions {
-    /// A writable open (the default).
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Opens read-only when `yes`: a dirty log is replayed in memory only, nothing is ever written.
-    pub fn read_only(mut self, yes: bool) -> Self {
-        self.read_only = yes;
-        self
-    }
-
-    /// Whether the open is read-only.
-    pub fn is_read_only(&self) -> bool {
-        self.read_only
-    }
-}
+/// How an image is opened (shared with the other format crate: the same entry-point shape).
+pub use block_io::ImageOpenOptions as OpenOptions;
 
 impl<S: Storage> VhdxFile<S> {
     /// Opens an image. A writable open replays a dirty log into the file (changing the
     /// FileWriteGuid first); a read-only open replays it in memory and never writes.
     pub fn open(storage: S, opts: &OpenOptions) -> Result<Self> {
-        let read_only = opts.read_only;
+        let read_only = opts.is_read_only();
         let len = storage.len()?;
         if len < 320 * 1024 {
             return Err(corrupt_io("the file is too small to be a VHDX image"));
