@@ -276,6 +276,41 @@ impl FaultStorage {
         self.state.lock().durable.clone()
     }
 
+    /// A crash sweep of `op` over an image holding `bytes`: runs it once on a fresh
+    /// `FaultStorage` without a cut to count the writes and syncs it makes (those of `open`,
+    /// which prepares its input, are not cut), then once per cut point — power lost after each
+    /// of those operations, and before the first — and calls `check(cut, seed, image)` with
+    /// the [`crash_image`](Self::crash_image) of every seed in `0..seeds`. `op` takes what
+    /// `open` made by value and drops it, so nothing reaches the storage after a cut. Returns
+    /// the number of operations of the uncut run.
+    pub fn sweep_cuts<T>(
+        bytes: &[u8],
+        open: impl Fn(std::sync::Arc<FaultStorage>) -> T,
+        op: impl Fn(T),
+        seeds: u64,
+        mut check: impl FnMut(u64, u64, MemStorage),
+    ) -> u64 {
+        let run = |cut: Option<u64>| {
+            let fs = std::sync::Arc::new(FaultStorage::new(MemStorage::from_bytes(bytes)));
+            let input = open(fs.clone());
+            let ops0 = fs.ops();
+            if let Some(n) = cut {
+                fs.set_cut(CutPoint::AfterOps(ops0 + n));
+            }
+            op(input);
+            let ops = fs.ops() - ops0;
+            (fs, ops)
+        };
+        let (_, total) = run(None);
+        for n in 0..=total {
+            let (fs, _) = run(Some(n));
+            for seed in 0..seeds {
+                check(n, seed, fs.crash_image(seed));
+            }
+        }
+        total
+    }
+
     /// What a reboot finds, with fates and order of the pending operations drawn from `seed`.
     pub fn crash_image(&self, seed: u64) -> MemStorage {
         let s = self.state.lock();

@@ -499,34 +499,24 @@ mod tests {
             )
             .unwrap(),
         );
-        let run = |cut: Option<u64>| -> (Arc<FaultStorage>, u64) {
-            let fs = Arc::new(FaultStorage::new(MemStorage::from_bytes(bytes)));
-            let f = Arc::new(
-                VhdFile::open(fs.clone(), &crate::OpenOptions::new().read_only(false)).unwrap(),
-            );
-            let ops0 = fs.ops();
-            if let Some(n) = cut {
-                fs.set_cut(block_io::CutPoint::AfterOps(ops0 + n));
-            }
-            let _ = VhdCompactor::new(f.clone()).and_then(|c| c.compact());
-            let ops = fs.ops() - ops0;
-            drop(f); // after a cut, nothing more reaches the storage
-            (fs, ops)
-        };
-        let (_, total) = run(None);
-        assert!(total > 4);
-        for n in 0..=total {
-            let (fs, _) = run(Some(n));
-            for seed in 0..4 {
-                let img = Arc::new(fs.crash_image(seed));
+        let total = FaultStorage::sweep_cuts(
+            bytes,
+            |fs| Arc::new(VhdFile::open(fs, &crate::OpenOptions::new()).unwrap()),
+            |f| {
+                let _ = VhdCompactor::new(f).and_then(|c| c.compact());
+            },
+            4,
+            |n, seed, img| {
+                let img = Arc::new(img);
                 let f = VhdFile::open(img.clone(), &crate::OpenOptions::new().read_only(true))
                     .unwrap_or_else(|e| panic!("cut {n} seed {seed}: {e}"));
                 assert!(view(&f) == before, "cut {n} seed {seed}");
                 drop(f);
                 let r = crate::check_storage(&*img).unwrap();
                 assert!(r.is_clean(), "cut {n} seed {seed}: {r:?}");
-            }
-        }
+            },
+        );
+        assert!(total > 4);
     }
 
     #[test]

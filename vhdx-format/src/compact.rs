@@ -648,33 +648,23 @@ mod tests {
             )
             .unwrap(),
         );
-        let run = |cut: Option<u64>| -> (Arc<FaultStorage>, u64) {
-            let fs = Arc::new(FaultStorage::new(MemStorage::from_bytes(bytes)));
-            let f = Arc::new(
-                VhdxFile::open(fs.clone(), &crate::OpenOptions::new().read_only(false)).unwrap(),
-            );
-            let ops0 = fs.ops();
-            if let Some(n) = cut {
-                fs.set_cut(block_io::CutPoint::AfterOps(ops0 + n));
-            }
-            let _ = VhdxCompactor::new(f.clone()).and_then(|c| c.compact());
-            let ops = fs.ops() - ops0;
-            drop(f);
-            (fs, ops)
-        };
-        let (_, total) = run(None);
-        assert!(total > 8, "{total}");
-        for n in 0..=total {
-            let (fs, _) = run(Some(n));
-            for seed in 0..4 {
-                let img = Arc::new(fs.crash_image(seed));
+        let total = FaultStorage::sweep_cuts(
+            bytes,
+            |fs| Arc::new(VhdxFile::open(fs, &crate::OpenOptions::new()).unwrap()),
+            |f| {
+                let _ = VhdxCompactor::new(f).and_then(|c| c.compact());
+            },
+            4,
+            |n, seed, img| {
+                let img = Arc::new(img);
                 let f = VhdxFile::open(img.clone(), &crate::OpenOptions::new().read_only(false))
                     .unwrap_or_else(|e| panic!("cut {n} seed {seed}: {e}"));
                 assert!(view(&f) == before, "cut {n} seed {seed}");
                 let r = f.check().unwrap();
                 assert!(r.errors.is_empty(), "cut {n} seed {seed}: {r:?}");
-            }
-        }
+            },
+        );
+        assert!(total > 8, "{total}");
     }
 
     #[test]
