@@ -468,6 +468,13 @@ fn the_control_channel_wants_the_key_and_paths_stay_under_the_root() {
             r => panic!("{bad}: {r:?}"),
         }
     }
+    // A missing image inside the root: the refusal names it.
+    match rt.block_on(c.info("missing.vhd")) {
+        Err(TransferError::Remote { message, .. }) => {
+            assert!(message.contains("missing.vhd"), "{message}")
+        }
+        r => panic!("missing.vhd: {r:?}"),
+    }
     // The session survives refusals, and a transfer cannot be minted from before trust.
     let r = rt.block_on(c.mint(Uuid::new_v4(), "a.vhd", 0, 4096, None));
     assert!(matches!(r, Err(TransferError::Remote { ref code, .. }) if code == "no-transfer"));

@@ -87,7 +87,11 @@ pub fn resolve_under(root: &Path, rel: &str) -> Result<PathBuf, TransferError> {
     if rel.is_empty() || !plain {
         return Err(TransferError::OutsideRoot(rel.to_string()));
     }
-    let full = root.join(p).canonicalize()?;
+    // The error names the path asked for (the root stays the provider's business).
+    let full = root
+        .join(p)
+        .canonicalize()
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot open {rel}: {e}")))?;
     if !full.starts_with(root) {
         return Err(TransferError::OutsideRoot(rel.to_string()));
     }
