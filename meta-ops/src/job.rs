@@ -30,6 +30,9 @@ pub enum JobKind {
     Commit,
     /// Unused space of an image returned, the file truncated ([`Job::compact`]).
     Compact,
+    /// The disk moved to another host's block device (an NBD export), the guest then moved
+    /// onto it ([`Job::mirror`]).
+    Mirror,
 }
 
 impl JobKind {
@@ -40,6 +43,7 @@ impl JobKind {
             JobKind::Convert => "convert",
             JobKind::Commit => "commit",
             JobKind::Compact => "compact",
+            JobKind::Mirror => "mirror",
         }
     }
 }
@@ -120,6 +124,8 @@ pub struct Job {
     pub(crate) before_switch: Option<crate::commit::Hook>,
     /// Compact: the image compacted in place (the job has no destination of its own).
     pub(crate) compact: Option<Arc<crate::compact::CompactTarget>>,
+    /// Mirror: the timing and the guest-write throttle.
+    pub(crate) mirror: Option<crate::mirror::MirrorSpec>,
 }
 
 impl std::fmt::Debug for Job {
@@ -156,6 +162,7 @@ impl Job {
             switch_to: None,
             before_switch: None,
             compact: None,
+            mirror: None,
         }
     }
 
@@ -178,6 +185,7 @@ impl Job {
             switch_to: None,
             before_switch: None,
             compact: None,
+            mirror: None,
         }
     }
 
@@ -227,6 +235,7 @@ impl Job {
             switch_to: None,
             before_switch: None,
             compact: None,
+            mirror: None,
         }
     }
 
@@ -347,6 +356,10 @@ impl JobRunner {
     pub fn start(&self, live: &Arc<LiveDisk>, job: Job) -> Result<JobHandle, JobError> {
         if let Some(target) = job.compact.clone() {
             return crate::compact::start(&self.handle, live, target, job.options.clone());
+        }
+        if let Some(spec) = job.mirror.clone() {
+            let (dest, zeroed, o) = (job.dest.clone(), job.dest_zeroed, job.options.clone());
+            return crate::mirror::start(&self.handle, live, dest, zeroed, o, spec);
         }
         let current = live.current();
         if let Some(g) = &job.guest {

@@ -88,6 +88,7 @@ mod error;
 mod handle;
 mod job;
 mod live;
+pub mod mirror;
 mod resize;
 
 pub use commit::{prepare_top, set_vhdx_linkage, unlink_stale, CommitOptions, Retire};
@@ -98,4 +99,5 @@ pub use error::{JobError, JobResult};
 pub use handle::{JobHandle, JobReport, Phase, Progress};
 pub use job::{Job, JobKind, JobOptions, JobRunner, Pivot};
 pub use live::{GuestStats, LiveDisk};
+pub use mirror::{MirrorTiming, DEFAULT_MAX_BACKLOG, THROTTLE_CAP};
 pub use resize::{resize_image, resize_live, ResizeError, Resized};

@@ -62,6 +62,11 @@ pub(crate) struct Tracker {
     pub(crate) ignore_guest: bool,
     /// What a switching pivot moves the guest to (default: the destination).
     pub(crate) switch_to: Option<Arc<dyn BlockDevice>>,
+    /// Guest changes no longer go to the source (a mirror switched the guest to a device
+    /// that keeps its own record): they are neither tracked nor written through.
+    pub(crate) untracked: AtomicBool,
+    /// The guest-write throttle (a mirror's backlog bound): see [`Tracker::throttle`].
+    pub(crate) throttle: Option<crate::mirror::Throttle>,
 }
 
 impl std::fmt::Debug for Tracker {
@@ -112,6 +117,8 @@ impl Tracker {
             marked: AtomicU64::new(0),
             ignore_guest: false,
             switch_to: None,
+            untracked: AtomicBool::new(false),
+            throttle: None,
         }
     }
 
@@ -157,7 +164,7 @@ impl Tracker {
         what: Applied<'_>,
         through: bool,
     ) {
-        if self.ignore_guest {
+        if self.ignore_guest || self.untracked.load(Ordering::Acquire) {
             return;
         }
         let Some((a, b)) = self.bits(off, len) else {
@@ -491,6 +498,18 @@ impl LiveDisk {
             };
             t.after_guest(dev, offset, len, what, through);
         }
+        // A mirror's throttle: the change is done; its caller waits, holding no lock, while
+        // the job's backlog is above its bound.
+        let throttled = gate
+            .tracker
+            .as_ref()
+            .filter(|t| t.throttle.is_some())
+            .cloned();
+        drop(_range);
+        drop(gate);
+        if let Some(t) = throttled {
+            crate::mirror::throttle_guest(&t);
+        }
         r.map(|()| gen)
     }
 
@@ -507,6 +526,29 @@ impl LiveDisk {
         let mut gate = self.gate.write();
         gate.tracker = Some(tracker);
         Ok(gate.side.clone())
+    }
+
+    /// Moves guest I/O to `to` with the job staying attached (a mirror switching the guest to
+    /// the device that combines both hosts): closes the gate (guest changes in flight drain
+    /// on the old device, new ones wait and then go to `to`) and the device lock (reads in
+    /// flight drain), runs `during` with both closed, swaps, and advances the generation.
+    /// Returns how long guest I/O was paused.
+    pub(crate) fn switch_attached(
+        &self,
+        to: Arc<dyn BlockDevice>,
+        during: impl FnOnce(),
+    ) -> Duration {
+        let t0 = Instant::now();
+        let mut gate = self.gate.write();
+        let mut side = self.side.write();
+        during();
+        let old = std::mem::replace(&mut gate.side, to.clone());
+        *side = to;
+        self.retired.lock().push(old);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        drop(side);
+        drop(gate);
+        t0.elapsed()
     }
 
     /// Detaches `tracker` without a pivot (cancel, failure), if it is still the one attached.
