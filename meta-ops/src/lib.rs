@@ -90,6 +90,7 @@ mod job;
 mod live;
 pub mod mirror;
 mod resize;
+pub mod send;
 
 pub use commit::{prepare_top, set_vhdx_linkage, unlink_stale, CommitOptions, Retire};
 pub use compact::{

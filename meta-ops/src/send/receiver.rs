@@ -1,0 +1,443 @@
+//! [`receive`]: a stream into a new image (written beside, renamed into place at the end) or,
+//! for an incremental stream, into its base snapshot (checked, spooled and verified first).
+
+use std::fs::File;
+use std::io::{BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use block_io::{BlockDevice, FileStorage, LockMode, RawDisk};
+use chain::Format;
+
+use super::wire::{self, Record, StreamHeader, StreamIdentity, StreamReader};
+use super::SendError;
+
+/// How to receive.
+#[derive(Debug, Clone, Default)]
+pub struct ReceiveOptions {
+    /// The format of a new image; `None` picks it by the destination's extension (`.vhd`,
+    /// `.vhdx`, anything else raw). Ignored for an incremental stream.
+    pub format: Option<Format>,
+    /// Image locks on the destination.
+    pub lock: LockMode,
+    /// Progress counters the caller can watch from another thread.
+    pub progress: Option<Arc<ReceiveProgress>>,
+}
+
+/// Progress of a running [`receive`].
+#[derive(Debug, Default)]
+pub struct ReceiveProgress {
+    stream: AtomicU64,
+    applied: AtomicU64,
+    total: AtomicU64,
+}
+
+impl ReceiveProgress {
+    /// Stream bytes read so far (for an incremental stream: read and verified).
+    pub fn stream_bytes(&self) -> u64 {
+        self.stream.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the disk written so far (data and zero ranges).
+    pub fn applied(&self) -> u64 {
+        self.applied.load(Ordering::Relaxed)
+    }
+
+    /// The destination's virtual size, known once the header is read.
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+}
+
+/// What a [`receive`] did.
+#[derive(Debug, Clone)]
+pub struct ReceiveReport {
+    /// The stream's header.
+    pub header: StreamHeader,
+    /// The destination's format.
+    pub format: Format,
+    /// Whether the stream was incremental (applied to an existing image).
+    pub incremental: bool,
+    /// DATA and ZERO records.
+    pub records: u64,
+    /// Bytes written from DATA records.
+    pub data_bytes: u64,
+    /// Bytes of ZERO records.
+    pub zero_bytes: u64,
+    /// Bytes of the stream.
+    pub stream_bytes: u64,
+    /// How long it took.
+    pub elapsed: Duration,
+}
+
+/// A temporary file removed on drop unless kept.
+struct TempFile {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl TempFile {
+    /// Creates a new empty file beside `dest` with a name nobody else uses.
+    fn beside(dest: &Path, what: &str) -> Result<TempFile, SendError> {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = dest
+            .file_name()
+            .map_or_else(|| "image".into(), |n| n.to_string_lossy().into_owned());
+        loop {
+            let n = N.fetch_add(1, Ordering::Relaxed);
+            let path = dir.join(format!(".{name}.vdisk-{what}-{}-{n}", std::process::id()));
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(_) => return Ok(TempFile { path, keep: false }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(source) => {
+                    return Err(SendError::File {
+                        op: "create a temporary file",
+                        path,
+                        source,
+                    })
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn dest_err(op: &str, path: &Path) -> impl FnOnce(block_io::Error) -> SendError {
+    let (op, path) = (op.to_string(), path.to_path_buf());
+    move |source| SendError::Destination { op, path, source }
+}
+
+/// The format of a new image named `dest`.
+fn format_for(dest: &Path, asked: Option<Format>) -> Format {
+    asked.unwrap_or_else(|| {
+        match dest
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            Some("vhd") | Some("vpc") => Format::Vhd,
+            Some("vhdx") => Format::Vhdx,
+            _ => Format::Raw,
+        }
+    })
+}
+
+/// Makes an empty image of `format` for `h` in the (empty) file `path`.
+fn create_image(
+    path: &Path,
+    format: Format,
+    h: &StreamHeader,
+    lock: LockMode,
+) -> Result<Box<dyn BlockDevice>, SendError> {
+    let storage = FileStorage::open(path, &block_io::OpenOptions::new().lock(lock))
+        .map_err(dest_err("open", path))?;
+    let size = h.virtual_size;
+    let dev: Box<dyn BlockDevice> = match format {
+        Format::Raw => {
+            block_io::Storage::set_len(&storage, size).map_err(dest_err("size", path))?;
+            Box::new(
+                RawDisk::with_options(storage, h.logical_sector_size, false)
+                    .map_err(dest_err("open", path))?,
+            )
+        }
+        Format::Vhd => {
+            if h.logical_sector_size != 512 {
+                return Err(SendError::Geometry {
+                    dest: path.to_path_buf(),
+                    why: format!(
+                        "a VHD has 512-byte sectors, the stream {}-byte ones",
+                        h.logical_sector_size
+                    ),
+                });
+            }
+            let o = vhd_format::CreateOptions::new(size, vhd_format::Subformat::Dynamic);
+            Box::new(vhd_format::VhdFile::create(storage, &o).map_err(dest_err("create", path))?)
+        }
+        Format::Vhdx => {
+            let o = vhdx_format::CreateOptions {
+                logical_sector_size: h.logical_sector_size,
+                physical_sector_size: Some(
+                    h.physical_sector_size.clamp(h.logical_sector_size, 4096),
+                ),
+                ..vhdx_format::CreateOptions::dynamic(size)
+            };
+            Box::new(vhdx_format::VhdxFile::create(storage, &o).map_err(dest_err("create", path))?)
+        }
+    };
+    if dev.info().virtual_size != size {
+        return Err(SendError::Geometry {
+            dest: path.to_path_buf(),
+            why: format!(
+                "the new {format} image has {} bytes, the stream {size}",
+                dev.info().virtual_size
+            ),
+        });
+    }
+    Ok(dev)
+}
+
+/// Totals of the records applied.
+#[derive(Default)]
+struct Totals {
+    records: u64,
+    data: u64,
+    zero: u64,
+}
+
+/// Reads records from `r` to END, writing each to `dev` (when given; ZERO records only when
+/// `zeroes`), and returns the totals. Without `dev` it only verifies (decompressing too).
+fn apply<R: Read>(
+    r: &mut StreamReader<R>,
+    dev: Option<(&dyn BlockDevice, &Path)>,
+    zeroes: bool,
+    progress: &ReceiveProgress,
+    count_stream: bool,
+) -> Result<Totals, SendError> {
+    let mut dec = zstd::bulk::Decompressor::new()
+        .map_err(|e| SendError::Invalid(format!("zstd decompressor: {e}")))?;
+    let mut buf = Vec::new();
+    let mut t = Totals::default();
+    loop {
+        let at = r.position();
+        let rec = r.next_record()?;
+        if count_stream {
+            progress.stream.store(r.position(), Ordering::Relaxed);
+        }
+        match rec {
+            Record::Data { offset, len, codec } => {
+                wire::decode_payload(
+                    codec,
+                    r.payload(),
+                    len,
+                    &mut buf,
+                    t.records + 1,
+                    at,
+                    &mut dec,
+                )?;
+                if let Some((dev, path)) = dev {
+                    dev.write_at(&buf, offset)
+                        .map_err(dest_err(&format!("write offset {offset} of"), path))?;
+                }
+                t.data += u64::from(len);
+                progress
+                    .applied
+                    .fetch_add(u64::from(len), Ordering::Relaxed);
+            }
+            Record::Zero { offset, len } => {
+                if let (Some((dev, path)), true) = (dev, zeroes) {
+                    let mut o = offset;
+                    while o < offset + len {
+                        let n = (offset + len - o).min(1 << 30);
+                        dev.write_zeroes(o, n, true)
+                            .map_err(dest_err(&format!("zero offset {o} of"), path))?;
+                        o += n;
+                    }
+                }
+                t.zero += len;
+                progress.applied.fetch_add(len, Ordering::Relaxed);
+            }
+            Record::End { .. } => return Ok(t),
+        }
+        t.records += 1;
+    }
+}
+
+/// Reads and checks a whole stream without writing anything (every checksum, bound, the
+/// zstd payloads and the END record): what [`receive`] verifies before it applies an
+/// incremental stream. Returns the header and the totals as a report.
+pub fn verify(input: &mut dyn Read) -> Result<ReceiveReport, SendError> {
+    let start = Instant::now();
+    let progress = ReceiveProgress::default();
+    let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, input));
+    let h = r.read_header()?;
+    let t = apply(&mut r, None, false, &progress, true)?;
+    Ok(ReceiveReport {
+        incremental: h.base.is_some(),
+        format: h.format,
+        header: h,
+        records: t.records,
+        data_bytes: t.data,
+        zero_bytes: t.zero,
+        stream_bytes: r.position(),
+        elapsed: start.elapsed(),
+    })
+}
+
+/// Reads a stream from `input` into `dest`: a new image for a full stream (refused if
+/// `dest` exists), the existing base snapshot for an incremental one. See the module docs
+/// for what is checked and what a failure leaves behind.
+pub fn receive(
+    input: &mut dyn Read,
+    dest: &Path,
+    opts: &ReceiveOptions,
+) -> Result<ReceiveReport, SendError> {
+    let start = Instant::now();
+    let progress = opts.progress.clone().unwrap_or_default();
+    let mut r = StreamReader::new(TeeRead {
+        inner: BufReader::with_capacity(1 << 20, input),
+        spool: None,
+        spool_err: None,
+    });
+    let h = r.read_header()?;
+    progress.total.store(h.virtual_size, Ordering::Relaxed);
+    let exists = std::fs::symlink_metadata(dest).is_ok();
+    let (format, t) = match &h.base {
+        None => {
+            if exists {
+                return Err(SendError::DestExists(dest.to_path_buf()));
+            }
+            let format = format_for(dest, opts.format);
+            let mut tmp = TempFile::beside(dest, "recv")?;
+            let dev = create_image(&tmp.path, format, &h, opts.lock)?;
+            let t = apply(&mut r, Some((&*dev, dest)), false, &progress, true)?;
+            dev.flush().map_err(dest_err("flush", dest))?;
+            drop(dev);
+            let sync = |p: &Path, op| {
+                File::open(p)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|source| SendError::File {
+                        op,
+                        path: p.to_path_buf(),
+                        source,
+                    })
+            };
+            sync(&tmp.path, "sync")?;
+            if std::fs::symlink_metadata(dest).is_ok() {
+                return Err(SendError::DestExists(dest.to_path_buf()));
+            }
+            std::fs::rename(&tmp.path, dest).map_err(|source| SendError::File {
+                op: "rename the received image to",
+                path: dest.to_path_buf(),
+                source,
+            })?;
+            tmp.keep = true;
+            if let Some(dir) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync(dir, "sync the folder of")?;
+            }
+            (format, t)
+        }
+        Some(base) => {
+            if !exists {
+                return Err(SendError::DestMissing(dest.to_path_buf()));
+            }
+            let disk = chain::Disk::open(
+                dest,
+                &chain::OpenOptions::new().read_only(false).lock(opts.lock),
+            )?;
+            let info = disk.info();
+            if info.virtual_size != h.virtual_size
+                || info.logical_sector_size != h.logical_sector_size
+            {
+                return Err(SendError::Geometry {
+                    dest: dest.to_path_buf(),
+                    why: format!(
+                        "it has {} bytes in {}-byte sectors, the stream {} in {}-byte ones",
+                        info.virtual_size,
+                        info.logical_sector_size,
+                        h.virtual_size,
+                        h.logical_sector_size
+                    ),
+                });
+            }
+            let top = &disk.layers()[0];
+            let found = StreamIdentity::of_layer(top).map_err(dest_err("read", dest))?;
+            if found != *base {
+                return Err(SendError::Lineage {
+                    dest: dest.to_path_buf(),
+                    expected: base.to_string(),
+                    found: found.to_string(),
+                });
+            }
+            let format = top.format;
+            // Verify the whole stream into a spool file before touching the destination.
+            let spool = TempFile::beside(dest, "spool")?;
+            let spool_err = |source| SendError::File {
+                op: "write the spool file",
+                path: spool.path.clone(),
+                source,
+            };
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&spool.path)
+                .map_err(spool_err)?;
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+            // The header was read before the spool was opened.
+            out.write_all(&h.encode()).map_err(spool_err)?;
+            let tee = r.inner_mut();
+            tee.spool = Some(out);
+            let verified = apply(&mut r, None, false, &progress, true);
+            let tee = r.inner_mut();
+            if let Some(e) = tee.spool_err.take() {
+                return Err(spool_err(e));
+            }
+            verified?;
+            if let Some(out) = tee.spool.take() {
+                out.into_inner()
+                    .map_err(|e| e.into_error())
+                    .and_then(|f| f.sync_all())
+                    .map_err(spool_err)?;
+            }
+            let file = File::open(&spool.path).map_err(|source| SendError::File {
+                op: "open",
+                path: spool.path.clone(),
+                source,
+            })?;
+            let mut again = StreamReader::new(BufReader::with_capacity(1 << 20, file));
+            again.read_header()?;
+            progress.applied.store(0, Ordering::Relaxed);
+            let t = apply(&mut again, Some((&disk, dest)), true, &progress, false)?;
+            disk.flush().map_err(dest_err("flush", dest))?;
+            (format, t)
+        }
+    };
+    Ok(ReceiveReport {
+        incremental: h.base.is_some(),
+        header: h,
+        format,
+        records: t.records,
+        data_bytes: t.data,
+        zero_bytes: t.zero,
+        stream_bytes: progress.stream_bytes(),
+        elapsed: start.elapsed(),
+    })
+}
+
+/// The stream's input, copied into a spool file once one is set.
+struct TeeRead<R> {
+    inner: R,
+    spool: Option<std::io::BufWriter<File>>,
+    /// The first failed spool write (reported as such, not as a stream read error).
+    spool_err: Option<std::io::Error>,
+}
+
+impl<R: Read> Read for TeeRead<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(s) = &mut self.spool {
+            if let Err(e) = s.write_all(&buf[..n]) {
+                let msg = e.to_string();
+                self.spool_err = Some(e);
+                return Err(std::io::Error::other(msg));
+            }
+        }
+        Ok(n)
+    }
+}
