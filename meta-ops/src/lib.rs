@@ -91,6 +91,7 @@ mod live;
 pub mod mirror;
 mod resize;
 pub mod send;
+pub mod split;
 
 pub use commit::{prepare_top, set_vhdx_linkage, unlink_stale, CommitOptions, Retire};
 pub use compact::{
@@ -102,3 +103,4 @@ pub use job::{Job, JobKind, JobOptions, JobRunner, Pivot};
 pub use live::{GuestStats, LiveDisk};
 pub use mirror::{MirrorTiming, DEFAULT_MAX_BACKLOG, THROTTLE_CAP};
 pub use resize::{resize_image, resize_live, ResizeError, Resized};
+pub use split::{split, SplitError, SplitFormat, SplitOptions, SplitReport};
