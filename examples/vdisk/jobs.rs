@@ -51,6 +51,9 @@ pub enum StressJob {
     Resize,
     /// Compact IMG in place (the guest stays on IMG).
     Compact,
+    /// Mirror IMG to our NBD server in-process on a temporary raw file (host B); the guests
+    /// end on the NBD client (`--timing`).
+    Mirror,
 }
 
 /// `vdisk stress` arguments.
@@ -71,6 +74,9 @@ pub struct StressArgs {
     /// Image format (detected if absent).
     #[arg(short = 'f')]
     pub format: Option<String>,
+    /// When a mirror moves the guest: before, after or split.
+    #[arg(long, default_value = "before", value_parser = crate::mirror::parse_timing)]
+    pub timing: vdisk::meta_ops::MirrorTiming,
     /// Print the job's report to stderr.
     #[arg(short = 'v', long)]
     pub verbose: bool,
@@ -345,7 +351,14 @@ fn destination(
     size: u64,
 ) -> Result<(Arc<dyn BlockDevice>, TempFile), CliError> {
     let format = match (job, source) {
-        (StressJob::Copy | StressJob::Resize | StressJob::Merge | StressJob::Compact, _) => {
+        (
+            StressJob::Copy
+            | StressJob::Resize
+            | StressJob::Merge
+            | StressJob::Compact
+            | StressJob::Mirror,
+            _,
+        ) => {
             Format::Raw
         }
         (StressJob::Convert, Format::Vhdx) => Format::Vhd,
@@ -466,7 +479,12 @@ pub fn run(a: StressArgs) -> crate::CliResult {
     };
     let chain = img.chain.as_ref().is_some_and(|c| c.layers().len() > 1);
     // A merge has no destination of its own (the job builds it from the chain).
-    let (dest, temp) = if matches!(
+    let mut mirror_host = None;
+    let (dest, temp) = if a.job == StressJob::Mirror {
+        let (d, host) = crate::mirror::stress_destination(&a.image, size)?;
+        mirror_host = Some(host);
+        (d, None)
+    } else if matches!(
         a.job,
         StressJob::Resize | StressJob::Merge | StressJob::Compact
     ) {
@@ -503,6 +521,7 @@ pub fn run(a: StressArgs) -> crate::CliResult {
             Job::commit(disk.clone(), CommitOptions::new().retire(Retire::Delete))
         }
         (StressJob::Convert, _) => Ok(Job::convert(dest.clone())),
+        (StressJob::Mirror, _) => Ok(Job::mirror(dest.clone()).timing(a.timing)),
         (StressJob::Compact, _) => compacted
             .clone()
             .map(Job::compact)
@@ -570,7 +589,9 @@ pub fn run(a: StressArgs) -> crate::CliResult {
         (Ok(_), None) => (
             "completed",
             match a.job {
-                StressJob::Convert => Some(Pivot::Switch),
+                // A mirror's source holds the disk as at the pivot (before) or the switch
+                // (after, split): generation 1 either way.
+                StressJob::Convert | StressJob::Mirror => Some(Pivot::Switch),
                 StressJob::Copy => Some(Pivot::Detach),
                 // The old chain's base is the guest's disk now: nothing else to compare.
                 StressJob::Merge | StressJob::Resize => None,
@@ -630,6 +651,7 @@ pub fn run(a: StressArgs) -> crate::CliResult {
     ));
     drop(temp);
     drop(merge_temp);
+    drop(mirror_host);
     Ok(u8::from(
         mismatches > 0 || errors > 0 || job_state == "failed",
     ))

@@ -11,6 +11,7 @@
 //! vdisk rebase -u -b NEWPARENT [-f FMT] IMG   relink a child to its moved parent (no copy)
 //! vdisk resize [--shrink [--force]] [-f FMT] IMG [+|-]SIZE   change the virtual size
 //! vdisk compact [-p] [--rate B/S] IMG   return unused space (online compact job)
+//! vdisk mirror --to nbd://HOST:PORT/NAME [--timing before|after|split] [--rate B/S] [-p] IMG
 //! vdisk io [-r] IMG -c CMD ...       read/write [-P byte] OFF LEN, write -z, discard, flush
 //! vdisk token read|write|inspect ...  ODX-style offload tokens on local images
 //! vdisk provider serve --listen ADDR --root DIR   an offload provider daemon
@@ -43,6 +44,7 @@ mod info;
 mod io_cmd;
 mod jobs;
 mod measure;
+mod mirror;
 mod nbd_serve;
 mod provider;
 mod rebase;
@@ -275,6 +277,8 @@ enum Cmd {
     Resize(resize::ResizeArgs),
     /// Return a VHD's or VHDX's unused space: empty blocks freed, blocks moved down, file cut.
     Compact(compact::CompactArgs),
+    /// Move a disk to an NBD export on another host (the mirror job; timing before|after|split).
+    Mirror(mirror::MirrorArgs),
     /// Measure I/O on an image as qemu-img bench does (same flags), through the I/O engine.
     Bench(bench::BenchArgs),
     /// Random guest I/O against a model while an online job runs on the image; one JSON line.
@@ -473,6 +477,7 @@ fn main() -> ExitCode {
         Cmd::Commit(args) => commit::run(args),
         Cmd::Resize(args) => resize::run(args),
         Cmd::Compact(args) => compact::run(args),
+        Cmd::Mirror(args) => mirror::run(args),
         Cmd::Serve {
             socket,
             queues,

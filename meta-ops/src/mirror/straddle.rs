@@ -9,8 +9,8 @@
 //!   copied; a granule they cover in part that B does not hold yet is first brought over
 //!   from A (copy-before-write), all with those granules held exclusively, so the guest's
 //!   bytes and the granule's other bytes end up together on B.
-//! - **Discards** go to B where B holds the granule; a granule not copied yet keeps A's
-//!   data (a discard may leave the old contents) and is copied later.
+//! - **Discards** are written as zeros with unmap on B (a discard may read back as zeros;
+//!   B's own discard could show an old disk's bytes where B lacks the granule).
 //! - **Flushes** go to B (A is not written after the switch).
 //! - The **background copy** ([`Straddle::copy_granules`]) takes granules exclusively,
 //!   copies those still missing from A and marks them copied; it never overwrites a granule
@@ -243,17 +243,10 @@ impl BlockDevice for Straddle {
         self.put(offset, len, Put::Zeroes(unmap))
     }
 
+    /// A discard becomes a write of zeros with unmap on B (one of the results a discard
+    /// may have): B may hold an old disk, so merely discarding there could show its bytes.
     fn discard(&self, offset: u64, len: u64) -> block_io::Result<()> {
-        block_io::check_request(&self.info, offset, len, true)?;
-        let _s = self.locks.lock_shared(offset, len);
-        // Only where B holds the granule: elsewhere A's data stays (a discard may leave the
-        // old contents) and is copied later.
-        self.runs(offset, len, |a, b, miss| {
-            if miss {
-                return Ok(());
-            }
-            self.dest().discard(a, b - a).map_err(b_err("discard", a))
-        })
+        self.put(offset, len, Put::Zeroes(true))
     }
 
     fn flush(&self) -> block_io::Result<()> {

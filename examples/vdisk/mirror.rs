@@ -1,0 +1,200 @@
+//! `vdisk mirror IMG --to nbd://HOST:PORT/NAME [--timing before|after|split] [--rate BYTES/S]
+//! [-p]`: moves a disk (any chain) to an NBD export on another host with the mirror job of
+//! `meta_ops` (issue 15 part 2). Here no guest runs, so the job has the disk to itself; the
+//! export ends byte-exact with IMG, flushed. The export must have IMG's virtual size; holes
+//! are skipped when it reads as zeros everywhere, else written as zeros. Prints the bytes
+//! moved and the rate (one JSON line with `--output json`).
+//!
+//! Also the host B of `vdisk stress --job mirror` ([`stress_destination`]): our NBD server
+//! in-process on a temporary raw file next to IMG, the guests ending on an NBD client of it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vdisk::block_io::nbd::{Export, NbdClient, NbdClientOptions, NbdServer, StopHandle};
+use vdisk::block_io::{BlockDevice, FileStorage, RawDisk, Storage};
+use vdisk::meta_ops::{Job, JobError, JobRunner, LiveDisk, MirrorTiming};
+
+use crate::{CliError, CliResult};
+
+/// `vdisk mirror` arguments.
+#[derive(Debug, clap::Args)]
+pub struct MirrorArgs {
+    /// The NBD export to move the disk to (nbd://HOST[:PORT]/NAME or nbd+unix:///NAME?socket=PATH).
+    #[arg(long)]
+    pub to: String,
+    /// When a guest would move: before (disk first), after (guest first, reads of blocks not
+    /// copied yet served from IMG), split (one pass first).
+    #[arg(long, default_value = "before", value_parser = parse_timing)]
+    pub timing: MirrorTiming,
+    /// Rate limit in bytes per second (K/M/G suffixes; default: unlimited).
+    #[arg(long)]
+    pub rate: Option<String>,
+    /// Show a progress bar.
+    #[arg(short = 'p')]
+    pub progress: bool,
+    /// Output format: human or json.
+    #[arg(long, default_value = "human")]
+    pub output: String,
+    /// Format of IMG (detected if absent).
+    #[arg(short = 'f')]
+    pub format: Option<String>,
+    /// The image (with its parents).
+    pub image: PathBuf,
+}
+
+/// Parses `before`, `after` or `split`.
+pub fn parse_timing(s: &str) -> Result<MirrorTiming, String> {
+    s.parse()
+}
+
+fn job_err(e: JobError) -> CliError {
+    CliError::new(crate::cause_chain(&e))
+}
+
+/// Runs the verb; exit 0 when the export holds the disk.
+pub fn run(a: MirrorArgs) -> CliResult {
+    let rate = a
+        .rate
+        .as_deref()
+        .map(crate::size::parse_size)
+        .transpose()?
+        .unwrap_or(0);
+    if a.to.to_ascii_lowercase().starts_with("nbds") {
+        return Err(CliError::new(
+            "vdisk mirror does not take nbds:// (TLS) destinations yet",
+        ));
+    }
+    let img = crate::image::open(&a.image, a.format.as_deref(), true)?;
+    let dest = NbdClient::open(&a.to, NbdClientOptions::default()).map_err(|e| {
+        CliError::new(format!(
+            "cannot connect to {}: {}",
+            a.to,
+            crate::cause_chain(&e)
+        ))
+    })?;
+    let dest: Arc<dyn BlockDevice> = Arc::new(dest);
+    let size = img.dev.info().virtual_size;
+    if dest.info().virtual_size != size {
+        return Err(CliError::new(format!(
+            "{} has {} bytes, {} has {size}: the export must have the disk's size",
+            a.to,
+            dest.info().virtual_size,
+            a.image.display()
+        )));
+    }
+    let live = LiveDisk::new(img.dev.clone());
+    let runner = JobRunner::new().map_err(job_err)?;
+    let t0 = Instant::now();
+    let h = runner
+        .start(&live, Job::mirror(dest.clone()).timing(a.timing).rate(rate))
+        .map_err(job_err)?;
+    let bar = a.progress.then(progress_bar);
+    while !h.wait_timeout(Duration::from_millis(100)) {
+        if let Some(b) = &bar {
+            let p = h.progress();
+            b.set_length(p.total.max(1));
+            b.set_position(p.done);
+        }
+    }
+    let r = h.wait_blocking();
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let r = r.map_err(job_err)?;
+    live.flush().map_err(CliError::from)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let moved = r.buffered_bytes + r.copy_file_range_bytes;
+    let mib_s = moved as f64 / secs.max(1e-9) / (1 << 20) as f64;
+    if a.output == "json" {
+        let line = serde_json::json!({
+            "to": a.to,
+            "timing": a.timing.name(),
+            "bytes": r.bytes,
+            "data_bytes": moved,
+            "zeroed_bytes": r.zeroed_bytes,
+            "skipped_bytes": r.skipped_bytes,
+            "seconds": (secs * 1e3).round() / 1e3,
+            "mib_per_s": (mib_s * 10.0).round() / 10.0,
+        });
+        println!("{line}");
+    } else {
+        println!(
+            "Mirrored {} to {} (timing {}): {moved} data bytes, {} zeroed, {} skipped in {secs:.2} s ({mib_s:.1} MiB/s).",
+            a.image.display(),
+            a.to,
+            a.timing.name(),
+            r.zeroed_bytes,
+            r.skipped_bytes
+        );
+    }
+    Ok(0)
+}
+
+fn progress_bar() -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::new(1);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        b.set_style(style);
+    }
+    b
+}
+
+/// Host B of `vdisk stress --job mirror`: our NBD server on a temporary raw file; stops the
+/// server and deletes the file when dropped.
+pub struct StressHost {
+    stop: StopHandle,
+    thread: Option<JoinHandle<vdisk::block_io::Result<()>>>,
+    path: PathBuf,
+}
+
+impl Drop for StressHost {
+    fn drop(&mut self) {
+        self.stop.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Starts host B for `vdisk stress --job mirror` on IMG (`size` bytes): a raw file next to
+/// IMG filled with junk (so that the job must write the holes too), served by our NBD server
+/// on a loopback port, and an NBD client of it (the mirror's destination).
+pub fn stress_destination(
+    image: &Path,
+    size: u64,
+) -> Result<(Arc<dyn BlockDevice>, StressHost), CliError> {
+    let mut name = image
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(format!(".mirror-{}.raw", std::process::id()));
+    let path = image.with_file_name(name);
+    let storage = FileStorage::create(&path)?;
+    storage.set_len(size)?;
+    let disk = Arc::new(RawDisk::new(storage)?);
+    let junk = vec![0xA5u8; 1 << 20];
+    let mut pos = 0;
+    while pos < size {
+        let n = (size - pos).min(junk.len() as u64);
+        disk.write_at(&junk[..n as usize], pos)?;
+        pos += n;
+    }
+    let server = NbdServer::bind_tcp("127.0.0.1:0", vec![Export::new("b", disk)])?;
+    let addr = server
+        .local_addr()
+        .ok_or_else(|| CliError::new("the NBD server has no address"))?;
+    let stop = server.stop_handle();
+    let host = StressHost {
+        stop,
+        thread: Some(std::thread::spawn(move || server.serve())),
+        path,
+    };
+    let client = NbdClient::open(&format!("nbd://{addr}/b"), NbdClientOptions::default())
+        .map_err(|e| CliError::new(crate::cause_chain(&e)))?;
+    Ok((Arc::new(client), host))
+}
