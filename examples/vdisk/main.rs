@@ -17,6 +17,8 @@
 //! vdisk provider serve --listen ADDR --root DIR   an offload provider daemon
 //! vdisk offload copy --from ADDR:PATH[@OFF+LEN] --to ADDR:PATH[@OFF] [--relay]   S -> D copy
 //! vdisk stress IMG --job copy|convert --seconds N [--threads T] [--rate B/S]   online job + model
+//! vdisk send IMG [--since SNAP] [-o FILE] [--level auto|N] [--threads N] [--rate B/S] [-p]
+//! vdisk receive DEST [-O raw|vhd|vhdx] [-i FILE] [-p]   make (or update) DEST from a stream
 //! vdisk demo                         a guided tour in a temporary folder
 //! vdisk serve --socket PATH [--queues N] [--read-only] [--cache none|writeback]
 //!             [--aio io_uring|threads|sync] IMG   vhost-user-blk until SIGINT/SIGTERM
@@ -50,6 +52,7 @@ mod provider;
 mod rebase;
 mod remote;
 mod resize;
+mod send;
 mod serve;
 mod size;
 mod token;
@@ -289,6 +292,10 @@ enum Cmd {
     Provider(provider::ProviderArgs),
     /// Offload copies between two providers (the initiator).
     Offload(provider::OffloadArgs),
+    /// Write an image's allocated data (or its changes since a snapshot) as a stream.
+    Send(send::SendArgs),
+    /// Make or update an image from a `vdisk send` stream.
+    Receive(send::ReceiveArgs),
     /// A guided tour of the family in a temporary folder.
     Demo {
         /// Keep the temporary folder and print its path.
@@ -477,6 +484,8 @@ fn main() -> ExitCode {
         Cmd::Commit(args) => commit::run(args),
         Cmd::Resize(args) => resize::run(args),
         Cmd::Compact(args) => compact::run(args),
+        Cmd::Send(args) => send::run_send(args),
+        Cmd::Receive(args) => send::run_receive(args),
         Cmd::Mirror(args) => mirror::run(args),
         Cmd::Serve {
             socket,
