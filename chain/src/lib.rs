@@ -14,6 +14,8 @@
 //!   [`block_io::LockMode::Off`] (`-U`, force share) skips them;
 //! - [`rebase`]: point a child at a moved or copied parent (same content, verified) by
 //!   rewriting only its parent locator.
+//! - [`cor`]: copy-on-read from a remote parent into a local replica, which then becomes
+//!   the child's local parent (streaming).
 //! - [`remote`]: images on web servers, object stores and NBD exports as the top of a chain,
 //!   and remote parents of local children (opt-in: [`OpenOptions::remote_parents`]).
 //!
@@ -29,6 +31,7 @@
 #![warn(missing_docs)]
 
 mod cache;
+pub mod cor;
 mod detect;
 mod disk;
 mod error;
