@@ -11,6 +11,7 @@
 //! vdisk rebase -u -b NEWPARENT [-f FMT] IMG   relink a child to its moved parent (no copy)
 //! vdisk resize [--shrink [--force]] [-f FMT] IMG [+|-]SIZE   change the virtual size
 //! vdisk compact [-p] [--rate B/S] IMG   return unused space (online compact job)
+//! vdisk split IMG --layers N [--hot-list FILE] [-O vhdx|vhd] [--prefix OUT]   a boot-ordered chain
 //! vdisk mirror --to nbd://HOST:PORT/NAME [--timing before|after|split] [--rate B/S] [-p] IMG
 //! vdisk io [-r] IMG -c CMD ...       read/write [-P byte] OFF LEN, write -z, discard, flush
 //! vdisk token read|write|inspect ...  ODX-style offload tokens on local images
@@ -55,6 +56,7 @@ mod resize;
 mod send;
 mod serve;
 mod size;
+mod split;
 mod token;
 
 use std::path::PathBuf;
@@ -280,6 +282,8 @@ enum Cmd {
     Resize(resize::ResizeArgs),
     /// Return a VHD's or VHDX's unused space: empty blocks freed, blocks moved down, file cut.
     Compact(compact::CompactArgs),
+    /// Cut a base image into a chain of N layers, the blocks a boot reads first at the bottom.
+    Split(split::SplitArgs),
     /// Move a disk to an NBD export on another host (the mirror job; timing before|after|split).
     Mirror(mirror::MirrorArgs),
     /// Measure I/O on an image as qemu-img bench does (same flags), through the I/O engine.
@@ -484,6 +488,7 @@ fn main() -> ExitCode {
         Cmd::Commit(args) => commit::run(args),
         Cmd::Resize(args) => resize::run(args),
         Cmd::Compact(args) => compact::run(args),
+        Cmd::Split(args) => split::run(args),
         Cmd::Send(args) => send::run_send(args),
         Cmd::Receive(args) => send::run_receive(args),
         Cmd::Mirror(args) => mirror::run(args),
