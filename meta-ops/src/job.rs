@@ -30,6 +30,8 @@ pub enum JobKind {
     Commit,
     /// Unused space of an image returned, the file truncated ([`Job::compact`]).
     Compact,
+    /// A remote base pulled into its local replica ([`JobRunner::start_stream`]).
+    Stream,
     /// The disk moved to another host's block device (an NBD export), the guest then moved
     /// onto it ([`Job::mirror`]).
     Mirror,
@@ -43,6 +45,7 @@ impl JobKind {
             JobKind::Convert => "convert",
             JobKind::Commit => "commit",
             JobKind::Compact => "compact",
+            JobKind::Stream => "stream",
             JobKind::Mirror => "mirror",
         }
     }
@@ -343,6 +346,11 @@ impl JobRunner {
         tokio::runtime::Handle::try_current()
             .ok()
             .map(JobRunner::from_handle)
+    }
+
+    /// The runtime jobs are spawned on.
+    pub(crate) fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.handle
     }
 
     /// Whether the runner owns its runtime.

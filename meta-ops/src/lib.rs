@@ -92,6 +92,8 @@ pub mod mirror;
 mod resize;
 pub mod send;
 pub mod split;
+#[cfg(feature = "remote")]
+pub mod stream;
 
 pub use commit::{prepare_top, set_vhdx_linkage, unlink_stale, CommitOptions, Retire};
 pub use compact::{
