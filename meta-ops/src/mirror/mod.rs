@@ -26,8 +26,9 @@
 //!
 //! ## Throttling guest writes when B falls behind
 //!
-//! While the guest still runs on A (`before`, and the first part of `split`), the backlog
-//! is the bytes of dirty granules (what B lacks). A guest write, write-zeroes or discard
+//! While the guest still runs on A (`before`, from its second pass on: what is dirty then
+//! is the guest's doing, not the first copy), the backlog is the bytes of dirty granules
+//! (what B lacks). A guest write, write-zeroes or discard
 //! that completes while the backlog is above the bound ([`Job::max_backlog`], default
 //! [`DEFAULT_MAX_BACKLOG`]) waits, holding no lock, until the job has brought it back to
 //! the bound, for at most [`THROTTLE_CAP`] per request (so a stalled B slows the guest to
@@ -377,7 +378,6 @@ impl Mirror {
         self.shared.set_phase(Phase::Copying);
         let timing = self.spec.timing;
         if timing != MirrorTiming::After {
-            self.throttling(true);
             let r = self.local().await;
             self.throttling(false);
             if r? == Loop::Cancelled {
@@ -456,6 +456,9 @@ impl Mirror {
                 {
                     return Ok(Loop::Done);
                 }
+                // From the second pass on, what is dirty is the guest's doing: the throttle
+                // holds it to the bound.
+                self.throttling(true);
                 if self.passes >= self.opts.background_passes {
                     tracker.through.store(true, Ordering::Release);
                     self.shared.set_phase(Phase::Converging);
