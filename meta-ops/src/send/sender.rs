@@ -247,8 +247,9 @@ fn make_record(
     cbuf: &mut Vec<u8>,
     comp: &mut Option<(zstd::bulk::Compressor<'static>, i32)>,
 ) -> Result<(Vec<u8>, Option<Stored>), SendError> {
+    // Zero ranges go as no bytes: the writer merges neighbours into one ZERO record.
     if task.zero {
-        return Ok((wire::encode_zero(task.offset, task.len), None));
+        return Ok((Vec::new(), None));
     }
     // Tasks of data are at most `chunk` (<= MAX_RECORD) bytes.
     let len = task.len as usize;
@@ -259,7 +260,7 @@ fn make_record(
             source,
         })?;
     if buf.iter().all(|&b| b == 0) {
-        return Ok((wire::encode_zero(task.offset, task.len), None));
+        return Ok((Vec::new(), None));
     }
     let len32 = task.len as u32;
     let mut out = Vec::with_capacity(wire::DATA_HEAD + len + 4);
@@ -446,6 +447,8 @@ pub fn send(
         let mut pending: BTreeMap<usize, Done> = BTreeMap::new();
         let mut want = 0usize;
         let (mut full, mut starved, mut since_adapt) = (0u64, 0u64, 0u64);
+        // A ZERO range not yet written: following zero ranges extend it.
+        let mut zero_run: Option<(u64, u64)> = None;
         while want < tasks.len() {
             let d = match pending.remove(&want) {
                 Some(d) => d,
@@ -476,13 +479,27 @@ pub fn send(
             if waiting + 1 >= queue {
                 full += 1;
             }
-            if let Err(e) = w.put(&d.bytes) {
+            let put = match (d.data.is_none(), &mut zero_run) {
+                (true, Some((o, l))) if *o + *l == d.task.offset => {
+                    *l += d.task.len;
+                    Ok(())
+                }
+                (true, run) => match run.replace((d.task.offset, d.task.len)) {
+                    Some((o, l)) => w.put_record(&wire::encode_zero(o, l), &mut records),
+                    None => Ok(()),
+                },
+                (false, run) => match run.take() {
+                    Some((o, l)) => w.put_record(&wire::encode_zero(o, l), &mut records),
+                    None => Ok(()),
+                }
+                .and_then(|()| w.put_record(&d.bytes, &mut records)),
+            };
+            if let Err(e) = put {
                 stop_all();
                 return Err(e);
             }
             credits.give();
             want += 1;
-            records += 1;
             match d.data {
                 Some(Stored {
                     level: lvl,
@@ -521,6 +538,9 @@ pub fn send(
             }
         }
         stop_all();
+        if let Some((o, l)) = zero_run {
+            w.put_record(&wire::encode_zero(o, l), &mut records)?;
+        }
         Ok(())
     });
     result?;
@@ -551,6 +571,12 @@ struct Writer<'a> {
 }
 
 impl Writer<'_> {
+    /// Writes one record and counts it.
+    fn put_record(&mut self, b: &[u8], records: &mut u64) -> Result<(), SendError> {
+        *records += 1;
+        self.put(b)
+    }
+
     fn put(&mut self, b: &[u8]) -> Result<(), SendError> {
         if let Some(l) = &self.limiter {
             l.acquire(b.len() as u64);
