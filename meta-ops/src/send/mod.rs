@@ -93,9 +93,11 @@
 //!   failure of the destination's own storage while applying (a full disk, an I/O error)
 //!   leaves it partly updated; the error says so.
 //!
-//! Writing into a VHDX or VHD gives it a new identity (a new DataWriteGuid; VHD: the same),
-//! so a second incremental stream must be sent `--since` an image the receiving side
-//! holds as is.
+//! The lineage check compares identities, so its strength is the format's: a VHDX gets a
+//! new DataWriteGuid with its first write after open, so a stream applied once (or a
+//! snapshot written since) is refused; a VHD's unique id and timestamp do not change when
+//! it is written, and a raw image is known by its sampled fingerprint only, so for these a
+//! modified copy of the snapshot may pass.
 
 mod receiver;
 mod sender;
