@@ -54,6 +54,9 @@ pub enum StressJob {
     /// Mirror IMG to our NBD server in-process on a temporary raw file (host B); the guests
     /// end on the NBD client (`--timing`).
     Mirror,
+    /// Stream: IMG served read-only over NBD in-process, the guests on a temporary child of
+    /// the export while the stream job pulls IMG into a local replica.
+    Stream,
 }
 
 /// `vdisk stress` arguments.
@@ -356,11 +359,10 @@ fn destination(
             | StressJob::Resize
             | StressJob::Merge
             | StressJob::Compact
-            | StressJob::Mirror,
+            | StressJob::Mirror
+            | StressJob::Stream,
             _,
-        ) => {
-            Format::Raw
-        }
+        ) => Format::Raw,
         (StressJob::Convert, Format::Vhdx) => Format::Vhd,
         (StressJob::Convert, _) => Format::Vhdx,
     };
@@ -432,6 +434,7 @@ pub fn run(a: StressArgs) -> crate::CliResult {
         .transpose()?
         .unwrap_or(0);
     let mut compacted = None;
+    let mut streamed = None;
     let (img, merged, merge_temp) = if a.job == StressJob::Merge {
         let (img, disk, temp) = merge_chain(&a.image, a.format.as_deref())?;
         (img, Some(disk), Some(temp))
@@ -446,6 +449,16 @@ pub fn run(a: StressArgs) -> crate::CliResult {
             chain: Some(disk),
             format,
         };
+        (img, None, None)
+    } else if a.job == StressJob::Stream {
+        let s = crate::stream::stress_setup(&a.image)?;
+        let format = s.disk.layers()[0].format;
+        let img = crate::image::Image {
+            dev: s.disk.clone(),
+            chain: Some(s.disk.clone()),
+            format,
+        };
+        streamed = Some(s);
         (img, None, None)
     } else {
         (
@@ -486,7 +499,7 @@ pub fn run(a: StressArgs) -> crate::CliResult {
         (d, None)
     } else if matches!(
         a.job,
-        StressJob::Resize | StressJob::Merge | StressJob::Compact
+        StressJob::Resize | StressJob::Merge | StressJob::Compact | StressJob::Stream
     ) {
         (img.dev.clone(), None)
     } else {
@@ -536,6 +549,10 @@ pub fn run(a: StressArgs) -> crate::CliResult {
     let started = Instant::now();
     let handle = match &resized_disk {
         Some(_) => Err(JobError::Invalid("a resize is no engine job".into())),
+        None if a.job == StressJob::Stream => match &streamed {
+            Some(s) => runner.start_stream(&live, s.cor.clone(), options),
+            None => Err(JobError::Invalid("nothing to stream".into())),
+        },
         None => job.and_then(|job| runner.start(&live, job.options(options))),
     };
     let outcome: Result<JobReport, JobError>;
@@ -597,6 +614,8 @@ pub fn run(a: StressArgs) -> crate::CliResult {
                 StressJob::Merge | StressJob::Resize => None,
                 // In place: the guest's disk is the only side.
                 StressJob::Compact => None,
+                // The guests' disk (the child) is the only side; its parent is now local.
+                StressJob::Stream => None,
             },
         ),
         (Err(e), None) if e.is_cancelled() => ("cancelled", None),
@@ -652,6 +671,7 @@ pub fn run(a: StressArgs) -> crate::CliResult {
     drop(temp);
     drop(merge_temp);
     drop(mirror_host);
+    drop(streamed);
     Ok(u8::from(
         mismatches > 0 || errors > 0 || job_state == "failed",
     ))

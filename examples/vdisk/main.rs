@@ -57,6 +57,7 @@ mod send;
 mod serve;
 mod size;
 mod split;
+mod stream;
 mod token;
 
 use std::path::PathBuf;
@@ -286,6 +287,8 @@ enum Cmd {
     Split(split::SplitArgs),
     /// Move a disk to an NBD export on another host (the mirror job; timing before|after|split).
     Mirror(mirror::MirrorArgs),
+    /// Pull a child's remote base into a local replica, then make it the local parent.
+    Stream(stream::StreamArgs),
     /// Measure I/O on an image as qemu-img bench does (same flags), through the I/O engine.
     Bench(bench::BenchArgs),
     /// Random guest I/O against a model while an online job runs on the image; one JSON line.
@@ -492,6 +495,7 @@ fn main() -> ExitCode {
         Cmd::Send(args) => send::run_send(args),
         Cmd::Receive(args) => send::run_receive(args),
         Cmd::Mirror(args) => mirror::run(args),
+        Cmd::Stream(args) => stream::run(args),
         Cmd::Serve {
             socket,
             queues,

@@ -1,0 +1,268 @@
+//! `vdisk stream IMG [--rate BYTES/S] [-p]`: pull the remote base of the differencing image
+//! IMG (an HTTP/S3 object or an NBD export, see `chain::remote`) into a local replica beside
+//! it (`IMG.base`), then make that replica IMG's local parent, lineage kept: the stream job of
+//! `meta_ops::stream` with no guest here (the job has the disk to itself), then
+//! `meta_ops::stream::finish_stream`. Interrupted (a failure, a dropped link), it keeps what
+//! it fetched: running it again continues. An NBD parent that advertises no identity needs
+//! `--unverified` (see `chain::remote`).
+//!
+//! `vdisk stress IMG --job stream` uses [`stress_setup`]: IMG is served read-only by our NBD
+//! server in this process, a temporary child of the export is the guest's disk, and the
+//! stream job runs under the guest's I/O.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use vdisk::block_io::nbd::{Export, NbdServer, StopHandle};
+use vdisk::block_io::{BlockDevice, FileStorage};
+use vdisk::chain::remote::{open_nbd_parent, AdvertisedIdentity, URL_KEY};
+use vdisk::chain::{Disk, Format, Identity, RemoteParents};
+use vdisk::meta_ops::stream::{finish_stream, open_streaming, StreamOptions, Streaming};
+use vdisk::meta_ops::{JobError, JobOptions, JobRunner, LiveDisk};
+
+use crate::{CliError, CliResult};
+
+/// `vdisk stream` arguments.
+#[derive(Debug, clap::Args)]
+pub struct StreamArgs {
+    /// Rate limit in bytes per second (K/M/G suffixes; default: unlimited).
+    #[arg(long)]
+    pub rate: Option<String>,
+    /// Show a progress bar.
+    #[arg(short = 'p')]
+    pub progress: bool,
+    /// Fetches in flight at once.
+    #[arg(short = 'm', default_value_t = 4)]
+    pub parallel: usize,
+    /// Accept an NBD parent that advertises no identity, checked by content fingerprint.
+    #[arg(long)]
+    pub unverified: bool,
+    /// The differencing image whose parent is remote.
+    pub image: PathBuf,
+}
+
+fn job_err(e: JobError) -> CliError {
+    CliError::new(crate::cause_chain(&e))
+}
+
+fn stream_err(e: vdisk::meta_ops::stream::StreamError) -> CliError {
+    CliError::new(crate::cause_chain(&e))
+}
+
+/// Runs the verb; exit 0 when IMG's parent is local.
+pub fn run(a: StreamArgs) -> CliResult {
+    let rate = a
+        .rate
+        .as_deref()
+        .map(crate::size::parse_size)
+        .transpose()?
+        .unwrap_or(0);
+    let so = StreamOptions {
+        remote_parents: if a.unverified {
+            RemoteParents::AllowUnverified
+        } else {
+            RemoteParents::Allow
+        },
+        lock: crate::image::lock_mode(),
+        ..StreamOptions::default()
+    };
+    let Streaming { disk, cor, .. } = open_streaming(&a.image, &so).map_err(stream_err)?;
+    let url = cor.url().display().to_string();
+    let live = LiveDisk::new(Arc::new(disk));
+    let runner = JobRunner::new().map_err(job_err)?;
+    let opts = JobOptions {
+        rate,
+        parallel: a.parallel.max(1),
+        ..JobOptions::default()
+    };
+    let h = runner
+        .start_stream(&live, cor.clone(), opts)
+        .map_err(job_err)?;
+    let bar = a.progress.then(progress_bar);
+    while !h.wait_timeout(Duration::from_millis(100)) {
+        if let Some(b) = &bar {
+            let p = h.progress();
+            b.set_length(p.total.max(1));
+            b.set_position(p.done);
+        }
+    }
+    let r = h.wait_blocking();
+    if let Some(b) = &bar {
+        b.finish();
+    }
+    let report = r.map_err(job_err)?;
+    let stats = cor.stats();
+    drop(live);
+    drop(cor);
+    drop(runner);
+    let f = finish_stream(&a.image, &so).map_err(stream_err)?;
+    let secs = report.duration.as_secs_f64().max(1e-9);
+    println!(
+        "Streamed {} MiB of data from {url} in {:.2} s ({:.1} MiB/s, {} requests; {} MiB of \
+         holes skipped); the parent of {} is now {}.",
+        report.buffered_bytes >> 20,
+        secs,
+        report.buffered_bytes as f64 / secs / (1 << 20) as f64,
+        stats.remote_reads,
+        report.skipped_bytes >> 20,
+        a.image.display(),
+        f.replica.display()
+    );
+    Ok(0)
+}
+
+fn progress_bar() -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::new(1);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        b.set_style(style);
+    }
+    b
+}
+
+/// What `vdisk stress --job stream` runs on: IMG served read-only over NBD in this process, a
+/// temporary child of the export (the guest's disk) opened over a copy-on-read parent. Drop
+/// it to stop the server and delete the temporary files.
+pub struct StressSetup {
+    /// The guest's disk: the child over its copy-on-read parent.
+    pub disk: Arc<Disk>,
+    /// The copy-on-read parent, for [`JobRunner::start_stream`].
+    pub cor: Arc<vdisk::chain::cor::CopyOnRead>,
+    /// Dropped last: the server and the temporary folder.
+    _server: ServerGuard,
+}
+
+/// Stops the in-process NBD server and removes the temporary folder on drop.
+struct ServerGuard {
+    stop: StopHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+    dir: PathBuf,
+}
+
+impl Drop for ServerGuard {
+    fn drop(&mut self) {
+        self.stop.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn server_err(e: impl std::fmt::Display) -> CliError {
+    CliError::new(format!("cannot start the NBD server: {e}"))
+}
+
+/// Serves `img` (a VHD or VHDX) read-only on a loopback port and opens a new child of it for
+/// streaming (see [`StressSetup`]).
+pub fn stress_setup(img: &Path) -> Result<StressSetup, CliError> {
+    let base = Disk::open(img, &crate::image::chain_options(None, true)?)?;
+    let id = AdvertisedIdentity::of(&base).ok_or_else(|| {
+        CliError::new(format!(
+            "{} is not a VHD or VHDX: a streamed base needs an identity",
+            img.display()
+        ))
+    })?;
+    let export = Export::new("base", Arc::new(base))
+        .read_only(true)
+        .description(format!(
+            "{} (vdisk stress)\n{}",
+            img.display(),
+            id.to_line()
+        ));
+    let server = NbdServer::bind_tcp(("127.0.0.1", 0), vec![export]).map_err(server_err)?;
+    let port = server
+        .local_addr()
+        .ok_or_else(|| server_err("no TCP address"))?
+        .port();
+    let stop = server.stop_handle();
+    let thread = std::thread::spawn(move || {
+        let _ = server.serve();
+    });
+    let dir = std::env::temp_dir().join(format!("vdisk-stress-stream-{}", std::process::id()));
+    let guard = ServerGuard {
+        stop,
+        thread: Some(thread),
+        dir: dir.clone(),
+    };
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| CliError::new(format!("cannot create {}: {e}", dir.display())))?;
+    let url = format!("nbd://127.0.0.1:{port}/base");
+    let child = dir.join(match id.format() {
+        Format::Vhd => "child.vhd",
+        _ => "child.vhdx",
+    });
+    make_child(&child, &url, id.format())?;
+    // Small granules: the guests' reads fetch only part of the base before the job runs.
+    let so = StreamOptions {
+        lock: crate::image::lock_mode(),
+        granule: 64 << 10,
+        ..StreamOptions::default()
+    };
+    let Streaming { disk, cor, .. } = open_streaming(&child, &so).map_err(stream_err)?;
+    Ok(StressSetup {
+        disk: Arc::new(disk),
+        cor,
+        _server: guard,
+    })
+}
+
+/// Creates a differencing child of the NBD export `url` at `path`, recording the export's
+/// advertised identity and the URL as `chain::remote` documents.
+fn make_child(path: &Path, url: &str, format: Format) -> Result<(), CliError> {
+    let parent = open_nbd_parent(path, url, format, RemoteParents::Allow)?;
+    let size = parent.dev.info().virtual_size;
+    let err =
+        |e: vdisk::block_io::Error| CliError::new(format!("cannot create {}: {e}", path.display()));
+    match parent.identity {
+        Identity::Vhdx {
+            data_write_guid, ..
+        } => {
+            let pref = vdisk::vhdx_format::ParentRef {
+                data_write_guid,
+                relative_path: "base".into(),
+                absolute_path: None,
+            };
+            let mut f = vdisk::vhdx_format::create_file(
+                path,
+                &vdisk::vhdx_format::CreateOptions::differencing(size, pref),
+            )
+            .map_err(err)?;
+            let mut entries = f
+                .parent_locator()
+                .map(|l| l.entries.clone())
+                .unwrap_or_default();
+            entries.push((URL_KEY.to_string(), url.to_string()));
+            f.set_parent_locator(&vdisk::vhdx_format::locator::ParentLocator::new(entries))
+                .map_err(err)?;
+            f.close().map_err(err)?;
+        }
+        Identity::Vhd {
+            unique_id,
+            timestamp,
+        } => {
+            let o = vdisk::vhd_format::DifferencingOptions {
+                size,
+                block_size: 2 << 20,
+                parent_unique_id: unique_id,
+                parent_timestamp: timestamp,
+                parent_name: url.to_string(),
+                absolute_path: None,
+                relative_path: None,
+                unique_id: None,
+                timestamp: None,
+                creator: vdisk::vhd_format::Creator::default(),
+            };
+            let f = vdisk::vhd_format::VhdFile::create_differencing(
+                FileStorage::create(path).map_err(err)?,
+                &o,
+            )
+            .map_err(err)?;
+            f.flush().map_err(err)?;
+        }
+        Identity::Raw => return Err(CliError::new("the export advertises no identity")),
+    }
+    Ok(())
+}
