@@ -49,7 +49,7 @@
 //! ## Failures
 //!
 //! - **Before the pivot** (or the switch): a failure of B (the NBD client gives up after its
-//!   [`RetryPolicy`](block_io::nbd::RetryPolicy)) fails the job with
+//!   `block_io::nbd::RetryPolicy`) fails the job with
 //!   [`JobError::Destination`]; the job detaches and the guest stays on A, untouched (the job
 //!   never writes A). A write-through to a failing B only marks the blocks dirty again (the
 //!   guest's request waits for the client's retries, then succeeds on A).
