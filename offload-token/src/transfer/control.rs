@@ -357,13 +357,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Sends one message.
     pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), TransferError> {
         let body = serde_json::to_vec(msg).map_err(|e| TransferError::Protocol(e.to_string()))?;
+        self.send_raw(&body).await
+    }
+
+    /// Sends `body` as one authenticated frame, whatever it holds (the fuzzing entry sends
+    /// bytes that need not be a message).
+    pub(crate) async fn send_raw(&mut self, body: &[u8]) -> Result<(), TransferError> {
         let tag = self
-            .tag(self.me, self.send_seq, &body)?
+            .tag(self.me, self.send_seq, body)?
             .finalize()
             .into_bytes();
         let mut frame = Vec::with_capacity(8 + body.len() + TAG_LEN);
         frame.extend_from_slice(&self.send_seq.to_be_bytes());
-        frame.extend_from_slice(&body);
+        frame.extend_from_slice(body);
         frame.extend_from_slice(&tag);
         self.send_seq += 1;
         write_frame(&mut self.stream, &frame).await

@@ -14,6 +14,7 @@ use block_io::nbd::{
 };
 use block_io::BlockDevice;
 use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -187,13 +188,37 @@ impl Transfer {
     }
 }
 
-struct Inner {
+pub(super) struct Inner {
     root: PathBuf,
     config: DaemonConfig,
     provider: Arc<Provider>,
     opener: Arc<dyn ImageOpener>,
     transfers: Mutex<HashMap<(Uuid, Role), Arc<Transfer>>>,
     principal: Principal,
+}
+
+impl Inner {
+    /// The state of a daemon serving `root` (canonical): a provider with a random token key
+    /// (its tokens live in memory), no transfers.
+    pub(super) fn new(
+        root: PathBuf,
+        config: DaemonConfig,
+        opener: Arc<dyn ImageOpener>,
+    ) -> Arc<Self> {
+        let provider = Provider::new(
+            Uuid::new_v4(),
+            KeyRing::new(ProviderKey::generate(1)),
+            Arc::new(AllowAll),
+        );
+        Arc::new(Inner {
+            root,
+            config,
+            provider: Arc::new(provider),
+            opener,
+            transfers: Mutex::new(HashMap::new()),
+            principal: Principal::new("control"),
+        })
+    }
 }
 
 /// A provider daemon: the control protocol on a TCP listener, for the images under a root.
@@ -251,21 +276,9 @@ impl ProviderDaemon {
         }
         let listener = StdTcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
-        let provider = Provider::new(
-            Uuid::new_v4(),
-            KeyRing::new(ProviderKey::generate(1)),
-            Arc::new(AllowAll),
-        );
         let (tx, _) = watch::channel(false);
         Ok(ProviderDaemon {
-            inner: Arc::new(Inner {
-                root,
-                config,
-                provider: Arc::new(provider),
-                opener,
-                transfers: Mutex::new(HashMap::new()),
-                principal: Principal::new("control"),
-            }),
+            inner: Inner::new(root, config, opener),
             listener,
             stop: Arc::new(tx),
         })
@@ -321,8 +334,21 @@ impl ProviderDaemon {
 /// How long an initiator may take over its hello.
 const HELLO_LIMIT: Duration = Duration::from_secs(10);
 
-async fn connection(inner: Arc<Inner>, s: TcpStream, conn: u64, mut stop: watch::Receiver<bool>) {
+async fn connection(inner: Arc<Inner>, s: TcpStream, conn: u64, stop: watch::Receiver<bool>) {
     let local_ip = s.local_addr().map(|a| a.ip()).ok();
+    serve_connection(inner, s, local_ip, conn, stop).await
+}
+
+/// One initiator's connection on any stream: the hellos, then requests answered in order
+/// until the initiator leaves, a frame fails, or the daemon stops; the transfers the
+/// connection owned end with it. `local_ip` is where S's exports listen.
+pub(super) async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
+    inner: Arc<Inner>,
+    s: S,
+    local_ip: Option<IpAddr>,
+    conn: u64,
+    mut stop: watch::Receiver<bool>,
+) {
     let session =
         match tokio::time::timeout(HELLO_LIMIT, Session::server(s, &inner.config.key)).await {
             Ok(Ok(s)) => s,

@@ -85,6 +85,8 @@
 pub mod ca;
 pub mod control;
 mod daemon;
+#[cfg(feature = "testing")]
+pub mod fuzzing;
 mod initiator;
 pub mod tls;
 mod window;
