@@ -68,7 +68,12 @@ pub fn run(a: MirrorArgs) -> CliResult {
         ));
     }
     let img = crate::image::open(&a.image, a.format.as_deref(), true)?;
-    let dest = NbdClient::open(&a.to, NbdClientOptions::default()).map_err(|e| {
+    // Several connections when the export allows it (multi-conn), as nbdcopy uses.
+    let opts = NbdClientOptions {
+        connections: 4,
+        ..NbdClientOptions::default()
+    };
+    let dest = NbdClient::open(&a.to, opts).map_err(|e| {
         CliError::new(format!(
             "cannot connect to {}: {}",
             a.to,

@@ -134,7 +134,8 @@ impl Job {
     /// NBD export), then move the guest onto it (see the module docs of `mirror`). `dest`
     /// may hold anything (holes are written as zeros) unless it reads as zeros everywhere or
     /// [`dest_zeroed`](Job::dest_zeroed) says so. Timing [`MirrorTiming::Before`] unless
-    /// [`timing`](Job::timing) says otherwise; 4 chunks in flight.
+    /// [`timing`](Job::timing) says otherwise; 8 chunks in flight (a network destination
+    /// wants many requests in flight).
     pub fn mirror(dest: Arc<dyn BlockDevice>) -> Job {
         let mut job = Job::with_kind(JobKind::Mirror, dest);
         job.mirror = Some(MirrorSpec {
@@ -143,7 +144,7 @@ impl Job {
             split_budget: 0,
         });
         job.options(JobOptions {
-            parallel: 4,
+            parallel: 8,
             ..JobOptions::default()
         })
     }
