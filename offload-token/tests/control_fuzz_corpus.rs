@@ -8,7 +8,8 @@
 use std::path::PathBuf;
 
 use offload_token::transfer::fuzzing::{
-    authenticated_input, hello_frame, raw_input, ControlWorld, IMAGE,
+    authenticated_input, certified_input, hello_frame, raw_input, ControlWorld, CERTIFIED_TRANSFER,
+    IMAGE,
 };
 use offload_token::transfer::{Request, Role, SourceEndpoint};
 use uuid::Uuid;
@@ -69,6 +70,34 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         transfer: t,
         role: Role::Source,
     });
+    let c = CERTIFIED_TRANSFER;
+    let cmint = json(&Request::Mint {
+        transfer: c,
+        path: IMAGE.into(),
+        offset: 4096,
+        length: 32768,
+        ttl_ms: 0,
+    });
+    let credeem = |host: &str, token: String, source: bool| {
+        json(&Request::Redeem {
+            transfer: c,
+            path: IMAGE.into(),
+            offset: 0,
+            length: 8192,
+            token,
+            token_offset: 0,
+            source: source.then(|| SourceEndpoint {
+                host: host.into(),
+                port: 9,
+                export: "x".into(),
+            }),
+        })
+    };
+    let zero = offload_token::hex::encode(offload_token::Token::zero().as_bytes());
+    let cstatus = json(&Request::Status {
+        transfer: c,
+        role: Role::Destination,
+    });
     let mut hello_junk = hello_frame(1, 1, [7; 32]);
     hello_junk.extend_from_slice(&[0, 0, 0, 48]);
     hello_junk.extend_from_slice(&[0x11; 48]);
@@ -103,6 +132,21 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         (
             "not_a_request",
             authenticated_input(&[b"{\"op\":\"info\",\"path\":\"a\",\"x\":1}", &info(IMAGE)]),
+        ),
+        (
+            "certified_mint_status_close",
+            certified_input(&[&cmint, &cstatus, &cmint, &close]),
+        ),
+        (
+            "certified_redeem_zero_token",
+            certified_input(&[&credeem("", zero.clone(), false), &cstatus]),
+        ),
+        (
+            "certified_redeem_unreachable_source",
+            certified_input(&[
+                &credeem("127.0.0.1", "11".repeat(512), true),
+                &credeem("example.com", zero, true),
+            ]),
         ),
         ("garbage_body", authenticated_input(&[b"\xff\x00{"])),
         ("raw_hello_then_forged_frame", raw_input(&hello_junk)),

@@ -10,13 +10,16 @@
 //! control key, and `rest` is a list of message bodies, each `[len u16 LE][len bytes]` (a
 //! short last one takes what is left), each sent as one authenticated frame: the JSON parser
 //! and every request handler (`info`, `trust`, `certify`, `mint`, `redeem`, `status`,
-//! `cancel`, `close`) see arbitrary bodies.
+//! `cancel`, `close`) see arbitrary bodies. Mode bit 1 (with bit 0): before the bodies the
+//! harness joins transfer [`CERTIFIED_TRANSFER`] in both roles with a genuine per-transfer
+//! CA (`trust`, then `certify` with a certificate it issues over the provider's key), so
+//! bodies naming that transfer reach `mint` (an NBD-over-TLS export on loopback) and
+//! `redeem` (pulling from such an export). A `redeem` whose source is not a loopback address
+//! is not sent (the daemon would connect to it).
 //!
 //! [`ControlWorld::run`] checks that the daemon answers every body that parses as a
 //! [`Request`] with a [`Reply`] (and an `info` naming an absolute or `..` path with the
-//! `outside-root` error), drops the connection on any other body, and never hangs. Reaching
-//! `mint` and `redeem` past their certificate check needs a certificate signed over the
-//! provider's fresh key, which no input can hold: those requests stop at `not-certified`.
+//! `outside-root` error), drops the connection on any other body, and never hangs.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Component, Path, PathBuf};
@@ -28,6 +31,7 @@ use block_io::{BlockDevice, FileStorage, RawDisk};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
+use super::ca::{PublicKey, Role, TransferCa};
 use super::control::{ControlKey, Reply, Request, Session};
 use super::daemon::{serve_connection, DaemonConfig, ImageOpener, Inner};
 use super::TransferError;
@@ -36,6 +40,8 @@ use super::TransferError;
 pub const KEY: [u8; 32] = [0x42; 32];
 /// The image under the root (64 KiB raw).
 pub const IMAGE: &str = "disk.raw";
+/// The transfer the harness certifies in both roles when mode bit 1 is set.
+pub const CERTIFIED_TRANSFER: uuid::Uuid = uuid::Uuid::from_u128(0x7431);
 /// How long one input may take.
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -44,19 +50,19 @@ const LIMIT: Duration = Duration::from_secs(20);
 #[error("fuzz invariant violated: {0}")]
 pub struct Violation(pub String);
 
-/// Opens raw images read-only (the fuzzed daemon never writes its root).
+/// Opens the root's files as raw images (redeems write the fuzz world's scratch image).
 #[derive(Debug)]
-struct ReadOnlyOpener;
+struct RawOpener;
 
-impl ImageOpener for ReadOnlyOpener {
+impl ImageOpener for RawOpener {
     fn open(&self, path: &Path, writable: bool) -> Result<Arc<dyn BlockDevice>, TransferError> {
-        if writable {
-            return Err(TransferError::Invalid(
-                "the fuzzed provider opens nothing writable".into(),
-            ));
-        }
-        let s = FileStorage::open(path, &block_io::OpenOptions::new().read_only(true))?;
-        Ok(Arc::new(RawDisk::with_options(s, 512, true)?))
+        let s = FileStorage::open(
+            path,
+            &block_io::OpenOptions::new()
+                .read_only(!writable)
+                .lock(block_io::LockMode::Off),
+        )?;
+        Ok(Arc::new(RawDisk::with_options(s, 512, !writable)?))
     }
 }
 
@@ -89,7 +95,7 @@ impl ControlWorld {
             .enable_all()
             .build()?;
         Ok(ControlWorld {
-            inner: Inner::new(root, config, Arc::new(ReadOnlyOpener)),
+            inner: Inner::new(root, config, Arc::new(RawOpener)),
             rt,
             next_conn: AtomicU64::new(1),
         })
@@ -112,7 +118,7 @@ impl ControlWorld {
                     raw_wire(client, rest).await;
                     Ok(())
                 } else {
-                    authenticated(client, rest).await
+                    authenticated(client, rest, mode & 2 != 0).await
                 };
                 r
             };
@@ -158,12 +164,73 @@ fn plainly_outside(path: &str) -> bool {
             .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
 }
 
-async fn authenticated(client: tokio::io::DuplexStream, rest: &[u8]) -> Result<(), Violation> {
+/// Joins [`CERTIFIED_TRANSFER`] as `role` the way an initiator does.
+async fn certify<S>(s: &mut Session<S>, ca: &TransferCa, role: Role) -> Result<(), Violation>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let v = |what: &str, e: String| Violation(format!("an honest {what} failed: {e}"));
+    s.send(&Request::Trust {
+        transfer: CERTIFIED_TRANSFER,
+        role,
+        ca: crate::hex::encode(ca.cert_der()),
+    })
+    .await
+    .map_err(|e| v("trust", e.to_string()))?;
+    let key = match s.recv::<Reply>().await {
+        Ok(Some(Reply::Trusted { public_key })) => crate::hex::decode(&public_key)
+            .and_then(|b| PublicKey::from_raw(&b))
+            .ok_or_else(|| v("trust", format!("public key {public_key:?}")))?,
+        other => return Err(v("trust", format!("{other:?}"))),
+    };
+    let cert = ca
+        .issue(role, &key)
+        .map_err(|e| v("issue", e.to_string()))?;
+    s.send(&Request::Certify {
+        transfer: CERTIFIED_TRANSFER,
+        role,
+        cert: crate::hex::encode(&cert),
+    })
+    .await
+    .map_err(|e| v("certify", e.to_string()))?;
+    match s.recv::<Reply>().await {
+        Ok(Some(Reply::Certified)) => Ok(()),
+        other => Err(v("certify", format!("{other:?}"))),
+    }
+}
+
+/// Whether a redeem's source is one the harness lets the daemon connect to.
+fn loopback_source(req: &Request) -> bool {
+    match req {
+        Request::Redeem {
+            source: Some(ep), ..
+        } => matches!(
+            ep.host.as_str(),
+            "127.0.0.1" | "::1" | "[::1]" | "localhost"
+        ),
+        _ => true,
+    }
+}
+
+async fn authenticated(
+    client: tokio::io::DuplexStream,
+    rest: &[u8],
+    certified: bool,
+) -> Result<(), Violation> {
     let mut s = Session::client(client, &ControlKey::from_bytes(KEY))
         .await
         .map_err(|e| Violation(format!("an honest hello failed: {e}")))?;
+    if certified {
+        let ca = TransferCa::new(CERTIFIED_TRANSFER, Duration::from_secs(600))
+            .map_err(|e| Violation(format!("cannot make the transfer CA: {e}")))?;
+        certify(&mut s, &ca, Role::Source).await?;
+        certify(&mut s, &ca, Role::Destination).await?;
+    }
     for body in bodies(rest) {
         let parsed = serde_json::from_slice::<Request>(body);
+        if parsed.as_ref().is_ok_and(|r| !loopback_source(r)) {
+            continue;
+        }
         if s.send_raw(body).await.is_err() {
             return match parsed {
                 Ok(r) => Err(Violation(format!("the daemon left before {r:?}"))),
@@ -199,7 +266,17 @@ async fn authenticated(client: tokio::io::DuplexStream, rest: &[u8]) -> Result<(
 /// Encodes an authenticated input of `bodies` (the inverse of what [`ControlWorld::run`]
 /// reads).
 pub fn authenticated_input(bodies: &[&[u8]]) -> Vec<u8> {
-    let mut v = vec![1u8];
+    bodies_input(1, bodies)
+}
+
+/// Encodes an authenticated input whose bodies follow the genuine certification of
+/// [`CERTIFIED_TRANSFER`] in both roles.
+pub fn certified_input(bodies: &[&[u8]]) -> Vec<u8> {
+    bodies_input(3, bodies)
+}
+
+fn bodies_input(mode: u8, bodies: &[&[u8]]) -> Vec<u8> {
+    let mut v = vec![mode];
     for b in bodies {
         let n = u16::try_from(b.len()).unwrap_or(u16::MAX);
         v.extend_from_slice(&n.to_le_bytes());
