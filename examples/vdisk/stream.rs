@@ -35,6 +35,9 @@ pub struct StreamArgs {
     /// Fetches in flight at once.
     #[arg(short = 'm', default_value_t = 4)]
     pub parallel: usize,
+    /// Bytes per remote request of the job (K/M suffixes; whole granules of 1 MiB).
+    #[arg(long, default_value = "4M")]
+    pub chunk: String,
     /// Accept an NBD parent that advertises no identity, checked by content fingerprint.
     #[arg(long)]
     pub unverified: bool,
@@ -71,8 +74,10 @@ pub fn run(a: StreamArgs) -> CliResult {
     let url = cor.url().display().to_string();
     let live = LiveDisk::new(Arc::new(disk));
     let runner = JobRunner::new().map_err(job_err)?;
+    let chunk = crate::size::parse_size(&a.chunk)?;
     let opts = JobOptions {
         rate,
+        chunk,
         parallel: a.parallel.max(1),
         ..JobOptions::default()
     };
