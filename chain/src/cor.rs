@@ -1122,6 +1122,30 @@ pub fn finish_streaming(
     })
 }
 
+/// The locator of a streamed VHDX child once its parent is local: every key of `old` kept
+/// (`parent_linkage` too: the replica has the identity it names) except the remote URL
+/// ([`crate::remote::URL_KEY`]) and `volume_path`, with `relative_path` and
+/// `absolute_win32_path` naming the replica.
+pub fn local_locator(
+    old: &vhdx_format::locator::ParentLocator,
+    relative: &str,
+    absolute: &str,
+) -> vhdx_format::locator::ParentLocator {
+    let mut entries: Vec<(String, String)> = Vec::new();
+    for (k, v) in &old.entries {
+        match k.to_ascii_lowercase().as_str() {
+            crate::remote::URL_KEY | "volume_path" | "relative_path" | "absolute_win32_path" => {}
+            _ => entries.push((k.clone(), v.clone())),
+        }
+    }
+    entries.push(("relative_path".into(), relative.to_string()));
+    entries.push(("absolute_win32_path".into(), absolute.to_string()));
+    vhdx_format::locator::ParentLocator {
+        locator_type: old.locator_type,
+        entries,
+    }
+}
+
 /// Points `child` at `replica` in one crash-safe metadata change, keeping the recorded
 /// parent identity.
 fn repoint(
@@ -1155,22 +1179,7 @@ fn repoint(
                 .ok_or_else(|| StreamError::NoParent {
                     child: child.to_path_buf(),
                 })?;
-            let mut entries: Vec<(String, String)> = Vec::new();
-            for (k, v) in &old.entries {
-                match k.to_ascii_lowercase().as_str() {
-                    crate::remote::URL_KEY
-                    | "volume_path"
-                    | "relative_path"
-                    | "absolute_win32_path" => {}
-                    _ => entries.push((k.clone(), v.clone())),
-                }
-            }
-            entries.push(("relative_path".into(), relative));
-            entries.push(("absolute_win32_path".into(), abs));
-            let new = vhdx_format::locator::ParentLocator {
-                locator_type: old.locator_type,
-                entries,
-            };
+            let new = local_locator(&old, &relative, &abs);
             f.set_parent_locator(&new)
                 .map_err(io_err("repoint", child))?;
             f.close().map_err(io_err("close", child))?;
