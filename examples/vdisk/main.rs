@@ -39,6 +39,7 @@ mod bench;
 mod cmds;
 mod commit;
 mod compact;
+mod control;
 mod convert;
 mod demo;
 mod guard;
@@ -260,6 +261,10 @@ enum Cmd {
         /// either way), or sync (one at a time on the queue's thread).
         #[arg(long, default_value = "io_uring")]
         aio: String,
+        /// vhost-user: a control socket for online operations while the VM runs (resize,
+        /// commit, compact, convert, backup, job control; `vdisk control PATH help`).
+        #[arg(long, value_name = "PATH", requires = "socket")]
+        control: Option<PathBuf>,
         /// Image file.
         image: PathBuf,
     },
@@ -289,6 +294,9 @@ enum Cmd {
     Mirror(mirror::MirrorArgs),
     /// Pull a child's remote base into a local replica, then make it the local parent.
     Stream(stream::StreamArgs),
+    /// Send one request to the control socket of `vdisk serve --control` (resize, commit,
+    /// compact, convert, backup, job, job-wait, ...).
+    Control(control::ControlArgs),
     /// Measure I/O on an image as qemu-img bench does (same flags), through the I/O engine.
     Bench(bench::BenchArgs),
     /// Random guest I/O against a model while an online job runs on the image; one JSON line.
@@ -496,6 +504,7 @@ fn main() -> ExitCode {
         Cmd::Receive(args) => send::run_receive(args),
         Cmd::Mirror(args) => mirror::run(args),
         Cmd::Stream(args) => stream::run(args),
+        Cmd::Control(args) => control::run_client(args),
         Cmd::Serve {
             socket,
             queues,
@@ -507,6 +516,7 @@ fn main() -> ExitCode {
             export,
             tls_creds,
             tls_verify_peer,
+            control,
             image,
         } => match (socket, nbd, nbd_socket) {
             (Some(socket), None, None) => serve::run(
@@ -517,6 +527,7 @@ fn main() -> ExitCode {
                     read_only,
                     cache,
                     aio,
+                    control,
                 },
             ),
             (None, Some(addr), None) => nbd_serve::run(

@@ -43,25 +43,30 @@ fn err(e: ResizeError) -> CliError {
     CliError::new(format!("{}{hint}", crate::cause_chain(&e)))
 }
 
+/// The size `spec` asks for: absolute, or `+SIZE` / `-SIZE` relative to `current`.
+pub fn new_size(current: u64, spec: &str) -> Result<u64, CliError> {
+    let s = spec.trim();
+    if let Some(d) = s.strip_prefix('+') {
+        current
+            .checked_add(crate::size::parse_size(d)?)
+            .ok_or_else(|| CliError::new("the new size overflows"))
+    } else if let Some(d) = s.strip_prefix('-') {
+        current
+            .checked_sub(crate::size::parse_size(d)?)
+            .filter(|&n| n > 0)
+            .ok_or_else(|| CliError::new("the new size is not positive"))
+    } else {
+        crate::size::parse_size(s)
+    }
+}
+
 /// Runs the verb.
 pub fn run(a: ResizeArgs) -> CliResult {
     let (current, format) = {
         let img = crate::image::open(&a.image, a.format.as_deref(), true)?;
         (img.dev.info().virtual_size, img.format)
     };
-    let s = a.size.trim();
-    let new_size = if let Some(d) = s.strip_prefix('+') {
-        current
-            .checked_add(crate::size::parse_size(d)?)
-            .ok_or_else(|| CliError::new("the new size overflows"))?
-    } else if let Some(d) = s.strip_prefix('-') {
-        current
-            .checked_sub(crate::size::parse_size(d)?)
-            .filter(|&n| n > 0)
-            .ok_or_else(|| CliError::new("the new size is not positive"))?
-    } else {
-        crate::size::parse_size(s)?
-    };
+    let new_size = new_size(current, &a.size)?;
     if new_size < current && !a.shrink {
         return Err(CliError::new(format!(
             "shrinking {} from {current} to {new_size} bytes needs --shrink",

@@ -3,12 +3,16 @@
 //! socket keeps listening, so a VM restart needs no restart of this daemon.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::thread;
 
 use signal_hook::consts::signal::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use vdisk::block_io::vhost_user::{ServerOptions, VhostUserBlkServer};
 use vdisk::block_io::BlockDevice;
+use vdisk::meta_ops::LiveDisk;
+
+use crate::control::Control;
 
 use crate::{CliError, CliResult};
 
@@ -20,6 +24,8 @@ pub struct Mode {
     pub cache: String,
     /// `io_uring`, `threads` or `sync`.
     pub aio: String,
+    /// A control socket for online operations (`crate::control`).
+    pub control: Option<std::path::PathBuf>,
 }
 
 /// Serves `image` on the unix socket `socket` with `queues` request queues.
@@ -30,16 +36,27 @@ pub fn run(image: &Path, socket: &Path, queues: u16, mode: &Mode) -> CliResult {
         name => Some(crate::bench::parse_aio(name)?),
     };
     let read_only = mode.read_only;
-    let img = crate::image::open_with(
-        image,
-        None,
-        &crate::image::Access {
-            read_only,
-            direct,
-            force_share: false,
-        },
-    )?;
-    let dev = img.dev.clone();
+    // With a control socket the guest's disk is a LiveDisk, which online jobs attach to.
+    let (dev, format, controlled): (Arc<dyn BlockDevice>, _, _) = match &mode.control {
+        Some(path) => {
+            let opened = crate::control::open(image, read_only, direct)?;
+            let format = opened.disk.layers()[0].format;
+            let live = LiveDisk::new(opened.disk.clone());
+            (live.clone(), format, Some((live, opened, path.as_path())))
+        }
+        None => {
+            let img = crate::image::open_with(
+                image,
+                None,
+                &crate::image::Access {
+                    read_only,
+                    direct,
+                    force_share: false,
+                },
+            )?;
+            (img.dev, img.format, None)
+        }
+    };
     let info = dev.info();
     let serial = info
         .disk_id
@@ -52,11 +69,20 @@ pub fn run(image: &Path, socket: &Path, queues: u16, mode: &Mode) -> CliResult {
         ..ServerOptions::default()
     };
     let mut server = VhostUserBlkServer::bind(socket, dev.clone(), &opts)?;
+    let control = match controlled {
+        Some((live, opened, path)) => {
+            let c = Control::new(live, opened, server.config_handle(), image)?;
+            let listener = c.listen(path)?;
+            eprintln!("vdisk: control socket on {}", path.display());
+            Some((c, listener, path))
+        }
+        None => None,
+    };
     let stop = server.stop_handle();
     eprintln!(
         "vdisk: serving {} ({}, {} bytes{}) on {} with {} queue(s), cache={}, aio={}",
         image.display(),
-        img.format.name(),
+        format.name(),
         info.virtual_size,
         if info.read_only { ", read-only" } else { "" },
         socket.display(),
@@ -64,7 +90,7 @@ pub fn run(image: &Path, socket: &Path, queues: u16, mode: &Mode) -> CliResult {
         if direct { "none" } else { "writeback" },
         mode.aio
     );
-    until_signal(
+    let served = until_signal(
         &*dev,
         move || stop.stop(),
         move || {
@@ -72,7 +98,15 @@ pub fn run(image: &Path, socket: &Path, queues: u16, mode: &Mode) -> CliResult {
             // Dropping the server removes the socket.
             (served, server.connections())
         },
-    )
+    );
+    drop(dev);
+    match control {
+        Some((c, listener, path)) => {
+            let finished = c.finish(path, listener);
+            served.and(finished)
+        }
+        None => served,
+    }
 }
 
 /// Runs `serve` (which returns its result and how many connections it had, its server
