@@ -15,12 +15,13 @@
 //! | `compact [rate=R]` | starts returning the top's unused space (VHD/VHDX, `--cache writeback`) |
 //! | `convert FORMAT PATH [rate=R]` | starts an online convert into a new image; the guest moves to it at the pivot |
 //! | `backup FORMAT PATH [rate=R]` | starts a point-in-time copy into a new image; the guest stays |
+//! | `mirror nbd://HOST:PORT/NAME [timing=before\|after\|split] [rate=R]` | starts moving the disk to an NBD export of the same size (another host); the guest ends on it |
 //! | `job` | the job's progress, or its result once it ended |
 //! | `job-wait` | waits for the job to end; its result |
 //! | `job-pause`, `job-resume`, `job-cancel`, `job-rate R` | steer the running job |
 //!
 //! One job runs at a time, and a resize waits for none (it is refused while a job runs).
-//! After a commit or a convert the guest is on another chain: resizing and compacting are
+//! After a commit, a convert or a mirror the guest is on another chain: resizing and compacting are
 //! then refused until `vdisk serve` is started again on the image the guest ended on (the
 //! reply of `job` names it). A top committed into its parent is stale afterwards: when serving
 //! ends, a VHDX one is unlinked from its parent (`meta_ops::unlink_stale`), as `vdisk commit`
@@ -39,7 +40,8 @@ use vdisk::block_io::vhost_user::ConfigHandle;
 use vdisk::block_io::BlockDevice;
 use vdisk::chain::{Disk, Format};
 use vdisk::meta_ops::{
-    CommitOptions, CompactTarget, Job, JobError, JobHandle, JobRunner, LiveDisk, Pivot, Retire,
+    CommitOptions, CompactTarget, Job, JobError, JobHandle, JobRunner, LiveDisk, MirrorTiming,
+    Pivot, Retire,
 };
 
 use crate::{CliError, CliResult};
@@ -284,6 +286,10 @@ impl Control {
             "info" => Ok(self.info()),
             "resize" => self.resize(args),
             "commit" | "compact" => self.start(cmd, args, None),
+            "mirror" => match args {
+                [url, rest @ ..] => self.start(cmd, rest, Some((&"nbd", url))),
+                _ => Err("usage: mirror nbd://HOST:PORT/NAME [timing=before|after|split] [rate=BYTES/S]".into()),
+            },
             "convert" | "backup" => match args {
                 [format, path, rest @ ..] => self.start(cmd, rest, Some((format, path))),
                 _ => Err(format!("usage: {cmd} FORMAT PATH [rate=BYTES/S]")),
@@ -292,7 +298,7 @@ impl Control {
             "job-wait" => self.job_wait(),
             "job-pause" | "job-resume" | "job-cancel" | "job-rate" => self.steer(cmd, args),
             _ => Err(format!(
-                "unknown request '{cmd}' (info, resize, commit, compact, convert, backup, job, \
+                "unknown request '{cmd}' (info, resize, commit, compact, convert, backup, mirror, job, \
                  job-wait, job-pause, job-resume, job-cancel, job-rate)"
             )),
         }
@@ -367,10 +373,18 @@ impl Control {
         dest: Option<(&&str, &&str)>,
     ) -> Result<Value, String> {
         let mut rate = 0;
+        let mut timing = MirrorTiming::Before;
         for a in args {
-            let v = a
-                .strip_prefix("rate=")
-                .ok_or_else(|| format!("{cmd} takes rate=BYTES/S, not '{a}'"))?;
+            if let (Some(v), "mirror") = (a.strip_prefix("timing="), cmd) {
+                timing = crate::mirror::parse_timing(v)?;
+                continue;
+            }
+            let v = a.strip_prefix("rate=").ok_or_else(|| {
+                format!(
+                    "{cmd} takes rate=BYTES/S{}, not '{a}'",
+                    if cmd == "mirror" { " and timing=T" } else { "" }
+                )
+            })?;
             rate = crate::size::parse_size(v).map_err(|e| e.message)?;
         }
         let mut st = self.state.lk();
@@ -400,6 +414,14 @@ impl Control {
                      and no resize, commit or convert since serving started",
                 )?;
                 ("compact", Job::compact(target), None)
+            }
+            "mirror" => {
+                let (_, url) = dest.ok_or("a destination is needed")?;
+                let size = self.live.info().virtual_size;
+                let dev = crate::mirror::open_destination(url, size, "the served disk")
+                    .map_err(|e| e.message)?;
+                let job = Job::mirror(dev).timing(timing);
+                ("mirror", job, Some(PathBuf::from(url)))
             }
             _ => {
                 let (format, path) = dest.ok_or("a destination is needed")?;
@@ -459,7 +481,7 @@ impl Control {
         if let Some(h) = j.handle.take() {
             let v = match h.wait_blocking() {
                 Ok(r) => {
-                    let switched = matches!(j.name, "commit" | "convert");
+                    let switched = matches!(j.name, "commit" | "convert" | "mirror");
                     if switched {
                         // The guest is on another chain now.
                         st.chain = None;

@@ -54,6 +54,39 @@ fn job_err(e: JobError) -> CliError {
     CliError::new(crate::cause_chain(&e))
 }
 
+/// Connects to the export at `url` as a mirror's destination for a disk of `size` bytes
+/// (named `what` in errors): plain `nbd://` only, the same size.
+pub fn open_destination(
+    url: &str,
+    size: u64,
+    what: &str,
+) -> Result<Arc<dyn BlockDevice>, CliError> {
+    if url.to_ascii_lowercase().starts_with("nbds") {
+        return Err(CliError::new(
+            "vdisk mirror does not take nbds:// (TLS) destinations yet",
+        ));
+    }
+    // Several connections when the export allows it (multi-conn), as nbdcopy uses.
+    let opts = NbdClientOptions {
+        connections: 4,
+        ..NbdClientOptions::default()
+    };
+    let dest = NbdClient::open(url, opts).map_err(|e| {
+        CliError::new(format!(
+            "cannot connect to {url}: {}",
+            crate::cause_chain(&e)
+        ))
+    })?;
+    let dest: Arc<dyn BlockDevice> = Arc::new(dest);
+    if dest.info().virtual_size != size {
+        return Err(CliError::new(format!(
+            "{url} has {} bytes, {what} has {size}: the export must have the disk's size",
+            dest.info().virtual_size,
+        )));
+    }
+    Ok(dest)
+}
+
 /// Runs the verb; exit 0 when the export holds the disk.
 pub fn run(a: MirrorArgs) -> CliResult {
     let rate = a
@@ -62,34 +95,9 @@ pub fn run(a: MirrorArgs) -> CliResult {
         .map(crate::size::parse_size)
         .transpose()?
         .unwrap_or(0);
-    if a.to.to_ascii_lowercase().starts_with("nbds") {
-        return Err(CliError::new(
-            "vdisk mirror does not take nbds:// (TLS) destinations yet",
-        ));
-    }
     let img = crate::image::open(&a.image, a.format.as_deref(), true)?;
-    // Several connections when the export allows it (multi-conn), as nbdcopy uses.
-    let opts = NbdClientOptions {
-        connections: 4,
-        ..NbdClientOptions::default()
-    };
-    let dest = NbdClient::open(&a.to, opts).map_err(|e| {
-        CliError::new(format!(
-            "cannot connect to {}: {}",
-            a.to,
-            crate::cause_chain(&e)
-        ))
-    })?;
-    let dest: Arc<dyn BlockDevice> = Arc::new(dest);
     let size = img.dev.info().virtual_size;
-    if dest.info().virtual_size != size {
-        return Err(CliError::new(format!(
-            "{} has {} bytes, {} has {size}: the export must have the disk's size",
-            a.to,
-            dest.info().virtual_size,
-            a.image.display()
-        )));
-    }
+    let dest = open_destination(&a.to, size, &a.image.display().to_string())?;
     let live = LiveDisk::new(img.dev.clone());
     let runner = JobRunner::new().map_err(job_err)?;
     let t0 = Instant::now();

@@ -344,3 +344,81 @@ fn a_control_path_that_is_a_file_is_refused() {
     assert!(err.contains("is not a socket"), "{err}");
     assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
 }
+
+/// `vdisk serve --nbd` of `image` as export "b" (host B); its port.
+fn nbd_serve(image: &str) -> (Daemon, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let d = Daemon(
+        Command::new(vdisk_bin())
+            .args([
+                "serve",
+                "--nbd",
+                &format!("127.0.0.1:{port}"),
+                "--export",
+                "b",
+                image,
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "vdisk serve --nbd never listened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (d, port)
+}
+
+/// Mirror the served disk to another host's NBD export (timing `after`: the guest moves at
+/// once, reads of what B lacks come from A) while the guest writes; B's image holds everything
+/// afterwards.
+#[test]
+fn mirror_to_an_nbd_export_under_a_writing_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_base, top, original) = chain(dir.path(), "16M");
+    let b = p(dir.path(), "b.raw");
+    // Host B's disk holds junk: the mirror must overwrite or zero everything.
+    std::fs::write(&b, vec![0xee; 16 << 20]).unwrap();
+    let (nbd, port) = nbd_serve(&b);
+    let (vu, sock) = (p(dir.path(), "vu.sock"), p(dir.path(), "ctl.sock"));
+    let d = serve(&top, &vu, &sock);
+    let mut c = Client::connect(&vu, &ClientOptions::default()).unwrap();
+    let mut m = Model {
+        blocks: vec![0; original.len() / BLK],
+        original,
+    };
+    let mut seed = 5;
+    guest_writes(&mut c, &mut m, 100, &mut seed);
+    let url = format!("nbd://127.0.0.1:{port}/b");
+    assert!(
+        ctl(&sock, &format!("mirror {url} timing=sideways"))["error"]
+            .as_str()
+            .unwrap()
+            .contains("sideways")
+    );
+    let r = job_under_writes(
+        &mut c,
+        &mut m,
+        &sock,
+        &format!("mirror {url} timing=after"),
+        &mut seed,
+    );
+    assert_eq!(r["guest_on"].as_str().unwrap(), url);
+    guest_writes(&mut c, &mut m, 100, &mut seed);
+    verify_guest(&mut c, &m, "after the mirror");
+    assert_eq!(c.flush().unwrap(), VIRTIO_BLK_S_OK);
+    c.close();
+    let (exited, log) = d.stop();
+    assert!(exited, "vdisk serve failed: {log}");
+    let (exited, log) = nbd.stop();
+    assert!(exited, "vdisk serve --nbd failed: {log}");
+    verify_file(&b, &m, "host B's image");
+}
