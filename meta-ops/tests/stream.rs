@@ -793,3 +793,50 @@ fn finish_steps_crash_sweep() {
         "{ops} ops, {outcomes:?}"
     );
 }
+
+/// Interrupted between the job and the finish (the process ends with the replica complete):
+/// the child still opens with its remote parent; streaming again fetches nothing and the
+/// finish completes. After the finish, streaming refuses: the parent is local.
+#[test]
+fn a_complete_replica_is_finished_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhd");
+    let mut model = make_base(&base, "vhd");
+    let srv = OurServer::start(&base, 0);
+    let child = dir.path().join("child.vhd");
+    let parent = open_nbd_parent(&child, &srv.url(), Format::Vhd, RemoteParents::Allow).unwrap();
+    make_child(&child, &srv.url(), &parent, "vhd");
+    drop(parent);
+    write_child(&child, RemoteParents::Allow, &mut model);
+    let run = || {
+        let meta_ops::stream::Streaming { disk, cor, .. } =
+            open_streaming(&child, &StreamOptions::default()).unwrap();
+        let live = LiveDisk::new(Arc::new(disk));
+        let runner = JobRunner::new().unwrap();
+        let r = runner
+            .start_stream(&live, cor.clone(), JobOptions::default())
+            .unwrap()
+            .wait_blocking()
+            .unwrap();
+        assert_eq!(cor.missing(), 0);
+        r
+    };
+    let first = run();
+    assert!(first.buffered_bytes > 0);
+    // Not finished: the child's parent is still the export.
+    let d = Disk::open(
+        &child,
+        &OpenOptions::new().remote_parents(RemoteParents::Allow),
+    )
+    .unwrap();
+    assert!(chain::remote::is_url_path(&d.layers()[1].path));
+    assert!(read_all(&d) == model);
+    drop(d);
+    let again = run();
+    assert_eq!(again.buffered_bytes, 0, "{again:?}");
+    finish_stream(&child, &StreamOptions::default()).unwrap();
+    drop(srv);
+    check_local(&child, &model);
+    let e = open_streaming(&child, &StreamOptions::default()).unwrap_err();
+    assert!(matches!(e, StreamError::NotRemote { .. }), "{e}");
+}
