@@ -93,6 +93,16 @@
 //!   failure of the destination's own storage while applying (a full disk, an I/O error)
 //!   leaves it partly updated; the error says so.
 //!
+//! After a power cut (`tests/crash_jobs.rs`, every write and sync of the fault backend cut,
+//! unsynced writes lost or torn): a full stream's DEST does not exist until the image was
+//! synced and renamed, and then reads exactly the disk sent (a temporary file
+//! `.NAME.vdisk-recv-*` may be left beside it; nothing removes it). An incremental
+//! stream's DEST always opens and checks clean, and once [`receive`] returned it reads the
+//! disk sent; a cut while the records are applied leaves each sector as before or as
+//! after, **not** the old or the new disk as a whole (the records go in place; keep a copy
+//! of the snapshot to go back). [`receive_new`] and [`receive_into`] are the two halves of
+//! [`receive`] on storage or a chain the caller opened.
+//!
 //! The lineage check compares identities, so its strength is the format's: a VHDX gets a
 //! new DataWriteGuid with its first write after open, so a stream applied once (or a
 //! snapshot written since) is refused; a VHD's unique id and timestamp do not change when
@@ -105,7 +115,9 @@ mod wire;
 
 use std::path::PathBuf;
 
-pub use receiver::{receive, verify, ReceiveOptions, ReceiveProgress, ReceiveReport};
+pub use receiver::{
+    receive, receive_into, receive_new, verify, ReceiveOptions, ReceiveProgress, ReceiveReport,
+};
 pub use sender::{send, Level, LevelUse, SendOptions, SendProgress, SendReport};
 pub use wire::{
     Codec, StreamHeader, StreamIdentity, FINGERPRINT_SAMPLES, MAGIC, MAX_RECORD, VERSION,

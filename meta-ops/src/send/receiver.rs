@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use block_io::{BlockDevice, FileStorage, LockMode, RawDisk};
+use block_io::{BlockDevice, FileStorage, LockMode, RawDisk, Storage};
 use chain::Format;
 
 use super::wire::{self, Record, StreamHeader, StreamIdentity, StreamReader};
@@ -149,10 +149,21 @@ fn create_image(
 ) -> Result<Box<dyn BlockDevice>, SendError> {
     let storage = FileStorage::open(path, &block_io::OpenOptions::new().lock(lock))
         .map_err(dest_err("open", path))?;
+    create_on(storage, path, format, h)
+}
+
+/// Makes an empty image of `format` for `h` in the empty `storage` (`path` names it in
+/// errors).
+fn create_on<S: Storage + 'static>(
+    storage: S,
+    path: &Path,
+    format: Format,
+    h: &StreamHeader,
+) -> Result<Box<dyn BlockDevice>, SendError> {
     let size = h.virtual_size;
     let dev: Box<dyn BlockDevice> = match format {
         Format::Raw => {
-            block_io::Storage::set_len(&storage, size).map_err(dest_err("size", path))?;
+            storage.set_len(size).map_err(dest_err("size", path))?;
             Box::new(
                 RawDisk::with_options(storage, h.logical_sector_size, false)
                     .map_err(dest_err("open", path))?,
@@ -334,7 +345,7 @@ pub fn receive(
             }
             (format, t)
         }
-        Some(base) => {
+        Some(_) => {
             if !exists {
                 return Err(SendError::DestMissing(dest.to_path_buf()));
             }
@@ -342,70 +353,7 @@ pub fn receive(
                 dest,
                 &chain::OpenOptions::new().read_only(false).lock(opts.lock),
             )?;
-            let info = disk.info();
-            if info.virtual_size != h.virtual_size
-                || info.logical_sector_size != h.logical_sector_size
-            {
-                return Err(SendError::Geometry {
-                    dest: dest.to_path_buf(),
-                    why: format!(
-                        "it has {} bytes in {}-byte sectors, the stream {} in {}-byte ones",
-                        info.virtual_size,
-                        info.logical_sector_size,
-                        h.virtual_size,
-                        h.logical_sector_size
-                    ),
-                });
-            }
-            let top = &disk.layers()[0];
-            let found = StreamIdentity::of_layer(top).map_err(dest_err("read", dest))?;
-            if found != *base {
-                return Err(SendError::Lineage {
-                    dest: dest.to_path_buf(),
-                    expected: base.to_string(),
-                    found: found.to_string(),
-                });
-            }
-            let format = top.format;
-            // Verify the whole stream into a spool file before touching the destination.
-            let spool = TempFile::beside(dest, "spool")?;
-            let spool_err = |source| SendError::File {
-                op: "write the spool file",
-                path: spool.path.clone(),
-                source,
-            };
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&spool.path)
-                .map_err(spool_err)?;
-            let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-            // The header was read before the spool was opened.
-            out.write_all(&h.encode()).map_err(spool_err)?;
-            let tee = r.inner_mut();
-            tee.spool = Some(out);
-            let verified = apply(&mut r, None, false, &progress, true);
-            let tee = r.inner_mut();
-            if let Some(e) = tee.spool_err.take() {
-                return Err(spool_err(e));
-            }
-            verified?;
-            if let Some(out) = tee.spool.take() {
-                out.into_inner()
-                    .map_err(|e| e.into_error())
-                    .and_then(|f| f.sync_all())
-                    .map_err(spool_err)?;
-            }
-            let file = File::open(&spool.path).map_err(|source| SendError::File {
-                op: "open",
-                path: spool.path.clone(),
-                source,
-            })?;
-            let mut again = StreamReader::new(BufReader::with_capacity(1 << 20, file));
-            again.read_header()?;
-            progress.applied.store(0, Ordering::Relaxed);
-            let t = apply(&mut again, Some((&disk, dest)), true, &progress, false)?;
-            disk.flush().map_err(dest_err("flush", dest))?;
-            (format, t)
+            incremental(&mut r, &h, &disk, dest, dest, &progress)?
         }
     };
     Ok(ReceiveReport {
@@ -418,6 +366,161 @@ pub fn receive(
         stream_bytes: progress.stream_bytes(),
         elapsed: start.elapsed(),
     })
+}
+
+/// A full stream from `input` written into a new image of `format` made in `storage`,
+/// which must be empty (`name` names it in errors): what [`receive`] does in its temporary
+/// file before it syncs the file and renames it into place. Returns once the END record
+/// checked out and the image was flushed (its storage synced). An incremental stream is
+/// refused with [`SendError::Invalid`] before anything is written. For callers that keep
+/// images on storage of their own, and for crash tests on the fault backend.
+pub fn receive_new<S: Storage + 'static>(
+    input: &mut dyn Read,
+    storage: S,
+    format: Format,
+    name: &Path,
+    opts: &ReceiveOptions,
+) -> Result<ReceiveReport, SendError> {
+    let start = Instant::now();
+    let progress = opts.progress.clone().unwrap_or_default();
+    let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, input));
+    let h = r.read_header()?;
+    progress.total.store(h.virtual_size, Ordering::Relaxed);
+    if h.base.is_some() {
+        return Err(SendError::Invalid(
+            "an incremental stream goes into its base snapshot (receive_into)".into(),
+        ));
+    }
+    let dev = create_on(storage, name, format, &h)?;
+    let t = apply(&mut r, Some((&*dev, name)), false, &progress, true)?;
+    dev.flush().map_err(dest_err("flush", name))?;
+    Ok(ReceiveReport {
+        incremental: false,
+        header: h,
+        format,
+        records: t.records,
+        data_bytes: t.data,
+        zero_bytes: t.zero,
+        stream_bytes: progress.stream_bytes(),
+        elapsed: start.elapsed(),
+    })
+}
+
+/// An incremental stream from `input` applied to `disk`, an open chain whose top image is
+/// the stream's base snapshot: what [`receive`] does once it has opened its destination
+/// (geometry and lineage checked before anything is written, the stream spooled into a
+/// temporary file in `spool_dir` and verified whole, then applied and the disk flushed).
+/// A full stream is refused with [`SendError::Invalid`]. For callers that keep images on
+/// storage of their own, and for crash tests on the fault backend.
+pub fn receive_into(
+    input: &mut dyn Read,
+    disk: &chain::Disk,
+    spool_dir: &Path,
+    opts: &ReceiveOptions,
+) -> Result<ReceiveReport, SendError> {
+    let start = Instant::now();
+    let progress = opts.progress.clone().unwrap_or_default();
+    let mut r = StreamReader::new(TeeRead {
+        inner: BufReader::with_capacity(1 << 20, input),
+        spool: None,
+        spool_err: None,
+    });
+    let h = r.read_header()?;
+    progress.total.store(h.virtual_size, Ordering::Relaxed);
+    if h.base.is_none() {
+        return Err(SendError::Invalid(
+            "a full stream makes a new image (receive or receive_new)".into(),
+        ));
+    }
+    let dest = disk.layers()[0].path.clone();
+    let name = dest.file_name().unwrap_or(std::ffi::OsStr::new("image"));
+    let beside = spool_dir.join(name);
+    let (format, t) = incremental(&mut r, &h, disk, &dest, &beside, &progress)?;
+    Ok(ReceiveReport {
+        incremental: true,
+        header: h,
+        format,
+        records: t.records,
+        data_bytes: t.data,
+        zero_bytes: t.zero,
+        stream_bytes: progress.stream_bytes(),
+        elapsed: start.elapsed(),
+    })
+}
+
+/// An incremental stream whose header `h` was read from `r` applied to `disk` (named `dest`
+/// in errors): geometry and lineage checked, the rest of the stream spooled into a
+/// temporary file beside `spool_beside` and verified, then applied and the disk flushed.
+fn incremental<R: Read>(
+    r: &mut StreamReader<TeeRead<R>>,
+    h: &StreamHeader,
+    disk: &chain::Disk,
+    dest: &Path,
+    spool_beside: &Path,
+    progress: &ReceiveProgress,
+) -> Result<(Format, Totals), SendError> {
+    let info = disk.info();
+    if info.virtual_size != h.virtual_size || info.logical_sector_size != h.logical_sector_size {
+        return Err(SendError::Geometry {
+            dest: dest.to_path_buf(),
+            why: format!(
+                "it has {} bytes in {}-byte sectors, the stream {} in {}-byte ones",
+                info.virtual_size, info.logical_sector_size, h.virtual_size, h.logical_sector_size
+            ),
+        });
+    }
+    let top = &disk.layers()[0];
+    let found = StreamIdentity::of_layer(top).map_err(dest_err("read", dest))?;
+    if Some(&found) != h.base.as_ref() {
+        return Err(SendError::Lineage {
+            dest: dest.to_path_buf(),
+            expected: h
+                .base
+                .as_ref()
+                .map_or_else(String::new, ToString::to_string),
+            found: found.to_string(),
+        });
+    }
+    let format = top.format;
+    // Verify the whole stream into a spool file before touching the destination.
+    let spool = TempFile::beside(spool_beside, "spool")?;
+    let spool_err = |source| SendError::File {
+        op: "write the spool file",
+        path: spool.path.clone(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&spool.path)
+        .map_err(spool_err)?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    // The header was read before the spool was opened.
+    out.write_all(&h.encode()).map_err(spool_err)?;
+    let tee = r.inner_mut();
+    tee.spool = Some(out);
+    let verified = apply(r, None, false, progress, true);
+    let tee = r.inner_mut();
+    if let Some(e) = tee.spool_err.take() {
+        return Err(spool_err(e));
+    }
+    verified?;
+    if let Some(out) = tee.spool.take() {
+        out.into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|f| f.sync_all())
+            .map_err(spool_err)?;
+    }
+    let file = File::open(&spool.path).map_err(|source| SendError::File {
+        op: "open",
+        path: spool.path.clone(),
+        source,
+    })?;
+    let mut again = StreamReader::new(BufReader::with_capacity(1 << 20, file));
+    again.read_header()?;
+    progress.applied.store(0, Ordering::Relaxed);
+    let t = apply(&mut again, Some((disk, dest)), true, progress, false)?;
+    disk.flush().map_err(dest_err("flush", dest))?;
+    Ok((format, t))
 }
 
 /// The stream's input, copied into a spool file once one is set.
