@@ -59,6 +59,11 @@
 //!   stays on the straddling device (reads of granules still on A keep working); A still
 //!   holds the disk as it was at the switch. Cancelling after the switch likewise stops the
 //!   copy and leaves the guest on the straddling device: it cannot go back to A.
+//! - **A power cut** (`tests/crash_jobs.rs`): before the switch A holds every write the
+//!   guest saw flushed, after the pivot B does; in between (`after`, `split`) a flushed
+//!   write made after the switch is on B and the others on A or B, which granules B holds
+//!   being known only in memory: neither host alone is the disk then. A guest flush after
+//!   the switch flushes A too (writes acknowledged on A before it may not be durable yet).
 
 mod straddle;
 

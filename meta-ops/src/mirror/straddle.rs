@@ -11,7 +11,8 @@
 //!   bytes and the granule's other bytes end up together on B.
 //! - **Discards** are written as zeros with unmap on B (a discard may read back as zeros;
 //!   B's own discard could show an old disk's bytes where B lacks the granule).
-//! - **Flushes** go to B (A is not written after the switch).
+//! - **Flushes** go to B and to A: A is not written after the switch, but guest writes it
+//!   acknowledged before may not be durable yet, and a flush after the switch covers them.
 //! - The **background copy** ([`Straddle::copy_granules`]) takes granules exclusively,
 //!   copies those still missing from A and marks them copied; it never overwrites a granule
 //!   the guest wrote on B, because the guest marks a granule copied before releasing it.
@@ -249,7 +250,11 @@ impl BlockDevice for Straddle {
         self.put(offset, len, Put::Zeroes(true))
     }
 
+    /// Flushes B, and A too: guest writes acknowledged on A before the switch may not be
+    /// durable there yet, and a flush the guest sends after the switch covers them. A has
+    /// nothing new to write after the first such flush, so later ones cost little.
     fn flush(&self) -> block_io::Result<()> {
+        self.src.flush().map_err(a_err("flush", 0))?;
         self.dest().flush().map_err(b_err("flush", 0))
     }
 
