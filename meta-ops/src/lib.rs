@@ -69,8 +69,10 @@
 //!   blocks dirty again.
 //! - The destination is valid at every instant as far as its format keeps it so: the job
 //!   writes it only through [`BlockDevice`] calls and mapped file extents of blocks already
-//!   allocated. The commit job has a crash sweep on the fault backend
-//!   (`tests/commit_crash.rs`); copy and convert do not yet.
+//!   allocated. Commit, copy, convert and mirror have crash sweeps on the fault backend
+//!   (`tests/commit_crash.rs`, `tests/crash_jobs.rs`): after a power cut at any write or
+//!   sync the destination opens and checks clean, reads exactly the source once the job
+//!   reported success, and the disk the guest was on holds every write it saw flushed.
 //! - A compact job changes where blocks lie in the guest's own image, never what it reads;
 //!   each step leaves the file openable after a crash at any write or sync, with every
 //!   flushed guest write intact (`tests/compact.rs`, [`Job::compact`]).
