@@ -434,11 +434,40 @@ fn stream_over_http(fmt: &str) {
     make_child(&child, &url, &parent, fmt);
     drop(parent);
     write_child(&child, RemoteParents::Allow, &mut model);
+    // Requests nginx served so far (its access log, one line each).
+    let log = web.root.parent().unwrap().join("access.log");
+    let served = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    // Copy-on-read over HTTP: the first read of a range asks nginx, the second does not.
+    {
+        let s = open_streaming(&child, &StreamOptions::default()).unwrap();
+        let mut b = vec![0u8; 128 * 1024];
+        let n0 = served();
+        s.disk.read_at(&mut b, 20 * MIB + 4096).unwrap();
+        assert!(b == model[(20 * MIB + 4096) as usize..][..128 * 1024]);
+        let n1 = served();
+        assert!(n1 > n0, "the first read asked nginx nothing");
+        s.disk.read_at(&mut b, 20 * MIB + 4096).unwrap();
+        assert_eq!(
+            served(),
+            n1,
+            "a second read of the same range went to nginx"
+        );
+    }
     let opts = JobOptions {
         parallel: 4,
         ..JobOptions::default()
     };
-    stream_with_guest(&child, model, opts);
+    stream_with_guest(&child, model.clone(), opts);
+    // The finished chain reads without asking nginx anything.
+    let n = served();
+    let d = Disk::open(&child, &OpenOptions::new()).unwrap();
+    let _ = read_all(&d);
+    assert_eq!(served(), n, "the local chain made HTTP requests");
     drop(web);
 }
 
