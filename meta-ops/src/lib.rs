@@ -7,8 +7,10 @@
 //! top `chain::Disk` — into a new image of another format that the caller created), with
 //! **commit** (merge layers of a chain into an ancestor) and **compact** (return an image's
 //! unused space in place while the guest uses it, [`Job::compact`]), and a **resize** of the
-//! top image under a running guest ([`resize_live`]; offline [`resize_image`]). Stream and
-//! mirror are to come on the same engine.
+//! top image under a running guest ([`resize_live`]; offline [`resize_image`]). With the
+//! `remote` feature, **stream** pulls a remote base into a local replica under its child
+//! (copy-on-read meanwhile) and then makes the chain local (`stream`,
+//! `JobRunner::start_stream`).
 //!
 //! ```no_run
 //! use std::sync::Arc;
