@@ -69,7 +69,9 @@ impl Sidecar {
             return Err(bad("the bit count does not match the size"));
         }
         let words = usize::try_from(granules.div_ceil(64)).map_err(|_| bad("too many bits"))?;
-        if data.len() != HEAD + words * 8 {
+        // Bounded by the file's length before anything is sized by it.
+        let want = words.checked_mul(8).and_then(|n| n.checked_add(HEAD));
+        if want != Some(data.len()) {
             return Err(bad("truncated or overlong"));
         }
         let identity = match kind {
@@ -149,5 +151,63 @@ pub(crate) fn identity_parts(id: &Identity) -> (u8, Uuid, u32) {
             timestamp,
         } => (2, unique_id, timestamp),
         Identity::Raw => (0, Uuid::nil(), 0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(dir: &Path) -> Sidecar {
+        Sidecar {
+            path: dir.join("s.fetched"),
+            granule: 1 << 20,
+            size: 130 << 20,
+            identity: Identity::Vhd {
+                unique_id: Uuid::from_u128(7),
+                timestamp: 9,
+            },
+        }
+    }
+
+    #[test]
+    fn round_trips_and_refuses_malformed_files() {
+        let d = tempfile::tempdir().unwrap();
+        let s = sample(d.path());
+        let bits = vec![u64::MAX, 0b101, 0];
+        s.store(&bits, 130).unwrap();
+        let (back, got) = Sidecar::load(&s.path).unwrap();
+        assert_eq!(got, bits);
+        assert!(back.matches(130 << 20, &s.identity));
+        assert!(!back.matches(129 << 20, &s.identity));
+        let good = std::fs::read(&s.path).unwrap();
+        let mut cases: Vec<Vec<u8>> = vec![
+            Vec::new(),
+            good[..HEAD].to_vec(),
+            good[..good.len() - 1].to_vec(),
+            [good.clone(), vec![0]].concat(),
+        ];
+        // Bad magic, granule, identity kind.
+        let mut bad = good.clone();
+        bad[0] ^= 1;
+        cases.push(bad);
+        let mut bad = good.clone();
+        bad[8..16].copy_from_slice(&3000u64.to_le_bytes());
+        cases.push(bad);
+        let mut bad = good.clone();
+        bad[24] = 9;
+        cases.push(bad);
+        // A huge size with a matching bit count: refused by the length, no allocation.
+        let mut bad = good.clone();
+        bad[16..24].copy_from_slice(&(u64::MAX - 4096).to_le_bytes());
+        bad[45..53].copy_from_slice(&(u64::MAX - 4096).div_ceil(1 << 20).to_le_bytes());
+        cases.push(bad);
+        for (i, c) in cases.iter().enumerate() {
+            std::fs::write(&s.path, c).unwrap();
+            assert!(
+                matches!(Sidecar::load(&s.path), Err(StreamError::Sidecar { .. })),
+                "case {i}"
+            );
+        }
     }
 }
