@@ -591,3 +591,86 @@ use sidecar::Sidecar;
 
 pub use finish::{finish_streaming, local_locator, Finished};
 pub use open::{open_streaming, Streaming};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Layer;
+    use block_io::MemStorage;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A remote base in memory: a VHDX of 16 MiB with data in MiB 2..4 and 9; its content.
+    fn base() -> (Layer, Vec<u8>) {
+        let mem = Arc::new(MemStorage::new());
+        let f = vhdx_format::create(mem.clone(), &vhdx_format::CreateOptions::dynamic(16 * MIB))
+            .unwrap();
+        let mut model = vec![0u8; 16 << 20];
+        for (off, len) in [(2 * MIB, 2 * MIB), (9 * MIB + 4096, 8192)] {
+            let b: Vec<u8> = (0..len).map(|i| (i as u8) ^ 0x5a | 1).collect();
+            f.write_at(&b, off).unwrap();
+            model[off as usize..(off + len) as usize].copy_from_slice(&b);
+        }
+        f.close().unwrap();
+        drop(f);
+        let l = crate::open_layer_from_storage(Path::new("mem://base"), mem, None, true).unwrap();
+        (l, model)
+    }
+
+    #[test]
+    fn reads_fetch_once_holes_need_no_fetch_and_bits_survive_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let replica = d.path().join("r.vhdx");
+        let (remote, model) = base();
+        let cor = CopyOnRead::open(remote.clone(), &replica, &StreamOptions::default()).unwrap();
+        assert_eq!(cor.missing(), 16);
+        // Holes recorded without a fetch read as zeros from the replica.
+        assert_eq!(cor.mark_zero(10 * MIB, 6 * MIB), 6);
+        let st = cor.block_status(12 * MIB, MIB).unwrap();
+        assert_eq!(st.status, BlockStatus::Zero);
+        assert_eq!(
+            cor.block_status(2 * MIB, MIB).unwrap().status,
+            BlockStatus::Data
+        );
+        // An unaligned read over data and holes: one request for the missing run.
+        let mut b = vec![0u8; (3 * MIB) as usize];
+        cor.read_at(&mut b, MIB + 512).unwrap();
+        assert!(b == model[(MIB + 512) as usize..][..(3 * MIB) as usize]);
+        assert_eq!(cor.stats().remote_reads, 1);
+        let mut all = vec![0u8; (16 * MIB) as usize];
+        cor.read_at(&mut all, 0).unwrap();
+        assert!(all == model);
+        let reads = cor.stats().remote_reads;
+        cor.read_at(&mut all, 0).unwrap();
+        assert!(all == model);
+        assert_eq!(
+            cor.stats().remote_reads,
+            reads,
+            "a second read went to the remote"
+        );
+        assert_eq!(cor.missing(), 0);
+        // Writes are refused.
+        assert_eq!(
+            cor.write_at(&[0; 512], 0).unwrap_err().kind(),
+            ErrorKind::ReadOnly
+        );
+        drop(cor);
+        // Reopened: everything local.
+        let cor = CopyOnRead::open(remote, &replica, &StreamOptions::default()).unwrap();
+        assert_eq!(cor.missing(), 0);
+        cor.read_at(&mut all, 0).unwrap();
+        assert!(all == model);
+        assert_eq!(cor.stats().remote_reads, 0);
+    }
+
+    #[test]
+    fn a_replica_without_sidecar_is_never_overwritten() {
+        let d = tempfile::tempdir().unwrap();
+        let replica = d.path().join("r.vhdx");
+        std::fs::write(&replica, b"somebody's file").unwrap();
+        let (remote, _) = base();
+        let e = CopyOnRead::open(remote, &replica, &StreamOptions::default()).unwrap_err();
+        assert!(matches!(e, StreamError::ReplicaExists { .. }), "{e}");
+        assert_eq!(std::fs::read(&replica).unwrap(), b"somebody's file");
+    }
+}
