@@ -18,7 +18,9 @@ use vdisk::block_io::nbd::{Export, NbdServer, StopHandle};
 use vdisk::block_io::{BlockDevice, FileStorage};
 use vdisk::chain::remote::{open_nbd_parent, AdvertisedIdentity, URL_KEY};
 use vdisk::chain::{Disk, Format, Identity, RemoteParents};
-use vdisk::meta_ops::stream::{finish_stream, open_streaming, StreamOptions, Streaming};
+use vdisk::meta_ops::stream::{
+    finish_stream, open_streaming, StreamError, StreamOptions, Streaming,
+};
 use vdisk::meta_ops::{JobError, JobOptions, JobRunner, LiveDisk};
 
 use crate::{CliError, CliResult};
@@ -49,7 +51,7 @@ fn job_err(e: JobError) -> CliError {
     CliError::new(crate::cause_chain(&e))
 }
 
-fn stream_err(e: vdisk::meta_ops::stream::StreamError) -> CliError {
+fn stream_err(e: StreamError) -> CliError {
     CliError::new(crate::cause_chain(&e))
 }
 
@@ -70,7 +72,24 @@ pub fn run(a: StreamArgs) -> CliResult {
         lock: crate::image::lock_mode(),
         ..StreamOptions::default()
     };
-    let Streaming { disk, cor, .. } = open_streaming(&a.image, &so).map_err(stream_err)?;
+    let Streaming { disk, cor, .. } = match open_streaming(&a.image, &so) {
+        Ok(s) => s,
+        Err(e @ StreamError::NotRemote { .. }) => {
+            // A finish cut after the repoint: only the sidecar is left to delete.
+            return match finish_stream(&a.image, &so) {
+                Ok(f) => {
+                    println!(
+                        "The parent of {} was already local ({}); removed the leftover sidecar.",
+                        a.image.display(),
+                        f.replica.display()
+                    );
+                    Ok(0)
+                }
+                Err(_) => Err(stream_err(e)),
+            };
+        }
+        Err(e) => return Err(stream_err(e)),
+    };
     let url = cor.url().display().to_string();
     let live = LiveDisk::new(Arc::new(disk));
     let runner = JobRunner::new().map_err(job_err)?;

@@ -863,9 +863,18 @@ fn a_complete_replica_is_finished_later() {
     drop(d);
     let again = run();
     assert_eq!(again.buffered_bytes, 0, "{again:?}");
+    let side = chain::cor::sidecar_path(&chain::cor::default_replica(&child));
+    let kept = std::fs::read(&side).unwrap();
     finish_stream(&child, &StreamOptions::default()).unwrap();
     drop(srv);
     check_local(&child, &model);
     let e = open_streaming(&child, &StreamOptions::default()).unwrap_err();
+    assert!(matches!(e, StreamError::NotRemote { .. }), "{e}");
+    // A finish cut after the repoint leaves the sidecar: finishing again deletes it.
+    std::fs::write(&side, &kept).unwrap();
+    let f = finish_stream(&child, &StreamOptions::default()).unwrap();
+    assert!(f.url.is_empty() && !side.exists(), "{f:?}");
+    check_local(&child, &model);
+    let e = finish_stream(&child, &StreamOptions::default()).unwrap_err();
     assert!(matches!(e, StreamError::NotRemote { .. }), "{e}");
 }

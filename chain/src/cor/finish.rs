@@ -16,7 +16,8 @@ use crate::layer::{open_layer_with, Identity, LayerOptions};
 pub struct Finished {
     /// The child's local parent now.
     pub replica: PathBuf,
-    /// The remote parent it replaced.
+    /// The remote parent it replaced (empty when an earlier finish had already repointed the
+    /// child and only the sidecar was left to delete).
     pub url: String,
     /// The identity the replica has (the one the child records).
     pub identity: Identity,
@@ -45,18 +46,19 @@ pub fn finish_streaming(
         });
     };
     let format = top.format;
-    let url = crate::remote::url_candidates(&link.candidates)
-        .first()
-        .map(|c| c.path.trim().to_string())
-        .ok_or_else(|| StreamError::NotRemote {
-            child: child.to_path_buf(),
-        })?;
     drop(top);
     let replica = opts
         .replica
         .clone()
         .unwrap_or_else(|| default_replica(child));
     let side = sidecar_path(&replica);
+    let Some(url) = crate::remote::url_candidates(&link.candidates)
+        .first()
+        .map(|c| c.path.trim().to_string())
+    else {
+        // Already local: a crash after the repoint may have left the sidecar (step 4).
+        return finished_already(child, &link, &replica, &side, opts);
+    };
     let (sidecar, words) = Sidecar::load(&side)?;
     let granules = sidecar.size.div_ceil(sidecar.granule);
     let set: u64 = words.iter().map(|w| u64::from(w.count_ones())).sum();
@@ -140,6 +142,62 @@ pub fn finish_streaming(
     Ok(Finished {
         replica,
         url,
+        identity,
+    })
+}
+
+/// The child's parent is local: when it is the replica (same file, the identity the child
+/// records) and the sidecar is still there, the finish was cut after the repoint: the sidecar
+/// is deleted and the finish reported. Otherwise [`StreamError::NotRemote`].
+fn finished_already(
+    child: &Path,
+    link: &crate::layer::ParentLink,
+    replica: &Path,
+    side: &Path,
+    opts: &StreamOptions,
+) -> std::result::Result<Finished, StreamError> {
+    let not_remote = || StreamError::NotRemote {
+        child: child.to_path_buf(),
+    };
+    if !side.exists() {
+        return Err(not_remote());
+    }
+    let parent = crate::policy::PathPolicy::default()
+        .resolve(child, &link.candidates)
+        .map_err(|_| not_remote())?;
+    let same = match (
+        std::fs::canonicalize(&parent),
+        std::fs::canonicalize(replica),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if !same {
+        return Err(not_remote());
+    }
+    let layer = open_layer_with(
+        replica,
+        None,
+        &LayerOptions {
+            parent: true,
+            lock: opts.lock,
+            ..LayerOptions::default()
+        },
+    )?;
+    if !link.expected.matches(&layer.identity) {
+        return Err(not_remote());
+    }
+    let identity = layer.identity;
+    drop(layer);
+    std::fs::remove_file(side).map_err(|e| StreamError::Io {
+        op: "delete",
+        path: side.to_path_buf(),
+        source: e.into(),
+    })?;
+    let _ = sync_dir(side);
+    Ok(Finished {
+        replica: replica.to_path_buf(),
+        url: String::new(),
         identity,
     })
 }

@@ -32,9 +32,11 @@
 //! (at most [`MAX_FETCH`] bytes), writes the granules that are not all zeros to the replica
 //! (an all-zero granule needs no space: the replica reads zeros where it was never written),
 //! marks them fetched and serves the read from the bytes it got: a guest read of data not yet
-//! here costs one remote round trip. [`CopyOnRead::fetch`] does the same without a caller's
-//! buffer (the stream job), and [`CopyOnRead::mark_zero`] records granules the remote
-//! reports as holes ([`BlockDevice::block_status`]) without fetching them.
+//! here costs one remote round trip (a guest read that the child's own data splits into
+//! several pieces asks the parent for each piece in turn: one round trip per missing piece).
+//! [`CopyOnRead::fetch`] does the same without a caller's buffer (the stream job), and
+//! [`CopyOnRead::mark_zero`] records granules the remote reports as holes
+//! ([`BlockDevice::block_status`]) without fetching them.
 //!
 //! `block_status` of the device says `Data` for granules not fetched (reading them is what
 //! fetches them), and what the replica says for fetched ones; it never asks the remote.
@@ -49,7 +51,8 @@
 //! `parent_linkage` kept, the `vdisk_url` key and `volume_path` dropped, `relative_path` and
 //! `absolute_win32_path` to the replica; VHD: parent name and W2ku/W2ru locators); (4) the
 //! sidecar deleted. A crash before (3) is durable leaves the child with its remote parent (the
-//! replica complete, so streaming again only finishes); after it, with the local replica.
+//! replica complete, so streaming again only finishes); after it, with the local replica (a
+//! sidecar left by a crash before (4) is deleted by the next [`finish_streaming`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
