@@ -419,21 +419,26 @@ impl CopyOnRead {
                     }
                     return Ok(());
                 }
-                let mut tmp = vec![0u8; (xb - xa) as usize];
-                self.remote.read_at(&mut tmp, xa)?;
-                self.remote_reads.fetch_add(1, Ordering::Relaxed);
-                self.remote_bytes.fetch_add(xb - xa, Ordering::Relaxed);
-                got += xb - xa;
-                self.store_granules(&tmp, x, y)?;
-                if let Some((buf, off)) = out.as_mut() {
-                    let (o, l) = (*off, buf.len() as u64);
-                    let (ca, cb) = (xa.max(o), xb.min(o + l));
-                    if ca < cb {
-                        buf[(ca - o) as usize..(cb - o) as usize]
-                            .copy_from_slice(&tmp[(ca - xa) as usize..(cb - xa) as usize]);
+                let mut scratch = take_scratch((xb - xa) as usize);
+                let r = (|| {
+                    let tmp = &mut scratch[..(xb - xa) as usize];
+                    self.remote.read_at(tmp, xa)?;
+                    self.remote_reads.fetch_add(1, Ordering::Relaxed);
+                    self.remote_bytes.fetch_add(xb - xa, Ordering::Relaxed);
+                    got += xb - xa;
+                    self.store_granules(tmp, x, y)?;
+                    if let Some((buf, off)) = out.as_mut() {
+                        let (o, l) = (*off, buf.len() as u64);
+                        let (ca, cb) = (xa.max(o), xb.min(o + l));
+                        if ca < cb {
+                            buf[(ca - o) as usize..(cb - o) as usize]
+                                .copy_from_slice(&tmp[(ca - xa) as usize..(cb - xa) as usize]);
+                        }
                     }
-                }
-                Ok(())
+                    Ok(())
+                })();
+                put_scratch(scratch);
+                r
             })?;
             s = e;
         }
@@ -492,6 +497,31 @@ impl CopyOnRead {
         self.sidecar
             .store(&snapshot, self.granules)
             .map_err(|e| Error::with_source(ErrorKind::Io, "recording the fetched granules", e))
+    }
+}
+
+/// Most bytes of fetch buffer a thread keeps between fetches.
+const SCRATCH_KEEP: usize = 8 << 20;
+
+thread_local! {
+    /// This thread's fetch buffer: reused, so a fetch neither faults in nor zeroes fresh
+    /// pages (a remote read overwrites the whole slice it is given).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// This thread's fetch buffer, at least `len` bytes long.
+fn take_scratch(len: usize) -> Vec<u8> {
+    let mut v = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    if v.len() < len {
+        v.resize(len, 0);
+    }
+    v
+}
+
+/// Gives the buffer back to the thread (dropped if larger than [`SCRATCH_KEEP`]).
+fn put_scratch(v: Vec<u8>) {
+    if v.len() <= SCRATCH_KEEP {
+        SCRATCH.with(|s| *s.borrow_mut() = v);
     }
 }
 
