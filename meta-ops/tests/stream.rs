@@ -878,3 +878,71 @@ fn a_complete_replica_is_finished_later() {
     let e = finish_stream(&child, &StreamOptions::default()).unwrap_err();
     assert!(matches!(e, StreamError::NotRemote { .. }), "{e}");
 }
+
+/// qemu-nbd serving a raw base read-only (no identity: a parent only by content fingerprint,
+/// `RemoteParents::AllowUnverified`): streamed under model-checked guest I/O, finished, and
+/// the local chain reads byte-exact with qemu-nbd gone.
+#[test]
+fn raw_base_on_qemu_nbd_streams_unverified() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    let mut model = make_base(&base, "raw");
+    let Some(bin) = nginx::tool("qemu-nbd") else {
+        return;
+    };
+    let port = nginx::free_port();
+    let mut qemu = Command::new(bin)
+        .args(["-r", "-t", "-f", "raw", "-b", "127.0.0.1", "-p"])
+        .arg(port.to_string())
+        .arg(&base)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "qemu-nbd did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = format!("nbd://127.0.0.1:{port}/");
+    let child = dir.path().join("child.vhd");
+    let parent =
+        open_nbd_parent(&child, &url, Format::Vhd, RemoteParents::AllowUnverified).unwrap();
+    make_child(&child, &url, &parent, "vhd");
+    drop(parent);
+    // The default options refuse it: it advertises no identity.
+    assert!(open_streaming(&child, &StreamOptions::default()).is_err());
+    write_child(&child, RemoteParents::AllowUnverified, &mut model);
+    let so = StreamOptions {
+        remote_parents: RemoteParents::AllowUnverified,
+        ..StreamOptions::default()
+    };
+    let meta_ops::stream::Streaming { disk, cor, .. } = open_streaming(&child, &so).unwrap();
+    let live = LiveDisk::new(Arc::new(disk));
+    let runner = JobRunner::new().unwrap();
+    let model = Arc::new(parking_lot::Mutex::new(model));
+    let stop = Arc::new(AtomicBool::new(false));
+    let g = {
+        let (l, m, s) = (live.clone(), model.clone(), stop.clone());
+        std::thread::spawn(move || guest(l, m, s, 11))
+    };
+    let r = runner
+        .start_stream(&live, cor.clone(), JobOptions::default())
+        .unwrap()
+        .wait_blocking()
+        .unwrap();
+    stop.store(true, Ordering::Release);
+    let (ops, bad) = g.join().unwrap();
+    assert_eq!(bad, 0, "{bad} of {ops} guest requests mismatched");
+    // qemu-nbd reports the holes of the sparse file: they were not fetched.
+    assert!(r.skipped_bytes > 0, "{r:?}");
+    live.flush().unwrap();
+    drop(live);
+    drop(cor);
+    drop(runner);
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    finish_stream(&child, &so).unwrap();
+    let model = model.lock().clone();
+    check_local(&child, &model);
+}
