@@ -8,6 +8,12 @@
 //! mid-request therefore never loses anything it was told had been written. On disconnect,
 //! `NBD_CMD_DISC`, a stop of the server or a malformed header (bad magic, truncated), the
 //! reader stops, every request already read still completes, then the connection closes.
+//!
+//! Payload buffers (a read's data, a write's payload) come from a small pool of the
+//! connection ([`Pool`]) and go back to it once the reply is out or the write done: a read
+//! fills its whole buffer or fails (the engine continues short transfers and fills zero
+//! extents itself), so a reused buffer never shows a client earlier bytes, and a 2 MiB read
+//! costs no fresh zeroed allocation (page faults and a memset as large as the payload).
 
 use std::io;
 use std::sync::Arc;
@@ -33,6 +39,42 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Extents in one block-status reply at most (proto.md allows a short reply; clients ask
 /// again from where it ended).
 const MAX_EXTENTS: usize = 16 * 1024;
+/// Payload buffers a connection keeps for reuse at most, and their bytes at most.
+const POOL_BUFFERS: usize = 32;
+const POOL_BYTES: usize = 64 << 20;
+
+/// A connection's spare payload buffers, reused by later requests of the same length.
+#[derive(Default)]
+struct Pool {
+    spare: parking_lot::Mutex<(Vec<AlignedBuf>, usize)>,
+}
+
+impl Pool {
+    /// A buffer of `len` bytes for `disk`: a spare one of that length (its old bytes are
+    /// overwritten by whoever takes it: a read fills it whole or fails, a payload is read
+    /// into it whole), or a new zeroed one.
+    fn take(&self, disk: &crate::engine::AsyncDisk, len: usize) -> AlignedBuf {
+        {
+            let mut g = self.spare.lock();
+            if let Some(i) = g.0.iter().rposition(|b| b.len() == len) {
+                let b = g.0.swap_remove(i);
+                g.1 -= len;
+                return b;
+            }
+        }
+        disk.alloc(len)
+    }
+
+    /// Keeps `buf` for reuse while the pool has room.
+    fn give(&self, buf: AlignedBuf) {
+        let mut g = self.spare.lock();
+        if buf.is_empty() || g.0.len() >= POOL_BUFFERS || g.1 + buf.len() > POOL_BYTES {
+            return;
+        }
+        g.1 += buf.len();
+        g.0.push(buf);
+    }
+}
 
 /// A reply ready to send: header bytes, then a read's data.
 struct Reply {
@@ -55,6 +97,8 @@ struct Ctx {
     /// `base:allocation` was selected: block status may be asked.
     allocation: bool,
     replies: mpsc::UnboundedSender<Reply>,
+    /// Spare payload buffers.
+    pool: Arc<Pool>,
 }
 
 /// A connection's byte stream, split into a reading and a writing half for the reader loop
@@ -109,12 +153,14 @@ where
 {
     let (mut rd, wr) = stream.into_halves();
     let (tx, rx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(write_replies(wr, rx));
+    let pool = Arc::new(Pool::default());
+    let writer = tokio::spawn(write_replies(wr, rx, pool.clone()));
     let ctx = Arc::new(Ctx {
         export: session.export,
         structured: session.structured,
         allocation: session.allocation_context,
         replies: tx,
+        pool,
     });
     let count = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let bytes = Arc::new(Semaphore::new(MAX_IN_FLIGHT_KIB as usize));
@@ -203,7 +249,7 @@ where
         skip(rd, u64::from(req.length)).await?;
         return Ok(None);
     }
-    let mut buf = ctx.export.disk.alloc(req.length as usize);
+    let mut buf = ctx.pool.take(&ctx.export.disk, req.length as usize);
     rd.read_exact(&mut buf).await?;
     Ok(Some(buf))
 }
@@ -283,7 +329,7 @@ impl Ctx {
         let len = u64::from(req.length);
         let r = match req.command {
             Command::Read => {
-                let buf = disk.alloc(req.length as usize);
+                let buf = self.pool.take(disk, req.length as usize);
                 let read = if len == 0 {
                     Ok(buf)
                 } else {
@@ -299,7 +345,7 @@ impl Ctx {
                 Some(buf) => {
                     let w = {
                         let _g = self.export.ranges.lock(off, len, false).await;
-                        disk.write_at(buf, off).await.map(drop)
+                        disk.write_at(buf, off).await.map(|b| self.pool.give(b))
                     };
                     self.then_flush(w, fua).await
                 }
@@ -458,7 +504,11 @@ impl Ctx {
 }
 
 /// Sends replies as they come; flushes when none is waiting.
-async fn write_replies<W>(wr: W, mut rx: mpsc::UnboundedReceiver<Reply>) -> io::Result<()>
+async fn write_replies<W>(
+    wr: W,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
+    pool: Arc<Pool>,
+) -> io::Result<()>
 where
     W: AsyncWrite + Unpin,
 {
@@ -468,7 +518,10 @@ where
         if let Some(d) = &r.data {
             w.write_all(d).await?;
         }
-        drop(r);
+        if let Some(d) = r.data {
+            pool.give(d);
+        }
+        drop(r._permits);
         if rx.is_empty() {
             w.flush().await?;
         }

@@ -800,6 +800,11 @@ fn pull(
     // Chunks handed out so far, and whether to hand out more.
     let issued: Mutex<(u64, bool)> = Mutex::new((0, true));
     let failed: Mutex<Option<TransferError>> = Mutex::new(None);
+    // One write at a time into D's image: buffered writes to one file serialize on its inode
+    // lock anyway (tmpfs, ext4, xfs), where the kernel lets waiters spin as long as the
+    // writer runs (a 2 MiB copy), burning the CPU the pulls and the TLS need; parking here
+    // costs nothing. The reads from S stay in flight meanwhile.
+    let writing = Mutex::new(());
     let workers = inner
         .config
         .pull_workers
@@ -828,8 +833,8 @@ fn pull(
                     .buffers
                     .lock()
                     .pop()
-                    .filter(|b| b.len() == size)
-                    .unwrap_or_else(|| vec![0u8; size]);
+                    .filter(|b| b.capacity() >= size)
+                    .unwrap_or_else(|| Vec::with_capacity(size));
                 while let Some(i) = next() {
                     if t.cancelled.load(Ordering::SeqCst) {
                         fail(TransferError::Cancelled(t.id));
@@ -837,9 +842,14 @@ fn pull(
                     }
                     let off = i * chunk;
                     let len = (n - off).min(chunk) as usize;
+                    // Read straight into the worker's buffer (no copy out of the reply).
                     let r = src
-                        .read_at(&mut buf[..len], from + off)
-                        .and_then(|()| dst.write_at(&buf[..len], to + off));
+                        .read_into(std::mem::take(&mut buf), from + off, len as u64)
+                        .and_then(|b| {
+                            buf = b;
+                            let _w = writing.lock();
+                            dst.write_at(&buf[..len], to + off)
+                        });
                     if let Err(e) = r {
                         fail(TransferError::Block(e));
                         break;

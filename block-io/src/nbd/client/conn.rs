@@ -51,6 +51,9 @@ pub(crate) struct Op {
     pub length: u32,
     /// A write's data.
     pub payload: Option<Arc<Vec<u8>>>,
+    /// A read's buffer to fill (its capacity is reused, its bytes never shown: every byte
+    /// of a read's reply is overwritten from the wire or zeroed for a hole first).
+    pub recycle: Option<Vec<u8>>,
     pub done: Done,
 }
 
@@ -120,12 +123,23 @@ impl Entry {
         Ok(())
     }
 
+    /// The read's buffer, zeroed at first use (holes and chunks still to come).
     fn buffer(&mut self) -> Vec<u8> {
         if self.buf.is_empty() {
-            vec![0u8; self.op.length as usize]
+            let mut b = self.op.recycle.take().unwrap_or_default();
+            b.clear();
+            b.resize(self.op.length as usize, 0);
+            b
         } else {
             std::mem::take(&mut self.buf)
         }
+    }
+
+    /// An empty buffer for a read's whole data, with the recycled capacity if any.
+    fn empty_buffer(&mut self) -> Vec<u8> {
+        let mut b = self.op.recycle.take().unwrap_or_default();
+        b.clear();
+        b
     }
 }
 
@@ -468,10 +482,17 @@ async fn read_payload(r: &mut Rd, b: &mut [u8], table: &RefCell<Table>) -> Resul
     Ok(())
 }
 
-/// A fresh buffer of `n` payload bytes, read in pieces (as [`read_payload`]) without zeroing
-/// it first: `read_buf` fills the spare capacity and never past `n` (a `take` bounds it).
-async fn read_new(r: &mut Rd, n: usize, table: &RefCell<Table>) -> Result<Vec<u8>, ClientError> {
-    let mut v = Vec::with_capacity(n);
+/// `n` payload bytes read into `v` (emptied first, its capacity reused) in pieces (as
+/// [`read_payload`]) without zeroing it: `read_buf` fills the spare capacity and never past
+/// `n` (a `take` bounds it), so every byte of the result came from the wire.
+async fn read_new(
+    r: &mut Rd,
+    n: usize,
+    mut v: Vec<u8>,
+    table: &RefCell<Table>,
+) -> Result<Vec<u8>, ClientError> {
+    v.clear();
+    v.reserve_exact(n);
     while v.len() < n {
         let want = (n - v.len()).min(PROGRESS_PIECE);
         let before = v.len();
@@ -553,7 +574,8 @@ async fn simple(
                 // proto.md: with structured replies a read MUST NOT get a simple reply.
                 return Err(ClientError::protocol("simple reply to a read"));
             }
-            let buf = read_new(r, length as usize, table).await?;
+            let v = table.borrow_mut().get(cookie)?.empty_buffer();
+            let buf = read_new(r, length as usize, v, table).await?;
             finish(table, cookie, Ok(Reply::Data(buf)));
         }
         Command::BlockStatus => {
@@ -644,7 +666,8 @@ async fn chunk(
                 e.buf.is_empty() && rel == 0 && n == u64::from(req_len)
             };
             let buf = if whole {
-                read_new(r, n as usize, table).await?
+                let v = table.borrow_mut().get(cookie)?.empty_buffer();
+                read_new(r, n as usize, v, table).await?
             } else {
                 let mut buf = table.borrow_mut().get(cookie)?.buffer();
                 read_payload(r, &mut buf[rel as usize..(rel + n) as usize], table).await?;

@@ -24,6 +24,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 /// A boxed [`Io`].
 pub(crate) type BoxIo = Box<dyn Io>;
 
+/// Bytes read from the socket at once under TLS.
+const TLS_READ_AHEAD: usize = 256 * 1024;
+
 /// The magic an oldstyle server sends after `NBDMAGIC` (proto.md "Oldstyle negotiation").
 const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
 
@@ -171,8 +174,14 @@ async fn negotiate(
         let name = rustls::pki_types::ServerName::try_from(name)
             .map_err(|e| ClientError::TlsConfig(format!("bad TLS server name: {e}")))?;
         let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+        // rustls reads the socket 4 KiB at a time (several reads per 16 KiB record): a
+        // buffer under it turns that into one read per socket wakeup. Nothing is buffered
+        // before the handshake starts: the STARTTLS reply was read exactly.
         let s = connector
-            .connect(name, io)
+            .connect(
+                name,
+                tokio::io::BufReader::with_capacity(TLS_READ_AHEAD, io),
+            )
             .await
             .map_err(|e| ClientError::Tls(std::sync::Arc::new(e)))?;
         io = Box::new(s);

@@ -283,6 +283,7 @@ impl NbdClient {
         offset: u64,
         length: u64,
         payload: Option<Arc<Vec<u8>>>,
+        recycle: Option<Vec<u8>>,
     ) -> Result<std::sync::mpsc::Receiver<Result<Reply, ClientError>>, ClientError> {
         let length = u32::try_from(length)
             .map_err(|_| ClientError::protocol("request longer than 4 GiB"))?;
@@ -293,6 +294,7 @@ impl NbdClient {
             offset,
             length,
             payload,
+            recycle,
             done,
         };
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len().max(1);
@@ -302,12 +304,13 @@ impl NbdClient {
 
     /// Sends one request per piece of `[offset, offset+len)` (pieces of at most `piece`
     /// bytes), all before waiting, and waits for every one. Returns the replies in order or
-    /// the first error.
+    /// the first error. A read's first piece fills `recycle` when given.
     fn pieces(
         &self,
         req: Req,
         piece: u64,
         mut payload: impl FnMut(u64, u64) -> Option<Arc<Vec<u8>>>,
+        mut recycle: Option<Vec<u8>>,
     ) -> Result<Vec<Reply>> {
         let Req {
             what,
@@ -321,7 +324,14 @@ impl NbdClient {
         while pos < len {
             let n = piece.min(len - pos);
             let rx = self
-                .submit(command, flags, offset + pos, n, payload(pos, n))
+                .submit(
+                    command,
+                    flags,
+                    offset + pos,
+                    n,
+                    payload(pos, n),
+                    recycle.take(),
+                )
                 .map_err(|e| self.err(what, offset, len, e))?;
             waits.push(rx);
             pos += n;
@@ -342,6 +352,66 @@ impl NbdClient {
             Some(e) => Err(self.err(what, offset, len, e)),
             None => Ok(out),
         }
+    }
+
+    /// Reads `[offset, offset+len)` with every piece in flight at once: the pieces' data in
+    /// order, each as long as asked, together exactly `len` bytes. The first piece fills
+    /// `recycle` when given.
+    fn read_pieces(&self, offset: u64, len: u64, recycle: Option<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        check_request(&self.info, offset, len, false)?;
+        let replies = self.pieces(
+            req("read", Command::Read, 0, offset, len),
+            self.max_io,
+            |_, _| None,
+            recycle,
+        )?;
+        let mut out = Vec::with_capacity(replies.len());
+        let mut pos = 0u64;
+        for r in replies {
+            match r {
+                // The connection checked the reply covers its piece: exactly as long.
+                Reply::Data(d) if pos + d.len() as u64 <= len => {
+                    pos += d.len() as u64;
+                    out.push(d);
+                }
+                _ => {
+                    return Err(Error::new(
+                        ErrorKind::Io,
+                        "NBD read: reply of the wrong shape",
+                    ))
+                }
+            }
+        }
+        if pos != len {
+            return Err(Error::new(ErrorKind::Io, "NBD read: short reply"));
+        }
+        Ok(out)
+    }
+
+    /// Reads `len` bytes at `offset` into an owned buffer, as [`BlockDevice::read_at`] but
+    /// without its final copy: a read of at most [`max_payload`](Self::max_payload) bytes
+    /// is one request whose reply is read from the connection straight into `buf`'s memory
+    /// (its old bytes are all overwritten, its capacity is reused), and that buffer comes
+    /// back holding exactly the `len` bytes. Longer reads go in pieces, as `read_at`.
+    ///
+    /// ```no_run
+    /// # fn main() -> block_io::Result<()> {
+    /// use block_io::nbd::{NbdClient, NbdClientOptions};
+    /// let c = NbdClient::open("nbd://127.0.0.1:10809/disk", NbdClientOptions::default())?;
+    /// let mut buf = Vec::new();
+    /// for i in 0..4u64 {
+    ///     buf = c.read_into(buf, i << 21, 2 << 20)?; // the same memory each time
+    ///     assert_eq!(buf.len(), 2 << 20);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn read_into(&self, buf: Vec<u8>, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let mut pieces = self.read_pieces(offset, len, Some(buf))?;
+        if pieces.len() == 1 {
+            return Ok(pieces.swap_remove(0));
+        }
+        Ok(pieces.concat())
     }
 
     fn err(&self, what: &str, offset: u64, len: u64, e: ClientError) -> Error {
@@ -365,6 +435,7 @@ impl NbdClient {
                 fill(pos, &mut b);
                 Some(Arc::new(b))
             },
+            None,
         );
         self.written(r)
     }
@@ -401,6 +472,7 @@ impl NbdClient {
                     Some(Arc::new(vec![0u8; n as usize]))
                 }
             },
+            None,
         );
         self.written(r)
     }
@@ -431,30 +503,10 @@ impl BlockDevice for NbdClient {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let len = buf.len() as u64;
-        check_request(&self.info, offset, len, false)?;
-        let replies = self.pieces(
-            req("read", Command::Read, 0, offset, len),
-            self.max_io,
-            |_, _| None,
-        )?;
         let mut pos = 0usize;
-        for r in replies {
-            match r {
-                Reply::Data(d) if pos + d.len() <= buf.len() => {
-                    buf[pos..pos + d.len()].copy_from_slice(&d);
-                    pos += d.len();
-                }
-                _ => {
-                    return Err(Error::new(
-                        ErrorKind::Io,
-                        "NBD read: reply of the wrong shape",
-                    ))
-                }
-            }
-        }
-        if pos != buf.len() {
-            return Err(Error::new(ErrorKind::Io, "NBD read: short reply"));
+        for d in self.read_pieces(offset, buf.len() as u64, None)? {
+            buf[pos..pos + d.len()].copy_from_slice(&d);
+            pos += d.len();
         }
         Ok(())
     }
@@ -475,12 +527,12 @@ impl BlockDevice for NbdClient {
         let mut pos = 0;
         while pos < total {
             let n = (total - pos).min(RAW_BATCH);
-            let mut tmp = vec![0u8; n as usize];
-            self.read_at(&mut tmp, offset + pos)?;
-            // SAFETY: the caller guarantees every buffer valid for writes of its length until
-            // we return; `tmp` is ours, so they do not overlap.
-            unsafe { raw_scatter(bufs, pos, &tmp) };
-            pos += n;
+            for d in self.read_pieces(offset + pos, n, None)? {
+                // SAFETY: the caller guarantees every buffer valid for writes of its length
+                // until we return; `d` is ours, so they do not overlap.
+                unsafe { raw_scatter(bufs, pos, &d) };
+                pos += d.len() as u64;
+            }
         }
         Ok(())
     }
@@ -510,6 +562,7 @@ impl BlockDevice for NbdClient {
             req("write zeroes", Command::WriteZeroes, flags, offset, len),
             MAX_RANGE,
             |_, _| None,
+            None,
         );
         self.written(r)
     }
@@ -524,6 +577,7 @@ impl BlockDevice for NbdClient {
             req("trim", Command::Trim, self.fua(), offset, len),
             MAX_RANGE,
             |_, _| None,
+            None,
         );
         self.written(r)
     }
@@ -534,7 +588,7 @@ impl BlockDevice for NbdClient {
             return Ok(());
         }
         let rx = self
-            .submit(Command::Flush, 0, 0, 0, None)
+            .submit(Command::Flush, 0, 0, 0, None, None)
             .map_err(|e| self.err("flush", 0, 0, e))?;
         rx.recv()
             .unwrap_or(Err(ClientError::Closed))
@@ -566,6 +620,7 @@ impl BlockDevice for NbdClient {
                 proto::CMD_FLAG_REQ_ONE,
                 offset,
                 ask,
+                None,
                 None,
             )
             .map_err(|e| self.err("block status", offset, ask, e))?;
