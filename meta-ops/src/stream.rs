@@ -259,8 +259,11 @@ impl Stream {
                     })?;
             }
             let Some(next) = self.cor.next_missing(g) else {
+                self.shared.tracker.dirty.take(g, self.cor.granules());
                 break;
             };
+            // Granules guest reads fetched meanwhile are no longer left to do.
+            self.shared.tracker.dirty.take(g, next);
             let off = next * gran;
             let chunk = self.shared.chunk_for(self.shared.limiter.rate());
             let want = chunk.max(gran).min(size - off);
