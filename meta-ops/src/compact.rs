@@ -448,6 +448,7 @@ pub(crate) fn start(
         target,
         ctl: ctl_rx,
         yield_cap: o.yield_cap,
+        busy_duty: o.busy_duty,
         yields: Arc::new(AtomicU64::new(0)),
     };
     let guard = Detach {
@@ -494,25 +495,12 @@ struct Compaction {
     target: Arc<CompactTarget>,
     ctl: watch::Receiver<Control>,
     yield_cap: Duration,
+    busy_duty: u8,
     yields: Arc<AtomicU64>,
 }
 
 fn step_err(op: &'static str, offset: u64) -> impl FnOnce(block_io::Error) -> JobError {
     move |source| JobError::Destination { op, offset, source }
-}
-
-/// The priority rule (as for chunk copies): guest requests that started before this step go
-/// first, for at most `cap`.
-fn yield_to_guests(live: &LiveDisk, cap: Duration, yields: &AtomicU64) {
-    let target = live.arrived();
-    if live.completed() >= target {
-        return;
-    }
-    yields.fetch_add(1, Ordering::Relaxed);
-    let deadline = Instant::now() + cap;
-    while live.completed() < target && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_micros(20));
-    }
 }
 
 impl Compaction {
@@ -540,11 +528,16 @@ impl Compaction {
         f: impl FnOnce(&CompactTarget) -> T + Send + 'static,
     ) -> Result<T, JobError> {
         let (live, target, yields) = (self.live.clone(), self.target.clone(), self.yields.clone());
-        let cap = self.yield_cap;
+        let (cap, duty) = (self.yield_cap, self.busy_duty);
         tokio::task::spawn_blocking(move || {
-            yield_to_guests(&live, cap, &yields);
-            let _g = live.range_lock().lock_exclusive(offset, len);
-            f(&target)
+            live.yield_to_guests(cap, &yields);
+            let (t0, arrived) = (Instant::now(), live.arrived());
+            let r = {
+                let _g = live.range_lock().lock_exclusive(offset, len);
+                f(&target)
+            };
+            live.back_off(t0, arrived, duty);
+            r
         })
         .await
         .map_err(|_| JobError::Aborted)

@@ -56,6 +56,9 @@ pub(crate) struct Copier {
     pub(crate) counters: Counters,
     /// The longest a chunk waits for guest requests before it goes anyway.
     pub(crate) yield_cap: Duration,
+    /// Percent of the time chunk pieces may take while the guest is busy
+    /// ([`crate::JobOptions::busy_duty`]).
+    pub(crate) busy_duty: u8,
 }
 
 impl std::fmt::Debug for Copier {
@@ -84,26 +87,10 @@ fn dst_err(op: &'static str, offset: u64) -> impl FnOnce(block_io::Error) -> Job
 }
 
 impl Copier {
-    /// The priority rule: guest requests that started before this chunk go first. Waits (at
-    /// most `yield_cap`) until as many guest requests have completed as had started when it
-    /// looked. Returns whether it waited.
+    /// The priority rule ([`LiveDisk::yield_to_guests`]).
     pub(crate) fn yield_to_guests(&self) -> bool {
-        let target = self.live.arrived();
-        if self.live.completed() >= target {
-            return false;
-        }
-        self.counters.yields.fetch_add(1, Ordering::Relaxed);
-        let deadline = Instant::now() + self.yield_cap;
-        let mut spins = 0u32;
-        while self.live.completed() < target && Instant::now() < deadline {
-            if spins < 64 {
-                std::hint::spin_loop();
-                spins += 1;
-            } else {
-                std::thread::sleep(Duration::from_micros(20));
-            }
-        }
-        true
+        self.live
+            .yield_to_guests(self.yield_cap, &self.counters.yields)
     }
 
     /// A chunk: the dirty blocks `runs` (bit ranges the job claimed), copied in pieces of at
@@ -119,8 +106,13 @@ impl Copier {
             while pos < b {
                 let end = b.min(pos.saturating_add(LOCK_PIECE));
                 self.yield_to_guests();
-                let _g = self.live.range_lock().lock_exclusive(pos, end - pos);
-                self.range(pos, end)?;
+                let (t0, arrived) = (Instant::now(), self.live.arrived());
+                {
+                    let _g = self.live.range_lock().lock_exclusive(pos, end - pos);
+                    self.range(pos, end)?;
+                }
+                // A busy guest gets most of the time (JobOptions::busy_duty).
+                self.live.back_off(t0, arrived, self.busy_duty);
                 pos = end;
             }
             bytes += b - a;

@@ -85,6 +85,11 @@ pub struct JobOptions {
     pub copy_file_range: bool,
     /// The longest a chunk waits for guest requests before it starts anyway (default 10 ms).
     pub yield_cap: Duration,
+    /// While the guest is busy (requests arrived during the job's last step), the job's
+    /// steps take at most this percent of the time: each is followed by a pause of up to
+    /// [`MAX_BACK_OFF`](crate::MAX_BACK_OFF) (default 25; 100: no pause). An idle guest
+    /// leaves the job at full speed.
+    pub busy_duty: u8,
 }
 
 impl Default for JobOptions {
@@ -98,6 +103,7 @@ impl Default for JobOptions {
             background_passes: 1,
             copy_file_range: true,
             yield_cap: Duration::from_millis(10),
+            busy_duty: 25,
         }
     }
 }
@@ -429,6 +435,7 @@ impl JobRunner {
             use_cfr: AtomicBool::new(o.copy_file_range),
             counters: Counters::default(),
             yield_cap: o.yield_cap,
+            busy_duty: o.busy_duty,
         });
         live.reset_max_wait();
         let driver = Driver {

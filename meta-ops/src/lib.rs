@@ -106,7 +106,7 @@ pub use compact::{
 pub use error::{JobError, JobResult};
 pub use handle::{JobHandle, JobReport, Phase, Progress};
 pub use job::{Job, JobKind, JobOptions, JobRunner, Pivot};
-pub use live::{GuestStats, LiveDisk};
+pub use live::{GuestStats, LiveDisk, MAX_BACK_OFF};
 pub use mirror::{MirrorTiming, DEFAULT_MAX_BACKLOG, THROTTLE_CAP};
 pub use resize::{resize_image, resize_live, ResizeError, Resized};
 pub use split::{split, SplitError, SplitFormat, SplitOptions, SplitReport};

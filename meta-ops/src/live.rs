@@ -230,6 +230,9 @@ struct Gate {
     tracker: Option<Arc<Tracker>>,
 }
 
+/// The longest pause [`LiveDisk::back_off`] makes after one job step.
+pub const MAX_BACK_OFF: Duration = Duration::from_millis(50);
+
 /// Counters of the guest I/O a [`LiveDisk`] served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct GuestStats {
@@ -407,6 +410,42 @@ impl LiveDisk {
     /// Requests completed so far.
     pub(crate) fn completed(&self) -> u64 {
         self.completed.load(Ordering::Acquire)
+    }
+
+    /// The priority rule of every job step: guest requests that started before the step go
+    /// first. Waits (at most `cap`) until as many guest requests have completed as had
+    /// started when it looked; counts a wait in `yields` and returns whether it waited.
+    pub(crate) fn yield_to_guests(&self, cap: Duration, yields: &AtomicU64) -> bool {
+        let target = self.arrived();
+        if self.completed() >= target {
+            return false;
+        }
+        yields.fetch_add(1, Ordering::Relaxed);
+        let deadline = Instant::now() + cap;
+        let mut spins = 0u32;
+        while self.completed() < target && Instant::now() < deadline {
+            if spins < 64 {
+                std::hint::spin_loop();
+                spins += 1;
+            } else {
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        }
+        true
+    }
+
+    /// Paces a job step that started at `t0`, when [`arrived`](Self::arrived) was
+    /// `arrived`: if guest requests arrived during the step, the guest is busy, and the step
+    /// is followed by a pause that keeps the job's steps to `duty_pct` percent of the time
+    /// (at most [`MAX_BACK_OFF`] per step; 100 or more: no pause). Returns the pause.
+    pub(crate) fn back_off(&self, t0: Instant, arrived: u64, duty_pct: u8) -> Duration {
+        if duty_pct >= 100 || self.arrived() == arrived {
+            return Duration::ZERO;
+        }
+        let duty = u32::from(duty_pct.max(1));
+        let pause = (t0.elapsed() * (100 - duty) / duty).min(MAX_BACK_OFF);
+        std::thread::sleep(pause);
+        pause
     }
 
     /// The range lock chunk copies take exclusively.

@@ -169,20 +169,6 @@ struct Stream {
     skipped: u64,
 }
 
-/// The priority rule: guest requests that started before this chunk go first, for at most
-/// `cap`.
-fn yield_to_guests(live: &LiveDisk, cap: Duration, yields: &AtomicU64) {
-    let target = live.arrived();
-    if live.completed() >= target {
-        return;
-    }
-    yields.fetch_add(1, Ordering::Relaxed);
-    let deadline = Instant::now() + cap;
-    while live.completed() < target && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_micros(20));
-    }
-}
-
 /// Fetches `[off, off+len)` into the replica, retrying; the error names the offset.
 fn fetch_with_retries(cor: &CopyOnRead, off: u64, len: u64) -> Result<u64, JobError> {
     let mut attempt = 0;
@@ -309,7 +295,7 @@ impl Stream {
             let (yields, fetched, cap) =
                 (self.yields.clone(), self.fetched.clone(), self.yield_cap);
             tasks.spawn_blocking(move || {
-                yield_to_guests(&live, cap, &yields);
+                live.yield_to_guests(cap, &yields);
                 let r = fetch_with_retries(&cor, a, b - a);
                 shared.in_flight.fetch_sub(b - a, Ordering::AcqRel);
                 let n = r?;

@@ -281,6 +281,7 @@ pub(crate) fn start(
         use_cfr: AtomicBool::new(o.copy_file_range),
         counters: Counters::default(),
         yield_cap: o.yield_cap,
+        busy_duty: o.busy_duty,
     });
     live.reset_max_wait();
     let run = Mirror {
