@@ -74,6 +74,10 @@ pub struct StressArgs {
     /// The job's rate limit in bytes per second (K/M/G suffixes; default: unlimited).
     #[arg(long)]
     pub rate: Option<String>,
+    /// Percent of the time the job's steps may take while the guests are busy (the job's
+    /// default when absent; 100: never pause for the guests).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub busy_duty: Option<u8>,
     /// Image format (detected if absent).
     #[arg(short = 'f')]
     pub format: Option<String>,
@@ -541,9 +545,11 @@ pub fn run(a: StressArgs) -> crate::CliResult {
             .ok_or_else(|| JobError::Invalid("no image to compact".into())),
         _ => Ok(Job::copy(dest.clone()).dest_zeroed(true)),
     };
+    let defaults = JobOptions::default();
     let options = JobOptions {
         rate,
-        ..JobOptions::default()
+        busy_duty: a.busy_duty.unwrap_or(defaults.busy_duty),
+        ..defaults
     };
     let ops_at_start = shared.ops.load(Ordering::Relaxed);
     let started = Instant::now();
