@@ -16,9 +16,16 @@
 //! | `convert FORMAT PATH [rate=R]` | starts an online convert into a new image; the guest moves to it at the pivot |
 //! | `backup FORMAT PATH [rate=R]` | starts a point-in-time copy into a new image; the guest stays |
 //! | `mirror nbd://HOST:PORT/NAME [timing=before\|after\|split] [rate=R]` | starts moving the disk to an NBD export of the same size (another host); the guest ends on it |
+//! | `stream [rate=R]` | starts pulling the rest of a remote base into its local replica (copy-on-read serves the guest meanwhile) |
 //! | `job` | the job's progress, or its result once it ended |
 //! | `job-wait` | waits for the job to end; its result |
 //! | `job-pause`, `job-resume`, `job-cancel`, `job-rate R` | steer the running job |
+//!
+//! An image whose parent is remote (an HTTP/S3 object or an NBD export) is served writable
+//! through the page cache over a copy-on-read parent (`meta_ops::stream`): what the guest
+//! reads from the base is kept in a local replica beside the image, and `stream` pulls the
+//! rest; once it completed, the replica becomes the image's local parent when serving ends
+//! (`finish_stream`, lineage kept). Such a chain cannot be committed or compacted.
 //!
 //! One job runs at a time, and a resize waits for none (it is refused while a job runs).
 //! After a commit, a convert or a mirror the guest is on another chain: resizing and compacting are
@@ -39,6 +46,9 @@ use serde_json::{json, Value};
 use vdisk::block_io::vhost_user::ConfigHandle;
 use vdisk::block_io::BlockDevice;
 use vdisk::chain::{Disk, Format};
+use vdisk::meta_ops::stream::{
+    finish_stream, open_streaming, CopyOnRead, StreamError, StreamOptions,
+};
 use vdisk::meta_ops::{
     CommitOptions, CompactTarget, Job, JobError, JobHandle, JobRunner, LiveDisk, MirrorTiming,
     Pivot, Retire,
@@ -81,6 +91,10 @@ struct State {
     job: Option<Running>,
     /// A commit completed: the old top is stale.
     committed: bool,
+    /// The copy-on-read parent of a child of a remote base.
+    cor: Option<Arc<CopyOnRead>>,
+    /// A stream completed: the replica becomes the local parent when serving ends.
+    streamed: bool,
 }
 
 /// What `vdisk serve` hands the control socket.
@@ -103,21 +117,40 @@ pub struct Opened {
     pub disk: Arc<Disk>,
     /// The top, opened for compaction when it can be.
     pub compact: Option<Arc<CompactTarget>>,
+    /// The copy-on-read parent, when the parent is remote.
+    pub cor: Option<Arc<CopyOnRead>>,
 }
 
 fn job_err(e: &JobError) -> String {
     crate::cause_chain(e)
 }
 
-/// Opens `image` for `vdisk serve --control`: a differencing VHDX top is first prepared for a
-/// commit into its parent (`meta_ops::prepare_top`, which must run before anyone opens it), and
-/// a VHD or VHDX top served writable through the page cache is opened as a compaction target.
+/// Opens `image` for `vdisk serve --control`: a child of a remote parent served writable
+/// through the page cache over a copy-on-read parent; else a differencing VHDX top is first
+/// prepared for a commit into its parent (`meta_ops::prepare_top`, which must run before anyone
+/// opens it), and a VHD or VHDX top served writable through the page cache is opened as a
+/// compaction target.
 pub fn open(image: &Path, read_only: bool, direct: bool) -> Result<Opened, CliError> {
+    if !read_only && !direct {
+        match open_streaming(image, &stream_options()) {
+            Ok(st) => {
+                return Ok(Opened {
+                    disk: Arc::new(st.disk),
+                    compact: None,
+                    cor: Some(st.cor),
+                })
+            }
+            Err(StreamError::NotRemote { .. } | StreamError::NoParent { .. }) => {}
+            Err(e) => return Err(CliError::new(crate::cause_chain(&e))),
+        }
+    }
     let mut opts = crate::image::chain_options(None, read_only)?;
     opts.direct = direct;
     if !read_only {
-        vdisk::meta_ops::prepare_top(image, &opts.policy)
-            .map_err(|e| CliError::new(job_err(&e)))?;
+        if let Err(e) = vdisk::meta_ops::prepare_top(image, &opts.policy) {
+            // The chain's own open below names what is wrong with it; only a commit needs this.
+            eprintln!("vdisk: a commit will not be possible: {}", job_err(&e));
+        }
     }
     let disk = Disk::open(image, &opts)?;
     let compactable =
@@ -126,6 +159,7 @@ pub fn open(image: &Path, read_only: bool, direct: bool) -> Result<Opened, CliEr
         return Ok(Opened {
             disk: Arc::new(disk),
             compact: None,
+            cor: None,
         });
     }
     drop(disk);
@@ -134,7 +168,16 @@ pub fn open(image: &Path, read_only: bool, direct: bool) -> Result<Opened, CliEr
     Ok(Opened {
         disk,
         compact: Some(target),
+        cor: None,
     })
+}
+
+/// How `serve --control` opens a child over a remote parent, and finishes its stream.
+fn stream_options() -> StreamOptions {
+    StreamOptions {
+        lock: crate::image::lock_mode(),
+        ..StreamOptions::default()
+    }
 }
 
 impl Control {
@@ -159,6 +202,8 @@ impl Control {
                 compact: opened.compact,
                 job: None,
                 committed: false,
+                cor: opened.cor,
+                streamed: false,
             }),
             stop: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
@@ -235,7 +280,12 @@ impl Control {
         self.live
             .flush()
             .map_err(|e| CliError::new(format!("cannot flush the disk: {e}")))?;
-        let committed = self.state.lk().committed;
+        let (committed, streamed) = {
+            let mut st = self.state.lk();
+            // Drops the copy-on-read parent's handle here (it records what was fetched).
+            st.cor = None;
+            (st.committed, st.streamed)
+        };
         let image = self.image.clone();
         // The last handles of the old top go with the control (its connection threads, which
         // held clones, are joined).
@@ -243,6 +293,15 @@ impl Control {
         if committed {
             vdisk::meta_ops::unlink_stale(&image, crate::image::lock_mode())
                 .map_err(|e| CliError::new(job_err(&e)))?;
+        }
+        if streamed {
+            let f = finish_stream(&image, &stream_options())
+                .map_err(|e| CliError::new(crate::cause_chain(&e)))?;
+            eprintln!(
+                "vdisk: {} streamed: its parent is now {}",
+                image.display(),
+                f.replica.display()
+            );
         }
         Ok(0)
     }
@@ -285,7 +344,7 @@ impl Control {
         match cmd {
             "info" => Ok(self.info()),
             "resize" => self.resize(args),
-            "commit" | "compact" => self.start(cmd, args, None),
+            "commit" | "compact" | "stream" => self.start(cmd, args, None),
             "mirror" => match args {
                 [url, rest @ ..] => self.start(cmd, rest, Some((&"nbd", url))),
                 _ => Err("usage: mirror nbd://HOST:PORT/NAME [timing=before|after|split] [rate=BYTES/S]".into()),
@@ -298,7 +357,7 @@ impl Control {
             "job-wait" => self.job_wait(),
             "job-pause" | "job-resume" | "job-cancel" | "job-rate" => self.steer(cmd, args),
             _ => Err(format!(
-                "unknown request '{cmd}' (info, resize, commit, compact, convert, backup, mirror, job, \
+                "unknown request '{cmd}' (info, resize, commit, compact, convert, backup, mirror, stream, job, \
                  job-wait, job-pause, job-resume, job-cancel, job-rate)"
             )),
         }
@@ -394,7 +453,31 @@ impl Control {
             }
         }
         let (name, job, guest_on): (&'static str, Job, Option<PathBuf>) = match cmd {
+            "stream" => {
+                let cor = st
+                    .cor
+                    .clone()
+                    .ok_or("the image's parent is not remote (or not served writable with --cache writeback): nothing to stream")?;
+                let opts = vdisk::meta_ops::JobOptions {
+                    rate,
+                    ..Default::default()
+                };
+                let handle = self
+                    .runner
+                    .start_stream(&self.live, cor, opts)
+                    .map_err(|e| job_err(&e))?;
+                st.job = Some(Running {
+                    name: "stream",
+                    handle: Some(handle),
+                    result: None,
+                    guest_on: None,
+                });
+                return Ok(json!({"job": "stream", "started": true}));
+            }
             "commit" => {
+                if st.cor.is_some() {
+                    return Err("the parent is remote: stream it first, then serve again".into());
+                }
                 let chain = st
                     .chain
                     .clone()
@@ -489,6 +572,9 @@ impl Control {
                     }
                     if j.name == "commit" {
                         st.committed = true;
+                    }
+                    if j.name == "stream" {
+                        st.streamed = true;
                     }
                     json!({
                         "job": j.name,

@@ -345,8 +345,8 @@ fn a_control_path_that_is_a_file_is_refused() {
     assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
 }
 
-/// `vdisk serve --nbd` of `image` as export "b" (host B); its port.
-fn nbd_serve(image: &str) -> (Daemon, u16) {
+/// `vdisk serve --nbd` of `image` as export "b" (host B; `extra`: more options); its port.
+fn nbd_serve(image: &str, extra: &[&str]) -> (Daemon, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -360,8 +360,9 @@ fn nbd_serve(image: &str) -> (Daemon, u16) {
                 &format!("127.0.0.1:{port}"),
                 "--export",
                 "b",
-                image,
             ])
+            .args(extra)
+            .arg(image)
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
@@ -387,7 +388,7 @@ fn mirror_to_an_nbd_export_under_a_writing_guest() {
     let b = p(dir.path(), "b.raw");
     // Host B's disk holds junk: the mirror must overwrite or zero everything.
     std::fs::write(&b, vec![0xee; 16 << 20]).unwrap();
-    let (nbd, port) = nbd_serve(&b);
+    let (nbd, port) = nbd_serve(&b, &[]);
     let (vu, sock) = (p(dir.path(), "vu.sock"), p(dir.path(), "ctl.sock"));
     let d = serve(&top, &vu, &sock);
     let mut c = Client::connect(&vu, &ClientOptions::default()).unwrap();
@@ -421,4 +422,66 @@ fn mirror_to_an_nbd_export_under_a_writing_guest() {
     let (exited, log) = nbd.stop();
     assert!(exited, "vdisk serve --nbd failed: {log}");
     verify_file(&b, &m, "host B's image");
+}
+
+/// A child of a base served read-only over NBD (our server, which advertises the base's
+/// identity): served with a control socket, the guest reads through copy-on-read and writes,
+/// `stream` pulls the rest, and when serving ends the child's parent is the local replica:
+/// the chain then opens and reads right with the NBD server gone.
+#[test]
+fn stream_a_remote_base_under_a_writing_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = p(dir.path(), "base.vhdx");
+    vdisk_ok(&["create", "-f", "vhdx", "-o", "block_size=1M", &base, "16M"]);
+    vdisk_ok(&[
+        "io",
+        &base,
+        "-c",
+        "write -P 0x11 0 6M",
+        "-c",
+        "write -P 0x12 9M 3M",
+    ]);
+    let (nbd, port) = nbd_serve(&base, &["--read-only"]);
+    let child = p(dir.path(), "child.vhdx");
+    vdisk_ok(&[
+        "create",
+        "-f",
+        "vhdx",
+        "-b",
+        &format!("nbd://127.0.0.1:{port}/b"),
+        &child,
+    ]);
+    let mut original = vec![0u8; 16 << 20];
+    let d =
+        vdisk::chain::Disk::open(&base, &vdisk::chain::OpenOptions::new().read_only(true)).unwrap();
+    d.read_at(&mut original, 0).unwrap();
+    drop(d);
+    let (vu, sock) = (p(dir.path(), "vu.sock"), p(dir.path(), "ctl.sock"));
+    let serving = serve(&child, &vu, &sock);
+    let mut c = Client::connect(&vu, &ClientOptions::default()).unwrap();
+    let mut m = Model {
+        blocks: vec![0; original.len() / BLK],
+        original,
+    };
+    let mut seed = 3;
+    // Reads before the job fetch what they touch and keep it.
+    verify_guest(&mut c, &m, "through copy-on-read");
+    guest_writes(&mut c, &mut m, 100, &mut seed);
+    assert!(ctl(&sock, "commit")["error"]
+        .as_str()
+        .unwrap()
+        .contains("remote"));
+    let r = job_under_writes(&mut c, &mut m, &sock, "stream rate=64M", &mut seed);
+    assert_eq!(r["job"], "stream");
+    verify_guest(&mut c, &m, "after the stream");
+    c.close();
+    let (exited, log) = serving.stop();
+    assert!(exited, "vdisk serve failed: {log}");
+    assert!(log.contains("its parent is now"), "{log}");
+    let (exited, log) = nbd.stop();
+    assert!(exited, "vdisk serve --nbd failed: {log}");
+    // No server now: the chain is local.
+    verify_file(&child, &m, "the streamed chain");
+    let info = vdisk_ok(&["info", "--backing-chain", &child]);
+    assert!(!info.contains("nbd://"), "{info}");
 }
