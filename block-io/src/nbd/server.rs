@@ -82,6 +82,9 @@ pub struct NbdServer {
     handshake_limit: Duration,
 }
 
+/// Bytes of TLS records a connection buffers before writing them to the socket.
+const TLS_SEND_BUFFER: usize = 1 << 20;
+
 /// How long a client may take over its handshake by default (TLS included), as qemu-nbd's
 /// `--handshake-limit`.
 pub const DEFAULT_HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
@@ -365,6 +368,9 @@ where
         Negotiated::Session(_) | Negotiated::Quit => return Ok(None),
     }
     let mut t = TlsAcceptor::from(config).accept(s).await?;
+    // Encrypted records waiting for the socket, at most (rustls' default is 64 KiB): a 2 MiB
+    // read's reply goes out in a few large writes rather than one per 64 KiB.
+    t.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
     match haggle(&mut t, exports, no_zeroes, TlsPhase::Active).await? {
         Negotiated::Session(session) => Ok(Some(Handshaken::Tls(Box::new(t), session))),
         Negotiated::StartTls | Negotiated::Quit => {
