@@ -51,21 +51,21 @@
 //! file lost is in [`CompactTarget::stats`].
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use block_io::{BlockDevice, FileStorage, LockMode, RateLimiter, Storage};
+use block_io::{BlockDevice, FileStorage, LockMode, Storage};
 use chain::{Disk, Format, Layer};
-use parking_lot::{Condvar, Mutex};
-use tokio::sync::watch;
+use parking_lot::Mutex;
 use vhd_format::{VhdCompactor, VhdFile};
 use vhdx_format::{VhdxCompactor, VhdxFile};
 
 use crate::error::{JobError, JobResult};
-use crate::handle::{Control, JobHandle, JobReport, Phase, Shared};
+use crate::handle::{JobHandle, JobReport, Phase, Shared};
 use crate::job::{Job, JobKind, JobOptions};
 use crate::live::{LiveDisk, Tracker};
+use crate::task::{self, Spec, Steering};
 
 /// A block move, whatever the format.
 #[derive(Debug, Clone, Copy)]
@@ -420,72 +420,32 @@ pub(crate) fn start(
     tracker.ignore_guest = true;
     let tracker = Arc::new(tracker);
     live.attach(tracker.clone())?;
-    let (ctl, ctl_rx) = watch::channel(Control::default());
-    let (done_tx, done_rx) = watch::channel(false);
-    let shared = Arc::new(Shared {
+    let job = Spec {
         kind: JobKind::Compact,
-        ctl,
-        cancelled: AtomicBool::new(false),
-        limiter: RateLimiter::new(0, 1),
         chunk: bs,
         gran: bs,
-        phase: AtomicU8::new(Phase::Scanning as u8),
-        start: Instant::now(),
-        paused_ns: AtomicU64::new(0),
-        done: AtomicU64::new(0),
-        in_flight: AtomicU64::new(0),
-        tracker,
-        result: Mutex::new(None),
-        finished: AtomicBool::new(false),
-        done_cv: Condvar::new(),
-        done_tx,
-    });
-    shared.limiter.set_rate(o.rate, bs.max(1));
-    live.reset_max_wait();
-    let run = Compaction {
-        shared: shared.clone(),
-        live: live.clone(),
-        target,
-        ctl: ctl_rx,
-        yield_cap: o.yield_cap,
-        busy_duty: o.busy_duty,
-        yields: Arc::new(AtomicU64::new(0)),
+        phase: Phase::Scanning,
+        rate: o.rate,
     };
-    let guard = Detach {
-        shared: shared.clone(),
-        live: live.clone(),
-    };
-    rt.spawn(async move {
-        let r = run.run().await;
-        // Detached before the result is out: a caller that saw it may start another job.
-        guard.release();
-        guard.shared.finish(r);
-        drop(guard);
-    });
-    Ok(JobHandle { shared, done_rx })
+    Ok(task::spawn(rt, live, tracker, job, release, |ctl| {
+        Compaction {
+            shared: ctl.shared.clone(),
+            live: live.clone(),
+            target,
+            ctl,
+            yield_cap: o.yield_cap,
+            busy_duty: o.busy_duty,
+            yields: Arc::new(AtomicU64::new(0)),
+        }
+        .run()
+    }))
 }
 
 /// Puts guest reads back to lock-free and detaches the job when its task ends, however it
-/// ends (also when the runtime drops it: then the result is [`JobError::Aborted`]).
-struct Detach {
-    shared: Arc<Shared>,
-    live: Arc<LiveDisk>,
-}
-
-impl Detach {
-    fn release(&self) {
-        self.live.lock_reads(false);
-        self.live.detach(&self.shared.tracker);
-    }
-}
-
-impl Drop for Detach {
-    fn drop(&mut self) {
-        if !self.shared.finished.load(Ordering::Acquire) {
-            self.release();
-            self.shared.finish(Err(JobError::Aborted));
-        }
-    }
+/// ends.
+fn release(live: &LiveDisk, shared: &Shared) {
+    live.lock_reads(false);
+    live.detach(&shared.tracker);
 }
 
 /// The driver task of a compact job.
@@ -493,7 +453,7 @@ struct Compaction {
     shared: Arc<Shared>,
     live: Arc<LiveDisk>,
     target: Arc<CompactTarget>,
-    ctl: watch::Receiver<Control>,
+    ctl: Steering,
     yield_cap: Duration,
     busy_duty: u8,
     yields: Arc<AtomicU64>,
@@ -556,8 +516,8 @@ impl Compaction {
         // 1. Reclaim.
         let mut b = 0;
         while b < steps.block_count() {
-            self.checkpoint().await?;
-            if !self.tokens(bs).await {
+            self.ctl.checkpoint().await?;
+            if !self.ctl.tokens(bs).await {
                 continue;
             }
             tracker.dirty.take(b, b + 1);
@@ -577,7 +537,7 @@ impl Compaction {
         self.shared.set_phase(Phase::Copying);
         let mut stale = 0u32;
         loop {
-            self.checkpoint().await?;
+            self.ctl.checkpoint().await?;
             let target = self.target.clone();
             let plan = tokio::task::spawn_blocking(move || target.steps.plan_move())
                 .await
@@ -586,7 +546,7 @@ impl Compaction {
             let Some(m) = plan else {
                 break;
             };
-            if !self.tokens(m.len).await {
+            if !self.ctl.tokens(m.len).await {
                 continue;
             }
             self.shared.in_flight.fetch_add(m.len, Ordering::AcqRel);
@@ -607,7 +567,7 @@ impl Compaction {
             }
         }
         // 3. Truncate.
-        self.checkpoint().await?;
+        self.ctl.checkpoint().await?;
         self.shared.set_phase(Phase::Pivoting);
         let target = self.target.clone();
         let pause = Instant::now();
@@ -621,65 +581,13 @@ impl Compaction {
         let truncate_time = pause.elapsed();
         self.target.stats.lock().len_after = after;
         Ok(JobReport {
-            kind: JobKind::Compact,
-            bytes: self.shared.done.load(Ordering::Acquire),
-            copy_file_range_bytes: 0,
             buffered_bytes: moved * bs,
             zeroed_bytes: reclaimed * bs,
-            skipped_bytes: 0,
-            blocks_dirtied: 0,
-            written_through: 0,
-            passes: 1,
             yields: self.yields.load(Ordering::Relaxed),
-            duration: t0.elapsed(),
             // Guest I/O is never paused as a whole; allocating writers wait for the
             // truncation's syncs at most.
             pivot_pause: truncate_time.min(self.live.guest_stats().max_wait),
-            max_guest_wait: self.live.guest_stats().max_wait,
-            generation: self.live.generation(),
+            ..JobReport::base(&self.shared, &self.live, t0)
         })
-    }
-
-    /// Returns at once unless paused (then waits for resume or cancel); errs when cancelled.
-    async fn checkpoint(&mut self) -> Result<(), JobError> {
-        loop {
-            let c = *self.ctl.borrow_and_update();
-            if c.cancelled {
-                return Err(JobError::Cancelled);
-            }
-            if !c.paused {
-                return Ok(());
-            }
-            let before = self.shared.phase();
-            self.shared.set_phase(Phase::Paused);
-            let t = Instant::now();
-            let closed = self.ctl.changed().await.is_err();
-            let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            self.shared.paused_ns.fetch_add(ns, Ordering::AcqRel);
-            self.shared.set_phase(before);
-            if closed {
-                return Err(JobError::Aborted);
-            }
-        }
-    }
-
-    /// Takes `bytes` tokens from the limiter; false if paused or cancelled meanwhile.
-    async fn tokens(&mut self, bytes: u64) -> bool {
-        loop {
-            let c = *self.ctl.borrow_and_update();
-            if c.paused || c.cancelled {
-                return false;
-            }
-            match self.shared.limiter.try_acquire(bytes) {
-                Ok(()) => return true,
-                Err(wait) => {
-                    let wait = wait.min(Duration::from_millis(100));
-                    tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
-                        _ = self.ctl.changed() => {}
-                    }
-                }
-            }
-        }
     }
 }

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use block_io::{BlockDevice, BlockStatus, Mapping};
 
 use crate::error::JobError;
+use crate::handle::{JobReport, Shared};
+use crate::job::JobOptions;
 use crate::live::{LiveDisk, Tracker};
 
 /// Largest buffer a buffered copy uses (longer runs go in pieces).
@@ -87,6 +89,57 @@ fn dst_err(op: &'static str, offset: u64) -> impl FnOnce(block_io::Error) -> Job
 }
 
 impl Copier {
+    /// A copier from `src` into `tracker`'s destination for a job on `live` with options `o`.
+    pub(crate) fn new(
+        src: Arc<dyn BlockDevice>,
+        tracker: Arc<Tracker>,
+        live: &Arc<LiveDisk>,
+        dest_zeroed: bool,
+        merge: bool,
+        o: &JobOptions,
+    ) -> Copier {
+        Copier {
+            src,
+            tracker,
+            live: live.clone(),
+            dest_zeroed,
+            merge,
+            use_cfr: AtomicBool::new(o.copy_file_range),
+            counters: Counters::default(),
+            yield_cap: o.yield_cap,
+            busy_duty: o.busy_duty,
+        }
+    }
+
+    /// The report of a copying job (copy, convert, commit, mirror) that started at `t0`,
+    /// made `passes` passes and paused guest I/O `pause` in all.
+    pub(crate) fn report(
+        &self,
+        shared: &Shared,
+        t0: Instant,
+        passes: u32,
+        pause: Duration,
+    ) -> JobReport {
+        let c = &self.counters;
+        let t = &self.tracker;
+        JobReport {
+            kind: shared.kind,
+            bytes: shared.done.load(Ordering::Acquire),
+            copy_file_range_bytes: c.cfr.load(Ordering::Relaxed),
+            buffered_bytes: c.buffered.load(Ordering::Relaxed),
+            zeroed_bytes: c.zeroed.load(Ordering::Relaxed),
+            skipped_bytes: c.skipped.load(Ordering::Relaxed),
+            blocks_dirtied: t.marked.load(Ordering::Relaxed),
+            written_through: t.through_bytes.load(Ordering::Relaxed),
+            passes,
+            yields: c.yields.load(Ordering::Relaxed),
+            duration: t0.elapsed(),
+            pivot_pause: pause,
+            max_guest_wait: self.live.guest_stats().max_wait.max(pause),
+            generation: self.live.generation(),
+        }
+    }
+
     /// The priority rule ([`LiveDisk::yield_to_guests`]).
     pub(crate) fn yield_to_guests(&self) -> bool {
         self.live

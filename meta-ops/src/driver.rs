@@ -8,17 +8,17 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use block_io::BlockStatus;
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::copy::Copier;
 use crate::error::{JobError, JobResult};
-use crate::handle::{Control, JobReport, Phase, Shared};
+use crate::handle::{Phase, Shared};
 use crate::job::{JobOptions, Pivot};
 use crate::live::LiveDisk;
+use crate::task::{ChunkResult, Steering};
 
 /// The driver task of one job.
 pub(crate) struct Driver {
@@ -31,24 +31,15 @@ pub(crate) struct Driver {
     /// Run inside the pivot, after the flush, before the guest moves.
     pub(crate) before_switch: Option<crate::commit::Hook>,
     pub(crate) opts: JobOptions,
-    pub(crate) ctl: watch::Receiver<Control>,
+    pub(crate) ctl: Steering,
 }
 
 /// Write-through passes before the pivot copies whatever is still dirty.
 const CONVERGE_PASSES: u32 = 2;
 
-type ChunkResult = Result<(u64, u64), JobError>;
-
 impl Driver {
+    /// Runs the job; [`task::spawn`](crate::task::spawn) detaches it when it ends.
     pub(crate) async fn run(mut self) -> JobResult {
-        let r = self.main().await;
-        if r.is_err() {
-            self.live.detach(&self.shared.tracker);
-        }
-        r
-    }
-
-    async fn main(&mut self) -> JobResult {
         let t0 = Instant::now();
         let tracker = self.shared.tracker.clone();
         let (copier, shared) = (self.copier.clone(), self.shared.clone());
@@ -62,21 +53,21 @@ impl Driver {
         let mut passes = 1u32;
         loop {
             while let Some(r) = set.try_join_next() {
-                self.reap_or_drain(r, &mut set).await?;
+                self.ctl.reap_or_drain(r, &mut set).await?;
             }
-            let c = *self.ctl.borrow_and_update();
+            let c = self.ctl.now();
             if c.cancelled {
-                self.drain(&mut set).await?;
+                self.ctl.drain(&mut set).await?;
                 return Err(JobError::Cancelled);
             }
             if c.paused {
-                self.drain(&mut set).await?;
-                self.paused().await;
+                self.ctl.drain(&mut set).await?;
+                self.ctl.paused().await;
                 continue;
             }
             if set.len() >= self.opts.parallel.max(1) {
                 if let Some(r) = set.join_next().await {
-                    self.reap_or_drain(r, &mut set).await?;
+                    self.ctl.reap_or_drain(r, &mut set).await?;
                 }
                 continue;
             }
@@ -84,7 +75,7 @@ impl Driver {
                 (self.shared.chunk_for(self.shared.limiter.rate()) / tracker.gran).max(1);
             let Some(first) = tracker.dirty.next_set(cursor) else {
                 if let Some(r) = set.join_next().await {
-                    self.reap_or_drain(r, &mut set).await?;
+                    self.ctl.reap_or_drain(r, &mut set).await?;
                     continue;
                 }
                 // A pass is over. Pivot when little is left, or when write-through has had
@@ -113,7 +104,7 @@ impl Driver {
                     y - x
                 })
                 .sum();
-            if !self.tokens(bytes).await {
+            if !self.ctl.tokens(bytes).await {
                 // Paused or cancelled while waiting: give the blocks back.
                 for &(a, b) in &runs {
                     tracker.dirty.set(a, b);
@@ -126,77 +117,6 @@ impl Driver {
             set.spawn_blocking(move || copier.chunk(&runs).map(|n| (n, bytes)));
         }
         self.finish(t0, passes).await
-    }
-
-    /// Takes `bytes` tokens from the limiter; false if the job was paused or cancelled
-    /// meanwhile.
-    async fn tokens(&mut self, bytes: u64) -> bool {
-        loop {
-            let c = *self.ctl.borrow_and_update();
-            if c.paused || c.cancelled {
-                return false;
-            }
-            match self.shared.limiter.try_acquire(bytes) {
-                Ok(()) => return true,
-                Err(wait) => {
-                    let wait = wait.min(Duration::from_millis(100));
-                    tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
-                        _ = self.ctl.changed() => {}
-                    }
-                }
-            }
-        }
-    }
-
-    fn reaped(&self, r: Result<ChunkResult, tokio::task::JoinError>) -> Result<(), JobError> {
-        let (n, claimed) = r.map_err(|_| JobError::Aborted)??;
-        self.shared.in_flight.fetch_sub(claimed, Ordering::AcqRel);
-        self.shared.done.fetch_add(n, Ordering::AcqRel);
-        Ok(())
-    }
-
-    /// [`reaped`](Self::reaped); on an error, first waits for the other chunks in flight, so
-    /// that none still writes the destination or holds a range lock when the job ends.
-    async fn reap_or_drain(
-        &self,
-        r: Result<ChunkResult, tokio::task::JoinError>,
-        set: &mut JoinSet<ChunkResult>,
-    ) -> Result<(), JobError> {
-        let e = match self.reaped(r) {
-            Ok(()) => return Ok(()),
-            Err(e) => e,
-        };
-        let _ = self.drain(set).await;
-        Err(e)
-    }
-
-    async fn drain(&self, set: &mut JoinSet<ChunkResult>) -> Result<(), JobError> {
-        let mut first_err = None;
-        while let Some(r) = set.join_next().await {
-            if let Err(e) = self.reaped(r) {
-                first_err.get_or_insert(e);
-            }
-        }
-        first_err.map_or(Ok(()), Err)
-    }
-
-    async fn paused(&mut self) {
-        let before = self.shared.phase();
-        self.shared.set_phase(Phase::Paused);
-        let t = Instant::now();
-        loop {
-            let c = *self.ctl.borrow_and_update();
-            if !c.paused || c.cancelled {
-                break;
-            }
-            if self.ctl.changed().await.is_err() {
-                break;
-            }
-        }
-        let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.shared.paused_ns.fetch_add(ns, Ordering::AcqRel);
-        self.shared.set_phase(before);
     }
 
     /// The pivot, then the report.
@@ -255,24 +175,7 @@ impl Driver {
                 .await
                 .map_err(|_| JobError::Aborted)??;
         }
-        let c = &self.copier.counters;
-        let t = &self.copier.tracker;
-        Ok(JobReport {
-            kind: self.shared.kind,
-            bytes: self.shared.done.load(Ordering::Acquire),
-            copy_file_range_bytes: c.cfr.load(Ordering::Relaxed),
-            buffered_bytes: c.buffered.load(Ordering::Relaxed),
-            zeroed_bytes: c.zeroed.load(Ordering::Relaxed),
-            skipped_bytes: c.skipped.load(Ordering::Relaxed),
-            blocks_dirtied: t.marked.load(Ordering::Relaxed),
-            written_through: t.through_bytes.load(Ordering::Relaxed),
-            passes,
-            yields: c.yields.load(Ordering::Relaxed),
-            duration: t0.elapsed(),
-            pivot_pause: pause,
-            max_guest_wait: self.live.guest_stats().max_wait.max(pause),
-            generation: self.live.generation(),
-        })
+        Ok(self.copier.report(&self.shared, t0, passes, pause))
     }
 }
 

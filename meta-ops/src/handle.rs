@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::error::{JobError, JobResult};
 use crate::job::JobKind;
-use crate::live::Tracker;
+use crate::live::{LiveDisk, Tracker};
 
 /// Where a job is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -112,6 +112,30 @@ pub struct JobReport {
     pub max_guest_wait: Duration,
     /// The disk's generation after the pivot ([`LiveDisk::generation`](crate::LiveDisk::generation)).
     pub generation: u64,
+}
+
+impl JobReport {
+    /// The report of a job that copies nothing through the copier (stream, compact) and
+    /// started at `t0`: its bytes, one pass, the time, the guest's longest wait and the
+    /// generation; the caller fills in the rest.
+    pub(crate) fn base(shared: &Shared, live: &LiveDisk, t0: Instant) -> JobReport {
+        JobReport {
+            kind: shared.kind,
+            bytes: shared.done.load(Ordering::Acquire),
+            copy_file_range_bytes: 0,
+            buffered_bytes: 0,
+            zeroed_bytes: 0,
+            skipped_bytes: 0,
+            blocks_dirtied: 0,
+            written_through: 0,
+            passes: 1,
+            yields: 0,
+            duration: t0.elapsed(),
+            pivot_pause: Duration::ZERO,
+            max_guest_wait: live.guest_stats().max_wait,
+            generation: live.generation(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]

@@ -4,19 +4,17 @@
 //! (every guest change from then on is tracked) and spawns its driver ([`crate::driver`]) on
 //! the runner's tokio runtime; the caller gets a [`JobHandle`].
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use block_io::{BlockDevice, RateLimiter};
-use parking_lot::{Condvar, Mutex};
-use tokio::sync::watch;
+use block_io::BlockDevice;
 
-use crate::copy::{Copier, Counters};
+use crate::copy::Copier;
 use crate::driver::Driver;
 use crate::error::JobError;
-use crate::handle::{Control, JobHandle, Phase, Shared};
+use crate::handle::{JobHandle, Phase};
 use crate::live::{LiveDisk, Tracker};
+use crate::task::{self, Spec};
 
 /// Which job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -403,77 +401,40 @@ impl JobRunner {
             }
             src = m.clone();
         }
-        let (ctl, ctl_rx) = watch::channel(Control::default());
-        let (done_tx, done_rx) = watch::channel(false);
-        let shared = Arc::new(Shared {
+        let copier = Copier::new(
+            src,
+            tracker.clone(),
+            live,
+            job.dest_zeroed,
+            job.merge.is_some(),
+            &o,
+        );
+        let spec = Spec {
             kind: job.kind,
-            ctl,
-            cancelled: AtomicBool::new(false),
-            limiter: RateLimiter::new(0, 1),
             chunk: o.chunk,
             gran: o.granularity,
-            phase: AtomicU8::new(Phase::Scanning as u8),
-            start: Instant::now(),
-            paused_ns: AtomicU64::new(0),
-            done: AtomicU64::new(0),
-            in_flight: AtomicU64::new(0),
-            tracker: tracker.clone(),
-            result: Mutex::new(None),
-            finished: AtomicBool::new(false),
-            done_cv: Condvar::new(),
-            done_tx,
-        });
-        shared
-            .limiter
-            .set_rate(o.rate, shared.chunk_for(o.rate).max(1));
-        let copier = Arc::new(Copier {
-            src,
+            phase: Phase::Scanning,
+            rate: o.rate,
+        };
+        Ok(task::spawn(
+            &self.handle,
+            live,
             tracker,
-            live: live.clone(),
-            dest_zeroed: job.dest_zeroed,
-            merge: job.merge.is_some(),
-            use_cfr: AtomicBool::new(o.copy_file_range),
-            counters: Counters::default(),
-            yield_cap: o.yield_cap,
-            busy_duty: o.busy_duty,
-        });
-        live.reset_max_wait();
-        let driver = Driver {
-            shared: shared.clone(),
-            copier,
-            live: live.clone(),
-            pivot: job.pivot,
-            retire: job.retire,
-            before_switch: job.before_switch,
-            opts: o,
-            ctl: ctl_rx,
-        };
-        let cleanup = Cleanup {
-            shared: shared.clone(),
-            live: live.clone(),
-        };
-        self.handle.spawn(async move {
-            let r = driver.run().await;
-            cleanup.shared.finish(r);
-            drop(cleanup);
-        });
-        Ok(JobHandle { shared, done_rx })
-    }
-}
-
-/// Detaches the job and reports [`JobError::Aborted`] if its driver is dropped before it
-/// finished (the runtime shut down); after a normal end it only makes sure nothing stays
-/// attached.
-struct Cleanup {
-    shared: Arc<Shared>,
-    live: Arc<LiveDisk>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if !self.shared.finished.load(Ordering::Acquire) {
-            self.live.detach(&self.shared.tracker);
-            self.shared.finish(Err(JobError::Aborted));
-        }
+            spec,
+            task::detach,
+            |ctl| {
+                Driver {
+                    shared: ctl.shared.clone(),
+                    copier: Arc::new(copier),
+                    live: live.clone(),
+                    pivot: job.pivot,
+                    retire: job.retire,
+                    before_switch: job.before_switch,
+                    opts: o,
+                    ctl,
+                }
+                .run()
+            },
+        ))
     }
 }

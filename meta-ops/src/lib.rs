@@ -98,6 +98,7 @@ pub mod send;
 pub mod split;
 #[cfg(feature = "remote")]
 pub mod stream;
+mod task;
 
 pub use commit::{prepare_top, set_vhdx_linkage, unlink_stale, CommitOptions, Retire};
 pub use compact::{

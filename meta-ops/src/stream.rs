@@ -41,23 +41,22 @@
 //! `bytes` counts the base's bytes handled, `buffered_bytes` those fetched, `skipped_bytes`
 //! the holes recorded without a fetch.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use block_io::{BlockDevice, BlockStatus, RateLimiter};
+use block_io::{BlockDevice, BlockStatus};
 pub use chain::cor::{
     default_replica, finish_streaming as finish_stream, open_streaming, sidecar_path, CopyOnRead,
     CorStats, Finished, StreamError, StreamOptions, Streaming,
 };
-use parking_lot::{Condvar, Mutex};
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::error::{JobError, JobResult};
-use crate::handle::{Control, JobHandle, JobReport, Phase, Shared};
+use crate::handle::{JobHandle, JobReport, Phase, Shared};
 use crate::job::{JobKind, JobOptions, JobRunner};
 use crate::live::{LiveDisk, Tracker};
+use crate::task::{self, Spec, Steering};
 
 /// How many times the job tries one fetch before failing.
 pub const FETCH_ATTEMPTS: u32 = 4;
@@ -92,67 +91,28 @@ impl JobRunner {
         }
         live.attach(tracker.clone())?;
         let chunk = opts.chunk.max(gran);
-        let (ctl, ctl_rx) = watch::channel(Control::default());
-        let (done_tx, done_rx) = watch::channel(false);
-        let shared = Arc::new(Shared {
+        let job = Spec {
             kind: JobKind::Stream,
-            ctl,
-            cancelled: AtomicBool::new(false),
-            limiter: RateLimiter::new(0, 1),
             chunk: chunk - chunk % gran,
             gran,
-            phase: AtomicU8::new(Phase::Copying as u8),
-            start: Instant::now(),
-            paused_ns: AtomicU64::new(0),
-            done: AtomicU64::new(0),
-            in_flight: AtomicU64::new(0),
-            tracker,
-            result: Mutex::new(None),
-            finished: AtomicBool::new(false),
-            done_cv: Condvar::new(),
-            done_tx,
-        });
-        shared
-            .limiter
-            .set_rate(opts.rate, shared.chunk_for(opts.rate).max(1));
-        live.reset_max_wait();
-        let run = Stream {
-            shared: shared.clone(),
-            live: live.clone(),
-            cor,
-            ctl: ctl_rx,
-            parallel: opts.parallel.max(1),
-            yield_cap: opts.yield_cap,
-            yields: Arc::new(AtomicU64::new(0)),
-            fetched: Arc::new(AtomicU64::new(0)),
-            skipped: 0,
+            phase: Phase::Copying,
+            rate: opts.rate,
         };
-        let guard = Detach {
-            shared: shared.clone(),
-            live: live.clone(),
-        };
-        self.runtime().spawn(async move {
-            let r = run.run().await;
-            guard.live.detach(&guard.shared.tracker);
-            guard.shared.finish(r);
-            drop(guard);
-        });
-        Ok(JobHandle { shared, done_rx })
-    }
-}
-
-/// Detaches the job if its task is dropped before it finished (runtime shut down).
-struct Detach {
-    shared: Arc<Shared>,
-    live: Arc<LiveDisk>,
-}
-
-impl Drop for Detach {
-    fn drop(&mut self) {
-        if !self.shared.finished.load(Ordering::Acquire) {
-            self.live.detach(&self.shared.tracker);
-            self.shared.finish(Err(JobError::Aborted));
-        }
+        let rt = self.runtime();
+        Ok(task::spawn(rt, live, tracker, job, task::detach, |ctl| {
+            Stream {
+                shared: ctl.shared.clone(),
+                live: live.clone(),
+                cor,
+                ctl,
+                parallel: opts.parallel.max(1),
+                yield_cap: opts.yield_cap,
+                yields: Arc::new(AtomicU64::new(0)),
+                fetched: Arc::new(AtomicU64::new(0)),
+                skipped: 0,
+            }
+            .run()
+        }))
     }
 }
 
@@ -161,7 +121,7 @@ struct Stream {
     shared: Arc<Shared>,
     live: Arc<LiveDisk>,
     cor: Arc<CopyOnRead>,
-    ctl: watch::Receiver<Control>,
+    ctl: Steering,
     parallel: usize,
     yield_cap: Duration,
     yields: Arc<AtomicU64>,
@@ -219,7 +179,7 @@ impl Stream {
         let mut g = 0u64;
         let mut last_persist = Instant::now();
         loop {
-            if let Err(e) = self.checkpoint().await {
+            if let Err(e) = self.ctl.checkpoint().await {
                 drain(&mut tasks).await;
                 return Err(e);
             }
@@ -286,7 +246,7 @@ impl Stream {
             // Whole granules, at least one.
             let end = (off + run.max(1)).div_ceil(gran).max(next + 1);
             let (a, b) = (off, (end * gran).min(size));
-            if !self.tokens(b - a).await {
+            if !self.ctl.tokens(b - a).await {
                 continue;
             }
             self.shared.tracker.dirty.take(next, end);
@@ -317,66 +277,12 @@ impl Stream {
                 "granule {g} of the base is still missing after the pass"
             )));
         }
-        let max_wait = self.live.guest_stats().max_wait;
         Ok(JobReport {
-            kind: JobKind::Stream,
-            bytes: self.shared.done.load(Ordering::Acquire),
-            copy_file_range_bytes: 0,
             buffered_bytes: self.fetched.load(Ordering::Acquire),
-            zeroed_bytes: 0,
             skipped_bytes: self.skipped,
-            blocks_dirtied: 0,
-            written_through: 0,
-            passes: 1,
             yields: self.yields.load(Ordering::Relaxed),
-            duration: t0.elapsed(),
-            pivot_pause: Duration::ZERO,
-            max_guest_wait: max_wait,
-            generation: self.live.generation(),
+            ..JobReport::base(&self.shared, &self.live, t0)
         })
-    }
-
-    /// Returns at once unless paused (then waits for resume or cancel); errs when cancelled.
-    async fn checkpoint(&mut self) -> Result<(), JobError> {
-        loop {
-            let c = *self.ctl.borrow_and_update();
-            if c.cancelled {
-                return Err(JobError::Cancelled);
-            }
-            if !c.paused {
-                return Ok(());
-            }
-            let before = self.shared.phase();
-            self.shared.set_phase(Phase::Paused);
-            let t = Instant::now();
-            let closed = self.ctl.changed().await.is_err();
-            let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            self.shared.paused_ns.fetch_add(ns, Ordering::AcqRel);
-            self.shared.set_phase(before);
-            if closed {
-                return Err(JobError::Aborted);
-            }
-        }
-    }
-
-    /// Takes `bytes` tokens from the limiter; false if paused or cancelled meanwhile.
-    async fn tokens(&mut self, bytes: u64) -> bool {
-        loop {
-            let c = *self.ctl.borrow_and_update();
-            if c.paused || c.cancelled {
-                return false;
-            }
-            match self.shared.limiter.try_acquire(bytes) {
-                Ok(()) => return true,
-                Err(wait) => {
-                    let wait = wait.min(Duration::from_millis(100));
-                    tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
-                        _ = self.ctl.changed() => {}
-                    }
-                }
-            }
-        }
     }
 }
 

@@ -67,20 +67,19 @@
 
 mod straddle;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use block_io::{BlockDevice, BlockStatus, RateLimiter};
-use parking_lot::{Condvar, Mutex};
-use tokio::sync::watch;
+use block_io::{BlockDevice, BlockStatus};
 use tokio::task::JoinSet;
 
-use crate::copy::{Copier, Counters};
+use crate::copy::Copier;
 use crate::error::{JobError, JobResult};
-use crate::handle::{Control, JobHandle, JobReport, Phase, Shared};
+use crate::handle::{JobHandle, Phase, Shared};
 use crate::job::{Job, JobKind, JobOptions};
 use crate::live::{LiveDisk, Tracker};
+use crate::task::{self, ChunkResult, Spec, Steering};
 
 use self::straddle::Straddle;
 
@@ -249,91 +248,44 @@ pub(crate) fn start(
     }
     let tracker = Arc::new(tracker);
     let src = live.attach(tracker.clone())?;
-    let (ctl, ctl_rx) = watch::channel(Control::default());
-    let (done_tx, done_rx) = watch::channel(false);
-    let shared = Arc::new(Shared {
+    let copier = Arc::new(Copier::new(
+        src,
+        tracker.clone(),
+        live,
+        dest_zeroed,
+        false,
+        &o,
+    ));
+    let job = Spec {
         kind: JobKind::Mirror,
-        ctl,
-        cancelled: AtomicBool::new(false),
-        limiter: RateLimiter::new(0, 1),
         chunk: o.chunk,
         gran: o.granularity,
-        phase: AtomicU8::new(Phase::Scanning as u8),
-        start: Instant::now(),
-        paused_ns: AtomicU64::new(0),
-        done: AtomicU64::new(0),
-        in_flight: AtomicU64::new(0),
-        tracker: tracker.clone(),
-        result: Mutex::new(None),
-        finished: AtomicBool::new(false),
-        done_cv: Condvar::new(),
-        done_tx,
-    });
-    shared
-        .limiter
-        .set_rate(o.rate, shared.chunk_for(o.rate).max(1));
-    let copier = Arc::new(Copier {
-        src,
-        tracker,
-        live: live.clone(),
-        dest_zeroed,
-        merge: false,
-        use_cfr: AtomicBool::new(o.copy_file_range),
-        counters: Counters::default(),
-        yield_cap: o.yield_cap,
-        busy_duty: o.busy_duty,
-    });
-    live.reset_max_wait();
-    let run = Mirror {
-        shared: shared.clone(),
-        copier,
-        live: live.clone(),
-        opts: o,
-        spec,
-        ctl: ctl_rx,
-        passes: 0,
-        pause: Duration::ZERO,
-        straddle: None,
+        phase: Phase::Scanning,
+        rate: o.rate,
     };
-    let guard = Detach {
-        shared: shared.clone(),
-        live: live.clone(),
-    };
-    rt.spawn(async move {
-        let r = run.run().await;
-        guard.release();
-        guard.shared.finish(r);
-        drop(guard);
-    });
-    Ok(JobHandle { shared, done_rx })
-}
-
-/// Detaches the job when its task ends, however it ends (also when the runtime drops it:
-/// then the result is [`JobError::Aborted`]).
-struct Detach {
-    shared: Arc<Shared>,
-    live: Arc<LiveDisk>,
-}
-
-impl Detach {
-    fn release(&self) {
-        if let Some(th) = &self.shared.tracker.throttle {
-            th.on.store(false, Ordering::Release);
+    Ok(task::spawn(rt, live, tracker, job, release, |ctl| {
+        Mirror {
+            shared: ctl.shared.clone(),
+            copier,
+            live: live.clone(),
+            opts: o,
+            spec,
+            ctl,
+            passes: 0,
+            pause: Duration::ZERO,
+            straddle: None,
         }
-        self.live.detach(&self.shared.tracker);
-    }
+        .run()
+    }))
 }
 
-impl Drop for Detach {
-    fn drop(&mut self) {
-        if !self.shared.finished.load(Ordering::Acquire) {
-            self.release();
-            self.shared.finish(Err(JobError::Aborted));
-        }
+/// Stops the throttle and detaches the job when its task ends, however it ends.
+fn release(live: &LiveDisk, shared: &Shared) {
+    if let Some(th) = &shared.tracker.throttle {
+        th.on.store(false, Ordering::Release);
     }
+    live.detach(&shared.tracker);
 }
-
-type ChunkResult = Result<(u64, u64), JobError>;
 
 /// Write-through passes of a `before` mirror before its pivot copies whatever is dirty.
 const CONVERGE_PASSES: u32 = 2;
@@ -354,7 +306,7 @@ struct Mirror {
     live: Arc<LiveDisk>,
     opts: JobOptions,
     spec: MirrorSpec,
-    ctl: watch::Receiver<Control>,
+    ctl: Steering,
     passes: u32,
     /// Guest I/O paused by the switch and the pivot.
     pause: Duration,
@@ -400,24 +352,9 @@ impl Mirror {
             }
             self.finish().await?;
         }
-        let c = &self.copier.counters;
-        let t = &self.copier.tracker;
-        Ok(JobReport {
-            kind: JobKind::Mirror,
-            bytes: self.shared.done.load(Ordering::Acquire),
-            copy_file_range_bytes: c.cfr.load(Ordering::Relaxed),
-            buffered_bytes: c.buffered.load(Ordering::Relaxed),
-            zeroed_bytes: c.zeroed.load(Ordering::Relaxed),
-            skipped_bytes: c.skipped.load(Ordering::Relaxed),
-            blocks_dirtied: t.marked.load(Ordering::Relaxed),
-            written_through: t.through_bytes.load(Ordering::Relaxed),
-            passes: self.passes,
-            yields: c.yields.load(Ordering::Relaxed),
-            duration: t0.elapsed(),
-            pivot_pause: self.pause,
-            max_guest_wait: self.live.guest_stats().max_wait.max(self.pause),
-            generation: self.live.generation(),
-        })
+        Ok(self
+            .copier
+            .report(&self.shared, t0, self.passes, self.pause))
     }
 
     /// Copying with the guest on A: claims dirty granules a chunk at a time (guest writes
@@ -432,7 +369,7 @@ impl Mirror {
         self.passes = 1;
         loop {
             while let Some(r) = set.try_join_next() {
-                self.reap_or_drain(r, &mut set).await?;
+                self.ctl.reap_or_drain(r, &mut set).await?;
             }
             if let Some(l) = self.control(&mut set).await? {
                 return Ok(l);
@@ -441,12 +378,12 @@ impl Mirror {
                 && self.spec.split_budget > 0
                 && self.shared.done.load(Ordering::Acquire) >= self.spec.split_budget
             {
-                self.drain(&mut set).await?;
+                self.ctl.drain(&mut set).await?;
                 return Ok(Loop::Done);
             }
             if set.len() >= self.opts.parallel.max(1) {
                 if let Some(r) = set.join_next().await {
-                    self.reap_or_drain(r, &mut set).await?;
+                    self.ctl.reap_or_drain(r, &mut set).await?;
                 }
                 continue;
             }
@@ -454,7 +391,7 @@ impl Mirror {
                 (self.shared.chunk_for(self.shared.limiter.rate()) / tracker.gran).max(1);
             let Some(first) = tracker.dirty.next_set(cursor) else {
                 if let Some(r) = set.join_next().await {
-                    self.reap_or_drain(r, &mut set).await?;
+                    self.ctl.reap_or_drain(r, &mut set).await?;
                     continue;
                 }
                 if split
@@ -484,7 +421,7 @@ impl Mirror {
                     y - x
                 })
                 .sum();
-            if !self.tokens(bytes).await {
+            if !self.ctl.tokens(bytes).await {
                 for &(a, b) in &runs {
                     tracker.dirty.set(a, b);
                 }
@@ -506,21 +443,21 @@ impl Mirror {
         let mut cursor = 0u64;
         loop {
             while let Some(r) = set.try_join_next() {
-                self.reap_or_drain(r, &mut set).await?;
+                self.ctl.reap_or_drain(r, &mut set).await?;
             }
             if let Some(l) = self.control(&mut set).await? {
                 return Ok(l);
             }
             if set.len() >= self.opts.parallel.max(1) {
                 if let Some(r) = set.join_next().await {
-                    self.reap_or_drain(r, &mut set).await?;
+                    self.ctl.reap_or_drain(r, &mut set).await?;
                 }
                 continue;
             }
             let max_bits =
                 (self.shared.chunk_for(self.shared.limiter.rate()) / tracker.gran).max(1);
             let Some(first) = tracker.dirty.next_set(cursor) else {
-                self.drain(&mut set).await?;
+                self.ctl.drain(&mut set).await?;
                 if tracker.dirty.count() == 0 {
                     return Ok(Loop::Done);
                 }
@@ -531,7 +468,7 @@ impl Mirror {
             let last = (first + max_bits).min(tracker.dirty.len());
             cursor = last;
             let (a, b) = tracker.span(first, last);
-            if !self.tokens(b - a).await {
+            if !self.ctl.tokens(b - a).await {
                 cursor = first;
                 continue;
             }
@@ -619,13 +556,13 @@ impl Mirror {
 
     /// Pause and cancel between chunks: `Some` when the loop must end.
     async fn control(&mut self, set: &mut JoinSet<ChunkResult>) -> Result<Option<Loop>, JobError> {
-        let c = *self.ctl.borrow_and_update();
+        let c = self.ctl.now();
         if c.cancelled {
-            self.drain(set).await?;
+            self.ctl.drain(set).await?;
             return Ok(Some(Loop::Cancelled));
         }
         if c.paused {
-            self.drain(set).await?;
+            self.ctl.drain(set).await?;
             let was = self
                 .shared
                 .tracker
@@ -633,77 +570,10 @@ impl Mirror {
                 .as_ref()
                 .is_some_and(|th| th.on.load(Ordering::Acquire));
             self.throttling(false);
-            self.paused().await;
+            self.ctl.paused().await;
             self.throttling(was);
         }
         Ok(None)
-    }
-
-    async fn tokens(&mut self, bytes: u64) -> bool {
-        loop {
-            let c = *self.ctl.borrow_and_update();
-            if c.paused || c.cancelled {
-                return false;
-            }
-            match self.shared.limiter.try_acquire(bytes) {
-                Ok(()) => return true,
-                Err(wait) => {
-                    let wait = wait.min(Duration::from_millis(100));
-                    tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
-                        _ = self.ctl.changed() => {}
-                    }
-                }
-            }
-        }
-    }
-
-    fn reaped(&self, r: Result<ChunkResult, tokio::task::JoinError>) -> Result<(), JobError> {
-        let (n, claimed) = r.map_err(|_| JobError::Aborted)??;
-        self.shared.in_flight.fetch_sub(claimed, Ordering::AcqRel);
-        self.shared.done.fetch_add(n, Ordering::AcqRel);
-        Ok(())
-    }
-
-    async fn reap_or_drain(
-        &self,
-        r: Result<ChunkResult, tokio::task::JoinError>,
-        set: &mut JoinSet<ChunkResult>,
-    ) -> Result<(), JobError> {
-        let e = match self.reaped(r) {
-            Ok(()) => return Ok(()),
-            Err(e) => e,
-        };
-        let _ = self.drain(set).await;
-        Err(e)
-    }
-
-    async fn drain(&self, set: &mut JoinSet<ChunkResult>) -> Result<(), JobError> {
-        let mut first_err = None;
-        while let Some(r) = set.join_next().await {
-            if let Err(e) = self.reaped(r) {
-                first_err.get_or_insert(e);
-            }
-        }
-        first_err.map_or(Ok(()), Err)
-    }
-
-    async fn paused(&mut self) {
-        let before = self.shared.phase();
-        self.shared.set_phase(Phase::Paused);
-        let t = Instant::now();
-        loop {
-            let c = *self.ctl.borrow_and_update();
-            if !c.paused || c.cancelled {
-                break;
-            }
-            if self.ctl.changed().await.is_err() {
-                break;
-            }
-        }
-        let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.shared.paused_ns.fetch_add(ns, Ordering::AcqRel);
-        self.shared.set_phase(before);
     }
 }
 
