@@ -52,9 +52,7 @@ impl Driver {
         let mut cursor = 0u64;
         let mut passes = 1u32;
         loop {
-            while let Some(r) = set.try_join_next() {
-                self.ctl.reap_or_drain(r, &mut set).await?;
-            }
+            self.ctl.reap_ended(&mut set).await?;
             let c = self.ctl.now();
             if c.cancelled {
                 self.ctl.drain(&mut set).await?;
@@ -65,10 +63,7 @@ impl Driver {
                 self.ctl.paused().await;
                 continue;
             }
-            if set.len() >= self.opts.parallel.max(1) {
-                if let Some(r) = set.join_next().await {
-                    self.ctl.reap_or_drain(r, &mut set).await?;
-                }
+            if self.ctl.wait_room(&mut set, self.opts.parallel).await? {
                 continue;
             }
             let max_bits =
@@ -94,27 +89,7 @@ impl Driver {
                 cursor = 0;
                 continue;
             };
-            let last = (first + max_bits).min(tracker.dirty.len());
-            let runs = tracker.dirty.take(first, last);
-            cursor = last;
-            let bytes: u64 = runs
-                .iter()
-                .map(|&(a, b)| {
-                    let (x, y) = tracker.span(a, b);
-                    y - x
-                })
-                .sum();
-            if !self.ctl.tokens(bytes).await {
-                // Paused or cancelled while waiting: give the blocks back.
-                for &(a, b) in &runs {
-                    tracker.dirty.set(a, b);
-                }
-                cursor = first;
-                continue;
-            }
-            self.shared.in_flight.fetch_add(bytes, Ordering::AcqRel);
-            let copier = self.copier.clone();
-            set.spawn_blocking(move || copier.chunk(&runs).map(|n| (n, bytes)));
+            cursor = copy_chunk(&mut self.ctl, &self.copier, &mut set, first, max_bits).await;
         }
         self.finish(t0, passes).await
     }
@@ -177,6 +152,39 @@ impl Driver {
         }
         Ok(self.copier.report(&self.shared, t0, passes, pause))
     }
+}
+
+/// Claims the dirty bits `[first, first + max_bits)` of the copier's tracker, takes their
+/// bytes from the limiter and spawns their copy into `set`. Returns where the next claim
+/// starts: after them, or `first` again when the job was paused or cancelled while waiting
+/// for tokens (the bits are given back).
+pub(crate) async fn copy_chunk(
+    ctl: &mut Steering,
+    copier: &Arc<Copier>,
+    set: &mut JoinSet<ChunkResult>,
+    first: u64,
+    max_bits: u64,
+) -> u64 {
+    let tracker = &copier.tracker;
+    let last = (first + max_bits).min(tracker.dirty.len());
+    let runs = tracker.dirty.take(first, last);
+    let bytes: u64 = runs
+        .iter()
+        .map(|&(a, b)| {
+            let (x, y) = tracker.span(a, b);
+            y - x
+        })
+        .sum();
+    if !ctl.tokens(bytes).await {
+        for &(a, b) in &runs {
+            tracker.dirty.set(a, b);
+        }
+        return first;
+    }
+    ctl.shared.in_flight.fetch_add(bytes, Ordering::AcqRel);
+    let copier = copier.clone();
+    set.spawn_blocking(move || copier.chunk(&runs).map(|n| (n, bytes)));
+    last
 }
 
 /// Marks the blocks the job must handle dirty: all of them when the destination may hold

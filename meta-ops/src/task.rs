@@ -217,6 +217,30 @@ impl Steering {
         Err(e)
     }
 
+    /// Reaps the chunks that have ended (as [`reap_or_drain`](Self::reap_or_drain)).
+    pub(crate) async fn reap_ended(&self, set: &mut JoinSet<ChunkResult>) -> Result<(), JobError> {
+        while let Some(r) = set.try_join_next() {
+            self.reap_or_drain(r, set).await?;
+        }
+        Ok(())
+    }
+
+    /// With `parallel` (at least one) chunks in flight, waits for one to end and reaps it,
+    /// then returns true; false at once when there is room for another.
+    pub(crate) async fn wait_room(
+        &self,
+        set: &mut JoinSet<ChunkResult>,
+        parallel: usize,
+    ) -> Result<bool, JobError> {
+        if set.len() < parallel.max(1) {
+            return Ok(false);
+        }
+        if let Some(r) = set.join_next().await {
+            self.reap_or_drain(r, set).await?;
+        }
+        Ok(true)
+    }
+
     /// Waits for every chunk in flight; the first error, if any.
     pub(crate) async fn drain(&self, set: &mut JoinSet<ChunkResult>) -> Result<(), JobError> {
         let mut first_err = None;

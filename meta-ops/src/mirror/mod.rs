@@ -75,6 +75,7 @@ use block_io::{BlockDevice, BlockStatus};
 use tokio::task::JoinSet;
 
 use crate::copy::Copier;
+use crate::driver::copy_chunk;
 use crate::error::{JobError, JobResult};
 use crate::handle::{JobHandle, Phase, Shared};
 use crate::job::{Job, JobKind, JobOptions};
@@ -368,9 +369,7 @@ impl Mirror {
         let mut cursor = 0u64;
         self.passes = 1;
         loop {
-            while let Some(r) = set.try_join_next() {
-                self.ctl.reap_or_drain(r, &mut set).await?;
-            }
+            self.ctl.reap_ended(&mut set).await?;
             if let Some(l) = self.control(&mut set).await? {
                 return Ok(l);
             }
@@ -381,10 +380,7 @@ impl Mirror {
                 self.ctl.drain(&mut set).await?;
                 return Ok(Loop::Done);
             }
-            if set.len() >= self.opts.parallel.max(1) {
-                if let Some(r) = set.join_next().await {
-                    self.ctl.reap_or_drain(r, &mut set).await?;
-                }
+            if self.ctl.wait_room(&mut set, self.opts.parallel).await? {
                 continue;
             }
             let max_bits =
@@ -411,26 +407,7 @@ impl Mirror {
                 cursor = 0;
                 continue;
             };
-            let last = (first + max_bits).min(tracker.dirty.len());
-            let runs = tracker.dirty.take(first, last);
-            cursor = last;
-            let bytes: u64 = runs
-                .iter()
-                .map(|&(a, b)| {
-                    let (x, y) = tracker.span(a, b);
-                    y - x
-                })
-                .sum();
-            if !self.ctl.tokens(bytes).await {
-                for &(a, b) in &runs {
-                    tracker.dirty.set(a, b);
-                }
-                cursor = first;
-                continue;
-            }
-            self.shared.in_flight.fetch_add(bytes, Ordering::AcqRel);
-            let copier = self.copier.clone();
-            set.spawn_blocking(move || copier.chunk(&runs).map(|n| (n, bytes)));
+            cursor = copy_chunk(&mut self.ctl, &self.copier, &mut set, first, max_bits).await;
         }
     }
 
@@ -442,16 +419,11 @@ impl Mirror {
         let mut set: JoinSet<ChunkResult> = JoinSet::new();
         let mut cursor = 0u64;
         loop {
-            while let Some(r) = set.try_join_next() {
-                self.ctl.reap_or_drain(r, &mut set).await?;
-            }
+            self.ctl.reap_ended(&mut set).await?;
             if let Some(l) = self.control(&mut set).await? {
                 return Ok(l);
             }
-            if set.len() >= self.opts.parallel.max(1) {
-                if let Some(r) = set.join_next().await {
-                    self.ctl.reap_or_drain(r, &mut set).await?;
-                }
+            if self.ctl.wait_room(&mut set, self.opts.parallel).await? {
                 continue;
             }
             let max_bits =

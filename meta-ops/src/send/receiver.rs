@@ -213,6 +213,64 @@ struct Totals {
     zero: u64,
 }
 
+impl Totals {
+    /// The report of a stream with header `h` received into an image of `format`.
+    fn report(
+        self,
+        h: StreamHeader,
+        format: Format,
+        stream_bytes: u64,
+        start: Instant,
+    ) -> ReceiveReport {
+        ReceiveReport {
+            incremental: h.base.is_some(),
+            header: h,
+            format,
+            records: self.records,
+            data_bytes: self.data,
+            zero_bytes: self.zero,
+            stream_bytes,
+            elapsed: start.elapsed(),
+        }
+    }
+}
+
+/// A stream being received: its reader (able to spool what it reads), header, progress
+/// counters (the total set from the header) and start time.
+struct Incoming<'a> {
+    r: StreamReader<TeeRead<BufReader<&'a mut dyn Read>>>,
+    h: StreamHeader,
+    progress: Arc<ReceiveProgress>,
+    start: Instant,
+}
+
+impl<'a> Incoming<'a> {
+    /// Reads the header from `input`.
+    fn open(input: &'a mut dyn Read, opts: &ReceiveOptions) -> Result<Incoming<'a>, SendError> {
+        let start = Instant::now();
+        let progress = opts.progress.clone().unwrap_or_default();
+        let mut r = StreamReader::new(TeeRead {
+            inner: BufReader::with_capacity(1 << 20, input),
+            spool: None,
+            spool_err: None,
+        });
+        let h = r.read_header()?;
+        progress.total.store(h.virtual_size, Ordering::Relaxed);
+        Ok(Incoming {
+            r,
+            h,
+            progress,
+            start,
+        })
+    }
+
+    /// The report once the stream went into an image of `format`.
+    fn report(self, format: Format, t: Totals) -> ReceiveReport {
+        let stream_bytes = self.progress.stream_bytes();
+        t.report(self.h, format, stream_bytes, self.start)
+    }
+}
+
 /// Reads records from `r` to END, writing each to `dev` (when given; ZERO records only when
 /// `zeroes`), and returns the totals. Without `dev` it only verifies (decompressing too).
 fn apply<R: Read>(
@@ -280,16 +338,8 @@ pub fn verify(input: &mut dyn Read) -> Result<ReceiveReport, SendError> {
     let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, input));
     let h = r.read_header()?;
     let t = apply(&mut r, None, false, &progress, true)?;
-    Ok(ReceiveReport {
-        incremental: h.base.is_some(),
-        format: h.format,
-        header: h,
-        records: t.records,
-        data_bytes: t.data,
-        zero_bytes: t.zero,
-        stream_bytes: r.position(),
-        elapsed: start.elapsed(),
-    })
+    let format = h.format;
+    Ok(t.report(h, format, r.position(), start))
 }
 
 /// Reads a stream from `input` into `dest`: a new image for a full stream (refused if
@@ -300,25 +350,17 @@ pub fn receive(
     dest: &Path,
     opts: &ReceiveOptions,
 ) -> Result<ReceiveReport, SendError> {
-    let start = Instant::now();
-    let progress = opts.progress.clone().unwrap_or_default();
-    let mut r = StreamReader::new(TeeRead {
-        inner: BufReader::with_capacity(1 << 20, input),
-        spool: None,
-        spool_err: None,
-    });
-    let h = r.read_header()?;
-    progress.total.store(h.virtual_size, Ordering::Relaxed);
+    let mut inc = Incoming::open(input, opts)?;
     let exists = std::fs::symlink_metadata(dest).is_ok();
-    let (format, t) = match &h.base {
+    let (format, t) = match &inc.h.base {
         None => {
             if exists {
                 return Err(SendError::DestExists(dest.to_path_buf()));
             }
             let format = format_for(dest, opts.format);
             let mut tmp = TempFile::beside(dest, "recv")?;
-            let dev = create_image(&tmp.path, format, &h, opts.lock)?;
-            let t = apply(&mut r, Some((&*dev, dest)), false, &progress, true)?;
+            let dev = create_image(&tmp.path, format, &inc.h, opts.lock)?;
+            let t = apply(&mut inc.r, Some((&*dev, dest)), false, &inc.progress, true)?;
             dev.flush().map_err(dest_err("flush", dest))?;
             drop(dev);
             let sync = |p: &Path, op| {
@@ -353,19 +395,10 @@ pub fn receive(
                 dest,
                 &chain::OpenOptions::new().read_only(false).lock(opts.lock),
             )?;
-            incremental(&mut r, &h, &disk, dest, dest, &progress)?
+            incremental(&mut inc.r, &inc.h, &disk, dest, dest, &inc.progress)?
         }
     };
-    Ok(ReceiveReport {
-        incremental: h.base.is_some(),
-        header: h,
-        format,
-        records: t.records,
-        data_bytes: t.data,
-        zero_bytes: t.zero,
-        stream_bytes: progress.stream_bytes(),
-        elapsed: start.elapsed(),
-    })
+    Ok(inc.report(format, t))
 }
 
 /// A full stream from `input` written into a new image of `format` made in `storage`,
@@ -381,29 +414,16 @@ pub fn receive_new<S: Storage + 'static>(
     name: &Path,
     opts: &ReceiveOptions,
 ) -> Result<ReceiveReport, SendError> {
-    let start = Instant::now();
-    let progress = opts.progress.clone().unwrap_or_default();
-    let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, input));
-    let h = r.read_header()?;
-    progress.total.store(h.virtual_size, Ordering::Relaxed);
-    if h.base.is_some() {
+    let mut inc = Incoming::open(input, opts)?;
+    if inc.h.base.is_some() {
         return Err(SendError::Invalid(
             "an incremental stream goes into its base snapshot (receive_into)".into(),
         ));
     }
-    let dev = create_on(storage, name, format, &h)?;
-    let t = apply(&mut r, Some((&*dev, name)), false, &progress, true)?;
+    let dev = create_on(storage, name, format, &inc.h)?;
+    let t = apply(&mut inc.r, Some((&*dev, name)), false, &inc.progress, true)?;
     dev.flush().map_err(dest_err("flush", name))?;
-    Ok(ReceiveReport {
-        incremental: false,
-        header: h,
-        format,
-        records: t.records,
-        data_bytes: t.data,
-        zero_bytes: t.zero,
-        stream_bytes: progress.stream_bytes(),
-        elapsed: start.elapsed(),
-    })
+    Ok(inc.report(format, t))
 }
 
 /// An incremental stream from `input` applied to `disk`, an open chain whose top image is
@@ -418,16 +438,8 @@ pub fn receive_into(
     spool_dir: &Path,
     opts: &ReceiveOptions,
 ) -> Result<ReceiveReport, SendError> {
-    let start = Instant::now();
-    let progress = opts.progress.clone().unwrap_or_default();
-    let mut r = StreamReader::new(TeeRead {
-        inner: BufReader::with_capacity(1 << 20, input),
-        spool: None,
-        spool_err: None,
-    });
-    let h = r.read_header()?;
-    progress.total.store(h.virtual_size, Ordering::Relaxed);
-    if h.base.is_none() {
+    let mut inc = Incoming::open(input, opts)?;
+    if inc.h.base.is_none() {
         return Err(SendError::Invalid(
             "a full stream makes a new image (receive or receive_new)".into(),
         ));
@@ -435,17 +447,8 @@ pub fn receive_into(
     let dest = disk.layers()[0].path.clone();
     let name = dest.file_name().unwrap_or(std::ffi::OsStr::new("image"));
     let beside = spool_dir.join(name);
-    let (format, t) = incremental(&mut r, &h, disk, &dest, &beside, &progress)?;
-    Ok(ReceiveReport {
-        incremental: true,
-        header: h,
-        format,
-        records: t.records,
-        data_bytes: t.data,
-        zero_bytes: t.zero,
-        stream_bytes: progress.stream_bytes(),
-        elapsed: start.elapsed(),
-    })
+    let (format, t) = incremental(&mut inc.r, &inc.h, disk, &dest, &beside, &inc.progress)?;
+    Ok(inc.report(format, t))
 }
 
 /// An incremental stream whose header `h` was read from `r` applied to `disk` (named `dest`
