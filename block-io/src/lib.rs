@@ -10,7 +10,9 @@
 //!   `Storage`;
 //! - [`RangeLock`] (block-granular shared/exclusive locks), [`RateLimiter`] (token bucket) and
 //!   [`FailStop`] (latch the first write or sync error), the concurrency tools every format and
-//!   online job shares.
+//!   online job shares;
+//! - with the `testing` feature, the rule of the workspace's oracle tests
+//!   (`testing::oracle`: a missing oracle fails under `CI=true`, is skipped loudly elsewhere).
 //!
 //! Nothing here depends on an async runtime.
 #![warn(missing_docs)]
@@ -32,6 +34,8 @@ mod raw;
 #[cfg(feature = "remote")]
 pub mod remote;
 mod storage;
+#[cfg(feature = "testing")]
+pub mod testing;
 #[cfg(feature = "vhost-user")]
 pub mod vhost_user;
 

@@ -13,6 +13,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
 
+use block_io::testing::oracle;
 use block_io::{ErrorKind, FileStorage, LockMode, OpenOptions, Storage};
 
 fn writer() -> OpenOptions {
@@ -261,21 +262,6 @@ fn bytes_held_per_mode() {
 }
 
 // ---- QEMU oracles -------------------------------------------------------------------------
-
-/// `true` if `tool` runs. When it does not: panics under CI=true, else warns loudly.
-fn oracle(tool: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("oracle {tool} is missing under CI");
-        }
-        eprintln!("!!! WARNING: oracle {tool} is missing; this image-lock test is SKIPPED !!!");
-    }
-    ok
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

@@ -13,22 +13,8 @@ use std::thread::JoinHandle;
 
 use block_io::nbd::proto::{self, InfoRequest, MetaContextRequest, OptionHeader, Request};
 use block_io::nbd::{Export, NbdServer, StopHandle};
+use block_io::testing::oracle;
 use block_io::{BlockDevice, BlockStatus, FileStorage, MemStorage, RawDisk, Storage};
-
-/// `true` if `tool` runs. When it does not: panics under CI=true, else warns loudly.
-fn oracle(tool: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("oracle {tool} is missing under CI");
-        }
-        eprintln!("WARNING: oracle {tool} is missing; skipping this test");
-    }
-    ok
-}
 
 /// Runs a command, panicking with its stderr on failure; returns stdout.
 fn run(cmd: &str, args: &[&str]) -> String {

@@ -19,24 +19,10 @@ use test_ca::Ca;
 use block_io::nbd::proto::{self, InfoRequest, OptionHeader, Request};
 use block_io::nbd::tls::{self, rustls, TlsCredentials};
 use block_io::nbd::{Export, NbdServer, StopHandle};
+use block_io::testing::oracle;
 use block_io::{BlockDevice, FileStorage, MemStorage, RawDisk, Storage};
 
 // ---- oracles and processes -------------------------------------------------------------
-
-/// `true` if `tool` runs. When it does not: panics under CI=true, else warns loudly.
-fn oracle(tool: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("oracle {tool} is missing under CI");
-        }
-        eprintln!("WARNING: SKIP: oracle {tool} is missing; skipping this test");
-    }
-    ok
-}
 
 fn output(cmd: &str, args: &[&str]) -> Output {
     Command::new(cmd).args(args).output().unwrap()

@@ -9,11 +9,12 @@ mod vhost_user_util;
 use std::path::Path;
 use std::sync::Arc;
 
+use block_io::testing::oracle;
 use block_io::vhost_user::client::{segment, Client, Request, Response};
 use block_io::vhost_user::config::VIRTIO_BLK_F_RO;
 use block_io::vhost_user::request::*;
 use block_io::{BlockDevice, FileStorage, OpenOptions, RawDisk};
-use vhost_user_util::{connect, oracle_available, pattern, Qsd, Served};
+use vhost_user_util::{connect, pattern, Qsd, Served};
 
 const DISK: u64 = 4 << 20;
 const SECTORS: u64 = DISK / 512;
@@ -198,7 +199,7 @@ fn client(path: &Path) -> Client {
 
 #[test]
 fn same_answers_as_qemu_storage_daemon() {
-    if !oracle_available("qemu-storage-daemon") {
+    if !oracle("qemu-storage-daemon") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -268,7 +269,7 @@ fn same_answers_as_qemu_storage_daemon() {
 
 #[test]
 fn same_answers_read_only() {
-    if !oracle_available("qemu-storage-daemon") {
+    if !oracle("qemu-storage-daemon") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -306,7 +307,7 @@ fn same_answers_read_only() {
 
 #[test]
 fn same_answers_on_two_queues() {
-    if !oracle_available("qemu-storage-daemon") {
+    if !oracle("qemu-storage-daemon") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

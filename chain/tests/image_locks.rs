@@ -10,6 +10,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
+use block_io::testing::oracle;
 use block_io::{BlockDevice, ErrorKind, FileStorage, LockMode, OpenOptions as FileOptions};
 use chain::{ChainError, Disk, LayerOptions, OpenOptions};
 use common::{create_base, create_child, Fmt, SIZE};
@@ -152,21 +153,6 @@ fn read_only_raw_top_shares_writes() {
         "failed to get \"write\" lock",
     );
     drop(l);
-}
-
-/// `true` if `tool` runs. When it does not: panics under CI=true, else warns loudly.
-fn oracle(tool: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("oracle {tool} is missing under CI");
-        }
-        eprintln!("!!! WARNING: oracle {tool} is missing; this image-lock test is SKIPPED !!!");
-    }
-    ok
 }
 
 fn run(cmd: &str, args: &[&str]) -> (bool, String) {

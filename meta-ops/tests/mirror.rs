@@ -26,6 +26,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use block_io::nbd::{Export, NbdClient, NbdClientOptions, NbdServer, RetryPolicy, StopHandle};
+use block_io::testing::oracle;
 use block_io::{BlockDevice, DiskInfo, MemStorage, RawDisk, StatusRun};
 use common::{Model, BLK};
 use meta_ops::{Job, JobError, JobOptions, JobReport, JobRunner, LiveDisk, MirrorTiming};
@@ -37,21 +38,6 @@ const TIMINGS: [MirrorTiming; 3] = [
     MirrorTiming::After,
     MirrorTiming::Split,
 ];
-
-/// `true` if `tool` runs. When it does not: panics under CI=true, else warns loudly.
-fn oracle(tool: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("oracle {tool} is missing under CI");
-        }
-        eprintln!("WARNING: oracle {tool} is missing; skipping this test");
-    }
-    ok
-}
 
 /// Our NBD server on its own thread; stopped on drop.
 struct Ours {

@@ -9,6 +9,7 @@ mod chains;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use block_io::testing::oracle;
 use block_io::{BlockDevice, FileStorage, RawDisk, Storage};
 use chains::{read_all, Kind};
 use meta_ops::send::{self, Level, ReceiveOptions, SendError, SendOptions};
@@ -17,21 +18,6 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 const SIZE: u64 = 8 << 20;
-
-/// `true` if `tool` runs. When it does not: panics under CI=true, else warns loudly.
-fn oracle(tool: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("oracle {tool} is missing under CI");
-        }
-        eprintln!("WARNING: oracle {tool} is missing; skipping its comparison");
-    }
-    ok
-}
 
 /// `qemu-img compare` says `a` and `b` read the same (when qemu-img is there).
 fn qemu_same(a: &Path, b: &Path) {

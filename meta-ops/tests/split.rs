@@ -11,35 +11,13 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use block_io::testing::{oracle, pyvhdi};
 use block_io::{BlockDevice, BlockStatus, FileStorage, LockMode};
 use meta_ops::split::{parse_hot_list, read_hot_list, HotRange};
 use meta_ops::{split, SplitError, SplitFormat, SplitOptions};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 24 * MIB;
-
-/// `true` if `cmd args` runs. When it does not: panics under CI=true, else warns loudly.
-fn oracle(what: &str, cmd: &str, args: &[&str]) -> bool {
-    let ok = Command::new(cmd)
-        .args(args)
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("oracle {what} is missing under CI");
-        }
-        eprintln!("WARNING: oracle {what} is missing; skipping its checks");
-    }
-    ok
-}
-
-fn qemu_img() -> bool {
-    oracle("qemu-img", "qemu-img", &["--version"])
-}
-
-fn pyvhdi() -> bool {
-    oracle("pyvhdi", "/usr/bin/python3", &["-c", "import pyvhdi"])
-}
 
 fn run(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd).args(args).output().unwrap();
@@ -215,7 +193,7 @@ fn split_and_check(
         flatten(paths.last().unwrap(), &flat) == model,
         "our chain read differs"
     );
-    if qemu_img() {
+    if oracle("qemu-img") {
         let src_raw = dir.join("model.raw");
         std::fs::write(&src_raw, model).unwrap();
         run(
@@ -335,7 +313,7 @@ fn hot_blocks_go_to_the_bottom_layer() {
 
 #[test]
 fn vhdx_source_and_a_chain_source() {
-    if !qemu_img() {
+    if !oracle("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -14,22 +14,10 @@ use block_io::{BlockDevice, MemStorage, RawDisk, Storage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-/// `true` if `tool` runs. When it does not: panics under CI=true, else a loud SKIP.
-pub fn oracle(tool: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("oracle {tool} is missing under CI");
-        }
-        eprintln!("!!!!!!!! SKIP: oracle {tool} is missing; this test checks nothing !!!!!!!!");
-    }
-    ok
-}
+/// The oracle rule (`true` if `tool` runs; else a panic under CI=true, a loud skip
+/// elsewhere).
+#[allow(unused_imports)] // not every test that includes this module has an oracle
+pub use block_io::testing::oracle;
 
 /// A port free right now on 127.0.0.1.
 pub fn free_port() -> u16 {

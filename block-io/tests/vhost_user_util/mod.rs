@@ -91,26 +91,6 @@ pub fn connect(path: &Path, num_queues: u16, event_idx: bool) -> Client {
     .unwrap()
 }
 
-/// Returns false (after a loud warning) when `tool` is missing and CI is not set; panics under
-/// CI=true.
-pub fn oracle_available(tool: &str) -> bool {
-    let found = Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if found {
-        return true;
-    }
-    if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
-        panic!("oracle {tool} is missing and CI=true");
-    }
-    eprintln!("\n\n!!!!!!!! WARNING: oracle {tool} not found; skipping this test !!!!!!!!\n\n");
-    false
-}
-
 /// qemu-storage-daemon exporting a raw file over vhost-user-blk; killed on drop.
 pub struct Qsd {
     pub path: PathBuf,

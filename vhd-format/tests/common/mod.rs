@@ -4,30 +4,14 @@
 use std::path::Path;
 use std::process::Command;
 
-/// `true` if `tool` can run. When it cannot: fails under CI=true, else warns loudly.
-pub fn have_tool(tool: &str, probe_args: &[&str]) -> bool {
-    let ok = Command::new(tool)
-        .args(probe_args)
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("oracle {tool} is missing and CI=true");
-        }
-        eprintln!("WARNING: oracle {tool} is missing; skipping this oracle test");
-    }
-    ok
-}
-
-/// `true` if qemu-img and qemu-io are present (see [`have_tool`]).
+/// `true` if qemu-img and qemu-io are present ([`block_io::testing::oracle`]).
 pub fn have_qemu() -> bool {
-    have_tool("qemu-img", &["--version"]) && have_tool("qemu-io", &["--version"])
+    block_io::testing::oracle("qemu-img") && block_io::testing::oracle("qemu-io")
 }
 
-/// `true` if Debian's python3 can import pyvhdi (see [`have_tool`]).
+/// `true` if Debian's python3 can import pyvhdi ([`block_io::testing::pyvhdi`]).
 pub fn have_pyvhdi() -> bool {
-    have_tool("/usr/bin/python3", &["-c", "import pyvhdi"])
+    block_io::testing::pyvhdi()
 }
 
 /// Runs a command, panicking with its output on failure; returns stdout.

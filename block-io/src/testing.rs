@@ -1,0 +1,38 @@
+//! Helpers for the workspace's tests (feature `testing`).
+//!
+//! Oracle tests compare our results with other programs (qemu-img, qemu-io, qemu-nbd,
+//! nbdkit, pyvhdi, ...). The rule every crate follows: when the oracle is missing, a test
+//! fails under `CI=true` (CI must install it) and elsewhere skips its checks after a loud
+//! warning on stderr.
+
+use std::process::Command;
+
+/// `true` if `tool --version` runs and succeeds; else, by the oracle rule (see the module
+/// docs), a panic under `CI=true` naming `tool`, or a loud warning and `false`.
+pub fn oracle(tool: &str) -> bool {
+    oracle_probe(tool, tool, &["--version"])
+}
+
+/// `true` if `cmd args` runs and succeeds (a probe for the oracle `what`, such as a Python
+/// module); else, as [`oracle`], a panic under `CI=true` naming `what`, or a loud warning
+/// and `false`.
+#[allow(clippy::panic)]
+pub fn oracle_probe(what: &str, cmd: &str, args: &[&str]) -> bool {
+    let ok = Command::new(cmd)
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("oracle {what} is missing under CI");
+        }
+        eprintln!("!!! WARNING: oracle {what} is missing; the checks against it are SKIPPED !!!");
+    }
+    ok
+}
+
+/// The pyvhdi oracle (libvhdi's Python bindings under Debian's python3), by the rule of
+/// [`oracle`].
+pub fn pyvhdi() -> bool {
+    oracle_probe("pyvhdi", "/usr/bin/python3", &["-c", "import pyvhdi"])
+}
