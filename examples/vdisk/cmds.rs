@@ -1,11 +1,12 @@
 //! The verbs other than `io` and `demo`.
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use vdisk::block_io::{BlockDevice, BlockStatus};
 use vdisk::chain::Format;
+use vdisk::meta_ops::{JobHandle, JobResult};
 
 use crate::guard;
 use crate::image::{self, parse_format, Image};
@@ -104,6 +105,40 @@ pub(crate) fn progress_bar(len: u64) -> indicatif::ProgressBar {
         b.set_style(style);
     }
     b
+}
+
+/// How [`wait_job`] leaves its progress bar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BarEnd {
+    /// Removed from the terminal.
+    Clear,
+    /// Left showing the bytes the job handled, full.
+    Keep,
+}
+
+/// Waits for the job `h` to end, a progress bar on stderr following it when `show`; returns
+/// its result.
+pub(crate) fn wait_job(h: JobHandle, show: bool, end: BarEnd) -> JobResult {
+    let bar = show.then(|| progress_bar(1));
+    while !h.wait_timeout(Duration::from_millis(100)) {
+        if let Some(b) = &bar {
+            let p = h.progress();
+            b.set_length(p.total.max(1));
+            b.set_position(p.done);
+        }
+    }
+    let done = h.progress().done;
+    let r = h.wait_blocking();
+    match (bar, end) {
+        (Some(b), BarEnd::Clear) => b.finish_and_clear(),
+        (Some(b), BarEnd::Keep) => {
+            b.set_length(done.max(1));
+            b.set_position(done);
+            b.finish();
+        }
+        (None, _) => {}
+    }
+    r
 }
 
 /// Copies every data run of `src` to a freshly created `dst` (which reads as zeros), skipping

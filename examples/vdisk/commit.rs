@@ -12,13 +12,13 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use vdisk::chain::Disk;
-use vdisk::meta_ops::{self, CommitOptions, Job, JobError, JobRunner, LiveDisk, Retire};
+use vdisk::meta_ops::{self, CommitOptions, Job, JobRunner, LiveDisk, Retire};
 
+use crate::cmds::{wait_job, BarEnd};
 use crate::image::chain_options;
-use crate::{CliError, CliResult};
+use crate::{job_err, CliError, CliResult};
 
 /// `vdisk commit` arguments.
 #[derive(Debug, clap::Args)]
@@ -45,10 +45,6 @@ pub struct CommitArgs {
     pub child: PathBuf,
 }
 
-fn job_err(e: JobError) -> CliError {
-    CliError::new(crate::cause_chain(&e))
-}
-
 /// Depth of `base` in `child`'s chain (1 = the parent).
 fn base_depth(child: &Path, base: Option<&Path>, format: Option<&str>) -> Result<usize, CliError> {
     let Some(base) = base else {
@@ -72,12 +68,7 @@ fn base_depth(child: &Path, base: Option<&Path>, format: Option<&str>) -> Result
 
 /// Runs the verb; exit 0 when BASE holds everything.
 pub fn run(a: CommitArgs) -> CliResult {
-    let rate = a
-        .rate
-        .as_deref()
-        .map(crate::size::parse_size)
-        .transpose()?
-        .unwrap_or(0);
+    let rate = crate::size::parse_rate(a.rate.as_deref())?;
     let format = a.format.as_deref();
     let depth = base_depth(&a.child, a.base.as_deref(), format)?;
     let opts = chain_options(format, false)?;
@@ -99,22 +90,7 @@ pub fn run(a: CommitArgs) -> CliResult {
     let live = LiveDisk::new(disk);
     let runner = JobRunner::new().map_err(job_err)?;
     let h = runner.start(&live, job).map_err(job_err)?;
-    let bar = a.progress.then(progress_bar);
-    while !h.wait_timeout(Duration::from_millis(100)) {
-        if let Some(b) = &bar {
-            let p = h.progress();
-            b.set_length(p.total.max(1));
-            b.set_position(p.done);
-        }
-    }
-    let done = h.progress().done;
-    let r = h.wait_blocking();
-    if let Some(b) = &bar {
-        b.set_length(done.max(1));
-        b.set_position(done);
-        b.finish();
-    }
-    r.map_err(job_err)?;
+    wait_job(h, a.progress, BarEnd::Keep).map_err(job_err)?;
     // The guest (no one here) is on BASE: make it durable and clean before exiting.
     vdisk::block_io::BlockDevice::flush(&*live).map_err(CliError::from)?;
     drop(live);
@@ -126,14 +102,4 @@ pub fn run(a: CommitArgs) -> CliResult {
     }
     println!("Image committed.");
     Ok(0)
-}
-
-fn progress_bar() -> indicatif::ProgressBar {
-    let b = indicatif::ProgressBar::new(1);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    ) {
-        b.set_style(style);
-    }
-    b
 }

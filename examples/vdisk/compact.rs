@@ -8,11 +8,11 @@
 //! freed.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
-use vdisk::meta_ops::{CompactTarget, Job, JobError, JobRunner, LiveDisk};
+use vdisk::meta_ops::{CompactTarget, Job, JobRunner, LiveDisk};
 
-use crate::{CliError, CliResult};
+use crate::cmds::{wait_job, BarEnd};
+use crate::{job_err, CliError, CliResult};
 
 /// `vdisk compact` arguments.
 #[derive(Debug, clap::Args)]
@@ -27,37 +27,16 @@ pub struct CompactArgs {
     pub image: PathBuf,
 }
 
-fn job_err(e: JobError) -> CliError {
-    CliError::new(crate::cause_chain(&e))
-}
-
 /// Runs the verb; exit 0 when the image is compacted.
 pub fn run(a: CompactArgs) -> CliResult {
-    let rate = a
-        .rate
-        .as_deref()
-        .map(crate::size::parse_size)
-        .transpose()?
-        .unwrap_or(0);
+    let rate = crate::size::parse_rate(a.rate.as_deref())?;
     let target = CompactTarget::open(&a.image, crate::image::lock_mode()).map_err(job_err)?;
     let live = LiveDisk::new(target.device());
     let runner = JobRunner::new().map_err(job_err)?;
     let h = runner
         .start(&live, Job::compact(target.clone()).rate(rate))
         .map_err(job_err)?;
-    let bar = a.progress.then(progress_bar);
-    while !h.wait_timeout(Duration::from_millis(100)) {
-        if let Some(b) = &bar {
-            let p = h.progress();
-            b.set_length(p.total.max(1));
-            b.set_position(p.done);
-        }
-    }
-    let r = h.wait_blocking();
-    if let Some(b) = &bar {
-        b.finish_and_clear();
-    }
-    r.map_err(job_err)?;
+    wait_job(h, a.progress, BarEnd::Clear).map_err(job_err)?;
     vdisk::block_io::BlockDevice::flush(&*live).map_err(CliError::from)?;
     drop(live);
     drop(runner);
@@ -73,14 +52,4 @@ pub fn run(a: CompactArgs) -> CliResult {
         s.freed()
     );
     Ok(0)
-}
-
-fn progress_bar() -> indicatif::ProgressBar {
-    let b = indicatif::ProgressBar::new(1);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    ) {
-        b.set_style(style);
-    }
-    b
 }

@@ -50,8 +50,7 @@ use vdisk::meta_ops::stream::{
     finish_stream, open_streaming, CopyOnRead, StreamError, StreamOptions,
 };
 use vdisk::meta_ops::{
-    CommitOptions, CompactTarget, Job, JobError, JobHandle, JobRunner, LiveDisk, MirrorTiming,
-    Pivot, Retire,
+    CommitOptions, CompactTarget, Job, JobHandle, JobRunner, LiveDisk, MirrorTiming, Pivot, Retire,
 };
 
 use crate::{CliError, CliResult};
@@ -121,10 +120,6 @@ pub struct Opened {
     pub cor: Option<Arc<CopyOnRead>>,
 }
 
-fn job_err(e: &JobError) -> String {
-    crate::cause_chain(e)
-}
-
 /// Opens `image` for `vdisk serve --control`: a child of a remote parent served writable
 /// through the page cache over a copy-on-read parent; else a differencing VHDX top is first
 /// prepared for a commit into its parent (`meta_ops::prepare_top`, which must run before anyone
@@ -149,7 +144,10 @@ pub fn open(image: &Path, read_only: bool, direct: bool) -> Result<Opened, CliEr
     if !read_only {
         if let Err(e) = vdisk::meta_ops::prepare_top(image, &opts.policy) {
             // The chain's own open below names what is wrong with it; only a commit needs this.
-            eprintln!("vdisk: a commit will not be possible: {}", job_err(&e));
+            eprintln!(
+                "vdisk: a commit will not be possible: {}",
+                crate::cause_chain(&e)
+            );
         }
     }
     let disk = Disk::open(image, &opts)?;
@@ -163,8 +161,8 @@ pub fn open(image: &Path, read_only: bool, direct: bool) -> Result<Opened, CliEr
         });
     }
     drop(disk);
-    let (disk, target) = vdisk::meta_ops::open_chain_for_compact(image, &opts)
-        .map_err(|e| CliError::new(job_err(&e)))?;
+    let (disk, target) =
+        vdisk::meta_ops::open_chain_for_compact(image, &opts).map_err(crate::job_err)?;
     Ok(Opened {
         disk,
         compact: Some(target),
@@ -189,7 +187,7 @@ impl Control {
         config: ConfigHandle,
         image: &Path,
     ) -> Result<Arc<Control>, CliError> {
-        let runner = JobRunner::new().map_err(|e| CliError::new(job_err(&e)))?;
+        let runner = JobRunner::new().map_err(crate::job_err)?;
         let format = opened.disk.layers()[0].format;
         Ok(Arc::new(Control {
             live,
@@ -292,7 +290,7 @@ impl Control {
         drop(self);
         if committed {
             vdisk::meta_ops::unlink_stale(&image, crate::image::lock_mode())
-                .map_err(|e| CliError::new(job_err(&e)))?;
+                .map_err(crate::job_err)?;
         }
         if streamed {
             let f = finish_stream(&image, &stream_options())
@@ -465,7 +463,7 @@ impl Control {
                 let handle = self
                     .runner
                     .start_stream(&self.live, cor, opts)
-                    .map_err(|e| job_err(&e))?;
+                    .map_err(|e| crate::cause_chain(&e))?;
                 st.job = Some(Running {
                     name: "stream",
                     handle: Some(handle),
@@ -488,7 +486,7 @@ impl Control {
                     .map(|l| l.path.clone())
                     .ok_or("the image has no parent to commit into")?;
                 let job = Job::commit(chain, CommitOptions::new().retire(Retire::Keep))
-                    .map_err(|e| job_err(&e))?;
+                    .map_err(|e| crate::cause_chain(&e))?;
                 ("commit", job, Some(base))
             }
             "compact" => {
@@ -531,7 +529,7 @@ impl Control {
         let handle = self
             .runner
             .start(&self.live, job.rate(rate))
-            .map_err(|e| job_err(&e))?;
+            .map_err(|e| crate::cause_chain(&e))?;
         st.job = Some(Running {
             name,
             handle: Some(handle),
@@ -594,7 +592,7 @@ impl Control {
                 Err(e) => json!({
                     "job": j.name,
                     "state": if e.is_cancelled() { "cancelled" } else { "failed" },
-                    "error": job_err(&e),
+                    "error": crate::cause_chain(&e),
                 }),
             };
             j.result = Some(v);

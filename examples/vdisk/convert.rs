@@ -6,12 +6,12 @@
 //! commits, not one per block).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use vdisk::block_io::BlockDevice;
 use vdisk::meta_ops::{Job, JobOptions, JobRunner, LiveDisk, Pivot};
 
-use crate::CliError;
+use crate::cmds::{wait_job, BarEnd};
+use crate::{job_err, CliError};
 
 /// How a convert moves its data.
 #[derive(Debug, Clone, Copy)]
@@ -40,9 +40,8 @@ pub fn copy_job(
     if dst.info().virtual_size < size {
         return Err(CliError::new("the destination is smaller than the source"));
     }
-    let err = |e: vdisk::meta_ops::JobError| CliError::new(crate::cause_chain(&e));
     let live = LiveDisk::new(src);
-    let runner = JobRunner::new().map_err(err)?;
+    let runner = JobRunner::new().map_err(job_err)?;
     let options = JobOptions {
         rate: opts.rate,
         parallel: opts.parallel,
@@ -53,17 +52,7 @@ pub fn copy_job(
         .pivot(Pivot::Detach)
         .dest_zeroed(true)
         .options(options);
-    let handle = runner.start(&live, job).map_err(err)?;
-    let bar = opts.progress.then(|| crate::cmds::progress_bar(size));
-    while !handle.wait_timeout(Duration::from_millis(100)) {
-        if let Some(b) = &bar {
-            b.set_position(handle.progress().done.min(size));
-        }
-    }
-    handle.wait_blocking().map_err(err)?;
-    if let Some(b) = bar {
-        b.set_position(size);
-        b.finish();
-    }
+    let handle = runner.start(&live, job).map_err(job_err)?;
+    wait_job(handle, opts.progress, BarEnd::Keep).map_err(job_err)?;
     Ok(())
 }

@@ -409,8 +409,7 @@ fn merge_chain(
     let guard = TempFile(path.clone());
     drop(crate::image::create(fmt, &path, 0, &[], Some(image))?);
     let opts = crate::image::chain_options(None, false)?;
-    vdisk::meta_ops::prepare_top(&path, &opts.policy)
-        .map_err(|e| CliError::new(crate::cause_chain(&e)))?;
+    vdisk::meta_ops::prepare_top(&path, &opts.policy).map_err(crate::job_err)?;
     let disk = Arc::new(Disk::open(&path, &opts)?);
     let img = crate::image::Image {
         dev: disk.clone(),
@@ -431,12 +430,7 @@ fn rate_of(per_sec: u64, elapsed: Duration) -> f64 {
 
 /// Runs `vdisk stress`.
 pub fn run(a: StressArgs) -> crate::CliResult {
-    let rate = a
-        .rate
-        .as_deref()
-        .map(crate::size::parse_size)
-        .transpose()?
-        .unwrap_or(0);
+    let rate = crate::size::parse_rate(a.rate.as_deref())?;
     let mut compacted = None;
     let mut streamed = None;
     let (img, merged, merge_temp) = if a.job == StressJob::Merge {
@@ -444,8 +438,8 @@ pub fn run(a: StressArgs) -> crate::CliResult {
         (img, Some(disk), Some(temp))
     } else if a.job == StressJob::Compact {
         let opts = crate::image::chain_options(a.format.as_deref(), false)?;
-        let (disk, target) = vdisk::meta_ops::open_chain_for_compact(&a.image, &opts)
-            .map_err(|e| CliError::new(crate::cause_chain(&e)))?;
+        let (disk, target) =
+            vdisk::meta_ops::open_chain_for_compact(&a.image, &opts).map_err(crate::job_err)?;
         compacted = Some(target);
         let format = disk.layers()[0].format;
         let img = crate::image::Image {
@@ -513,7 +507,7 @@ pub fn run(a: StressArgs) -> crate::CliResult {
     let source = img.dev.clone();
     let live = LiveDisk::new(img.dev.clone());
     drop(img);
-    let runner = JobRunner::new().map_err(|e| CliError::new(crate::cause_chain(&e)))?;
+    let runner = JobRunner::new().map_err(crate::job_err)?;
 
     let shared = Arc::new(Shared::default());
     let threads: Vec<_> = (0..a.threads)

@@ -357,6 +357,11 @@ impl From<chain::ChainError> for CliError {
     }
 }
 
+/// A job's error for the user, with its causes ([`cause_chain`]).
+pub fn job_err(e: vdisk::meta_ops::JobError) -> CliError {
+    CliError::new(cause_chain(&e))
+}
+
 /// An error and all its sources in one line: "cannot open a.vhdx: metadata: block size 0".
 /// A source whose text the message already holds is not repeated.
 pub fn cause_chain(e: &(dyn std::error::Error + 'static)) -> String {

@@ -10,14 +10,15 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use vdisk::block_io::nbd::{Export, NbdClient, NbdClientOptions, NbdServer, StopHandle};
+use vdisk::block_io::nbd::{Export, NbdClient, NbdClientOptions, NbdServer};
 use vdisk::block_io::{BlockDevice, FileStorage, RawDisk, Storage};
-use vdisk::meta_ops::{Job, JobError, JobRunner, LiveDisk, MirrorTiming};
+use vdisk::meta_ops::{Job, JobRunner, LiveDisk, MirrorTiming};
 
-use crate::{CliError, CliResult};
+use crate::cmds::{wait_job, BarEnd};
+use crate::nbd_serve::ServedTemp;
+use crate::{job_err, CliError, CliResult};
 
 /// `vdisk mirror` arguments.
 #[derive(Debug, clap::Args)]
@@ -48,10 +49,6 @@ pub struct MirrorArgs {
 /// Parses `before`, `after` or `split`.
 pub fn parse_timing(s: &str) -> Result<MirrorTiming, String> {
     s.parse()
-}
-
-fn job_err(e: JobError) -> CliError {
-    CliError::new(crate::cause_chain(&e))
 }
 
 /// Connects to the export at `url` as a mirror's destination for a disk of `size` bytes
@@ -89,12 +86,7 @@ pub fn open_destination(
 
 /// Runs the verb; exit 0 when the export holds the disk.
 pub fn run(a: MirrorArgs) -> CliResult {
-    let rate = a
-        .rate
-        .as_deref()
-        .map(crate::size::parse_size)
-        .transpose()?
-        .unwrap_or(0);
+    let rate = crate::size::parse_rate(a.rate.as_deref())?;
     let img = crate::image::open(&a.image, a.format.as_deref(), true)?;
     let size = img.dev.info().virtual_size;
     let dest = open_destination(&a.to, size, &a.image.display().to_string())?;
@@ -104,19 +96,7 @@ pub fn run(a: MirrorArgs) -> CliResult {
     let h = runner
         .start(&live, Job::mirror(dest.clone()).timing(a.timing).rate(rate))
         .map_err(job_err)?;
-    let bar = a.progress.then(progress_bar);
-    while !h.wait_timeout(Duration::from_millis(100)) {
-        if let Some(b) = &bar {
-            let p = h.progress();
-            b.set_length(p.total.max(1));
-            b.set_position(p.done);
-        }
-    }
-    let r = h.wait_blocking();
-    if let Some(b) = &bar {
-        b.finish_and_clear();
-    }
-    let r = r.map_err(job_err)?;
+    let r = wait_job(h, a.progress, BarEnd::Clear).map_err(job_err)?;
     live.flush().map_err(CliError::from)?;
     let secs = t0.elapsed().as_secs_f64();
     let moved = r.buffered_bytes + r.copy_file_range_bytes;
@@ -146,41 +126,13 @@ pub fn run(a: MirrorArgs) -> CliResult {
     Ok(0)
 }
 
-fn progress_bar() -> indicatif::ProgressBar {
-    let b = indicatif::ProgressBar::new(1);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    ) {
-        b.set_style(style);
-    }
-    b
-}
-
-/// Host B of `vdisk stress --job mirror`: our NBD server on a temporary raw file; stops the
-/// server and deletes the file when dropped.
-pub struct StressHost {
-    stop: StopHandle,
-    thread: Option<JoinHandle<vdisk::block_io::Result<()>>>,
-    path: PathBuf,
-}
-
-impl Drop for StressHost {
-    fn drop(&mut self) {
-        self.stop.stop();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
 /// Starts host B for `vdisk stress --job mirror` on IMG (`size` bytes): a raw file next to
 /// IMG filled with junk (so that the job must write the holes too), served by our NBD server
 /// on a loopback port, and an NBD client of it (the mirror's destination).
 pub fn stress_destination(
     image: &Path,
     size: u64,
-) -> Result<(Arc<dyn BlockDevice>, StressHost), CliError> {
+) -> Result<(Arc<dyn BlockDevice>, ServedTemp), CliError> {
     let mut name = image
         .file_name()
         .map(|n| n.to_os_string())
@@ -201,12 +153,7 @@ pub fn stress_destination(
     let addr = server
         .local_addr()
         .ok_or_else(|| CliError::new("the NBD server has no address"))?;
-    let stop = server.stop_handle();
-    let host = StressHost {
-        stop,
-        thread: Some(std::thread::spawn(move || server.serve())),
-        path,
-    };
+    let host = ServedTemp::start(server, path);
     let client = NbdClient::open(&format!("nbd://{addr}/b"), NbdClientOptions::default())
         .map_err(|e| CliError::new(crate::cause_chain(&e)))?;
     Ok((Arc::new(client), host))

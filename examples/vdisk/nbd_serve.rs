@@ -153,6 +153,44 @@ pub fn run(image: &Path, listen: NbdListen, export: &str, read_only: bool, tls: 
     )
 }
 
+/// Our NBD server serving on a thread of this process over temporary files (the hosts of
+/// `vdisk stress --job mirror|stream`): on drop it is stopped and joined, then `temp` (a
+/// file or a folder) is removed.
+pub struct ServedTemp {
+    stop: vdisk::block_io::nbd::StopHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+    temp: PathBuf,
+}
+
+impl ServedTemp {
+    /// Starts serving `server` on its own thread.
+    pub fn start(server: NbdServer, temp: PathBuf) -> ServedTemp {
+        let stop = server.stop_handle();
+        let thread = std::thread::spawn(move || {
+            let _ = server.serve();
+        });
+        ServedTemp {
+            stop,
+            thread: Some(thread),
+            temp,
+        }
+    }
+}
+
+impl Drop for ServedTemp {
+    fn drop(&mut self) {
+        self.stop.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = if self.temp.is_dir() {
+            std::fs::remove_dir_all(&self.temp)
+        } else {
+            std::fs::remove_file(&self.temp)
+        };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -109,12 +109,7 @@ fn dup_file(fd: &impl std::os::fd::AsFd) -> std::io::Result<std::fs::File> {
 /// Runs `vdisk send`.
 pub fn run_send(a: SendArgs) -> CliResult {
     let level = parse_level(&a.level)?;
-    let rate = a
-        .rate
-        .as_deref()
-        .map(crate::size::parse_size)
-        .transpose()?
-        .unwrap_or(0);
+    let rate = crate::size::parse_rate(a.rate.as_deref())?;
     let mut out: Box<dyn Write + Send> = match &a.output {
         Some(p) => Box::new(
             std::fs::File::create(p)

@@ -2,6 +2,12 @@
 
 use crate::CliError;
 
+/// A `--rate` option: bytes per second as [`parse_size`] reads them, 0 (unlimited) when
+/// absent.
+pub fn parse_rate(s: Option<&str>) -> Result<u64, CliError> {
+    Ok(s.map(parse_size).transpose()?.unwrap_or(0))
+}
+
 /// Parses "4096", "64K", "1.5G", "2T", "512k", "1GiB", "10MB" (all binary multiples).
 pub fn parse_size(s: &str) -> Result<u64, CliError> {
     let t = s.trim();

@@ -12,18 +12,19 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
-use vdisk::block_io::nbd::{Export, NbdServer, StopHandle};
+use vdisk::block_io::nbd::{Export, NbdServer};
 use vdisk::block_io::{BlockDevice, FileStorage};
 use vdisk::chain::remote::{open_nbd_parent, AdvertisedIdentity, URL_KEY};
 use vdisk::chain::{Disk, Format, Identity, RemoteParents};
 use vdisk::meta_ops::stream::{
     finish_stream, open_streaming, StreamError, StreamOptions, Streaming,
 };
-use vdisk::meta_ops::{JobError, JobOptions, JobRunner, LiveDisk};
+use vdisk::meta_ops::{JobOptions, JobRunner, LiveDisk};
 
-use crate::{CliError, CliResult};
+use crate::cmds::{wait_job, BarEnd};
+use crate::nbd_serve::ServedTemp;
+use crate::{job_err, CliError, CliResult};
 
 /// `vdisk stream` arguments.
 #[derive(Debug, clap::Args)]
@@ -47,22 +48,13 @@ pub struct StreamArgs {
     pub image: PathBuf,
 }
 
-fn job_err(e: JobError) -> CliError {
-    CliError::new(crate::cause_chain(&e))
-}
-
 fn stream_err(e: StreamError) -> CliError {
     CliError::new(crate::cause_chain(&e))
 }
 
 /// Runs the verb; exit 0 when IMG's parent is local.
 pub fn run(a: StreamArgs) -> CliResult {
-    let rate = a
-        .rate
-        .as_deref()
-        .map(crate::size::parse_size)
-        .transpose()?
-        .unwrap_or(0);
+    let rate = crate::size::parse_rate(a.rate.as_deref())?;
     let so = StreamOptions {
         remote_parents: if a.unverified {
             RemoteParents::AllowUnverified
@@ -103,19 +95,7 @@ pub fn run(a: StreamArgs) -> CliResult {
     let h = runner
         .start_stream(&live, cor.clone(), opts)
         .map_err(job_err)?;
-    let bar = a.progress.then(progress_bar);
-    while !h.wait_timeout(Duration::from_millis(100)) {
-        if let Some(b) = &bar {
-            let p = h.progress();
-            b.set_length(p.total.max(1));
-            b.set_position(p.done);
-        }
-    }
-    let r = h.wait_blocking();
-    if let Some(b) = &bar {
-        b.finish();
-    }
-    let report = r.map_err(job_err)?;
+    let report = wait_job(h, a.progress, BarEnd::Keep).map_err(job_err)?;
     let stats = cor.stats();
     drop(live);
     drop(cor);
@@ -136,16 +116,6 @@ pub fn run(a: StreamArgs) -> CliResult {
     Ok(0)
 }
 
-fn progress_bar() -> indicatif::ProgressBar {
-    let b = indicatif::ProgressBar::new(1);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    ) {
-        b.set_style(style);
-    }
-    b
-}
-
 /// What `vdisk stress --job stream` runs on: IMG served read-only over NBD in this process, a
 /// temporary child of the export (the guest's disk) opened over a copy-on-read parent. Drop
 /// it to stop the server and delete the temporary files.
@@ -155,24 +125,7 @@ pub struct StressSetup {
     /// The copy-on-read parent, for [`JobRunner::start_stream`].
     pub cor: Arc<vdisk::chain::cor::CopyOnRead>,
     /// Dropped last: the server and the temporary folder.
-    _server: ServerGuard,
-}
-
-/// Stops the in-process NBD server and removes the temporary folder on drop.
-struct ServerGuard {
-    stop: StopHandle,
-    thread: Option<std::thread::JoinHandle<()>>,
-    dir: PathBuf,
-}
-
-impl Drop for ServerGuard {
-    fn drop(&mut self) {
-        self.stop.stop();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    _server: ServedTemp,
 }
 
 fn server_err(e: impl std::fmt::Display) -> CliError {
@@ -201,16 +154,8 @@ pub fn stress_setup(img: &Path) -> Result<StressSetup, CliError> {
         .local_addr()
         .ok_or_else(|| server_err("no TCP address"))?
         .port();
-    let stop = server.stop_handle();
-    let thread = std::thread::spawn(move || {
-        let _ = server.serve();
-    });
     let dir = std::env::temp_dir().join(format!("vdisk-stress-stream-{}", std::process::id()));
-    let guard = ServerGuard {
-        stop,
-        thread: Some(thread),
-        dir: dir.clone(),
-    };
+    let guard = ServedTemp::start(server, dir.clone());
     std::fs::create_dir_all(&dir)
         .map_err(|e| CliError::new(format!("cannot create {}: {e}", dir.display())))?;
     let url = format!("nbd://127.0.0.1:{port}/base");
