@@ -11,7 +11,8 @@
 //!   all of them fall through to BASE. Its reads go through the whole chain, so a block that
 //!   a differencing layer holds only partly (VHD/VHDX sector bitmaps) is merged with the
 //!   sectors it lacks read from below: the bytes the guest sees, which is what BASE must hold.
-//!   `Unallocated` runs are skipped (BASE already holds them), `Zero` runs are zeroed in BASE.
+//!   `Unallocated` runs are skipped (BASE already holds them; where a guest discard of the
+//!   top uncovered them, what the guest sees is copied, see 1), `Zero` runs are zeroed in BASE.
 //! - **Destination.** A new [`chain::Disk`] whose top is BASE opened read-write (its own
 //!   handle; the guest's chain keeps its read-only one) over BASE's own parents.
 //! - **Guest I/O.** The guest keeps writing the top of the old chain; its writes mark blocks
@@ -39,8 +40,14 @@
 //!    read before: each sector comes from the same layer as before, and BASE's sectors that
 //!    the old chain can reach are untouched. (Sectors of a whole block that fall through are
 //!    rewritten into BASE with the bytes BASE's own chain already shows there.) Only a guest
-//!    `discard` of the top can uncover a range of BASE the job wrote; a discard leaves the
-//!    range's contents undefined, and the guest then reads data it wrote itself earlier.
+//!    `discard` of the top can uncover a range of BASE the job wrote. The guest's chain then
+//!    reads BASE through its read-only handle, whose block table and sector bitmaps were
+//!    loaded before the job allocated blocks or set bits through its own handle: it shows
+//!    zeros or BASE's parent there, not what the job wrote. The discard marks the range
+//!    dirty and *uncovered*, and the job copies the guest's view of it (through the old
+//!    chain) into BASE although no merged layer holds it, so the guest reads the same
+//!    before and after the pivot. (A discard is undefined data: after a crash before that
+//!    copy, the old chain may show there what the guest wrote before the discard.)
 //! 2. **BASE's identity.** VHD writers change neither the footer unique id nor the timestamp
 //!    a child checks, so every VHD link stays valid throughout. A VHDX writer must give BASE
 //!    a new DataWriteGuid before its first change (MS-VHDX 2.2.2.1), which breaks the link of

@@ -193,12 +193,45 @@ impl Copier {
             let n = run.len.max(sector).min(b - pos);
             match run.status {
                 BlockStatus::Data => self.data(pos, n)?,
-                BlockStatus::Unallocated if self.merge => {
-                    self.counters.skipped.fetch_add(n, Ordering::Relaxed);
-                }
+                BlockStatus::Unallocated if self.merge => self.below_merged(pos, n)?,
                 BlockStatus::Zero | BlockStatus::Unallocated => self.zero(pos, n)?,
             }
             pos += n;
+        }
+        Ok(())
+    }
+
+    /// A merge's source bytes `[pos, pos+n)` that no merged layer holds: the base holds what
+    /// the guest sees there and they are skipped, except in blocks a guest discard uncovered
+    /// ([`Tracker::uncovered`]). There the base may hold what the job copied before the
+    /// discard, while the guest's chain reads the base through its own read-only handle,
+    /// whose block table and sector bitmaps date from before the job allocated or wrote
+    /// them (it reads zeros, or the base's parent): what the guest sees is copied into the
+    /// base, so that it reads the same after the pivot.
+    fn below_merged(&self, pos: u64, n: u64) -> Result<(), JobError> {
+        let t = &self.tracker;
+        let uncovered = |bit: u64| !t.uncovered.all_clear(bit, bit + 1);
+        let end = pos + n;
+        let mut at = pos;
+        while at < end {
+            let Some((x, _)) = t.bits(at, end - at) else {
+                self.counters.skipped.fetch_add(end - at, Ordering::Relaxed);
+                break;
+            };
+            let copy = uncovered(x);
+            let mut y = x + 1;
+            while t.span(x, y).1 < end && uncovered(y) == copy {
+                y += 1;
+            }
+            let stop = t.span(x, y).1.min(end);
+            if copy {
+                self.buffered(at, stop - at, false)?;
+            } else {
+                self.counters
+                    .skipped
+                    .fetch_add(stop - at, Ordering::Relaxed);
+            }
+            at = stop;
         }
         Ok(())
     }

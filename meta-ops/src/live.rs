@@ -49,6 +49,11 @@ pub(crate) struct Tracker {
     pub(crate) dirty: Bitmap,
     /// Blocks of the destination that may hold data (written by the job or the guest).
     pub(crate) touched: Bitmap,
+    /// Blocks where a guest discard that was not repeated on the destination may have
+    /// uncovered the layers below the source's top. A commit copies the guest's view of
+    /// those blocks into its base even where no merged layer holds them (see
+    /// [`crate::commit`], "Why a crash never loses the chain", 1).
+    pub(crate) uncovered: Bitmap,
     /// Write-through: guest writes to clean blocks go to both disks.
     pub(crate) through: AtomicBool,
     /// The destination's logical sector size.
@@ -111,6 +116,7 @@ impl Tracker {
             first_block,
             dirty: Bitmap::new(blocks),
             touched: Bitmap::new(blocks),
+            uncovered: Bitmap::new(blocks),
             through: AtomicBool::new(false),
             dest_sector,
             through_bytes: AtomicU64::new(0),
@@ -155,7 +161,7 @@ impl Tracker {
 
     /// After a guest change of `[off, off+len)` of the source: with `through` (decided when
     /// the guest took its range lock, exclusively), repeat it on the destination when its
-    /// blocks are in sync there, else mark them dirty.
+    /// blocks are in sync there, else mark them dirty (and, for a `discard`, uncovered).
     fn after_guest(
         &self,
         src: &dyn BlockDevice,
@@ -163,6 +169,7 @@ impl Tracker {
         len: u64,
         what: Applied<'_>,
         through: bool,
+        discard: bool,
     ) {
         if self.ignore_guest || self.untracked.load(Ordering::Acquire) {
             return;
@@ -209,6 +216,11 @@ impl Tracker {
                 return;
             }
             // The job copies the blocks again (and reports the destination's error itself).
+        }
+        if discard {
+            // Set before the dirty bits, under the guest's range lock: the chunk that copies
+            // these blocks again sees it.
+            self.uncovered.set(a, b);
         }
         self.mark(off, len);
     }
@@ -535,7 +547,8 @@ impl LiveDisk {
                 (Change::Zeroes(unmap), None, true) => Applied::Zeroes(*unmap),
                 (Change::Discard, None, true) => Applied::Discarded,
             };
-            t.after_guest(dev, offset, len, what, through);
+            let discard = matches!(change, Change::Discard);
+            t.after_guest(dev, offset, len, what, through, discard);
         }
         // A mirror's throttle: the change is done; its caller waits, holding no lock, while
         // the job's backlog is above its bound.
