@@ -190,8 +190,23 @@ pub(crate) async fn copy_chunk(
 /// Marks the blocks the job must handle dirty: all of them when the destination may hold
 /// anything, else those the source holds data in (and, for a merge, zeros in).
 fn scan(copier: &Copier, shared: &Shared, dest_zeroed: bool) -> Result<(), JobError> {
+    let merge = copier.merge;
+    // A merge also carries zeros of the layers above the base down into it.
+    mark_runs(copier, shared, !dest_zeroed && !merge, |s| {
+        s == BlockStatus::Data || (merge && s == BlockStatus::Zero)
+    })
+}
+
+/// The scan of every copying job: marks all of the tracker's blocks dirty when `all`, else
+/// those in source runs whose status `wanted` picks (stopping early on a cancel).
+pub(crate) fn mark_runs(
+    copier: &Copier,
+    shared: &Shared,
+    all: bool,
+    wanted: impl Fn(BlockStatus) -> bool,
+) -> Result<(), JobError> {
     let t = &copier.tracker;
-    if !dest_zeroed && !copier.merge {
+    if all {
         t.dirty.set(0, t.dirty.len());
         return Ok(());
     }
@@ -209,8 +224,7 @@ fn scan(copier: &Copier, shared: &Shared, dest_zeroed: bool) -> Result<(), JobEr
                 source,
             })?;
         let n = run.len.clamp(1, want);
-        // A merge also carries zeros of the layers above the base down into it.
-        if run.status == BlockStatus::Data || (copier.merge && run.status == BlockStatus::Zero) {
+        if wanted(run.status) {
             if let Some((a, b)) = t.bits(pos, n) {
                 t.dirty.set(a, b);
             }

@@ -31,20 +31,7 @@ pub fn finish_streaming(
     child: &Path,
     opts: &StreamOptions,
 ) -> std::result::Result<Finished, StreamError> {
-    let top = open_layer_with(
-        child,
-        None,
-        &LayerOptions {
-            read_only: true,
-            lock: opts.lock,
-            ..LayerOptions::default()
-        },
-    )?;
-    let Some(link) = top.parent.clone() else {
-        return Err(StreamError::NoParent {
-            child: child.to_path_buf(),
-        });
-    };
+    let (top, link) = super::open_child(child, true, opts.lock)?;
     let format = top.format;
     drop(top);
     let replica = opts

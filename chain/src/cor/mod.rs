@@ -185,6 +185,30 @@ impl Default for StreamOptions {
     }
 }
 
+/// Opens the differencing image `child` (read-only if asked, with `lock`) and its parent
+/// link; a child without a parent is [`StreamError::NoParent`].
+fn open_child(
+    child: &Path,
+    read_only: bool,
+    lock: LockMode,
+) -> std::result::Result<(crate::layer::Layer, crate::layer::ParentLink), StreamError> {
+    let top = crate::layer::open_layer_with(
+        child,
+        None,
+        &crate::layer::LayerOptions {
+            read_only,
+            lock,
+            ..crate::layer::LayerOptions::default()
+        },
+    )?;
+    let Some(link) = top.parent.clone() else {
+        return Err(StreamError::NoParent {
+            child: child.to_path_buf(),
+        });
+    };
+    Ok((top, link))
+}
+
 /// The replica of `child` by default: `child` with `.base` appended.
 pub fn default_replica(child: &Path) -> PathBuf {
     let mut s = child.as_os_str().to_os_string();

@@ -12,7 +12,7 @@ use super::{default_replica, io_err, sidecar_path, CopyOnRead, StreamError, Stre
 use crate::detect::Format;
 use crate::disk::Disk;
 use crate::error::ChainError;
-use crate::layer::{open_layer_with, Identity, Layer, LayerOptions};
+use crate::layer::{Identity, Layer};
 
 /// A child opened for streaming: the chain (child over a [`CopyOnRead`] parent) and the
 /// device, for the stream job.
@@ -34,20 +34,7 @@ pub fn open_streaming(
     child: &Path,
     opts: &StreamOptions,
 ) -> std::result::Result<Streaming, StreamError> {
-    let top = open_layer_with(
-        child,
-        None,
-        &LayerOptions {
-            read_only: opts.read_only,
-            lock: opts.lock,
-            ..LayerOptions::default()
-        },
-    )?;
-    let Some(link) = top.parent.clone() else {
-        return Err(StreamError::NoParent {
-            child: child.to_path_buf(),
-        });
-    };
+    let (top, link) = super::open_child(child, opts.read_only, opts.lock)?;
     let remote = open_remote(child, top.format, &link.candidates, opts)?.ok_or_else(|| {
         StreamError::NotRemote {
             child: child.to_path_buf(),

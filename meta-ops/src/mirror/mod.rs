@@ -551,33 +551,9 @@ impl Mirror {
 
 /// Marks the granules to copy: those A holds data in when B reads as zeros, else all.
 fn scan(copier: &Copier, shared: &Shared) -> Result<(), JobError> {
-    let t = &copier.tracker;
-    if !copier.dest_zeroed {
-        t.dirty.set(0, t.dirty.len());
-        return Ok(());
-    }
-    let mut pos = t.start;
-    while pos < t.end {
-        if shared.cancelled.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        let want = (t.end - pos).min(1 << 30);
-        let run = copier
-            .src
-            .block_status(pos, want)
-            .map_err(|source| JobError::Source {
-                offset: pos,
-                source,
-            })?;
-        let n = run.len.clamp(1, want);
-        if run.status == BlockStatus::Data || run.status == BlockStatus::Unallocated {
-            if let Some((a, b)) = t.bits(pos, n) {
-                t.dirty.set(a, b);
-            }
-        }
-        pos += n;
-    }
-    Ok(())
+    crate::driver::mark_runs(copier, shared, !copier.dest_zeroed, |s| {
+        s == BlockStatus::Data || s == BlockStatus::Unallocated
+    })
 }
 
 /// Whether `dev` reports zeros over `[0, size)` in at most 1024 block-status runs.
