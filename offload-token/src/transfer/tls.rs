@@ -24,8 +24,22 @@ fn tls_error(e: impl std::fmt::Display) -> TransferError {
     TransferError::Tls(e.to_string())
 }
 
+/// The TLS 1.3 suites of a transfer's data channel, most preferred first.
+///
+/// AES-128-GCM leads: both ends are ours, and its 10 AES rounds against AES-256's 14 make
+/// every byte of a copy cheaper to seal and open (the copy is CPU bound on loopback). The
+/// other TLS 1.3 suites of `ring` stay as fallbacks; TLS 1.2 is never offered.
+pub const SUITES: &[rustls::SupportedCipherSuite] = &[
+    rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+    rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+    rustls::crypto::ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+];
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::CryptoProvider {
+        cipher_suites: SUITES.to_vec(),
+        ..rustls::crypto::ring::default_provider()
+    })
 }
 
 fn roots(ca: &[u8]) -> Result<Arc<RootCertStore>, TransferError> {
@@ -126,4 +140,98 @@ pub fn destination_config(
         .with_client_auth_cert(vec![CertificateDer::from(cert.to_vec())], key)
         .map_err(tls_error)?;
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rustls::crypto::ring::cipher_suite;
+    use rustls::{ClientConnection, ServerConnection, SupportedCipherSuite};
+
+    use super::*;
+    use crate::transfer::ca::{ProviderKeyPair, TransferCa};
+
+    /// A handshake in memory between S's configuration and `client`; the suite agreed.
+    fn handshake(
+        server: Arc<ServerConfig>,
+        client: Arc<ClientConfig>,
+        transfer: Uuid,
+    ) -> Option<SupportedCipherSuite> {
+        let name = ServerName::try_from(peer_name(transfer, Role::Source)).unwrap();
+        let mut c = ClientConnection::new(client, name).unwrap();
+        let mut s = ServerConnection::new(server).unwrap();
+        for _ in 0..10 {
+            let mut wire = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut wire).unwrap();
+            }
+            let mut r = &wire[..];
+            while !r.is_empty() {
+                s.read_tls(&mut r).unwrap();
+            }
+            s.process_new_packets().unwrap();
+            let mut wire = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut wire).unwrap();
+            }
+            let mut r = &wire[..];
+            while !r.is_empty() {
+                c.read_tls(&mut r).unwrap();
+            }
+            c.process_new_packets().unwrap();
+            if !c.is_handshaking() && !s.is_handshaking() {
+                assert_eq!(c.negotiated_cipher_suite(), s.negotiated_cipher_suite());
+                return s.negotiated_cipher_suite();
+            }
+        }
+        None
+    }
+
+    /// S's configuration and D's certificate and key for one transfer.
+    fn transfer_pair() -> (
+        Uuid,
+        Arc<ServerConfig>,
+        TransferCa,
+        Vec<u8>,
+        ProviderKeyPair,
+    ) {
+        let transfer = Uuid::new_v4();
+        let ca = TransferCa::new(transfer, Duration::from_secs(600)).unwrap();
+        let (s_key, d_key) = (
+            ProviderKeyPair::generate().unwrap(),
+            ProviderKeyPair::generate().unwrap(),
+        );
+        let s_cert = ca.issue(Role::Source, &s_key.public().unwrap()).unwrap();
+        let d_cert = ca
+            .issue(Role::Destination, &d_key.public().unwrap())
+            .unwrap();
+        let server = source_config(transfer, ca.cert_der(), &s_cert, s_key.private_der()).unwrap();
+        (transfer, server, ca, d_cert, d_key)
+    }
+
+    #[test]
+    fn the_data_channel_agrees_on_aes_128_gcm() {
+        let (transfer, server, ca, d_cert, d_key) = transfer_pair();
+        let client = destination_config(ca.cert_der(), &d_cert, d_key.private_der()).unwrap();
+        let suite = handshake(server, client, transfer).expect("the handshake completes");
+        assert_eq!(suite, cipher_suite::TLS13_AES_128_GCM_SHA256);
+    }
+
+    #[test]
+    fn a_peer_offering_only_aes_256_gcm_still_connects() {
+        let (transfer, server, ca, d_cert, d_key) = transfer_pair();
+        let provider = rustls::crypto::CryptoProvider {
+            cipher_suites: vec![cipher_suite::TLS13_AES_256_GCM_SHA384],
+            ..rustls::crypto::ring::default_provider()
+        };
+        let client = ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots(ca.cert_der()).unwrap())
+            .with_client_auth_cert(vec![CertificateDer::from(d_cert)], d_key.private_der())
+            .unwrap();
+        let suite = handshake(server, Arc::new(client), transfer).expect("the handshake completes");
+        assert_eq!(suite, cipher_suite::TLS13_AES_256_GCM_SHA384);
+    }
 }
