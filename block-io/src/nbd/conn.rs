@@ -9,11 +9,11 @@
 //! `NBD_CMD_DISC`, a stop of the server or a malformed header (bad magic, truncated), the
 //! reader stops, every request already read still completes, then the connection closes.
 //!
-//! Payload buffers (a read's data, a write's payload) come from a small pool of the
-//! connection ([`Pool`]) and go back to it once the reply is out or the write done: a read
-//! fills its whole buffer or fails (the engine continues short transfers and fills zero
-//! extents itself), so a reused buffer never shows a client earlier bytes, and a 2 MiB read
-//! costs no fresh zeroed allocation (page faults and a memset as large as the payload).
+//! Payload buffers (a read's data, a write's payload) come from the server's
+//! [`BufferPool`] and go back to it once the reply is out or the write done: a read fills
+//! its whole buffer or fails (the engine continues short transfers and fills zero extents
+//! itself), so a reused buffer never shows a client earlier bytes, and a 2 MiB read costs no
+//! fresh zeroed allocation (page faults and a memset as large as the payload).
 
 use std::io;
 use std::sync::Arc;
@@ -25,6 +25,7 @@ use tokio::task::JoinSet;
 
 use super::export::Served;
 use super::handshake::{skip, Session, BASE_ALLOCATION_ID};
+use super::pool::BufferPool;
 use super::proto::{self, Command, Extent, Request};
 use crate::error::{Error, ErrorKind};
 use crate::file::AlignedBuf;
@@ -39,43 +40,6 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Extents in one block-status reply at most (proto.md allows a short reply; clients ask
 /// again from where it ended).
 const MAX_EXTENTS: usize = 16 * 1024;
-/// Payload buffers a connection keeps for reuse at most, and their bytes at most.
-const POOL_BUFFERS: usize = 32;
-const POOL_BYTES: usize = 64 << 20;
-
-/// A connection's spare payload buffers, reused by later requests of the same length.
-#[derive(Default)]
-struct Pool {
-    spare: parking_lot::Mutex<(Vec<AlignedBuf>, usize)>,
-}
-
-impl Pool {
-    /// A buffer of `len` bytes for `disk`: a spare one of that length (its old bytes are
-    /// overwritten by whoever takes it: a read fills it whole or fails, a payload is read
-    /// into it whole), or a new zeroed one.
-    fn take(&self, disk: &crate::engine::AsyncDisk, len: usize) -> AlignedBuf {
-        {
-            let mut g = self.spare.lock();
-            if let Some(i) = g.0.iter().rposition(|b| b.len() == len) {
-                let b = g.0.swap_remove(i);
-                g.1 -= len;
-                return b;
-            }
-        }
-        disk.alloc(len)
-    }
-
-    /// Keeps `buf` for reuse while the pool has room.
-    fn give(&self, buf: AlignedBuf) {
-        let mut g = self.spare.lock();
-        if buf.is_empty() || g.0.len() >= POOL_BUFFERS || g.1 + buf.len() > POOL_BYTES {
-            return;
-        }
-        g.1 += buf.len();
-        g.0.push(buf);
-    }
-}
-
 /// A reply ready to send: header bytes, then a read's data.
 struct Reply {
     head: Vec<u8>,
@@ -98,7 +62,7 @@ struct Ctx {
     allocation: bool,
     replies: mpsc::UnboundedSender<Reply>,
     /// Spare payload buffers.
-    pool: Arc<Pool>,
+    pool: Arc<BufferPool>,
 }
 
 /// A connection's byte stream, split into a reading and a writing half for the reader loop
@@ -146,14 +110,18 @@ impl<S: NbdStream> NbdStream for tokio_rustls::server::TlsStream<S> {
     }
 }
 
-/// Serves requests on `stream` until the client leaves or `stop` turns true.
-pub(crate) async fn transmit<S>(stream: S, session: Session, mut stop: watch::Receiver<bool>)
-where
+/// Serves requests on `stream` until the client leaves or `stop` turns true, with payload
+/// buffers from `pool`.
+pub(crate) async fn transmit<S>(
+    stream: S,
+    session: Session,
+    pool: Arc<BufferPool>,
+    mut stop: watch::Receiver<bool>,
+) where
     S: NbdStream,
 {
     let (mut rd, wr) = stream.into_halves();
     let (tx, rx) = mpsc::unbounded_channel();
-    let pool = Arc::new(Pool::default());
     let writer = tokio::spawn(write_replies(wr, rx, pool.clone()));
     let ctx = Arc::new(Ctx {
         export: session.export,
@@ -507,7 +475,7 @@ impl Ctx {
 async fn write_replies<W>(
     wr: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
-    pool: Arc<Pool>,
+    pool: Arc<BufferPool>,
 ) -> io::Result<()>
 where
     W: AsyncWrite + Unpin,

@@ -138,6 +138,7 @@ async fn converse(flags: u8, conversation: &[u8]) -> Outcome {
         tls.then(tls_config),
         // Longer than the harness waits: a stuck handshake is a finding, not a timeout.
         DEADLINE * 2,
+        Arc::new(super::BufferPool::default()),
         stop_rx,
     ));
     let (mut rd, mut wr) = tokio::io::split(client);

@@ -11,6 +11,7 @@
 //!   BLOCK_STATUS and DISC, many requests in flight per connection, replies in completion
 //!   order, multi-conn; optionally TLS required (`NBD_OPT_STARTTLS`, rustls) with or without
 //!   client certificates ([`NbdServer::require_tls`]);
+//! - [`BufferPool`]: the payload buffers a server reuses, shareable between servers;
 //! - [`tls`]: server TLS configurations from x509 PEM files (QEMU's `tls-creds-x509`
 //!   directory layout or explicit paths) or certificates in memory;
 //! - [`NbdClient`]: the other side, a [`BlockDevice`](crate::BlockDevice) over an export of
@@ -23,6 +24,7 @@ mod export;
 #[cfg(feature = "testing")]
 pub mod fuzzing;
 mod handshake;
+mod pool;
 pub mod proto;
 mod ranges;
 mod server;
@@ -33,4 +35,5 @@ pub use client::{
     NbdTarget, NbdUrl, RetryPolicy, TlsOptions, UrlError, DEFAULT_PORT,
 };
 pub use export::Export;
+pub use pool::BufferPool;
 pub use server::{NbdServer, StopHandle, DEFAULT_HANDSHAKE_LIMIT};

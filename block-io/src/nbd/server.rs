@@ -21,6 +21,7 @@ use tokio_rustls::TlsAcceptor;
 use super::conn::{stopped, transmit, NbdStream};
 use super::export::{Export, Served};
 use super::handshake::{greet, haggle, Negotiated, Session, TlsPhase};
+use super::pool::BufferPool;
 use crate::error::{Error, ErrorKind, Result};
 
 /// Where an [`NbdServer`] listens.
@@ -80,6 +81,7 @@ pub struct NbdServer {
     connections: Arc<AtomicU64>,
     tls: Option<Arc<ServerConfig>>,
     handshake_limit: Duration,
+    pool: Arc<BufferPool>,
 }
 
 /// Bytes of TLS records a connection buffers before writing them to the socket.
@@ -134,6 +136,7 @@ impl NbdServer {
             connections: Arc::new(AtomicU64::new(0)),
             tls: None,
             handshake_limit: DEFAULT_HANDSHAKE_LIMIT,
+            pool: Arc::new(BufferPool::default()),
         })
     }
 
@@ -142,6 +145,15 @@ impl NbdServer {
     /// disconnected, so that idle or stalled clients do not pile up.
     pub fn handshake_limit(mut self, limit: Duration) -> Self {
         self.handshake_limit = limit;
+        self
+    }
+
+    /// Takes payload buffers from `pool` (shared with other servers) instead of a pool of
+    /// this server's own. All connections of a server share its pool; servers that come and
+    /// go for the same work (the offload providers' one per token) keep their buffers warm
+    /// by sharing one.
+    pub fn buffer_pool(mut self, pool: Arc<BufferPool>) -> Self {
+        self.pool = pool;
         self
     }
 
@@ -245,14 +257,15 @@ impl NbdServer {
                         let stop = conn_stop.clone();
                         let tls = self.tls.clone();
                         let limit = self.handshake_limit;
+                        let pool = self.pool.clone();
                         match stream {
                             Stream::Tcp(s) => {
                                 // Replies are small and latency-bound: no Nagle delay.
                                 let _ = s.set_nodelay(true);
-                                conns.spawn(connection(s, exports, tls, limit, stop));
+                                conns.spawn(connection(s, exports, tls, limit, pool, stop));
                             }
                             Stream::Unix(s) => {
-                                conns.spawn(connection(s, exports, tls, limit, stop));
+                                conns.spawn(connection(s, exports, tls, limit, pool, stop));
                             }
                         }
                     }
@@ -319,12 +332,13 @@ enum Handshaken<S> {
 }
 
 /// One connection: the handshake (abandoned if the server stops meanwhile or it takes longer
-/// than `limit`), with TLS when `tls` is given, then requests.
+/// than `limit`), with TLS when `tls` is given, then requests with buffers from `pool`.
 pub(crate) async fn connection<S>(
     s: S,
     exports: Arc<[Arc<Served>]>,
     tls: Option<Arc<ServerConfig>>,
     limit: Duration,
+    pool: Arc<BufferPool>,
     mut stop: watch::Receiver<bool>,
 ) where
     S: NbdStream,
@@ -337,8 +351,8 @@ pub(crate) async fn connection<S>(
         _ = stopped(&mut stop) => return,
     };
     match done {
-        Ok(Some(Handshaken::Plain(s, session))) => transmit(s, session, stop).await,
-        Ok(Some(Handshaken::Tls(s, session))) => transmit(*s, session, stop).await,
+        Ok(Some(Handshaken::Plain(s, session))) => transmit(s, session, pool, stop).await,
+        Ok(Some(Handshaken::Tls(s, session))) => transmit(*s, session, pool, stop).await,
         // The client left, broke the protocol or failed the TLS handshake: nothing to answer.
         Ok(None) | Err(_) => {}
     }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use block_io::nbd::{
-    Export, NbdClient, NbdClientOptions, NbdServer, RetryPolicy, StopHandle, TlsOptions,
+    BufferPool, Export, NbdClient, NbdClientOptions, NbdServer, RetryPolicy, StopHandle, TlsOptions,
 };
 use block_io::BlockDevice;
 use parking_lot::Mutex;
@@ -125,6 +125,9 @@ struct Transfer {
     pulls: Mutex<HashMap<SourceEndpoint, Arc<NbdClient>>>,
     /// Pull buffers kept between redeems (fresh ones would be page-faulted in every time).
     buffers: Mutex<Vec<Vec<u8>>>,
+    /// The payload buffers of every export S serves for the transfer (one server per token,
+    /// new connections per token: a pool of their own would start cold every time).
+    pool: Arc<BufferPool>,
     minted: AtomicU64,
     served: Arc<AtomicU64>,
     written: AtomicU64,
@@ -475,6 +478,7 @@ async fn handle(
                 disks: Mutex::new(HashMap::new()),
                 pulls: Mutex::new(HashMap::new()),
                 buffers: Mutex::new(Vec::new()),
+                pool: Arc::new(BufferPool::default()),
                 minted: AtomicU64::new(0),
                 served: Arc::new(AtomicU64::new(0)),
                 written: AtomicU64::new(0),
@@ -639,7 +643,8 @@ async fn mint(
         (ip, 0),
         vec![Export::new(name.clone(), dev).read_only(true)],
     )?
-    .require_tls(config);
+    .require_tls(config)
+    .buffer_pool(t.pool.clone());
     let port = server
         .local_addr()
         .map(|a| a.port())

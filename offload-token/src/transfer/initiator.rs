@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use block_io::nbd::{Export, NbdClient, NbdClientOptions, NbdServer, RetryPolicy, TlsOptions};
+use block_io::nbd::{
+    BufferPool, Export, NbdClient, NbdClientOptions, NbdServer, RetryPolicy, TlsOptions,
+};
 use block_io::{BlockDevice, DiskInfo, RawBuf, StatusRun};
 use tokio::net::TcpStream;
 use uuid::Uuid;
@@ -449,6 +451,8 @@ struct Relay {
     server_cert: Vec<u8>,
     ip: IpAddr,
     bytes: Arc<AtomicU64>,
+    /// The payload buffers of the relay's servers (one per token), as S shares one.
+    pool: Arc<BufferPool>,
 }
 
 impl Relay {
@@ -466,6 +470,7 @@ impl Relay {
             server_cert,
             ip,
             bytes: Arc::new(AtomicU64::new(0)),
+            pool: Arc::new(BufferPool::default()),
         })
     }
 
@@ -509,7 +514,8 @@ impl Relay {
             (self.ip, 0),
             vec![Export::new(ep.export.clone(), dev).read_only(true)],
         )?
-        .require_tls(sconfig);
+        .require_tls(sconfig)
+        .buffer_pool(self.pool.clone());
         let port = server
             .local_addr()
             .map(|a| a.port())
