@@ -110,6 +110,14 @@ impl<S: NbdStream> NbdStream for tokio_rustls::server::TlsStream<S> {
     }
 }
 
+impl<S: NbdStream> NbdStream for super::record::RecordStream<S> {
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
 /// Serves requests on `stream` until the client leaves or `stop` turns true, with payload
 /// buffers from `pool`.
 pub(crate) async fn transmit<S>(

@@ -27,6 +27,7 @@ mod handshake;
 mod pool;
 pub mod proto;
 mod ranges;
+mod record;
 mod server;
 pub mod tls;
 

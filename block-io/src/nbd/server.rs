@@ -22,6 +22,7 @@ use super::conn::{stopped, transmit, NbdStream};
 use super::export::{Export, Served};
 use super::handshake::{greet, haggle, Negotiated, Session, TlsPhase};
 use super::pool::BufferPool;
+use super::record::{ready_for_hand_off, RecordStream};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Where an [`NbdServer`] listens.
@@ -329,6 +330,8 @@ impl Accept {
 enum Handshaken<S> {
     Plain(S, Session),
     Tls(Box<tokio_rustls::server::TlsStream<S>>, Session),
+    /// TLS handed over to the record layer (see [`RecordStream`]).
+    Records(Box<RecordStream<S>>, Session),
 }
 
 /// One connection: the handshake (abandoned if the server stops meanwhile or it takes longer
@@ -353,6 +356,7 @@ pub(crate) async fn connection<S>(
     match done {
         Ok(Some(Handshaken::Plain(s, session))) => transmit(s, session, pool, stop).await,
         Ok(Some(Handshaken::Tls(s, session))) => transmit(*s, session, pool, stop).await,
+        Ok(Some(Handshaken::Records(s, session))) => transmit(*s, session, pool, stop).await,
         // The client left, broke the protocol or failed the TLS handshake: nothing to answer.
         Ok(None) | Err(_) => {}
     }
@@ -381,12 +385,25 @@ where
         Negotiated::StartTls => {}
         Negotiated::Session(_) | Negotiated::Quit => return Ok(None),
     }
+    let extract = config.enable_secret_extraction;
     let mut t = TlsAcceptor::from(config).accept(s).await?;
     // Encrypted records waiting for the socket, at most (rustls' default is 64 KiB): a 2 MiB
     // read's reply goes out in a few large writes rather than one per 64 KiB.
     t.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
     match haggle(&mut t, exports, no_zeroes, TlsPhase::Active).await? {
-        Negotiated::Session(session) => Ok(Some(Handshaken::Tls(Box::new(t), session))),
+        Negotiated::Session(session) => {
+            // With a configuration that allows it, the record layer takes over from rustls
+            // once nothing is left in it: the client sends no request before our last reply.
+            if extract {
+                if let Some(suite) = ready_for_hand_off(&mut *t.get_mut().1) {
+                    let (io, conn) = t.into_inner();
+                    let r =
+                        RecordStream::hand_off(io, &[], conn.dangerous_extract_secrets(), suite)?;
+                    return Ok(Some(Handshaken::Records(Box::new(r), session)));
+                }
+            }
+            Ok(Some(Handshaken::Tls(Box::new(t), session)))
+        }
         Negotiated::StartTls | Negotiated::Quit => {
             // A TLS close_notify, so that the client sees a clean end.
             let _ = t.shutdown().await;

@@ -116,12 +116,19 @@ pub fn source_config(
         .map_err(tls_error)?;
     let name = ServerName::try_from(peer_name(transfer, Role::Destination)).map_err(tls_error)?;
     let verifier = Arc::new(NamedClientVerifier { inner, name });
-    let config = ServerConfig::builder_with_provider(p)
+    let mut config = ServerConfig::builder_with_provider(p)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_error)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(vec![CertificateDer::from(cert.to_vec())], key)
         .map_err(tls_error)?;
+    // block-io's NBD server hands the finished connection's keys over to its record layer
+    // after the NBD handshake (rustls' `dangerous_extract_secrets`, as for kernel TLS): the
+    // records stay TLS 1.3, sealed and opened by rustls' `ring` AEAD (see `destination_config`).
+    config.enable_secret_extraction = true;
+    // Each connection is made once per token: nothing to resume, and no ticket must follow
+    // the handshake into the record layer.
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -133,12 +140,16 @@ pub fn destination_config(
     cert: &[u8],
     key: PrivateKeyDer<'static>,
 ) -> Result<Arc<ClientConfig>, TransferError> {
-    let config = ClientConfig::builder_with_provider(provider())
+    let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_error)?
         .with_root_certificates(roots(ca)?)
         .with_client_auth_cert(vec![CertificateDer::from(cert.to_vec())], key)
         .map_err(tls_error)?;
+    // block-io's NBD client hands the keys over to its record layer after the NBD handshake,
+    // which opens each record where it lands and copies its bytes once, into the caller's
+    // buffer (rustls' buffered connection copies them three times).
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 

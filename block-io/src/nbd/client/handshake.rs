@@ -8,13 +8,15 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
+use tokio_rustls::client::TlsStream;
 
 use super::super::proto::{
     self, InfoRequest, MetaContextRequest, OptionHeader, OptionReplyHeader, MAX_OPTION_DATA,
     OPTION_REPLY_LEN,
 };
+use super::super::record::{ready_for_hand_off, RecordStream};
 use super::error::ClientError;
-use super::options::NbdClientOptions;
+use super::options::{NbdClientOptions, TlsOptions};
 use super::url::{NbdTarget, NbdUrl};
 
 /// A byte stream a connection runs on (TCP, Unix, either under TLS).
@@ -184,12 +186,46 @@ async fn negotiate(
             )
             .await
             .map_err(|e| ClientError::Tls(std::sync::Arc::new(e)))?;
-        io = Box::new(s);
+        let mut s = s;
+        let n = options(&mut s, url, no_zeroes).await?;
+        return Ok((hand_off(s, tls)?, n));
     }
+    let n = options(&mut io, url, no_zeroes).await?;
+    Ok((io, n))
+}
 
+/// The stream a TLS connection goes on with once negotiated: the [`RecordStream`] when the
+/// configuration allows handing the keys over (`enable_secret_extraction`) and rustls holds
+/// nothing unread or unsent, else rustls' own stream.
+fn hand_off(
+    s: TlsStream<tokio::io::BufReader<BoxIo>>,
+    tls: &TlsOptions,
+) -> Result<BoxIo, ClientError> {
+    let mut s = s;
+    if !tls.config.enable_secret_extraction {
+        return Ok(Box::new(s));
+    }
+    let Some(suite) = ready_for_hand_off(&mut *s.get_mut().1) else {
+        return Ok(Box::new(s));
+    };
+    let (reader, conn) = s.into_inner();
+    let ahead = reader.buffer().to_vec();
+    let io = reader.into_inner();
+    let r = RecordStream::hand_off(io, &ahead, conn.dangerous_extract_secrets(), suite)
+        .map_err(ClientError::transport)?;
+    Ok(Box::new(r))
+}
+
+/// The option haggling after the greeting (and TLS): structured replies, the
+/// `base:allocation` context, and `NBD_OPT_GO` (or `NBD_OPT_EXPORT_NAME`).
+async fn options(
+    io: &mut dyn Io,
+    url: &NbdUrl,
+    no_zeroes: bool,
+) -> Result<Negotiated, ClientError> {
     // Structured replies: needed for block status and sparse reads.
-    send_option(&mut io, proto::OPT_STRUCTURED_REPLY, &[]).await?;
-    let (h, data) = read_reply(&mut io, proto::OPT_STRUCTURED_REPLY).await?;
+    send_option(io, proto::OPT_STRUCTURED_REPLY, &[]).await?;
+    let (h, data) = read_reply(io, proto::OPT_STRUCTURED_REPLY).await?;
     let structured = match h.reply {
         proto::REP_ACK => true,
         proto::REP_ERR_TLS_REQD => return Err(ClientError::TlsRequired),
@@ -203,9 +239,9 @@ async fn negotiate(
             name: url.export.clone(),
             queries: vec![proto::BASE_ALLOCATION.to_string()],
         };
-        send_option(&mut io, proto::OPT_SET_META_CONTEXT, &req.encode()).await?;
+        send_option(io, proto::OPT_SET_META_CONTEXT, &req.encode()).await?;
         loop {
-            let (h, data) = read_reply(&mut io, proto::OPT_SET_META_CONTEXT).await?;
+            let (h, data) = read_reply(io, proto::OPT_SET_META_CONTEXT).await?;
             match h.reply {
                 proto::REP_META_CONTEXT => {
                     if data.len() < 4 {
@@ -231,12 +267,12 @@ async fn negotiate(
         name: url.export.clone(),
         requests: vec![proto::INFO_BLOCK_SIZE, proto::INFO_DESCRIPTION],
     };
-    send_option(&mut io, proto::OPT_GO, &req.encode()).await?;
+    send_option(io, proto::OPT_GO, &req.encode()).await?;
     let mut export = None;
     let mut block = None;
     let mut description = None;
     loop {
-        let (h, data) = read_reply(&mut io, proto::OPT_GO).await?;
+        let (h, data) = read_reply(io, proto::OPT_GO).await?;
         match h.reply {
             proto::REP_INFO => {
                 if data.len() < 2 {
@@ -281,9 +317,8 @@ async fn negotiate(
             proto::REP_ERR_UNSUP => {
                 // proto.md: a server without NBD_OPT_GO; NBD_OPT_EXPORT_NAME ends the
                 // negotiation instead.
-                let (size, flags) = export_name(&mut io, &url.export, no_zeroes).await?;
-                let n = negotiated(size, flags, structured, context, None, None)?;
-                return Ok((io, n));
+                let (size, flags) = export_name(io, &url.export, no_zeroes).await?;
+                return negotiated(size, flags, structured, context, None, None);
             }
             proto::REP_ERR_UNKNOWN => {
                 return Err(ClientError::UnknownExport {
@@ -297,10 +332,7 @@ async fn negotiate(
     }
     let (size, flags) = export
         .ok_or_else(|| ClientError::protocol("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT"))?;
-    Ok((
-        io,
-        negotiated(size, flags, structured, context, block, description)?,
-    ))
+    negotiated(size, flags, structured, context, block, description)
 }
 
 /// Validates and assembles the handshake's result.
@@ -352,7 +384,7 @@ fn negotiated(
 /// `NBD_OPT_EXPORT_NAME`: the server answers with size and flags (and 124 zero bytes unless
 /// `NO_ZEROES`), or closes the connection if it has no such export.
 async fn export_name(
-    io: &mut BoxIo,
+    io: &mut dyn Io,
     name: &str,
     no_zeroes: bool,
 ) -> Result<(u64, u16), ClientError> {
@@ -374,7 +406,7 @@ async fn export_name(
     Ok((size, flags))
 }
 
-async fn send_option(io: &mut BoxIo, option: u32, data: &[u8]) -> Result<(), ClientError> {
+async fn send_option(io: &mut dyn Io, option: u32, data: &[u8]) -> Result<(), ClientError> {
     let len = u32::try_from(data.len()).map_err(|_| ClientError::protocol("option too long"))?;
     let mut b = OptionHeader { option, len }.encode().to_vec();
     b.extend_from_slice(data);
@@ -383,7 +415,7 @@ async fn send_option(io: &mut BoxIo, option: u32, data: &[u8]) -> Result<(), Cli
 
 /// Reads one option reply to `option`, its data bounded by [`MAX_OPTION_DATA`].
 async fn read_reply(
-    io: &mut BoxIo,
+    io: &mut dyn Io,
     option: u32,
 ) -> Result<(OptionReplyHeader, Vec<u8>), ClientError> {
     let mut hb = [0u8; OPTION_REPLY_LEN];
@@ -427,12 +459,12 @@ fn unexpected(option: u32, reply: u32, data: &[u8]) -> ClientError {
     }
 }
 
-async fn write_flush(io: &mut BoxIo, b: &[u8]) -> Result<(), ClientError> {
+async fn write_flush(io: &mut dyn Io, b: &[u8]) -> Result<(), ClientError> {
     io.write_all(b).await.map_err(ClientError::transport)?;
     io.flush().await.map_err(ClientError::transport)
 }
 
-async fn read_u64(io: &mut BoxIo) -> Result<u64, ClientError> {
+async fn read_u64(io: &mut dyn Io) -> Result<u64, ClientError> {
     let mut b = [0u8; 8];
     io.read_exact(&mut b)
         .await
@@ -440,7 +472,7 @@ async fn read_u64(io: &mut BoxIo) -> Result<u64, ClientError> {
     Ok(u64::from_be_bytes(b))
 }
 
-async fn read_u16(io: &mut BoxIo) -> Result<u16, ClientError> {
+async fn read_u16(io: &mut dyn Io) -> Result<u16, ClientError> {
     let mut b = [0u8; 2];
     io.read_exact(&mut b)
         .await
