@@ -17,6 +17,13 @@
 //! - [`NbdClient`]: the other side, a [`BlockDevice`](crate::BlockDevice) over an export of
 //!   any NBD server (qemu-nbd, nbdkit, ours), from `nbd://`, `nbd+unix://`, `nbds://` URLs
 //!   ([`NbdUrl`]), with TLS, many requests in flight and reconnect ([`RetryPolicy`]).
+//!
+//! Both sides hand a TLS 1.3 connection over to a record layer of their own once the option
+//! haggling is done, when its rustls configuration sets `enable_secret_extraction` (rustls'
+//! hand-off for kernel TLS): the records are still sealed and opened by rustls' AEAD for the
+//! negotiated suite, but opened where they land, each byte copied once on its way to the
+//! caller. Key updates are not followed after the hand-off; other configurations keep
+//! rustls' own stream.
 
 mod client;
 mod conn;

@@ -164,7 +164,10 @@ impl NbdServer {
     /// `NBD_OPT_EXPORT_NAME` closes the connection; after it, the TLS handshake runs with
     /// `config` and the option haggling starts again over TLS. Client certificates are
     /// checked if `config` asks for them (see [`tls::TlsCredentials`](super::tls::TlsCredentials)
-    /// and [`tls::server_config`](super::tls::server_config)).
+    /// and [`tls::server_config`](super::tls::server_config)). With
+    /// `enable_secret_extraction` set in `config`, a TLS 1.3 connection goes on with the
+    /// server's in-place record layer once the haggling is over (see the [`nbd`](crate::nbd)
+    /// module docs).
     pub fn require_tls(mut self, config: Arc<ServerConfig>) -> Self {
         self.tls = Some(config);
         self

@@ -71,7 +71,9 @@ impl RetryPolicy {
 /// certificate) and the name the server's certificate must carry.
 #[derive(Clone)]
 pub struct TlsOptions {
-    /// The rustls configuration.
+    /// The rustls configuration. With `enable_secret_extraction` set, a TLS 1.3 connection
+    /// goes on with the client's in-place record layer after the handshake (see the
+    /// [`nbd`](crate::nbd) module docs).
     pub config: Arc<rustls::ClientConfig>,
     /// The name checked against the server certificate. `None`: the URL's host for TCP,
     /// `localhost` for a Unix socket (as qemu does).
