@@ -375,8 +375,7 @@ fn chain_create(vhdx: bool, path: &Path, parent: Option<&Path>) {
                 &vhd_format::OpenOptions::new().read_only(true),
             )
             .unwrap()
-            .details()
-            .unwrap();
+            .details();
             let name = p.file_name().unwrap().to_string_lossy().into_owned();
             let o = vdisk::vhd_format::DifferencingOptions::for_parent(
                 &d,

@@ -52,5 +52,5 @@ pub use file::{AlignedBuf, FileStorage, LockMode, OpenOptions};
 pub use memory::MemStorage;
 pub use rangelock::{RangeGuard, RangeLock};
 pub use ratelimit::RateLimiter;
-pub use raw::RawDisk;
+pub use raw::{RawDisk, RawOptions};
 pub use storage::{check_bounds, raw_slice, raw_total, Extent, IoHandle, RawBuf, Storage};

@@ -15,6 +15,42 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::failstop::FailStop;
 use crate::storage::{raw_total, RawBuf, Storage};
 
+/// How [`RawDisk::open`] opens a raw image: 512-byte sectors, writable, unless told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawOptions {
+    sector_size: u32,
+    read_only: bool,
+}
+
+impl Default for RawOptions {
+    fn default() -> Self {
+        RawOptions {
+            sector_size: 512,
+            read_only: false,
+        }
+    }
+}
+
+impl RawOptions {
+    /// 512-byte sectors, writable.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Logical (and physical) sector size in bytes: 512 or 4096 ([`RawDisk::open`] refuses
+    /// anything else).
+    pub fn sector_size(mut self, bytes: u32) -> Self {
+        self.sector_size = bytes;
+        self
+    }
+
+    /// Opens read-only when `yes`: writes, discards and flushes are refused.
+    pub fn read_only(mut self, yes: bool) -> Self {
+        self.read_only = yes;
+        self
+    }
+}
+
 /// A raw disk image over any [`Storage`].
 #[derive(Debug)]
 pub struct RawDisk<S> {
@@ -27,11 +63,13 @@ impl<S: Storage> RawDisk<S> {
     /// A writable raw disk of the storage's current length with 512-byte sectors. The length
     /// must be a multiple of 512.
     pub fn new(storage: S) -> Result<Self> {
-        Self::with_options(storage, 512, false)
+        Self::open(storage, &RawOptions::new())
     }
 
-    /// A raw disk with `sector_size`-byte logical sectors (512 or 4096), read-only if asked.
-    pub fn with_options(storage: S, sector_size: u32, read_only: bool) -> Result<Self> {
+    /// A raw disk over `storage` as `options` say (sector size, read-only). The length must
+    /// be a multiple of the sector size.
+    pub fn open(storage: S, options: &RawOptions) -> Result<Self> {
+        let (sector_size, read_only) = (options.sector_size, options.read_only);
         if sector_size != 512 && sector_size != 4096 {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
@@ -246,7 +284,7 @@ mod tests {
     #[test]
     fn read_only_refuses_writes() {
         let m = MemStorage::from_bytes(&[0; 1024]);
-        let d = RawDisk::with_options(m, 512, true).unwrap();
+        let d = RawDisk::open(m, &super::RawOptions::new().read_only(true)).unwrap();
         assert_eq!(
             d.write_at(&[0; 512], 0).unwrap_err().kind(),
             ErrorKind::ReadOnly

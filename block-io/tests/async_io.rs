@@ -11,7 +11,7 @@ use std::time::Duration;
 use block_io::engine::{Aio, AsyncDisk, AsyncOptions, Engine, IoBuf};
 use block_io::{
     BlockDevice, BlockStatus, ErrorKind, FaultStorage, FileStorage, Injection, MemStorage,
-    OpenOptions, RawDisk, Storage,
+    OpenOptions, RawDisk, RawOptions, Storage,
 };
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
@@ -294,7 +294,10 @@ async fn errors_are_values() {
     // A read-only disk refuses writes.
     let s = MemStorage::new();
     s.set_len(1 << 20).unwrap();
-    let disk = AsyncDisk::new(Arc::new(RawDisk::with_options(s, 512, true).unwrap())).unwrap();
+    let disk = AsyncDisk::new(Arc::new(
+        RawDisk::open(s, &RawOptions::new().read_only(true)).unwrap(),
+    ))
+    .unwrap();
     let e = disk
         .write_at(vec![0u8; 512], 0)
         .await

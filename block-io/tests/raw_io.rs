@@ -8,7 +8,7 @@
 
 use block_io::{
     AlignedBuf, BlockDevice, DiskInfo, ErrorKind, FaultStorage, FileStorage, Injection, MemStorage,
-    OpenOptions, RawBuf, RawDisk, Result, StatusRun, Storage,
+    OpenOptions, RawBuf, RawDisk, RawOptions, Result, StatusRun, Storage,
 };
 use proptest::prelude::*;
 
@@ -426,11 +426,19 @@ proptest! {
 fn raw_disk_raw_writes_check_and_fail_stop() {
     let mut l = Layout::new(&[1024]);
     let bufs = l.bufs();
-    let ro = RawDisk::with_options(MemStorage::from_bytes(&[0; 4096]), 512, true).unwrap();
+    let ro = RawDisk::open(
+        MemStorage::from_bytes(&[0; 4096]),
+        &RawOptions::new().read_only(true),
+    )
+    .unwrap();
     // SAFETY (all calls below): pieces inside `l.mem`, alive and untouched during the call.
     let e = unsafe { ro.write_raw_at(&bufs, 0) }.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ReadOnly);
-    let d4k = RawDisk::with_options(MemStorage::from_bytes(&[0; 8192]), 4096, false).unwrap();
+    let d4k = RawDisk::open(
+        MemStorage::from_bytes(&[0; 8192]),
+        &RawOptions::new().sector_size(4096),
+    )
+    .unwrap();
     let e = unsafe { d4k.read_raw_at(&bufs, 0) }.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unaligned);
 

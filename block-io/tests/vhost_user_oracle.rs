@@ -13,7 +13,7 @@ use block_io::testing::oracle;
 use block_io::vhost_user::client::{segment, Client, Request, Response};
 use block_io::vhost_user::config::VIRTIO_BLK_F_RO;
 use block_io::vhost_user::request::*;
-use block_io::{BlockDevice, FileStorage, OpenOptions, RawDisk};
+use block_io::{BlockDevice, FileStorage, OpenOptions, RawDisk, RawOptions};
 use vhost_user_util::{connect, pattern, Qsd, Served};
 
 const DISK: u64 = 4 << 20;
@@ -27,7 +27,7 @@ fn make_image(path: &Path) {
 
 fn open_raw(path: &Path, read_only: bool) -> Arc<dyn BlockDevice> {
     let s = FileStorage::open(path, &OpenOptions::new().read_only(read_only)).unwrap();
-    Arc::new(RawDisk::with_options(s, 512, read_only).unwrap())
+    Arc::new(RawDisk::open(s, &RawOptions::new().read_only(read_only)).unwrap())
 }
 
 fn rq(kind: u32, sector: u64, out: Vec<u8>, in_len: u32, seg: u32) -> Request {

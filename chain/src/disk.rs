@@ -807,8 +807,7 @@ mod raw_tests {
         let details =
             vhd_format::VhdFile::open(ps, &vhd_format::OpenOptions::new().read_only(true))
                 .unwrap()
-                .details()
-                .unwrap();
+                .details();
         let o = vhd_format::DifferencingOptions::for_parent(
             &details,
             base.display().to_string(),

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use block_io::{BlockDevice, FileStorage, LockMode, RawDisk, Storage};
+use block_io::{BlockDevice, FileStorage, LockMode, RawDisk, RawOptions, Storage};
 use uuid::Uuid;
 
 use crate::detect::{detect, Format};
@@ -254,7 +254,7 @@ fn layer_from_storage<S: Storage + 'static>(
     };
     let (dev, identity, parent): (Arc<dyn BlockDevice>, _, _) = match format {
         Format::Raw => (
-            Arc::new(RawDisk::with_options(storage, 512, read_only).map_err(err)?),
+            Arc::new(RawDisk::open(storage, &RawOptions::new().read_only(read_only)).map_err(err)?),
             Identity::Raw,
             None,
         ),
@@ -264,7 +264,7 @@ fn layer_from_storage<S: Storage + 'static>(
                 &vhd_format::OpenOptions::new().read_only(read_only),
             )
             .map_err(err)?;
-            let d = f.details().map_err(err)?;
+            let d = f.details();
             let parent = match (d.disk_type, d.parent_unique_id) {
                 (vhd_format::DiskType::Differencing, Some(unique_id)) => Some(ParentLink {
                     candidates: vhd_candidates(&d),

@@ -151,7 +151,7 @@ pub fn rebase(child: &Path, new_parent: &Path, opts: &RebaseOptions) -> Result<(
                 path: child.to_path_buf(),
                 source,
             })?;
-            let d = f.details().map_err(failed)?;
+            let d = f.details();
             let expected = Expected::Vhd {
                 unique_id: d.parent_unique_id.unwrap_or_else(Uuid::nil),
                 timestamp: d.parent_timestamp.unwrap_or(0),

@@ -140,8 +140,7 @@ fn sector_size_and_size_mismatches_are_refused() {
     let ps = FileStorage::open(&small, &block_io::OpenOptions::new().read_only(true)).unwrap();
     let det = vhd_format::VhdFile::open(ps, &vhd_format::OpenOptions::new().read_only(true))
         .unwrap()
-        .details()
-        .unwrap();
+        .details();
     let mut o = vhd_format::DifferencingOptions::for_parent(
         &det,
         "small.vhd",

@@ -71,7 +71,7 @@ pub fn measure(
         Format::Vhd => {
             let o = image::vhd_create_options(virtual_size, &opts)?;
             let f = vhd_format::VhdFile::create(MemStorage::new(), &o)?;
-            let d = f.details()?;
+            let d = f.details();
             let len = f.storage().len()?;
             match d.block_size {
                 Some(b) => (len, u64::from(b), false, u64::from(b) + VHD_BLOCK_SLACK),

@@ -445,7 +445,10 @@ fn open_base(disk: &Disk, depth: usize) -> Result<Layer, JobError> {
     .map_err(prep(path))?;
     let (dev, identity): (Arc<dyn BlockDevice>, Identity) = match base.format {
         Format::Raw => (
-            Arc::new(block_io::RawDisk::with_options(storage, 512, false).map_err(prep(path))?),
+            Arc::new(
+                block_io::RawDisk::open(storage, &block_io::RawOptions::new())
+                    .map_err(prep(path))?,
+            ),
             Identity::Raw,
         ),
         Format::Vhd => {

@@ -132,7 +132,7 @@ fn layer(kind: Kind, s: Disk0, read_only: bool, name: &str) -> IoResult<Layer> {
         Kind::Vhd => {
             let f =
                 vhd_format::VhdFile::open(s, &vhd_format::OpenOptions::new().read_only(read_only))?;
-            let d = f.details()?;
+            let d = f.details();
             let parent = d.parent_unique_id.map(|u| ParentLink {
                 candidates: Vec::new(),
                 expected: Expected::Vhd {

@@ -47,8 +47,7 @@ fn child(path: &Path, parent: &Path) {
     let ps = FileStorage::open(parent, &FileOptions::new().read_only(true)).unwrap();
     let d = vhd_format::VhdFile::open(ps, &vhd_format::OpenOptions::new().read_only(true))
         .unwrap()
-        .details()
-        .unwrap();
+        .details();
     let name = parent.file_name().unwrap().to_str().unwrap();
     let o = vhd_format::DifferencingOptions::for_parent(
         &d,

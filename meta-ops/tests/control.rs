@@ -9,7 +9,7 @@ use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use block_io::{BlockDevice, MemStorage, RawBuf, RawDisk, Storage};
+use block_io::{BlockDevice, MemStorage, RawBuf, RawDisk, RawOptions, Storage};
 use common::Model;
 use meta_ops::{Job, JobError, JobOptions, JobRunner, LiveDisk, Phase, Pivot};
 
@@ -186,7 +186,11 @@ fn refusals() {
         .unwrap_err();
     assert!(matches!(e, JobError::Invalid(_)), "{e}");
     let ro = Arc::new(
-        RawDisk::with_options(MemStorage::from_bytes(&vec![0; 1 << 20]), 512, true).unwrap(),
+        RawDisk::open(
+            MemStorage::from_bytes(&vec![0; 1 << 20]),
+            &RawOptions::new().read_only(true),
+        )
+        .unwrap(),
     );
     assert!(matches!(
         runner.start(&live, Job::copy(ro)).unwrap_err(),

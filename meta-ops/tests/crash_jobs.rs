@@ -903,7 +903,7 @@ fn snapshot_disk<S: Storage + 'static>(kind: Kind, s: S) -> chain::Disk {
         Kind::Vhd => {
             let f = vhd_format::VhdFile::open(s, &vhd_format::OpenOptions::new().read_only(false))
                 .unwrap();
-            let d = f.details().unwrap();
+            let d = f.details();
             Layer {
                 path: "dest.vhd".into(),
                 format: Format::Vhd,

@@ -52,8 +52,7 @@ fn child(vhdx_fmt: bool, path: &Path, parent: &Path) {
     } else {
         let d = vhd_format::VhdFile::open(ps, &vhd_format::OpenOptions::new().read_only(true))
             .unwrap()
-            .details()
-            .unwrap();
+            .details();
         let abs = parent.display().to_string();
         let mut o =
             vhd_format::DifferencingOptions::for_parent(&d, abs.clone(), Some(abs), Some(name));

@@ -432,7 +432,7 @@ mod tests {
     fn differencing_keeps_blocks_that_hide_the_parent() {
         let parent = image(4);
         parent.write_at(&[7; 4096], 0).unwrap();
-        let details = parent.details().unwrap();
+        let details = parent.details();
         let opts = DifferencingOptions::for_parent(&details, "p.vhd", None, None);
         let child =
             Arc::new(VhdFile::create_differencing(Arc::new(MemStorage::new()), &opts).unwrap());
@@ -539,7 +539,7 @@ mod tests {
     #[test]
     fn crash_at_every_step_of_a_differencing_compaction() {
         let parent = image(6);
-        let details = parent.details().unwrap();
+        let details = parent.details();
         let opts = DifferencingOptions::for_parent(&details, "p.vhd", None, None);
         let child = VhdFile::create_differencing(Arc::new(MemStorage::new()), &opts).unwrap();
         for b in 0..6u64 {

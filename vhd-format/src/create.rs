@@ -322,7 +322,7 @@ mod tests {
         let f =
             VhdFile::create(st.clone(), &CreateOptions::new(16 << 20, Subformat::Fixed)).unwrap();
         assert_eq!(st.len().unwrap(), (16 << 20) + 512);
-        let d = f.details().unwrap();
+        let d = f.details();
         assert!(d.is_azure_compatible());
         assert_eq!(d.virtual_size, 16 << 20);
         assert_eq!(f.info().virtual_size, 16 << 20);
@@ -384,7 +384,7 @@ mod tests {
             creator: Creator::default(),
         };
         let f = VhdFile::create_differencing(st.clone(), &o).unwrap();
-        let d = f.details().unwrap();
+        let d = f.details();
         assert_eq!(d.parent_timestamp, Some(77));
         assert_eq!(d.locators.len(), 2);
         let w2ru = &d.locators[1];

@@ -83,8 +83,9 @@ impl VhdDetails {
 }
 
 impl<S: Storage> VhdFile<S> {
-    /// The image's format facts.
-    pub fn details(&self) -> Result<VhdDetails> {
+    /// The image's format facts. A parent locator whose bytes cannot be read or decoded is
+    /// listed with no path.
+    pub fn details(&self) -> VhdDetails {
         let f = &self.footer;
         let mut d = VhdDetails {
             disk_type: f.disk_type,
@@ -109,14 +110,14 @@ impl<S: Storage> VhdFile<S> {
             locators: Vec::new(),
         };
         let Some(dy) = &self.dynamic else {
-            return Ok(d);
+            return d;
         };
         let h = &dy.header;
         d.block_size = Some(h.block_size);
         d.max_table_entries = Some(h.max_table_entries);
         d.allocated_blocks = Some(dy.bat.allocated().count() as u64);
         if f.disk_type != DiskType::Differencing {
-            return Ok(d);
+            return d;
         }
         d.parent_name = Some(h.parent_name.clone());
         d.parent_unique_id = Some(h.parent_unique_id);
@@ -137,11 +138,11 @@ impl<S: Storage> VhdFile<S> {
                 path,
             });
         }
-        Ok(d)
+        d
     }
 }
 
 /// Opens `storage` read-only and returns its details.
 pub fn read_details<S: Storage>(storage: S) -> Result<VhdDetails> {
-    VhdFile::open(storage, &crate::OpenOptions::new().read_only(true))?.details()
+    Ok(VhdFile::open(storage, &crate::OpenOptions::new().read_only(true))?.details())
 }

@@ -597,7 +597,7 @@ mod tests {
         let (f, r) = f.resize(1024 * MIB).unwrap();
         assert!(r.bat_relocated);
         assert_eq!(read(&f, MIB, 4096), pattern(5, 4096));
-        let d = f.details().unwrap();
+        let d = f.details();
         assert_eq!(d.locators.len(), 2);
         assert_eq!(d.parent_timestamp, Some(7));
         f.write_at(&pattern(6, 4096), 1000 * MIB).unwrap();

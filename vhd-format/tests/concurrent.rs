@@ -359,7 +359,7 @@ fn failed_allocation_leaves_readable_unreferenced_space(diff: bool) {
         )
         .unwrap();
         let o = DifferencingOptions::for_parent(
-            &p.details().unwrap(),
+            &p.details(),
             s(&parent),
             Some(s(&parent).to_string()),
             Some("./parent.vhd".into()),

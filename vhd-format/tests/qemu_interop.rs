@@ -66,7 +66,7 @@ fn qemu_made_images_read_identically() {
         let mut got = vec![0u8; want.len()];
         f.read_at(&mut got, 0).unwrap();
         assert!(got == want, "case {i} ({sub} {size} force={force}) differs");
-        let d = f.details().unwrap();
+        let d = f.details();
         assert_eq!(
             d.disk_type,
             if sub == "fixed" {
@@ -191,7 +191,7 @@ fn chs_size_matches_qemu_default_sizing() {
             "qemu-img",
             &["create", "-q", "-f", "vpc", s(&img), &size.to_string()],
         );
-        let theirs = open_file(&img, true).details().unwrap();
+        let theirs = open_file(&img, true).details();
         let (ours, geo) = vhd_format::size_and_geometry(size, true).unwrap();
         assert_eq!(theirs.virtual_size, ours, "size {size}");
         assert_eq!(theirs.geometry, geo, "size {size}");

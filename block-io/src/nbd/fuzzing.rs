@@ -34,7 +34,7 @@ use tokio::sync::watch;
 
 use super::export::{Export, Served};
 use super::server::connection;
-use crate::{MemStorage, RawDisk, Storage};
+use crate::{MemStorage, RawDisk, RawOptions, Storage};
 
 /// Size of each export.
 pub const DISK_SIZE: u64 = 1 << 20;
@@ -87,7 +87,13 @@ fn disk(sector: u32, read_only: bool) -> Arc<RawDisk<MemStorage>> {
     s.set_len(DISK_SIZE).expect("memory storage grows");
     s.write_at(&[PATTERN; PATTERN_LEN], PATTERN_OFFSET)
         .expect("memory storage writes");
-    Arc::new(RawDisk::with_options(s, sector, read_only).expect("a valid raw disk"))
+    Arc::new(
+        RawDisk::open(
+            s,
+            &RawOptions::new().sector_size(sector).read_only(read_only),
+        )
+        .expect("a valid raw disk"),
+    )
 }
 
 fn contents(d: &RawDisk<MemStorage>) -> Vec<u8> {

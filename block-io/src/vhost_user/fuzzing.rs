@@ -24,7 +24,7 @@
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::request::{process, Desc, Target};
-use crate::{BlockDevice, MemStorage, RawDisk, Storage};
+use crate::{BlockDevice, MemStorage, RawDisk, RawOptions, Storage};
 
 /// Guest memory: two regions with a hole between them.
 pub const REGIONS: [(u64, usize); 2] = [(0, 64 << 10), (128 << 10, 64 << 10)];
@@ -133,7 +133,10 @@ pub fn run(data: &[u8]) -> Outcome {
         .collect();
     let storage = MemStorage::from_bytes(&model);
     let sector = if sector_4k { 4096 } else { 512 };
-    let Ok(disk) = RawDisk::with_options(storage, sector, read_only) else {
+    let Ok(disk) = RawDisk::open(
+        storage,
+        &RawOptions::new().sector_size(sector).read_only(read_only),
+    ) else {
         panic!("raw disk over {DISK_SIZE} bytes refused");
     };
     let id = *b"vdisk-fuzz-serial-00";

@@ -50,8 +50,7 @@ pub fn create_child(fmt: Fmt, path: &Path, parent: &Path, relative: &str) -> Box
         Fmt::Vhd => {
             let d = vhd_format::VhdFile::open(ps, &vhd_format::OpenOptions::new().read_only(true))
                 .unwrap()
-                .details()
-                .unwrap();
+                .details();
             let mut o = vhd_format::DifferencingOptions::for_parent(
                 &d,
                 parent.display().to_string(),

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use block_io::{BlockDevice, FileStorage, LockMode, RawDisk, Storage};
+use block_io::{BlockDevice, FileStorage, LockMode, RawDisk, RawOptions, Storage};
 use chain::Format;
 
 use super::wire::{self, Record, StreamHeader, StreamIdentity, StreamReader};
@@ -165,8 +165,11 @@ fn create_on<S: Storage + 'static>(
         Format::Raw => {
             storage.set_len(size).map_err(dest_err("size", path))?;
             Box::new(
-                RawDisk::with_options(storage, h.logical_sector_size, false)
-                    .map_err(dest_err("open", path))?,
+                RawDisk::open(
+                    storage,
+                    &RawOptions::new().sector_size(h.logical_sector_size),
+                )
+                .map_err(dest_err("open", path))?,
             )
         }
         Format::Vhd => {

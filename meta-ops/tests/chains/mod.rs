@@ -111,8 +111,7 @@ pub fn build(dir: &Path, kind: Kind, depth: usize, size: u64, seed: u64) -> (Pat
                 let d =
                     vhd_format::VhdFile::open(ps, &vhd_format::OpenOptions::new().read_only(true))
                         .unwrap()
-                        .details()
-                        .unwrap();
+                        .details();
                 let mut o = vhd_format::DifferencingOptions::for_parent(
                     &d,
                     parent.display().to_string(),

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use block_io::{BlockDevice, FileStorage, RawDisk};
+use block_io::{BlockDevice, FileStorage, RawDisk, RawOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
@@ -62,7 +62,10 @@ impl ImageOpener for RawOpener {
                 .read_only(!writable)
                 .lock(block_io::LockMode::Off),
         )?;
-        Ok(Arc::new(RawDisk::with_options(s, 512, !writable)?))
+        Ok(Arc::new(RawDisk::open(
+            s,
+            &RawOptions::new().read_only(!writable),
+        )?))
     }
 }
 

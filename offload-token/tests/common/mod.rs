@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use block_io::{BlockDevice, MemStorage, RawDisk, Storage};
+use block_io::{BlockDevice, MemStorage, RawDisk, RawOptions, Storage};
 use offload_token::{
     Access, Acl, KeyRing, Limits, ManualClock, Principal, Provider, ProviderKey, TrackedDisk,
 };
@@ -16,7 +16,7 @@ pub const T0: u64 = 1_700_000_000_000;
 pub fn disk_with(id: u128, size: u64, sector: u32) -> Arc<TrackedDisk> {
     let m = MemStorage::new();
     m.set_len(size).unwrap();
-    let d = RawDisk::with_options(m, sector, false).unwrap();
+    let d = RawDisk::open(m, &RawOptions::new().sector_size(sector)).unwrap();
     Arc::new(TrackedDisk::with_id(Arc::new(d), Uuid::from_u128(id)))
 }
 
