@@ -30,6 +30,7 @@
 //! - `ENGINE_BENCH_REGIMES` (`cold,hot`), `ENGINE_BENCH_FORMATS` (`raw,vhdx,vhd,chain`),
 //!   `ENGINE_BENCH_OPS` (`read,write`), `ENGINE_BENCH_QUEUES` (`1,2`): subsets;
 //! - `ENGINE_BENCH_OURS_AIO=threads` runs ours with `--aio threads` instead of `io_uring`;
+//! - `ENGINE_BENCH_OURS_WORKERS=N` runs ours with `--workers N` (default: the server's own);
 //! - `ENGINE_BENCH_DIR` where the images go, `ENGINE_BENCH_FRESH=1` remakes them,
 //!   `ENGINE_BENCH_PREPARE_ONLY=1` only makes them (`.ci/bench-engine` uses them too);
 //! - `VDISK_BIN` the vdisk binary (default `target/release/examples/vdisk`, built first with

@@ -80,8 +80,11 @@ impl Server {
                     .arg("--cache")
                     .arg(if direct { "none" } else { "writeback" })
                     .arg("--aio")
-                    .arg(if uring { "io_uring" } else { "threads" })
-                    .arg(path);
+                    .arg(if uring { "io_uring" } else { "threads" });
+                if let Ok(w) = std::env::var("ENGINE_BENCH_OURS_WORKERS") {
+                    c.arg("--workers").arg(w);
+                }
+                c.arg(path);
                 c
             }
             (Backend::Qsd { direct, uring }, t) => {

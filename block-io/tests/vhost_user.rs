@@ -16,8 +16,10 @@ use block_io::vhost_user::client::{
 };
 use block_io::vhost_user::config::*;
 use block_io::vhost_user::request::*;
+use block_io::vhost_user::ServerOptions;
 use block_io::{
-    BlockDevice, FaultStorage, FileStorage, Injection, MemStorage, OpenOptions, RawDisk, Storage,
+    BlockDevice, FaultStorage, FileStorage, Injection, MemStorage, OpenOptions, RawDisk,
+    RawOptions, Storage,
 };
 use vhost_user_util::{connect, pattern, Served};
 use vm_memory::{Bytes, GuestAddress};
@@ -98,7 +100,8 @@ fn config_space_and_features() {
 fn four_k_sectors_and_physical_exponent() {
     let m = MemStorage::new();
     m.set_len(1 << 20).unwrap();
-    let d: Arc<dyn BlockDevice> = Arc::new(RawDisk::with_options(m, 4096, false).unwrap());
+    let d: Arc<dyn BlockDevice> =
+        Arc::new(RawDisk::open(m, &RawOptions::new().sector_size(4096)).unwrap());
     let s = Served::start(d, 1);
     let mut c = s.client(1);
     assert_eq!(c.config().blk_size, 4096);
@@ -117,7 +120,8 @@ fn four_k_sectors_and_physical_exponent() {
 #[test]
 fn read_only_disk_advertises_ro_and_refuses_writes() {
     let m = MemStorage::from_bytes(&pattern(1 << 20, 9));
-    let d: Arc<dyn BlockDevice> = Arc::new(RawDisk::with_options(m, 512, true).unwrap());
+    let d: Arc<dyn BlockDevice> =
+        Arc::new(RawDisk::open(m, &RawOptions::new().read_only(true)).unwrap());
     let s = Served::start(d, 1);
     let mut c = s.client(1);
     assert_ne!(c.features() & VIRTIO_BLK_F_RO, 0);
@@ -242,8 +246,22 @@ fn large_scattered_requests_on(dev: Arc<dyn BlockDevice>) {
 
 #[test]
 fn multi_queue_concurrent_io() {
+    // Four queues on one worker each, on fewer workers (unevenly: 4 on 3), on one.
+    for workers in [Some(4), Some(3), Some(1), None] {
+        multi_queue_concurrent_io_on(workers);
+    }
+}
+
+fn multi_queue_concurrent_io_on(workers: Option<u16>) {
     let dev = mem_disk(32 << 20);
-    let s = Served::start(dev.clone(), 4);
+    let s = Served::start_opts(
+        dev.clone(),
+        &ServerOptions {
+            num_queues: 4,
+            workers,
+            ..ServerOptions::default()
+        },
+    );
     let mut c = s.client(4);
     let queues: Vec<ClientQueue> = (0..4).map(|i| c.take_queue(i).unwrap()).collect();
     let threads: Vec<_> = queues

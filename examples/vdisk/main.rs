@@ -21,7 +21,7 @@
 //! vdisk send IMG [--since SNAP] [-o FILE] [--level auto|N] [--threads N] [--rate B/S] [-p]
 //! vdisk receive DEST [-O raw|vhd|vhdx] [-i FILE] [-p]   make (or update) DEST from a stream
 //! vdisk demo                         a guided tour in a temporary folder
-//! vdisk serve --socket PATH [--queues N] [--read-only] [--cache none|writeback]
+//! vdisk serve --socket PATH [--queues N] [--workers N] [--read-only] [--cache none|writeback]
 //!             [--aio io_uring|threads|sync] IMG   vhost-user-blk until SIGINT/SIGTERM
 //! vdisk serve --nbd ADDR[:PORT] | --nbd-socket PATH [--export NAME] [--read-only] IMG   NBD
 //!             [--tls-creds DIR [--tls-verify-peer]]
@@ -248,9 +248,13 @@ enum Cmd {
         /// NBD with --tls-creds: clients must present a certificate signed by ca-cert.pem.
         #[arg(long, requires = "tls_creds")]
         tls_verify_peer: bool,
-        /// Number of request queues, each served by its own thread.
+        /// Number of request queues.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
         queues: u16,
+        /// Worker threads serving the queues, each with its own I/O engine (default: one per
+        /// queue, at most half the host's cores).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+        workers: Option<u16>,
         /// Refuse writes (the guest sees a read-only disk).
         #[arg(long)]
         read_only: bool,
@@ -513,6 +517,7 @@ fn main() -> ExitCode {
         Cmd::Serve {
             socket,
             queues,
+            workers,
             read_only,
             cache,
             aio,
@@ -529,6 +534,7 @@ fn main() -> ExitCode {
                 &socket,
                 queues,
                 &serve::Mode {
+                    workers,
                     read_only,
                     cache,
                     aio,

@@ -19,6 +19,8 @@ use crate::{CliError, CliResult};
 /// How `serve` opens and runs the disk.
 #[derive(Debug)]
 pub struct Mode {
+    /// Worker threads for the queues (`None`: the server's default).
+    pub workers: Option<u16>,
     pub read_only: bool,
     /// `none` or `writeback`.
     pub cache: String,
@@ -64,6 +66,7 @@ pub fn run(image: &Path, socket: &Path, queues: u16, mode: &Mode) -> CliResult {
         .unwrap_or_else(|| "vdisk".to_string());
     let opts = ServerOptions {
         num_queues: queues,
+        workers: mode.workers,
         serial,
         aio,
         ..ServerOptions::default()
@@ -80,13 +83,16 @@ pub fn run(image: &Path, socket: &Path, queues: u16, mode: &Mode) -> CliResult {
     };
     let stop = server.stop_handle();
     eprintln!(
-        "vdisk: serving {} ({}, {} bytes{}) on {} with {} queue(s), cache={}, aio={}",
+        "vdisk: serving {} ({}, {} bytes{}) on {} with {} queue(s) on {} worker(s), cache={}, aio={}",
         image.display(),
         format.name(),
         info.virtual_size,
         if info.read_only { ", read-only" } else { "" },
         socket.display(),
         queues,
+        mode.workers
+            .unwrap_or_else(|| vdisk::block_io::vhost_user::default_workers(queues))
+            .clamp(1, queues),
         if direct { "none" } else { "writeback" },
         mode.aio
     );

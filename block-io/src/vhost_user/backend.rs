@@ -1,9 +1,10 @@
 //! The [`VhostUserBackend`] of one connection: hands out the configuration space and features,
-//! and runs each queue's requests on that queue's own worker thread (vhost-user-backend spawns
-//! one epoll thread per entry of [`VhostUserBackend::queues_per_thread`]). When the host has
-//! more cores than queues, each queue also gets an offload thread: a big request (256 KiB or
-//! more) is handed to it whenever it is idle, and the worker goes on with the next request, so
-//! one queue streaming large transfers keeps two cores busy, as qemu's I/O thread pool does.
+//! and runs the queues' requests on worker threads (vhost-user-backend spawns one epoll thread
+//! per entry of [`VhostUserBackend::queues_per_thread`]): queue `q` on worker `q % workers`,
+//! each worker with its own I/O engine ([`Shared::workers`]). When the host has more cores
+//! than workers, each worker also gets an offload thread: a big request (256 KiB or more) is
+//! handed to it whenever it is idle, and the worker goes on with the next request, so one
+//! queue streaming large transfers keeps two cores busy, as qemu's I/O thread pool does.
 //! `stop_vring` waits for offloaded requests too, and [`BlkBackend::shutdown`] joins the
 //! offload threads when the connection ends.
 //!
@@ -50,6 +51,8 @@ pub(crate) struct Shared {
     pub config: [u8; CONFIG_LEN],
     pub features: u64,
     pub num_queues: usize,
+    /// Worker threads the queues are spread over (1 to `num_queues`).
+    pub workers: usize,
     pub queue_size: usize,
     pub id: [u8; ID_LEN],
     /// The I/O engine each queue runs its reads and writes on; `None`: one at a time on the
@@ -61,6 +64,7 @@ impl Shared {
     pub(crate) fn new(
         dev: Arc<dyn BlockDevice>,
         num_queues: u16,
+        workers: u16,
         queue_size: u16,
         serial: &str,
         aio: Option<Aio>,
@@ -75,6 +79,7 @@ impl Shared {
             config: BlkConfig::for_disk(&info, num_queues).to_bytes(),
             features: device_features(&info),
             num_queues: usize::from(num_queues),
+            workers: usize::from(workers.clamp(1, num_queues.max(1))),
             queue_size: usize::from(queue_size),
             id,
             info,
@@ -107,6 +112,8 @@ impl Shared {
 /// A read or write in flight on a queue's engine: what completing it needs.
 struct IoToken {
     vring: VringRwLock,
+    /// The vring's queue index.
+    queue: u16,
     head: u16,
     io: IoRequest,
     /// The guest memory snapshot the request's buffers point into, kept mapped until then.
@@ -123,7 +130,7 @@ pub(crate) fn engine_event(num_queues: usize) -> u16 {
     u16::try_from(num_queues + 1).unwrap_or(u16::MAX)
 }
 
-/// Per-worker scratch space, reused across requests, the queue's engine and its offload
+/// Per-worker scratch space, reused across requests, the worker's engine and its offload
 /// thread.
 #[derive(Default)]
 struct Scratch {
@@ -132,6 +139,8 @@ struct Scratch {
     queue: Option<DeviceQueue<IoToken>>,
     /// Completions reaped from it, reused.
     reaped: Vec<(IoToken, crate::Result<()>)>,
+    /// The rings a reaped batch completed into (each checked for a notification once).
+    notify: Vec<VringRwLock>,
     /// Where big requests are sent to run on the queue's offload thread (started on the first
     /// big request; `None` before that, or if it could not be started).
     offload: Option<mpsc::Sender<Job>>,
@@ -253,7 +262,7 @@ pub(crate) struct BlkBackend {
 impl BlkBackend {
     pub(crate) fn new(shared: Arc<Shared>, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> Self {
         let depth = u32::try_from(shared.queue_size).unwrap_or(1024).min(256);
-        let scratch = (0..shared.num_queues)
+        let scratch = (0..shared.workers)
             .map(|_| {
                 let queue = shared.aio.and_then(|aio| {
                     Engine::new_or_fallback(aio, depth)
@@ -268,7 +277,7 @@ impl BlkBackend {
             .collect();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         BlkBackend {
-            offload_on: cores > shared.num_queues,
+            offload_on: cores > shared.workers,
             shared,
             mem: Arc::new(RwLock::new(mem)),
             event_idx: Arc::new(AtomicBool::new(false)),
@@ -276,8 +285,8 @@ impl BlkBackend {
         }
     }
 
-    /// The eventfd of queue `i`'s engine, if it has one (to register with that queue's epoll
-    /// handler under [`engine_event`]).
+    /// The eventfd of worker `i`'s engine, if it has one (to register with that worker's
+    /// epoll handler under [`engine_event`]).
     pub(crate) fn engine_fd(&self, i: usize) -> Option<std::os::unix::io::RawFd> {
         self.scratch
             .get(i)
@@ -342,7 +351,7 @@ impl BlkBackend {
     /// keeps the regions it holds mapped until the batch is done, so a region removed
     /// meanwhile is never unmapped under a request; chains popped after the removal no
     /// longer find it and complete with IOERR (see [`request`](super::request)).
-    fn drain(&self, vring: &VringRwLock, scratch: &mut Scratch) -> usize {
+    fn drain(&self, vring: &VringRwLock, queue: u16, scratch: &mut Scratch) -> usize {
         let mut taken = 0;
         let t = target(&self.shared);
         loop {
@@ -415,6 +424,7 @@ impl BlkBackend {
                             let bufs = io.bufs().to_vec();
                             let tok = IoToken {
                                 vring: vring.clone(),
+                                queue,
                                 head,
                                 io,
                                 mem: mem.clone().into_inner(),
@@ -456,20 +466,25 @@ impl BlkBackend {
             return;
         };
         let _ = q.reap(&mut scratch.reaped);
-        // The whole batch goes into the used ring first, then one notification check (with
-        // EVENT_IDX it covers every entry added since the last check), then the in-flight
-        // count drops (stop_vring waits for it, and must find the entries in the ring).
-        let mut vring = None;
+        // The whole batch goes into the used rings first, then one notification check per
+        // ring (with EVENT_IDX it covers every entry added since the last check), then the
+        // in-flight count drops (stop_vring waits for it, and must find the entries in the
+        // ring).
+        let mut seen = 0u64;
         let mut n = 0;
         for (tok, r) in scratch.reaped.drain(..) {
             let used = tok.io.finish(&tok.mem, r);
             // A head beyond the queue (or a used ring outside memory) cannot be completed;
             // the others still can.
             let _ = tok.vring.add_used(tok.head, used);
-            vring = Some(tok.vring);
+            let bit = 1u64 << (tok.queue % 64);
+            if seen & bit == 0 {
+                seen |= bit;
+                scratch.notify.push(tok.vring);
+            }
             n += 1;
         }
-        if let Some(v) = vring {
+        for v in scratch.notify.drain(..) {
             if v.needs_notification().unwrap_or(true) {
                 let _ = v.signal_used_queue();
             }
@@ -542,7 +557,14 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.shared.num_queues).map(|i| 1u64 << i).collect()
+        let w = self.shared.workers;
+        (0..w)
+            .map(|t| {
+                (t..self.shared.num_queues)
+                    .step_by(w)
+                    .fold(0u64, |m, q| m | 1u64 << q)
+            })
+            .collect()
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
@@ -551,7 +573,8 @@ impl VhostUserBackend for BlkBackend {
         // frontend counts no request that would never complete.
         // Requests handed to the offload thread count too.
         // The scratch lock is not held while waiting: the worker takes it to reap.
-        if let Some(s) = self.scratch.get(queue_index as usize) {
+        let worker = queue_index as usize % self.shared.workers.max(1);
+        if let Some(s) = self.scratch.get(worker) {
             let in_flight = s.lock().in_flight.clone();
             in_flight.wait_idle();
         }
@@ -587,12 +610,12 @@ impl VhostUserBackend for BlkBackend {
         };
         let mut scratch = scratch.lock();
         if !self.event_idx.load(Ordering::Acquire) {
-            self.drain(vring, &mut scratch);
+            self.drain(vring, device_event, &mut scratch);
             return Ok(());
         }
         loop {
             let _ = vring.disable_notification();
-            let taken = self.drain(vring, &mut scratch);
+            let taken = self.drain(vring, device_event, &mut scratch);
             // Re-enabling reports "more available" whenever the available index moved, also
             // when nothing can be taken: a stopped queue (GET_VRING_BASE) or an index the
             // guest pushed beyond the ring. Only go round again after progress, so neither

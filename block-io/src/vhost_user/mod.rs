@@ -52,4 +52,4 @@ pub mod request;
 mod server;
 
 pub use config::BlkConfig;
-pub use server::{ConfigHandle, ServerOptions, StopHandle, VhostUserBlkServer};
+pub use server::{default_workers, ConfigHandle, ServerOptions, StopHandle, VhostUserBlkServer};

@@ -26,8 +26,12 @@ use crate::engine::Aio;
 /// Options of a [`VhostUserBlkServer`].
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
-    /// Number of request queues, 1 to 64; each gets its own worker thread.
+    /// Number of request queues, 1 to 64.
     pub num_queues: u16,
+    /// Worker threads the queues are spread over (queue `q` on worker `q % workers`), each
+    /// with its own I/O engine; `None` (the default): [`default_workers`]. Clamped to
+    /// 1..=`num_queues`.
+    pub workers: Option<u16>,
     /// Largest queue size a frontend may set (a power of two, at most 32768).
     pub queue_size: u16,
     /// The GET_ID answer (at most 20 bytes are used).
@@ -42,11 +46,24 @@ impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
             num_queues: 1,
+            workers: None,
             queue_size: 1024,
             serial: "vdisk".to_string(),
             aio: Some(Aio::IoUring),
         }
     }
+}
+
+/// Worker threads for `num_queues` queues when [`ServerOptions::workers`] is not set: one per
+/// queue, but at most half the host's cores (at least one). The frontend (a VMM's vCPU and
+/// virtqueue threads, or a client polling its completions) runs on the same host: on a
+/// small host, queue workers that outnumber the cores left to them only add context
+/// switches (qemu-storage-daemon likewise serves every queue of an export from one thread
+/// unless told otherwise).
+pub fn default_workers(num_queues: u16) -> u16 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let half = u16::try_from(cores / 2).unwrap_or(u16::MAX).max(1);
+    num_queues.clamp(1, half)
 }
 
 /// Stops a running [`VhostUserBlkServer::serve`] from another thread.
@@ -172,6 +189,8 @@ impl VhostUserBlkServer {
             shared: Arc::new(Shared::new(
                 dev,
                 opts.num_queues,
+                opts.workers
+                    .unwrap_or_else(|| default_workers(opts.num_queues)),
                 opts.queue_size,
                 &opts.serial,
                 opts.aio,

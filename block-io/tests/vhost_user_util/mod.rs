@@ -34,14 +34,19 @@ impl Served {
         num_queues: u16,
         aio: Option<block_io::engine::Aio>,
     ) -> Served {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("vub.sock");
         let opts = ServerOptions {
             num_queues,
             aio,
             ..ServerOptions::default()
         };
-        let mut server = VhostUserBlkServer::bind(&path, dev, &opts).unwrap();
+        Served::start_opts(dev, &opts)
+    }
+
+    /// A server with options `opts`.
+    pub fn start_opts(dev: Arc<dyn BlockDevice>, opts: &ServerOptions) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vub.sock");
+        let mut server = VhostUserBlkServer::bind(&path, dev, opts).unwrap();
         let stop = server.stop_handle();
         let config = server.config_handle();
         let thread = std::thread::spawn(move || {
