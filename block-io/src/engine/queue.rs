@@ -253,6 +253,9 @@ pub struct DeviceQueue<T> {
     done: Vec<Completion>,
     /// Requests that were mapped and went to the engine, and those that fell back.
     stats: QueueStats,
+    /// Writes into the page cache (pieces of files not opened `O_DIRECT`) are done on the
+    /// owner's thread rather than handed to io_uring (see [`DeviceQueue::start`]).
+    inline_buffered_writes: bool,
 }
 
 /// Counts of how requests ran (for benchmarks and tests).
@@ -278,6 +281,7 @@ impl<T> DeviceQueue<T> {
     /// Requests of `dev` on `engine`.
     pub fn new(dev: Arc<dyn BlockDevice>, engine: Engine) -> Self {
         DeviceQueue {
+            inline_buffered_writes: engine.aio() == super::Aio::IoUring,
             slow: SlowPool::new(),
             slow_done: Vec::new(),
             engine,
@@ -395,6 +399,18 @@ impl<T> DeviceQueue<T> {
                         bufs: raw_slice(bufs, pos, n as usize),
                         tag: idx as u64,
                     };
+                    if write && handle.align <= 1 && self.inline_buffered_writes {
+                        // A write into the page cache, done here: io_uring would hand it to
+                        // a kernel worker thread on file systems without asynchronous
+                        // buffered writes (ext4), a thread switch per write that costs more
+                        // than the copy into the page cache.
+                        if let Err(e) = super::threads::execute(op) {
+                            req.err.get_or_insert(e);
+                            break;
+                        }
+                        pos += n;
+                        continue;
+                    }
                     // SAFETY: the pieces lie inside the caller's buffers, valid until the
                     // request completes; the device (holding the fd open) lives in `self`,
                     // which waits for every op before it drops.

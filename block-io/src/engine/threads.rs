@@ -164,8 +164,8 @@ fn worker(pool: Arc<Pool>) {
     }
 }
 
-/// Runs one op to the end (continuing short transfers).
-fn execute(mut op: Op) -> Result<u64> {
+/// Runs one op to the end (continuing short transfers), on the caller's thread.
+pub(super) fn execute(mut op: Op) -> Result<u64> {
     if op.kind == OpKind::Sync {
         // SAFETY: fdatasync takes no pointers.
         let r = unsafe { libc::fdatasync(op.fd) };
