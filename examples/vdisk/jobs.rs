@@ -78,6 +78,10 @@ pub struct StressArgs {
     /// default when absent; 100: never pause for the guests).
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
     pub busy_duty: Option<u8>,
+    /// Passes in which guest writes only mark blocks dirty before they go through to the
+    /// destination as well (the job's default when absent; 0: write-through from the start).
+    #[arg(long)]
+    pub background_passes: Option<u32>,
     /// Image format (detected if absent).
     #[arg(short = 'f')]
     pub format: Option<String>,
@@ -543,6 +547,7 @@ pub fn run(a: StressArgs) -> crate::CliResult {
     let options = JobOptions {
         rate,
         busy_duty: a.busy_duty.unwrap_or(defaults.busy_duty),
+        background_passes: a.background_passes.unwrap_or(defaults.background_passes),
         ..defaults
     };
     let ops_at_start = shared.ops.load(Ordering::Relaxed);

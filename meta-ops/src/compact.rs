@@ -491,13 +491,10 @@ impl Compaction {
         let (cap, duty) = (self.yield_cap, self.busy_duty);
         tokio::task::spawn_blocking(move || {
             live.yield_to_guests(cap, &yields);
-            let (t0, arrived) = (Instant::now(), live.arrived());
-            let r = {
+            live.paced_step(duty, || {
                 let _g = live.range_lock().lock_exclusive(offset, len);
                 f(&target)
-            };
-            live.back_off(t0, arrived, duty);
-            r
+            })
         })
         .await
         .map_err(|_| JobError::Aborted)

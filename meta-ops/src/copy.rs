@@ -159,13 +159,11 @@ impl Copier {
             while pos < b {
                 let end = b.min(pos.saturating_add(LOCK_PIECE));
                 self.yield_to_guests();
-                let (t0, arrived) = (Instant::now(), self.live.arrived());
-                {
-                    let _g = self.live.range_lock().lock_exclusive(pos, end - pos);
-                    self.range(pos, end)?;
-                }
                 // A busy guest gets most of the time (JobOptions::busy_duty).
-                self.live.back_off(t0, arrived, self.busy_duty);
+                self.live.paced_step(self.busy_duty, || {
+                    let _g = self.live.range_lock().lock_exclusive(pos, end - pos);
+                    self.range(pos, end)
+                })?;
                 pos = end;
             }
             bytes += b - a;

@@ -34,6 +34,12 @@ pub(crate) struct Driver {
     pub(crate) ctl: Steering,
 }
 
+/// Most flushes of the destination before the pivot's pause (see [`Driver::finish`]).
+const PRE_FLUSHES: u32 = 4;
+
+/// A destination flush this quick ends the flushes before the pivot's pause.
+const QUICK_FLUSH: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Write-through passes before the pivot copies whatever is still dirty.
 const CONVERGE_PASSES: u32 = 2;
 
@@ -48,6 +54,11 @@ impl Driver {
             .await
             .map_err(|_| JobError::Aborted)??;
         self.shared.set_phase(Phase::Copying);
+        if self.opts.background_passes == 0 {
+            // Write-through from the start: a guest write to a block already copied goes
+            // to both disks, so the first pass leaves (almost) nothing to copy again.
+            tracker.through.store(true, Ordering::Release);
+        }
         let mut set: JoinSet<ChunkResult> = JoinSet::new();
         let mut cursor = 0u64;
         let mut passes = 1u32;
@@ -105,12 +116,20 @@ impl Driver {
         let (copier, shared, live) = (self.copier.clone(), self.shared.clone(), self.live.clone());
         let hook = self.before_switch.clone();
         let pause = tokio::task::spawn_blocking(move || {
-            // Most of the flush outside the pause.
-            dest.flush().map_err(|source| JobError::Destination {
-                op: "flush",
-                offset: 0,
-                source,
-            })?;
+            // Most of the flush outside the pause: flushes while guest writes go on (through
+            // to the destination, too) until one is quick, so that the flush inside the
+            // pause finds little to write.
+            for _ in 0..PRE_FLUSHES {
+                let t = Instant::now();
+                dest.flush().map_err(|source| JobError::Destination {
+                    op: "flush",
+                    offset: 0,
+                    source,
+                })?;
+                if t.elapsed() < QUICK_FLUSH {
+                    break;
+                }
+            }
             let (pause, r) = live.pivot(switch, || -> Result<(), JobError> {
                 let t = &copier.tracker;
                 let runs = t.dirty.take(0, t.dirty.len());

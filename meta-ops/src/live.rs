@@ -195,11 +195,19 @@ impl Tracker {
                     self.dest.write_vectored_at(v, at)
                 }
                 Applied::Zeroes(unmap) => self.dest.write_zeroes(at, len, unmap),
-                // A discard reads back as zeros, or as a parent's data in a chain: repeat it
-                // only in the first case.
+                // A discard reads back as zeros, or as a parent's data in a chain, or keeps
+                // data (part of a block): zeros are repeated as zeros, anything else is
+                // what the source reads now (the guest's exclusive range lock keeps it
+                // still), written across as a guest write would be.
                 Applied::Discarded => match src.block_status(off, len) {
                     Ok(run) if run.status != BlockStatus::Data && run.len >= len => {
                         self.dest.write_zeroes(at, len, true)
+                    }
+                    Ok(_) if len <= MAX_DISCARD_COPY => {
+                        self.touched.set(a, b);
+                        let mut buf = vec![0u8; len as usize];
+                        src.read_at(&mut buf, off)
+                            .and_then(|()| self.dest.write_at(&buf, at))
                     }
                     _ => Err(block_io::Error::new(
                         block_io::ErrorKind::InvalidInput,
@@ -242,7 +250,11 @@ struct Gate {
     tracker: Option<Arc<Tracker>>,
 }
 
-/// The longest pause [`LiveDisk::back_off`] makes after one job step.
+/// Longest guest discard that leaves data (part of a block) whose bytes write-through reads
+/// from the source and writes across; a longer one marks its blocks for the job.
+const MAX_DISCARD_COPY: u64 = 1 << 20;
+
+/// The longest pause [`LiveDisk::paced_step`] makes after one job step.
 pub const MAX_BACK_OFF: Duration = Duration::from_millis(50);
 
 /// Counters of the guest I/O a [`LiveDisk`] served.
@@ -275,6 +287,12 @@ pub struct LiveDisk {
     reads_locked: AtomicBool,
     /// Guest reads in flight that took no range lock.
     unlocked_reads: AtomicU64,
+    /// Held by a job step, and the pause after it, while the guest is busy: a job running
+    /// several steps at once then still takes only its duty share of the time in all
+    /// ([`LiveDisk::paced_step`]).
+    steps: Mutex<()>,
+    /// Guest requests arrived during the last job step.
+    guest_busy: AtomicBool,
 }
 
 impl std::fmt::Debug for LiveDisk {
@@ -313,6 +331,8 @@ impl LiveDisk {
             busy: AtomicBool::new(false),
             retired: Mutex::new(Vec::new()),
             reads_locked: AtomicBool::new(false),
+            steps: Mutex::new(()),
+            guest_busy: AtomicBool::new(false),
             unlocked_reads: AtomicU64::new(0),
         })
     }
@@ -446,18 +466,26 @@ impl LiveDisk {
         true
     }
 
-    /// Paces a job step that started at `t0`, when [`arrived`](Self::arrived) was
-    /// `arrived`: if guest requests arrived during the step, the guest is busy, and the step
-    /// is followed by a pause that keeps the job's steps to `duty_pct` percent of the time
-    /// (at most [`MAX_BACK_OFF`] per step; 100 or more: no pause). Returns the pause.
-    pub(crate) fn back_off(&self, t0: Instant, arrived: u64, duty_pct: u8) -> Duration {
-        if duty_pct >= 100 || self.arrived() == arrived {
-            return Duration::ZERO;
+    /// Runs one job step `f` paced for a busy guest: if guest requests arrived during the
+    /// step, the guest is busy, and the step is followed by a pause that keeps the job's
+    /// steps to `duty_pct` percent of the time (at most [`MAX_BACK_OFF`] per step; 100 or
+    /// more: no pause). While the guest is busy, the steps of all the disk's jobs (a job's
+    /// parallel chunks included) run one at a time, each with its pause: the duty share
+    /// bounds the job as a whole, not each of its threads. An idle guest leaves the steps
+    /// running side by side at full speed.
+    pub(crate) fn paced_step<T>(&self, duty_pct: u8, f: impl FnOnce() -> T) -> T {
+        let pace = duty_pct < 100;
+        let _one_at_a_time =
+            (pace && self.guest_busy.load(Ordering::Acquire)).then(|| self.steps.lock());
+        let (t0, arrived) = (Instant::now(), self.arrived());
+        let r = f();
+        let busy = self.arrived() != arrived;
+        self.guest_busy.store(busy, Ordering::Release);
+        if pace && busy {
+            let duty = u32::from(duty_pct.max(1));
+            std::thread::sleep((t0.elapsed() * (100 - duty) / duty).min(MAX_BACK_OFF));
         }
-        let duty = u32::from(duty_pct.max(1));
-        let pause = (t0.elapsed() * (100 - duty) / duty).min(MAX_BACK_OFF);
-        std::thread::sleep(pause);
-        pause
+        r
     }
 
     /// The range lock chunk copies take exclusively.

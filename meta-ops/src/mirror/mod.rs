@@ -360,10 +360,11 @@ impl Mirror {
 
     /// Copying with the guest on A: claims dirty granules a chunk at a time (guest writes
     /// mark them again) until the timing's part is done: for `before`, a pass that leaves at
-    /// most `pivot_threshold` dirty (write-through after `background_passes`), for `split`
-    /// one pass or the byte budget.
+    /// most `pivot_threshold` dirty (write-through after `background_passes`, at least one:
+    /// write-through crosses the network), for `split` one pass or the byte budget.
     async fn local(&mut self) -> Result<Loop, JobError> {
         let tracker = self.shared.tracker.clone();
+        let background = self.opts.background_passes.max(1);
         let split = self.spec.timing == MirrorTiming::Split;
         let mut set: JoinSet<ChunkResult> = JoinSet::new();
         let mut cursor = 0u64;
@@ -392,14 +393,14 @@ impl Mirror {
                 }
                 if split
                     || tracker.dirty.count() * tracker.gran <= self.opts.pivot_threshold
-                    || self.passes >= self.opts.background_passes.saturating_add(CONVERGE_PASSES)
+                    || self.passes >= background.saturating_add(CONVERGE_PASSES)
                 {
                     return Ok(Loop::Done);
                 }
                 // From the second pass on, what is dirty is the guest's doing: the throttle
                 // holds it to the bound.
                 self.throttling(true);
-                if self.passes >= self.opts.background_passes {
+                if self.passes >= background {
                     tracker.through.store(true, Ordering::Release);
                     self.shared.set_phase(Phase::Converging);
                 }
