@@ -27,6 +27,7 @@ use super::export::Served;
 use super::handshake::{skip, Session, BASE_ALLOCATION_ID};
 use super::pool::BufferPool;
 use super::proto::{self, Command, Extent, Request};
+use super::record::{RecordReader, RecordStream, RecordWriter, IN_PLACE_MIN};
 use crate::error::{Error, ErrorKind};
 use crate::file::AlignedBuf;
 use crate::BlockStatus;
@@ -73,7 +74,7 @@ pub(crate) trait NbdStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// The reading half.
     type Read: AsyncRead + Unpin + Send + 'static;
     /// The writing half.
-    type Write: AsyncWrite + Unpin + Send + 'static;
+    type Write: ReplyWrite;
     /// Splits the stream.
     fn into_halves(self) -> (Self::Read, Self::Write);
 }
@@ -110,11 +111,51 @@ impl<S: NbdStream> NbdStream for tokio_rustls::server::TlsStream<S> {
     }
 }
 
-impl<S: NbdStream> NbdStream for super::record::RecordStream<S> {
-    type Read = tokio::io::ReadHalf<Self>;
-    type Write = tokio::io::WriteHalf<Self>;
+impl<R, W> NbdStream for RecordStream<R, W>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    type Read = RecordReader<R>;
+    type Write = RecordWriter<W>;
     fn into_halves(self) -> (Self::Read, Self::Write) {
-        tokio::io::split(self)
+        RecordStream::into_halves(self)
+    }
+}
+
+/// A connection's writing half as the reply writer sees it: bytes, and a read's data, which
+/// the TLS record layer seals where it lies.
+pub(crate) trait ReplyWrite: AsyncWrite + Unpin + Send + 'static {
+    /// Whether [`write_payload`](Self::write_payload) seals the data in place.
+    fn seals_in_place(&self) -> bool {
+        false
+    }
+
+    /// Sends `data` after everything flushed before. `data` may hold other bytes afterwards
+    /// (a pool buffer: whoever takes it next overwrites it whole).
+    fn write_payload<'a>(
+        &'a mut self,
+        data: &'a mut [u8],
+    ) -> impl std::future::Future<Output = io::Result<()>> + Send + 'a {
+        self.write_all(data)
+    }
+}
+
+impl ReplyWrite for tokio::net::tcp::OwnedWriteHalf {}
+impl ReplyWrite for tokio::net::unix::OwnedWriteHalf {}
+impl ReplyWrite for tokio::io::WriteHalf<tokio::io::DuplexStream> {}
+impl<S: NbdStream> ReplyWrite for tokio::io::WriteHalf<tokio_rustls::server::TlsStream<S>> {}
+
+impl<W: AsyncWrite + Unpin + Send + 'static> ReplyWrite for RecordWriter<W> {
+    fn seals_in_place(&self) -> bool {
+        true
+    }
+
+    fn write_payload<'a>(
+        &'a mut self,
+        data: &'a mut [u8],
+    ) -> impl std::future::Future<Output = io::Result<()>> + Send + 'a {
+        self.write_sealed(data)
     }
 }
 
@@ -486,13 +527,19 @@ async fn write_replies<W>(
     pool: Arc<BufferPool>,
 ) -> io::Result<()>
 where
-    W: AsyncWrite + Unpin,
+    W: ReplyWrite,
 {
     let mut w = BufWriter::with_capacity(256 * 1024, wr);
-    while let Some(r) = rx.recv().await {
+    while let Some(mut r) = rx.recv().await {
         w.write_all(&r.head).await?;
-        if let Some(d) = &r.data {
-            w.write_all(d).await?;
+        if let Some(d) = &mut r.data {
+            if d.len() >= IN_PLACE_MIN && w.get_ref().seals_in_place() {
+                // Sealed where it lies, after the header's record.
+                w.flush().await?;
+                w.get_mut().write_payload(d).await?;
+            } else {
+                w.write_all(d).await?;
+            }
         }
         if let Some(d) = r.data {
             pool.give(d);

@@ -1,16 +1,24 @@
-//! TLS 1.3 application data after a rustls handshake, decrypted where it lands (RFC 8446
-//! section 5.2, "Record Payload Protection"): [`RecordStream`].
+//! TLS 1.3 application data after a rustls handshake, opened where it lands and sealed where
+//! it lies (RFC 8446 section 5.2, "Record Payload Protection"): [`RecordStream`], and its
+//! halves [`RecordReader`] and [`RecordWriter`].
 //!
 //! rustls' buffered connection copies every received byte three times on the way to the
 //! caller (socket read-ahead into its deframer, the decrypted record into a fresh vector,
-//! that vector into the caller's buffer). For a connection whose configuration allows it
-//! (`enable_secret_extraction`, set by the offload providers), the NBD client and server hand
-//! the finished connection over to this stream once the option haggling is over: rustls'
-//! own hand-off for kernel TLS (`dangerous_extract_secrets`) gives the traffic keys and
-//! sequence numbers, and rustls' own record protection for the negotiated suite
-//! ([`Tls13AeadAlgorithm`] of the `ring` provider) seals and opens the records. This stream
-//! only frames: it reads the socket into one large buffer, opens each record in place there
-//! and copies the plaintext once, into the caller's buffer.
+//! that vector into the caller's buffer), and every sent byte once into a fresh vector per
+//! record. For a connection whose configuration allows it (`enable_secret_extraction`, set
+//! by the offload providers), the NBD client and server hand the finished connection over
+//! to this stream once the option haggling is over: rustls' own hand-off for kernel TLS
+//! (`dangerous_extract_secrets`) gives the traffic keys and sequence numbers.
+//!
+//! - Reading: the socket is read into one large buffer, each record is opened in place
+//!   there by rustls' own record decrypter for the negotiated suite ([`Tls13AeadAlgorithm`]
+//!   of the `ring` provider), and its plaintext copied once, into the caller's buffer.
+//! - Writing: records are sealed with `ring`'s AEAD for the negotiated suite under rustls'
+//!   nonce ([`Nonce::new`]: the IV xor the sequence number) and additional data
+//!   ([`make_tls13_aad`]: the record header). A read's reply is sealed in the server's own
+//!   payload buffer ([`RecordWriter::write_sealed`]): each 16 KiB fragment in place, the
+//!   byte after it lent for the inner content type and given back, and the records go out
+//!   with one `writev` of header, ciphertext and tag per record, never copied.
 //!
 //! What it does not do, as kernel TLS does not: key updates (a `KeyUpdate` from the peer
 //! ends the connection with an error; it stops sending at the suite's confidentiality limit,
@@ -26,8 +34,9 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
+use ring::aead::{Aad, LessSafeKey, UnboundKey};
 use rustls::crypto::cipher::{
-    InboundOpaqueMessage, MessageDecrypter, MessageEncrypter, OutboundChunks, OutboundPlainMessage,
+    make_tls13_aad, InboundOpaqueMessage, Iv, MessageDecrypter, Nonce, NONCE_LEN,
 };
 use rustls::{
     ConnectionCommon, ConnectionTrafficSecrets, ContentType, ExtractedSecrets, ProtocolVersion,
@@ -40,12 +49,19 @@ const HEADER: usize = 5;
 /// Most plaintext in one record (2^14), and most ciphertext (2^14 + 256, section 5.2).
 const MAX_FRAGMENT: usize = 1 << 14;
 const MAX_CIPHERTEXT: usize = MAX_FRAGMENT + 256;
+/// The AEAD tag of every TLS 1.3 suite.
+const TAG: usize = 16;
+/// Outer and inner content types (section 5.1).
+const APPLICATION_DATA: u8 = 23;
+const ALERT: u8 = 21;
 /// Socket bytes read at once, at most.
 const READ_AHEAD: usize = 256 * 1024;
 /// Sealed bytes queued before a write waits for the socket.
 const SEND_BUFFER: usize = 1 << 20;
-/// Records in one `writev`.
-const MAX_IOVECS: usize = 64;
+/// Slices in one `writev` (under Linux' IOV_MAX of 1024).
+const MAX_IOVECS: usize = 1020;
+/// Payloads at least this long are worth sealing in place.
+pub(crate) const IN_PLACE_MIN: usize = 4 * MAX_FRAGMENT;
 
 fn broken(what: &str) -> io::Error {
     io::Error::new(
@@ -77,58 +93,48 @@ pub(crate) fn ready_for_hand_off<D>(
     }
 }
 
+/// The AEAD of `secrets` as `ring` names it, with the key and IV.
 fn key_and_iv(
     secrets: ConnectionTrafficSecrets,
-) -> io::Result<(rustls::crypto::cipher::AeadKey, rustls::crypto::cipher::Iv)> {
+) -> io::Result<(
+    &'static ring::aead::Algorithm,
+    rustls::crypto::cipher::AeadKey,
+    Iv,
+)> {
     match secrets {
-        ConnectionTrafficSecrets::Aes128Gcm { key, iv }
-        | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
-        | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => Ok((key, iv)),
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv } => Ok((&ring::aead::AES_128_GCM, key, iv)),
+        ConnectionTrafficSecrets::Aes256Gcm { key, iv } => Ok((&ring::aead::AES_256_GCM, key, iv)),
+        ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+            Ok((&ring::aead::CHACHA20_POLY1305, key, iv))
+        }
         #[allow(unreachable_patterns)]
         _ => Err(broken("the negotiated cipher is not a TLS 1.3 AEAD")),
     }
 }
 
-/// A TLS 1.3 connection after its handshake, framed here and protected by rustls' record
-/// encrypter and decrypter for the negotiated suite (see the [module docs](self)).
-pub(crate) struct RecordStream<IO> {
-    io: IO,
-    rx: Box<dyn MessageDecrypter>,
-    rx_seq: u64,
-    tx: Box<dyn MessageEncrypter>,
-    tx_seq: u64,
-    /// Records sealed at most under one key.
-    limit: u64,
-    /// Bytes from the socket: `[start, end)` not yet opened.
-    inbuf: Vec<u8>,
-    start: usize,
-    end: usize,
-    /// Opened plaintext not yet handed out, inside `inbuf`.
-    plain: std::ops::Range<usize>,
-    /// The peer sent `close_notify`.
-    read_closed: bool,
-    /// Sealed records waiting for the socket; `sent` bytes of the first are out.
-    out: VecDeque<Vec<u8>>,
-    sent: usize,
-    queued: usize,
-    close_queued: bool,
+/// A TLS 1.3 connection after its handshake (see the [module docs](self)): reading through
+/// `R`, writing through `W` (the two halves of one socket, or of a split stream).
+pub(crate) struct RecordStream<R, W> {
+    reader: RecordReader<R>,
+    writer: RecordWriter<W>,
 }
 
-impl<IO> std::fmt::Debug for RecordStream<IO> {
+impl<R, W> std::fmt::Debug for RecordStream<R, W> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RecordStream")
-            .field("rx_seq", &self.rx_seq)
-            .field("tx_seq", &self.tx_seq)
+            .field("rx_seq", &self.reader.seq)
+            .field("tx_seq", &self.writer.seq)
             .finish_non_exhaustive()
     }
 }
 
-impl<IO: AsyncRead + AsyncWrite + Unpin> RecordStream<IO> {
-    /// Takes over a connection on `io` whose keys are `secrets` (extracted once
-    /// [`ready_for_hand_off`] gave `suite`); `read_ahead` are bytes already read from `io`
-    /// that rustls has not seen.
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RecordStream<R, W> {
+    /// Takes over a connection read through `r` and written through `w` whose keys are
+    /// `secrets` (extracted once [`ready_for_hand_off`] gave `suite`); `read_ahead` are bytes
+    /// already read that rustls has not seen.
     pub(crate) fn hand_off(
-        io: IO,
+        r: R,
+        w: W,
         read_ahead: &[u8],
         secrets: Result<ExtractedSecrets, rustls::Error>,
         suite: &'static Tls13CipherSuite,
@@ -137,30 +143,63 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> RecordStream<IO> {
             secrets.map_err(|e| io::Error::other(format!("cannot take the TLS keys over: {e}")))?;
         let (tx_seq, tx) = secrets.tx;
         let (rx_seq, rx) = secrets.rx;
-        let (tx_key, tx_iv) = key_and_iv(tx)?;
-        let (rx_key, rx_iv) = key_and_iv(rx)?;
+        let (tx_alg, tx_key, tx_iv) = key_and_iv(tx)?;
+        let (_, rx_key, rx_iv) = key_and_iv(rx)?;
+        let key = UnboundKey::new(tx_alg, tx_key.as_ref())
+            .map_err(|_| broken("the sending key does not fit the cipher"))?;
+        if key.algorithm().tag_len() != TAG {
+            return Err(broken("the cipher's tag is not 16 bytes"));
+        }
         let cap = READ_AHEAD.max(read_ahead.len()) + HEADER + MAX_CIPHERTEXT;
         let mut inbuf = vec![0u8; cap];
         inbuf[..read_ahead.len()].copy_from_slice(read_ahead);
         Ok(RecordStream {
-            io,
-            rx: suite.aead_alg.decrypter(rx_key, rx_iv),
-            rx_seq,
-            tx: suite.aead_alg.encrypter(tx_key, tx_iv),
-            tx_seq,
-            limit: suite.common.confidentiality_limit,
-            inbuf,
-            start: 0,
-            end: read_ahead.len(),
-            plain: 0..0,
-            read_closed: false,
-            out: VecDeque::new(),
-            sent: 0,
-            queued: 0,
-            close_queued: false,
+            reader: RecordReader {
+                io: r,
+                rx: suite.aead_alg.decrypter(rx_key, rx_iv),
+                seq: rx_seq,
+                inbuf,
+                start: 0,
+                end: read_ahead.len(),
+                plain: 0..0,
+                closed: false,
+            },
+            writer: RecordWriter {
+                io: w,
+                key: LessSafeKey::new(key),
+                iv: tx_iv,
+                seq: tx_seq,
+                limit: suite.common.confidentiality_limit,
+                out: VecDeque::new(),
+                sent: 0,
+                queued: 0,
+                close_queued: false,
+            },
         })
     }
 
+    /// The two halves, which share nothing.
+    pub(crate) fn into_halves(self) -> (RecordReader<R>, RecordWriter<W>) {
+        (self.reader, self.writer)
+    }
+}
+
+/// The reading half of a [`RecordStream`].
+pub(crate) struct RecordReader<R> {
+    io: R,
+    rx: Box<dyn MessageDecrypter>,
+    seq: u64,
+    /// Bytes from the socket: `[start, end)` not yet opened.
+    inbuf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Opened plaintext not yet handed out, inside `inbuf`.
+    plain: std::ops::Range<usize>,
+    /// The peer sent `close_notify`.
+    closed: bool,
+}
+
+impl<R: AsyncRead + Unpin> RecordReader<R> {
     /// Opens the next whole record in `inbuf`, if there is one: `Ok(true)` when it did.
     fn open_next(&mut self) -> io::Result<bool> {
         let avail = &self.inbuf[self.start..self.end];
@@ -169,7 +208,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> RecordStream<IO> {
         }
         // RFC 8446 5.1/5.2: after the handshake every record is application_data, legacy
         // version 0x0303, with at most 2^14 + 256 bytes of ciphertext.
-        if avail[0] != 23 || avail[1] != 3 || avail[2] != 3 {
+        if avail[0] != APPLICATION_DATA || avail[1] != 3 || avail[2] != 3 {
             return Err(broken("a record that is not TLS 1.3 application data"));
         }
         let len = usize::from(u16::from_be_bytes([avail[3], avail[4]]));
@@ -187,12 +226,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> RecordStream<IO> {
             ProtocolVersion::TLSv1_2,
             &mut self.inbuf[body..body + len],
         );
-        let seq = self.rx_seq;
         let plain = self
             .rx
-            .decrypt(msg, seq)
+            .decrypt(msg, self.seq)
             .map_err(|e| broken(&format!("a record failed to open ({e})")))?;
-        self.rx_seq += 1;
+        self.seq += 1;
         let typ = plain.typ;
         let payload = plain.payload;
         // The plaintext stays where the ciphertext was (rustls opens in place).
@@ -203,7 +241,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> RecordStream<IO> {
             ContentType::Alert => {
                 // close_notify is (warning, 0); any other alert ends the connection.
                 if payload.get(1) == Some(&0) {
-                    self.read_closed = true;
+                    self.closed = true;
                 } else {
                     return Err(broken(&format!("the peer sent alert {payload:?}")));
                 }
@@ -241,61 +279,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> RecordStream<IO> {
             self.start = 0;
         }
     }
-
-    /// Seals `data` (at most one record's worth) and queues it.
-    fn seal(&mut self, typ: ContentType, data: &[u8]) -> io::Result<()> {
-        if self.tx_seq >= self.limit {
-            return Err(io::Error::other(
-                "TLS record layer: the key's record limit is reached (reconnect)",
-            ));
-        }
-        let msg = OutboundPlainMessage {
-            typ,
-            version: ProtocolVersion::TLSv1_2,
-            payload: OutboundChunks::Single(data),
-        };
-        let rec = self
-            .tx
-            .encrypt(msg, self.tx_seq)
-            .map_err(|e| io::Error::other(format!("TLS record layer: cannot seal ({e})")))?
-            .encode();
-        self.tx_seq += 1;
-        self.queued += rec.len();
-        self.out.push_back(rec);
-        Ok(())
-    }
-
-    /// Writes queued records until none is left.
-    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while !self.out.is_empty() {
-            let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
-            let mut k = 0;
-            for (i, r) in self.out.iter().take(MAX_IOVECS).enumerate() {
-                iov[i] = IoSlice::new(if i == 0 { &r[self.sent..] } else { r });
-                k = i + 1;
-            }
-            let mut n = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &iov[..k]))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.queued -= n;
-            while n > 0 {
-                let left = self.out[0].len() - self.sent;
-                if n >= left {
-                    n -= left;
-                    self.sent = 0;
-                    self.out.pop_front();
-                } else {
-                    self.sent += n;
-                    n = 0;
-                }
-            }
-        }
-        Poll::Ready(Ok(()))
-    }
 }
 
-impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for RecordStream<IO> {
+impl<R: AsyncRead + Unpin> AsyncRead for RecordReader<R> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -314,7 +300,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for RecordStream<IO> {
                     return Poll::Ready(Ok(()));
                 }
             }
-            if this.read_closed {
+            if this.closed {
                 return Poll::Ready(Ok(()));
             }
             if this.open_next()? {
@@ -339,7 +325,149 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for RecordStream<IO> {
     }
 }
 
-impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for RecordStream<IO> {
+/// The writing half of a [`RecordStream`].
+pub(crate) struct RecordWriter<W> {
+    io: W,
+    key: LessSafeKey,
+    iv: Iv,
+    seq: u64,
+    /// Records sealed at most under one key.
+    limit: u64,
+    /// Sealed records waiting for the socket; `sent` bytes of the first are out.
+    out: VecDeque<Vec<u8>>,
+    sent: usize,
+    queued: usize,
+    close_queued: bool,
+}
+
+impl<W: AsyncWrite + Unpin> RecordWriter<W> {
+    /// Seals `in_out` (plaintext, then the inner content type) in place as the next record
+    /// of `ciphertext_len` bytes; returns the tag.
+    fn seal_in_place(&mut self, in_out: &mut [u8]) -> io::Result<ring::aead::Tag> {
+        if self.seq >= self.limit {
+            return Err(io::Error::other(
+                "TLS record layer: the key's record limit is reached (reconnect)",
+            ));
+        }
+        let nonce: [u8; NONCE_LEN] = Nonce::new(&self.iv, self.seq).0;
+        let aad = make_tls13_aad(in_out.len() + TAG);
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                in_out,
+            )
+            .map_err(|_| io::Error::other("TLS record layer: cannot seal"))?;
+        self.seq += 1;
+        Ok(tag)
+    }
+
+    /// Seals a copy of `data` (at most one record's worth) of inner type `typ` and queues it.
+    fn seal(&mut self, typ: u8, data: &[u8]) -> io::Result<()> {
+        let ct = data.len() + 1 + TAG;
+        let mut rec = Vec::with_capacity(HEADER + ct);
+        // Section 5.2: the additional data is the record header.
+        rec.extend_from_slice(&make_tls13_aad(ct));
+        rec.extend_from_slice(data);
+        rec.push(typ);
+        let tag = self.seal_in_place(&mut rec[HEADER..])?;
+        rec.extend_from_slice(tag.as_ref());
+        self.queued += rec.len();
+        self.out.push_back(rec);
+        Ok(())
+    }
+
+    /// Writes queued records until none is left.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.out.is_empty() {
+            let mut iov = [IoSlice::new(&[]); 64];
+            let mut k = 0;
+            for (i, r) in self.out.iter().take(iov.len()).enumerate() {
+                iov[i] = IoSlice::new(if i == 0 { &r[self.sent..] } else { r });
+                k = i + 1;
+            }
+            let mut n = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &iov[..k]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.queued -= n;
+            while n > 0 {
+                let left = self.out[0].len() - self.sent;
+                if n >= left {
+                    n -= left;
+                    self.sent = 0;
+                    self.out.pop_front();
+                } else {
+                    self.sent += n;
+                    n = 0;
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Sends `data` as application data after everything written before, sealing it where
+    /// it lies: `data` holds ciphertext afterwards (its owner refills it whole before any
+    /// other use). The last fragment, which has no byte after it to lend, is sealed in a
+    /// copy.
+    pub(crate) async fn write_sealed(&mut self, data: &mut [u8]) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_drain(cx)).await?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let records = data.len().div_ceil(MAX_FRAGMENT);
+        // Per record but the last: header, then the sealed inner type and the tag.
+        let mut frames: Vec<[u8; HEADER + 1 + TAG]> = Vec::with_capacity(records - 1);
+        let last_start = (records - 1) * MAX_FRAGMENT;
+        for i in 0..records - 1 {
+            let (start, end) = (i * MAX_FRAGMENT, (i + 1) * MAX_FRAGMENT);
+            // The inner content type goes where the next fragment starts, for the moment.
+            let lent = data[end];
+            data[end] = APPLICATION_DATA;
+            let sealed = self.seal_in_place(&mut data[start..=end]);
+            let ct_type = data[end];
+            data[end] = lent;
+            let tag = sealed?;
+            let mut f = [0u8; HEADER + 1 + TAG];
+            f[..HEADER].copy_from_slice(&make_tls13_aad(MAX_FRAGMENT + 1 + TAG));
+            f[HEADER] = ct_type;
+            f[HEADER + 1..].copy_from_slice(tag.as_ref());
+            frames.push(f);
+        }
+        let last_len = data.len() - last_start;
+        let mut last = Vec::with_capacity(HEADER + last_len + 1 + TAG);
+        last.extend_from_slice(&make_tls13_aad(last_len + 1 + TAG));
+        last.extend_from_slice(&data[last_start..]);
+        last.push(APPLICATION_DATA);
+        let tag = self.seal_in_place(&mut last[HEADER..])?;
+        last.extend_from_slice(tag.as_ref());
+        let data = &*data;
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(3 * records);
+        for (i, f) in frames.iter().enumerate() {
+            let start = i * MAX_FRAGMENT;
+            slices.push(IoSlice::new(&f[..HEADER]));
+            slices.push(IoSlice::new(&data[start..start + MAX_FRAGMENT]));
+            slices.push(IoSlice::new(&f[HEADER..]));
+        }
+        slices.push(IoSlice::new(&last));
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            let k = rest.len().min(MAX_IOVECS);
+            let n = std::future::poll_fn(|cx| {
+                Pin::new(&mut self.io).poll_write_vectored(cx, &rest[..k])
+            })
+            .await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            IoSlice::advance_slices(&mut rest, n);
+        }
+        Ok(())
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for RecordWriter<W> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -352,7 +480,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for RecordStream<IO> {
         let mut taken = 0;
         while taken < data.len() && this.queued < SEND_BUFFER {
             let n = (data.len() - taken).min(MAX_FRAGMENT);
-            this.seal(ContentType::ApplicationData, &data[taken..taken + n])?;
+            this.seal(APPLICATION_DATA, &data[taken..taken + n])?;
             taken += n;
         }
         // Start sending; what the socket does not take now goes with the next call or flush.
@@ -373,10 +501,38 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for RecordStream<IO> {
         if !this.close_queued {
             this.close_queued = true;
             // close_notify: a warning-level alert of description 0 (RFC 8446 6.1).
-            this.seal(ContentType::Alert, &[1, 0])?;
+            this.seal(ALERT, &[1, 0])?;
         }
         ready!(this.poll_drain(cx))?;
         Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+impl<R: AsyncRead + Unpin, W: Unpin> AsyncRead for RecordStream<R, W> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().reader).poll_read(cx, buf)
+    }
+}
+
+impl<R: Unpin, W: AsyncWrite + Unpin> AsyncWrite for RecordStream<R, W> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().writer).poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().writer).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().writer).poll_shutdown(cx)
     }
 }
 
@@ -387,7 +543,7 @@ mod tests {
 
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
     use rustls::{ClientConfig, RootCertStore, ServerConfig};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 
     use super::*;
 
@@ -445,16 +601,20 @@ mod tests {
         (c, s)
     }
 
-    fn server_records(mut s: Server) -> RecordStream<DuplexStream> {
+    type Records = RecordStream<ReadHalf<DuplexStream>, WriteHalf<DuplexStream>>;
+
+    fn server_records(mut s: Server) -> Records {
         let suite = ready_for_hand_off(&mut *s.get_mut().1).expect("ready");
         let (io, conn) = s.into_inner();
-        RecordStream::hand_off(io, &[], conn.dangerous_extract_secrets(), suite).unwrap()
+        let (r, w) = tokio::io::split(io);
+        RecordStream::hand_off(r, w, &[], conn.dangerous_extract_secrets(), suite).unwrap()
     }
 
-    fn client_records(mut c: Client) -> RecordStream<DuplexStream> {
+    fn client_records(mut c: Client) -> Records {
         let suite = ready_for_hand_off(&mut *c.get_mut().1).expect("ready");
         let (io, conn) = c.into_inner();
-        RecordStream::hand_off(io, &[], conn.dangerous_extract_secrets(), suite).unwrap()
+        let (r, w) = tokio::io::split(io);
+        RecordStream::hand_off(r, w, &[], conn.dangerous_extract_secrets(), suite).unwrap()
     }
 
     fn pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -518,6 +678,53 @@ mod tests {
         // Only the client.
         let (c, s) = handshake(0, tokio::io::duplex(64 << 10)).await;
         both_ways(client_records(c), s).await;
+    }
+
+    /// Payloads sealed in place by a handed-off server, read by `client`.
+    async fn sealed_in_place(client: impl AsyncRead + AsyncWrite + Send + 'static, s: Records) {
+        let sizes = [
+            1usize,
+            MAX_FRAGMENT,
+            MAX_FRAGMENT + 1,
+            4 * MAX_FRAGMENT + 7,
+            2 << 20,
+        ];
+        let (_sr, mut sw) = s.into_halves();
+        let (mut cr, _cw) = tokio::io::split(client);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            for n in sizes {
+                let mut h = [0u8; 4];
+                cr.read_exact(&mut h).await.unwrap();
+                assert_eq!(&h, b"head");
+                let mut b = vec![0u8; n];
+                cr.read_exact(&mut b).await.unwrap();
+                got.push(b);
+            }
+            got
+        });
+        for (i, n) in sizes.iter().enumerate() {
+            let mut d = pattern(i as u8, *n);
+            // A copied record before each, as a reply's header is.
+            sw.write_all(b"head").await.unwrap();
+            sw.write_sealed(&mut d).await.unwrap();
+            if *n > MAX_FRAGMENT {
+                assert!(d != pattern(i as u8, *n), "sealed in place");
+            }
+        }
+        sw.flush().await.unwrap();
+        let got = reader.await.unwrap();
+        for (i, n) in sizes.iter().enumerate() {
+            assert!(got[i] == pattern(i as u8, *n), "payload {i} of {n} bytes");
+        }
+    }
+
+    #[tokio::test]
+    async fn payloads_sealed_in_place_open_in_rustls_and_in_the_record_layer() {
+        let (c, s) = handshake(0, tokio::io::duplex(64 << 10)).await;
+        sealed_in_place(c, server_records(s)).await;
+        let (c, s) = handshake(0, tokio::io::duplex(64 << 10)).await;
+        sealed_in_place(client_records(c), server_records(s)).await;
     }
 
     #[tokio::test]

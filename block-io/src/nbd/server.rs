@@ -330,11 +330,11 @@ impl Accept {
 }
 
 /// A connection after its handshake: the stream it goes on with and what was agreed.
-enum Handshaken<S> {
+enum Handshaken<S: NbdStream> {
     Plain(S, Session),
     Tls(Box<tokio_rustls::server::TlsStream<S>>, Session),
     /// TLS handed over to the record layer (see [`RecordStream`]).
-    Records(Box<RecordStream<S>>, Session),
+    Records(Box<RecordStream<S::Read, S::Write>>, Session),
 }
 
 /// One connection: the handshake (abandoned if the server stops meanwhile or it takes longer
@@ -400,8 +400,9 @@ where
             if extract {
                 if let Some(suite) = ready_for_hand_off(&mut *t.get_mut().1) {
                     let (io, conn) = t.into_inner();
-                    let r =
-                        RecordStream::hand_off(io, &[], conn.dangerous_extract_secrets(), suite)?;
+                    let (r, w) = io.into_halves();
+                    let secrets = conn.dangerous_extract_secrets();
+                    let r = RecordStream::hand_off(r, w, &[], secrets, suite)?;
                     return Ok(Some(Handshaken::Records(Box::new(r), session)));
                 }
             }

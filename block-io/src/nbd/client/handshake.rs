@@ -210,8 +210,8 @@ fn hand_off(
     };
     let (reader, conn) = s.into_inner();
     let ahead = reader.buffer().to_vec();
-    let io = reader.into_inner();
-    let r = RecordStream::hand_off(io, &ahead, conn.dangerous_extract_secrets(), suite)
+    let (r, w) = tokio::io::split(reader.into_inner());
+    let r = RecordStream::hand_off(r, w, &ahead, conn.dangerous_extract_secrets(), suite)
         .map_err(ClientError::transport)?;
     Ok(Box::new(r))
 }
