@@ -20,10 +20,11 @@
 //!
 //! Both sides hand a TLS 1.3 connection over to a record layer of their own once the option
 //! haggling is done, when its rustls configuration sets `enable_secret_extraction` (rustls'
-//! hand-off for kernel TLS): the records are still sealed and opened by rustls' AEAD for the
-//! negotiated suite, but opened where they land, each byte copied once on its way to the
-//! caller. Key updates are not followed after the hand-off; other configurations keep
-//! rustls' own stream.
+//! hand-off for kernel TLS): the records stay TLS 1.3 of the negotiated suite (opened by
+//! rustls' record decrypter, sealed by `ring` under rustls' nonce and additional data), but
+//! opened where they land, each byte copied once on its way to the caller, and a read's
+//! reply sealed where it lies in the server's buffer. Key updates are not followed after the
+//! hand-off; other configurations keep rustls' own stream.
 
 mod client;
 mod conn;
