@@ -77,11 +77,12 @@ pub struct JobOptions {
     /// they are copied with guest writes paused.
     pub pivot_threshold: u64,
     /// Background passes (guest writes mark blocks dirty) before guest writes to blocks
-    /// already in sync go through to the destination as well (default 0: from the start).
-    /// With a guest writing all over the disk, every background pass dirties nearly every
-    /// block again, and the job copies the disk once more per pass; write-through costs a
-    /// guest write to a copied block one more write instead. A mirror makes at least one
-    /// background pass (its write-through crosses the network).
+    /// already in sync go through to the destination as well (default 1; 0: from the
+    /// start). With a guest writing all over the disk, every background pass dirties nearly
+    /// every block again and the job copies the disk once more, while write-through costs
+    /// each guest write to a copied block a second write, in the guest's time: measured
+    /// with `vdisk stress`, guests kept more of their IOPS with one background pass. A
+    /// mirror makes at least one (its write-through crosses the network).
     pub background_passes: u32,
     /// Use `copy_file_range(2)` where both disks map to plain files (default true).
     pub copy_file_range: bool,
@@ -102,7 +103,7 @@ impl Default for JobOptions {
             chunk: 1 << 20,
             parallel: 2,
             pivot_threshold: 4 << 20,
-            background_passes: 0,
+            background_passes: 1,
             copy_file_range: true,
             yield_cap: Duration::from_millis(10),
             busy_duty: 25,
