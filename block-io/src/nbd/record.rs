@@ -163,6 +163,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RecordStream<R, W> {
                 end: read_ahead.len(),
                 plain: 0..0,
                 closed: false,
+                failed: None,
             },
             writer: RecordWriter {
                 io: w,
@@ -197,6 +198,8 @@ pub(crate) struct RecordReader<R> {
     plain: std::ops::Range<usize>,
     /// The peer sent `close_notify`.
     closed: bool,
+    /// Why the records cannot be read on: returned by every read after the bytes before it.
+    failed: Option<(io::ErrorKind, String)>,
 }
 
 impl<R: AsyncRead + Unpin> RecordReader<R> {
@@ -288,6 +291,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for RecordReader<R> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some((kind, why)) = &this.failed {
+            return Poll::Ready(Err(io::Error::new(*kind, why.clone())));
+        }
         let mut copied = false;
         loop {
             if !this.plain.is_empty() {
@@ -303,8 +309,15 @@ impl<R: AsyncRead + Unpin> AsyncRead for RecordReader<R> {
             if this.closed {
                 return Poll::Ready(Ok(()));
             }
-            if this.open_next()? {
-                continue;
+            match this.open_next() {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    // The record is consumed (and the sequence number maybe not): the error
+                    // stays, and the plaintext opened before it goes out first.
+                    this.failed = Some((e.kind(), e.to_string()));
+                    return Poll::Ready(if copied { Ok(()) } else { Err(e) });
+                }
             }
             if copied {
                 return Poll::Ready(Ok(()));
