@@ -23,6 +23,8 @@
 // serving path calls into this module.
 #![allow(clippy::panic, clippy::expect_used)]
 
+pub mod tls_records;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +37,7 @@ use tokio::sync::watch;
 use super::export::{Export, Served};
 use super::server::connection;
 use crate::{MemStorage, RawDisk, RawOptions, Storage};
+pub use tls_records::tls_records;
 
 /// Size of each export.
 pub const DISK_SIZE: u64 = 1 << 20;
