@@ -405,6 +405,9 @@ impl<T> DeviceQueue<T> {
                         // buffered writes (ext4), a thread switch per write that costs more
                         // than the copy into the page cache.
                         if let Err(e) = super::threads::execute(op) {
+                            // Reported now: pieces already on the engine may complete the
+                            // request later, and only their own failures are reported then.
+                            self.dev.mapped_write_failed(&e);
                             req.err.get_or_insert(e);
                             break;
                         }
