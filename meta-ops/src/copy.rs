@@ -160,61 +160,15 @@ impl Copier {
                 let end = b.min(pos.saturating_add(LOCK_PIECE));
                 self.yield_to_guests();
                 // A busy guest gets most of the time (JobOptions::busy_duty).
-                self.live.paced_step(self.busy_duty, |busy| {
+                self.live.paced_step(self.busy_duty, |_| {
                     let _g = self.live.range_lock().lock_exclusive(pos, end - pos);
-                    self.range(pos, end)?;
-                    if busy {
-                        self.write_back(pos, end);
-                    }
-                    Ok::<(), JobError>(())
+                    self.range(pos, end)
                 })?;
                 pos = end;
             }
             bytes += b - a;
         }
         Ok(bytes)
-    }
-
-    /// Waits until the destination's copy of source bytes `[a, b)` is written to the disk
-    /// (`sync_file_range(2)` write and wait on the files the destination maps them to; not a
-    /// flush: nothing is made durable): while the guest is busy, the disk time the job's
-    /// data takes then falls inside the job's paced step, instead of the page cache
-    /// writing it back later in bursts that the guest's flushes wait behind. A hint only:
-    /// what cannot be mapped or synced is left to the page cache (and errors to the
-    /// destination's flush).
-    fn write_back(&self, a: u64, b: u64) {
-        let at = self.tracker.dest_pos(a);
-        let mut dm = Vec::new();
-        if !matches!(self.tracker.dest.map(at, b - a, false, &mut dm), Ok(true)) {
-            return;
-        }
-        for m in &dm {
-            if let Mapping::File {
-                handle,
-                file_offset,
-                len,
-            } = *m
-            {
-                let (Ok(off), Ok(n)) = (
-                    libc::off64_t::try_from(file_offset),
-                    libc::off64_t::try_from(len),
-                ) else {
-                    continue;
-                };
-                // SAFETY: a plain system call on a descriptor the destination keeps open for
-                // the job's life; no memory is passed.
-                unsafe {
-                    libc::sync_file_range(
-                        handle.fd,
-                        off,
-                        n,
-                        libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                            | libc::SYNC_FILE_RANGE_WRITE
-                            | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-                    )
-                };
-            }
-        }
     }
 
     /// Copies the bit ranges `runs` with no lock taken (the caller holds what it needs).

@@ -472,8 +472,7 @@ impl LiveDisk {
     /// more: no pause). While the guest is busy, the steps of all the disk's jobs (a job's
     /// parallel chunks included) run one at a time, each with its pause: the duty share
     /// bounds the job as a whole, not each of its threads. An idle guest leaves the steps
-    /// running side by side at full speed. `f` is told whether the guest is busy (so that
-    /// it can also wait for its writes to reach the disk inside the step).
+    /// running side by side at full speed. `f` is told whether the guest was busy.
     pub(crate) fn paced_step<T>(&self, duty_pct: u8, f: impl FnOnce(bool) -> T) -> T {
         let pace = duty_pct < 100;
         let busy_before = pace && self.guest_busy.load(Ordering::Acquire);

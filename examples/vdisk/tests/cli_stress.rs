@@ -16,8 +16,10 @@ fn stress_copy_and_convert_find_no_mismatch() {
             &img,
             "--job",
             job,
+            // The job gets what is left after the idle phase (a quarter, at least 0.5 s):
+            // room for a paced copy of 32 MiB under two busy guests in a debug build.
             "--seconds",
-            "2",
+            "4",
             "--threads",
             "2",
         ]);
