@@ -491,7 +491,7 @@ impl Compaction {
         let (cap, duty) = (self.yield_cap, self.busy_duty);
         tokio::task::spawn_blocking(move || {
             live.yield_to_guests(cap, &yields);
-            live.paced_step(duty, |_| {
+            live.paced_step(duty, || {
                 let _g = live.range_lock().lock_exclusive(offset, len);
                 f(&target)
             })

@@ -160,7 +160,7 @@ impl Copier {
                 let end = b.min(pos.saturating_add(LOCK_PIECE));
                 self.yield_to_guests();
                 // A busy guest gets most of the time (JobOptions::busy_duty).
-                self.live.paced_step(self.busy_duty, |_| {
+                self.live.paced_step(self.busy_duty, || {
                     let _g = self.live.range_lock().lock_exclusive(pos, end - pos);
                     self.range(pos, end)
                 })?;

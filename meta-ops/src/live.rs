@@ -472,13 +472,13 @@ impl LiveDisk {
     /// more: no pause). While the guest is busy, the steps of all the disk's jobs (a job's
     /// parallel chunks included) run one at a time, each with its pause: the duty share
     /// bounds the job as a whole, not each of its threads. An idle guest leaves the steps
-    /// running side by side at full speed. `f` is told whether the guest was busy.
-    pub(crate) fn paced_step<T>(&self, duty_pct: u8, f: impl FnOnce(bool) -> T) -> T {
+    /// running side by side at full speed.
+    pub(crate) fn paced_step<T>(&self, duty_pct: u8, f: impl FnOnce() -> T) -> T {
         let pace = duty_pct < 100;
-        let busy_before = pace && self.guest_busy.load(Ordering::Acquire);
-        let _one_at_a_time = busy_before.then(|| self.steps.lock());
+        let _one_at_a_time =
+            (pace && self.guest_busy.load(Ordering::Acquire)).then(|| self.steps.lock());
         let (t0, arrived) = (Instant::now(), self.arrived());
-        let r = f(busy_before);
+        let r = f();
         let busy = self.arrived() != arrived;
         self.guest_busy.store(busy, Ordering::Release);
         if pace && busy {

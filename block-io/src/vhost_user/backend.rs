@@ -141,12 +141,16 @@ struct Scratch {
     reaped: Vec<(IoToken, crate::Result<()>)>,
     /// The rings a reaped batch completed into (each checked for a notification once).
     notify: Vec<VringRwLock>,
+    /// The queues of a reaped batch's requests, one entry per request (their in-flight
+    /// counts drop after the notifications).
+    done: Vec<u16>,
     /// Where big requests are sent to run on the queue's offload thread (started on the first
     /// big request; `None` before that, or if it could not be started).
     offload: Option<mpsc::Sender<Job>>,
     offload_thread: Option<std::thread::JoinHandle<()>>,
     offload_failed: bool,
-    /// Requests the offload thread has taken and not completed yet.
+    /// Requests in flight on this worker's queues (on its engine, its offload thread, or
+    /// its pool), per queue.
     in_flight: Arc<InFlight>,
 }
 
@@ -155,48 +159,61 @@ struct Scratch {
 struct Job {
     mem: Arc<GuestMemoryMmap>,
     vring: VringRwLock,
+    queue: u16,
     head: u16,
     descs: Vec<Desc>,
 }
 
-/// A count of offloaded requests not yet completed, and a way to wait for none.
+/// A worker's requests not yet completed, counted per queue, and a way to wait until a
+/// queue has none (a worker may serve several queues; stopping one must not wait for the
+/// others, which may keep going).
 #[derive(Default)]
 struct InFlight {
-    n: Mutex<usize>,
+    /// Requests in flight per queue index.
+    n: Mutex<Vec<usize>>,
     idle: Condvar,
 }
 
 impl InFlight {
+    /// Requests in flight on all of the worker's queues.
     fn count(&self) -> usize {
-        *self.n.lock()
+        self.n.lock().iter().sum()
     }
 
-    fn start(&self) {
-        *self.n.lock() += 1;
-    }
-
-    fn finish(&self) {
+    fn start(&self, queue: u16) {
         let mut n = self.n.lock();
-        *n = n.saturating_sub(1);
-        if *n == 0 {
-            self.idle.notify_all();
+        let q = usize::from(queue);
+        if n.len() <= q {
+            n.resize(q + 1, 0);
+        }
+        n[q] += 1;
+    }
+
+    fn finish(&self, queue: u16) {
+        let mut n = self.n.lock();
+        if let Some(c) = n.get_mut(usize::from(queue)) {
+            *c = c.saturating_sub(1);
+            if *c == 0 {
+                self.idle.notify_all();
+            }
         }
     }
 
-    fn wait_idle(&self) {
+    fn wait_idle(&self, queue: u16) {
         let mut n = self.n.lock();
-        while *n > 0 {
+        while n.get(usize::from(queue)).is_some_and(|&c| c > 0) {
             self.idle.wait(&mut n);
         }
     }
 }
 
-/// Finishes one in-flight request when dropped, so the count stays right whatever happens.
-struct Finish<'a>(&'a InFlight);
+/// Finishes one in-flight request of a queue when dropped, so the count stays right
+/// whatever happens.
+struct Finish<'a>(&'a InFlight, u16);
 
 impl Drop for Finish<'_> {
     fn drop(&mut self) {
-        self.0.finish();
+        self.0.finish(self.1);
     }
 }
 
@@ -230,14 +247,14 @@ fn complete(vring: &VringRwLock, head: u16, used: u32) {
 fn finish_io(tok: IoToken, r: crate::Result<()>, in_flight: &InFlight) {
     let used = tok.io.finish(&tok.mem, r);
     complete(&tok.vring, tok.head, used);
-    in_flight.finish();
+    in_flight.finish(tok.queue);
 }
 
 /// The offload thread of one queue: runs the jobs it is sent until every sender is gone.
 fn offload_loop(shared: Arc<Shared>, in_flight: Arc<InFlight>, jobs: mpsc::Receiver<Job>) {
     for job in jobs {
         let t = target(&shared);
-        let _done = Finish(&in_flight);
+        let _done = Finish(&in_flight, job.queue);
         let used = process(&job.mem, &job.descs, &t);
         complete(&job.vring, job.head, used);
     }
@@ -401,15 +418,16 @@ impl BlkBackend {
                         let job = Job {
                             mem: mem.clone().into_inner(),
                             vring: vring.clone(),
+                            queue,
                             head,
                             descs: scratch.descs.clone(),
                         };
-                        scratch.in_flight.start();
+                        scratch.in_flight.start(queue);
                         match tx.send(job) {
                             Ok(()) => continue,
                             Err(mpsc::SendError(_)) => {
                                 // The thread is gone: run it here, and stop offloading.
-                                scratch.in_flight.finish();
+                                scratch.in_flight.finish(queue);
                                 scratch.offload = None;
                                 scratch.offload_failed = true;
                             }
@@ -429,7 +447,7 @@ impl BlkBackend {
                                 io,
                                 mem: mem.clone().into_inner(),
                             };
-                            scratch.in_flight.start();
+                            scratch.in_flight.start(queue);
                             let started = match tok.io.control {
                                 Some(c) => q.start_control(c, tok),
                                 // SAFETY: the buffers point into guest memory that the token's
@@ -471,7 +489,6 @@ impl BlkBackend {
         // in-flight count drops (stop_vring waits for it, and must find the entries in the
         // ring).
         let mut seen = 0u64;
-        let mut n = 0;
         for (tok, r) in scratch.reaped.drain(..) {
             let used = tok.io.finish(&tok.mem, r);
             // A head beyond the queue (or a used ring outside memory) cannot be completed;
@@ -482,15 +499,15 @@ impl BlkBackend {
                 seen |= bit;
                 scratch.notify.push(tok.vring);
             }
-            n += 1;
+            scratch.done.push(tok.queue);
         }
         for v in scratch.notify.drain(..) {
             if v.needs_notification().unwrap_or(true) {
                 let _ = v.signal_used_queue();
             }
         }
-        for _ in 0..n {
-            scratch.in_flight.finish();
+        for q in scratch.done.drain(..) {
+            scratch.in_flight.finish(q);
         }
     }
 }
@@ -574,9 +591,9 @@ impl VhostUserBackend for BlkBackend {
         // Requests handed to the offload thread count too.
         // The scratch lock is not held while waiting: the worker takes it to reap.
         let worker = queue_index as usize % self.shared.workers.max(1);
-        if let Some(s) = self.scratch.get(worker) {
+        if let (Some(s), Ok(q)) = (self.scratch.get(worker), u16::try_from(queue_index)) {
             let in_flight = s.lock().in_flight.clone();
-            in_flight.wait_idle();
+            in_flight.wait_idle(q);
         }
         Ok(())
     }
