@@ -262,7 +262,7 @@ enum Cmd {
         #[arg(long, default_value = "writeback")]
         cache: String,
         /// How each queue runs its reads and writes: io_uring or threads (many in flight
-        /// either way), or sync (one at a time on the queue's thread).
+        /// either way), or sync (one at a time on the queue's worker thread).
         #[arg(long, default_value = "io_uring")]
         aio: String,
         /// vhost-user: a control socket for online operations while the VM runs (resize,

@@ -56,7 +56,7 @@ pub(crate) struct Shared {
     pub queue_size: usize,
     pub id: [u8; ID_LEN],
     /// The I/O engine each queue runs its reads and writes on; `None`: one at a time on the
-    /// queue's thread.
+    /// queue's worker thread.
     pub aio: Option<Aio>,
 }
 

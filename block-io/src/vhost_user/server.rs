@@ -38,7 +38,7 @@ pub struct ServerOptions {
     pub serial: String,
     /// The I/O engine running each queue's reads and writes with many in flight
     /// (`Some(Aio::IoUring)` by default, falling back to threads where io_uring is refused);
-    /// `None` runs them one at a time on the queue's thread.
+    /// `None` runs them one at a time on the queue's worker thread.
     pub aio: Option<Aio>,
 }
 
