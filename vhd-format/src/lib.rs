@@ -26,7 +26,7 @@
 //! let base = VhdFile::create(MemStorage::new(), &CreateOptions::new(64 << 20, Subformat::Dynamic))?;
 //! base.write_at(&[0xAB; 4096], 1 << 20)?;
 //! base.flush()?;
-//! let details = base.details()?;
+//! let details = base.details();
 //! assert_eq!((details.subformat(), details.virtual_size), ("dynamic", 64 << 20));
 //!
 //! // A differencing child: sectors it lacks are Unallocated (the chain asks the parent).
@@ -35,7 +35,7 @@
 //! child.write_at(&[0xCD; 512], 0)?;
 //! assert_eq!(child.block_status(0, 4096)?.status, BlockStatus::Data);
 //! assert_eq!(child.block_status(512, 4096)?.status, BlockStatus::Unallocated);
-//! assert_eq!(child.details()?.parent_unique_id, Some(details.unique_id));
+//! assert_eq!(child.details().parent_unique_id, Some(details.unique_id));
 //! # Ok::<(), block_io::Error>(())
 //! ```
 #![warn(missing_docs)]
