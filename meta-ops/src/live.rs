@@ -254,7 +254,8 @@ struct Gate {
 /// from the source and writes across; a longer one marks its blocks for the job.
 const MAX_DISCARD_COPY: u64 = 1 << 20;
 
-/// The longest pause [`LiveDisk::paced_step`] makes after one job step.
+/// The longest pause a job makes after one of its steps while the guest is busy
+/// ([`JobOptions::busy_duty`](crate::JobOptions::busy_duty)).
 pub const MAX_BACK_OFF: Duration = Duration::from_millis(50);
 
 /// Counters of the guest I/O a [`LiveDisk`] served.
