@@ -6,6 +6,7 @@
 //! warning on stderr.
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 /// `true` if `tool --version` runs and succeeds; else, by the oracle rule (see the module
 /// docs), a panic under `CI=true` naming `tool`, or a loud warning and `false`.
@@ -35,4 +36,17 @@ pub fn oracle_probe(what: &str, cmd: &str, args: &[&str]) -> bool {
 /// [`oracle`].
 pub fn pyvhdi() -> bool {
     oracle_probe("pyvhdi", "/usr/bin/python3", &["-c", "import pyvhdi"])
+}
+
+/// Waits until something accepts TCP connections on `127.0.0.1:port` (a server the test
+/// started); `false` if nothing did within `timeout`.
+pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
 }

@@ -93,14 +93,10 @@ fn free_port() -> u16 {
 
 /// Waits until `port` accepts connections.
 fn wait_port(port: u16) {
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "server never listened"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        block_io::testing::wait_for_port(port, Duration::from_secs(10)),
+        "server never listened"
+    );
 }
 
 fn client(url: &str, retry: RetryPolicy) -> Arc<NbdClient> {

@@ -239,11 +239,10 @@ impl Nbdkit {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nbdkit did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        assert!(
+            block_io::testing::wait_for_port(port, Duration::from_secs(10)),
+            "nbdkit did not start"
+        );
         Some(Nbdkit(child))
     }
 }
@@ -899,11 +898,10 @@ fn raw_base_on_qemu_nbd_streams_unverified() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "qemu-nbd did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        block_io::testing::wait_for_port(port, Duration::from_secs(10)),
+        "qemu-nbd did not start"
+    );
     let url = format!("nbd://127.0.0.1:{port}/");
     let child = dir.path().join("child.vhd");
     let parent =

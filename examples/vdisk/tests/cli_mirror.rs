@@ -7,7 +7,7 @@ mod common;
 use common::*;
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// `vdisk serve --nbd` of `image` as export "b"; killed on drop.
 struct Server(Child);
@@ -39,14 +39,10 @@ fn serve(image: &str) -> (Server, u16) {
         .spawn()
         .unwrap();
     let s = Server(child);
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "vdisk serve never listened"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        block_io::testing::wait_for_port(port, Duration::from_secs(20)),
+        "vdisk serve never listened"
+    );
     (s, port)
 }
 

@@ -367,14 +367,10 @@ fn nbd_serve(image: &str, extra: &[&str]) -> (Daemon, u16) {
             .spawn()
             .unwrap(),
     );
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "vdisk serve --nbd never listened"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        block_io::testing::wait_for_port(port, Duration::from_secs(20)),
+        "vdisk serve --nbd never listened"
+    );
     (d, port)
 }
 

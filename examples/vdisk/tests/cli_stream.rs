@@ -9,7 +9,7 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{p, vdisk, vdisk_bin, vdisk_json, vdisk_ok};
 
@@ -28,11 +28,10 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "vdisk serve did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        assert!(
+            block_io::testing::wait_for_port(port, Duration::from_secs(20)),
+            "vdisk serve did not start"
+        );
         Server(child)
     }
 }

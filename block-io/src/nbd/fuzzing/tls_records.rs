@@ -192,16 +192,12 @@ pub fn tls_records(data: &[u8]) -> Outcome {
     let reader = Socket {
         data: socket,
         at: 0,
-        sizes: deliveries.clone(),
-        turn: 0,
-        ready: false,
+        pace: Pace::new(deliveries.clone()),
     };
     let sent = Rc::new(RefCell::new(Vec::new()));
     let writer = Sink {
         out: sent.clone(),
-        sizes: deliveries,
-        turn: 0,
-        ready: false,
+        pace: Pace::new(deliveries),
     };
     let stream = RecordStream::hand_off(reader, writer, &ahead, pair.secrets, pair.suite)
         .expect("the keys of a finished TLS 1.3 handshake are taken over");
@@ -680,14 +676,48 @@ fn write_and_open(
 
 // ---- the in-memory socket --------------------------------------------------------------
 
-/// The socket's incoming bytes, delivered in `sizes` (cycled), each after a `Pending`.
+/// How a fake socket moves bytes: in `sizes` (cycled), each turn after a `Pending`.
+#[derive(Debug)]
+struct Pace {
+    sizes: Vec<usize>,
+    turn: usize,
+    ready: bool,
+}
+
+impl Pace {
+    fn new(sizes: Vec<usize>) -> Pace {
+        Pace {
+            sizes,
+            turn: 0,
+            ready: false,
+        }
+    }
+
+    /// `None` (after waking the task) on every other call; else the most bytes this turn
+    /// may move.
+    fn next(&mut self, cx: &mut Context<'_>) -> Option<usize> {
+        if !self.ready {
+            self.ready = true;
+            cx.waker().wake_by_ref();
+            return None;
+        }
+        self.ready = false;
+        let size = self
+            .sizes
+            .get(self.turn % self.sizes.len().max(1))
+            .copied()
+            .unwrap_or(usize::MAX);
+        self.turn += 1;
+        Some(size)
+    }
+}
+
+/// The socket's incoming bytes, delivered as `pace` says.
 #[derive(Debug)]
 struct Socket {
     data: Vec<u8>,
     at: usize,
-    sizes: Vec<usize>,
-    turn: usize,
-    ready: bool,
+    pace: Pace,
 }
 
 impl AsyncRead for Socket {
@@ -697,14 +727,9 @@ impl AsyncRead for Socket {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.ready {
-            this.ready = true;
-            cx.waker().wake_by_ref();
+        let Some(size) = this.pace.next(cx) else {
             return Poll::Pending;
-        }
-        this.ready = false;
-        let size = this.sizes[this.turn % this.sizes.len()];
-        this.turn += 1;
+        };
         let n = size.min(buf.remaining()).min(this.data.len() - this.at);
         buf.put_slice(&this.data[this.at..this.at + n]);
         this.at += n;
@@ -712,13 +737,11 @@ impl AsyncRead for Socket {
     }
 }
 
-/// The socket's outgoing bytes, taken in `sizes` (cycled), each after a `Pending`.
+/// The socket's outgoing bytes, taken as `pace` says.
 #[derive(Debug)]
 struct Sink {
     out: Rc<RefCell<Vec<u8>>>,
-    sizes: Vec<usize>,
-    turn: usize,
-    ready: bool,
+    pace: Pace,
 }
 
 impl AsyncWrite for Sink {
@@ -728,14 +751,9 @@ impl AsyncWrite for Sink {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if !this.ready {
-            this.ready = true;
-            cx.waker().wake_by_ref();
+        let Some(size) = this.pace.next(cx) else {
             return Poll::Pending;
-        }
-        this.ready = false;
-        let size = this.sizes[this.turn % this.sizes.len()];
-        this.turn += 1;
+        };
         let n = size.min(data.len());
         this.out.borrow_mut().extend_from_slice(&data[..n]);
         Poll::Ready(Ok(n))
