@@ -48,6 +48,9 @@ pub struct OpenOptions {
     pub ignore_lineage: bool,
     /// Use `O_DIRECT` for every layer.
     pub direct: bool,
+    /// No readahead on any layer: what a disk served to a guest through the page cache wants
+    /// (see [`block_io::OpenOptions::random_access`]).
+    pub random_access: bool,
     /// Image locks on every layer (default [`LockMode::Auto`]; [`LockMode::Off`] is
     /// `-U`/force share). See [`open_layer_with`] for what each layer takes.
     pub lock: LockMode,
@@ -65,6 +68,7 @@ impl Default for OpenOptions {
             max_depth: 64,
             ignore_lineage: false,
             direct: false,
+            random_access: false,
             lock: LockMode::Auto,
             remote_parents: RemoteParents::Deny,
         }
@@ -154,6 +158,7 @@ impl Disk {
         let top_opts = LayerOptions {
             read_only: opts.read_only,
             direct: opts.direct,
+            random_access: opts.random_access,
             lock: opts.lock,
             parent: false,
         };

@@ -158,6 +158,8 @@ pub struct LayerOptions {
     pub read_only: bool,
     /// Use `O_DIRECT`.
     pub direct: bool,
+    /// No readahead: see [`block_io::OpenOptions::random_access`].
+    pub random_access: bool,
     /// Image locks ([`LockMode::Off`] is `-U`/force share: no locks taken or tested).
     pub lock: LockMode,
     /// The layer is a parent (backing file) of another: opened read-only, and refusing
@@ -205,6 +207,7 @@ pub fn open_layer_with(
         &block_io::OpenOptions::new()
             .read_only(read_only)
             .direct(opts.direct)
+            .random_access(opts.random_access)
             .lock(opts.lock)
             .share_writes(read_only && !opts.parent),
     )

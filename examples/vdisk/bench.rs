@@ -88,6 +88,8 @@ pub fn run(a: BenchArgs) -> CliResult {
         &crate::image::Access {
             read_only: !a.write,
             direct,
+            // As qemu-img bench: host readahead stays (its default pattern is sequential).
+            random_access: false,
             force_share: false,
         },
     )?;

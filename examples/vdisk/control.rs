@@ -141,6 +141,8 @@ pub fn open(image: &Path, read_only: bool, direct: bool) -> Result<Opened, CliEr
     }
     let mut opts = crate::image::chain_options(None, read_only)?;
     opts.direct = direct;
+    // As `vdisk serve` without a control socket: the guest reads ahead itself.
+    opts.random_access = !direct;
     if !read_only {
         if let Err(e) = vdisk::meta_ops::prepare_top(image, &opts.policy) {
             // The chain's own open below names what is wrong with it; only a commit needs this.

@@ -83,6 +83,9 @@ pub struct Access {
     pub read_only: bool,
     /// `O_DIRECT` on every layer (`-t none`, `--cache none`).
     pub direct: bool,
+    /// No host readahead on any layer (`vdisk serve --cache writeback`: the guest reads ahead
+    /// itself; see `block_io::OpenOptions::random_access`).
+    pub random_access: bool,
     /// No image locks (qemu-img's `-U`/`--force-share`).
     pub force_share: bool,
 }
@@ -106,6 +109,7 @@ pub fn open_with(path: &Path, format: Option<&str>, access: &Access) -> Result<I
     }
     let mut opts = chain_options(format, access.read_only)?;
     opts.direct = access.direct;
+    opts.random_access = access.random_access;
     if access.force_share {
         opts.lock = block_io::LockMode::Off;
     }

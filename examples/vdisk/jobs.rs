@@ -412,7 +412,8 @@ fn merge_chain(
     let path = image.with_file_name(name);
     let guard = TempFile(path.clone());
     drop(crate::image::create(fmt, &path, 0, &[], Some(image))?);
-    let opts = crate::image::chain_options(None, false)?;
+    let mut opts = crate::image::chain_options(None, false)?;
+    opts.random_access = true;
     vdisk::meta_ops::prepare_top(&path, &opts.policy).map_err(crate::job_err)?;
     let disk = Arc::new(Disk::open(&path, &opts)?);
     let img = crate::image::Image {
@@ -437,11 +438,14 @@ pub fn run(a: StressArgs) -> crate::CliResult {
     let rate = crate::size::parse_rate(a.rate.as_deref())?;
     let mut compacted = None;
     let mut streamed = None;
+    // The guest's disk is opened as `vdisk serve --cache writeback` opens it: host readahead
+    // off (`block_io::OpenOptions::random_access`).
     let (img, merged, merge_temp) = if a.job == StressJob::Merge {
         let (img, disk, temp) = merge_chain(&a.image, a.format.as_deref())?;
         (img, Some(disk), Some(temp))
     } else if a.job == StressJob::Compact {
-        let opts = crate::image::chain_options(a.format.as_deref(), false)?;
+        let mut opts = crate::image::chain_options(a.format.as_deref(), false)?;
+        opts.random_access = true;
         let (disk, target) =
             vdisk::meta_ops::open_chain_for_compact(&a.image, &opts).map_err(crate::job_err)?;
         compacted = Some(target);
@@ -464,7 +468,14 @@ pub fn run(a: StressArgs) -> crate::CliResult {
         (img, None, None)
     } else {
         (
-            crate::image::open(&a.image, a.format.as_deref(), false)?,
+            crate::image::open_with(
+                &a.image,
+                a.format.as_deref(),
+                &crate::image::Access {
+                    random_access: true,
+                    ..crate::image::Access::default()
+                },
+            )?,
             None,
             None,
         )

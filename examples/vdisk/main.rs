@@ -258,7 +258,8 @@ enum Cmd {
         /// Refuse writes (the guest sees a read-only disk).
         #[arg(long)]
         read_only: bool,
-        /// Cache mode: none (O_DIRECT on every layer) or writeback (the page cache).
+        /// Cache mode: none (O_DIRECT on every layer) or writeback (the page cache, with host
+        /// readahead off: the guest reads ahead itself).
         #[arg(long, default_value = "writeback")]
         cache: String,
         /// How each queue runs its reads and writes: io_uring or threads (many in flight

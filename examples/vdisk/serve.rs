@@ -53,6 +53,9 @@ pub fn run(image: &Path, socket: &Path, queues: u16, mode: &Mode) -> CliResult {
                 &crate::image::Access {
                     read_only,
                     direct,
+                    // The guest reads ahead itself, and readahead's large folios would make
+                    // each 4 KiB guest write dirty (and wait for) a whole folio.
+                    random_access: !direct,
                     force_share: false,
                 },
             )?;
