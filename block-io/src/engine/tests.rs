@@ -369,14 +369,16 @@ fn a_flush_blocks_no_read_and_queued_flushes_share_one() {
         });
         let mut q = DeviceQueue::new(dev.clone() as Arc<dyn BlockDevice>, engine);
         assert!(matches!(q.start_flush(0usize), Started::Queued));
-        // Reads go on while the flush is stuck.
+        // Reads go on while the flush is stuck (those the page cache holds complete at once).
         let mut bufs = vec![vec![0u8; 4096]; 8];
+        let mut got = Vec::new();
         for (i, b) in bufs.iter_mut().enumerate() {
-            let r = unsafe { q.start(false, i as u64 * 4096, &[buf(b)], 10 + i) };
-            assert!(matches!(r, Started::Queued));
+            match unsafe { q.start(false, i as u64 * 4096, &[buf(b)], 10 + i) } {
+                Started::Queued => {}
+                Started::Done(t, r) => got.push((t, r)),
+            }
         }
         q.commit().unwrap();
-        let mut got = Vec::new();
         while got.len() < 8 {
             q.wait().unwrap();
             q.reap(&mut got).unwrap();
@@ -399,4 +401,73 @@ fn a_flush_blocks_no_read_and_queued_flushes_share_one() {
         assert_eq!(tags, [0, 1, 2]);
         assert_eq!(dev.flushes.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
+}
+
+/// Whether `f` lives on tmpfs, whose pages cannot be dropped from the page cache.
+fn on_tmpfs(f: &std::fs::File) -> bool {
+    // SAFETY: fstatfs fills the zeroed struct it is given; no other memory is touched.
+    let mut s: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the descriptor is open.
+    let r = unsafe { libc::fstatfs(f.as_raw_fd(), &mut s) };
+    r == 0 && s.f_type == libc::TMPFS_MAGIC
+}
+
+#[test]
+fn page_cache_hits_complete_inline_and_misses_go_to_the_ring() {
+    use crate::{BlockDevice, RawDisk};
+    let Ok(engine) = Engine::new(Aio::IoUring, 32) else {
+        eprintln!("!!! io_uring unavailable here; inline cached reads not tested !!!");
+        return;
+    };
+    let size = 1usize << 20;
+    let f = tempfile::tempfile().unwrap();
+    let data: Vec<u8> = (0..size).map(|i| (i * 7 + i / 4096) as u8).collect();
+    f.write_all_at(&data, 0).unwrap();
+    let drop_pages = {
+        let f = f.try_clone().unwrap();
+        move || {
+            f.sync_all().unwrap();
+            // SAFETY: fadvise on an open descriptor; no memory is passed.
+            let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            assert_eq!(r, 0);
+        }
+    };
+    let tmpfs = on_tmpfs(&f);
+    let dev: Arc<dyn BlockDevice> = Arc::new(RawDisk::new(PlainFile(f)).unwrap());
+    let mut q = DeviceQueue::new(dev, engine);
+    let read = |q: &mut DeviceQueue<usize>, off: usize| -> bool {
+        let mut v = vec![0u8; 64 << 10];
+        // SAFETY: `v` outlives the draining below.
+        let inline = match unsafe { q.start(false, off as u64, &[buf(&mut v)], 1) } {
+            Started::Done(1, r) => {
+                r.unwrap();
+                true
+            }
+            Started::Queued => {
+                let mut done = Vec::new();
+                q.drain(&mut done).unwrap();
+                assert!(matches!(done.as_slice(), [(1, Ok(()))]), "{done:?}");
+                false
+            }
+            other => panic!("{other:?}"),
+        };
+        assert!(v == data[off..off + v.len()], "wrong data at {off}");
+        inline
+    };
+    // Just written: in the page cache, read on this thread.
+    assert!(read(&mut q, 0));
+    assert!(read(&mut q, 300 << 10));
+    // Turned off: through the ring.
+    q.set_inline_cached_reads(false);
+    assert!(!read(&mut q, 0));
+    q.set_inline_cached_reads(true);
+    if tmpfs {
+        eprintln!("!!! tmpfs keeps every page: the page-cache miss is not tested !!!");
+        return;
+    }
+    // Out of the page cache: the inline attempt would wait for the disk, so the ring reads it.
+    drop_pages();
+    assert!(!read(&mut q, 512 << 10));
+    // Now cached again.
+    assert!(read(&mut q, 512 << 10));
 }

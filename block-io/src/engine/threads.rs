@@ -164,6 +164,48 @@ fn worker(pool: Arc<Pool>) {
     }
 }
 
+/// How [`read_cached`] went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Cached {
+    /// The whole read came from the page cache.
+    Read,
+    /// Not all of it is cached (or the read failed): run it as usual.
+    Miss,
+    /// The file cannot be read without blocking (`RWF_NOWAIT` unsupported): stop trying.
+    Unsupported,
+}
+
+/// Reads `op` (a read) on the caller's thread if every byte is in the page cache
+/// (`preadv2(RWF_NOWAIT)`), without waiting for the disk. A partial or failed read leaves the
+/// op to be run in full as usual (reading it again is harmless).
+pub(super) fn read_cached(op: &Op) -> Cached {
+    let iov: Vec<libc::iovec> = op
+        .bufs
+        .iter()
+        .map(|b| libc::iovec {
+            iov_base: b.ptr.cast(),
+            iov_len: b.len,
+        })
+        .collect();
+    let (Ok(off), Ok(cnt)) = (libc::off_t::try_from(op.offset), i32::try_from(iov.len())) else {
+        return Cached::Miss;
+    };
+    // SAFETY: the iovecs describe memory the submitter keeps valid for the op's life
+    // (`Engine::submit`'s contract, which the caller holds to).
+    let r = unsafe { libc::preadv2(op.fd, iov.as_ptr(), cnt, off, libc::RWF_NOWAIT) };
+    if r < 0 {
+        return match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => Cached::Unsupported,
+            _ => Cached::Miss,
+        };
+    }
+    if r as u64 == op.len() {
+        Cached::Read
+    } else {
+        Cached::Miss
+    }
+}
+
 /// Runs one op to the end (continuing short transfers), on the caller's thread.
 pub(super) fn execute(mut op: Op) -> Result<u64> {
     if op.kind == OpKind::Sync {

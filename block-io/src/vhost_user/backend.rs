@@ -282,9 +282,13 @@ impl BlkBackend {
         let scratch = (0..shared.workers)
             .map(|_| {
                 let queue = shared.aio.and_then(|aio| {
-                    Engine::new_or_fallback(aio, depth)
-                        .ok()
-                        .map(|e| DeviceQueue::new(shared.dev.clone(), e))
+                    Engine::new_or_fallback(aio, depth).ok().map(|e| {
+                        let mut q = DeviceQueue::new(shared.dev.clone(), e);
+                        // Page-cache hits inline only where a worker has one guest queue
+                        // (see `set_inline_cached_reads` for the figures).
+                        q.set_inline_cached_reads(shared.num_queues <= shared.workers);
+                        q
+                    })
                 });
                 Mutex::new(Scratch {
                     queue,
