@@ -4,6 +4,7 @@
 
 use std::mem::MaybeUninit;
 use std::path::Path;
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
@@ -11,6 +12,10 @@ use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 const DRIVER: &str = "virtio-blk-vhost-user";
 /// Bytes per request.
 pub const BLOCK: usize = 4096;
+/// Bytes per request while warming the page cache through the backend.
+const WARM_CHUNK: usize = 256 << 10;
+/// Warm-up requests in flight per queue.
+const WARM_DEPTH: usize = 4;
 
 /// What one client run measured.
 #[derive(Debug, Clone, Copy, Default)]
@@ -52,6 +57,10 @@ pub struct Load {
     /// this client's write runs leave behind). Checked on the first and last byte of every
     /// read, which are cleared before it is sent.
     pub expect: Option<fn(u64) -> u8>,
+    /// Before the timed part, read the whole disk once through the backend (each queue its
+    /// share, in 256 KiB requests): the page cache then holds what a guest's earlier reads
+    /// through this backend put there.
+    pub warm: bool,
 }
 
 /// The byte write runs write.
@@ -103,7 +112,11 @@ pub fn drive(sock: &Path, load: &Load, connect_timeout: Duration) -> Result<Run,
         .get_u64("capacity")
         .map_err(|e| format!("capacity: {e}"))?;
     let started = b.start().map_err(|e| format!("start: {e}"))?;
-    let per_queue = load.depth * BLOCK;
+    let per_queue = if load.warm {
+        (load.depth * BLOCK).max(WARM_DEPTH * WARM_CHUNK)
+    } else {
+        load.depth * BLOCK
+    };
     let region = b
         .alloc_mem_region(per_queue * load.queues)
         .map_err(|e| format!("alloc_mem_region: {e}"))?;
@@ -118,6 +131,8 @@ pub fn drive(sock: &Path, load: &Load, connect_timeout: Duration) -> Result<Run,
     if pages == 0 {
         return Err(format!("the disk has {capacity} bytes"));
     }
+    // Every queue finishes its warm-up before any starts the timed part.
+    let start = Arc::new(Barrier::new(started.queues.len()));
     let threads: Vec<_> = started
         .queues
         .into_iter()
@@ -125,7 +140,8 @@ pub fn drive(sock: &Path, load: &Load, connect_timeout: Duration) -> Result<Run,
         .map(|(i, q)| {
             let load = *load;
             let buf = base + i * per_queue;
-            std::thread::spawn(move || run_queue(q, buf, pages, &load, i as u64))
+            let start = start.clone();
+            std::thread::spawn(move || run_queue(q, buf, pages, &load, i as u64, &start))
         })
         .collect();
     let mut total = Run::default();
@@ -156,8 +172,73 @@ pub fn drive(sock: &Path, load: &Load, connect_timeout: Duration) -> Result<Run,
     }
 }
 
+/// Reads queue `qi`'s share of the disk (`pages` pages) sequentially, `WARM_DEPTH` requests
+/// of `WARM_CHUNK` bytes in flight, into the buffer at `buf`.
+fn warm_queue(q: &mut Blkioq, buf: usize, pages: u64, load: &Load, qi: u64) -> Result<(), String> {
+    let n = load.queues.max(1) as u64;
+    let bytes = pages * BLOCK as u64;
+    let share = (pages / n) * BLOCK as u64;
+    let start = qi * share;
+    let end = if qi + 1 == n { bytes } else { start + share };
+    let mut next = start;
+    let mut in_flight = 0usize;
+    let mut comps: Vec<MaybeUninit<Completion>> =
+        (0..WARM_DEPTH).map(|_| MaybeUninit::uninit()).collect();
+    let mut free: Vec<usize> = (0..WARM_DEPTH).collect();
+    loop {
+        while next < end {
+            let Some(slot) = free.pop() else { break };
+            let len = (end - next).min(WARM_CHUNK as u64) as usize;
+            q.read(
+                next,
+                (buf + slot * WARM_CHUNK) as *mut u8,
+                len,
+                slot,
+                ReqFlags::empty(),
+            );
+            next += len as u64;
+            in_flight += 1;
+        }
+        if in_flight == 0 {
+            return Ok(());
+        }
+        let mut timeout = Duration::from_secs(60);
+        let got = q
+            .do_io(&mut comps, 1, Some(&mut timeout), None)
+            .map_err(|e| format!("warm-up do_io: {e}"))?;
+        for c in &comps[..got] {
+            // SAFETY: do_io initialised the first `got` slots.
+            let c = unsafe { c.assume_init_read() };
+            if c.ret != 0 {
+                return Err(format!("a warm-up read failed: {}", c.ret));
+            }
+            in_flight -= 1;
+            free.push(c.user_data);
+        }
+    }
+}
+
 /// One queue's loop: `depth` requests in flight until the deadline, then drain.
-fn run_queue(mut q: Blkioq, buf: usize, pages: u64, load: &Load, qi: u64) -> Result<Run, String> {
+fn run_queue(
+    mut q: Blkioq,
+    buf: usize,
+    pages: u64,
+    load: &Load,
+    qi: u64,
+    start: &Barrier,
+) -> Result<Run, String> {
+    let warmed = if load.warm {
+        let r = warm_queue(&mut q, buf, pages, load, qi);
+        // Writes send these buffers: make them `WRITTEN` again, not what the warm-up read.
+        // SAFETY: the queue's buffer is ours alone and no request is in flight.
+        unsafe { std::ptr::write_bytes(buf as *mut u8, WRITTEN, load.depth * BLOCK) };
+        r
+    } else {
+        Ok(())
+    };
+    // Wait even after a failed warm-up: the other queues would wait for this one forever.
+    start.wait();
+    warmed?;
     let mut rng = Rng::new(load.seed.wrapping_add(qi.wrapping_mul(0x1000_0001)));
     let mut offsets = vec![0u64; load.depth];
     let submit = |q: &mut Blkioq, rng: &mut Rng, offsets: &mut [u64], slot: usize| {
