@@ -148,7 +148,9 @@ impl OpenOptions {
     /// it with large folios, and a later 4 KiB write into one dirties, and is throttled for,
     /// the whole folio (Linux 6.18 on ext4: 4 KiB random writes into a file read sequentially
     /// run 8-10x slower than into one read with this hint, bound by dirty-page throttling at
-    /// the disk's write-back rate). Means nothing with [`direct`](Self::direct).
+    /// the disk's write-back rate). Means nothing with [`direct`](Self::direct). The hint is
+    /// set on the open file description, so [`FileStorage::from_file`] sets it for every
+    /// duplicate of the caller's descriptor too.
     pub fn random_access(mut self, yes: bool) -> Self {
         self.random_access = yes;
         self

@@ -164,6 +164,16 @@ fn worker(pool: Arc<Pool>) {
     }
 }
 
+/// The iovecs of an op's buffers.
+fn iovecs(bufs: &[super::RawBuf]) -> Vec<libc::iovec> {
+    bufs.iter()
+        .map(|b| libc::iovec {
+            iov_base: b.ptr.cast(),
+            iov_len: b.len,
+        })
+        .collect()
+}
+
 /// How [`read_cached`] went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Cached {
@@ -179,14 +189,7 @@ pub(super) enum Cached {
 /// (`preadv2(RWF_NOWAIT)`), without waiting for the disk. A partial or failed read leaves the
 /// op to be run in full as usual (reading it again is harmless).
 pub(super) fn read_cached(op: &Op) -> Cached {
-    let iov: Vec<libc::iovec> = op
-        .bufs
-        .iter()
-        .map(|b| libc::iovec {
-            iov_base: b.ptr.cast(),
-            iov_len: b.len,
-        })
-        .collect();
+    let iov = iovecs(&op.bufs);
     let (Ok(off), Ok(cnt)) = (libc::off_t::try_from(op.offset), i32::try_from(iov.len())) else {
         return Cached::Miss;
     };
@@ -218,14 +221,7 @@ pub(super) fn execute(mut op: Op) -> Result<u64> {
     }
     let mut done = 0u64;
     while !op.bufs.is_empty() {
-        let iov: Vec<libc::iovec> = op
-            .bufs
-            .iter()
-            .map(|b| libc::iovec {
-                iov_base: b.ptr.cast(),
-                iov_len: b.len,
-            })
-            .collect();
+        let iov = iovecs(&op.bufs);
         let Ok(off) = libc::off_t::try_from(op.offset) else {
             return Err(Error::new(ErrorKind::OutOfRange, "offset beyond a file"));
         };
