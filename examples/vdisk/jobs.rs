@@ -78,6 +78,10 @@ pub struct StressArgs {
     /// default when absent; 100: never pause for the guests).
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
     pub busy_duty: Option<u8>,
+    /// Percent of its request rate the guests keep while the job runs: the job lowers its
+    /// duty below --busy-duty as far as it takes (the job's default when absent; 0: off).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=99))]
+    pub guest_share: Option<u8>,
     /// Passes in which guest writes only mark blocks dirty before they go through to the
     /// destination as well (the job's default when absent; 0: write-through from the start).
     #[arg(long)]
@@ -619,6 +623,7 @@ pub fn run(a: StressArgs) -> crate::CliResult {
     let options = JobOptions {
         rate,
         busy_duty: a.busy_duty.unwrap_or(defaults.busy_duty),
+        guest_share: a.guest_share.unwrap_or(defaults.guest_share),
         background_passes: a.background_passes.unwrap_or(defaults.background_passes),
         ..defaults
     };

@@ -64,7 +64,7 @@ use vhdx_format::{VhdxCompactor, VhdxFile};
 use crate::error::{JobError, JobResult};
 use crate::handle::{JobHandle, JobReport, Phase, Shared};
 use crate::job::{Job, JobKind, JobOptions};
-use crate::live::{LiveDisk, Tracker};
+use crate::live::{LiveDisk, Pace, Tracker};
 use crate::task::{self, Spec, Steering};
 
 /// A block move, whatever the format.
@@ -434,7 +434,7 @@ pub(crate) fn start(
             target,
             ctl,
             yield_cap: o.yield_cap,
-            busy_duty: o.busy_duty,
+            pace: Pace::of(&o),
             yields: Arc::new(AtomicU64::new(0)),
         }
         .run()
@@ -455,7 +455,7 @@ struct Compaction {
     target: Arc<CompactTarget>,
     ctl: Steering,
     yield_cap: Duration,
-    busy_duty: u8,
+    pace: Pace,
     yields: Arc<AtomicU64>,
 }
 
@@ -488,10 +488,10 @@ impl Compaction {
         f: impl FnOnce(&CompactTarget) -> T + Send + 'static,
     ) -> Result<T, JobError> {
         let (live, target, yields) = (self.live.clone(), self.target.clone(), self.yields.clone());
-        let (cap, duty) = (self.yield_cap, self.busy_duty);
+        let (cap, pace) = (self.yield_cap, self.pace);
         tokio::task::spawn_blocking(move || {
             live.yield_to_guests(cap, &yields);
-            live.paced_step(duty, || {
+            live.paced_step(pace, || {
                 let _g = live.range_lock().lock_exclusive(offset, len);
                 f(&target)
             })

@@ -93,6 +93,14 @@ pub struct JobOptions {
     /// [`MAX_BACK_OFF`](crate::MAX_BACK_OFF) (default 25; 100: no pause). An idle guest
     /// leaves the job at full speed.
     pub busy_duty: u8,
+    /// While the guest is busy, the job lowers its duty below
+    /// [`busy_duty`](Self::busy_duty), down to 2%, as far as it takes for the guest to keep
+    /// this percent of the request rate it has with the job's steps stopped (measured by a
+    /// short stop of the steps every second), and raises it again when the guest keeps more
+    /// (default 85; 0: off, the duty stays at `busy_duty`). A guest that is busy all the
+    /// time and slowed by every step (a CPU-bound guest on few cores) can slow the job
+    /// down to its least duty: set 0 or a lower share to favour the job.
+    pub guest_share: u8,
 }
 
 impl Default for JobOptions {
@@ -107,6 +115,7 @@ impl Default for JobOptions {
             copy_file_range: true,
             yield_cap: Duration::from_millis(10),
             busy_duty: 25,
+            guest_share: 85,
         }
     }
 }

@@ -258,6 +258,70 @@ const MAX_DISCARD_COPY: u64 = 1 << 20;
 /// ([`JobOptions::busy_duty`](crate::JobOptions::busy_duty)).
 pub const MAX_BACK_OFF: Duration = Duration::from_millis(50);
 
+/// How a job's steps give way to a busy guest ([`LiveDisk::paced_step`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Pace {
+    /// Most percent of the time the steps take ([`JobOptions::busy_duty`]).
+    pub(crate) max_duty: u8,
+    /// Percent of its request rate the guest keeps ([`JobOptions::guest_share`]; 0: off).
+    pub(crate) share: u8,
+}
+
+impl Pace {
+    pub(crate) fn of(o: &crate::JobOptions) -> Pace {
+        Pace {
+            max_duty: o.busy_duty,
+            share: o.guest_share.min(99),
+        }
+    }
+}
+
+/// The least duty the guest-share feedback lowers a job to, in percent.
+const MIN_DUTY: f64 = 2.0;
+
+/// How often the feedback measures the guest with the job's steps stopped (a probe), how
+/// long it lets the guest settle first, and how long it counts its requests then.
+const PROBE_EVERY: Duration = Duration::from_millis(1000);
+const PROBE_SETTLE: Duration = Duration::from_millis(20);
+const PROBE_COUNT: Duration = Duration::from_millis(60);
+
+/// How long the feedback counts guest requests between two changes of the duty.
+const FEEDBACK_WINDOW: Duration = Duration::from_millis(200);
+
+/// The guest-share feedback of a disk's job steps (held while the guest is busy, so its
+/// steps run one at a time).
+///
+/// Now and then (every [`PROBE_EVERY`]) the steps stop for a probe, which counts the guest's
+/// requests with the job still: the guest's rate without the job (kept as a running mean).
+/// Between probes, the rate over each [`FEEDBACK_WINDOW`] is the guest's rate with the job:
+/// below the share of the probes' rate the duty drops in proportion (the guest's loss is
+/// taken to be proportional to the duty: to a fraction `(100 - share) / (100 - kept)` of
+/// itself, by a tenth to three quarters, down to [`MIN_DUTY`]); above the share by five
+/// points or more the duty rises by a fifth (up to the job's `busy_duty`).
+#[derive(Debug)]
+struct Feedback {
+    /// Percent of the time the steps take now (`None`: no probe yet).
+    duty: Option<f64>,
+    /// Guest requests per second without the job, from the probes.
+    reference: f64,
+    next_probe: Instant,
+    window_start: Instant,
+    window_done: u64,
+}
+
+impl Feedback {
+    fn new() -> Feedback {
+        let now = Instant::now();
+        Feedback {
+            duty: None,
+            reference: 0.0,
+            next_probe: now,
+            window_start: now,
+            window_done: 0,
+        }
+    }
+}
+
 /// Counters of the guest I/O a [`LiveDisk`] served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct GuestStats {
@@ -291,7 +355,7 @@ pub struct LiveDisk {
     /// Held by a job step, and the pause after it, while the guest is busy: a job running
     /// several steps at once then still takes only its duty share of the time in all
     /// ([`LiveDisk::paced_step`]).
-    steps: Mutex<()>,
+    steps: Mutex<Feedback>,
     /// Guest requests arrived during the last job step.
     guest_busy: AtomicBool,
 }
@@ -332,7 +396,7 @@ impl LiveDisk {
             busy: AtomicBool::new(false),
             retired: Mutex::new(Vec::new()),
             reads_locked: AtomicBool::new(false),
-            steps: Mutex::new(()),
+            steps: Mutex::new(Feedback::new()),
             guest_busy: AtomicBool::new(false),
             unlocked_reads: AtomicU64::new(0),
         })
@@ -469,24 +533,76 @@ impl LiveDisk {
 
     /// Runs one job step `f` paced for a busy guest: if guest requests arrived during the
     /// step, the guest is busy, and the step is followed by a pause that keeps the job's
-    /// steps to `duty_pct` percent of the time (at most [`MAX_BACK_OFF`] per step; 100 or
-    /// more: no pause). While the guest is busy, the steps of all the disk's jobs (a job's
+    /// steps to their duty share of the time (at most [`MAX_BACK_OFF`] per step). The duty
+    /// is `pace.max_duty` percent (100 or more: no pause), or less where the guest-share
+    /// feedback ([`Feedback`]) finds that the guest keeps less than `pace.share` percent of
+    /// its request rate. While the guest is busy, the steps of all the disk's jobs (a job's
     /// parallel chunks included) run one at a time, each with its pause: the duty share
     /// bounds the job as a whole, not each of its threads. An idle guest leaves the steps
     /// running side by side at full speed.
-    pub(crate) fn paced_step<T>(&self, duty_pct: u8, f: impl FnOnce() -> T) -> T {
-        let pace = duty_pct < 100;
-        let _one_at_a_time =
-            (pace && self.guest_busy.load(Ordering::Acquire)).then(|| self.steps.lock());
+    pub(crate) fn paced_step<T>(&self, pace: Pace, f: impl FnOnce() -> T) -> T {
+        let on = pace.max_duty < 100;
+        let mut held = (on && self.guest_busy.load(Ordering::Acquire)).then(|| self.steps.lock());
+        if let Some(fb) = held.as_mut().filter(|_| pace.share > 0) {
+            self.probe(fb);
+        }
         let (t0, arrived) = (Instant::now(), self.arrived());
         let r = f();
         let busy = self.arrived() != arrived;
         self.guest_busy.store(busy, Ordering::Release);
-        if pace && busy {
-            let duty = u32::from(duty_pct.max(1));
-            std::thread::sleep((t0.elapsed() * (100 - duty) / duty).min(MAX_BACK_OFF));
+        if on && busy {
+            let max = f64::from(pace.max_duty.max(1));
+            let duty = match held.as_mut() {
+                Some(fb) if pace.share > 0 => self.feedback(fb, pace.share, max),
+                _ => max,
+            };
+            let pause = t0.elapsed().mul_f64((100.0 - duty) / duty);
+            std::thread::sleep(pause.min(MAX_BACK_OFF));
         }
         r
+    }
+
+    /// A probe of the guest's rate without the job, when one is due (see [`Feedback`]).
+    fn probe(&self, fb: &mut Feedback) {
+        if Instant::now() < fb.next_probe {
+            return;
+        }
+        std::thread::sleep(PROBE_SETTLE);
+        let (t, done) = (Instant::now(), self.completed());
+        std::thread::sleep(PROBE_COUNT);
+        let rate = (self.completed() - done) as f64 / t.elapsed().as_secs_f64();
+        fb.reference = match fb.duty {
+            None => rate,
+            Some(_) => (fb.reference + rate) / 2.0,
+        };
+        fb.duty.get_or_insert(f64::from(u8::MAX));
+        let now = Instant::now();
+        fb.next_probe = now + PROBE_EVERY;
+        fb.window_start = now;
+        fb.window_done = self.completed();
+    }
+
+    /// The duty after a step, at most `max`: changed once a window is over (see [`Feedback`]).
+    fn feedback(&self, fb: &mut Feedback, share: u8, max: f64) -> f64 {
+        let mut duty = fb.duty.unwrap_or(max).min(max);
+        let span = fb.window_start.elapsed();
+        if span >= FEEDBACK_WINDOW && fb.reference > 0.0 {
+            let done = self.completed();
+            let rate = (done - fb.window_done) as f64 / span.as_secs_f64();
+            let kept = 100.0 * rate / fb.reference;
+            let share = f64::from(share);
+            if kept < share {
+                // In proportion: the guest's loss is about proportional to the duty.
+                let cut = ((100.0 - share) / (100.0 - kept).max(1.0)).clamp(0.25, 0.9);
+                duty = (duty * cut).max(MIN_DUTY);
+            } else if kept > share + 5.0 {
+                duty = (duty * 1.2).min(max);
+            }
+            fb.window_start = Instant::now();
+            fb.window_done = done;
+        }
+        fb.duty = Some(duty);
+        duty
     }
 
     /// The range lock chunk copies take exclusively.
@@ -785,5 +901,78 @@ impl BlockDevice for LiveDisk {
             return Ok(false);
         }
         self.current().map(offset, len, false, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use block_io::{MemStorage, RawDisk, Storage};
+
+    /// Steps that stop the guest while they run (they hold the device lock), for 2 s with
+    /// `pace`: the share of the time the steps took after the first half second, and the
+    /// guest's reads in all.
+    fn run_steps(pace: Pace) -> (f64, u64) {
+        let mem = MemStorage::new();
+        mem.set_len(1 << 20).unwrap();
+        let dev: Arc<dyn BlockDevice> = Arc::new(RawDisk::new(mem).unwrap());
+        let live = LiveDisk::new(dev);
+        let stop = Arc::new(AtomicBool::new(false));
+        let guest = {
+            let (live, stop) = (live.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut b = [0u8; 4096];
+                let mut n = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    live.read_at(&mut b, 0).unwrap();
+                    n += 1;
+                }
+                n
+            })
+        };
+        // The feedback has half a second to settle; then the steps' share is counted.
+        let (t0, mut stepping) = (Instant::now(), Duration::ZERO);
+        let settled = Duration::from_millis(500);
+        while t0.elapsed() < Duration::from_millis(2000) {
+            live.paced_step(pace, || {
+                let t = Instant::now();
+                let _stopped = live.side.write();
+                std::thread::sleep(Duration::from_millis(2));
+                if t0.elapsed() > settled {
+                    stepping += t.elapsed();
+                }
+            });
+        }
+        let wall = t0.elapsed() - settled;
+        stop.store(true, Ordering::Release);
+        let reads = guest.join().unwrap();
+        (stepping.as_secs_f64() / wall.as_secs_f64(), reads)
+    }
+
+    #[test]
+    fn guest_share_lowers_the_duty_until_the_guest_keeps_its_share() {
+        // A fixed duty of 50%: the steps take about half the time.
+        let (fixed, fixed_reads) = run_steps(Pace {
+            max_duty: 50,
+            share: 0,
+        });
+        // The guest stops during every step: keeping 85% of its rate takes a duty of at
+        // most 15% (the probes, which stop the steps, count as the job's share too).
+        let (fed, fed_reads) = run_steps(Pace {
+            max_duty: 50,
+            share: 85,
+        });
+        assert!(
+            fixed > 0.33,
+            "a fixed duty of 50% took {fixed:.2} of the time"
+        );
+        assert!(
+            fed < 0.22,
+            "the feedback left the steps {fed:.2} of the time"
+        );
+        assert!(
+            fed_reads > fixed_reads,
+            "the guest read no more with the feedback: {fed_reads} against {fixed_reads}"
+        );
     }
 }
