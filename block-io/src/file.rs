@@ -848,9 +848,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn random_access_turns_readahead_off() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A 4 MiB file of sevens in `dir`, open for reading, unless `dir` is on tmpfs (which
+    /// keeps every page: the page cache cannot be observed there).
+    fn cache_probe_file(dir: &tempfile::TempDir) -> Option<(std::path::PathBuf, std::fs::File)> {
         let path = dir.path().join("img");
         std::fs::write(&path, vec![7u8; 4 << 20]).unwrap();
         let file = std::fs::File::open(&path).unwrap();
@@ -858,9 +858,18 @@ mod tests {
         let mut st: libc::statfs = unsafe { std::mem::zeroed() };
         let r = unsafe { libc::fstatfs(std::os::fd::AsRawFd::as_raw_fd(&file), &mut st) };
         if r != 0 || st.f_type == libc::TMPFS_MAGIC {
-            eprintln!("!!! tmpfs keeps every page: readahead cannot be observed here !!!");
-            return;
+            eprintln!("!!! tmpfs keeps every page: the page cache cannot be observed here !!!");
+            return None;
         }
+        Some((path, file))
+    }
+
+    #[test]
+    fn random_access_turns_readahead_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((path, file)) = cache_probe_file(&dir) else {
+            return;
+        };
         let evict = || {
             file.sync_all().unwrap();
             // SAFETY: fadvise on an open descriptor; no memory is passed.
@@ -898,16 +907,9 @@ mod tests {
     #[test]
     fn a_writable_random_access_open_drops_the_clean_cached_pages() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("img");
-        std::fs::write(&path, vec![7u8; 4 << 20]).unwrap();
-        let file = std::fs::File::open(&path).unwrap();
-        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-        // SAFETY: fstatfs fills the zeroed struct; the descriptor is open.
-        let r = unsafe { libc::fstatfs(std::os::fd::AsRawFd::as_raw_fd(&file), &mut st) };
-        if r != 0 || st.f_type == libc::TMPFS_MAGIC {
-            eprintln!("!!! tmpfs keeps every page: the page cache cannot be observed here !!!");
+        let Some((path, file)) = cache_probe_file(&dir) else {
             return;
-        }
+        };
         file.sync_all().unwrap();
         let warm = || {
             std::fs::read(&path).unwrap();
