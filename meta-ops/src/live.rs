@@ -281,9 +281,9 @@ const MIN_DUTY: f64 = 2.0;
 
 /// How often the feedback measures the guest with the job's steps stopped (a probe), how
 /// long it lets the guest settle first, and how long it counts its requests then.
-const PROBE_EVERY: Duration = Duration::from_millis(1000);
+const PROBE_EVERY: Duration = Duration::from_millis(2000);
 const PROBE_SETTLE: Duration = Duration::from_millis(20);
-const PROBE_COUNT: Duration = Duration::from_millis(60);
+const PROBE_COUNT: Duration = Duration::from_millis(100);
 
 /// How long the feedback counts guest requests between two changes of the duty.
 const FEEDBACK_WINDOW: Duration = Duration::from_millis(200);
@@ -293,17 +293,20 @@ const FEEDBACK_WINDOW: Duration = Duration::from_millis(200);
 ///
 /// Now and then (every [`PROBE_EVERY`]) the steps stop for a probe, which counts the guest's
 /// requests with the job still: the guest's rate without the job (kept as a running mean).
-/// Between probes, the rate over each [`FEEDBACK_WINDOW`] is the guest's rate with the job:
-/// below the share of the probes' rate the duty drops in proportion (the guest's loss is
-/// taken to be proportional to the duty: to a fraction `(100 - share) / (100 - kept)` of
-/// itself, by a tenth to three quarters, down to [`MIN_DUTY`]); above the share by five
-/// points or more the duty rises by a fifth (up to the job's `busy_duty`).
+/// Between probes, the rate over each [`FEEDBACK_WINDOW`] is the guest's rate with the job,
+/// smoothed over the windows (one window's count is noisy: a tenth either way). Below the
+/// share of the probes' rate the duty drops in proportion: the guest's loss is taken to be
+/// proportional to the duty, so the duty goes to `(100 - share) / (100 - kept)` of itself,
+/// to between half and 95% of itself per window, down to [`MIN_DUTY`]. Above the share by
+/// three points or more the duty rises by 15% (up to the job's `busy_duty`).
 #[derive(Debug)]
 struct Feedback {
     /// Percent of the time the steps take now (`None`: no probe yet).
     duty: Option<f64>,
     /// Guest requests per second without the job, from the probes.
     reference: f64,
+    /// Percent of `reference` the guest kept with the job, smoothed over the windows.
+    kept: Option<f64>,
     next_probe: Instant,
     window_start: Instant,
     window_done: u64,
@@ -315,6 +318,7 @@ impl Feedback {
         Feedback {
             duty: None,
             reference: 0.0,
+            kept: None,
             next_probe: now,
             window_start: now,
             window_done: 0,
@@ -589,14 +593,20 @@ impl LiveDisk {
         if span >= FEEDBACK_WINDOW && fb.reference > 0.0 {
             let done = self.completed();
             let rate = (done - fb.window_done) as f64 / span.as_secs_f64();
-            let kept = 100.0 * rate / fb.reference;
+            // Smoothed over windows: one window's count is noisy (a tenth either way).
+            let now_kept = 100.0 * rate / fb.reference;
+            let kept = match fb.kept {
+                Some(k) => 0.7 * k + 0.3 * now_kept,
+                None => now_kept,
+            };
+            fb.kept = Some(kept);
             let share = f64::from(share);
             if kept < share {
                 // In proportion: the guest's loss is about proportional to the duty.
-                let cut = ((100.0 - share) / (100.0 - kept).max(1.0)).clamp(0.25, 0.9);
+                let cut = ((100.0 - share) / (100.0 - kept).max(1.0)).clamp(0.5, 0.95);
                 duty = (duty * cut).max(MIN_DUTY);
-            } else if kept > share + 5.0 {
-                duty = (duty * 1.2).min(max);
+            } else if kept > share + 3.0 {
+                duty = (duty * 1.15).min(max);
             }
             fb.window_start = Instant::now();
             fb.window_done = done;
