@@ -198,12 +198,27 @@ http {{
     }
 
     /// The access log: one `METHOD URI STATUS "RANGE" MSEC TIME bBYTES cCONN` line per request.
+    /// The access log's lines, once it has stopped growing for 25 ms (at most 1 s): nginx
+    /// writes a request's line after the response has gone out, so a client can be done
+    /// before its last line is there (a retry count once read 2 lines of 3).
     fn log(&self) -> Vec<String> {
-        std::fs::read_to_string(self.dir.path().join("access.log"))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect()
+        let read = || {
+            std::fs::read_to_string(self.dir.path().join("access.log"))
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        let mut last = read();
+        for _ in 0..40 {
+            std::thread::sleep(Duration::from_millis(25));
+            let now = read();
+            if now.len() == last.len() {
+                return now;
+            }
+            last = now;
+        }
+        last
     }
 }
 
