@@ -967,7 +967,7 @@ mod tests {
             share: 0,
         });
         // The guest stops during every step: keeping 85% of its rate takes a duty of at
-        // most 15% (the probes, which stop the steps, count as the job's share too).
+        // most 15%.
         let (fed, fed_reads) = run_steps(Pace {
             max_duty: 50,
             share: 85,
