@@ -820,6 +820,17 @@ impl Storage for FileStorage {
     }
 }
 
+/// Whether `f` lives on tmpfs, whose pages cannot be dropped from the page cache (tests of
+/// page-cache behaviour skip there).
+#[cfg(test)]
+pub(crate) fn on_tmpfs(f: &File) -> bool {
+    // SAFETY: fstatfs fills the zeroed struct it is given; no other memory is touched.
+    let mut s: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the descriptor is open.
+    let r = unsafe { libc::fstatfs(f.as_raw_fd(), &mut s) };
+    r == 0 && s.f_type == libc::TMPFS_MAGIC
+}
+
 #[cfg(test)]
 mod tests {
     use super::AlignedBuf;
@@ -854,10 +865,7 @@ mod tests {
         let path = dir.path().join("img");
         std::fs::write(&path, vec![7u8; 4 << 20]).unwrap();
         let file = std::fs::File::open(&path).unwrap();
-        // SAFETY: fstatfs fills the zeroed struct; the descriptor is open.
-        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-        let r = unsafe { libc::fstatfs(std::os::fd::AsRawFd::as_raw_fd(&file), &mut st) };
-        if r != 0 || st.f_type == libc::TMPFS_MAGIC {
+        if super::on_tmpfs(&file) {
             eprintln!("!!! tmpfs keeps every page: the page cache cannot be observed here !!!");
             return None;
         }

@@ -403,15 +403,6 @@ fn a_flush_blocks_no_read_and_queued_flushes_share_one() {
     }
 }
 
-/// Whether `f` lives on tmpfs, whose pages cannot be dropped from the page cache.
-fn on_tmpfs(f: &std::fs::File) -> bool {
-    // SAFETY: fstatfs fills the zeroed struct it is given; no other memory is touched.
-    let mut s: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above; the descriptor is open.
-    let r = unsafe { libc::fstatfs(f.as_raw_fd(), &mut s) };
-    r == 0 && s.f_type == libc::TMPFS_MAGIC
-}
-
 #[test]
 fn page_cache_hits_complete_inline_and_misses_go_to_the_ring() {
     use crate::{BlockDevice, RawDisk};
@@ -432,7 +423,7 @@ fn page_cache_hits_complete_inline_and_misses_go_to_the_ring() {
             assert_eq!(r, 0);
         }
     };
-    let tmpfs = on_tmpfs(&f);
+    let tmpfs = crate::file::on_tmpfs(&f);
     let dev: Arc<dyn BlockDevice> = Arc::new(RawDisk::new(PlainFile(f)).unwrap());
     let mut q = DeviceQueue::new(dev, engine);
     let read = |q: &mut DeviceQueue<usize>, off: usize| -> bool {

@@ -164,15 +164,30 @@ fn worker(pool: Arc<Pool>) {
     }
 }
 
-/// The iovecs of an op's buffers.
-fn iovecs(bufs: &[super::RawBuf]) -> Vec<libc::iovec> {
-    bufs.iter()
-        .map(|b| libc::iovec {
-            iov_base: b.ptr.cast(),
-            iov_len: b.len,
-        })
-        .collect()
+/// Runs `f` on the iovecs of an op's buffers: on the stack for up to [`INLINE_IOV`] of them
+/// (a guest request's data is one or two buffers), else in a vector. Every inline read and
+/// write goes through here: no allocation per request.
+fn with_iovecs<R>(bufs: &[super::RawBuf], f: impl FnOnce(&[libc::iovec]) -> R) -> R {
+    let iov = |b: &super::RawBuf| libc::iovec {
+        iov_base: b.ptr.cast(),
+        iov_len: b.len,
+    };
+    if bufs.len() <= INLINE_IOV {
+        let mut a = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; INLINE_IOV];
+        for (d, b) in a.iter_mut().zip(bufs) {
+            *d = iov(b);
+        }
+        f(&a[..bufs.len()])
+    } else {
+        f(&bufs.iter().map(iov).collect::<Vec<_>>())
+    }
 }
+
+/// Buffers whose iovecs [`with_iovecs`] keeps on the stack.
+const INLINE_IOV: usize = 8;
 
 /// How [`read_cached`] went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,13 +204,17 @@ pub(super) enum Cached {
 /// (`preadv2(RWF_NOWAIT)`), without waiting for the disk. A partial or failed read leaves the
 /// op to be run in full as usual (reading it again is harmless).
 pub(super) fn read_cached(op: &Op) -> Cached {
-    let iov = iovecs(&op.bufs);
-    let (Ok(off), Ok(cnt)) = (libc::off_t::try_from(op.offset), i32::try_from(iov.len())) else {
+    let Ok(off) = libc::off_t::try_from(op.offset) else {
         return Cached::Miss;
     };
-    // SAFETY: the iovecs describe memory the submitter keeps valid for the op's life
-    // (`Engine::submit`'s contract, which the caller holds to).
-    let r = unsafe { libc::preadv2(op.fd, iov.as_ptr(), cnt, off, libc::RWF_NOWAIT) };
+    let r = with_iovecs(&op.bufs, |iov| {
+        let Ok(cnt) = i32::try_from(iov.len()) else {
+            return 0;
+        };
+        // SAFETY: the iovecs describe memory the submitter keeps valid for the op's life
+        // (`Engine::submit`'s contract, which the caller holds to).
+        unsafe { libc::preadv2(op.fd, iov.as_ptr(), cnt, off, libc::RWF_NOWAIT) }
+    });
     if r < 0 {
         return match std::io::Error::last_os_error().raw_os_error() {
             Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => Cached::Unsupported,
@@ -221,19 +240,18 @@ pub(super) fn execute(mut op: Op) -> Result<u64> {
     }
     let mut done = 0u64;
     while !op.bufs.is_empty() {
-        let iov = iovecs(&op.bufs);
         let Ok(off) = libc::off_t::try_from(op.offset) else {
             return Err(Error::new(ErrorKind::OutOfRange, "offset beyond a file"));
         };
         // SAFETY: the iovecs describe memory the submitter keeps valid for the op's life
         // (`Engine::submit`); the count is bounded by MAX_IOV at submit.
-        let r = unsafe {
+        let r = with_iovecs(&op.bufs, |iov| unsafe {
             if op.kind == OpKind::Read {
                 libc::preadv(op.fd, iov.as_ptr(), iov.len() as i32, off)
             } else {
                 libc::pwritev(op.fd, iov.as_ptr(), iov.len() as i32, off)
             }
-        };
+        });
         if r < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
