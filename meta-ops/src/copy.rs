@@ -32,11 +32,8 @@ const LOCK_PIECE: u64 = 256 << 10;
 /// before the chunk waits for the oldest of them to reach the disk ([`WriteBehind`]).
 const WRITE_BEHIND: u64 = 4 << 20;
 
-thread_local! {
-    /// Destination file ranges `copy_file_range` wrote on this thread since the chunk last
-    /// looked ([`WriteBehind::step`]).
-    static WRITTEN: RefCell<Vec<(i32, u64, u64)>> = const { RefCell::new(Vec::new()) };
-}
+/// A destination file range a copy wrote: descriptor, offset, length.
+type Written = (i32, u64, u64);
 
 /// Write-behind of a chunk's `copy_file_range` output: each range is sent to the disk as
 /// soon as it is written (`sync_file_range(2)` `SYNC_FILE_RANGE_WRITE`), and once more than
@@ -66,16 +63,17 @@ thread_local! {
 /// made durable by the destination's flush as before, never by this.
 #[derive(Default)]
 struct WriteBehind {
-    pending: std::collections::VecDeque<(i32, u64, u64)>,
+    /// What the copies wrote since the last step (filled by [`Copier::range`]).
+    written: Vec<Written>,
+    pending: std::collections::VecDeque<Written>,
     bytes: u64,
 }
 
 impl WriteBehind {
-    /// Starts the write-back of what this thread's copies wrote since the last step, then
-    /// waits for the oldest ranges while more than [`WRITE_BEHIND`] bytes are pending.
+    /// Starts the write-back of what the copies wrote since the last step, then waits for
+    /// the oldest ranges while more than [`WRITE_BEHIND`] bytes are pending.
     fn step(&mut self) {
-        let written = WRITTEN.with(|w| std::mem::take(&mut *w.borrow_mut()));
-        for (fd, off, len) in written {
+        for (fd, off, len) in std::mem::take(&mut self.written) {
             sync_range(fd, off, len, libc::SYNC_FILE_RANGE_WRITE);
             self.pending.push_back((fd, off, len));
             self.bytes += len;
@@ -247,35 +245,37 @@ impl Copier {
     /// pieces keep a guest that writes into a chunk from waiting for all of it. Returns the
     /// bytes handled.
     pub(crate) fn chunk(&self, runs: &[(u64, u64)]) -> Result<u64, JobError> {
-        let mut bytes = 0;
-        // Ranges a copy outside a chunk left on this thread (a failed `runs`) are not ours.
-        WRITTEN.with(|w| w.borrow_mut().clear());
         let mut behind = WriteBehind::default();
-        let r = (|| {
-            for &(first, last) in runs {
-                let (a, b) = self.tracker.span(first, last);
-                let mut pos = a;
-                while pos < b {
-                    let end = b.min(pos.saturating_add(LOCK_PIECE));
-                    self.yield_to_guests();
-                    // A busy guest gets most of the time (JobOptions::busy_duty and
-                    // guest_share), the piece's disk writes included (WriteBehind).
-                    self.live.paced_step(self.pace, || {
-                        let r = {
-                            let _g = self.live.range_lock().lock_exclusive(pos, end - pos);
-                            self.range(pos, end)
-                        };
-                        behind.step();
-                        r
-                    })?;
-                    pos = end;
-                }
-                bytes += b - a;
-            }
-            Ok(bytes)
-        })();
+        let r = self.chunk_pieces(runs, &mut behind);
+        // Also after an error: nothing is left to the kernel's own write-back.
         behind.finish();
         r
+    }
+
+    /// The body of [`chunk`](Self::chunk).
+    fn chunk_pieces(&self, runs: &[(u64, u64)], behind: &mut WriteBehind) -> Result<u64, JobError> {
+        let mut bytes = 0;
+        for &(first, last) in runs {
+            let (a, b) = self.tracker.span(first, last);
+            let mut pos = a;
+            while pos < b {
+                let end = b.min(pos.saturating_add(LOCK_PIECE));
+                self.yield_to_guests();
+                // A busy guest gets most of the time (JobOptions::busy_duty and guest_share),
+                // the piece's disk writes included (WriteBehind).
+                self.live.paced_step(self.pace, || {
+                    let r = {
+                        let _g = self.live.range_lock().lock_exclusive(pos, end - pos);
+                        self.range(pos, end, &mut behind.written)
+                    };
+                    behind.step();
+                    r
+                })?;
+                pos = end;
+            }
+            bytes += b - a;
+        }
+        Ok(bytes)
     }
 
     /// Copies the bit ranges `runs` with no lock taken (the caller holds what it needs).
@@ -283,23 +283,23 @@ impl Copier {
         let mut bytes = 0;
         for &(first, last) in runs {
             let (a, b) = self.tracker.span(first, last);
-            self.range(a, b)?;
+            // The caller flushes the destination next: nothing to write behind.
+            self.range(a, b, &mut Vec::new())?;
             bytes += b - a;
         }
-        // The caller flushes the destination next: nothing to write behind.
-        WRITTEN.with(|w| w.borrow_mut().clear());
         Ok(bytes)
     }
 
-    /// Copies source bytes `[a, b)`.
-    fn range(&self, a: u64, b: u64) -> Result<(), JobError> {
+    /// Copies source bytes `[a, b)`, adding the destination file ranges `copy_file_range`
+    /// wrote to `written`.
+    fn range(&self, a: u64, b: u64, written: &mut Vec<Written>) -> Result<(), JobError> {
         let sector = u64::from(self.src.info().logical_sector_size.max(1));
         let mut pos = a;
         while pos < b {
             let run = self.src.block_status(pos, b - pos).map_err(src_err(pos))?;
             let n = run.len.max(sector).min(b - pos);
             match run.status {
-                BlockStatus::Data => self.data(pos, n)?,
+                BlockStatus::Data => self.data(pos, n, written)?,
                 BlockStatus::Unallocated if self.merge => self.below_merged(pos, n)?,
                 BlockStatus::Zero | BlockStatus::Unallocated => self.zero(pos, n)?,
             }
@@ -357,7 +357,7 @@ impl Copier {
         self.zeros_in_data(pos, n, self.fresh(pos, n))
     }
 
-    fn data(&self, pos: u64, n: u64) -> Result<(), JobError> {
+    fn data(&self, pos: u64, n: u64, written: &mut Vec<Written>) -> Result<(), JobError> {
         // Zeros inside this run may be skipped only where the destination still reads zeros.
         let fresh = self.fresh(pos, n);
         if let Some((x, y)) = self.tracker.bits(pos, n) {
@@ -365,7 +365,7 @@ impl Copier {
         }
         let mut done = 0;
         if self.use_cfr.load(Ordering::Relaxed) {
-            done = self.mapped(pos, n, fresh)?;
+            done = self.mapped(pos, n, fresh, written)?;
         }
         if done < n {
             self.buffered(pos + done, n - done, fresh)?;
@@ -390,8 +390,15 @@ impl Copier {
     }
 
     /// Moves `[pos, pos+n)` with `copy_file_range` where both disks map it to files; returns
-    /// how many leading bytes it moved (0 when it could not map).
-    fn mapped(&self, pos: u64, n: u64, fresh: bool) -> Result<u64, JobError> {
+    /// how many leading bytes it moved (0 when it could not map) and adds the destination file
+    /// ranges it wrote to `written`.
+    fn mapped(
+        &self,
+        pos: u64,
+        n: u64,
+        fresh: bool,
+        written: &mut Vec<Written>,
+    ) -> Result<u64, JobError> {
         let dest = &self.tracker.dest;
         let at = self.tracker.dest_pos(pos);
         let mut sm = Vec::new();
@@ -437,7 +444,7 @@ impl Copier {
             } else {
                 let r = copy_file_range(sh.fd, so + si, dh.fd, doff + dj, seg);
                 if let Ok(Cfr::Done) = r {
-                    WRITTEN.with(|w| w.borrow_mut().push((dh.fd, doff + dj, seg)));
+                    written.push((dh.fd, doff + dj, seg));
                 }
                 r
             };

@@ -301,10 +301,10 @@ const FEEDBACK_WINDOW: Duration = Duration::from_millis(200);
 /// three points or more the duty rises by 15% (up to the job's `busy_duty`).
 #[derive(Debug)]
 struct Feedback {
-    /// Percent of the time the steps take now (`None`: no probe yet).
+    /// Percent of the time the steps take now (`None`: the job's `busy_duty`).
     duty: Option<f64>,
-    /// Guest requests per second without the job, from the probes.
-    reference: f64,
+    /// Guest requests per second without the job, from the probes (`None`: no probe yet).
+    reference: Option<f64>,
     /// Percent of `reference` the guest kept with the job, smoothed over the windows.
     kept: Option<f64>,
     next_probe: Instant,
@@ -317,7 +317,7 @@ impl Feedback {
         let now = Instant::now();
         Feedback {
             duty: None,
-            reference: 0.0,
+            reference: None,
             kept: None,
             next_probe: now,
             window_start: now,
@@ -575,11 +575,7 @@ impl LiveDisk {
         let (t, done) = (Instant::now(), self.completed());
         std::thread::sleep(PROBE_COUNT);
         let rate = (self.completed() - done) as f64 / t.elapsed().as_secs_f64();
-        fb.reference = match fb.duty {
-            None => rate,
-            Some(_) => (fb.reference + rate) / 2.0,
-        };
-        fb.duty.get_or_insert(f64::from(u8::MAX));
+        fb.reference = Some(fb.reference.map_or(rate, |r| (r + rate) / 2.0));
         let now = Instant::now();
         fb.next_probe = now + PROBE_EVERY;
         fb.window_start = now;
@@ -590,11 +586,12 @@ impl LiveDisk {
     fn feedback(&self, fb: &mut Feedback, share: u8, max: f64) -> f64 {
         let mut duty = fb.duty.unwrap_or(max).min(max);
         let span = fb.window_start.elapsed();
-        if span >= FEEDBACK_WINDOW && fb.reference > 0.0 {
+        let reference = fb.reference.filter(|&r| r > 0.0);
+        if let Some(reference) = reference.filter(|_| span >= FEEDBACK_WINDOW) {
             let done = self.completed();
             let rate = (done - fb.window_done) as f64 / span.as_secs_f64();
             // Smoothed over windows: one window's count is noisy (a tenth either way).
-            let now_kept = 100.0 * rate / fb.reference;
+            let now_kept = 100.0 * rate / reference;
             let kept = match fb.kept {
                 Some(k) => 0.7 * k + 0.3 * now_kept,
                 None => now_kept,
