@@ -14,8 +14,11 @@
 //! commit relies on the 1 KiB header write (at 512, inside the file's first 4 KiB) not tearing,
 //! which holds on devices and filesystems with 4 KiB atomic writes.
 //!
-//! The parent unique id and timestamp are not changed: the new parent must be the same
-//! content (the `chain` crate's `rebase` checks that before calling this). Deprecated path
+//! [`VhdFile::set_parent`] keeps the parent unique id and timestamp: the new parent must be the
+//! same content (the `chain` crate's unsafe `rebase` checks that before calling it).
+//! [`VhdFile::set_parent_as`] also records a new parent's unique id and timestamp, in the
+//! same header write (the `chain` crate's copying `rebase`, once the child holds every sector
+//! where the two parents differ). Deprecated path
 //! locators (Wi2k, Wi2r, MacX) and Mac aliases name the old place and are dropped; locators of
 //! unknown platforms are kept.
 
@@ -37,6 +40,36 @@ impl<S: Storage> VhdFile<S> {
     /// 32-bit sector offsets, I/O errors (which latch the fail-stop state).
     pub fn set_parent(
         &mut self,
+        parent_name: &str,
+        absolute_path: Option<&str>,
+        relative_path: Option<&str>,
+    ) -> Result<()> {
+        self.relink(None, parent_name, absolute_path, relative_path)
+    }
+
+    /// [`set_parent`](Self::set_parent), and the parent unique id and timestamp the child
+    /// records become `parent_unique_id` and `parent_timestamp` (a new parent's footer
+    /// values), in the same header write: a crash leaves the old link or the new one whole.
+    /// Errors as for `set_parent`.
+    pub fn set_parent_as(
+        &mut self,
+        parent_unique_id: uuid::Uuid,
+        parent_timestamp: u32,
+        parent_name: &str,
+        absolute_path: Option<&str>,
+        relative_path: Option<&str>,
+    ) -> Result<()> {
+        self.relink(
+            Some((parent_unique_id, parent_timestamp)),
+            parent_name,
+            absolute_path,
+            relative_path,
+        )
+    }
+
+    fn relink(
+        &mut self,
+        identity: Option<(uuid::Uuid, u32)>,
         parent_name: &str,
         absolute_path: Option<&str>,
         relative_path: Option<&str>,
@@ -64,6 +97,10 @@ impl<S: Storage> VhdFile<S> {
         // Lay the new locator data out from the footer's place.
         let mut header = d.header.clone();
         header.parent_name = parent_name.to_string();
+        if let Some((unique_id, timestamp)) = identity {
+            header.parent_unique_id = unique_id;
+            header.parent_timestamp = timestamp;
+        }
         header
             .locators
             .retain(|l| matches!(l.platform, PlatformCode::Other(_)));
@@ -167,6 +204,27 @@ mod tests {
         assert_eq!(buf, vec![0x5A; 4096]);
         f.read_at(&mut buf[..512], 3 << 20).unwrap();
         assert_eq!(&buf[..512], &[0x6B; 512][..]);
+        assert!(f.check().unwrap().is_clean());
+    }
+
+    #[test]
+    fn set_parent_as_records_the_new_identity() {
+        let (mem, _) = pair();
+        let mem = Arc::new(mem);
+        let mut f =
+            VhdFile::open(mem.clone(), &crate::OpenOptions::new().read_only(false)).unwrap();
+        let id = uuid::Uuid::from_u128(0x1234);
+        f.set_parent_as(id, 99, "new.vhd", Some("/x/new.vhd"), Some(".\\new.vhd"))
+            .unwrap();
+        drop(f);
+        let f = VhdFile::open(mem, &crate::OpenOptions::new().read_only(true)).unwrap();
+        let d = f.details();
+        assert_eq!(d.parent_unique_id, Some(id));
+        assert_eq!(d.parent_timestamp, Some(99));
+        assert_eq!(d.parent_name.as_deref(), Some("new.vhd"));
+        let mut buf = vec![0u8; 4096];
+        f.read_at(&mut buf, 1 << 20).unwrap();
+        assert_eq!(buf, vec![0x5A; 4096]);
         assert!(f.check().unwrap().is_clean());
     }
 
