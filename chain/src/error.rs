@@ -125,6 +125,26 @@ pub enum ChainError {
         /// Why.
         reason: String,
     },
+    /// A copying rebase reads the child's current parent chain, which does not open (nothing
+    /// was written).
+    #[error("cannot rebase {child}: its current parent chain does not open (a copying rebase reads it; -u changes only the link)")]
+    RebaseOldChain {
+        /// The child.
+        child: PathBuf,
+        /// Why the chain does not open.
+        #[source]
+        source: Box<ChainError>,
+    },
+    /// Copying data into a child for a rebase failed (the child still shows its content on
+    /// its old parent: its link was not changed).
+    #[error("copying data into {child} for the rebase failed; its parent link is unchanged")]
+    RebaseCopy {
+        /// The child.
+        child: PathBuf,
+        /// What failed.
+        #[source]
+        source: IoError,
+    },
     /// Rewriting a child's parent locator failed.
     #[error("rewriting the parent locator of {child} failed")]
     RebaseFailed {
@@ -158,6 +178,8 @@ impl ChainError {
             ChainError::Geometry { .. } => ErrorKind::Corrupt,
             ChainError::RebaseMismatch { .. } => ErrorKind::InvalidInput,
             ChainError::RebaseRefused { .. } => ErrorKind::Unsupported,
+            ChainError::RebaseOldChain { source, .. } => source.kind(),
+            ChainError::RebaseCopy { source, .. } => source.kind(),
             ChainError::RebaseFailed { source, .. } => source.kind(),
         }
     }
@@ -173,6 +195,22 @@ impl From<ChainError> for IoError {
                 "rewriting the parent locator of {} failed",
                 child.display()
             )),
+            ChainError::RebaseCopy { child, source } => source.context_with(format!(
+                "copying data into {} for the rebase failed; its parent link is unchanged",
+                child.display()
+            )),
+            ChainError::RebaseOldChain { child, source } => {
+                let kind = source.kind();
+                IoError::with_source(
+                    kind,
+                    format!(
+                        "cannot rebase {}: its current parent chain does not open (a copying \
+                         rebase reads it; -u changes only the link)",
+                        child.display()
+                    ),
+                    *source,
+                )
+            }
             other => IoError::new(other.kind(), other.to_string()),
         }
     }

@@ -12,8 +12,9 @@
 //! - image locks shared with QEMU on every layer ([`OpenOptions::lock`]): a writable top
 //!   excludes other writers, parents refuse writers while a child is open on them, and
 //!   [`block_io::LockMode::Off`] (`-U`, force share) skips them;
-//! - [`rebase`]: point a child at a moved or copied parent (same content, verified) by
-//!   rewriting only its parent locator.
+//! - [`rebase`]: point a child at another parent, copying what it needs to keep its content
+//!   (qemu-img rebase), or at a moved or copied parent (same content, verified) by rewriting
+//!   only its parent locator.
 //! - [`cor`]: copy-on-read from a remote parent into a local replica, which then becomes
 //!   the child's local parent (streaming).
 //! - [`remote`]: images on web servers, object stores and NBD exports as the top of a chain,
@@ -50,5 +51,5 @@ pub use layer::{
     ParentLink,
 };
 pub use policy::{Candidate, PathPolicy};
-pub use rebase::{parent_paths, rebase, RebaseOptions};
+pub use rebase::{parent_paths, rebase, rebase_with_progress, RebaseOptions, RebaseProgress};
 pub use remote::RemoteParents;

@@ -1,37 +1,86 @@
-//! Rebasing a differencing child onto a moved or copied parent without copying data
-//! (`vdisk rebase -u`, qemu-img's unsafe rebase, Hyper-V's `Set-VHD -ParentPath`).
+//! Rebasing a differencing child onto another parent (`vdisk rebase`, qemu-img rebase,
+//! Hyper-V's `Set-VHD -ParentPath`), in two modes.
 //!
-//! The new parent must be the same content as the parent the child records: for VHDX its
-//! DataWriteGuid must equal the child's `parent_linkage` or `parent_linkage2` (MS-VHDX
-//! 2.6.2.6.1; a copied or moved file keeps its DataWriteGuid), for VHD its footer unique id
-//! and timestamp must equal the child's parent unique id and timestamp (VHD spec 1.0, dynamic
-//! header). That is checked with [`Expected::matches`] before anything is written, and again
-//! on the writable handle; a mismatch is [`ChainError::RebaseMismatch`] naming both ids.
+//! **Copying (safe, the default)**: the new parent may be any image of the child's format
+//! (VHDX under VHDX, VHD under VHD) that fits under it (same logical sector size; a VHD
+//! parent at least as large as the child, a VHDX parent possibly smaller, read as zeros past
+//! its end as the chain does), and must not be the child or have the child in its own chain.
+//! What the child shows stays byte for byte the same, as for qemu-img's default rebase: for
+//! every range the child does not hold (reads fall through to its parent), where the old
+//! parent chain reads differently from the new one, the old chain's bytes are written into
+//! the child. The child's block status says what it holds, sector by sector (a VHDX
+//! PARTIALLY_PRESENT block is looked at through its sector bitmap), so only sectors it lacks
+//! are written and its own data is never touched. Ranges both chains read as zeros, or from
+//! the same layer, are skipped without reading; the rest is compared in 1 MiB pieces, and
+//! only the sectors that differ are copied. Then the link changes to name the new parent's
+//! identity (MS-VHDX 2.6.2.6.1 `parent_linkage` = its DataWriteGuid; VHD spec 1.0 dynamic
+//! header: parent unique id and timestamp of its footer).
 //!
-//! Only the child's locator changes, through the formats' crash-safe writers:
+//! Crash safety comes from the order: the copies go into the child first (they change
+//! nothing it shows: they equal what it read through the old parent), the child is flushed,
+//! and only then is the link changed, in one crash-safe metadata update. A crash at any point
+//! leaves the child showing its old content, on the old parent before the link update is
+//! durable and on the new one after. A VHDX child keeps its DataWriteGuid (the copies are no
+//! user-visible change, MS-VHDX 2.2.2), so children of the child stay linked; a VHD's
+//! identity is its footer, which data writes never change.
+//!
+//! **Unsafe (`unsafe_no_copy`, `vdisk rebase -u`)**: only the link changes, onto a moved or
+//! copied parent that must be the same content as the one the child records: for VHDX its
+//! DataWriteGuid must equal the child's `parent_linkage` or `parent_linkage2` (a copied or
+//! moved file keeps its DataWriteGuid), for VHD its footer unique id and timestamp must equal
+//! the child's parent unique id and timestamp. That is checked with [`Expected::matches`]
+//! before anything is written, and again on the writable handle; a mismatch is
+//! [`ChainError::RebaseMismatch`] naming both ids.
+//!
+//! Either way the link goes through the formats' crash-safe writers:
 //! [`vhdx_format::VhdxFile::set_parent_locator`] (through the log; `parent_linkage`,
 //! `relative_path`, `absolute_win32_path` rewritten, `volume_path` dropped, unknown keys kept)
-//! and [`vhd_format::VhdFile::set_parent`] (parent name, W2ku, W2ru). A rebase that copies
-//! data (onto a different parent) is not implemented.
+//! and [`vhd_format::VhdFile::set_parent`] / [`vhd_format::VhdFile::set_parent_as`] (parent
+//! name, W2ku, W2ru, and for a copying rebase the parent unique id and timestamp, in one
+//! header write).
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
-use block_io::FileStorage;
+use block_io::{BlockDevice, BlockStatus, FileStorage, LockMode, Storage};
 use uuid::Uuid;
 
 use crate::detect::Format;
+use crate::disk::{Disk, OpenOptions};
 use crate::error::{braced, ChainError};
-use crate::layer::{open_layer, Expected, Identity};
+use crate::layer::{open_layer, Expected, Identity, Layer, ParentLink};
+use crate::policy::PathPolicy;
 
 /// How to rebase.
 #[derive(Debug, Clone, Default)]
 pub struct RebaseOptions {
-    /// Change only the child's parent link, copying no data (qemu-img's `-u`). Required: a
-    /// copying rebase is not implemented.
+    /// Change only the child's parent link, copying no data (qemu-img's `-u`): the new
+    /// parent must be the same content as the old one. Without it the rebase copies what the
+    /// child needs to keep its content (see the module docs).
     pub unsafe_no_copy: bool,
     /// The child's format; `None` detects it by content.
     pub format: Option<Format>,
+    /// Where the parents of the child's current chain and of the new parent's chain may live
+    /// (a copying rebase opens both chains).
+    pub policy: PathPolicy,
+    /// Image locks on every image opened (default [`LockMode::Auto`]).
+    pub lock: LockMode,
 }
+
+/// How far a copying rebase has got.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RebaseProgress {
+    /// Bytes of the child's virtual disk examined so far.
+    pub done: u64,
+    /// The child's virtual size.
+    pub total: u64,
+    /// Bytes written into the child so far (where the two parent chains differ).
+    pub copied: u64,
+}
+
+/// Bytes compared at a time.
+const CHUNK: u64 = 1 << 20;
 
 /// The parent's path relative to the child's folder, Windows style (`.\p.vhdx`,
 /// `..\dir\p.vhdx`), and its canonical absolute path — what a child's locator records.
@@ -67,21 +116,40 @@ pub fn parent_paths(child: &Path, parent: &Path) -> std::io::Result<(String, Pat
     Ok((parts.join("\\"), abs))
 }
 
-/// Points the differencing image `child` at `new_parent`, which must be the same content as
-/// the parent the child records (see the module docs). Writes nothing unless the identity
-/// matches; changes only the child's parent locator.
+/// Points the differencing image `child` at `new_parent`: copying what the child needs to
+/// keep its content, or, with [`RebaseOptions::unsafe_no_copy`], changing only the link onto
+/// a parent that must be the same content as the old one (see the module docs). Refusals
+/// write nothing.
 pub fn rebase(child: &Path, new_parent: &Path, opts: &RebaseOptions) -> Result<(), ChainError> {
+    rebase_with_progress(child, new_parent, opts, &mut |_| {}).map(|_| ())
+}
+
+/// [`rebase`], calling `progress` after every piece a copying rebase examines; returns the
+/// final figures (all zero for an unsafe rebase).
+pub fn rebase_with_progress(
+    child: &Path,
+    new_parent: &Path,
+    opts: &RebaseOptions,
+    progress: &mut dyn FnMut(RebaseProgress),
+) -> Result<RebaseProgress, ChainError> {
+    if same_file(child, new_parent) {
+        return Err(ChainError::RebaseRefused {
+            child: child.to_path_buf(),
+            reason: "an image cannot be its own parent".into(),
+        });
+    }
+    if opts.unsafe_no_copy {
+        rebase_unsafe(child, new_parent, opts)?;
+        return Ok(RebaseProgress::default());
+    }
+    rebase_copying(child, new_parent, opts, progress)
+}
+
+fn rebase_unsafe(child: &Path, new_parent: &Path, opts: &RebaseOptions) -> Result<(), ChainError> {
     let refuse = |reason: String| ChainError::RebaseRefused {
         child: child.to_path_buf(),
         reason,
     };
-    if !opts.unsafe_no_copy {
-        return Err(refuse(
-            "a rebase that copies data is not implemented; use -u to change only the parent \
-             link (the new parent must be the same content as the old one)"
-                .into(),
-        ));
-    }
     // Read-only first: verify before opening anything writable.
     let c = open_layer(child, opts.format, true, false)?;
     let Some(link) = c.parent.clone() else {
@@ -103,24 +171,14 @@ pub fn rebase(child: &Path, new_parent: &Path, opts: &RebaseOptions) -> Result<(
     let identity = p.identity;
     drop(p);
     verify(child, new_parent, &link.expected, &identity)?;
-    let (relative, abs) = parent_paths(child, new_parent).map_err(|e| ChainError::Open {
-        path: new_parent.to_path_buf(),
-        source: e.into(),
-    })?;
-    let abs = abs.display().to_string();
+    let relink = Relink::new(child, new_parent, identity)?;
     let failed = |source: block_io::Error| ChainError::RebaseFailed {
         child: child.to_path_buf(),
         source,
     };
-    let storage = FileStorage::open(child, &block_io::OpenOptions::new().read_only(false))
-        .map_err(|source| ChainError::Open {
-            path: child.to_path_buf(),
-            source,
-        })?;
+    let storage = open_writable(child, opts.lock)?;
     match identity {
-        Identity::Vhdx {
-            data_write_guid, ..
-        } => {
+        Identity::Vhdx { .. } => {
             let mut f = vhdx_format::VhdxFile::open(
                 storage,
                 &vhdx_format::OpenOptions::new().read_only(false),
@@ -138,8 +196,7 @@ pub fn rebase(child: &Path, new_parent: &Path, opts: &RebaseOptions) -> Result<(
                 linkage2: old.parent_linkage2(),
             };
             verify(child, new_parent, &expected, &identity)?;
-            let new = vhdx_locator(&old, &data_write_guid, &relative, &abs);
-            f.set_parent_locator(&new).map_err(failed)?;
+            relink.vhdx(&mut f, &old, true).map_err(failed)?;
             f.close().map_err(failed)?;
         }
         Identity::Vhd { .. } => {
@@ -157,13 +214,445 @@ pub fn rebase(child: &Path, new_parent: &Path, opts: &RebaseOptions) -> Result<(
                 timestamp: d.parent_timestamp.unwrap_or(0),
             };
             verify(child, new_parent, &expected, &identity)?;
-            f.set_parent(&abs, Some(&abs), Some(&relative))
-                .map_err(failed)?;
-            block_io::BlockDevice::flush(&f).map_err(failed)?;
+            f.set_parent(
+                &relink.absolute,
+                Some(&relink.absolute),
+                Some(&relink.relative),
+            )
+            .map_err(failed)?;
+            f.flush().map_err(failed)?;
         }
         Identity::Raw => return Err(refuse("raw images have no parent".into())),
     }
     Ok(())
+}
+
+/// The copying rebase: checks, then [`copy_and_relink`] on the child opened writable.
+fn rebase_copying(
+    child: &Path,
+    new_parent: &Path,
+    opts: &RebaseOptions,
+    progress: &mut dyn FnMut(RebaseProgress),
+) -> Result<RebaseProgress, ChainError> {
+    let refuse = |reason: String| ChainError::RebaseRefused {
+        child: child.to_path_buf(),
+        reason,
+    };
+    let ro = OpenOptions::new()
+        .read_only(true)
+        .format(opts.format)
+        .policy(opts.policy.clone())
+        .lock(opts.lock);
+    // The child's current chain: what it shows is what the rebase keeps, so it must open.
+    let old = Disk::open(child, &ro).map_err(|e| match e {
+        ChainError::Open { ref path, .. } if path == child => e,
+        e => ChainError::RebaseOldChain {
+            child: child.to_path_buf(),
+            source: Box::new(e),
+        },
+    })?;
+    let top = &old.layers()[0];
+    let Some(link) = top.parent.clone() else {
+        return Err(refuse(format!(
+            "{} is not a differencing image",
+            top.format.name()
+        )));
+    };
+    let (format, child_identity) = (top.format, top.identity);
+    let new = Disk::open(new_parent, &ro.clone().format(None))?;
+    let np = &new.layers()[0];
+    if np.format != format {
+        return Err(refuse(format!(
+            "a {format} child needs a {format} parent; {} is {}",
+            new_parent.display(),
+            np.format
+        )));
+    }
+    if new.layers().iter().any(|l| same_file(&l.path, child)) {
+        return Err(refuse(format!(
+            "it is in the chain of {}; an image cannot be its own parent",
+            new_parent.display()
+        )));
+    }
+    // Sector size and size, as the chain checks them when it opens the rebased child.
+    Disk::from_layers(vec![top.clone(), np.clone()], true)?;
+    let relink = Relink::new(child, new_parent, np.identity)?;
+    let old_parents = old.layers()[1..].to_vec();
+    // Every handle on the child goes before it opens writable (its own locks refuse writers).
+    drop(old);
+    let storage = open_writable(child, opts.lock)?;
+    let job = CopyJob {
+        child,
+        format,
+        identity: child_identity,
+        link,
+        old: old_parents,
+        new: &new,
+        relink: &relink,
+    };
+    job.run(storage, progress)
+}
+
+/// Opens the child's file for writing, with image locks as `lock` says.
+fn open_writable(child: &Path, lock: LockMode) -> Result<FileStorage, ChainError> {
+    FileStorage::open(
+        child,
+        &block_io::OpenOptions::new().read_only(false).lock(lock),
+    )
+    .map_err(|source| ChainError::Open {
+        path: child.to_path_buf(),
+        source,
+    })
+}
+
+/// Whether `a` and `b` are the same file (device and inode; false when either is missing).
+fn same_file(a: &Path, b: &Path) -> bool {
+    let key = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    matches!((key(a), key(b)), (Some(x), Some(y)) if x == y)
+}
+
+/// The new link: the parent's identity and how the child's locator names it.
+#[derive(Debug, Clone)]
+struct Relink {
+    identity: Identity,
+    /// Relative to the child's folder, Windows style.
+    relative: String,
+    /// Canonical absolute path.
+    absolute: String,
+}
+
+impl Relink {
+    fn new(child: &Path, new_parent: &Path, identity: Identity) -> Result<Relink, ChainError> {
+        let (relative, abs) = parent_paths(child, new_parent).map_err(|e| ChainError::Open {
+            path: new_parent.to_path_buf(),
+            source: e.into(),
+        })?;
+        Ok(Relink {
+            identity,
+            relative,
+            absolute: abs.display().to_string(),
+        })
+    }
+
+    /// Rewrites a VHDX child's locator to name this parent; a `parent_linkage2` naming
+    /// another id is kept when `keep_linkage2` (the same content: a merge in progress stays
+    /// valid) and dropped otherwise.
+    fn vhdx<S: Storage>(
+        &self,
+        f: &mut vhdx_format::VhdxFile<S>,
+        old: &vhdx_format::locator::ParentLocator,
+        keep_linkage2: bool,
+    ) -> block_io::Result<()> {
+        let Identity::Vhdx {
+            data_write_guid, ..
+        } = self.identity
+        else {
+            return Err(block_io::Error::new(
+                block_io::ErrorKind::InvalidInput,
+                "a VHDX child needs a VHDX parent",
+            ));
+        };
+        let mut new = vhdx_locator(old, &data_write_guid, &self.relative, &self.absolute);
+        if !keep_linkage2 {
+            new.entries
+                .retain(|(k, _)| !k.eq_ignore_ascii_case("parent_linkage2"));
+        }
+        f.set_parent_locator(&new)
+    }
+}
+
+/// One copying rebase of a child already open for writing: its current parents (`old`,
+/// verified as its chain), the new parent's chain, and the link to write at the end.
+struct CopyJob<'a> {
+    child: &'a Path,
+    format: Format,
+    identity: Identity,
+    link: ParentLink,
+    old: Vec<Layer>,
+    new: &'a Disk,
+    relink: &'a Relink,
+}
+
+impl CopyJob<'_> {
+    /// Copies, flushes, then changes the link (see the module docs for the order).
+    fn run<S: Storage + 'static>(
+        &self,
+        storage: S,
+        progress: &mut dyn FnMut(RebaseProgress),
+    ) -> Result<RebaseProgress, ChainError> {
+        let child = self.child;
+        let opened = |source| ChainError::Open {
+            path: child.to_path_buf(),
+            source,
+        };
+        let copy_failed = |source| ChainError::RebaseCopy {
+            child: child.to_path_buf(),
+            source,
+        };
+        let link_failed = |source| ChainError::RebaseFailed {
+            child: child.to_path_buf(),
+            source,
+        };
+        let changed = || ChainError::RebaseRefused {
+            child: child.to_path_buf(),
+            reason: "the image changed while the rebase was opening it".into(),
+        };
+        match self.format {
+            Format::Vhdx => {
+                let f = vhdx_format::VhdxFile::open(
+                    storage,
+                    &vhdx_format::OpenOptions::new().read_only(false),
+                )
+                .map_err(opened)?;
+                let id = f.header().data_write_guid;
+                if (Identity::Vhdx {
+                    data_write_guid: id,
+                    disk_id: f.details().disk_id,
+                }) != self.identity
+                {
+                    return Err(changed());
+                }
+                // The copies change nothing the child shows: its DataWriteGuid stays, and
+                // its own children stay linked.
+                f.begin_session_with(id).map_err(copy_failed)?;
+                let f = Arc::new(f);
+                let report = self.copy(f.clone(), progress)?;
+                let mut f = Arc::try_unwrap(f).map_err(|_| changed())?;
+                let old = f.parent_locator().cloned().ok_or_else(changed)?;
+                self.relink.vhdx(&mut f, &old, false).map_err(link_failed)?;
+                f.close().map_err(link_failed)?;
+                Ok(report)
+            }
+            Format::Vhd => {
+                let f = vhd_format::VhdFile::open(
+                    storage,
+                    &vhd_format::OpenOptions::new().read_only(false),
+                )
+                .map_err(opened)?;
+                let d = f.details();
+                if (Identity::Vhd {
+                    unique_id: d.unique_id,
+                    timestamp: d.timestamp,
+                }) != self.identity
+                {
+                    return Err(changed());
+                }
+                let f = Arc::new(f);
+                let report = self.copy(f.clone(), progress)?;
+                let mut f = Arc::try_unwrap(f).map_err(|_| changed())?;
+                let Identity::Vhd {
+                    unique_id,
+                    timestamp,
+                } = self.relink.identity
+                else {
+                    return Err(changed());
+                };
+                let (abs, rel) = (&self.relink.absolute, &self.relink.relative);
+                f.set_parent_as(unique_id, timestamp, abs, Some(abs), Some(rel))
+                    .map_err(link_failed)?;
+                f.flush().map_err(link_failed)?;
+                Ok(report)
+            }
+            Format::Raw => Err(ChainError::RebaseRefused {
+                child: child.to_path_buf(),
+                reason: "raw images have no parent".into(),
+            }),
+        }
+    }
+
+    /// Writes into `top` (the child, writable) the old chain's bytes wherever the child
+    /// lacks sectors and the old and new chains differ, then flushes it.
+    fn copy(
+        &self,
+        top: Arc<dyn BlockDevice>,
+        progress: &mut dyn FnMut(RebaseProgress),
+    ) -> Result<RebaseProgress, ChainError> {
+        let child = self.child;
+        let failed = |source| ChainError::RebaseCopy {
+            child: child.to_path_buf(),
+            source,
+        };
+        let layer = Layer {
+            path: child.to_path_buf(),
+            format: self.format,
+            dev: top.clone(),
+            identity: self.identity,
+            parent: Some(self.link.clone()),
+        };
+        let old = Disk::from_layers(self.old.clone(), false)?;
+        // Writes go through a chain over the old parents: a VHD child's partial 4 KiB groups
+        // are widened with what it reads through them (see `Disk`), as every write to it is.
+        let mut layers = vec![layer];
+        layers.extend(self.old.iter().cloned());
+        let writer = Disk::from_layers(layers, false)?;
+        let info = top.info();
+        let sector = u64::from(info.logical_sector_size).max(512);
+        let mut p = RebaseProgress {
+            total: info.virtual_size,
+            ..RebaseProgress::default()
+        };
+        let sides = Sides {
+            old: Side::new(&old),
+            new: Side::new(self.new),
+        };
+        let mut bufs = (vec![0u8; CHUNK as usize], vec![0u8; CHUNK as usize]);
+        while p.done < p.total {
+            let end = (p.done + CHUNK).min(p.total);
+            // The runs the child lacks, before any write of this piece.
+            let mut holes = Vec::new();
+            let mut pos = p.done;
+            while pos < end {
+                let run = top.block_status(pos, end - pos).map_err(failed)?;
+                let n = run.len.clamp(sector.min(end - pos), end - pos);
+                if run.status == BlockStatus::Unallocated {
+                    holes.push((pos, n));
+                }
+                pos += n;
+            }
+            for (at, len) in holes {
+                p.copied += sides
+                    .copy_range(&writer, at, len, sector, &mut bufs)
+                    .map_err(failed)?;
+            }
+            p.done = end;
+            progress(p);
+        }
+        writer.flush().map_err(failed)?;
+        Ok(p)
+    }
+}
+
+/// One parent chain as the copy sees it.
+struct Side<'a> {
+    disk: &'a Disk,
+    size: u64,
+    /// Device and inode of each layer (`None` for a layer that is no local file).
+    keys: Vec<Option<(u64, u64)>>,
+}
+
+/// Where a range of one side reads from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Zeros,
+    /// Data of the layer with this file key.
+    Layer(Option<(u64, u64)>),
+}
+
+impl<'a> Side<'a> {
+    fn new(disk: &'a Disk) -> Side<'a> {
+        let keys = disk
+            .layers()
+            .iter()
+            .map(|l| std::fs::metadata(&l.path).ok().map(|m| (m.dev(), m.ino())))
+            .collect();
+        Side {
+            disk,
+            size: disk.info().virtual_size,
+            keys,
+        }
+    }
+
+    /// Where `[at, at + len)` starts reading from, and for how long.
+    fn source(&self, at: u64, len: u64) -> block_io::Result<(Source, u64)> {
+        if at >= self.size {
+            // Past the end of a smaller parent: zeros, as the chain reads them.
+            return Ok((Source::Zeros, len));
+        }
+        let want = len.min(self.size - at);
+        let (run, depth) = self.disk.block_status_depth(at, want)?;
+        let n = run.len.clamp(1, want);
+        Ok(match run.status {
+            BlockStatus::Data => (Source::Layer(self.keys.get(depth).copied().flatten()), n),
+            BlockStatus::Zero | BlockStatus::Unallocated => (Source::Zeros, n),
+        })
+    }
+
+    /// Reads `buf` at `at`, zeros past the end.
+    fn read(&self, buf: &mut [u8], at: u64) -> block_io::Result<()> {
+        let inside = self.size.saturating_sub(at).min(buf.len() as u64) as usize;
+        if inside > 0 {
+            self.disk.read_at(&mut buf[..inside], at)?;
+        }
+        buf[inside..].fill(0);
+        Ok(())
+    }
+}
+
+/// The old and the new parent chains.
+struct Sides<'a> {
+    old: Side<'a>,
+    new: Side<'a>,
+}
+
+impl Sides<'_> {
+    /// Copies into `writer` the old chain's sectors of `[at, at + len)` (at most one
+    /// [`CHUNK`], a range the child lacks) where they differ from the new chain's; returns
+    /// the bytes written.
+    fn copy_range(
+        &self,
+        writer: &Disk,
+        at: u64,
+        len: u64,
+        sector: u64,
+        bufs: &mut (Vec<u8>, Vec<u8>),
+    ) -> block_io::Result<u64> {
+        let mut copied = 0;
+        let mut pos = at;
+        let end = at + len;
+        while pos < end {
+            let (so, lo) = self.old.source(pos, end - pos)?;
+            let (sn, ln) = self.new.source(pos, end - pos)?;
+            // Whole sectors: runs of the layers are sector multiples; a ragged one is
+            // compared by bytes below.
+            let n = lo.min(ln).min(end - pos);
+            let n = if n >= sector { n - n % sector } else { n };
+            let same = match (so, sn) {
+                (Source::Zeros, Source::Zeros) => true,
+                (Source::Layer(Some(a)), Source::Layer(Some(b))) => a == b,
+                _ => false,
+            };
+            if !same {
+                copied += self.copy_differing(writer, pos, n, sector, bufs)?;
+            }
+            pos += n;
+        }
+        Ok(copied)
+    }
+
+    /// Reads `[at, at + len)` from both chains and writes the old chain's bytes of every run
+    /// of differing sectors.
+    fn copy_differing(
+        &self,
+        writer: &Disk,
+        at: u64,
+        len: u64,
+        sector: u64,
+        bufs: &mut (Vec<u8>, Vec<u8>),
+    ) -> block_io::Result<u64> {
+        let n = len as usize;
+        let (a, b) = (&mut bufs.0[..n], &mut bufs.1[..n]);
+        self.old.read(a, at)?;
+        self.new.read(b, at)?;
+        let s = sector as usize;
+        let mut copied = 0;
+        let mut i = 0;
+        while i < n {
+            let differs = |i: usize| a[i..(i + s).min(n)] != b[i..(i + s).min(n)];
+            if !differs(i) {
+                i += s;
+                continue;
+            }
+            let mut j = i + s;
+            while j < n && differs(j) {
+                j += s;
+            }
+            let j = j.min(n);
+            writer.write_at(&a[i..j], at + i as u64)?;
+            copied += (j - i) as u64;
+            i = j;
+        }
+        Ok(copied)
+    }
 }
 
 fn verify(

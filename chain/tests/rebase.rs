@@ -1,6 +1,7 @@
 //! `chain::rebase` (unsafe, no copy): parents moved to other folders, children relinked; the
 //! chains open, verify and read exactly as before (model and libvhdi); a parent with another
-//! identity is refused and the child left byte-identical.
+//! identity is refused and the child left byte-identical. The copying rebase is tested in
+//! `rebase_copy.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -14,7 +15,7 @@ use chain::{ChainError, Disk, LinkCheck, OpenOptions, PathPolicy, RebaseOptions}
 fn unsafe_opts() -> RebaseOptions {
     RebaseOptions {
         unsafe_no_copy: true,
-        format: None,
+        ..RebaseOptions::default()
     }
 }
 
@@ -180,18 +181,23 @@ fn refusals(fmt: Fmt) {
     );
     assert!(msg.contains(&want) && msg.contains(&have), "{msg}");
     assert_eq!(std::fs::read(&paths[1]).unwrap(), child_bytes);
-    // Without -u: refused, nothing written.
-    let e = chain::rebase(&paths[1], &paths[0], &RebaseOptions::default()).unwrap_err();
-    assert!(matches!(e, ChainError::RebaseRefused { .. }), "{e:?}");
-    assert!(e.to_string().contains("not implemented"), "{e}");
+    // An image is never its own parent, in either mode.
+    for opts in [unsafe_opts(), RebaseOptions::default()] {
+        let e = chain::rebase(&paths[1], &paths[1], &opts).unwrap_err();
+        assert!(matches!(e, ChainError::RebaseRefused { .. }), "{e:?}");
+        assert!(e.to_string().contains("cannot be its own parent"), "{e}");
+    }
     // A base image has no parent to change; the other format is no parent.
     let e = chain::rebase(&paths[0], &other, &unsafe_opts()).unwrap_err();
     assert!(matches!(e, ChainError::RebaseRefused { .. }), "{e:?}");
     let alien_fmt = if fmt == Fmt::Vhd { Fmt::Vhdx } else { Fmt::Vhd };
     let alien = d.path().join(format!("alien.{}", alien_fmt.ext()));
     drop(create_base(alien_fmt, &alien, SIZE));
-    let e = chain::rebase(&paths[1], &alien, &unsafe_opts()).unwrap_err();
-    assert!(matches!(e, ChainError::RebaseRefused { .. }), "{e:?}");
+    for opts in [unsafe_opts(), RebaseOptions::default()] {
+        let e = chain::rebase(&paths[1], &alien, &opts).unwrap_err();
+        assert!(matches!(e, ChainError::RebaseRefused { .. }), "{e:?}");
+        assert!(e.to_string().contains("parent;"), "{e}");
+    }
     assert_eq!(std::fs::read(&paths[1]).unwrap(), child_bytes);
 }
 

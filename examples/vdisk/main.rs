@@ -273,11 +273,17 @@ enum Cmd {
         /// Image file.
         image: PathBuf,
     },
-    /// Point a differencing image at its moved or copied parent (same content, verified).
+    /// Point a differencing image at another parent, keeping its content (as qemu-img rebase;
+    /// -u: only relink onto a moved or copied parent, same content verified).
     Rebase {
-        /// Unsafe (no copy): change only the parent link; required, copying is not implemented.
+        /// Unsafe (no copy): change only the parent link; the new parent must be the same
+        /// content as the old one. Without -u, the data the image reads through its old parent
+        /// and would read differently through the new one is copied into it first.
         #[arg(short = 'u')]
         unsafe_: bool,
+        /// Show a progress bar (copying rebase).
+        #[arg(short = 'p')]
+        progress: bool,
         /// The new parent image.
         #[arg(short = 'b')]
         backing: PathBuf,
@@ -496,10 +502,11 @@ fn main() -> ExitCode {
         } => io_cmd::run(&image, format.as_deref(), read_only, &commands),
         Cmd::Rebase {
             unsafe_,
+            progress,
             backing,
             format,
             image,
-        } => rebase::run(&image, &backing, format.as_deref(), unsafe_),
+        } => rebase::run(&image, &backing, format.as_deref(), unsafe_, progress),
         Cmd::Demo { keep } => demo::run(keep),
         Cmd::Bench(args) => bench::run(args),
         Cmd::Token(args) => token::run(args),
