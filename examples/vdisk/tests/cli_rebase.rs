@@ -1,6 +1,7 @@
 //! `vdisk rebase -u -b NEWPARENT IMG`: a chain moved to other folders is relinked and reads,
 //! checks and verifies exactly as before; a parent with other content is refused and the
-//! child left byte-identical; without `-u` nothing happens.
+//! child left byte-identical. `vdisk rebase -b NEWPARENT IMG` (copying): the image reads as
+//! before over another parent; self-parent, wrong format and a missing old parent refused.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -144,13 +145,115 @@ fn rebase_onto_other_content_is_refused_and_writes_nothing() {
         );
         assert_eq!(std::fs::read(&child).unwrap(), bytes, "{fmt}");
 
-        let o = vdisk(&["rebase", "-b", &base, &child]);
-        assert!(!o.status.success(), "{fmt}");
+        assert_eq!(chain[0]["link"]["verified"], true, "{fmt}");
+    }
+}
+
+/// stderr of a failed `vdisk ARGS`: one line, holding every one of `needles`.
+fn fails_with(args: &[&str], needles: &[&str]) {
+    let o = vdisk(args);
+    assert!(!o.status.success(), "{args:?}: {o:?}");
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: no {n:?} in {err}");
+    }
+}
+
+/// `vdisk rebase -b NEW IMG` without -u copies what the image needs: it reads the same as a
+/// flattened copy taken before, now over NEW; refusals are one line naming the cause.
+#[test]
+fn copying_rebase_keeps_the_content() {
+    for (fmt, other_fmt) in [("vhd", "vhdx"), ("vhdx", "vhd")] {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        let [a, b, c, c2, alien] = ["a", "b", "c", "c2", "alien"].map(|n| {
+            let ext = if n == "alien" { other_fmt } else { fmt };
+            p(dir, &format!("{n}.{ext}"))
+        });
+        vdisk_ok(&["create", "-f", fmt, &a, "16M"]);
+        vdisk_ok(&["io", &a, "-c", "write -P 1 0 4M", "-c", "write -P 3 8M 1M"]);
+        vdisk_ok(&["create", "-f", fmt, &b, "16M"]);
+        // Equal to A in [0, 2M), different in [2M, 4M), zeros where A has [8M, 9M), data
+        // where A has none.
+        vdisk_ok(&[
+            "io",
+            &b,
+            "-c",
+            "write -P 1 0 2M",
+            "-c",
+            "write -P 2 2M 2M",
+            "-c",
+            "write -P 4 12M 1M",
+        ]);
+        vdisk_ok(&["create", "-f", fmt, "-b", &a, &c]);
+        vdisk_ok(&[
+            "io",
+            &c,
+            "-c",
+            "write -P 9 1M 64k",
+            "-c",
+            "write -P 8 3M 4k",
+        ]);
+        let before = p(dir, "before.raw");
+        vdisk_ok(&["convert", "-O", "raw", &c, &before]);
+
+        let o = vdisk(&["rebase", "-p", "-b", &b, &c]);
+        assert_ok(o, "rebase");
+        let o = vdisk(&["compare", &before, &c]);
+        assert_eq!(o.status.code(), Some(0), "{fmt}: {o:?}");
         assert!(
-            String::from_utf8_lossy(&o.stderr).contains("-u"),
+            String::from_utf8_lossy(&o.stdout).contains("identical"),
             "{fmt}: {o:?}"
         );
-        assert_eq!(std::fs::read(&child).unwrap(), bytes, "{fmt}");
+        let chain = backing_chain(dir, &c);
+        assert_eq!(chain.len(), 2, "{fmt}");
         assert_eq!(chain[0]["link"]["verified"], true, "{fmt}");
+        assert_eq!(
+            Path::new(chain[0]["link"]["parent"].as_str().unwrap()),
+            std::fs::canonicalize(&b).unwrap()
+        );
+        let o = vdisk(&["check", &c]);
+        assert_eq!(o.status.code(), Some(0), "{fmt} check: {o:?}");
+        let reads = vdisk(&[
+            "io",
+            "-r",
+            &c,
+            "-c",
+            "read -P 1 0 1M",
+            "-c",
+            "read -P 9 1M 64k",
+            "-c",
+            "read -P 1 2M 1M",
+            "-c",
+            "read -P 8 3M 4k",
+            "-c",
+            "read -P 3 8M 1M",
+            "-c",
+            "read -P 0 12M 1M",
+        ]);
+        assert_ok(reads, "io -r");
+
+        // Refusals, each one line naming its cause.
+        for u in [&[][..], &["-u"][..]] {
+            let mut args = vec!["rebase"];
+            args.extend(u);
+            args.extend(["-b", &c, &c]);
+            fails_with(&args, &["cannot be its own parent"]);
+        }
+        fails_with(&["rebase", "-b", &c, &b], &["not a differencing image"]);
+        vdisk_ok(&["create", "-f", other_fmt, &alien, "16M"]);
+        let needs = format!("needs a {fmt} parent");
+        fails_with(&["rebase", "-b", &alien, &c], &[&needs]);
+        vdisk_ok(&["create", "-f", fmt, "-b", &a, &c2]);
+        let bytes = std::fs::read(&c2).unwrap();
+        std::fs::rename(&a, p(dir, "moved-away")).unwrap();
+        fails_with(
+            &["rebase", "-b", &b, &c2],
+            &["current parent chain", &format!("a.{fmt}")],
+        );
+        assert_eq!(std::fs::read(&c2).unwrap(), bytes, "{fmt}");
+        // -u does not read the old parent, but B is not its content.
+        fails_with(&["rebase", "-u", "-b", &b, &c2], &["not the same content"]);
     }
 }
