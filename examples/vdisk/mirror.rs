@@ -1,5 +1,5 @@
 //! `vdisk mirror IMG --to nbd://HOST:PORT/NAME [--timing before|after|split] [--rate BYTES/S]
-//! [-p]`: moves a disk (any chain) to an NBD export on another host with the mirror job of
+//! [-p]` (or `--to nbds://...` with `--nbd-tls-creds DIR`: over TLS): moves a disk (any chain) to an NBD export on another host with the mirror job of
 //! `meta_ops` (issue 15 part 2). Here no guest runs, so the job has the disk to itself; the
 //! export ends byte-exact with IMG, flushed. The export must have IMG's virtual size; holes
 //! are skipped when it reads as zeros everywhere, else written as zeros. Prints the bytes
@@ -23,7 +23,8 @@ use crate::{job_err, CliError, CliResult};
 /// `vdisk mirror` arguments.
 #[derive(Debug, clap::Args)]
 pub struct MirrorArgs {
-    /// The NBD export to move the disk to (nbd://HOST[:PORT]/NAME or nbd+unix:///NAME?socket=PATH).
+    /// The NBD export to move the disk to (nbd://HOST[:PORT]/NAME, nbd+unix:///NAME?socket=PATH,
+    /// or nbds://HOST[:PORT]/NAME with --nbd-tls-creds DIR: TLS, the bulk data encrypted).
     #[arg(long)]
     pub to: String,
     /// When a guest would move: before (disk first), after (guest first, reads of blocks not
@@ -52,21 +53,18 @@ pub fn parse_timing(s: &str) -> Result<MirrorTiming, String> {
 }
 
 /// Connects to the export at `url` as a mirror's destination for a disk of `size` bytes
-/// (named `what` in errors): plain `nbd://` only, the same size.
+/// (named `what` in errors): `nbd://`, `nbd+unix://`, or `nbds://` with the client
+/// credentials of `--nbd-tls-creds` (qemu's layout: the CA that signed the server's
+/// certificate, and a client certificate when the server verifies peers); the same size.
 pub fn open_destination(
     url: &str,
     size: u64,
     what: &str,
 ) -> Result<Arc<dyn BlockDevice>, CliError> {
-    if url.to_ascii_lowercase().starts_with("nbds") {
-        return Err(CliError::new(
-            "vdisk mirror does not take nbds:// (TLS) destinations yet",
-        ));
-    }
     // Several connections when the export allows it (multi-conn), as nbdcopy uses.
     let opts = NbdClientOptions {
         connections: 4,
-        ..NbdClientOptions::default()
+        ..crate::remote::nbd_options(url, false)?
     };
     let dest = NbdClient::open(url, opts).map_err(|e| {
         CliError::new(format!(

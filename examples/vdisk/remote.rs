@@ -90,8 +90,9 @@ fn url_str(p: &Path) -> Result<&str, CliError> {
         .ok_or_else(|| CliError::new(format!("{} is not valid UTF-8", p.display())))
 }
 
-/// NBD client options: read-only or not, TLS from `--nbd-tls-creds`.
-fn nbd_options(url: &str, read_only: bool) -> Result<NbdClientOptions, CliError> {
+/// NBD client options: read-only or not, TLS from `--nbd-tls-creds` (an `nbds://` URL
+/// without them is refused, naming the flag).
+pub fn nbd_options(url: &str, read_only: bool) -> Result<NbdClientOptions, CliError> {
     let tls = match NBD_TLS_CREDS.get() {
         Some(dir) => Some(TlsOptions::from_qemu_creds_dir(dir).map_err(|e| {
             CliError::new(format!(

@@ -200,3 +200,149 @@ fn serve_nbd_refuses_bad_tls_options() {
     let o = vdisk(&["serve", "--socket", &sock, "--tls-creds", s, &img]);
     assert!(!o.status.success());
 }
+
+/// A chain and the image `vdisk mirror` moves it into: a VHDX base with data, a child over
+/// it with its own writes and a zeroed range, and host B's raw disk full of junk (so holes
+/// must be written). Returns (top, b).
+fn mirror_fixture(dir: &tempfile::TempDir) -> (String, String) {
+    let base = p(dir, "base.vhdx");
+    let top = p(dir, "top.vhdx");
+    vdisk_ok(&["create", "-f", "vhdx", &base, "16M"]);
+    vdisk_ok(&[
+        "io",
+        &base,
+        "-c",
+        "write -P 7 0 3M",
+        "-c",
+        "write -P 8 12M 1M",
+    ]);
+    vdisk_ok(&["create", "-f", "vhdx", "-b", &base, &top]);
+    vdisk_ok(&[
+        "io",
+        &top,
+        "-c",
+        "write -P 9 1M 1M",
+        "-c",
+        "write -z 12M 64k",
+    ]);
+    let b = p(dir, "b.raw");
+    std::fs::write(&b, vec![0xA5u8; 16 << 20]).unwrap();
+    (top, b)
+}
+
+#[test]
+fn mirror_to_an_nbds_export_of_vdisk_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("cli test CA");
+    let server = ca.creds(dir.path(), "server", Some("server"));
+    let client = ca.creds(dir.path(), "client", Some("client"));
+    let (top, b) = mirror_fixture(&dir);
+    let (child, err, port) = serve(&[
+        "--export",
+        "disk",
+        "--tls-creds",
+        server.to_str().unwrap(),
+        "--tls-verify-peer",
+        &b,
+    ]);
+    let url = format!("nbds://127.0.0.1:{port}/disk");
+    // Without credentials: refused before connecting, naming the flag.
+    let o = vdisk(&["mirror", "--to", &url, &top]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("--nbd-tls-creds"), "{e}");
+    // A plain connection to a server that requires TLS fails and says why.
+    let o = vdisk(&[
+        "mirror",
+        "--to",
+        &format!("nbd://127.0.0.1:{port}/disk"),
+        &top,
+    ]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("TLS"), "{e}");
+    let v = vdisk_json(&[
+        "--nbd-tls-creds",
+        client.to_str().unwrap(),
+        "mirror",
+        "--to",
+        &url,
+        "--timing",
+        "after",
+        "--output",
+        "json",
+        &top,
+    ]);
+    assert!(v["data_bytes"].as_u64().unwrap() >= 4 << 20, "{v}");
+    let (status, log) = stop(child, err);
+    assert!(status.success(), "serve exit {status:?}: {log}");
+    vdisk_ok(&["compare", &top, &b]);
+}
+
+#[test]
+fn mirror_to_an_nbds_export_of_qemu_nbd() {
+    let Some(qemu_nbd) = oracle("qemu-nbd") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("cli test CA");
+    let server = ca.creds(dir.path(), "server", Some("server"));
+    // qemu-nbd verifies its peers by default (tls-creds-x509 verify-peer=on).
+    let client = ca.creds(dir.path(), "client", Some("client"));
+    let (top, b) = mirror_fixture(&dir);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let obj = format!(
+        "tls-creds-x509,id=tls0,endpoint=server,dir={}",
+        server.display()
+    );
+    let mut nbd = std::process::Command::new(qemu_nbd)
+        .args([
+            "--object",
+            &obj,
+            "--tls-creds",
+            "tls0",
+            "-f",
+            "raw",
+            "-x",
+            "disk",
+        ])
+        .args([
+            "-b",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-e",
+            "8",
+            "-t",
+            &b,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("qemu-nbd.log")).unwrap())
+        .spawn()
+        .unwrap();
+    assert!(
+        block_io::testing::wait_for_port(port, std::time::Duration::from_secs(20)),
+        "qemu-nbd never listened"
+    );
+    let o = vdisk(&[
+        "--nbd-tls-creds",
+        client.to_str().unwrap(),
+        "mirror",
+        "--to",
+        &format!("nbds://127.0.0.1:{port}/disk"),
+        &top,
+    ]);
+    let _ = nbd.kill();
+    let _ = nbd.wait();
+    assert!(
+        o.status.success(),
+        "{}; qemu-nbd: {}",
+        text(&o),
+        std::fs::read_to_string(dir.path().join("qemu-nbd.log")).unwrap_or_default()
+    );
+    vdisk_ok(&["compare", &top, &b]);
+}
