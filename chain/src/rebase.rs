@@ -746,6 +746,174 @@ mod tests {
         assert!(n.parent_linkage2() == Some(g));
     }
 
+    /// Crash tests of the copying rebase: A and B (differing in [1M, 3M)), C over A holding
+    /// part of a block there, on a [`block_io::FaultStorage`] cut at every write and sync.
+    mod crash {
+        use super::super::*;
+        use block_io::{CutPoint, FaultStorage, MemStorage};
+
+        const SIZE: u64 = 8 << 20;
+        const MIB: usize = 1 << 20;
+
+        fn base(fmt: Format, data: &[(usize, usize, u8)]) -> Arc<MemStorage> {
+            let mem = Arc::new(MemStorage::new());
+            let dev: Box<dyn BlockDevice> = match fmt {
+                Format::Vhdx => {
+                    let mut o = vhdx_format::CreateOptions::dynamic(SIZE);
+                    o.block_size = Some(1 << 20);
+                    Box::new(vhdx_format::create(mem.clone(), &o).unwrap())
+                }
+                _ => {
+                    let mut o =
+                        vhd_format::CreateOptions::new(SIZE, vhd_format::Subformat::Dynamic);
+                    o.block_size = 512 * 1024;
+                    Box::new(vhd_format::VhdFile::create(mem.clone(), &o).unwrap())
+                }
+            };
+            for &(off, len, byte) in data {
+                dev.write_at(&vec![byte; len], off as u64).unwrap();
+            }
+            dev.flush().unwrap();
+            drop(dev);
+            mem
+        }
+
+        fn layer(name: &str, mem: &MemStorage) -> Layer {
+            crate::layer::open_layer_from_storage(Path::new(name), mem.clone(), None, true).unwrap()
+        }
+
+        /// The child of `a` with 4 KiB of its own at 1 MiB + 4 KiB.
+        fn child(fmt: Format, a: &MemStorage) -> MemStorage {
+            let mem = Arc::new(MemStorage::new());
+            let parent = layer("a", a);
+            let dev: Box<dyn BlockDevice> = match (fmt, parent.identity) {
+                (
+                    Format::Vhdx,
+                    Identity::Vhdx {
+                        data_write_guid, ..
+                    },
+                ) => {
+                    let pref = vhdx_format::ParentRef {
+                        data_write_guid,
+                        relative_path: ".\\a".into(),
+                        absolute_path: Some("/x/a".into()),
+                    };
+                    let mut o = vhdx_format::CreateOptions::differencing(SIZE, pref);
+                    o.block_size = Some(1 << 20);
+                    Box::new(vhdx_format::create(mem.clone(), &o).unwrap())
+                }
+                _ => {
+                    let f = vhd_format::VhdFile::open(
+                        a.clone(),
+                        &vhd_format::OpenOptions::new().read_only(true),
+                    )
+                    .unwrap();
+                    let mut o = vhd_format::DifferencingOptions::for_parent(
+                        &f.details(),
+                        "/x/a",
+                        Some("/x/a".into()),
+                        Some(".\\a".into()),
+                    );
+                    o.block_size = 512 * 1024;
+                    Box::new(vhd_format::VhdFile::create_differencing(mem.clone(), &o).unwrap())
+                }
+            };
+            dev.write_at(&[0xC0; 4096], (MIB + 4096) as u64).unwrap();
+            dev.flush().unwrap();
+            drop(dev);
+            (*mem).clone()
+        }
+
+        fn read_all(d: &Disk) -> Vec<u8> {
+            let mut v = vec![0u8; SIZE as usize];
+            d.read_at(&mut v, 0).unwrap();
+            v
+        }
+
+        fn sweep(fmt: Format) {
+            let a = base(fmt, &[(0, 3 * MIB, 0xA1), (5 * MIB, MIB, 0xA5)]);
+            let b = base(
+                fmt,
+                &[(0, MIB, 0xA1), (MIB, MIB, 0xB2), (5 * MIB, MIB, 0xA5)],
+            );
+            let c = child(fmt, &a);
+            let (la, lb) = (layer("a", &a), layer("b", &b));
+            let lc = layer("c", &c);
+            let model = read_all(&Disk::from_layers(vec![lc.clone(), la.clone()], false).unwrap());
+            let new = Disk::from_layers(vec![lb.clone()], false).unwrap();
+            let relink = Relink {
+                identity: lb.identity,
+                relative: ".\\b".into(),
+                absolute: "/x/b".into(),
+            };
+            let sector = if fmt == Format::Vhd { 4096 } else { 512 };
+            let run = |cut: Option<u64>| {
+                let fault = Arc::new(FaultStorage::new(c.clone()).with_sector_size(sector));
+                if let Some(n) = cut {
+                    fault.set_cut(CutPoint::AfterOps(n));
+                }
+                let job = CopyJob {
+                    child: Path::new("c"),
+                    format: fmt,
+                    identity: lc.identity,
+                    link: lc.parent.clone().unwrap(),
+                    old: vec![la.clone()],
+                    new: &new,
+                    relink: &relink,
+                };
+                let r = job.run(fault.clone(), &mut |_| {});
+                (fault, r)
+            };
+            let (fault, r) = run(None);
+            let p = r.unwrap();
+            // [1M, 3M) differs, less C's own 4 KiB.
+            assert_eq!(p.copied, 2 * MIB as u64 - 4096);
+            let total = fault.ops();
+            let (mut on_old, mut on_new) = (0, 0);
+            for n in 0..=total {
+                let (fault, r) = run(Some(n));
+                if r.is_ok() {
+                    // A rebase that returned is durable: the link names B.
+                    let img = fault.durable_image();
+                    let l = crate::layer::open_layer_from_storage(Path::new("c"), img, None, true)
+                        .unwrap();
+                    assert!(l.parent.unwrap().expected.matches(&lb.identity), "cut {n}");
+                }
+                for seed in 0..4 {
+                    let img = fault.crash_image(seed);
+                    let l = crate::layer::open_layer_from_storage(Path::new("c"), img, None, true)
+                        .unwrap_or_else(|e| panic!("{fmt}: cut {n} seed {seed}: {e}"));
+                    let expected = &l.parent.as_ref().unwrap().expected;
+                    let parent = if expected.matches(&la.identity) {
+                        on_old += 1;
+                        la.clone()
+                    } else if expected.matches(&lb.identity) {
+                        on_new += 1;
+                        lb.clone()
+                    } else {
+                        panic!("{fmt}: cut {n} seed {seed}: links neither A nor B");
+                    };
+                    let d = Disk::from_layers(vec![l, parent], false).unwrap();
+                    assert!(read_all(&d) == model, "{fmt}: cut {n} seed {seed}: content");
+                }
+            }
+            assert!(
+                on_old > 0 && on_new > 0,
+                "{fmt}: {on_old} old, {on_new} new"
+            );
+        }
+
+        #[test]
+        fn vhdx_every_cut_reads_the_same_on_the_old_or_new_parent() {
+            sweep(Format::Vhdx);
+        }
+
+        #[test]
+        fn vhd_every_cut_reads_the_same_on_the_old_or_new_parent() {
+            sweep(Format::Vhd);
+        }
+    }
+
     #[test]
     fn relative_paths_windows_style() {
         let d = tempfile::tempdir().unwrap();
