@@ -17,10 +17,11 @@
 //!
 //! The key file (`--key-file`, else `$VDISK_TOKEN_KEY`, else
 //! `$XDG_CONFIG_HOME/vdisk/token.key` or `~/.config/vdisk/token.key`) holds this provider's
-//! id and HMAC keys. `read` creates it (mode 0600, random key) if it is missing; `write` and
-//! `inspect` need it. Anyone who can read it can mint and redeem tokens: keep it private.
-//! Tokens are minted for the calling user (uid) alone; the operating system's file
-//! permissions decide which images that user may read and write.
+//! id and HMAC keys. `read` creates it (mode 0600, random key) if it is missing, once the
+//! token is minted (a `read` that fails leaves none behind); `write` and `inspect` need it.
+//! Anyone who can read it can mint and redeem tokens: keep it private. Tokens are minted
+//! for the calling user (uid) alone; the operating system's file permissions decide which
+//! images that user may read and write.
 //!
 //! Immutability across processes: no registry outlives one command, so a token records the
 //! source image's path and a stamp of its files (for every layer of its chain: device,
@@ -238,10 +239,6 @@ fn read(
     ttl: Option<u64>,
     out: Option<&Path>,
 ) -> CliResult {
-    let (kf, created) = KeyFile::load_or_create(key_path).map_err(|e| err(&e))?;
-    if created {
-        eprintln!("vdisk: created provider key file {}", key_path.display());
-    }
     let canonical = std::fs::canonicalize(image).map_err(|e| io_err("resolve", image, e))?;
     let locator = canonical.as_os_str().as_bytes().to_vec();
     if locator.len() > ot::MAX_LOCATOR {
@@ -265,9 +262,28 @@ fn read(
         source_stamp: stamp,
         locator,
     };
-    let r = provider(&kf)
-        .offload_read_with(&local_principal(), &src, &req)
-        .map_err(|e| err(&e))?;
+    let mint = |kf: &KeyFile| {
+        provider(kf)
+            .offload_read_with(&local_principal(), &src, &req)
+            .map_err(|e| err(&e))
+    };
+    // A missing key file is made only once a token was minted with its key: a read that
+    // fails (bad arguments, an unreadable image) leaves nothing behind.
+    let r = match KeyFile::load_if_exists(key_path).map_err(|e| err(&e))? {
+        Some(kf) => mint(&kf)?,
+        None => {
+            let fresh = KeyFile::generate();
+            let r = mint(&fresh)?;
+            let (kf, created) = fresh.create(key_path).map_err(|e| err(&e))?;
+            if created {
+                eprintln!("vdisk: created provider key file {}", key_path.display());
+                r
+            } else {
+                // Another command created the file meanwhile: seal with its key instead.
+                mint(&kf)?
+            }
+        }
+    };
     let mut info = Vec::new();
     info.push(if r.token.is_zero() {
         "token: zero-data (STORAGE_OFFLOAD_TOKEN_TYPE_ZERO_DATA)".to_string()

@@ -169,12 +169,36 @@ impl KeyFile {
         Self::parse(&text, path)
     }
 
+    /// Loads the file at `path` if it exists (`None` if it does not), refusing one that
+    /// others may access.
+    pub fn load_if_exists(path: &Path) -> Result<Option<Self>, KeyFileError> {
+        match Self::load(path) {
+            Ok(kf) => Ok(Some(kf)),
+            Err(KeyFileError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Loads the file at `path`, creating it with a fresh key first if it does not exist.
     /// Returns the key file and whether it was created.
     pub fn load_or_create(path: &Path) -> Result<(Self, bool), KeyFileError> {
-        if path.exists() {
-            return Self::load(path).map(|k| (k, false));
+        match Self::load_if_exists(path)? {
+            Some(kf) => Ok((kf, false)),
+            None => Self::generate().create(path),
         }
+    }
+
+    /// Writes this key file to `path`, which must not exist yet (mode 0600, missing folders
+    /// 0700), atomically: if another process creates the file meanwhile, its key file is
+    /// loaded and returned instead. Returns the key file now at `path` and whether it is
+    /// this one. For a caller that generates a key, uses it, and keeps it only if that
+    /// worked (a token minted with it must then be minted again with the returned key when
+    /// the flag is false).
+    pub fn create(self, path: &Path) -> Result<(Self, bool), KeyFileError> {
         let io = |op, p: &Path| {
             let p = p.to_path_buf();
             move |source| KeyFileError::Io {
@@ -190,7 +214,6 @@ impl KeyFile {
                 .create(dir)
                 .map_err(io("create the folder of", dir))?;
         }
-        let kf = Self::generate();
         let mut aside = path.as_os_str().to_owned();
         aside.push(format!(".{}.tmp", std::process::id()));
         let aside = PathBuf::from(aside);
@@ -200,7 +223,7 @@ impl KeyFile {
                 .create_new(true)
                 .mode(0o600)
                 .open(&aside)?;
-            f.write_all(kf.to_text().as_bytes())?;
+            f.write_all(self.to_text().as_bytes())?;
             f.sync_all()
         })();
         written.map_err(io("write", &aside))?;
@@ -208,7 +231,7 @@ impl KeyFile {
         let linked = fs::hard_link(&aside, path);
         let _ = fs::remove_file(&aside);
         match linked {
-            Ok(()) => Ok((kf, true)),
+            Ok(()) => Ok((self, true)),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 Self::load(path).map(|k| (k, false))
             }
@@ -248,7 +271,18 @@ mod tests {
         let (b, created) = KeyFile::load_or_create(&p).unwrap();
         assert!(!created);
         assert_eq!(a.provider, b.provider);
+        // A key created by another process meanwhile wins over ours.
+        let (c, created) = KeyFile::generate().create(&p).unwrap();
+        assert!(!created);
+        assert_eq!(c.provider, a.provider);
+        assert!(KeyFile::load_if_exists(&d.path().join("none"))
+            .unwrap()
+            .is_none());
         fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            KeyFile::load_if_exists(&p),
+            Err(KeyFileError::Permissions { .. })
+        ));
         assert!(matches!(
             KeyFile::load(&p),
             Err(KeyFileError::Permissions { .. })

@@ -279,3 +279,81 @@ fn offload_copy_between_two_provider_processes() {
     vdisk_ok(&["check", &dst3]);
     vdisk_ok(&["info", &dst3]);
 }
+
+/// Rewrites a VHDX's region-table entry counts so neither table's checksum matches.
+fn break_region_tables(path: &str) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    for table in [192u64 << 10, 256 << 10] {
+        f.write_all_at(&5u32.to_le_bytes(), table + 8).unwrap();
+    }
+}
+
+/// The files named `token.key` under `dir`, at any depth.
+fn key_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else if path.file_name().is_some_and(|n| n == "token.key") {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+// `token read` on a malformed image created the default key file, then failed to open it.
+#[test]
+fn failed_read_leaves_no_key_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    // The default key path ($XDG_CONFIG_HOME/vdisk/token.key), inside the test's folder.
+    let read = |args: &[&str]| {
+        std::process::Command::new(vdisk_bin())
+            .arg("token")
+            .arg("read")
+            .args(args)
+            .env("HOME", &home)
+            .env("XDG_CONFIG_HOME", home.join(".config"))
+            .env_remove("VDISK_TOKEN_KEY")
+            .output()
+            .unwrap()
+    };
+    let bad = p(&dir, "b.vhdx");
+    vdisk_ok(&["create", "-f", "vhdx", &bad, "4M"]);
+    break_region_tables(&bad);
+    let good = p(&dir, "g.raw");
+    vdisk_ok(&["create", &good, "4M"]);
+    vdisk_ok(&["io", &good, "-c", "write -P 0x42 0 64k"]);
+    let missing = p(&dir, "missing.vhdx");
+    for (args, why) in [
+        (vec![bad.as_str(), "0", "4096"], "checksum mismatch"),
+        (vec![missing.as_str(), "0", "4096"], "missing.vhdx"),
+        (vec![good.as_str(), "100", "4096"], "offset"),
+        (vec![good.as_str(), "0", "0"], "zero bytes"),
+        (vec![good.as_str(), "8M", "4096"], "offset"),
+    ] {
+        let err = refused(read(&args), &format!("read {args:?}"));
+        assert!(err.contains(why), "read {args:?}: {err}");
+        assert!(!err.contains("token.key"), "read {args:?}: {err}");
+        assert_eq!(
+            key_files(dir.path()),
+            Vec::<std::path::PathBuf>::new(),
+            "{args:?}"
+        );
+    }
+    // A read that mints creates it, and says so.
+    let o = read(&[&good, "0", "4096"]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_ok(o, "read");
+    assert!(err.contains("created provider key file"), "{err}");
+    assert_eq!(
+        key_files(dir.path()),
+        vec![home.join(".config/vdisk/token.key")]
+    );
+}
