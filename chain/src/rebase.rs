@@ -227,7 +227,7 @@ fn rebase_unsafe(child: &Path, new_parent: &Path, opts: &RebaseOptions) -> Resul
     Ok(())
 }
 
-/// The copying rebase: checks, then [`copy_and_relink`] on the child opened writable.
+/// The copying rebase: checks, then [`CopyJob::run`] on the child opened writable.
 fn rebase_copying(
     child: &Path,
     new_parent: &Path,
