@@ -1,7 +1,8 @@
 //! # chain
 //!
 //! Opens any image with its parents and gives one [`block_io::BlockDevice`]:
-//! - [`detect`]: the format by content (VHDX signature, VHD footer cookie, else raw);
+//! - [`detect`](fn@detect): the format by content (VHDX signature, VHD footer cookie, else
+//!   raw);
 //! - [`PathPolicy`]: parent paths from the child's locators, resolved inside the child's
 //!   folder tree or configured roots, with Windows separators and drive letters handled;
 //! - lineage: a child's recorded parent identity (VHDX `parent_linkage`/`parent_linkage2`
@@ -12,9 +13,9 @@
 //! - image locks shared with QEMU on every layer ([`OpenOptions::lock`]): a writable top
 //!   excludes other writers, parents refuse writers while a child is open on them, and
 //!   [`block_io::LockMode::Off`] (`-U`, force share) skips them;
-//! - [`rebase`]: point a child at another parent, copying what it needs to keep its content
-//!   (qemu-img rebase), or at a moved or copied parent (same content, verified) by rewriting
-//!   only its parent locator.
+//! - [`rebase`](fn@rebase): point a child at another parent, copying what it needs to keep
+//!   its content (qemu-img rebase), or at a moved or copied parent (same content, verified)
+//!   by rewriting only its parent locator.
 //! - [`cor`]: copy-on-read from a remote parent into a local replica, which then becomes
 //!   the child's local parent (streaming).
 //! - [`remote`]: images on web servers, object stores and NBD exports as the top of a chain,

@@ -40,7 +40,7 @@
 //!   VHD or VHDX read-only (`vdisk serve --nbd --read-only`), puts a line
 //!   `vdisk-identity: v1 size=N format=vhdx data-write-guid=G disk-id=D` (VHD: `format=vhd
 //!   unique-id=U timestamp=T`) into the export's `NBD_INFO_DESCRIPTION`, a text standard
-//!   clients only show to people ([`AdvertisedIdentity`]; `block_io::nbd::ExportInfo::identity`
+//!   clients only show to people (`AdvertisedIdentity`; `block_io::nbd::ExportInfo::identity`
 //!   finds the line). A child records it as it records a local parent of that format
 //!   (VHDX: `parent_linkage` = the DataWriteGuid; VHD: the parent unique id and timestamp),
 //!   and opening the chain checks the export's advertised identity and size against it: a
@@ -52,19 +52,31 @@
 //!   identity is the server's claim: it guards against a wrong or replaced parent, not
 //!   against a server that lies.
 //! - **Content fingerprint** (only with [`RemoteParents::AllowUnverified`]): for exports that
-//!   advertise nothing (qemu-nbd, nbdkit, a raw image), the child records a [`fingerprint`]
+//!   advertise nothing (qemu-nbd, nbdkit, a raw image), the child records a fingerprint
 //!   of the export (size and SHA-256 of 16 samples of 64 KiB spread over the disk, the first
 //!   and last included) where it records a parent identity (VHDX: as `parent_linkage`; VHD:
 //!   as the parent unique id, timestamp 0). Opening the chain computes the fingerprint again
 //!   (a mismatch is [`ChainError::LineageMismatch`]), and after every reconnect of the
 //!   client the next request waits for it to be computed once more (a change fails that
-//!   request and every later one with [`FingerprintChanged`], kind `Corrupt`). A fingerprint
+//!   request and every later one with `FingerprintChanged`, kind `Corrupt`). A fingerprint
 //!   detects a different size and any change inside the sampled 1 MiB; it cannot detect a
 //!   change elsewhere (a file system that rewrote a few blocks in the middle of the disk
 //!   keeps its fingerprint). Hence the explicit opt-in.
 //!
 //! NBD parents connect with default client options (reconnecting, no TLS): an `nbds://`
 //! parent cannot be opened by [`crate::Disk::open`] yet.
+//!
+#![cfg_attr(
+    feature = "remote",
+    doc = "The identity and fingerprint items: [`AdvertisedIdentity`], [`fingerprint`], \
+           [`fingerprint_identity`], [`FingerprintChanged`]."
+)]
+#![cfg_attr(
+    not(feature = "remote"),
+    doc = "The identity and fingerprint items (`AdvertisedIdentity`, `fingerprint`, \
+           `fingerprint_identity`, `FingerprintChanged`) need the crate feature `remote`; \
+           these docs were built without it."
+)]
 
 use std::path::{Path, PathBuf};
 
@@ -92,7 +104,13 @@ pub enum RemoteParents {
     /// identity, read-only (the CLI's choice).
     Allow,
     /// As [`Allow`](Self::Allow), and NBD exports that advertise no identity too, checked
-    /// only by their content [`fingerprint`] (see the module docs for what it cannot detect).
+    /// only by their content fingerprint
+    #[cfg_attr(
+        feature = "remote",
+        doc = "([`fingerprint`]; see the module docs for what it"
+    )]
+    #[cfg_attr(not(feature = "remote"), doc = "(see the module docs for what it")]
+    /// cannot detect).
     AllowUnverified,
 }
 
@@ -204,9 +222,14 @@ fn refused(child: &Path, url: &str, rule: &str) -> ChainError {
 /// Opens the NBD export at `url` read-only as the parent of `child` (a layer of
 /// `child_format`, or one about to be made), with default client options. The layer's
 /// identity is the one the export advertises, or, when it advertises none and `allow` is
-/// [`RemoteParents::AllowUnverified`], its [`fingerprint`] in the form a child of
-/// `child_format` records ([`fingerprint_identity`]); see the module docs. A child records
-/// this layer's identity; the caller checks it against what a child recorded.
+/// [`RemoteParents::AllowUnverified`], its content fingerprint in the form a child of
+/// `child_format` records
+#[cfg_attr(
+    feature = "remote",
+    doc = "([`fingerprint`], [`fingerprint_identity`]);"
+)]
+/// see the module docs. A child records this layer's identity; the caller checks it against
+/// what a child recorded.
 pub fn open_nbd_parent(
     child: &Path,
     url: &str,

@@ -28,7 +28,12 @@ pub enum JobKind {
     Commit,
     /// Unused space of an image returned, the file truncated ([`Job::compact`]).
     Compact,
-    /// A remote base pulled into its local replica ([`JobRunner::start_stream`]).
+    /// A remote base pulled into its local replica
+    #[cfg_attr(feature = "remote", doc = "([`JobRunner::start_stream`]).")]
+    #[cfg_attr(
+        not(feature = "remote"),
+        doc = "(`JobRunner::start_stream`, feature `remote`)."
+    )]
     Stream,
     /// The disk moved to another host's block device (an NBD export), the guest then moved
     /// onto it ([`Job::mirror`]).
@@ -141,6 +146,8 @@ pub struct Job {
     pub(crate) static_source: bool,
     /// Commit: the disk the guest moves to, when it is not the destination.
     pub(crate) switch_to: Option<Arc<dyn BlockDevice>>,
+    /// Commit: the chain the guest is on after the switch ([`Job::guest_chain`]).
+    pub(crate) guest_chain: Option<Arc<chain::Disk>>,
     /// Commit: run with guest writes paused, after the destination is flushed and before
     /// the guest moves (repointing the layer above the merged ones).
     pub(crate) before_switch: Option<crate::commit::Hook>,
@@ -182,6 +189,7 @@ impl Job {
             retire: Vec::new(),
             static_source: false,
             switch_to: None,
+            guest_chain: None,
             before_switch: None,
             compact: None,
             mirror: None,
@@ -205,6 +213,7 @@ impl Job {
             retire: Vec::new(),
             static_source: false,
             switch_to: None,
+            guest_chain: None,
             before_switch: None,
             compact: None,
             mirror: None,
@@ -255,6 +264,7 @@ impl Job {
             retire: Vec::new(),
             static_source: false,
             switch_to: None,
+            guest_chain: None,
             before_switch: None,
             compact: None,
             mirror: None,
@@ -367,7 +377,8 @@ impl JobRunner {
             .map(JobRunner::from_handle)
     }
 
-    /// The runtime jobs are spawned on.
+    /// The runtime jobs are spawned on (stream jobs start their own tasks on it).
+    #[cfg(feature = "remote")]
     pub(crate) fn runtime(&self) -> &tokio::runtime::Handle {
         &self.handle
     }

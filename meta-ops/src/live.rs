@@ -261,9 +261,11 @@ pub const MAX_BACK_OFF: Duration = Duration::from_millis(50);
 /// How a job's steps give way to a busy guest ([`LiveDisk::paced_step`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Pace {
-    /// Most percent of the time the steps take ([`JobOptions::busy_duty`]).
+    /// Most percent of the time the steps take
+    /// ([`JobOptions::busy_duty`](crate::JobOptions::busy_duty)).
     pub(crate) max_duty: u8,
-    /// Percent of its request rate the guest keeps ([`JobOptions::guest_share`]; 0: off).
+    /// Percent of its request rate the guest keeps
+    /// ([`JobOptions::guest_share`](crate::JobOptions::guest_share); 0: off).
     pub(crate) share: u8,
 }
 

@@ -3,9 +3,12 @@
 //! ODX-style offload tokens over any [`block_io::BlockDevice`]: minting on offload read,
 //! redeeming on offload write, and the registry that keeps tokens honest. The semantics are
 //! those of FSCTL_OFFLOAD_READ and FSCTL_OFFLOAD_WRITE (MS-FSCC 2.3.77-2.3.80). With the
-//! feature `transfer`, [`transfer`] copies between two independent providers (DESIGN.md,
-//! "Offload tokens"): a per-transfer CA, a versioned control protocol, and the data pulled
-//! by the destination from the source over NBD with mutual TLS 1.3.
+//! feature `transfer`, the module
+#![cfg_attr(feature = "transfer", doc = "[`transfer`]")]
+#![cfg_attr(not(feature = "transfer"), doc = "`transfer` (not in this build)")]
+//! copies between two independent providers (DESIGN.md, "Offload tokens"): a per-transfer
+//! CA, a versioned control protocol, and the data pulled by the destination from the source
+//! over NBD with mutual TLS 1.3.
 //!
 //! ## Token layout
 //!

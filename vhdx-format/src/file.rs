@@ -4,7 +4,8 @@
 //! log (2.3.3: into the file when writable, into an in-memory overlay when read-only), then
 //! reads a region table (2.2.3), the metadata (2.6) and the BAT (2.5) into memory as atomics,
 //! so reads never take a lock. Sectors absent from a differencing layer read as zeros here and
-//! are reported as [`BlockStatus::Unallocated`]; the chain reads them from the parent.
+//! are reported as [`BlockStatus::Unallocated`](block_io::BlockStatus::Unallocated); the
+//! chain reads them from the parent.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 

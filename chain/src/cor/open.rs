@@ -75,7 +75,8 @@ pub fn open_streaming(
     })
 }
 
-/// The remote parent named by `candidates`, with [`StreamOptions::nbd`] for an NBD one.
+/// The remote parent named by `candidates`, with the client options of `opts.nbd` for an
+/// NBD one (feature `remote`).
 fn open_remote(
     child: &Path,
     format: Format,
