@@ -901,6 +901,33 @@ mod tests {
                 on_old > 0 && on_new > 0,
                 "{fmt}: {on_old} old, {on_new} new"
             );
+
+            // A write that fails mid-copy: a typed error, and the link is unchanged.
+            let fault = Arc::new(FaultStorage::new(c.clone()));
+            fault.inject(block_io::Injection::WriteError {
+                nth: fault.writes() + 3,
+            });
+            let job = CopyJob {
+                child: Path::new("c"),
+                format: fmt,
+                identity: lc.identity,
+                link: lc.parent.clone().unwrap(),
+                old: vec![la.clone()],
+                new: &new,
+                relink: &relink,
+            };
+            let e = job.run(fault.clone(), &mut |_| {}).unwrap_err();
+            assert!(matches!(e, ChainError::RebaseCopy { .. }), "{fmt}: {e:?}");
+            let l = crate::layer::open_layer_from_storage(
+                Path::new("c"),
+                fault.live_image(),
+                None,
+                true,
+            )
+            .unwrap();
+            assert!(l.parent.as_ref().unwrap().expected.matches(&la.identity));
+            let d = Disk::from_layers(vec![l, la.clone()], false).unwrap();
+            assert!(read_all(&d) == model, "{fmt}: after a failed copy");
         }
 
         #[test]
