@@ -28,9 +28,10 @@
 //! (`finish_stream`, lineage kept). Such a chain cannot be committed or compacted.
 //!
 //! One job runs at a time, and a resize waits for none (it is refused while a job runs).
-//! After a commit, a convert or a mirror the guest is on another chain: resizing and compacting are
-//! then refused until `vdisk serve` is started again on the image the guest ended on (the
-//! reply of `job` names it). A top committed into its parent is stale afterwards: when serving
+//! After a commit or a convert the guest is on another chain, which `resize` and `commit` then
+//! work on (once `job` or `job-wait` has reported the job completed); compacting it needs
+//! `vdisk serve` started again on the image the guest ended on (the reply of `job` names it).
+//! After a mirror the guest is on another host's export: resize and commit are refused. A top committed into its parent is stale afterwards: when serving
 //! ends, a VHDX one is unlinked from its parent (`meta_ops::unlink_stale`), as `vdisk commit`
 //! does.
 
@@ -79,11 +80,15 @@ struct Running {
     result: Option<Value>,
     /// Where the guest is after the job (convert, commit), for the reply.
     guest_on: Option<PathBuf>,
+    /// The chain the guest is on after the job's switch (convert, commit), adopted as the
+    /// chain `resize` and `commit` work on once the job completed.
+    next_chain: Option<Arc<Disk>>,
 }
 
 struct State {
-    /// The chain the guest is on, while it is the one served from the start (or the one a
-    /// resize left): what `resize` and `commit` work on.
+    /// The chain the guest is on (the one served from the start, or the one a resize, a
+    /// commit or a convert left): what `resize` and `commit` work on. `None` after a mirror
+    /// (the guest is on another host's export).
     chain: Option<Arc<Disk>>,
     /// The top opened for compaction (`--cache writeback`, a VHD or VHDX top).
     compact: Option<Arc<CompactTarget>>,
@@ -103,6 +108,8 @@ pub struct Control {
     runner: JobRunner,
     image: PathBuf,
     format: Format,
+    /// `O_DIRECT` (`--cache none`): how a convert's destination is opened for the guest.
+    direct: bool,
     state: Mutex<State>,
     stop: AtomicBool,
     /// Open connections, shut down and joined by [`Control::finish`].
@@ -118,6 +125,8 @@ pub struct Opened {
     pub compact: Option<Arc<CompactTarget>>,
     /// The copy-on-read parent, when the parent is remote.
     pub cor: Option<Arc<CopyOnRead>>,
+    /// Opened with `O_DIRECT` (`--cache none`).
+    pub direct: bool,
 }
 
 /// Opens `image` for `vdisk serve --control`: a child of a remote parent served writable
@@ -133,16 +142,14 @@ pub fn open(image: &Path, read_only: bool, direct: bool) -> Result<Opened, CliEr
                     disk: Arc::new(st.disk),
                     compact: None,
                     cor: Some(st.cor),
+                    direct,
                 })
             }
             Err(StreamError::NotRemote { .. } | StreamError::NoParent { .. }) => {}
             Err(e) => return Err(CliError::new(crate::cause_chain(&e))),
         }
     }
-    let mut opts = crate::image::chain_options(None, read_only)?;
-    opts.direct = direct;
-    // As `vdisk serve` without a control socket: the guest reads ahead itself.
-    opts.random_access = !direct;
+    let opts = served_options(read_only, direct)?;
     if !read_only {
         if let Err(e) = vdisk::meta_ops::prepare_top(image, &opts.policy) {
             // The chain's own open below names what is wrong with it; only a commit needs this.
@@ -160,6 +167,7 @@ pub fn open(image: &Path, read_only: bool, direct: bool) -> Result<Opened, CliEr
             disk: Arc::new(disk),
             compact: None,
             cor: None,
+            direct,
         });
     }
     drop(disk);
@@ -169,7 +177,17 @@ pub fn open(image: &Path, read_only: bool, direct: bool) -> Result<Opened, CliEr
         disk,
         compact: Some(target),
         cor: None,
+        direct,
     })
+}
+
+/// How the guest's images are opened: as `vdisk serve` without a control socket, `O_DIRECT`
+/// or through the page cache without host readahead (the guest reads ahead itself).
+fn served_options(read_only: bool, direct: bool) -> Result<vdisk::chain::OpenOptions, CliError> {
+    let mut opts = crate::image::chain_options(None, read_only)?;
+    opts.direct = direct;
+    opts.random_access = !direct;
+    Ok(opts)
 }
 
 /// How `serve --control` opens a child over a remote parent, and finishes its stream.
@@ -197,6 +215,7 @@ impl Control {
             runner,
             image: image.to_path_buf(),
             format,
+            direct: opened.direct,
             state: Mutex::new(State {
                 chain: Some(opened.disk),
                 compact: opened.compact,
@@ -393,12 +412,14 @@ impl Control {
             }
         }
         let mut st = self.state.lk();
+        self.settle(&mut st);
         if st.job.as_ref().is_some_and(|j| j.handle.is_some()) || self.live.job_running() {
             return Err("a job is running: resize after it ends".into());
         }
-        let chain = st.chain.clone().ok_or(
-            "the guest is on another chain since a commit or convert: serve that image again to resize it",
-        )?;
+        let chain = st
+            .chain
+            .clone()
+            .ok_or("the guest is on another host's export since a mirror: resize it there")?;
         let current = self.live.info().virtual_size;
         let new_size = crate::resize::new_size(current, size).map_err(|e| e.message)?;
         if new_size < current && !shrink {
@@ -447,12 +468,13 @@ impl Control {
             rate = crate::size::parse_size(v).map_err(|e| e.message)?;
         }
         let mut st = self.state.lk();
+        self.settle(&mut st);
         if let Some(j) = &st.job {
-            if j.handle.as_ref().is_some_and(|h| !h.is_finished()) {
+            if j.handle.is_some() {
                 return Err(format!("a {} job is running", j.name));
             }
         }
-        let (name, job, guest_on): (&'static str, Job, Option<PathBuf>) = match cmd {
+        let (name, job, guest_on, next_chain): (&'static str, Job, Option<PathBuf>, _) = match cmd {
             "stream" => {
                 let cor = st
                     .cor
@@ -471,6 +493,7 @@ impl Control {
                     handle: Some(handle),
                     result: None,
                     guest_on: None,
+                    next_chain: None,
                 });
                 return Ok(json!({"job": "stream", "started": true}));
             }
@@ -481,7 +504,7 @@ impl Control {
                 let chain = st
                     .chain
                     .clone()
-                    .ok_or("the guest is on another chain since a commit or convert")?;
+                    .ok_or("the guest is on another host's export since a mirror")?;
                 let base = chain
                     .layers()
                     .get(1)
@@ -489,14 +512,15 @@ impl Control {
                     .ok_or("the image has no parent to commit into")?;
                 let job = Job::commit(chain, CommitOptions::new().retire(Retire::Keep))
                     .map_err(|e| crate::cause_chain(&e))?;
-                ("commit", job, Some(base))
+                let next = job.guest_chain();
+                ("commit", job, Some(base), next)
             }
             "compact" => {
                 let target = st.compact.clone().ok_or(
                     "compaction needs a VHD or VHDX top served writable with --cache writeback, \
                      and no resize, commit or convert since serving started",
                 )?;
-                ("compact", Job::compact(target), None)
+                ("compact", Job::compact(target), None, None)
             }
             "mirror" => {
                 let (_, url) = dest.ok_or("a destination is needed")?;
@@ -504,7 +528,7 @@ impl Control {
                 let dev = crate::mirror::open_destination(url, size, "the served disk")
                     .map_err(|e| e.message)?;
                 let job = Job::mirror(dev).timing(timing);
-                ("mirror", job, Some(PathBuf::from(url)))
+                ("mirror", job, Some(PathBuf::from(url)), None)
             }
             _ => {
                 let (format, path) = dest.ok_or("a destination is needed")?;
@@ -520,11 +544,23 @@ impl Control {
                 let img =
                     crate::image::create(format, &path, size, &[], None).map_err(|e| e.message)?;
                 if cmd == "convert" {
-                    let job = Job::convert(img.dev).pivot(Pivot::Switch);
-                    ("convert", job, Some(path))
+                    // The guest moves to the new image: it is opened as a one-layer chain the
+                    // way the served disk was (cache mode, no readahead), so that a resize or a
+                    // commit can work on it after the switch.
+                    drop(img);
+                    let opts = served_options(false, self.direct).map_err(|e| e.message)?;
+                    let disk = Arc::new(Disk::open(&path, &opts).map_err(|e| {
+                        format!(
+                            "cannot open the new {}: {}",
+                            path.display(),
+                            crate::cause_chain(&e)
+                        )
+                    })?);
+                    let job = Job::convert(disk.clone()).pivot(Pivot::Switch);
+                    ("convert", job, Some(path), Some(disk))
                 } else {
                     let job = Job::convert(img.dev).pivot(Pivot::Detach).dest_zeroed(true);
-                    ("backup", job, None)
+                    ("backup", job, None, None)
                 }
             }
         };
@@ -537,6 +573,7 @@ impl Control {
             handle: Some(handle),
             result: None,
             guest_on,
+            next_chain,
         });
         Ok(json!({"job": name, "started": true}))
     }
@@ -544,62 +581,68 @@ impl Control {
     /// The job's progress, or its result once it has ended (read from its handle once).
     fn job_status(&self) -> Result<Value, String> {
         let mut st = self.state.lk();
-        let st = &mut *st;
-        let j = st.job.as_mut().ok_or("no job was started")?;
+        self.settle(&mut st);
+        let j = st.job.as_ref().ok_or("no job was started")?;
         if let Some(h) = &j.handle {
-            if !h.is_finished() {
-                let p = h.progress();
-                return Ok(json!({
-                    "job": j.name,
-                    "state": "running",
-                    "phase": p.phase.name(),
-                    "done": p.done,
-                    "total": p.total,
-                    "rate": p.rate.round(),
-                    "eta_s": p.eta.map(|d| d.as_secs_f64()),
-                    "rate_limit": h.rate(),
-                }));
-            }
-        }
-        if let Some(h) = j.handle.take() {
-            let v = match h.wait_blocking() {
-                Ok(r) => {
-                    let switched = matches!(j.name, "commit" | "convert" | "mirror");
-                    if switched {
-                        // The guest is on another chain now.
-                        st.chain = None;
-                        st.compact = None;
-                    }
-                    if j.name == "commit" {
-                        st.committed = true;
-                    }
-                    if j.name == "stream" {
-                        st.streamed = true;
-                    }
-                    json!({
-                        "job": j.name,
-                        "state": "completed",
-                        "bytes": r.bytes,
-                        "passes": r.passes,
-                        "seconds": r.duration.as_secs_f64(),
-                        "pivot_pause_ms": r.pivot_pause.as_secs_f64() * 1e3,
-                        "max_guest_wait_ms": r.max_guest_wait.as_secs_f64() * 1e3,
-                        "guest_on": if switched {
-                            j.guest_on.as_ref().map(|p| p.display().to_string())
-                        } else {
-                            Some(self.image.display().to_string())
-                        },
-                    })
-                }
-                Err(e) => json!({
-                    "job": j.name,
-                    "state": if e.is_cancelled() { "cancelled" } else { "failed" },
-                    "error": crate::cause_chain(&e),
-                }),
-            };
-            j.result = Some(v);
+            let p = h.progress();
+            return Ok(json!({
+                "job": j.name,
+                "state": "running",
+                "phase": p.phase.name(),
+                "done": p.done,
+                "total": p.total,
+                "rate": p.rate.round(),
+                "eta_s": p.eta.map(|d| d.as_secs_f64()),
+                "rate_limit": h.rate(),
+            }));
         }
         j.result.clone().ok_or_else(|| "no job result".into())
+    }
+
+    /// Reads the result of a job that has ended, once: the chain the guest ended on becomes the
+    /// one `resize` and `commit` work on. Every request that depends on it settles first.
+    fn settle(&self, st: &mut State) {
+        let Some(j) = st.job.as_mut() else { return };
+        let Some(h) = j.handle.take_if(|h| h.is_finished()) else {
+            return;
+        };
+        let v = match h.wait_blocking() {
+            Ok(r) => {
+                let switched = matches!(j.name, "commit" | "convert" | "mirror");
+                if switched {
+                    // The guest is on another chain now (none of ours after a mirror);
+                    // compaction needs a top opened for it, which only serving it again does.
+                    st.chain = j.next_chain.take();
+                    st.compact = None;
+                }
+                if j.name == "commit" {
+                    st.committed = true;
+                }
+                if j.name == "stream" {
+                    st.streamed = true;
+                }
+                json!({
+                    "job": j.name,
+                    "state": "completed",
+                    "bytes": r.bytes,
+                    "passes": r.passes,
+                    "seconds": r.duration.as_secs_f64(),
+                    "pivot_pause_ms": r.pivot_pause.as_secs_f64() * 1e3,
+                    "max_guest_wait_ms": r.max_guest_wait.as_secs_f64() * 1e3,
+                    "guest_on": if switched {
+                        j.guest_on.as_ref().map(|p| p.display().to_string())
+                    } else {
+                        Some(self.image.display().to_string())
+                    },
+                })
+            }
+            Err(e) => json!({
+                "job": j.name,
+                "state": if e.is_cancelled() { "cancelled" } else { "failed" },
+                "error": crate::cause_chain(&e),
+            }),
+        };
+        j.result = Some(v);
     }
 
     fn job_wait(&self) -> Result<Value, String> {

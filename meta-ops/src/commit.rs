@@ -269,8 +269,9 @@ impl Job {
             chain: source,
             depth: rel,
         });
-        let new_disk: Arc<dyn BlockDevice> = Arc::new(new_disk);
-        let mut job = Job::with_kind(JobKind::Commit, new_disk);
+        let new_disk = Arc::new(new_disk);
+        let mut job = Job::with_kind(JobKind::Commit, new_disk.clone());
+        job.guest_chain = Some(new_disk);
         if top > 0 {
             // The guest stays on its top; the layer above the merged ones (K) is repointed
             // to BASE inside the pivot, once BASE is durable.
@@ -297,16 +298,27 @@ impl Job {
             guest_layers.push(k_new);
             guest_layers.push(base_layer);
             guest_layers.extend(layers[depth + 1..].iter().cloned());
-            let after = Disk::from_layers(guest_layers, false).map_err(chain_err(&k.path))?;
+            let after =
+                Arc::new(Disk::from_layers(guest_layers, false).map_err(chain_err(&k.path))?);
             let (k_path, base_path) = (k.path.clone(), base.path.clone());
             job.static_source = true;
-            job.switch_to = Some(Arc::new(after));
+            job.switch_to = Some(after.clone());
+            job.guest_chain = Some(after);
             job.before_switch = Some(Arc::new(move || repoint(&k_path, &base_path, g)));
         }
         job.merge = Some(merge);
         job.guest = Some(disk);
         job.retire = retire;
         Ok(job)
+    }
+
+    /// For a commit: the chain the guest is on once the job has completed (BASE and what is
+    /// below it for an active commit, else the guest's chain without the merged layers), for
+    /// a caller that goes on working on the guest's disk (a later resize or commit through
+    /// [`crate::resize_live`] or [`Job::commit`]). `None` for other jobs, whose caller knows
+    /// the destination it made.
+    pub fn guest_chain(&self) -> Option<Arc<Disk>> {
+        self.guest_chain.clone()
     }
 }
 

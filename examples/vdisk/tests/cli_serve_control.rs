@@ -49,9 +49,16 @@ impl Daemon {
 }
 
 fn serve(image: &str, vu: &str, ctl: &str) -> Daemon {
+    serve_with(image, vu, ctl, &[])
+}
+
+/// `vdisk serve --socket VU --control CTL ARGS IMAGE`, once both sockets exist.
+fn serve_with(image: &str, vu: &str, ctl: &str, args: &[&str]) -> Daemon {
     let d = Daemon(
         Command::new(vdisk_bin())
-            .args(["serve", "--socket", vu, "--control", ctl, image])
+            .args(["serve", "--socket", vu, "--control", ctl])
+            .args(args)
+            .arg(image)
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
@@ -265,9 +272,25 @@ fn compact_then_resize_under_a_writing_guest() {
     vdisk_ok(&["check", &top]);
 }
 
-/// Commit the top into its parent, then convert to a new VHD: the guest moves twice without
-/// a lost write; afterwards the VHD holds everything and the committed top no longer opens
-/// over its base.
+/// Grows the served disk by 1 MiB through the control socket while `c`, the frontend, answers
+/// the config change (the backend waits for its acknowledgement); the model grows with it.
+fn grow_1m(c: &mut Client, m: &mut Model, sock: &str) {
+    let resizer = {
+        let sock = sock.to_string();
+        std::thread::spawn(move || ok(&sock, "resize +1M"))
+    };
+    assert!(c.wait_config_change(Duration::from_secs(20)).unwrap() >= 1);
+    let r = resizer.join().unwrap();
+    let size = (m.blocks.len() * BLK) as u64 + MIB;
+    assert_eq!(r["size"], size, "{r}");
+    assert_eq!(c.read_config().unwrap().capacity, size / 512);
+    m.blocks.resize(size as usize / BLK, 0);
+    m.original.resize(size as usize, 0);
+}
+
+/// Commit the top into its parent, grow the disk the guest is then on, convert to a new VHD,
+/// grow again: the guest moves twice and sees both sizes without a lost write; afterwards
+/// the VHD holds everything and the committed top no longer opens over its base.
 #[test]
 fn commit_then_convert_under_a_writing_guest() {
     let dir = tempfile::tempdir().unwrap();
@@ -276,6 +299,7 @@ fn commit_then_convert_under_a_writing_guest() {
     let vhd = p(dir.path(), "moved.vhd");
     let d = serve(&top, &vu, &sock);
     let mut c = Client::connect(&vu, &ClientOptions::default()).unwrap();
+    c.watch_config_changes().unwrap();
     let mut m = Model {
         blocks: vec![0; original.len() / BLK],
         original,
@@ -286,10 +310,10 @@ fn commit_then_convert_under_a_writing_guest() {
     let r = job_under_writes(&mut c, &mut m, &sock, "commit rate=64M", &mut seed);
     assert_eq!(r["guest_on"].as_str().unwrap(), base);
     verify_guest(&mut c, &m, "after commit");
-    assert!(ctl(&sock, "resize +1M")["error"]
-        .as_str()
-        .unwrap()
-        .contains("another chain"));
+    // The guest is on the base now, and a resize works on it.
+    grow_1m(&mut c, &mut m, &sock);
+    guest_writes(&mut c, &mut m, 50, &mut seed);
+    verify_guest(&mut c, &m, "after the resize of the base");
     // A destination that exists is refused (here: the base itself).
     assert!(ctl(&sock, &format!("convert vhd {base}"))["error"]
         .as_str()
@@ -306,7 +330,19 @@ fn commit_then_convert_under_a_writing_guest() {
     assert_eq!(r["guest_on"].as_str().unwrap(), vhd);
     guest_writes(&mut c, &mut m, 100, &mut seed);
     verify_guest(&mut c, &m, "after convert");
-    assert_eq!(ok(&sock, "info")["pivots"], 2);
+    // And on the VHD the guest moved to; the last block of the new space is usable at once.
+    grow_1m(&mut c, &mut m, &sock);
+    let last = m.blocks.len() - 1;
+    assert_eq!(
+        c.write((last * BLK / 512) as u64, &vec![0x6b; BLK])
+            .unwrap(),
+        VIRTIO_BLK_S_OK
+    );
+    m.blocks[last] = 0x6b;
+    guest_writes(&mut c, &mut m, 100, &mut seed);
+    verify_guest(&mut c, &m, "after the resize of the VHD");
+    // Two switches and two resizes (each reopens the top).
+    assert!(ok(&sock, "info")["pivots"].as_u64().unwrap() >= 2);
 
     c.close();
     let (exited, log) = d.stop();
@@ -321,6 +357,43 @@ fn commit_then_convert_under_a_writing_guest() {
         !o.status.success() || text.contains("verified: false"),
         "the committed top still opens over its base: {text}"
     );
+}
+
+/// With `--cache none` the image a convert makes is opened `O_DIRECT` for the guest, as the
+/// served one was: the job's copy, the guest's I/O after the switch and a resize all work
+/// through it.
+#[test]
+fn convert_of_a_disk_served_with_cache_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_base, top, original) = chain(dir.path(), "16M");
+    let (vu, sock) = (p(dir.path(), "vu.sock"), p(dir.path(), "ctl.sock"));
+    let moved = p(dir.path(), "moved.vhdx");
+    let d = serve_with(&top, &vu, &sock, &["--cache", "none"]);
+    let mut c = Client::connect(&vu, &ClientOptions::default()).unwrap();
+    c.watch_config_changes().unwrap();
+    let mut m = Model {
+        blocks: vec![0; original.len() / BLK],
+        original,
+    };
+    let mut seed = 23;
+    guest_writes(&mut c, &mut m, 100, &mut seed);
+    let r = job_under_writes(
+        &mut c,
+        &mut m,
+        &sock,
+        &format!("convert vhdx {moved}"),
+        &mut seed,
+    );
+    assert_eq!(r["guest_on"].as_str().unwrap(), moved);
+    verify_guest(&mut c, &m, "after convert");
+    grow_1m(&mut c, &mut m, &sock);
+    guest_writes(&mut c, &mut m, 100, &mut seed);
+    verify_guest(&mut c, &m, "after the resize");
+    c.close();
+    let (exited, log) = d.stop();
+    assert!(exited, "vdisk serve failed: {log}");
+    verify_file(&moved, &m, "the converted VHDX");
+    vdisk_ok(&["check", &moved]);
 }
 
 /// A control path that is not a socket is refused before anything is served.
