@@ -312,11 +312,56 @@ impl Job {
         Ok(job)
     }
 
-    /// For a commit: the chain the guest is on once the job has completed (BASE and what is
-    /// below it for an active commit, else the guest's chain without the merged layers), for
-    /// a caller that goes on working on the guest's disk (a later resize or commit through
-    /// [`crate::resize_live`] or [`Job::commit`]). `None` for other jobs, whose caller knows
-    /// the destination it made.
+    /// Converts the top layer of `disk` (the disk the guest's [`crate::LiveDisk`] is on) into
+    /// the top of `dest`, keeping the layers: `dest` is a new differencing image (any format)
+    /// over a chain that reads exactly as `disk`'s parents do (their conversion, or copies of
+    /// their files), which nothing else uses. The job copies only what the old top holds
+    /// (`Data`, and `Zero` runs written as zeros) through the same source view as a commit of
+    /// one layer, so ranges the top leaves to its parents stay holes in the new top too, and
+    /// guest changes while it runs are copied again or written through; at the pivot the
+    /// guest moves onto `dest` ([`crate::Pivot::Switch`]). The old chain is only read.
+    ///
+    /// `dest`'s parents are the caller's to make equal to `disk`'s: the job cannot tell. A
+    /// destination that reads anything else shows the guest other data after the pivot.
+    ///
+    /// Errors: [`JobError::Invalid`] when `disk` has no parent, `dest` has none or another
+    /// virtual size, or `dest` is read-only.
+    pub fn convert_top(disk: Arc<Disk>, dest: Arc<Disk>) -> Result<Job, JobError> {
+        let bad = |s: String| Err(JobError::Invalid(s));
+        if disk.layers().len() < 2 {
+            return bad("the disk has no parent: convert it whole (Job::convert)".into());
+        }
+        if dest.layers().len() < 2 {
+            return bad(
+                "the destination has no parent: the top of a chain converts into a                  differencing image over the converted parents"
+                    .into(),
+            );
+        }
+        let (size, dsize) = (disk.info().virtual_size, dest.info().virtual_size);
+        if size != dsize {
+            return bad(format!(
+                "the destination holds {dsize} bytes, the disk {size}"
+            ));
+        }
+        if dest.info().read_only {
+            return bad("the destination is read-only".into());
+        }
+        let merge: Arc<dyn BlockDevice> = Arc::new(MergeSource {
+            chain: disk.clone(),
+            depth: 1,
+        });
+        let mut job = Job::with_kind(JobKind::Convert, dest.clone());
+        job.merge = Some(merge);
+        job.guest = Some(disk);
+        job.guest_chain = Some(dest);
+        Ok(job)
+    }
+
+    /// For a commit or [`Job::convert_top`]: the chain the guest is on once the job has
+    /// completed (a commit's BASE and what is below it, or the guest's chain without the
+    /// merged layers; the new top's chain), for a caller that goes on working on the guest's
+    /// disk (a later resize or commit through [`crate::resize_live`] or [`Job::commit`]).
+    /// `None` for other jobs, whose caller knows the destination it made.
     pub fn guest_chain(&self) -> Option<Arc<Disk>> {
         self.guest_chain.clone()
     }

@@ -146,7 +146,8 @@ pub struct Job {
     pub(crate) static_source: bool,
     /// Commit: the disk the guest moves to, when it is not the destination.
     pub(crate) switch_to: Option<Arc<dyn BlockDevice>>,
-    /// Commit: the chain the guest is on after the switch ([`Job::guest_chain`]).
+    /// Commit, convert of a top: the chain the guest is on after the switch
+    /// ([`Job::guest_chain`]).
     pub(crate) guest_chain: Option<Arc<chain::Disk>>,
     /// Commit: run with guest writes paused, after the destination is flushed and before
     /// the guest moves (repointing the layer above the merged ones).
@@ -233,9 +234,9 @@ impl Job {
     }
 
     /// Whether the destination is known to read as zeros (skip holes instead of zeroing).
-    /// Ignored by a commit.
+    /// Ignored by a commit and by [`Job::convert_top`] (a new top reads its parents).
     pub fn dest_zeroed(mut self, yes: bool) -> Job {
-        if self.kind != JobKind::Commit {
+        if self.kind != JobKind::Commit && self.merge.is_none() {
             self.dest_zeroed = yes;
         }
         self
