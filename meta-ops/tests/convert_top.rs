@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use block_io::{BlockDevice, BlockStatus, FileStorage, OpenOptions as FileOptions};
+use block_io::{BlockDevice, BlockStatus};
 use chain::{Disk, OpenOptions};
 use chains::Kind;
 use common::Model;
@@ -50,65 +50,18 @@ fn covered(dev: &dyn BlockDevice) -> Vec<bool> {
 
 /// A dynamic image of `kind` at `path` holding `data` (4 KiB blocks of zeros left as holes).
 fn flat_image(path: &Path, kind: Kind, data: &[u8]) {
-    let storage = FileStorage::create(path).unwrap();
-    let size = data.len() as u64;
-    let dev: Box<dyn BlockDevice> = match kind {
-        Kind::Vhdx => {
-            let mut o = vhdx_format::CreateOptions::dynamic(size);
-            o.block_size = Some(chains::BLOCK);
-            Box::new(vhdx_format::create(storage, &o).unwrap())
+    chains::create_base(path, kind, data.len() as u64, |dev| {
+        for (i, b) in data.chunks(4096).enumerate() {
+            if b.iter().any(|&x| x != 0) {
+                dev.write_at(b, i as u64 * 4096).unwrap();
+            }
         }
-        Kind::Vhd => {
-            let mut o = vhd_format::CreateOptions::new(size, vhd_format::Subformat::Dynamic);
-            o.block_size = chains::BLOCK;
-            Box::new(vhd_format::VhdFile::create(storage, &o).unwrap())
-        }
-    };
-    for (i, b) in data.chunks(4096).enumerate() {
-        if b.iter().any(|&x| x != 0) {
-            dev.write_at(b, i as u64 * 4096).unwrap();
-        }
-    }
-    dev.flush().unwrap();
+    });
 }
 
 /// An empty differencing image of `kind` at `path` over `parent` (same kind).
 fn child_image(path: &Path, kind: Kind, parent: &Path, size: u64) {
-    let storage = FileStorage::create(path).unwrap();
-    let ps = FileStorage::open(parent, &FileOptions::new().read_only(true)).unwrap();
-    let name = parent.file_name().unwrap().to_string_lossy().into_owned();
-    match kind {
-        Kind::Vhdx => {
-            let d =
-                vhdx_format::VhdxFile::open(ps, &vhdx_format::OpenOptions::new().read_only(true))
-                    .unwrap()
-                    .details();
-            let pref = vhdx_format::ParentRef {
-                data_write_guid: d.data_write_guid,
-                relative_path: format!(".\\{name}"),
-                absolute_path: Some(parent.display().to_string()),
-            };
-            let mut o = vhdx_format::CreateOptions::differencing(size, pref);
-            o.block_size = Some(chains::BLOCK);
-            vhdx_format::create(storage, &o).unwrap().close().unwrap();
-        }
-        Kind::Vhd => {
-            let d = vhd_format::VhdFile::open(ps, &vhd_format::OpenOptions::new().read_only(true))
-                .unwrap()
-                .details();
-            let mut o = vhd_format::DifferencingOptions::for_parent(
-                &d,
-                parent.display().to_string(),
-                Some(parent.display().to_string()),
-                Some(format!(".\\{name}")),
-            );
-            o.block_size = chains::BLOCK;
-            vhd_format::VhdFile::create_differencing(storage, &o)
-                .unwrap()
-                .close()
-                .unwrap();
-        }
-    }
+    chains::create_child(path, kind, parent, size, |_| {});
 }
 
 /// The other format.

@@ -61,6 +61,83 @@ fn scribble(dev: &dyn BlockDevice, model: &mut [u8], rng: &mut ChaCha8Rng, base:
     dev.flush().unwrap();
 }
 
+/// Creates a dynamic base image of `kind` at `path` (block size [`BLOCK`]), lets `fill` write
+/// into it, flushes and closes it.
+pub fn create_base(path: &Path, kind: Kind, size: u64, fill: impl FnOnce(&dyn BlockDevice)) {
+    let _ = std::fs::remove_file(path);
+    let storage = FileStorage::create(path).unwrap();
+    match kind {
+        Kind::Vhdx => {
+            let mut o = vhdx_format::CreateOptions::dynamic(size);
+            o.block_size = Some(BLOCK);
+            let f = vhdx_format::create(storage, &o).unwrap();
+            fill(&f);
+            f.flush().unwrap();
+            f.close().unwrap();
+        }
+        Kind::Vhd => {
+            let mut o = vhd_format::CreateOptions::new(size, vhd_format::Subformat::Dynamic);
+            o.block_size = BLOCK;
+            let f = vhd_format::VhdFile::create(storage, &o).unwrap();
+            fill(&f);
+            f.flush().unwrap();
+            f.close().unwrap();
+        }
+    }
+}
+
+/// Creates a differencing image of `kind` at `path` over `parent` (same kind, named by its
+/// file name relative to the child and by its path), lets `fill` write into it (a VHD child
+/// written directly, not through a chain, takes whole-sector data writes only), flushes and
+/// closes it.
+pub fn create_child(
+    path: &Path,
+    kind: Kind,
+    parent: &Path,
+    size: u64,
+    fill: impl FnOnce(&dyn BlockDevice),
+) {
+    let _ = std::fs::remove_file(path);
+    let storage = FileStorage::create(path).unwrap();
+    let ps = FileStorage::open(parent, &FileOptions::new().read_only(true)).unwrap();
+    let name = parent.file_name().unwrap().to_string_lossy().into_owned();
+    match kind {
+        Kind::Vhdx => {
+            let d =
+                vhdx_format::VhdxFile::open(ps, &vhdx_format::OpenOptions::new().read_only(true))
+                    .unwrap()
+                    .details();
+            let pref = vhdx_format::ParentRef {
+                data_write_guid: d.data_write_guid,
+                relative_path: format!(".\\{name}"),
+                absolute_path: Some(parent.display().to_string()),
+            };
+            let mut o = vhdx_format::CreateOptions::differencing(size, pref);
+            o.block_size = Some(BLOCK);
+            let f = vhdx_format::create(storage, &o).unwrap();
+            fill(&f);
+            f.flush().unwrap();
+            f.close().unwrap();
+        }
+        Kind::Vhd => {
+            let d = vhd_format::VhdFile::open(ps, &vhd_format::OpenOptions::new().read_only(true))
+                .unwrap()
+                .details();
+            let mut o = vhd_format::DifferencingOptions::for_parent(
+                &d,
+                parent.display().to_string(),
+                Some(parent.display().to_string()),
+                Some(format!(".\\{name}")),
+            );
+            o.block_size = BLOCK;
+            let f = vhd_format::VhdFile::create_differencing(storage, &o).unwrap();
+            fill(&f);
+            f.flush().unwrap();
+            f.close().unwrap();
+        }
+    }
+}
+
 /// Creates a chain of `depth` layers (base first) in `dir` of `size` bytes; returns the top's
 /// path and the model of what it reads.
 pub fn build(dir: &Path, kind: Kind, depth: usize, size: u64, seed: u64) -> (PathBuf, Vec<u8>) {
@@ -68,63 +145,14 @@ pub fn build(dir: &Path, kind: Kind, depth: usize, size: u64, seed: u64) -> (Pat
     let mut model = vec![0u8; size as usize];
     for i in 0..depth {
         let path = layer_path(dir, kind, i);
-        let _ = std::fs::remove_file(&path);
-        let storage = FileStorage::create(&path).unwrap();
-        match (kind, i) {
-            (Kind::Vhdx, 0) => {
-                let mut o = vhdx_format::CreateOptions::dynamic(size);
-                o.block_size = Some(BLOCK);
-                let f = vhdx_format::create(storage, &o).unwrap();
-                scribble(&f, &mut model, &mut rng, true);
-                f.close().unwrap();
-            }
-            (Kind::Vhdx, _) => {
-                let parent = layer_path(dir, kind, i - 1);
-                let ps = FileStorage::open(&parent, &FileOptions::new().read_only(true)).unwrap();
-                let d = vhdx_format::VhdxFile::open(
-                    ps,
-                    &vhdx_format::OpenOptions::new().read_only(true),
-                )
-                .unwrap()
-                .details();
-                let pref = vhdx_format::ParentRef {
-                    data_write_guid: d.data_write_guid,
-                    relative_path: format!(".\\l{}.vhdx", i - 1),
-                    absolute_path: Some(parent.display().to_string()),
-                };
-                let mut o = vhdx_format::CreateOptions::differencing(size, pref);
-                o.block_size = Some(BLOCK);
-                let f = vhdx_format::create(storage, &o).unwrap();
-                scribble(&f, &mut model, &mut rng, false);
-                f.close().unwrap();
-            }
-            (Kind::Vhd, 0) => {
-                let mut o = vhd_format::CreateOptions::new(size, vhd_format::Subformat::Dynamic);
-                o.block_size = BLOCK;
-                let f = vhd_format::VhdFile::create(storage, &o).unwrap();
-                scribble(&f, &mut model, &mut rng, true);
-                f.close().unwrap();
-            }
-            (Kind::Vhd, _) => {
-                let parent = layer_path(dir, kind, i - 1);
-                let ps = FileStorage::open(&parent, &FileOptions::new().read_only(true)).unwrap();
-                let d =
-                    vhd_format::VhdFile::open(ps, &vhd_format::OpenOptions::new().read_only(true))
-                        .unwrap()
-                        .details();
-                let mut o = vhd_format::DifferencingOptions::for_parent(
-                    &d,
-                    parent.display().to_string(),
-                    Some(parent.display().to_string()),
-                    Some(format!(".\\l{}.vhd", i - 1)),
-                );
-                o.block_size = BLOCK;
-                let f = vhd_format::VhdFile::create_differencing(storage, &o).unwrap();
-                // A VHD differencing layer written directly (not through a chain) gets
-                // whole-sector writes; zeroing needs the parent, so only data here.
-                scribble(&f, &mut model, &mut rng, true);
-                f.close().unwrap();
-            }
+        // A VHD child written directly gets whole-sector data writes only: zeroing needs
+        // the parent, so it is scribbled on as a base is.
+        let as_base = i == 0 || kind == Kind::Vhd;
+        let fill = |f: &dyn BlockDevice| scribble(f, &mut model, &mut rng, as_base);
+        if i == 0 {
+            create_base(&path, kind, size, fill);
+        } else {
+            create_child(&path, kind, &layer_path(dir, kind, i - 1), size, fill);
         }
     }
     (layer_path(dir, kind, depth - 1), model)
