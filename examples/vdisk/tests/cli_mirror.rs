@@ -48,31 +48,9 @@ fn serve(image: &str) -> (Server, u16) {
 
 #[test]
 fn a_chain_mirrored_with_each_timing_is_byte_exact() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = p(&dir, "base.vhdx");
-    let top = p(&dir, "top.vhdx");
-    vdisk_ok(&["create", "-f", "vhdx", &base, "16M"]);
-    vdisk_ok(&[
-        "io",
-        &base,
-        "-c",
-        "write -P 7 0 3M",
-        "-c",
-        "write -P 8 12M 1M",
-    ]);
-    vdisk_ok(&["create", "-f", "vhdx", "-b", &base, &top]);
-    vdisk_ok(&[
-        "io",
-        &top,
-        "-c",
-        "write -P 9 1M 1M",
-        "-c",
-        "write -z 12M 64k",
-    ]);
     for timing in ["before", "after", "split"] {
-        let b = p(&dir, &format!("b-{timing}.raw"));
-        // Host B's old disk: junk everywhere, so the holes must be written.
-        std::fs::write(&b, vec![0xA5u8; 16 << 20]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (top, b) = mirror_fixture(&dir, "b.raw");
         let (server, port) = serve(&b);
         let url = format!("nbd://127.0.0.1:{port}/b");
         let v = vdisk_json(&[

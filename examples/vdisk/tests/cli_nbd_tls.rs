@@ -201,42 +201,13 @@ fn serve_nbd_refuses_bad_tls_options() {
     assert!(!o.status.success());
 }
 
-/// A chain and the image `vdisk mirror` moves it into: a VHDX base with data, a child over
-/// it with its own writes and a zeroed range, and host B's raw disk full of junk (so holes
-/// must be written). Returns (top, b).
-fn mirror_fixture(dir: &tempfile::TempDir) -> (String, String) {
-    let base = p(dir, "base.vhdx");
-    let top = p(dir, "top.vhdx");
-    vdisk_ok(&["create", "-f", "vhdx", &base, "16M"]);
-    vdisk_ok(&[
-        "io",
-        &base,
-        "-c",
-        "write -P 7 0 3M",
-        "-c",
-        "write -P 8 12M 1M",
-    ]);
-    vdisk_ok(&["create", "-f", "vhdx", "-b", &base, &top]);
-    vdisk_ok(&[
-        "io",
-        &top,
-        "-c",
-        "write -P 9 1M 1M",
-        "-c",
-        "write -z 12M 64k",
-    ]);
-    let b = p(dir, "b.raw");
-    std::fs::write(&b, vec![0xA5u8; 16 << 20]).unwrap();
-    (top, b)
-}
-
 #[test]
 fn mirror_to_an_nbds_export_of_vdisk_serve() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("cli test CA");
     let server = ca.creds(dir.path(), "server", Some("server"));
     let client = ca.creds(dir.path(), "client", Some("client"));
-    let (top, b) = mirror_fixture(&dir);
+    let (top, b) = mirror_fixture(&dir, "b.raw");
     let (child, err, port) = serve(&[
         "--export",
         "disk",
@@ -289,7 +260,7 @@ fn mirror_to_an_nbds_export_of_qemu_nbd() {
     let server = ca.creds(dir.path(), "server", Some("server"));
     // qemu-nbd verifies its peers by default (tls-creds-x509 verify-peer=on).
     let client = ca.creds(dir.path(), "client", Some("client"));
-    let (top, b) = mirror_fixture(&dir);
+    let (top, b) = mirror_fixture(&dir, "b.raw");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -91,3 +91,32 @@ pub fn oracle(name: &str) -> Option<PathBuf> {
 pub fn run(prog: &Path, args: &[&str]) -> Output {
     Command::new(prog).args(args).output().unwrap()
 }
+
+/// A chain and the image `vdisk mirror` moves it into: a VHDX base with data, a child over
+/// it with its own writes and a zeroed range, and host B's raw disk full of junk (so holes
+/// must be written), named `b_name`. Returns (top, b).
+pub fn mirror_fixture(dir: &tempfile::TempDir, b_name: &str) -> (String, String) {
+    let base = p(dir, "base.vhdx");
+    let top = p(dir, "top.vhdx");
+    vdisk_ok(&["create", "-f", "vhdx", &base, "16M"]);
+    vdisk_ok(&[
+        "io",
+        &base,
+        "-c",
+        "write -P 7 0 3M",
+        "-c",
+        "write -P 8 12M 1M",
+    ]);
+    vdisk_ok(&["create", "-f", "vhdx", "-b", &base, &top]);
+    vdisk_ok(&[
+        "io",
+        &top,
+        "-c",
+        "write -P 9 1M 1M",
+        "-c",
+        "write -z 12M 64k",
+    ]);
+    let b = p(dir, b_name);
+    std::fs::write(&b, vec![0xA5u8; 16 << 20]).unwrap();
+    (top, b)
+}
