@@ -10,7 +10,8 @@
 //! top image under a running guest ([`resize_live`]; offline [`resize_image`]). With the
 //! `remote` feature, **stream** pulls a remote base into a local replica under its child
 //! (copy-on-read meanwhile) and then makes the chain local (`stream`,
-//! `JobRunner::start_stream`).
+//! `JobRunner::start_stream`). Offline, [`convert_layers`] converts a differencing chain
+//! layer by layer into a new chain of the same depth in VHD or VHDX ([`layers`]).
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -91,6 +92,7 @@ mod driver;
 mod error;
 mod handle;
 mod job;
+pub mod layers;
 mod live;
 pub mod mirror;
 mod resize;
@@ -107,6 +109,7 @@ pub use compact::{
 pub use error::{JobError, JobResult};
 pub use handle::{JobHandle, JobReport, Phase, Progress};
 pub use job::{Job, JobKind, JobOptions, JobRunner, Pivot};
+pub use layers::{convert_layers, LayersError, LayersOptions, LayersReport};
 pub use live::{GuestStats, LiveDisk, MAX_BACK_OFF};
 pub use mirror::{MirrorTiming, DEFAULT_MAX_BACKLOG, THROTTLE_CAP};
 pub use resize::{resize_image, resize_live, ResizeError, Resized};
