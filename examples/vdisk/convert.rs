@@ -4,14 +4,24 @@
 //! `-m` chunks in flight, a `--rate` limit in bytes/s, and progress — and the destination is
 //! flushed once at the end (the format layers then write their metadata in a few ordered
 //! commits, not one per block).
+//!
+//! `--keep-layers` converts a differencing chain layer by layer instead
+//! ([`vdisk::meta_ops::convert_layers`]): DST is the new top, its parents are written next
+//! to it as `<DST stem>-1.<ext>` (the top's parent), `<DST stem>-2.<ext>`, ... down to the
+//! base, each holding what the matching source layer holds and linked to its new parent.
+//! Offline only: the source's layers are opened with the usual image locks, so a served or
+//! otherwise open image is refused with the lock named.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use vdisk::block_io::BlockDevice;
-use vdisk::meta_ops::{Job, JobOptions, JobRunner, LiveDisk, Pivot};
+use vdisk::chain::Format;
+use vdisk::meta_ops::layers::LayersProgress;
+use vdisk::meta_ops::{convert_layers, Job, JobOptions, JobRunner, LayersOptions, LiveDisk, Pivot};
 
 use crate::cmds::{wait_job, BarEnd};
-use crate::{job_err, CliError};
+use crate::{job_err, CliError, CliResult};
 
 /// How a convert moves its data.
 #[derive(Debug, Clone, Copy)]
@@ -55,4 +65,86 @@ pub fn copy_job(
     let handle = runner.start(&live, job).map_err(job_err)?;
     wait_job(handle, opts.progress, BarEnd::Keep).map_err(job_err)?;
     Ok(())
+}
+
+/// `vdisk convert --keep-layers`: the chain from `src` converted layer by layer to
+/// `out_format` (vhd or vhdx), DST the new top; prints the files made, top first. A source
+/// without parents gives one plain image, as a convert without `--keep-layers` would.
+pub fn keep_layers(
+    format: Option<&str>,
+    out_format: &str,
+    options: &[String],
+    progress: bool,
+    src: &Path,
+    dst: &Path,
+) -> CliResult {
+    let out = crate::image::parse_format(out_format)?;
+    if out == Format::Raw {
+        return Err(CliError::new(
+            "--keep-layers needs -O vhd or -O vhdx: a raw image has no parent link, so it \
+             cannot hold a layer (drop --keep-layers to flatten the chain into one raw image)",
+        ));
+    }
+    if crate::remote::is_url(src) || crate::remote::is_url(dst) {
+        return Err(CliError::new(
+            "--keep-layers converts local files only (the new layers are written next to DST)",
+        ));
+    }
+    let mut o = LayersOptions::new(out);
+    for (k, v) in crate::size::parse_options(options)? {
+        match k.as_str() {
+            "block_size" => {
+                let b = crate::size::parse_size(&v)?;
+                o.block_size =
+                    Some(u32::try_from(b).map_err(|_| {
+                        CliError::new(format!("option block_size={v} is too large"))
+                    })?);
+            }
+            _ => {
+                return Err(CliError::new(format!(
+                    "--keep-layers takes only -o block_size (given to every layer), not '{k}'"
+                )))
+            }
+        }
+    }
+    o.lock = crate::image::lock_mode();
+    let s = crate::image::open(src, format, true)?;
+    let Some(chain) = s.chain else {
+        return Err(CliError::new(format!(
+            "{} did not open as a chain",
+            src.display()
+        )));
+    };
+    let bar = progress.then(|| crate::cmds::progress_bar(0));
+    if let Some(b) = &bar {
+        let b = b.clone();
+        o.progress = Some(Arc::new(move |p: &LayersProgress| {
+            b.set_length(p.total_bytes);
+            b.set_position(p.done_bytes);
+            b.set_message(format!("layer {}/{}", p.layers - p.layer, p.layers));
+        }));
+    }
+    let r = convert_layers(&chain, dst, &o);
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let r = r.map_err(|e| CliError::new(crate::cause_chain(&e)))?;
+    println!(
+        "Converted {} layer{} to {out}, top first:",
+        r.layers.len(),
+        if r.layers.len() == 1 { "" } else { "s" }
+    );
+    for l in &r.layers {
+        println!(
+            "  {} (from {}, {})",
+            l.path.display(),
+            l.source.display(),
+            if l.differencing {
+                "differencing"
+            } else {
+                "base"
+            }
+        );
+    }
+    Ok(0)
 }

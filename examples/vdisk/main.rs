@@ -4,6 +4,7 @@
 //! vdisk info [--output json] IMG
 //! vdisk create -f raw|vhd|vhdx [-o k=v,...] [-b PARENT] IMG [SIZE]
 //! vdisk convert [-f FMT] -O raw|vhd|vhdx [-o k=v,...] [-p] [-m N] [--rate B/S] SRC DST
+//! vdisk convert --keep-layers -O vhd|vhdx [-o block_size=B] [-p] SRC DST   chain layer by layer
 //! vdisk compare A B                  exit 0 same, 1 different, 2 error
 //! vdisk check [-r [leaks|all]] IMG  exit 0 clean, 2 corrupt
 //! vdisk map --output json IMG
@@ -124,7 +125,8 @@ enum Cmd {
         /// Virtual size, with optional K/M/G/T suffix.
         size: Option<String>,
     },
-    /// Copy an image into another format.
+    /// Copy an image into another format (a chain flattened, or layer by layer with
+    /// --keep-layers).
     Convert {
         /// Source format (detected if absent).
         #[arg(short = 'f')]
@@ -141,9 +143,19 @@ enum Cmd {
         /// Bytes per second at most (K/M/G suffixes; default unlimited).
         #[arg(long)]
         rate: Option<String>,
-        /// Requests in flight (as qemu-img convert -m).
-        #[arg(short = 'm', default_value_t = 8)]
-        parallel: usize,
+        /// Requests in flight (as qemu-img convert -m; default 8).
+        #[arg(short = 'm')]
+        parallel: Option<usize>,
+        /// Convert a differencing chain layer by layer (-O vhd or vhdx) instead of flattening
+        /// it: DST is the new top, its parents go next to it as DST-STEM-1.EXT (the top's
+        /// parent), DST-STEM-2.EXT, ... down to the base, each holding what the matching
+        /// source layer holds and linked to its new parent. Refused if any of those names
+        /// exists or is a source layer; on failure nothing is left behind. Only -o
+        /// block_size is taken (for every layer). For images nobody else has open (the
+        /// layers are locked: a served image is refused). A source without parents gives
+        /// one plain image.
+        #[arg(long)]
+        keep_layers: bool,
         /// Source image.
         src: PathBuf,
         /// Destination image.
@@ -437,6 +449,33 @@ fn main() -> ExitCode {
             progress,
             rate,
             parallel,
+            keep_layers: true,
+            src,
+            dst,
+        } => {
+            if rate.is_some() || parallel.is_some() {
+                Err(CliError::new(
+                    "--keep-layers takes no --rate or -m (it writes one layer at a time)",
+                ))
+            } else {
+                convert::keep_layers(
+                    format.as_deref(),
+                    &out_format,
+                    &options,
+                    progress,
+                    &src,
+                    &dst,
+                )
+            }
+        }
+        Cmd::Convert {
+            format,
+            out_format,
+            options,
+            progress,
+            rate,
+            parallel,
+            keep_layers: false,
             src,
             dst,
         } => rate
@@ -446,7 +485,7 @@ fn main() -> ExitCode {
             .and_then(|rate| {
                 let copy = convert::CopyOptions {
                     rate: rate.unwrap_or(0),
-                    parallel,
+                    parallel: parallel.unwrap_or(8),
                     progress,
                 };
                 cmds::convert(format.as_deref(), &out_format, &options, &copy, &src, &dst)
