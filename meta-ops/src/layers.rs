@@ -10,10 +10,11 @@
 //! - `Data` runs — VHDX FULLY_PRESENT blocks and the present sectors of PARTIALLY_PRESENT
 //!   ones (their sector bitmap), a VHD differencing block's sectors whose bitmap bit is set,
 //!   every allocated sector of a base — are copied.
-//! - `Zero` runs of a differencing layer — VHDX ZERO, and UNMAPPED and UNDEFINED, which our
-//!   reader returns as zeros (MS-VHDX 2.2.4.1 lets a reader return zeros for them) — hide the
-//!   parent, so they are written as zeros: a VHDX child gets ZERO blocks where they cover
-//!   whole blocks, a VHD child (which has no zero state) stores zeros.
+//! - `Zero` runs of a differencing layer — VHDX ZERO, and UNMAPPED and UNDEFINED, whose
+//!   contents MS-VHDX leaves undefined and our reader returns as zeros (what the chain read
+//!   before is kept) — hide the parent, so they are written as zeros: a VHDX child gets ZERO
+//!   blocks where they cover whole blocks, a VHD child (which has no zero state) stores
+//!   zeros.
 //! - `Unallocated` runs of a differencing layer stay transparent in the new child.
 //! - The base is converted as a plain dynamic image: holes, zero runs and data that reads as
 //!   zeros are skipped.
