@@ -34,11 +34,15 @@
 //!   on real files for streams cut short at sampled bytes.
 //! - **Receive, incremental** (`send::receive_into` a VHDX or VHD snapshot on a
 //!   `FaultStorage`, every cut, 6 seeds): the snapshot opens and checks after every cut;
-//!   once receive returned success it reads exactly the disk sent; before, every sector
-//!   reads as before or as after. That is what the implementation guarantees: the stream
-//!   is verified whole before the snapshot is touched, but the records are then applied in
-//!   place, so a crash while applying leaves a mix of old and new sectors (a consistent
-//!   image, not the old or the new disk as a whole).
+//!   once receive returned success it reads exactly the disk sent and no journal is left;
+//!   before, every sector reads as before or as after (the records go in place), the
+//!   journal is there (it is made durable before the snapshot is written), and finishing
+//!   it (`send::resume_into` on even seeds; on odd ones `send::receive_into` of the same
+//!   stream, which finishes the journal and then reports the stream as already applied)
+//!   makes the snapshot read exactly the disk sent, byte for byte, and check clean.
+//!   `an_incremental_receive_stopped_before_its_journal_leaves_dest_as_it_was`: a receive
+//!   that stops before the journal exists (the stream cut short at sampled bytes, or a
+//!   spool left by a kill) writes nothing to the snapshot, and the stream then applies.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod chains;
@@ -924,18 +928,34 @@ fn snapshot_disk<S: Storage + 'static>(kind: Kind, s: S) -> chain::Disk {
     chain::Disk::from_layers(vec![layer], false).unwrap()
 }
 
+/// The name of the snapshot's file in `snapshot_disk`.
+fn snapshot_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Vhdx => "dest.vhdx",
+        Kind::Vhd => "dest.vhd",
+    }
+}
+
+/// Whether a receive failed because the power went while the journal was applied.
+fn apply_cut(e: &SendError) -> bool {
+    matches!(e, SendError::Interrupted { source, .. } if recv_cut(source))
+}
+
 fn receive_incremental_sweep(kind: Kind, seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let (_, stream, before, after) = streams(dir.path(), kind, seed);
     assert!(before != after);
     let snapshot = std::fs::read(chains::layer_path(dir.path(), kind, 0)).unwrap();
     let spool = tempfile::tempdir().unwrap();
+    let journal = send::journal_path(&spool.path().join(snapshot_name(kind)));
     let ok = Mutex::new(false);
     let (mut checked, mut succeeded) = (0u64, 0u64);
     let total = FaultStorage::sweep_cuts(
         &snapshot,
         |fs| snapshot_disk(kind, fs),
         |disk| {
+            // The last cut's journal (the checks finish copies of it).
+            let _ = std::fs::remove_file(&journal);
             let r = send::receive_into(
                 &mut &stream[..],
                 &disk,
@@ -943,24 +963,55 @@ fn receive_incremental_sweep(kind: Kind, seed: u64) {
                 &ReceiveOptions::default(),
             );
             if let Err(e) = &r {
-                assert!(recv_cut(e), "incremental {kind:?}: failed otherwise: {e}");
+                assert!(apply_cut(e), "incremental {kind:?}: failed otherwise: {e}");
             }
+            assert_eq!(
+                journal.exists(),
+                r.is_err(),
+                "the journal is kept on failure only"
+            );
             *ok.lock() = r.is_ok();
         },
         SEEDS,
         |cut, s, img| {
             let what = format!("incremental receive into {kind:?} cut {cut} seed {s}");
-            let got = reopen(kind, img, &what);
+            let bytes = img.to_vec().unwrap();
+            let got = reopen(kind, MemStorage::from_bytes(&bytes), &what);
+            checked += 1;
             if *ok.lock() {
                 assert!(got == after, "{what}: receive succeeded but DEST differs");
                 succeeded += 1;
-            } else {
-                each_sector_either(&got, &before, &after, &what);
+                return;
             }
-            checked += 1;
+            each_sector_either(&got, &before, &after, &what);
+            // Finish the journal (a copy: every seed of this cut needs it).
+            let jdir = tempfile::tempdir().unwrap();
+            std::fs::copy(
+                &journal,
+                send::journal_path(&jdir.path().join(snapshot_name(kind))),
+            )
+            .unwrap();
+            let mem = Arc::new(MemStorage::from_bytes(&bytes));
+            let disk = snapshot_disk(kind, mem.clone());
+            let o = ReceiveOptions::default();
+            if s % 2 == 0 {
+                let r = send::resume_into(&disk, jdir.path(), &o)
+                    .unwrap_or_else(|e| panic!("{what}: resume: {e}"))
+                    .unwrap_or_else(|| panic!("{what}: no journal"));
+                assert!(r.records > 0 && r.header.base.is_some(), "{what}: {r:?}");
+            } else {
+                let r = send::receive_into(&mut &stream[..], &disk, jdir.path(), &o)
+                    .unwrap_or_else(|e| panic!("{what}: receive after the cut: {e}"));
+                assert!(r.resumed.is_some() && r.already_applied, "{what}: {r:?}");
+            }
+            drop(disk);
+            assert_eq!(std::fs::read_dir(jdir.path()).unwrap().count(), 0, "{what}");
+            let mem = Arc::into_inner(mem).unwrap();
+            let got = reopen(kind, mem, &format!("{what}, resumed"));
+            assert!(got == after, "{what}: DEST differs after the resume");
         },
     );
-    // The spool files are gone, whatever happened.
+    // No spool file is left, whatever happened; the last run (no cut) left no journal.
     assert_eq!(std::fs::read_dir(spool.path()).unwrap().count(), 0);
     eprintln!(
         "incremental receive into {kind:?}: {total} ops, {checked} crash images, \
@@ -1039,4 +1090,62 @@ fn a_failed_full_receive_leaves_no_file() {
         &chain::Disk::open(&dest, &chain::OpenOptions::new().read_only(true)).unwrap(),
     );
     assert!(got == model);
+}
+
+/// An incremental receive that stops before its journal exists writes nothing to the
+/// snapshot: the stream cut short at sampled bytes (the sender died, or a kill while it
+/// was spooled) fails with the snapshot's storage not written once and no file left; a
+/// spool that a kill left under its temporary name is not taken for a journal; the whole
+/// stream then applies as usual and the snapshot reads exactly the disk sent.
+#[test]
+fn an_incremental_receive_stopped_before_its_journal_leaves_dest_as_it_was() {
+    for kind in [Kind::Vhdx, Kind::Vhd] {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, stream, before, after) = streams(dir.path(), kind, 61);
+        let snapshot = std::fs::read(chains::layer_path(dir.path(), kind, 0)).unwrap();
+        let fs = Arc::new(FaultStorage::new(MemStorage::from_bytes(&snapshot)));
+        let disk = snapshot_disk(kind, fs.clone());
+        let ops0 = fs.ops();
+        let spool = tempfile::tempdir().unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(61);
+        for i in 0..16 {
+            let limit = if i == 0 {
+                stream.len() - 1
+            } else {
+                rng.random_range(0..stream.len())
+            };
+            let mut input = Cut {
+                data: &stream,
+                at: 0,
+                limit,
+                error: i % 2 == 0,
+            };
+            let r = send::receive_into(&mut input, &disk, spool.path(), &ReceiveOptions::default());
+            assert!(r.is_err(), "{kind:?}: cut at byte {limit} accepted");
+            assert_eq!(fs.ops(), ops0, "{kind:?}: cut at byte {limit} wrote DEST");
+            assert_eq!(std::fs::read_dir(spool.path()).unwrap().count(), 0);
+        }
+        assert!(chains::read_all(&disk) == before);
+        // A kill after the spool was synced, before its rename to the journal.
+        let stale = spool
+            .path()
+            .join(format!(".{}.vdisk-spool-4194303-0", snapshot_name(kind)));
+        std::fs::write(&stale, &stream).unwrap();
+        let r = send::receive_into(
+            &mut &stream[..],
+            &disk,
+            spool.path(),
+            &ReceiveOptions::default(),
+        )
+        .unwrap();
+        assert!(r.resumed.is_none() && !r.already_applied);
+        assert!(chains::read_all(&disk) == after, "{kind:?}");
+        drop(disk);
+        let got = reopen(
+            kind,
+            fs.crash_image(0),
+            &format!("{kind:?} after the receive"),
+        );
+        assert!(got == after, "{kind:?}: the flushed image differs");
+    }
 }

@@ -1,7 +1,9 @@
 //! send/receive: byte-exact round trips of raw, VHD, VHDX images and a 3-layer chain (our
 //! read-back against a byte model, and `qemu-img compare` as an oracle), incremental
-//! streams (`since`) with their lineage check, and corrupted or truncated streams refused
-//! with the destination left as it was.
+//! streams (`since`) with their lineage check, corrupted or truncated streams refused
+//! with the destination left as it was, and interrupted incremental receives (a power cut
+//! on the fault backend while the journal is applied) finished by `resume` or the next
+//! `receive`, with damaged, orphaned or foreign journals refused.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod chains;
@@ -10,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use block_io::testing::oracle;
-use block_io::{BlockDevice, FileStorage, RawDisk, Storage};
+use std::sync::Arc;
+
+use block_io::{BlockDevice, CutPoint, FaultStorage, FileStorage, MemStorage, RawDisk, Storage};
 use chains::{read_all, Kind};
 use meta_ops::send::{self, Level, ReceiveOptions, SendError, SendOptions};
 use proptest::prelude::*;
@@ -520,4 +524,194 @@ fn hostile_seed() -> &'static [u8] {
         };
         send_to_vec(&p, &opts).0
     })
+}
+
+/// `path`, an image of `kind` without parents, opened read-write on `s` as a one-layer
+/// chain named `path`.
+fn layer_disk<S: Storage + 'static>(path: &Path, kind: Kind, s: S) -> chain::Disk {
+    let (dev, format, identity): (Arc<dyn BlockDevice>, _, _) = match kind {
+        Kind::Vhdx => {
+            let f =
+                vhdx_format::VhdxFile::open(s, &vhdx_format::OpenOptions::new().read_only(false))
+                    .unwrap();
+            let d = f.details();
+            let id = chain::Identity::Vhdx {
+                data_write_guid: d.data_write_guid,
+                disk_id: d.disk_id,
+            };
+            (Arc::new(f), chain::Format::Vhdx, id)
+        }
+        Kind::Vhd => {
+            let f = vhd_format::VhdFile::open(s, &vhd_format::OpenOptions::new().read_only(false))
+                .unwrap();
+            let d = f.details();
+            let id = chain::Identity::Vhd {
+                unique_id: d.unique_id,
+                timestamp: d.timestamp,
+            };
+            (Arc::new(f), chain::Format::Vhd, id)
+        }
+    };
+    let layer = chain::Layer {
+        path: path.to_path_buf(),
+        format,
+        dev,
+        identity,
+        parent: None,
+    };
+    chain::Disk::from_layers(vec![layer], false).unwrap()
+}
+
+/// An incremental receive of `stream` into `dest` (an image of `kind` without parents)
+/// that the power cut after `ops` writes and syncs of DEST's storage (the fault backend
+/// over DEST's bytes): the receive fails, its journal is left beside DEST, and DEST is
+/// rewritten with what a reboot would find on its disk.
+fn interrupted(dest: &Path, kind: Kind, stream: &[u8], ops: u64) {
+    let bytes = std::fs::read(dest).unwrap();
+    let fs = Arc::new(FaultStorage::new(MemStorage::from_bytes(&bytes)));
+    let disk = layer_disk(dest, kind, fs.clone());
+    fs.set_cut(CutPoint::AfterOps(fs.ops() + ops));
+    let e = send::receive_into(
+        &mut &stream[..],
+        &disk,
+        dest.parent().unwrap(),
+        &ReceiveOptions::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, SendError::Interrupted { .. }), "{e}");
+    drop(disk);
+    std::fs::write(dest, fs.crash_image(1).to_vec().unwrap()).unwrap();
+    assert!(send::journal_path(dest).exists());
+}
+
+/// A 2-layer chain of `kind` in `dir`, its stream since the base, what the top reads, and
+/// DEST: a copy of the base.
+fn interrupted_setup(dir: &Path, kind: Kind, seed: u64) -> (Vec<u8>, Vec<u8>, PathBuf) {
+    let (top, model) = chains::build(dir, kind, 2, SIZE, seed);
+    let l0 = chains::layer_path(dir, kind, 0);
+    let opts = SendOptions {
+        since: Some(l0.clone()),
+        chunk: 128 << 10,
+        ..SendOptions::default()
+    };
+    let (stream, _) = send_to_vec(&top, &opts);
+    let dest = dir.join(format!("dest.{}", kind.ext()));
+    copy(&l0, &dest);
+    (stream, model, dest)
+}
+
+#[test]
+fn an_interrupted_receive_is_finished_by_the_next_one() {
+    for kind in [Kind::Vhdx, Kind::Vhd] {
+        let dir = tempfile::tempdir().unwrap();
+        let (stream, model, dest) = interrupted_setup(dir.path(), kind, 71);
+        let files = listing(dir.path());
+        let e = send::resume(&dest, &ReceiveOptions::default()).unwrap_err();
+        assert!(matches!(e, SendError::NoJournal { .. }), "{e}");
+        assert!(e.to_string().contains("no interrupted receive"), "{e}");
+        interrupted(&dest, kind, &stream, 3);
+        assert!(
+            read_all(&open_ro(&dest)) != model,
+            "{kind:?}: the cut came too late"
+        );
+        // The same stream: the journal is finished, then the stream is already applied.
+        let r = send::receive(&mut &stream[..], &dest, &ReceiveOptions::default()).unwrap();
+        let resumed = r.resumed.as_ref().expect("the journal was finished");
+        assert_eq!(resumed.header, r.header);
+        assert!(resumed.data_bytes > 0);
+        assert!(r.already_applied, "{kind:?}");
+        assert!(read_all(&open_ro(&dest)) == model, "{kind:?}: DEST differs");
+        assert_eq!(listing(dir.path()), files, "{kind:?}: the journal is gone");
+        // Once more, with no journal: the lineage check decides, as after any receive. A
+        // VHDX has a new DataWriteGuid; a VHD keeps its identity when written, so the
+        // stream passes and is applied again (the records are absolute: no change).
+        let r = send::receive(&mut &stream[..], &dest, &ReceiveOptions::default());
+        match kind {
+            Kind::Vhdx => assert!(matches!(r, Err(SendError::Lineage { .. })), "{r:?}"),
+            Kind::Vhd => assert!(r.is_ok_and(|r| r.resumed.is_none() && !r.already_applied)),
+        }
+        assert!(read_all(&open_ro(&dest)) == model, "{kind:?}: DEST differs");
+    }
+}
+
+#[test]
+fn a_completed_receive_is_not_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stream, model, dest) = interrupted_setup(dir.path(), Kind::Vhdx, 72);
+    let r = send::receive(&mut &stream[..], &dest, &ReceiveOptions::default()).unwrap();
+    assert!(r.resumed.is_none() && !r.already_applied);
+    let e = send::receive(&mut &stream[..], &dest, &ReceiveOptions::default()).unwrap_err();
+    assert!(matches!(e, SendError::Lineage { .. }), "{e}");
+    assert!(read_all(&open_ro(&dest)) == model);
+    assert!(!send::journal_path(&dest).exists());
+}
+
+#[test]
+fn resume_refuses_a_damaged_or_foreign_journal_and_finishes_a_good_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stream, model, dest) = interrupted_setup(dir.path(), Kind::Vhdx, 73);
+    interrupted(&dest, Kind::Vhdx, &stream, 5);
+    let journal = send::journal_path(&dest);
+    let good = std::fs::read(&journal).unwrap();
+    let crashed = std::fs::read(&dest).unwrap();
+    let len = good.len();
+    for (what, bad) in [
+        ("torn", good[..len - 700].to_vec()),
+        ("empty", Vec::new()),
+        ("magic", {
+            let mut b = good.clone();
+            b[0] ^= 1;
+            b
+        }),
+        ("record", {
+            let mut b = good.clone();
+            b[len / 2] ^= 1;
+            b
+        }),
+    ] {
+        std::fs::write(&journal, &bad).unwrap();
+        for how in ["resume", "receive"] {
+            let e = match how {
+                "resume" => send::resume(&dest, &ReceiveOptions::default()).unwrap_err(),
+                _ => {
+                    send::receive(&mut &stream[..], &dest, &ReceiveOptions::default()).unwrap_err()
+                }
+            };
+            assert!(
+                matches!(&e, SendError::Journal { path, .. } if *path == journal),
+                "{what} {how}: {e}"
+            );
+            assert!(e.to_string().contains(&journal.display().to_string()));
+            assert!(
+                std::fs::read(&dest).unwrap() == crashed,
+                "{what} {how} wrote DEST"
+            );
+            assert!(std::fs::read(&journal).unwrap() == bad, "{what} {how}");
+        }
+    }
+    std::fs::write(&journal, &good).unwrap();
+    // Beside another image (another virtual disk id): refused, nothing written.
+    let other = dir.path().join("other.vhdx");
+    std::fs::rename(&dest, &other).unwrap();
+    copy(&chains::layer_path(dir.path(), Kind::Vhdx, 1), &dest);
+    let foreign = std::fs::read(&dest).unwrap();
+    let e = send::resume(&dest, &ReceiveOptions::default()).unwrap_err();
+    assert!(matches!(e, SendError::JournalMismatch { .. }), "{e}");
+    assert!(std::fs::read(&dest).unwrap() == foreign);
+    // Beside no image: refused, whatever the stream.
+    std::fs::remove_file(&dest).unwrap();
+    let e = send::resume(&dest, &ReceiveOptions::default()).unwrap_err();
+    assert!(matches!(e, SendError::JournalOrphan { .. }), "{e}");
+    let e = send::receive(&mut &stream[..], &dest, &ReceiveOptions::default()).unwrap_err();
+    assert!(matches!(e, SendError::JournalOrphan { .. }), "{e}");
+    assert!(!dest.exists());
+    // Its own image back: finished.
+    std::fs::rename(&other, &dest).unwrap();
+    let r = send::resume(&dest, &ReceiveOptions::default()).unwrap();
+    assert_eq!(r.journal, journal);
+    assert!(r.data_bytes > 0);
+    assert!(read_all(&open_ro(&dest)) == model);
+    assert!(!journal.exists());
+    let e = send::resume(&dest, &ReceiveOptions::default()).unwrap_err();
+    assert!(matches!(e, SendError::NoJournal { .. }), "{e}");
 }

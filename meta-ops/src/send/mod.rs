@@ -10,7 +10,8 @@
 //!   *snapshot*) hold, and names the snapshot in the header.
 //! - [`receive`] reads a stream into a destination image: a new raw, VHD or VHDX image for a
 //!   full stream, or the existing snapshot for an incremental one, after checking that the
-//!   destination *is* that snapshot.
+//!   destination *is* that snapshot, through a journal that makes the apply recoverable.
+//!   [`resume`] finishes an apply that was cut short.
 //!
 //! # Adaptive compression
 //!
@@ -87,21 +88,56 @@
 //!   destination, checks its identity against the stream's base identity and its size
 //!   against the header (refusing with [`SendError::Lineage`] or [`SendError::Geometry`]
 //!   before anything is written), then *spools* the whole stream into a temporary file
-//!   beside it, verifying every record and the END digest (and decompressing every DATA
-//!   record) as it goes. Only a stream that verified completely is applied, from the
-//!   spool, which is then removed. The spool costs disk space equal to the stream. A
-//!   failure of the destination's own storage while applying (a full disk, an I/O error)
-//!   leaves it partly updated; the error says so.
+//!   beside it (`.NAME.vdisk-spool-PID-N`), verifying every record and the END digest (and
+//!   decompressing every DATA record) as it goes. Only a stream that verified completely
+//!   is applied, through its journal (below). The journal costs disk space equal to the
+//!   stream.
+//!
+//! # Interrupted receives
+//!
+//! The records of an incremental stream go into the snapshot in place, so an apply cut
+//! short leaves each sector as before or as after, **not** the old or the new disk as a
+//! whole. Since the records are absolute DATA and ZERO ranges, applying a verified stream
+//! again is idempotent, and an interrupted apply is finished by rolling forward:
+//!
+//! 1. The verified spool, which holds a small head (magic `VDSKRJNL`, the destination's
+//!    identity as checked, a crc32c) and the stream as received, header to END, is synced
+//!    and renamed to the destination's **journal**, `NAME.vdisk-receive` beside it
+//!    ([`journal_path`], [`JOURNAL_SUFFIX`]), and the folder is synced. Nothing was written
+//!    to the destination before this.
+//! 2. The journal's records are applied, the destination flushed (a VHDX gets its new
+//!    DataWriteGuid with its first write, as any write gives it), the journal removed and
+//!    the folder synced. A failure in between (a full disk, an I/O error) is
+//!    [`SendError::Interrupted`] and keeps the journal.
+//! 3. [`receive`] looks for the destination's journal before it reads its stream, and
+//!    [`resume`] does only that: the journal is verified whole (one that does not, torn,
+//!    truncated, of bad magic or checksum, is refused with [`SendError::Journal`] naming it
+//!    and the destination is not opened), the destination checked to be the image it was
+//!    written for (its geometry, and what a write keeps of its identity: a VHD's unique id
+//!    and timestamp, a VHDX's virtual disk id; [`SendError::JournalMismatch`]) but **not**
+//!    its lineage, which cannot hold once some records landed; then every record is
+//!    applied again, the destination flushed and the journal removed
+//!    ([`ReceiveReport::resumed`], [`ReceiveProgress::resumed`]). A journal beside a
+//!    destination that does not exist is refused ([`SendError::JournalOrphan`]). [`receive`]
+//!    then goes on with its stream: the very stream of the journal just finished (same
+//!    header) is read, verified and reported as [`ReceiveReport::already_applied`] with
+//!    nothing written; any other is checked by its lineage as usual.
+//!
+//! **Until its journal is finished the destination must not be used**: nothing but
+//! [`receive`] and [`resume`] looks for the journal, so opening, serving, sending or
+//! copying the image meanwhile sees the half-applied disk as if it were whole (and a
+//! write to it would be overwritten by the roll-forward).
 //!
 //! After a power cut (`tests/crash_jobs.rs`, every write and sync of the fault backend cut,
 //! unsynced writes lost or torn): a full stream's DEST does not exist until the image was
 //! synced and renamed, and then reads exactly the disk sent (a temporary file
 //! `.NAME.vdisk-recv-*` may be left beside it; nothing removes it). An incremental
 //! stream's DEST always opens and checks clean, and once [`receive`] returned it reads the
-//! disk sent; a cut while the records are applied leaves each sector as before or as
-//! after, **not** the old or the new disk as a whole (the records go in place; keep a copy
-//! of the snapshot to go back). [`receive_new`] and [`receive_into`] are the two halves of
-//! [`receive`] on storage or a chain the caller opened.
+//! disk sent; a cut before the journal's rename is durable leaves it as it was (a spool
+//! file `.NAME.vdisk-spool-*` may be left; nothing removes it, nothing takes it for a
+//! journal); a cut after leaves the journal, and finishing it makes DEST read exactly the
+//! disk sent. [`receive_new`] and [`receive_into`] are the two halves of [`receive`] on
+//! storage or a chain the caller opened ([`resume_into`] the resume).
 //!
 //! The lineage check compares identities, so its strength is the format's: a VHDX gets a
 //! new DataWriteGuid with its first write after open, so a stream applied once (or a
@@ -109,14 +145,17 @@
 //! it is written, and a raw image is known by its sampled fingerprint only, so for these a
 //! modified copy of the snapshot may pass.
 
+mod journal;
 mod receiver;
 mod sender;
 mod wire;
 
 use std::path::PathBuf;
 
+pub use journal::{journal_path, ResumeReport, JOURNAL_MAGIC, JOURNAL_SUFFIX};
 pub use receiver::{
-    receive, receive_into, receive_new, verify, ReceiveOptions, ReceiveProgress, ReceiveReport,
+    receive, receive_into, receive_new, resume, resume_into, verify, ReceiveOptions,
+    ReceiveProgress, ReceiveReport,
 };
 pub use sender::{send, Level, LevelUse, SendOptions, SendProgress, SendReport};
 pub use wire::{
@@ -264,6 +303,62 @@ pub enum SendError {
         /// What failed.
         #[source]
         source: std::io::Error,
+    },
+    /// The journal of an interrupted receive does not verify (torn, truncated, bad magic
+    /// or checksum); the destination was not written.
+    #[error("cannot use the receive journal {path}")]
+    Journal {
+        /// The journal.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: Box<SendError>,
+    },
+    /// The journal was written for another image than the destination.
+    #[error("the receive journal {journal} was written for {recorded}, but {dest} is {found}")]
+    JournalMismatch {
+        /// The journal.
+        journal: PathBuf,
+        /// The destination.
+        dest: PathBuf,
+        /// The identity the journal recorded.
+        recorded: String,
+        /// The destination's.
+        found: String,
+    },
+    /// `resume` found no journal beside the destination.
+    #[error("{dest} has no interrupted receive to finish ({journal} does not exist)")]
+    NoJournal {
+        /// The destination.
+        dest: PathBuf,
+        /// Where its journal would be.
+        journal: PathBuf,
+    },
+    /// A journal is left beside a destination that does not exist.
+    #[error(
+        "{journal} is the journal of an interrupted receive into {dest}, which does not exist \
+         (restore {dest} or remove the journal)"
+    )]
+    JournalOrphan {
+        /// The journal.
+        journal: PathBuf,
+        /// The destination it is for.
+        dest: PathBuf,
+    },
+    /// Applying a verified stream failed part-way: the destination is partly updated and
+    /// its journal is kept to finish it.
+    #[error(
+        "{dest} is partly updated and must not be used until its journal {journal} is \
+         finished (vdisk receive --resume)"
+    )]
+    Interrupted {
+        /// The destination.
+        dest: PathBuf,
+        /// Its journal.
+        journal: PathBuf,
+        /// What failed.
+        #[source]
+        source: Box<SendError>,
     },
     /// Opening an image of the chain failed.
     #[error(transparent)]

@@ -1,5 +1,7 @@
 //! [`receive`]: a stream into a new image (written beside, renamed into place at the end) or,
-//! for an incremental stream, into its base snapshot (checked, spooled and verified first).
+//! for an incremental stream, into its base snapshot (checked, spooled and verified first,
+//! then applied from its journal); [`resume`]: an interrupted apply finished from its
+//! journal.
 
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
@@ -11,6 +13,7 @@ use std::time::{Duration, Instant};
 use block_io::{BlockDevice, FileStorage, LockMode, RawDisk, RawOptions, Storage};
 use chain::Format;
 
+use super::journal::{self, ResumeReport};
 use super::wire::{self, Record, StreamHeader, StreamIdentity, StreamReader};
 use super::SendError;
 
@@ -32,6 +35,8 @@ pub struct ReceiveProgress {
     stream: AtomicU64,
     applied: AtomicU64,
     total: AtomicU64,
+    /// Bytes applied from a finished journal, plus one (0: none finished).
+    resumed: AtomicU64,
 }
 
 impl ReceiveProgress {
@@ -48,6 +53,25 @@ impl ReceiveProgress {
     /// The destination's virtual size, known once the header is read.
     pub fn total(&self) -> u64 {
         self.total.load(Ordering::Relaxed)
+    }
+
+    /// Once an interrupted receive into the destination was finished from its journal
+    /// (before the stream was read): the bytes applied again (data and zero ranges). Set
+    /// even if the stream then fails.
+    pub fn resumed(&self) -> Option<u64> {
+        self.resumed.load(Ordering::Relaxed).checked_sub(1)
+    }
+
+    /// Records that a journal was finished, `bytes` applied from it.
+    pub(super) fn set_resumed(&self, bytes: u64) {
+        self.resumed
+            .store(bytes.saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// Sets the total (a journal's virtual size) and restarts the bytes applied.
+    pub(super) fn set_total(&self, total: u64) {
+        self.total.store(total, Ordering::Relaxed);
+        self.applied.store(0, Ordering::Relaxed);
     }
 }
 
@@ -70,6 +94,12 @@ pub struct ReceiveReport {
     pub stream_bytes: u64,
     /// How long it took.
     pub elapsed: Duration,
+    /// An interrupted receive into the destination, finished from its journal before this
+    /// stream was read.
+    pub resumed: Option<ResumeReport>,
+    /// The stream is the one whose journal was just finished: it was read and verified,
+    /// and nothing was written for it (the totals are the stream's).
+    pub already_applied: bool,
 }
 
 /// A temporary file removed on drop unless kept.
@@ -119,7 +149,7 @@ impl Drop for TempFile {
     }
 }
 
-fn dest_err(op: &str, path: &Path) -> impl FnOnce(block_io::Error) -> SendError {
+pub(super) fn dest_err(op: &str, path: &Path) -> impl FnOnce(block_io::Error) -> SendError {
     let (op, path) = (op.to_string(), path.to_path_buf());
     move |source| SendError::Destination { op, path, source }
 }
@@ -210,10 +240,10 @@ fn create_on<S: Storage + 'static>(
 
 /// Totals of the records applied.
 #[derive(Default)]
-struct Totals {
-    records: u64,
-    data: u64,
-    zero: u64,
+pub(super) struct Totals {
+    pub(super) records: u64,
+    pub(super) data: u64,
+    pub(super) zero: u64,
 }
 
 impl Totals {
@@ -234,6 +264,8 @@ impl Totals {
             zero_bytes: self.zero,
             stream_bytes,
             elapsed: start.elapsed(),
+            resumed: None,
+            already_applied: false,
         }
     }
 }
@@ -276,7 +308,7 @@ impl<'a> Incoming<'a> {
 
 /// Reads records from `r` to END, writing each to `dev` (when given; ZERO records only when
 /// `zeroes`), and returns the totals. Without `dev` it only verifies (decompressing too).
-fn apply<R: Read>(
+pub(super) fn apply<R: Read>(
     r: &mut StreamReader<R>,
     dev: Option<(&dyn BlockDevice, &Path)>,
     zeroes: bool,
@@ -345,17 +377,43 @@ pub fn verify(input: &mut dyn Read) -> Result<ReceiveReport, SendError> {
     Ok(t.report(h, format, r.position(), start))
 }
 
+/// Opens the existing `dest` read-write as a chain.
+fn open_dest(dest: &Path, opts: &ReceiveOptions) -> Result<chain::Disk, SendError> {
+    Ok(chain::Disk::open(
+        dest,
+        &chain::OpenOptions::new().read_only(false).lock(opts.lock),
+    )?)
+}
+
 /// Reads a stream from `input` into `dest`: a new image for a full stream (refused if
-/// `dest` exists), the existing base snapshot for an incremental one. See the module docs
-/// for what is checked and what a failure leaves behind.
+/// `dest` exists), the existing base snapshot for an incremental one. An interrupted
+/// receive into `dest` (its journal, [`journal_path`](super::journal_path)) is finished
+/// first, before the stream is read; a journal beside a `dest` that does not exist is
+/// refused. See the module docs for what is checked and what a failure leaves behind.
 pub fn receive(
     input: &mut dyn Read,
     dest: &Path,
     opts: &ReceiveOptions,
 ) -> Result<ReceiveReport, SendError> {
-    let mut inc = Incoming::open(input, opts)?;
+    let journal = journal::journal_path(dest);
     let exists = std::fs::symlink_metadata(dest).is_ok();
-    let (format, t) = match &inc.h.base {
+    let mut opened = None;
+    let mut resumed = None;
+    if journal::exists(&journal)? {
+        if !exists {
+            return Err(SendError::JournalOrphan {
+                journal,
+                dest: dest.to_path_buf(),
+            });
+        }
+        let progress = opts.progress.clone().unwrap_or_default();
+        let verified = journal::verify(&journal, &progress)?;
+        let disk = open_dest(dest, opts)?;
+        resumed = Some(journal::finish(&disk, dest, verified, &progress)?);
+        opened = Some(disk);
+    }
+    let mut inc = Incoming::open(input, opts)?;
+    let (format, t, already) = match &inc.h.base {
         None => {
             if exists {
                 return Err(SendError::DestExists(dest.to_path_buf()));
@@ -366,16 +424,13 @@ pub fn receive(
             let t = apply(&mut inc.r, Some((&*dev, dest)), false, &inc.progress, true)?;
             dev.flush().map_err(dest_err("flush", dest))?;
             drop(dev);
-            let sync = |p: &Path, op| {
-                File::open(p)
-                    .and_then(|f| f.sync_all())
-                    .map_err(|source| SendError::File {
-                        op,
-                        path: p.to_path_buf(),
-                        source,
-                    })
-            };
-            sync(&tmp.path, "sync")?;
+            File::open(&tmp.path)
+                .and_then(|f| f.sync_all())
+                .map_err(|source| SendError::File {
+                    op: "sync",
+                    path: tmp.path.clone(),
+                    source,
+                })?;
             if std::fs::symlink_metadata(dest).is_ok() {
                 return Err(SendError::DestExists(dest.to_path_buf()));
             }
@@ -385,23 +440,75 @@ pub fn receive(
                 source,
             })?;
             tmp.keep = true;
-            if let Some(dir) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
-                sync(dir, "sync the folder of")?;
-            }
-            (format, t)
+            journal::sync_folder_of(dest)?;
+            (format, t, false)
         }
         Some(_) => {
             if !exists {
                 return Err(SendError::DestMissing(dest.to_path_buf()));
             }
-            let disk = chain::Disk::open(
-                dest,
-                &chain::OpenOptions::new().read_only(false).lock(opts.lock),
-            )?;
-            incremental(&mut inc.r, &inc.h, &disk, dest, dest, &inc.progress)?
+            let disk = match opened {
+                Some(d) => d,
+                None => open_dest(dest, opts)?,
+            };
+            into_existing(&mut inc, &disk, dest, dest, resumed.as_ref())?
         }
     };
-    Ok(inc.report(format, t))
+    let mut report = inc.report(format, t);
+    report.resumed = resumed;
+    report.already_applied = already;
+    Ok(report)
+}
+
+/// Finishes the interrupted incremental receive into `dest` from its journal
+/// ([`journal_path`](super::journal_path)): the journal is verified whole (refused with
+/// [`SendError::Journal`], `dest` untouched, if it does not verify), `dest` checked to be
+/// the image it was written for (its geometry and the part of its identity a write keeps,
+/// not its lineage), every record applied again, `dest` flushed and the journal removed.
+/// Fails with [`SendError::NoJournal`] when there is none.
+pub fn resume(dest: &Path, opts: &ReceiveOptions) -> Result<ResumeReport, SendError> {
+    let journal = journal::journal_path(dest);
+    if !journal::exists(&journal)? {
+        return Err(SendError::NoJournal {
+            dest: dest.to_path_buf(),
+            journal,
+        });
+    }
+    if std::fs::symlink_metadata(dest).is_err() {
+        return Err(SendError::JournalOrphan {
+            journal,
+            dest: dest.to_path_buf(),
+        });
+    }
+    let progress = opts.progress.clone().unwrap_or_default();
+    let verified = journal::verify(&journal, &progress)?;
+    let disk = open_dest(dest, opts)?;
+    journal::finish(&disk, dest, verified, &progress)
+}
+
+/// [`resume`] on a chain the caller opened, whose journal is in `spool_dir` (as
+/// [`receive_into`] leaves it): `None` when there is no journal.
+pub fn resume_into(
+    disk: &chain::Disk,
+    spool_dir: &Path,
+    opts: &ReceiveOptions,
+) -> Result<Option<ResumeReport>, SendError> {
+    let (dest, beside) = spool_names(disk, spool_dir);
+    let journal = journal::journal_path(&beside);
+    if !journal::exists(&journal)? {
+        return Ok(None);
+    }
+    let progress = opts.progress.clone().unwrap_or_default();
+    let verified = journal::verify(&journal, &progress)?;
+    journal::finish(disk, &dest, verified, &progress).map(Some)
+}
+
+/// The path of `disk`'s top image, and the same name in `spool_dir`.
+fn spool_names(disk: &chain::Disk, spool_dir: &Path) -> (PathBuf, PathBuf) {
+    let dest = disk.layers()[0].path.clone();
+    let name = dest.file_name().unwrap_or(std::ffi::OsStr::new("image"));
+    let beside = spool_dir.join(name);
+    (dest, beside)
 }
 
 /// A full stream from `input` written into a new image of `format` made in `storage`,
@@ -430,41 +537,56 @@ pub fn receive_new<S: Storage + 'static>(
 }
 
 /// An incremental stream from `input` applied to `disk`, an open chain whose top image is
-/// the stream's base snapshot: what [`receive`] does once it has opened its destination
-/// (geometry and lineage checked before anything is written, the stream spooled into a
-/// temporary file in `spool_dir` and verified whole, then applied and the disk flushed).
-/// A full stream is refused with [`SendError::Invalid`]. For callers that keep images on
-/// storage of their own, and for crash tests on the fault backend.
+/// the stream's base snapshot: what [`receive`] does once it has opened its destination,
+/// with the spool and the journal in `spool_dir` (named after the top image's file) instead
+/// of beside it. An interrupted receive whose journal is there is finished first, as
+/// [`resume_into`] does. A full stream is refused with [`SendError::Invalid`]. For callers
+/// that keep images on storage of their own, and for crash tests on the fault backend.
 pub fn receive_into(
     input: &mut dyn Read,
     disk: &chain::Disk,
     spool_dir: &Path,
     opts: &ReceiveOptions,
 ) -> Result<ReceiveReport, SendError> {
+    let resumed = resume_into(disk, spool_dir, opts)?;
     let mut inc = Incoming::open(input, opts)?;
     if inc.h.base.is_none() {
         return Err(SendError::Invalid(
             "a full stream makes a new image (receive or receive_new)".into(),
         ));
     }
-    let dest = disk.layers()[0].path.clone();
-    let name = dest.file_name().unwrap_or(std::ffi::OsStr::new("image"));
-    let beside = spool_dir.join(name);
-    let (format, t) = incremental(&mut inc.r, &inc.h, disk, &dest, &beside, &inc.progress)?;
-    Ok(inc.report(format, t))
+    let (dest, beside) = spool_names(disk, spool_dir);
+    let (format, t, already) = into_existing(&mut inc, disk, &dest, &beside, resumed.as_ref())?;
+    let mut report = inc.report(format, t);
+    report.resumed = resumed;
+    report.already_applied = already;
+    Ok(report)
 }
 
-/// An incremental stream whose header `h` was read from `r` applied to `disk` (named `dest`
-/// in errors): geometry and lineage checked, the rest of the stream spooled into a
-/// temporary file beside `spool_beside` and verified, then applied and the disk flushed.
-fn incremental<R: Read>(
-    r: &mut StreamReader<TeeRead<R>>,
-    h: &StreamHeader,
+/// The incremental stream `inc` into `disk` (named `dest` in errors), its spool and journal
+/// beside `spool_beside`. When it is the stream of the journal just finished (`resumed`,
+/// same header), it is only read and verified, and the flag returned is set.
+fn into_existing(
+    inc: &mut Incoming<'_>,
     disk: &chain::Disk,
     dest: &Path,
     spool_beside: &Path,
-    progress: &ReceiveProgress,
-) -> Result<(Format, Totals), SendError> {
+    resumed: Option<&ResumeReport>,
+) -> Result<(Format, Totals, bool), SendError> {
+    if resumed.is_some_and(|r| r.header == inc.h) {
+        let t = apply(&mut inc.r, None, false, &inc.progress, true)?;
+        return Ok((disk.layers()[0].format, t, true));
+    }
+    let (format, t) = incremental(&mut inc.r, &inc.h, disk, dest, spool_beside, &inc.progress)?;
+    Ok((format, t, false))
+}
+
+/// Refuses `disk` (named `dest`) if its size or sector size is not the stream's.
+pub(super) fn check_geometry(
+    disk: &chain::Disk,
+    h: &StreamHeader,
+    dest: &Path,
+) -> Result<(), SendError> {
     let info = disk.info();
     if info.virtual_size != h.virtual_size || info.logical_sector_size != h.logical_sector_size {
         return Err(SendError::Geometry {
@@ -475,6 +597,24 @@ fn incremental<R: Read>(
             ),
         });
     }
+    Ok(())
+}
+
+/// An incremental stream whose header `h` was read from `r` applied to `disk` (named `dest`
+/// in errors): geometry and lineage checked, the rest of the stream spooled into a
+/// temporary file beside `spool_beside` and verified, the spool synced and renamed to the
+/// journal (`spool_beside` + `.vdisk-receive`) and the folder synced; then the journal
+/// applied, the disk flushed, the journal removed and the folder synced. A failure after
+/// the rename keeps the journal ([`SendError::Interrupted`]).
+fn incremental<R: Read>(
+    r: &mut StreamReader<TeeRead<R>>,
+    h: &StreamHeader,
+    disk: &chain::Disk,
+    dest: &Path,
+    spool_beside: &Path,
+    progress: &ReceiveProgress,
+) -> Result<(Format, Totals), SendError> {
+    check_geometry(disk, h, dest)?;
     let top = &disk.layers()[0];
     let found = StreamIdentity::of_layer(top).map_err(dest_err("read", dest))?;
     if Some(&found) != h.base.as_ref() {
@@ -489,7 +629,7 @@ fn incremental<R: Read>(
     }
     let format = top.format;
     // Verify the whole stream into a spool file before touching the destination.
-    let spool = TempFile::beside(spool_beside, "spool")?;
+    let mut spool = TempFile::beside(spool_beside, "spool")?;
     let spool_err = |source| SendError::File {
         op: "write the spool file",
         path: spool.path.clone(),
@@ -500,8 +640,10 @@ fn incremental<R: Read>(
         .open(&spool.path)
         .map_err(spool_err)?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-    // The header was read before the spool was opened.
-    out.write_all(&h.encode()).map_err(spool_err)?;
+    // The journal's head, and the stream's header read before the spool was opened.
+    out.write_all(&journal::encode_head(&found))
+        .and_then(|()| out.write_all(&h.encode()))
+        .map_err(spool_err)?;
     let tee = r.inner_mut();
     tee.spool = Some(out);
     let verified = apply(r, None, false, progress, true);
@@ -516,16 +658,31 @@ fn incremental<R: Read>(
             .and_then(|f| f.sync_all())
             .map_err(spool_err)?;
     }
-    let file = File::open(&spool.path).map_err(|source| SendError::File {
-        op: "open",
-        path: spool.path.clone(),
+    // The verified spool becomes the journal: durable before the destination is written.
+    let journal = journal::journal_path(spool_beside);
+    std::fs::rename(&spool.path, &journal).map_err(|source| SendError::File {
+        op: "rename the spool file to",
+        path: journal.clone(),
         source,
     })?;
-    let mut again = StreamReader::new(BufReader::with_capacity(1 << 20, file));
-    again.read_header()?;
+    spool.keep = true;
+    if let Err(e) = journal::sync_folder_of(&journal) {
+        // The destination is untouched: drop the journal rather than leave it half-made.
+        let _ = std::fs::remove_file(&journal);
+        return Err(e);
+    }
+    let interrupted = |e: SendError| SendError::Interrupted {
+        dest: dest.to_path_buf(),
+        journal: journal.clone(),
+        source: Box::new(e),
+    };
+    let mut j = journal::open(&journal).map_err(interrupted)?;
     progress.applied.store(0, Ordering::Relaxed);
-    let t = apply(&mut again, Some((disk, dest)), true, progress, false)?;
-    disk.flush().map_err(dest_err("flush", dest))?;
+    let t = apply(&mut j.r, Some((disk, dest)), true, progress, false).map_err(interrupted)?;
+    disk.flush()
+        .map_err(dest_err("flush", dest))
+        .map_err(interrupted)?;
+    journal::remove(&journal)?;
     Ok((format, t))
 }
 

@@ -19,7 +19,7 @@ pub const FINGERPRINT_SAMPLES: u64 = 32;
 const SAMPLE: u64 = 64 << 10;
 
 pub(crate) const HEADER_LEN: usize = 103;
-const IDENT_LEN: usize = 33;
+pub(crate) const IDENT_LEN: usize = 33;
 const FLAG_INCREMENTAL: u16 = 1;
 
 pub(crate) const TAG_DATA: u8 = b'D';
@@ -80,7 +80,7 @@ impl std::fmt::Display for StreamIdentity {
 }
 
 impl StreamIdentity {
-    fn encode(&self) -> [u8; IDENT_LEN] {
+    pub(crate) fn encode(&self) -> [u8; IDENT_LEN] {
         let mut b = [0u8; IDENT_LEN];
         match self {
             StreamIdentity::None => {}
@@ -108,7 +108,7 @@ impl StreamIdentity {
         b
     }
 
-    fn decode(b: &[u8; IDENT_LEN], what: &str) -> Result<Self, SendError> {
+    pub(crate) fn decode(b: &[u8; IDENT_LEN], what: &str) -> Result<Self, SendError> {
         let u = |r: std::ops::Range<usize>| {
             let mut a = [0u8; 16];
             a.copy_from_slice(&b[r]);
