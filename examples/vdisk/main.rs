@@ -21,6 +21,7 @@
 //! vdisk stress IMG --job copy|convert --seconds N [--threads T] [--rate B/S]   online job + model
 //! vdisk send IMG [--since SNAP] [-o FILE] [--level auto|N] [--threads N] [--rate B/S] [-p]
 //! vdisk receive DEST [-O raw|vhd|vhdx] [-i FILE] [-p]   make (or update) DEST from a stream
+//! vdisk receive --resume DEST        finish an interrupted incremental receive (its journal)
 //! vdisk demo                         a guided tour in a temporary folder
 //! vdisk serve --socket PATH [--queues N] [--workers N] [--read-only] [--cache none|writeback]
 //!             [--aio io_uring|threads|sync] IMG   vhost-user-blk until SIGINT/SIGTERM

@@ -2,9 +2,11 @@
 //! [-p]` writes IMG's allocated data (a chain flattened, or only the changes above SNAPSHOT)
 //! as a `meta_ops::send` stream to stdout or FILE; `vdisk receive DEST [-O raw|vhd|vhdx]
 //! [-i FILE] [-p]` makes DEST from a stream on stdin or FILE (a new image, or for an
-//! incremental stream the existing snapshot, checked first). The stream format and what a
-//! corrupt stream leaves behind are in the `meta_ops::send` docs. The summary goes to
-//! stderr for send (stdout carries the stream) and to stdout for receive.
+//! incremental stream the existing snapshot, checked first, applied through a journal
+//! `DEST.vdisk-receive` that a later receive or `vdisk receive --resume DEST` finishes if
+//! the apply was cut short). The stream format and what a corrupt stream leaves behind are
+//! in the `meta_ops::send` docs. The summary goes to stderr for send (stdout carries the
+//! stream) and to stdout for receive; a journal finished goes to stderr.
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
@@ -45,6 +47,7 @@ pub struct SendArgs {
 
 /// `vdisk receive` arguments.
 #[derive(Debug, clap::Args)]
+#[command(after_help = RECEIVE_HELP)]
 pub struct ReceiveArgs {
     /// Format of a new image: raw, vhd, vhdx (default: by DEST's extension, else raw).
     #[arg(short = 'O')]
@@ -55,9 +58,23 @@ pub struct ReceiveArgs {
     /// Show progress on stderr.
     #[arg(short = 'p')]
     pub progress: bool,
+    /// Only finish an interrupted incremental receive into DEST from its journal
+    /// (DEST.vdisk-receive); no stream is read. Fails if there is none.
+    #[arg(long, conflicts_with_all = ["input", "out_format"])]
+    pub resume: bool,
     /// The image to make (full stream) or to update (incremental stream).
     pub dest: PathBuf,
 }
+
+/// What `vdisk receive --help` says about interrupted receives.
+const RECEIVE_HELP: &str = "\
+An incremental stream is verified whole first, then kept as a journal beside DEST \
+(DEST.vdisk-receive, synced) while its records are written into DEST. If that is cut short \
+(a crash, a kill, a failed write), DEST holds a mix of old and new data and must not be used \
+(opened, served, sent or copied) until the journal is finished: `vdisk receive --resume DEST` \
+does that, and so does the next `vdisk receive` into DEST before it reads its stream (a \
+stream that is the journal's own is then reported as already applied). Nothing else looks \
+for the journal. A journal that does not verify is refused and DEST left as it is.";
 
 fn send_err(e: SendError) -> CliError {
     CliError::new(crate::cause_chain(&e))
@@ -179,8 +196,37 @@ pub fn run_send(a: SendArgs) -> CliResult {
     Ok(0)
 }
 
+/// Says on stderr that an interrupted receive into `dest` was finished, `bytes` applied.
+fn say_resumed(dest: &std::path::Path, bytes: u64) {
+    eprintln!(
+        "vdisk: finished an interrupted receive into {} ({bytes} bytes) from its journal",
+        dest.display()
+    );
+}
+
+/// Runs `vdisk receive --resume`.
+fn run_resume(a: &ReceiveArgs) -> CliResult {
+    let progress = Arc::new(ReceiveProgress::default());
+    let opts = ReceiveOptions {
+        lock: crate::image::lock_mode(),
+        progress: Some(progress.clone()),
+        ..ReceiveOptions::default()
+    };
+    let r = with_bar(
+        a.progress,
+        || (progress.applied(), progress.total()),
+        || send::resume(&a.dest, &opts),
+    )
+    .map_err(send_err)?;
+    say_resumed(&a.dest, r.data_bytes + r.zero_bytes);
+    Ok(0)
+}
+
 /// Runs `vdisk receive`.
 pub fn run_receive(a: ReceiveArgs) -> CliResult {
+    if a.resume {
+        return run_resume(&a);
+    }
     let format = a
         .out_format
         .as_deref()
@@ -206,8 +252,22 @@ pub fn run_receive(a: ReceiveArgs) -> CliResult {
         a.progress,
         || (progress.applied(), progress.total()),
         || send::receive(&mut input, &a.dest, &opts),
-    )
-    .map_err(send_err)?;
+    );
+    // A journal finished before the stream was read, whether the stream then went in.
+    if let Some(bytes) = progress.resumed() {
+        say_resumed(&a.dest, bytes);
+    }
+    let r = r.map_err(send_err)?;
+    if r.already_applied {
+        println!(
+            "The stream ({} records, {} stream bytes) is the one just finished from the \
+             journal: already applied to {}, nothing written.",
+            r.records,
+            r.stream_bytes,
+            a.dest.display()
+        );
+        return Ok(0);
+    }
     println!(
         "Received {} records into {} ({}{}): {} data bytes, {} zero bytes from {} stream bytes in {:.2} s.",
         r.records,
