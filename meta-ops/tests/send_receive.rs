@@ -715,3 +715,31 @@ fn resume_refuses_a_damaged_or_foreign_journal_and_finishes_a_good_one() {
     let e = send::resume(&dest, &ReceiveOptions::default()).unwrap_err();
     assert!(matches!(e, SendError::NoJournal { .. }), "{e}");
 }
+
+/// A receive removes the temporary files beside DEST of a receive into it whose process is
+/// gone, and keeps those of a live one (this process).
+#[test]
+fn stale_temporary_files_of_a_dead_receive_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    let model = raw_image(&src, 5);
+    let (stream, _) = send_to_vec(&src, &SendOptions::default());
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let me = std::process::id();
+    let stale = [
+        dir.path().join(format!(".out.vhdx.vdisk-recv-{dead}-0")),
+        dir.path().join(format!(".out.vhdx.vdisk-spool-{dead}-1")),
+    ];
+    let live = dir.path().join(format!(".out.vhdx.vdisk-recv-{me}-7"));
+    for f in stale.iter().chain([&live]) {
+        std::fs::write(f, b"partial image").unwrap();
+    }
+    let dest = dir.path().join("out.vhdx");
+    let mut r = receive_new(&stream, &dest).unwrap();
+    r.removed_stale.sort();
+    assert_eq!(r.removed_stale, stale);
+    assert!(stale.iter().all(|f| !f.exists()) && live.exists());
+    assert!(read_all(&open_ro(&dest)) == model);
+}

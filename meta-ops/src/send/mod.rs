@@ -131,12 +131,15 @@
 //! After a power cut (`tests/crash_jobs.rs`, every write and sync of the fault backend cut,
 //! unsynced writes lost or torn): a full stream's DEST does not exist until the image was
 //! synced and renamed, and then reads exactly the disk sent (a temporary file
-//! `.NAME.vdisk-recv-*` may be left beside it; nothing removes it). An incremental
-//! stream's DEST always opens and checks clean, and once [`receive`] returned it reads the
-//! disk sent; a cut before the journal's rename is durable leaves it as it was (a spool
-//! file `.NAME.vdisk-spool-*` may be left; nothing removes it, nothing takes it for a
-//! journal); a cut after leaves the journal, and finishing it makes DEST read exactly the
-//! disk sent. [`receive_new`] and [`receive_into`] are the two halves of [`receive`] on
+//! `.NAME.vdisk-recv-PID-N` may be left beside it). An incremental stream's DEST always
+//! opens and checks clean, and once [`receive`] returned it reads the disk sent; a cut
+//! before the journal's rename is durable leaves it as it was (a spool file
+//! `.NAME.vdisk-spool-PID-N` may be left, which nothing takes for a journal); a cut after
+//! leaves the journal, and finishing it makes DEST read exactly the disk sent. The next
+//! [`receive`] into the same DEST removes such temporary files of a process that is gone
+//! (no `/proc/PID`, and not its own PID; [`ReceiveReport::removed_stale`]): a receive in
+//! another PID namespace or on another host sharing the folder could lose its temporary
+//! file that way, and then fails at its rename, before its DEST is made or written. [`receive_new`] and [`receive_into`] are the two halves of [`receive`] on
 //! storage or a chain the caller opened ([`resume_into`] the resume).
 //!
 //! The lineage check compares identities, so its strength is the format's: a VHDX gets a
@@ -148,6 +151,7 @@
 mod journal;
 mod receiver;
 mod sender;
+mod temp;
 mod wire;
 
 use std::path::PathBuf;

@@ -14,6 +14,7 @@ use block_io::{BlockDevice, FileStorage, LockMode, RawDisk, RawOptions, Storage}
 use chain::Format;
 
 use super::journal::{self, ResumeReport};
+use super::temp::{self, TempFile};
 use super::wire::{self, Record, StreamHeader, StreamIdentity, StreamReader};
 use super::SendError;
 
@@ -100,53 +101,9 @@ pub struct ReceiveReport {
     /// The stream is the one whose journal was just finished: it was read and verified,
     /// and nothing was written for it (the totals are the stream's).
     pub already_applied: bool,
-}
-
-/// A temporary file removed on drop unless kept.
-struct TempFile {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl TempFile {
-    /// Creates a new empty file beside `dest` with a name nobody else uses.
-    fn beside(dest: &Path, what: &str) -> Result<TempFile, SendError> {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let dir = match dest.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = dest
-            .file_name()
-            .map_or_else(|| "image".into(), |n| n.to_string_lossy().into_owned());
-        loop {
-            let n = N.fetch_add(1, Ordering::Relaxed);
-            let path = dir.join(format!(".{name}.vdisk-{what}-{}-{n}", std::process::id()));
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(_) => return Ok(TempFile { path, keep: false }),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(source) => {
-                    return Err(SendError::File {
-                        op: "create a temporary file",
-                        path,
-                        source,
-                    })
-                }
-            }
-        }
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
+    /// Temporary files beside the destination that a receive into it which died had left
+    /// (its process gone), removed before this one began (by [`receive`] only).
+    pub removed_stale: Vec<PathBuf>,
 }
 
 pub(super) fn dest_err(op: &str, path: &Path) -> impl FnOnce(block_io::Error) -> SendError {
@@ -266,6 +223,7 @@ impl Totals {
             elapsed: start.elapsed(),
             resumed: None,
             already_applied: false,
+            removed_stale: Vec::new(),
         }
     }
 }
@@ -389,12 +347,14 @@ fn open_dest(dest: &Path, opts: &ReceiveOptions) -> Result<chain::Disk, SendErro
 /// `dest` exists), the existing base snapshot for an incremental one. An interrupted
 /// receive into `dest` (its journal, [`journal_path`](super::journal_path)) is finished
 /// first, before the stream is read; a journal beside a `dest` that does not exist is
-/// refused. See the module docs for what is checked and what a failure leaves behind.
+/// refused. Before that, temporary files that a receive into `dest` which died left beside
+/// it are removed ([`ReceiveReport::removed_stale`]). See the module docs for what is checked and what a failure leaves behind.
 pub fn receive(
     input: &mut dyn Read,
     dest: &Path,
     opts: &ReceiveOptions,
 ) -> Result<ReceiveReport, SendError> {
+    let removed_stale = temp::remove_stale(dest);
     let journal = journal::journal_path(dest);
     let exists = std::fs::symlink_metadata(dest).is_ok();
     let mut opened = None;
@@ -457,6 +417,7 @@ pub fn receive(
     let mut report = inc.report(format, t);
     report.resumed = resumed;
     report.already_applied = already;
+    report.removed_stale = removed_stale;
     Ok(report)
 }
 
