@@ -258,6 +258,13 @@ pub fn run_receive(a: ReceiveArgs) -> CliResult {
         say_resumed(&a.dest, bytes);
     }
     let r = r.map_err(send_err)?;
+    for f in &r.removed_stale {
+        eprintln!(
+            "vdisk: removed {}, left by a receive into {} that died",
+            f.display(),
+            a.dest.display()
+        );
+    }
     if r.already_applied {
         println!(
             "The stream ({} records, {} stream bytes) is the one just finished from the \
