@@ -282,6 +282,18 @@ pub fn check(path: &Path, format: Option<&str>, repair: bool, json: bool) -> Cli
     let started = Instant::now();
     let fmt = format.map(parse_format).transpose()?;
     let (mut corruptions, repaired) = check_one(path, fmt, repair)?;
+    // Structures can check clean while the data is half-applied: say so (the exit status
+    // is about the structures).
+    let journal = vdisk::meta_ops::send::journal_path(path);
+    if journal.exists() {
+        eprintln!(
+            "vdisk: {} has the journal of an interrupted receive beside it ({}): its data is \
+             partly updated; finish it with `vdisk receive --resume {}` before using it",
+            path.display(),
+            journal.display(),
+            path.display()
+        );
+    }
     // The whole chain: every parent's own structures, and every link's lineage.
     let mut opts = image::chain_options(format, true)?;
     opts.ignore_lineage = true;

@@ -73,8 +73,8 @@ An incremental stream is verified whole first, then kept as a journal beside DES
 (a crash, a kill, a failed write), DEST holds a mix of old and new data and must not be used \
 (opened, served, sent or copied) until the journal is finished: `vdisk receive --resume DEST` \
 does that, and so does the next `vdisk receive` into DEST before it reads its stream (a \
-stream that is the journal's own is then reported as already applied). Nothing else looks \
-for the journal. A journal that does not verify is refused and DEST left as it is.";
+stream that is the journal's own is then reported as already applied); `vdisk check DEST` \
+mentions it, nothing else looks for it. A journal that does not verify is refused and DEST left as it is.";
 
 fn send_err(e: SendError) -> CliError {
     CliError::new(crate::cause_chain(&e))

@@ -228,8 +228,13 @@ fn an_interrupted_receive_is_finished() {
         "{err}"
     );
 
-    // --resume finishes it.
+    // check mentions the journal; --resume finishes it.
     interrupted(&dest, &stream, 4);
+    let o = vdisk(&["check", &dest]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("the journal of an interrupted receive"),
+        "{o:?}"
+    );
     assert_eq!(vdisk(&["compare", &child, &dest]).status.code(), Some(1));
     let o = vdisk(&["receive", "--resume", &dest]);
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
