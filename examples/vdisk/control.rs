@@ -13,7 +13,7 @@
 //! | `resize [+\|-]SIZE [shrink] [force]` | online resize of the top image; the guest is told the new capacity (virtio config change) |
 //! | `commit [rate=R]` | starts folding the top into its parent; the guest ends on the parent |
 //! | `compact [rate=R]` | starts returning the top's unused space (VHD/VHDX, `--cache writeback`) |
-//! | `convert FORMAT PATH [rate=R]` | starts an online convert into a new image; the guest moves to it at the pivot |
+//! | `convert FORMAT PATH [layers] [rate=R]` | starts an online convert into a new image; the guest moves to it at the pivot. With `layers` (VHD or VHDX) the chain keeps its layers: the parents are converted first (the request waits), named as `vdisk convert --keep-layers` names them, then the top's job copies only what the top holds |
 //! | `backup FORMAT PATH [rate=R]` | starts a point-in-time copy into a new image; the guest stays |
 //! | `mirror nbd://HOST:PORT/NAME [timing=before\|after\|split] [rate=R]` | starts moving the disk to an NBD export of the same size (another host); the guest ends on it |
 //! | `stream [rate=R]` | starts pulling the rest of a remote base into its local replica (copy-on-read serves the guest meanwhile) |
@@ -370,7 +370,10 @@ impl Control {
             },
             "convert" | "backup" => match args {
                 [format, path, rest @ ..] => self.start(cmd, rest, Some((format, path))),
-                _ => Err(format!("usage: {cmd} FORMAT PATH [rate=BYTES/S]")),
+                _ => Err(format!(
+                    "usage: {cmd} FORMAT PATH {}[rate=BYTES/S]",
+                    if cmd == "convert" { "[layers] " } else { "" }
+                )),
             },
             "job" => self.job_status(),
             "job-wait" => self.job_wait(),
@@ -454,15 +457,24 @@ impl Control {
     ) -> Result<Value, String> {
         let mut rate = 0;
         let mut timing = MirrorTiming::Before;
+        let mut layers = false;
         for a in args {
             if let (Some(v), "mirror") = (a.strip_prefix("timing="), cmd) {
                 timing = crate::mirror::parse_timing(v)?;
                 continue;
             }
+            if (*a, cmd) == ("layers", "convert") {
+                layers = true;
+                continue;
+            }
             let v = a.strip_prefix("rate=").ok_or_else(|| {
                 format!(
                     "{cmd} takes rate=BYTES/S{}, not '{a}'",
-                    if cmd == "mirror" { " and timing=T" } else { "" }
+                    match cmd {
+                        "mirror" => " and timing=T",
+                        "convert" => " and layers",
+                        _ => "",
+                    }
                 )
             })?;
             rate = crate::size::parse_size(v).map_err(|e| e.message)?;
@@ -541,26 +553,42 @@ impl Control {
                     ));
                 }
                 let size = self.live.info().virtual_size;
-                let img =
-                    crate::image::create(format, &path, size, &[], None).map_err(|e| e.message)?;
-                if cmd == "convert" {
-                    // The guest moves to the new image: it is opened as a one-layer chain the
-                    // way the served disk was (cache mode, no readahead), so that a resize or a
-                    // commit can work on it after the switch.
-                    drop(img);
-                    let opts = served_options(false, self.direct).map_err(|e| e.message)?;
-                    let disk = Arc::new(Disk::open(&path, &opts).map_err(|e| {
-                        format!(
-                            "cannot open the new {}: {}",
-                            path.display(),
-                            crate::cause_chain(&e)
-                        )
-                    })?);
-                    let job = Job::convert(disk.clone()).pivot(Pivot::Switch);
-                    ("convert", job, Some(path), Some(disk))
+                if layers {
+                    let chain = st
+                        .chain
+                        .clone()
+                        .ok_or("the guest is on another host's export since a mirror")?;
+                    if st.cor.is_some() {
+                        return Err(
+                            "the parent is remote: stream it first, then serve again".into()
+                        );
+                    }
+                    let dest = self.new_top(&chain, format, &path)?;
+                    let job = Job::convert_top(chain, dest.clone())
+                        .map_err(|e| crate::cause_chain(&e))?;
+                    ("convert", job, Some(path), Some(dest))
                 } else {
-                    let job = Job::convert(img.dev).pivot(Pivot::Detach).dest_zeroed(true);
-                    ("backup", job, None, None)
+                    let img = crate::image::create(format, &path, size, &[], None)
+                        .map_err(|e| e.message)?;
+                    if cmd == "convert" {
+                        // The guest moves to the new image: it is opened as a one-layer chain the
+                        // way the served disk was (cache mode, no readahead), so that a resize or a
+                        // commit can work on it after the switch.
+                        drop(img);
+                        let opts = served_options(false, self.direct).map_err(|e| e.message)?;
+                        let disk = Arc::new(Disk::open(&path, &opts).map_err(|e| {
+                            format!(
+                                "cannot open the new {}: {}",
+                                path.display(),
+                                crate::cause_chain(&e)
+                            )
+                        })?);
+                        let job = Job::convert(disk.clone()).pivot(Pivot::Switch);
+                        ("convert", job, Some(path), Some(disk))
+                    } else {
+                        let job = Job::convert(img.dev).pivot(Pivot::Detach).dest_zeroed(true);
+                        ("backup", job, None, None)
+                    }
                 }
             }
         };
@@ -576,6 +604,44 @@ impl Control {
             next_chain,
         });
         Ok(json!({"job": name, "started": true}))
+    }
+
+    /// For `convert FORMAT PATH layers`: converts the layers below the guest's top (read-only
+    /// while the guest runs) into `PATH-STEM-1.EXT`, `-2`, ... as `vdisk convert --keep-layers`
+    /// names them (the request waits for that), then makes PATH an empty child of the first
+    /// and opens it as the guest's disk will be: the destination of [`Job::convert_top`].
+    /// On an error nothing new is left.
+    fn new_top(&self, chain: &Arc<Disk>, format: Format, path: &Path) -> Result<Arc<Disk>, String> {
+        let depth = chain.layers().len();
+        if depth < 2 {
+            return Err("the image has no parent: convert it without 'layers'".into());
+        }
+        let finals = vdisk::meta_ops::layers::layer_paths(path, depth, format);
+        let parents = Disk::from_layers(chain.layers()[1..].to_vec(), false)
+            .map_err(|e| crate::cause_chain(&e))?;
+        let opts = vdisk::meta_ops::LayersOptions::new(format);
+        vdisk::meta_ops::convert_layers_to(&parents, &finals[1..], &opts)
+            .map_err(|e| crate::cause_chain(&e))?;
+        let made = || -> Result<Arc<Disk>, String> {
+            let size = self.live.info().virtual_size;
+            drop(
+                crate::image::create(format, path, size, &[], Some(&finals[1]))
+                    .map_err(|e| e.message)?,
+            );
+            let opts = served_options(false, self.direct).map_err(|e| e.message)?;
+            Disk::open(path, &opts).map(Arc::new).map_err(|e| {
+                format!(
+                    "cannot open the new {}: {}",
+                    path.display(),
+                    crate::cause_chain(&e)
+                )
+            })
+        };
+        made().inspect_err(|_| {
+            for f in &finals {
+                let _ = std::fs::remove_file(f);
+            }
+        })
     }
 
     /// The job's progress, or its result once it has ended (read from its handle once).

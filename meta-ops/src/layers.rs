@@ -237,6 +237,9 @@ pub enum LayersError {
     /// [`LayersOptions::cancel`] was set.
     #[error("the conversion was cancelled")]
     Cancelled,
+    /// [`convert_layers_to`] was given names that do not fit the source.
+    #[error("the new layers' names: {0}")]
+    Names(String),
 }
 
 /// The files of the new chain for a `layers`-deep source, top first: `dst`, then
@@ -282,15 +285,45 @@ pub fn convert_layers(
     dst: &Path,
     opts: &LayersOptions,
 ) -> Result<LayersReport, LayersError> {
+    convert_layers_to(
+        source,
+        &layer_paths(dst, source.layers().len(), opts.format),
+        opts,
+    )
+}
+
+/// [`convert_layers`] into the files `finals`, top first: one per layer of `source`, all in
+/// one folder (an online convert names the parents of a new top this way, see
+/// [`crate::Job::convert_top`]).
+pub fn convert_layers_to(
+    source: &Disk,
+    finals: &[PathBuf],
+    opts: &LayersOptions,
+) -> Result<LayersReport, LayersError> {
     if opts.format == Format::Raw {
         return Err(LayersError::RawTarget);
     }
     let old = source.layers();
-    let finals = layer_paths(dst, old.len(), opts.format);
+    let folder = |p: &PathBuf| p.parent().map(Path::to_path_buf);
+    let Some(dst) = finals.first() else {
+        return Err(LayersError::Names("no names given".into()));
+    };
+    if finals.len() != old.len() {
+        return Err(LayersError::Names(format!(
+            "{} names for {} layers",
+            finals.len(),
+            old.len()
+        )));
+    }
+    if finals.iter().any(|p| folder(p) != folder(dst)) {
+        return Err(LayersError::Names(
+            "the new layers must be in one folder".into(),
+        ));
+    }
     // Refusals first: nothing is created before every name checked out.
     let keys: Vec<(u64, u64)> = old.iter().filter_map(|l| file_key(&l.path)).collect();
     let canon: Vec<PathBuf> = old.iter().map(|l| canonical_target(&l.path)).collect();
-    for p in &finals {
+    for p in finals {
         if file_key(p).is_some_and(|k| keys.contains(&k)) || canon.contains(&canonical_target(p)) {
             return Err(LayersError::DestinationIsSource(p.clone()));
         }
@@ -318,7 +351,7 @@ pub fn convert_layers(
     })?;
     let mut b = Builder {
         old,
-        finals: &finals,
+        finals,
         dir,
         opts,
         sector: source.info().logical_sector_size,

@@ -109,7 +109,7 @@ pub use compact::{
 pub use error::{JobError, JobResult};
 pub use handle::{JobHandle, JobReport, Phase, Progress};
 pub use job::{Job, JobKind, JobOptions, JobRunner, Pivot};
-pub use layers::{convert_layers, LayersError, LayersOptions, LayersReport};
+pub use layers::{convert_layers, convert_layers_to, LayersError, LayersOptions, LayersReport};
 pub use live::{GuestStats, LiveDisk, MAX_BACK_OFF};
 pub use mirror::{MirrorTiming, DEFAULT_MAX_BACKLOG, THROTTLE_CAP};
 pub use resize::{resize_image, resize_live, ResizeError, Resized};

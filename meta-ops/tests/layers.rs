@@ -14,7 +14,7 @@ use block_io::testing::pyvhdi;
 use block_io::{BlockDevice, BlockStatus, DiskInfo, FileStorage, StatusRun};
 use chain::{Disk, Format, LinkCheck};
 use meta_ops::layers::{layer_paths, LayersProgress};
-use meta_ops::{convert_layers, LayersError, LayersOptions};
+use meta_ops::{convert_layers, convert_layers_to, LayersError, LayersOptions};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 32 * MIB;
@@ -580,4 +580,36 @@ fn one_layer_is_a_plain_convert() {
     assert_eq!(r.layers.len(), 1);
     assert!(!r.layers[0].differencing);
     assert!(read_chain(&dst, 1) == read_chain(&old[2], 1));
+}
+
+#[test]
+fn named_layers_must_fit_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = vhdx_chain(dir.path(), 512);
+    let src = Disk::open(&old[0], &ro()).unwrap();
+    let d = dir.path();
+    let o = LayersOptions::new(Format::Vhd);
+    let before = files(d);
+    let names = |e: LayersError| match e {
+        LayersError::Names(m) => m,
+        e => panic!("{e}"),
+    };
+    // One name too few, and a layer in another folder: refused before anything is made.
+    let few = vec![d.join("a.vhd"), d.join("a-1.vhd")];
+    let m = names(convert_layers_to(&src, &few, &o).unwrap_err());
+    assert!(m.contains("2 names for 3 layers"), "{m}");
+    let sub = d.join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let spread = vec![d.join("a.vhd"), sub.join("a-1.vhd"), d.join("a-2.vhd")];
+    let m = names(convert_layers_to(&src, &spread, &o).unwrap_err());
+    assert!(m.contains("one folder"), "{m}");
+    std::fs::remove_dir(&sub).unwrap();
+    assert_eq!(files(d), before);
+    // Names of one's own choosing: the chain links through them.
+    let mine = vec![d.join("top.vhd"), d.join("mid.vhd"), d.join("bottom.vhd")];
+    let r = convert_layers_to(&src, &mine, &o).unwrap();
+    let made: Vec<_> = r.layers.iter().map(|l| l.path.clone()).collect();
+    assert_eq!(made, mine);
+    drop(src);
+    assert_eq!(read_chain(&mine[0], 3), read_chain(&old[0], 3));
 }

@@ -104,11 +104,23 @@ impl Model {
 }
 
 fn guest_writes(c: &mut Client, m: &mut Model, n: usize, seed: &mut u64) {
+    let all = 0..m.blocks.len();
+    guest_writes_in(c, m, n, seed, all);
+}
+
+/// `n` random 4 KiB writes to the blocks `blocks` only.
+fn guest_writes_in(
+    c: &mut Client,
+    m: &mut Model,
+    n: usize,
+    seed: &mut u64,
+    blocks: std::ops::Range<usize>,
+) {
     for _ in 0..n {
         *seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        let b = (*seed >> 33) as usize % m.blocks.len();
+        let b = blocks.start + (*seed >> 33) as usize % blocks.len();
         let v = ((*seed >> 20) as u8).max(1);
         assert_eq!(
             c.write((b * BLK / 512) as u64, &vec![v; BLK]).unwrap(),
@@ -394,6 +406,80 @@ fn convert_of_a_disk_served_with_cache_none() {
     assert!(exited, "vdisk serve failed: {log}");
     verify_file(&moved, &m, "the converted VHDX");
     vdisk_ok(&["check", &moved]);
+}
+
+/// `convert vhd PATH layers` under a writing guest: the base is converted first, then the top's
+/// job; the guest ends on a two-layer VHD chain whose top holds only what the old top held
+/// and the guest wrote, while the base's own data comes from the new base, and the controls
+/// work on it. The guest writes only where the top holds data (4-12 MiB): a write into a
+/// block the top lacks makes the old top hold that whole block, and so the new one.
+#[test]
+fn convert_keeping_the_layers_under_a_writing_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_base, top, original) = chain(dir.path(), "16M");
+    let (vu, sock) = (p(dir.path(), "vu.sock"), p(dir.path(), "ctl.sock"));
+    let moved = p(dir.path(), "moved.vhd");
+    let moved_base = p(dir.path(), "moved-1.vhd");
+    let d = serve(&top, &vu, &sock);
+    let mut c = Client::connect(&vu, &ClientOptions::default()).unwrap();
+    let mut m = Model {
+        blocks: vec![0; original.len() / BLK],
+        original,
+    };
+    let mut seed = 31;
+    let held = (4 * MIB) as usize / BLK..(12 * MIB) as usize / BLK;
+    // Refusals first: a raw target has no parent link; an unknown word is named.
+    assert!(ctl(&sock, &format!("convert raw {moved} layers"))["error"]
+        .as_str()
+        .unwrap()
+        .contains("raw"));
+    assert!(ctl(&sock, &format!("convert vhd {moved} flat"))["error"]
+        .as_str()
+        .unwrap()
+        .contains("layers"));
+    assert!(!Path::new(&moved).exists() && !Path::new(&moved_base).exists());
+    guest_writes_in(&mut c, &mut m, 20, &mut seed, held.clone());
+    ok(&sock, &format!("convert vhd {moved} layers"));
+    let t0 = Instant::now();
+    let r = loop {
+        guest_writes_in(&mut c, &mut m, 16, &mut seed, held.clone());
+        let v = ok(&sock, "job");
+        if v["state"] != "running" {
+            break v;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "never ended: {v}");
+    };
+    assert_eq!(r["state"], "completed", "{r}");
+    assert_eq!(r["guest_on"].as_str().unwrap(), moved);
+    verify_guest(&mut c, &m, "after the layered convert");
+    // The controls work on the new chain: a VHD child cannot grow past its parent, and says so.
+    assert!(ctl(&sock, "resize +1M")["error"]
+        .as_str()
+        .unwrap()
+        .contains("past its parent"));
+    guest_writes_in(&mut c, &mut m, 50, &mut seed, held);
+    verify_guest(&mut c, &m, "at the end");
+    c.close();
+    let (exited, log) = d.stop();
+    assert!(exited, "vdisk serve failed: {log}");
+    verify_file(&moved, &m, "the converted chain");
+    vdisk_ok(&["check", &moved]);
+    // The layers are kept: the first 4 MiB (base data only) come from the new base, the rest
+    // of what reads as data from the new top.
+    let map = vdisk_ok(&["map", "--output", "json", &moved]);
+    let runs: Vec<Value> = serde_json::from_str(&map).unwrap();
+    for r in &runs {
+        let (start, data) = (r["start"].as_u64().unwrap(), r["data"] == true);
+        let file = r["filename"].as_str().unwrap_or("");
+        if start < 4 * MIB {
+            assert!(file.ends_with("moved-1.vhd"), "{r} (all: {runs:?})");
+        } else if data {
+            assert!(
+                file.ends_with("moved.vhd") && r["depth"] == 0,
+                "{r} (all: {runs:?})"
+            );
+        }
+    }
 }
 
 /// A control path that is not a socket is refused before anything is served.
