@@ -520,12 +520,19 @@ impl<W: std::io::Write> MapWriter<'_, W> {
             format!("{sep}\n{m}")
         } else if r.status == BlockStatus::Data {
             let mapped = r.offset.map_or("-".to_string(), |o| format!("{o:#x}"));
+            // The file of the layer the run is in, as qemu-img map prints it.
+            let layer = self
+                .img
+                .chain
+                .as_ref()
+                .and_then(|c| c.layers().get(r.depth))
+                .filter(|_| r.depth > 0);
             format!(
                 "{:<20}{:<20}{:<20}{}\n",
                 format!("{:#x}", r.start),
                 format!("{:#x}", r.len),
                 mapped,
-                self.path.display()
+                layer.map_or(self.path, |l| l.path.as_path()).display()
             )
         } else {
             String::new()

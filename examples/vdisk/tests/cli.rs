@@ -113,6 +113,28 @@ fn info_and_map_json() {
     vdisk_ok(&["check", &img]);
 }
 
+/// The human `map` names the file of the layer each data run is in, as qemu-img map does
+/// (it named the top for every run).
+#[test]
+fn map_names_each_run_s_layer() {
+    let d = tempfile::tempdir().unwrap();
+    let (base, top) = (p(&d, "base.vhdx"), p(&d, "top.vhdx"));
+    vdisk_ok(&["create", "-f", "vhdx", &base, "4M"]);
+    vdisk_ok(&["io", &base, "-c", "write -P 1 0 1M"]);
+    vdisk_ok(&["create", "-f", "vhdx", "-b", &base, &top]);
+    vdisk_ok(&["io", &top, "-c", "write -P 2 2M 1M"]);
+    let out = vdisk_ok(&["map", &top]);
+    let file_of = |start: &str| {
+        out.lines()
+            .find(|l| l.starts_with(start))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .unwrap_or_else(|| panic!("no run at {start}: {out}"))
+            .to_string()
+    };
+    assert!(file_of("0x0 ").ends_with("base.vhdx"), "{out}");
+    assert_eq!(file_of("0x200000 "), top, "{out}");
+}
+
 /// `vdisk compare` and `qemu-img compare` give the same exit code (and offset) on raw pairs.
 #[test]
 fn compare_agrees_with_qemu_img() {
