@@ -61,16 +61,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use block_io::{BlockDevice, BlockStatus, FileStorage, LockMode};
-use chain::{Disk, Format, Identity, Layer, LayerOptions};
+use chain::{Disk, Format, Layer, LayerOptions};
+
+use crate::new_layer;
 
 /// Bytes read and written at a time.
 const CHUNK: u64 = 1 << 20;
 
 /// The longest status run asked for at a time.
 const MAX_RUN: u64 = 1 << 30;
-
-/// The VHD block size when none is asked (the format's and Hyper-V's default).
-const VHD_BLOCK_SIZE: u32 = 2 << 20;
 
 /// Where [`convert_layers`] is in its work, for a progress display.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -553,82 +552,22 @@ impl Builder<'_> {
                 .lock(self.opts.lock),
         )
         .map_err(err)?;
-        let mismatch = |want: &str, got: Identity| {
-            err(block_io::Error::new(
-                block_io::ErrorKind::InvalidInput,
-                format!("its new parent is not a {want} ({got})"),
-            ))
-        };
-        match self.opts.format {
-            Format::Vhdx => {
-                let mut o = match link {
-                    None => vhdx_format::CreateOptions::dynamic(size),
-                    Some((
-                        Identity::Vhdx {
-                            data_write_guid, ..
-                        },
-                        rel,
-                        abs,
-                    )) => vhdx_format::CreateOptions::differencing(
-                        size,
-                        vhdx_format::ParentRef {
-                            data_write_guid,
-                            relative_path: rel,
-                            absolute_path: Some(abs),
-                        },
-                    ),
-                    Some((other, ..)) => return Err(mismatch("VHDX", other)),
-                };
-                o.block_size = self.opts.block_size;
-                o.logical_sector_size = self.sector;
-                o.physical_sector_size = Some(if self.physical == 4096 {
-                    4096
-                } else {
-                    self.sector
-                });
-                let f = vhdx_format::create(storage, &o).map_err(err)?;
-                f.close().map_err(err)?;
-            }
-            Format::Vhd => {
-                let block_size = self.opts.block_size.unwrap_or(VHD_BLOCK_SIZE);
-                match link {
-                    None => {
-                        let mut o =
-                            vhd_format::CreateOptions::new(size, vhd_format::Subformat::Dynamic);
-                        o.block_size = block_size;
-                        let f = vhd_format::VhdFile::create(storage, &o).map_err(err)?;
-                        f.flush().map_err(err)?;
-                    }
-                    Some((
-                        Identity::Vhd {
-                            unique_id,
-                            timestamp,
-                        },
-                        rel,
-                        abs,
-                    )) => {
-                        let o = vhd_format::DifferencingOptions {
-                            size,
-                            block_size,
-                            parent_unique_id: unique_id,
-                            parent_timestamp: timestamp,
-                            parent_name: abs.clone(),
-                            absolute_path: Some(abs),
-                            relative_path: Some(rel),
-                            unique_id: None,
-                            timestamp: None,
-                            creator: vhd_format::Creator::default(),
-                        };
-                        let f =
-                            vhd_format::VhdFile::create_differencing(storage, &o).map_err(err)?;
-                        f.flush().map_err(err)?;
-                    }
-                    Some((other, ..)) => return Err(mismatch("VHD", other)),
-                }
-            }
+        let vhdx = match self.opts.format {
+            Format::Vhdx => true,
+            Format::Vhd => false,
             Format::Raw => return Err(LayersError::RawTarget),
-        }
-        Ok(())
+        };
+        let g = new_layer::Geometry {
+            vhdx,
+            size,
+            block_size: self.opts.block_size,
+            sector: self.sector,
+            physical: self.physical,
+        };
+        new_layer::create(storage, &g, link)
+            .map_err(|e| err(e.into_block_error()))?
+            .close()
+            .map_err(err)
     }
 
     /// Copies what source layer `i` holds into the new layer in `temp`, written through a

@@ -95,6 +95,7 @@ mod job;
 pub mod layers;
 mod live;
 pub mod mirror;
+mod new_layer;
 mod resize;
 pub mod send;
 pub mod split;

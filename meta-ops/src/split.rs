@@ -42,7 +42,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use block_io::{BlockDevice, BlockStatus, FileStorage, LockMode};
-use chain::{Disk, Format, Identity};
+use chain::{Disk, Format};
 
 /// The default block size: 2 MiB, the differencing block size of Hyper-V and qemu-img.
 pub const DEFAULT_SPLIT_BLOCK_SIZE: u32 = 2 << 20;
@@ -669,79 +669,16 @@ fn create_layer(
         &block_io::OpenOptions::new().truncate(true).lock(opts.lock),
     )
     .map_err(layer_err("create", path))?;
-    let dev: Arc<dyn BlockDevice> = match opts.format {
-        SplitFormat::Vhdx => {
-            let mut o = match parent_id {
-                None => vhdx_format::CreateOptions::dynamic(size),
-                Some((
-                    Identity::Vhdx {
-                        data_write_guid, ..
-                    },
-                    rel,
-                    abs,
-                )) => vhdx_format::CreateOptions::differencing(
-                    size,
-                    vhdx_format::ParentRef {
-                        data_write_guid,
-                        relative_path: rel,
-                        absolute_path: Some(abs),
-                    },
-                ),
-                Some((other, ..)) => return Err(not_format(path, "VHDX", other)),
-            };
-            o.block_size = Some(opts.block_size);
-            o.logical_sector_size = sector;
-            o.physical_sector_size = Some(if physical == 4096 { 4096 } else { sector });
-            Arc::new(vhdx_format::create(storage, &o).map_err(layer_err("create", path))?)
-        }
-        SplitFormat::Vhd => match parent_id {
-            None => {
-                let mut o = vhd_format::CreateOptions::new(size, vhd_format::Subformat::Dynamic);
-                o.block_size = opts.block_size;
-                Arc::new(
-                    vhd_format::VhdFile::create(storage, &o).map_err(layer_err("create", path))?,
-                )
-            }
-            Some((
-                Identity::Vhd {
-                    unique_id,
-                    timestamp,
-                },
-                rel,
-                abs,
-            )) => {
-                let o = vhd_format::DifferencingOptions {
-                    size,
-                    block_size: opts.block_size,
-                    parent_unique_id: unique_id,
-                    parent_timestamp: timestamp,
-                    parent_name: abs.clone(),
-                    absolute_path: Some(abs),
-                    relative_path: Some(rel),
-                    unique_id: None,
-                    timestamp: None,
-                    creator: vhd_format::Creator::default(),
-                };
-                Arc::new(
-                    vhd_format::VhdFile::create_differencing(storage, &o)
-                        .map_err(layer_err("create", path))?,
-                )
-            }
-            Some((other, ..)) => return Err(not_format(path, "VHD", other)),
-        },
+    let g = crate::new_layer::Geometry {
+        vhdx: opts.format == SplitFormat::Vhdx,
+        size,
+        block_size: Some(opts.block_size),
+        sector,
+        physical,
     };
-    Ok(dev)
-}
-
-fn not_format(path: &Path, want: &str, got: Identity) -> SplitError {
-    SplitError::Layer {
-        op: "create",
-        path: path.to_path_buf(),
-        source: block_io::Error::new(
-            block_io::ErrorKind::InvalidInput,
-            format!("its parent is not a {want} ({got})"),
-        ),
-    }
+    let made = crate::new_layer::create(storage, &g, parent_id)
+        .map_err(|e| layer_err("create", path)(e.into_block_error()))?;
+    Ok(made.into_device())
 }
 
 #[allow(clippy::too_many_arguments)]
