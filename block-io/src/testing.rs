@@ -50,3 +50,32 @@ pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
     }
     true
 }
+
+/// The first `len` bytes of the VHD/VHDX chain `layers` (base first) as libvhdi reads it
+/// (pyvhdi under Debian's python3; each layer's parent set by hand, as libvhdi does not
+/// resolve parent locators). Check [`pyvhdi`] first.
+///
+/// # Errors
+/// What python printed, when it fails (a layer libvhdi cannot open, say).
+pub fn pyvhdi_read(layers: &[&std::path::Path], len: u64) -> Result<Vec<u8>, String> {
+    let mut script = String::from("import pyvhdi,sys\nfs=[]\n");
+    for (i, l) in layers.iter().enumerate() {
+        script += &format!(
+            "f=pyvhdi.file(); f.open({:?})\n",
+            l.to_string_lossy().into_owned()
+        );
+        if i > 0 {
+            script += "f.set_parent(fs[-1])\n";
+        }
+        script += "fs.append(f)\n";
+    }
+    script += &format!("sys.stdout.buffer.write(fs[-1].read_buffer_at_offset({len}, 0))\n");
+    let out = Command::new("/usr/bin/python3")
+        .args(["-c", &script])
+        .output()
+        .map_err(|e| format!("cannot run python3: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("pyvhdi: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(out.stdout)
+}

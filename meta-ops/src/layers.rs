@@ -261,21 +261,6 @@ fn file_key(p: &Path) -> Option<(u64, u64)> {
     fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
 }
 
-/// Canonical form of a path that may not exist yet (its folder canonicalized).
-fn canonical_target(p: &Path) -> PathBuf {
-    if let Ok(c) = fs::canonicalize(p) {
-        return c;
-    }
-    let dir = p
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    match (fs::canonicalize(dir), p.file_name()) {
-        (Ok(d), Some(n)) => d.join(n),
-        _ => p.to_path_buf(),
-    }
-}
-
 /// Converts the chain `source` (opened read-only, top first) into a new chain of the same
 /// depth in [`LayersOptions::format`], whose top is `dst`: see the module docs. Returns the
 /// new layers, top first.
@@ -321,9 +306,14 @@ pub fn convert_layers_to(
     }
     // Refusals first: nothing is created before every name checked out.
     let keys: Vec<(u64, u64)> = old.iter().filter_map(|l| file_key(&l.path)).collect();
-    let canon: Vec<PathBuf> = old.iter().map(|l| canonical_target(&l.path)).collect();
+    let canon: Vec<PathBuf> = old
+        .iter()
+        .map(|l| crate::new_layer::canonical_target(&l.path))
+        .collect();
     for p in finals {
-        if file_key(p).is_some_and(|k| keys.contains(&k)) || canon.contains(&canonical_target(p)) {
+        if file_key(p).is_some_and(|k| keys.contains(&k))
+            || canon.contains(&crate::new_layer::canonical_target(p))
+        {
             return Err(LayersError::DestinationIsSource(p.clone()));
         }
         if fs::symlink_metadata(p).is_ok() {

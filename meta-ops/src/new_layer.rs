@@ -2,10 +2,28 @@
 //! dynamic base, or a differencing child that records its parent's identity and paths
 //! (VHDX `parent_linkage` = the parent's DataWriteGuid; VHD parent unique id and timestamp).
 
+use std::fs;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use block_io::{BlockDevice, FileStorage};
 use chain::Identity;
+
+/// Canonical form of a path that may not exist yet (its folder canonicalized): how a new
+/// layer's name is compared with the source's files.
+pub(crate) fn canonical_target(p: &Path) -> PathBuf {
+    if let Ok(c) = fs::canonicalize(p) {
+        return c;
+    }
+    let dir = p
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    match (fs::canonicalize(dir), p.file_name()) {
+        (Ok(d), Some(n)) => d.join(n),
+        _ => p.to_path_buf(),
+    }
+}
 
 /// The VHD block size when none is asked for (the format's usual 2 MiB).
 pub(crate) const VHD_BLOCK_SIZE: u32 = 2 << 20;

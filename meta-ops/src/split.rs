@@ -518,21 +518,6 @@ fn plan(
     })
 }
 
-/// Canonical form of a path that may not exist yet (its folder canonicalized).
-fn canonical_target(p: &Path) -> PathBuf {
-    if let Ok(c) = fs::canonicalize(p) {
-        return c;
-    }
-    let dir = p
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    match (fs::canonicalize(dir), p.file_name()) {
-        (Ok(d), Some(n)) => d.join(n),
-        _ => p.to_path_buf(),
-    }
-}
-
 /// Splits `source` (any image or chain top, read flattened) into the chain
 /// [`SplitOptions::layer_paths`] names: see the module docs. The layers are created new: a
 /// path that exists, or names the source or one of its parents, is refused before anything
@@ -565,10 +550,10 @@ pub fn split(source: &Path, opts: &SplitOptions) -> Result<SplitReport, SplitErr
     let sources: Vec<PathBuf> = disk
         .layers()
         .iter()
-        .map(|l| canonical_target(&l.path))
+        .map(|l| crate::new_layer::canonical_target(&l.path))
         .collect();
     for p in &paths {
-        if sources.contains(&canonical_target(p)) {
+        if sources.contains(&crate::new_layer::canonical_target(p)) {
             return Err(SplitError::DestinationIsSource(p.clone()));
         }
         if fs::symlink_metadata(p).is_ok() {

@@ -108,29 +108,6 @@ fn layer_blocks(path: &Path) -> Vec<bool> {
         .collect()
 }
 
-/// The split chain read by libvhdi from its top (each layer's parent set by hand).
-fn read_with_libvhdi(layers: &[PathBuf]) -> Vec<u8> {
-    let mut script = String::from("import pyvhdi,sys\nfs=[]\n");
-    for (i, p) in layers.iter().enumerate() {
-        script += &format!("f=pyvhdi.file(); f.open({:?})\n", s(p));
-        if i > 0 {
-            script += "f.set_parent(fs[-1])\n";
-        }
-        script += "fs.append(f)\n";
-    }
-    script += &format!("sys.stdout.buffer.write(fs[-1].read_buffer_at_offset({SIZE}, 0))\n");
-    let out = Command::new("/usr/bin/python3")
-        .args(["-c", &script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pyvhdi: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
 /// The chain opened from its top by our reader, written to a raw file.
 fn flatten(top: &Path, out: &Path) -> Vec<u8> {
     let d = chain::Disk::open(top, &chain::OpenOptions::new().read_only(true)).unwrap();
@@ -459,4 +436,10 @@ fn bad_requests_are_refused_with_their_cause() {
         split(&dir.path().join("nope.raw"), &mk(1, "m")),
         Err(SplitError::Source(_))
     ));
+}
+
+/// The split chain (base first) as libvhdi reads it.
+fn read_with_libvhdi(layers: &[PathBuf]) -> Vec<u8> {
+    let paths: Vec<&Path> = layers.iter().map(PathBuf::as_path).collect();
+    block_io::testing::pyvhdi_read(&paths, SIZE).unwrap()
 }
