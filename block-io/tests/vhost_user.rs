@@ -1015,3 +1015,40 @@ fn a_resized_disk_announces_its_new_capacity() {
     assert_eq!(c.read(OLD / 512, 4096).unwrap(), (VIRTIO_BLK_S_OK, data));
     assert_eq!(c.read(NEW / 512, 512).unwrap().0, VIRTIO_BLK_S_IOERR);
 }
+
+/// A frontend that negotiated REPLY_ACK but does not answer the configuration change: the
+/// refresh gives up after its timeout with an error saying so (the new capacity is in the
+/// config space all the same), and once the frontend answers, the next change is announced
+/// and acknowledged as usual.
+#[test]
+fn a_frontend_that_does_not_acknowledge_a_config_change_does_not_hang_the_refresh() {
+    const OLD: u64 = 4 << 20;
+    let mem = MemStorage::new();
+    mem.set_len(16 << 20).unwrap();
+    let dev = Arc::new(Growable {
+        mem,
+        size: std::sync::atomic::AtomicU64::new(OLD),
+    });
+    let s = Served::start(dev.clone(), 1);
+    let mut c = s.client(1);
+    c.watch_config_changes().unwrap();
+    dev.size
+        .store(8 << 20, std::sync::atomic::Ordering::Release);
+    let t0 = std::time::Instant::now();
+    let e = s
+        .config
+        .refresh_within(Duration::from_millis(300))
+        .unwrap_err();
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert!(e.to_string().contains("did not acknowledge"), "{e}");
+    assert_eq!(c.read_config().unwrap().capacity, (8 << 20) / 512);
+    // The frontend answers late; the next change goes through.
+    assert_eq!(c.wait_config_change(Duration::from_secs(10)).unwrap(), 1);
+    dev.size
+        .store(12 << 20, std::sync::atomic::Ordering::Release);
+    let config = s.config.clone();
+    let announcer = std::thread::spawn(move || config.refresh());
+    assert_eq!(c.wait_config_change(Duration::from_secs(10)).unwrap(), 2);
+    assert!(announcer.join().unwrap().unwrap());
+    assert_eq!(c.read_config().unwrap().capacity, (12 << 20) / 512);
+}

@@ -95,15 +95,46 @@ impl Shared {
     /// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (virtio 1.2, 2.5.1: the device's configuration
     /// change notification; the driver then reads the config space again). Requests are
     /// checked against the new capacity from their next batch on. Returns whether it changed.
-    pub(crate) fn refresh(&self) -> crate::Result<bool> {
+    ///
+    /// With REPLY_ACK the frontend's acknowledgement is awaited for at most `ack_timeout`:
+    /// the message goes out on its own thread, which a frontend that never answers leaves
+    /// waiting (until it answers or disconnects) instead of the caller. A later refresh then
+    /// waits behind it, for its own `ack_timeout` at most.
+    pub(crate) fn refresh(&self, ack_timeout: std::time::Duration) -> crate::Result<bool> {
         let sectors = self.dev.info().virtual_size / 512;
         if self.capacity.swap(sectors, Ordering::AcqRel) == sectors {
             return Ok(false);
         }
-        if let Some(fe) = self.frontend.lock().as_ref() {
-            fe.handle_config_change().map_err(|e| {
-                crate::Error::io("cannot send the configuration change to the frontend", e)
-            })?;
+        let Some(fe) = self.frontend.lock().clone() else {
+            return Ok(true);
+        };
+        let cannot = |e: std::io::Error| {
+            crate::Error::io("cannot send the configuration change to the frontend", e)
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("vu-config-change".into())
+            .spawn(move || {
+                let _ = tx.send(fe.handle_config_change());
+            })
+            .map_err(cannot)?;
+        match rx.recv_timeout(ack_timeout) {
+            Ok(r) => {
+                r.map_err(cannot)?;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                return Err(crate::Error::new(
+                    crate::ErrorKind::Failed,
+                    format!(
+                        "the frontend did not acknowledge the configuration change within {} ms \
+                         (the new capacity is in the config space for its next read)",
+                        ack_timeout.as_millis()
+                    ),
+                ))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(cannot(std::io::Error::other("the sending thread died")))
+            }
         }
         Ok(true)
     }

@@ -52,4 +52,7 @@ pub mod request;
 mod server;
 
 pub use config::BlkConfig;
-pub use server::{default_workers, ConfigHandle, ServerOptions, StopHandle, VhostUserBlkServer};
+pub use server::{
+    default_workers, ConfigHandle, ServerOptions, StopHandle, VhostUserBlkServer,
+    CONFIG_ACK_TIMEOUT,
+};

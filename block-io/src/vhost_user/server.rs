@@ -121,15 +121,26 @@ impl std::fmt::Debug for ConfigHandle {
     }
 }
 
+/// How long [`ConfigHandle::refresh`] waits for a frontend's acknowledgement of a
+/// configuration change (with REPLY_ACK): QEMU answers at once; one that never does must not
+/// hold up the caller (a resize request, say) for ever.
+pub const CONFIG_ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl ConfigHandle {
     /// Takes the disk's size again (after an online resize): when it changed, the virtio-blk
     /// `capacity` in the config space changes, requests are checked against it, and the
     /// connected frontend is sent VHOST_USER_BACKEND_CONFIG_CHANGE_MSG on the backend request
     /// channel, if it opened one (QEMU does; the guest driver then reads the capacity again).
     /// Returns whether the size changed. With REPLY_ACK negotiated it waits for the
-    /// frontend's acknowledgement.
+    /// frontend's acknowledgement, for [`CONFIG_ACK_TIMEOUT`] at most (then an error of kind
+    /// `Failed`; the new capacity stays in the config space for the driver's next read).
     pub fn refresh(&self) -> Result<bool> {
-        self.shared.refresh()
+        self.shared.refresh(CONFIG_ACK_TIMEOUT)
+    }
+
+    /// [`ConfigHandle::refresh`], waiting at most `ack_timeout` for the acknowledgement.
+    pub fn refresh_within(&self, ack_timeout: std::time::Duration) -> Result<bool> {
+        self.shared.refresh(ack_timeout)
     }
 
     /// The capacity the frontend is shown, in 512-byte sectors.
