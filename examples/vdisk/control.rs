@@ -29,11 +29,14 @@
 //!
 //! One job runs at a time, and a resize waits for none (it is refused while a job runs).
 //! After a commit or a convert the guest is on another chain, which `resize` and `commit` then
-//! work on (once `job` or `job-wait` has reported the job completed); compacting it needs
-//! `vdisk serve` started again on the image the guest ended on (the reply of `job` names it).
-//! After a mirror the guest is on another host's export: resize and commit are refused. A top committed into its parent is stale afterwards: when serving
-//! ends, a VHDX one is unlinked from its parent (`meta_ops::unlink_stale`), as `vdisk commit`
-//! does.
+//! work on once the job has completed; compacting it needs `vdisk serve` started again on the
+//! image the guest ended on (the reply of `job` names it). After a mirror the guest is on
+//! another host's export: resize and commit are refused. A top committed into its parent is
+//! stale afterwards: when serving ends, a VHDX one is unlinked from its parent
+//! (`meta_ops::unlink_stale`), as `vdisk commit` does.
+//!
+//! A `convert ... layers` request converts the parents before it returns, and the socket
+//! answers no other request meanwhile.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
