@@ -147,7 +147,9 @@ pub struct Disk {
 /// The granularity writes to a VHD differencing top are widened to (and of the cache).
 use crate::cache::GROUP;
 
-fn file_key(path: &Path) -> Option<(u64, u64)> {
+/// The (device, inode) of an existing file, following symlinks: what tells two names of one
+/// file apart from two files. `None` when there is no such file.
+pub fn file_key(path: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 

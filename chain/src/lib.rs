@@ -45,7 +45,7 @@ mod rebase;
 pub mod remote;
 
 pub use detect::{detect, Format};
-pub use disk::{Disk, LinkCheck, OpenOptions};
+pub use disk::{file_key, Disk, LinkCheck, OpenOptions};
 pub use error::{braced, ChainError, Tried};
 pub use layer::{
     open_layer, open_layer_from_storage, open_layer_with, Expected, Identity, Layer, LayerOptions,

@@ -39,7 +39,6 @@
 //! name, W2ku, W2ru, and for a copying rebase the parent unique id and timestamp, in one
 //! header write).
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
@@ -47,7 +46,7 @@ use block_io::{BlockDevice, BlockStatus, FileStorage, LockMode, Storage};
 use uuid::Uuid;
 
 use crate::detect::Format;
-use crate::disk::{Disk, OpenOptions};
+use crate::disk::{file_key, Disk, OpenOptions};
 use crate::error::{braced, ChainError};
 use crate::layer::{open_layer, Expected, Identity, Layer, ParentLink};
 use crate::policy::PathPolicy;
@@ -307,8 +306,7 @@ fn open_writable(child: &Path, lock: LockMode) -> Result<FileStorage, ChainError
 
 /// Whether `a` and `b` are the same file (device and inode; false when either is missing).
 fn same_file(a: &Path, b: &Path) -> bool {
-    let key = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
-    matches!((key(a), key(b)), (Some(x), Some(y)) if x == y)
+    matches!((file_key(a), file_key(b)), (Some(x), Some(y)) if x == y)
 }
 
 /// The new link: the parent's identity and how the child's locator names it.
@@ -540,11 +538,7 @@ enum Source {
 
 impl<'a> Side<'a> {
     fn new(disk: &'a Disk) -> Side<'a> {
-        let keys = disk
-            .layers()
-            .iter()
-            .map(|l| std::fs::metadata(&l.path).ok().map(|m| (m.dev(), m.ino())))
-            .collect();
+        let keys = disk.layers().iter().map(|l| file_key(&l.path)).collect();
         Side {
             disk,
             size: disk.info().virtual_size,
@@ -847,20 +841,20 @@ mod tests {
                 absolute: "/x/b".into(),
             };
             let sector = if fmt == Format::Vhd { 4096 } else { 512 };
+            let job = CopyJob {
+                child: Path::new("c"),
+                format: fmt,
+                identity: lc.identity,
+                link: lc.parent.clone().unwrap(),
+                old: vec![la.clone()],
+                new: &new,
+                relink: &relink,
+            };
             let run = |cut: Option<u64>| {
                 let fault = Arc::new(FaultStorage::new(c.clone()).with_sector_size(sector));
                 if let Some(n) = cut {
                     fault.set_cut(CutPoint::AfterOps(n));
                 }
-                let job = CopyJob {
-                    child: Path::new("c"),
-                    format: fmt,
-                    identity: lc.identity,
-                    link: lc.parent.clone().unwrap(),
-                    old: vec![la.clone()],
-                    new: &new,
-                    relink: &relink,
-                };
                 let r = job.run(fault.clone(), &mut |_| {});
                 (fault, r)
             };
@@ -907,15 +901,6 @@ mod tests {
             fault.inject(block_io::Injection::WriteError {
                 nth: fault.writes() + 3,
             });
-            let job = CopyJob {
-                child: Path::new("c"),
-                format: fmt,
-                identity: lc.identity,
-                link: lc.parent.clone().unwrap(),
-                old: vec![la.clone()],
-                new: &new,
-                relink: &relink,
-            };
             let e = job.run(fault.clone(), &mut |_| {}).unwrap_err();
             assert!(matches!(e, ChainError::RebaseCopy { .. }), "{fmt}: {e:?}");
             let l = crate::layer::open_layer_from_storage(

@@ -55,13 +55,12 @@
 //! enforce against QEMU and `vdisk serve`.
 
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use block_io::{BlockDevice, BlockStatus, FileStorage, LockMode};
-use chain::{Disk, Format, Layer, LayerOptions};
+use chain::{file_key, Disk, Format, Layer, LayerOptions};
 
 use crate::new_layer;
 
@@ -254,11 +253,6 @@ pub fn layer_paths(dst: &Path, layers: usize, format: Format) -> Vec<PathBuf> {
         out.push(dir.join(name));
     }
     out
-}
-
-/// The (device, inode) of an existing file, following symlinks.
-fn file_key(p: &Path) -> Option<(u64, u64)> {
-    fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// Converts the chain `source` (opened read-only, top first) into a new chain of the same
