@@ -264,6 +264,42 @@ pub trait BlockDevice: Send + Sync {
     fn mapped_write_failed(&self, err: &Error) {
         let _ = err;
     }
+
+    /// Maps a write that [`map`](Self::map) refused because it needs new space (an
+    /// allocation, or sector bitmap bits of a differencing block), so that an I/O engine can
+    /// write its payload itself: reserves the space from in-memory tables, appends the
+    /// [`Mapping::File`] pieces the bytes go to (in order, covering the request) to `out`,
+    /// and returns the [`WriteGuard`] that publishes the new metadata once the payload is
+    /// written. Until then reads of the range see the old contents; the metadata becomes
+    /// durable at a later [`flush`](Self::flush), which syncs the payload before it (the
+    /// format's order). Never does I/O and never waits for another request.
+    ///
+    /// `Ok(None)` (the default) when the device cannot take the write this way now (another
+    /// request is allocating the same block, metadata that is not in memory yet, a layer
+    /// that must see every write, many changes waiting for a commit): the caller then uses
+    /// [`write_raw_at`](Self::write_raw_at), which waits, commits and allocates itself. `out`
+    /// may hold a partial mapping after `Ok(None)`; the caller discards it. Checked as
+    /// [`write_at`](Self::write_at) is.
+    fn map_allocating(
+        self: std::sync::Arc<Self>,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<Mapping>,
+    ) -> Result<Option<Box<dyn WriteGuard>>> {
+        let _ = (offset, len, out);
+        Ok(None)
+    }
+}
+
+/// The new space an allocating write reserved (see [`BlockDevice::map_allocating`]). Complete
+/// it with the result of writing every piece of the mapping; dropping it uncompleted gives the
+/// space up as if the write had failed (the range keeps its old contents).
+pub trait WriteGuard: Send {
+    /// Publishes the write's new metadata in memory (the blocks become visible to reads and
+    /// to the next flush) after `Ok(())`; after an error, gives the space up, latches the
+    /// device's fail-stop state and returns the error. Does no I/O, so an engine may call it
+    /// on its completion thread.
+    fn complete(self: Box<Self>, result: Result<()>) -> Result<()>;
 }
 
 /// Checks that `[offset, offset+len)` is sector-aligned for `info` and inside the disk, and, for
@@ -453,5 +489,13 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     }
     fn mapped_write_failed(&self, err: &Error) {
         (**self).mapped_write_failed(err)
+    }
+    fn map_allocating(
+        self: std::sync::Arc<Self>,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<Mapping>,
+    ) -> Result<Option<Box<dyn WriteGuard>>> {
+        T::map_allocating(std::sync::Arc::clone(&*self), offset, len, out)
     }
 }

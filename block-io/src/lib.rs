@@ -42,7 +42,7 @@ pub mod vhost_user;
 pub use device::{
     bounce_read_raw, bounce_read_vectored, bounce_write_raw, bounce_write_vectored, check_request,
     push_mapping, read_bytes, write_bytes, BlockDevice, BlockStatus, DiskInfo, ImageOpenOptions,
-    Mapping, StatusRun,
+    Mapping, StatusRun, WriteGuard,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use failstop::FailStop;

@@ -249,7 +249,7 @@ impl IoHandle {
 /// Reads must lie inside `[0, len)`: a read past the end is an [`ErrorKind::OutOfRange`] error,
 /// never a silent short read. Writes past the end grow the storage; any gap reads as zeros.
 /// Nothing is durable until [`sync_data`](Storage::sync_data) returns.
-pub trait Storage: Send + Sync {
+pub trait Storage: Send + Sync + 'static {
     /// Reads exactly `buf.len()` bytes at `offset`.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
 

@@ -573,6 +573,20 @@ impl BlockDevice for Disk {
         self.top().mapped_write_failed(err);
     }
 
+    /// An allocating write maps in the top, as [`map`](BlockDevice::map)'s writes do.
+    fn map_allocating(
+        self: std::sync::Arc<Self>,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<Mapping>,
+    ) -> Result<Option<Box<dyn block_io::WriteGuard>>> {
+        block_io::check_request(&self.info, offset, len, true)?;
+        if self.widen.is_some() {
+            return Ok(None);
+        }
+        std::sync::Arc::clone(&self.layers[0].dev).map_allocating(offset, len, out)
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         block_io::check_request(&self.info, offset, buf.len() as u64, false)?;
         if self.layers.len() == 1 {

@@ -22,6 +22,7 @@
 //! under the lock, read or grown without it, inserted under it.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use block_io::{check_request, Mapping, Result, Storage};
 
@@ -94,8 +95,28 @@ enum Part {
 #[must_use = "an allocating write publishes its blocks only through `complete`"]
 #[derive(Debug)]
 pub struct AllocGuard<'a, S: Storage> {
-    file: &'a VhdxFile<S>,
+    file: FileRef<'a, S>,
     parts: Vec<Part>,
+}
+
+/// The image a guard completes on: borrowed ([`VhdxFile::reserve_write`]) or shared
+/// ([`BlockDevice::map_allocating`](block_io::BlockDevice::map_allocating), whose guard
+/// outlives the call).
+#[derive(Debug)]
+enum FileRef<'a, S: Storage> {
+    Borrowed(&'a VhdxFile<S>),
+    Shared(Arc<VhdxFile<S>>),
+}
+
+impl<S: Storage> std::ops::Deref for FileRef<'_, S> {
+    type Target = VhdxFile<S>;
+
+    fn deref(&self) -> &VhdxFile<S> {
+        match self {
+            FileRef::Borrowed(f) => f,
+            FileRef::Shared(f) => f,
+        }
+    }
 }
 
 impl<S: Storage> AllocGuard<'_, S> {
@@ -108,7 +129,7 @@ impl<S: Storage> AllocGuard<'_, S> {
     /// stays unused) and returns the error.
     pub fn complete(mut self, result: Result<()>) -> Result<()> {
         let parts = std::mem::take(&mut self.parts);
-        let f = self.file;
+        let f = &*self.file;
         if let Err(e) = result {
             f.failstop.latch(&e);
             f.release(parts.iter().filter_map(|p| match p {
@@ -152,6 +173,12 @@ impl<S: Storage> AllocGuard<'_, S> {
             return Err(e);
         }
         Ok(())
+    }
+}
+
+impl<S: Storage> block_io::WriteGuard for AllocGuard<'static, S> {
+    fn complete(self: Box<Self>, result: Result<()>) -> Result<()> {
+        AllocGuard::complete(*self, result)
     }
 }
 
@@ -381,6 +408,16 @@ impl<S: Storage> VhdxFile<S> {
         offset: u64,
         len: u64,
     ) -> Result<Option<(Vec<WriteExtent>, AllocGuard<'_, S>)>> {
+        self.reserve_into(FileRef::Borrowed(self), offset, len)
+    }
+
+    /// [`reserve_write`](Self::reserve_write) with the guard holding `file` (which is `self`).
+    fn reserve_into<'a>(
+        &self,
+        file: FileRef<'a, S>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<(Vec<WriteExtent>, AllocGuard<'a, S>)>> {
         check_request(&self.info_inner(), offset, len, true)?;
         self.failstop.check()?;
         if self.read_only || self.overlay.is_some() || !self.session_started.load(Ordering::Acquire)
@@ -389,7 +426,7 @@ impl<S: Storage> VhdxFile<S> {
         }
         let mut extents: Vec<WriteExtent> = Vec::new();
         let mut guard = AllocGuard {
-            file: self,
+            file,
             parts: Vec::new(),
         };
         for p in self.geo.pieces(offset, len) {
@@ -440,21 +477,56 @@ impl<S: Storage> VhdxFile<S> {
         offset: u64,
         len: u64,
     ) -> Result<Option<(Vec<Mapping>, AllocGuard<'_, S>)>> {
+        let mut maps = Vec::new();
+        Ok(self
+            .map_into(FileRef::Borrowed(self), offset, len, &mut maps)?
+            .map(|guard| (maps, guard)))
+    }
+
+    /// The body of [`map_allocating_write`](Self::map_allocating_write) and of
+    /// [`BlockDevice::map_allocating`](block_io::BlockDevice::map_allocating): the pieces go
+    /// to `out`.
+    fn map_into<'a>(
+        &self,
+        file: FileRef<'a, S>,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<Mapping>,
+    ) -> Result<Option<AllocGuard<'a, S>>> {
         let Some(handle) = self.storage.io_handle() else {
             check_request(&self.info_inner(), offset, len, true)?;
             return Ok(None);
         };
-        Ok(self.reserve_write(offset, len)?.map(|(extents, guard)| {
-            let maps = extents
-                .into_iter()
-                .map(|x| Mapping::File {
+        Ok(self
+            .reserve_into(file, offset, len)?
+            .map(|(extents, guard)| {
+                out.extend(extents.into_iter().map(|x| Mapping::File {
                     handle,
                     file_offset: x.file_offset,
                     len: x.len,
-                })
-                .collect();
-            (maps, guard)
-        }))
+                }));
+                guard
+            }))
+    }
+
+    /// [`BlockDevice::map_allocating`](block_io::BlockDevice::map_allocating): a guard that
+    /// holds the image. `Ok(None)` also once so many changes wait for a commit that a writer
+    /// would start one ([`wants_commit`](Self::wants_commit)): that write then goes through
+    /// the blocking path, which commits, so a stream of engine allocations never lets the
+    /// pending metadata (what a crash may lose, and what the next flush must log) grow
+    /// without bound.
+    pub(crate) fn map_allocating_shared(
+        self: Arc<Self>,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<Mapping>,
+    ) -> Result<Option<AllocGuard<'static, S>>> {
+        if self.wants_commit() {
+            check_request(&self.info_inner(), offset, len, true)?;
+            return Ok(None);
+        }
+        let me = Arc::clone(&self);
+        self.map_into(FileRef::Shared(me), offset, len, out)
     }
 }
 

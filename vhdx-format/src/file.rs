@@ -8,6 +8,7 @@
 //! chain reads them from the parent.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use block_io::{BlockDevice, DiskInfo, FailStop, Result, StatusRun, Storage};
 use parking_lot::{Condvar, Mutex, RwLock};
@@ -747,6 +748,17 @@ impl<S: Storage> BlockDevice for VhdxFile<S> {
 
     fn mapped_write_failed(&self, err: &block_io::Error) {
         self.failstop.latch(err);
+    }
+
+    fn map_allocating(
+        self: Arc<Self>,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<block_io::Mapping>,
+    ) -> Result<Option<Box<dyn block_io::WriteGuard>>> {
+        Ok(self
+            .map_allocating_shared(offset, len, out)?
+            .map(|g| Box::new(g) as Box<dyn block_io::WriteGuard>))
     }
 }
 

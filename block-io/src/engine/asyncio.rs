@@ -232,6 +232,7 @@ impl Drop for Shared {
 struct Stats {
     mapped: AtomicU64,
     fallback: AtomicU64,
+    allocating: AtomicU64,
 }
 
 /// A message to the I/O thread.
@@ -431,6 +432,7 @@ impl AsyncDisk {
         QueueStats {
             mapped: self.shared.stats.mapped.load(Ordering::Relaxed),
             fallback: self.shared.stats.fallback.load(Ordering::Relaxed),
+            allocating: self.shared.stats.allocating.load(Ordering::Relaxed),
         }
     }
 
@@ -717,6 +719,7 @@ impl IoThread {
         let s = queue.stats();
         self.stats.mapped.store(s.mapped, Ordering::Relaxed);
         self.stats.fallback.store(s.fallback, Ordering::Relaxed);
+        self.stats.allocating.store(s.allocating, Ordering::Relaxed);
     }
 }
 

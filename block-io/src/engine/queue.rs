@@ -1,16 +1,19 @@
 //! [`DeviceQueue`]: block requests of one [`BlockDevice`] run on an [`Engine`]. Each request
 //! is mapped ([`BlockDevice::map`]) to file pieces, which go to the engine with every other
-//! request's in flight; zero pieces are filled at once; a request the device cannot map
-//! (an allocating write, memory storage, an unaligned `O_DIRECT` transfer) runs through the
-//! device's own synchronous raw methods instead, on a few threads of the queue's own, so that
-//! a slow request (an allocation and its syncs) does not hold up the mapped ones. A request completes when its last piece
-//! does, with the first error of any piece.
+//! request's in flight; zero pieces are filled at once. A write that needs new space is
+//! mapped by [`BlockDevice::map_allocating`]: the device reserves the space, the engine writes
+//! the payload like any other, and the request's [`WriteGuard`] publishes the metadata when
+//! its last piece completes. A request the device cannot map (memory storage, an unaligned
+//! `O_DIRECT` transfer, an allocation that would wait for another request or for a commit)
+//! runs through the device's own synchronous raw methods instead, on a few threads of the
+//! queue's own, so that a slow request (a commit and its syncs) does not hold up the mapped
+//! ones. A request completes when its last piece does, with the first error of any piece.
 
 use std::os::unix::io::RawFd;
 use std::sync::Arc;
 
 use super::{Completion, Engine, Op, OpKind};
-use crate::device::{BlockDevice, Mapping};
+use crate::device::{BlockDevice, Mapping, WriteGuard};
 use crate::error::{Error, Result};
 use crate::storage::{raw_slice, raw_total, RawBuf};
 
@@ -20,6 +23,28 @@ struct Req<T> {
     left: usize,
     err: Option<Error>,
     write: bool,
+    /// An allocating write's reservation, completed with the request's result.
+    guard: Option<Box<dyn WriteGuard>>,
+}
+
+/// A request's result once its allocating write's guard (if any) has published or given up
+/// its reservation.
+fn finish_guard(guard: Option<Box<dyn WriteGuard>>, r: Result<()>) -> Result<()> {
+    match guard {
+        Some(g) => g.complete(r),
+        None => r,
+    }
+}
+
+/// Whether a transfer at `offset` of `bufs` is aligned for any file the engine may be handed
+/// (`O_DIRECT` needs at most 4 KiB), checked before space is reserved for it: a reservation
+/// given up is space the image never uses again.
+fn aligned_for_any_file(offset: u64, bufs: &[RawBuf]) -> bool {
+    const A: usize = 4096;
+    offset % A as u64 == 0
+        && bufs
+            .iter()
+            .all(|b| b.len % A == 0 && (b.ptr as usize) % A == 0)
 }
 
 /// How [`DeviceQueue::start`] left a request.
@@ -268,6 +293,9 @@ pub struct QueueStats {
     pub mapped: u64,
     /// Requests that ran through the device's synchronous methods.
     pub fallback: u64,
+    /// Of the mapped requests, the allocating writes (space reserved by
+    /// [`BlockDevice::map_allocating`], the payload written by the engine).
+    pub allocating: u64,
 }
 
 impl<T> std::fmt::Debug for DeviceQueue<T> {
@@ -349,12 +377,29 @@ impl<T> DeviceQueue<T> {
             Err(e) => return Started::Done(token, Err(e)),
         };
         self.maps.clear();
-        let mapped = match self.dev.map(offset, len, write, &mut self.maps) {
+        let mut mapped = match self.dev.map(offset, len, write, &mut self.maps) {
             Ok(m) => m,
             Err(e) => return Started::Done(token, Err(e)),
         };
+        let mut guard = None;
+        if !mapped && write && aligned_for_any_file(offset, bufs) {
+            // An allocating write: the device reserves the space and the engine writes the
+            // payload; the guard publishes the metadata when the request completes.
+            self.maps.clear();
+            match self.dev.clone().map_allocating(offset, len, &mut self.maps) {
+                Ok(Some(g)) => {
+                    guard = Some(g);
+                    mapped = true;
+                }
+                Ok(None) => {}
+                Err(e) => return Started::Done(token, Err(e)),
+            }
+        }
         let idx = self.slot();
         if !mapped || !self.engine_can_take(bufs, len) {
+            // A reservation the engine cannot write (a file needing more than 4 KiB
+            // alignment) is given up: its space stays unused.
+            drop(guard.take());
             self.stats.fallback += 1;
             let job = SlowJob {
                 idx,
@@ -372,6 +417,7 @@ impl<T> DeviceQueue<T> {
                         left: 1,
                         err: None,
                         write,
+                        guard: None,
                     });
                     self.live += 1;
                     Started::Queued
@@ -392,13 +438,19 @@ impl<T> DeviceQueue<T> {
             };
         }
         self.stats.mapped += 1;
+        if guard.is_some() {
+            self.stats.allocating += 1;
+        }
         let mut req = Req {
             token,
             left: 0,
             err: None,
             write,
+            guard,
         };
         let mut pos = 0u64;
+        // A write piece done here that failed, already reported to the device.
+        let mut reported = false;
         for m in &self.maps {
             let n = m.len();
             match *m {
@@ -437,6 +489,7 @@ impl<T> DeviceQueue<T> {
                             // Reported now: pieces already on the engine may complete the
                             // request later, and only their own failures are reported then.
                             self.dev.mapped_write_failed(&e);
+                            reported = true;
                             req.err.get_or_insert(e);
                             break;
                         }
@@ -469,12 +522,12 @@ impl<T> DeviceQueue<T> {
         if req.left == 0 {
             self.free.push(idx);
             let r = req.err.map_or(Ok(()), Err);
-            if write {
+            if write && !reported {
                 if let Err(e) = &r {
                     self.dev.mapped_write_failed(e);
                 }
             }
-            return Started::Done(req.token, r);
+            return Started::Done(req.token, finish_guard(req.guard, r));
         }
         self.reqs[idx] = Some(req);
         self.live += 1;
@@ -515,6 +568,7 @@ impl<T> DeviceQueue<T> {
                     left: 1,
                     err: None,
                     write: false,
+                    guard: None,
                 });
                 self.live += 1;
                 Started::Queued
@@ -601,7 +655,8 @@ impl<T> DeviceQueue<T> {
             if let Some(req) = self.reqs[idx].take() {
                 self.free.push(idx);
                 self.live -= 1;
-                out.push((req.token, req.err.map_or(Ok(()), Err)));
+                let r = finish_guard(req.guard, req.err.map_or(Ok(()), Err));
+                out.push((req.token, r));
             }
         }
     }
