@@ -155,10 +155,7 @@ pub fn run(a: BenchArgs) -> CliResult {
                 Started::Done(s, r) => reaped.push((s, r)),
             }
             sent += 1;
-            // As qemu-img bench: wrap modulo the room for a request, so a large step walks
-            // the whole disk (checked above: the first request fits, so room > 0).
-            let room = info.virtual_size - size + sector;
-            next = (next + step % room) % room;
+            next = next_offset(next, step, info.virtual_size, size);
             next -= next % sector;
         }
         q.commit().map_err(|e| CliError::new(e.chain_string()))?;
@@ -185,12 +182,13 @@ pub fn run(a: BenchArgs) -> CliResult {
     println!("Run completed in {secs:.3} seconds.");
     let stats = q.stats();
     eprintln!(
-        "vdisk: {:.0} IOPS, {}/s; {} requests through the {} engine, {} through the format's \
-         own path",
+        "vdisk: {:.0} IOPS, {}/s; {} requests through the {} engine ({} of them allocating), \
+         {} through the format's own path",
         a.count as f64 / secs,
         crate::cmds::human((a.count as f64 * size as f64 / secs) as u64),
         stats.mapped,
         q_aio_name(aio),
+        stats.allocating,
         stats.fallback
     );
     if let Some(e) = first_err {
@@ -205,4 +203,50 @@ pub fn run(a: BenchArgs) -> CliResult {
 
 fn q_aio_name(aio: Aio) -> &'static str {
     aio.name()
+}
+
+/// The offset after `offset` for a run of `size`-byte requests `step` apart on a disk of
+/// `disk` bytes, as qemu-img bench computes it (qemu commit ff2ab634, in 10.1): modulo the
+/// room for a request, `disk - size`, so that a large step walks the whole disk and a request
+/// never runs past the end; 0 when the disk holds one request. Offsets stay multiples of
+/// anything `step`, `disk` and `size` are multiples of: 4 KiB requests stay 4 KiB aligned,
+/// as the file system under an `O_DIRECT` file wants them (an unaligned write there is
+/// serialized with every other in flight).
+fn next_offset(offset: u64, step: u64, disk: u64, size: u64) -> u64 {
+    let room = disk.saturating_sub(size);
+    if room == 0 {
+        return 0;
+    }
+    let r = u128::from(room);
+    // Below `room`, so it fits in a u64.
+    ((u128::from(offset) % r + u128::from(step) % r) % r) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_offset;
+
+    #[test]
+    fn offsets_wrap_as_qemu_img_bench() {
+        // qemu's own example: 64 KiB disk, 4 KiB requests 36 KiB apart: 0, 36K, 12K, 48K.
+        let mut o = 0;
+        let mut seen = vec![o];
+        for _ in 0..3 {
+            o = next_offset(o, 36 << 10, 64 << 10, 4 << 10);
+            seen.push(o);
+        }
+        assert_eq!(seen, [0, 36 << 10, 12 << 10, 48 << 10]);
+        // A 4 GiB disk and the bench's odd stride of pages: every offset stays 4 KiB aligned
+        // and leaves room for the request.
+        let (disk, size, step) = (4u64 << 30, 4096, 4096 * 262_147);
+        let mut o = 0;
+        for _ in 0..100_000 {
+            o = next_offset(o, step, disk, size);
+            assert_eq!(o % 4096, 0);
+            assert!(o + size <= disk);
+        }
+        // Degenerate: one request fills the disk; a huge offset and step do not overflow.
+        assert_eq!(next_offset(0, 4096, 4096, 4096), 0);
+        assert!(next_offset(u64::MAX - 1, u64::MAX, u64::MAX, 512) < u64::MAX - 512);
+    }
 }
