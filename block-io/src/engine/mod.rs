@@ -281,6 +281,16 @@ impl Engine {
         }
     }
 
+    /// Whether a finished op waits to be [`reap`](Engine::reap)ed, without a system call
+    /// (io_uring: the completion ring is shared memory). Lets an owner skip a reap, and its
+    /// read of the event fd, when nothing finished.
+    pub fn has_completions(&mut self) -> bool {
+        match &mut self.inner {
+            Inner::Uring(u) => u.has_completions(),
+            Inner::Threads(t) => t.has_completions(),
+        }
+    }
+
     /// Ops submitted and not yet reaped.
     pub fn in_flight(&self) -> usize {
         let joined: usize = self.syncs.iter().map(|g| g.followers.len()).sum();

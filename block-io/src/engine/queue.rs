@@ -175,6 +175,10 @@ impl SlowPool {
         None
     }
 
+    fn has_done(&self) -> bool {
+        !self.state.0.lock().done.is_empty()
+    }
+
     fn take_done(&mut self, out: &mut Vec<(usize, Result<()>)>) {
         let mut st = self.state.0.lock();
         self.pending -= st.done.len().min(self.pending);
@@ -629,6 +633,17 @@ impl<T> DeviceQueue<T> {
         }
         self.slow_done = slow;
         r
+    }
+
+    /// [`reap`](Self::reap) when something finished, else nothing: no system call (reap
+    /// reads the engine's event fd). For an owner that reaps right after committing, to
+    /// complete at once what already finished; whatever finishes later still signals the
+    /// event fd.
+    pub fn reap_ready(&mut self, out: &mut Vec<(T, Result<()>)>) -> Result<()> {
+        if self.engine.has_completions() || (self.slow.pending > 0 && self.slow.has_done()) {
+            return self.reap(out);
+        }
+        Ok(())
     }
 
     /// One piece of request `idx` finished with `result`; completes the request with its

@@ -113,6 +113,10 @@ impl ThreadEngine {
         Ok(())
     }
 
+    pub(super) fn has_completions(&mut self) -> bool {
+        !self.pool.state.lock().finished.is_empty()
+    }
+
     pub(super) fn reap(&mut self, out: &mut Vec<Done>) -> Result<()> {
         drain_event_fd(self.pool.efd.as_raw_fd());
         let mut st = self.pool.state.lock();

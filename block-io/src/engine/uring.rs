@@ -181,6 +181,10 @@ impl UringEngine {
         }
     }
 
+    pub(super) fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
     pub(super) fn reap(&mut self, out: &mut Vec<Done>) -> Result<()> {
         drain_event_fd(self.efd.as_raw_fd());
         let cqes: Vec<(u64, i32)> = self

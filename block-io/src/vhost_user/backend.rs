@@ -508,17 +508,23 @@ impl BlkBackend {
                     // The ring itself failed: what is queued stays queued for the next try.
                     let _ = e;
                 }
-                self.reap(scratch);
+                self.reap(scratch, true);
             }
         }
     }
 
-    /// Completes what the queue's engine has finished.
-    fn reap(&self, scratch: &mut Scratch) {
+    /// Completes what the queue's engine has finished. `ready_only`: right after a commit,
+    /// where usually nothing has finished yet: skip the event fd's read then (what finishes
+    /// later signals it).
+    fn reap(&self, scratch: &mut Scratch, ready_only: bool) {
         let Some(q) = scratch.queue.as_mut() else {
             return;
         };
-        let _ = q.reap(&mut scratch.reaped);
+        let _ = if ready_only {
+            q.reap_ready(&mut scratch.reaped)
+        } else {
+            q.reap(&mut scratch.reaped)
+        };
         // The whole batch goes into the used rings first, then one notification check per
         // ring (with EVENT_IDX it covers every entry added since the last check), then the
         // in-flight count drops (stop_vring waits for it, and must find the entries in the
@@ -650,7 +656,7 @@ impl VhostUserBackend for BlkBackend {
         }
         if device_event == engine_event(self.shared.num_queues) {
             if let Some(s) = self.scratch.get(thread_id) {
-                self.reap(&mut s.lock());
+                self.reap(&mut s.lock(), false);
             }
             return Ok(());
         }
