@@ -26,14 +26,26 @@ fn engine(aio: Aio) -> Option<Engine> {
 
 /// Runs `reqs` (write?, offset, buffer) on `q` all in flight, returning the results.
 fn run_all(q: &mut DeviceQueue<usize>, reqs: &mut [(bool, u64, Vec<u8>)]) {
+    let raw: Vec<(bool, u64, RawBuf)> = reqs
+        .iter_mut()
+        .map(|(write, off, buf)| {
+            let b = RawBuf {
+                ptr: buf.as_mut_ptr(),
+                len: buf.len(),
+            };
+            (*write, *off, b)
+        })
+        .collect();
+    run_raw(q, &raw);
+}
+
+/// Runs `reqs` (write?, offset, memory) on `q` all in flight and checks every result.
+fn run_raw(q: &mut DeviceQueue<usize>, reqs: &[(bool, u64, RawBuf)]) {
     let mut done = Vec::new();
-    for (i, (write, off, buf)) in reqs.iter_mut().enumerate() {
-        let b = RawBuf {
-            ptr: buf.as_mut_ptr(),
-            len: buf.len(),
-        };
-        // SAFETY: the buffers live in `reqs` until every request is drained below.
-        match unsafe { q.start(*write, *off, &[b], i) } {
+    for (i, &(write, off, b)) in reqs.iter().enumerate() {
+        // SAFETY: the callers keep the memory alive until this returns, after every request
+        // is drained below.
+        match unsafe { q.start(write, off, &[b], i) } {
             Started::Queued => {}
             Started::Done(t, r) => done.push((t, r)),
         }
@@ -248,22 +260,16 @@ fn write_aligned(
             b
         })
         .collect();
-    let mut done = Vec::new();
-    for (i, (b, &(off, _))) in bufs.iter_mut().zip(reqs).enumerate() {
-        let raw = RawBuf {
-            ptr: b.as_mut_ptr(),
-            len: b.len(),
-        };
-        // SAFETY: the buffers live in `bufs` until every request is drained below.
-        match unsafe { q.start(true, off, &[raw], i) } {
-            Started::Queued => {}
-            Started::Done(t, r) => done.push((t, r)),
-        }
-    }
-    q.commit().unwrap();
-    q.drain(&mut done).unwrap();
-    assert_eq!(done.len(), reqs.len());
-    for (i, r) in done {
-        r.unwrap_or_else(|e| panic!("write {i}: {e}"));
-    }
+    let raw: Vec<(bool, u64, RawBuf)> = bufs
+        .iter_mut()
+        .zip(reqs)
+        .map(|(b, &(off, _))| {
+            let r = RawBuf {
+                ptr: b.as_mut_ptr(),
+                len: b.len(),
+            };
+            (true, off, r)
+        })
+        .collect();
+    run_raw(q, &raw);
 }

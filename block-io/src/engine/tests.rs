@@ -307,6 +307,27 @@ fn device_queue_runs_mapped_and_fallback_requests_against_a_model() {
     }
 }
 
+/// The `BlockDevice` methods a test device passes to its `inner` raw disk unchanged.
+macro_rules! forward_to_inner {
+    () => {
+        fn info(&self) -> crate::DiskInfo {
+            self.inner.info()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+            self.inner.write_at(buf, offset)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+            self.inner.write_zeroes(offset, len, unmap)
+        }
+        fn discard(&self, offset: u64, len: u64) -> Result<()> {
+            self.inner.discard(offset, len)
+        }
+    };
+}
+
 /// A raw disk whose flush waits at a gate and counts its calls.
 struct GatedFlush {
     inner: crate::RawDisk<PlainFile>,
@@ -317,21 +338,7 @@ struct GatedFlush {
 }
 
 impl crate::BlockDevice for GatedFlush {
-    fn info(&self) -> crate::DiskInfo {
-        self.inner.info()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.inner.write_at(buf, offset)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
-        self.inner.write_zeroes(offset, len, unmap)
-    }
-    fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.inner.discard(offset, len)
-    }
+    forward_to_inner!();
     fn flush(&self) -> Result<()> {
         self.entered
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -501,21 +508,7 @@ impl crate::WriteGuard for LoggingGuard {
 }
 
 impl crate::BlockDevice for Allocating {
-    fn info(&self) -> crate::DiskInfo {
-        self.inner.info()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.inner.write_at(buf, offset)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
-        self.inner.write_zeroes(offset, len, unmap)
-    }
-    fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.inner.discard(offset, len)
-    }
+    forward_to_inner!();
     fn flush(&self) -> Result<()> {
         self.inner.flush()
     }
