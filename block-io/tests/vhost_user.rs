@@ -941,6 +941,18 @@ struct Growable {
     size: std::sync::atomic::AtomicU64,
 }
 
+impl Growable {
+    /// A disk of `size` bytes over `room` bytes of memory it may grow into.
+    fn new(size: u64, room: u64) -> Arc<Growable> {
+        let mem = MemStorage::new();
+        mem.set_len(room).unwrap();
+        Arc::new(Growable {
+            mem,
+            size: std::sync::atomic::AtomicU64::new(size),
+        })
+    }
+}
+
 impl BlockDevice for Growable {
     fn info(&self) -> block_io::DiskInfo {
         block_io::DiskInfo {
@@ -986,12 +998,7 @@ impl BlockDevice for Growable {
 fn a_resized_disk_announces_its_new_capacity() {
     const OLD: u64 = 4 << 20;
     const NEW: u64 = 8 << 20;
-    let mem = MemStorage::new();
-    mem.set_len(NEW).unwrap();
-    let dev = Arc::new(Growable {
-        mem,
-        size: std::sync::atomic::AtomicU64::new(OLD),
-    });
+    let dev = Growable::new(OLD, NEW);
     let s = Served::start(dev.clone(), 1);
     let mut c = s.client(1);
     c.watch_config_changes().unwrap();
@@ -1023,12 +1030,7 @@ fn a_resized_disk_announces_its_new_capacity() {
 #[test]
 fn a_frontend_that_does_not_acknowledge_a_config_change_does_not_hang_the_refresh() {
     const OLD: u64 = 4 << 20;
-    let mem = MemStorage::new();
-    mem.set_len(16 << 20).unwrap();
-    let dev = Arc::new(Growable {
-        mem,
-        size: std::sync::atomic::AtomicU64::new(OLD),
-    });
+    let dev = Growable::new(OLD, 16 << 20);
     let s = Served::start(dev.clone(), 1);
     let mut c = s.client(1);
     c.watch_config_changes().unwrap();
