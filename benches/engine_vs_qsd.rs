@@ -25,7 +25,8 @@
 //!
 //! Each case runs every backend `ENGINE_BENCH_REPS` times (default 3), alternating which goes
 //! first, and reports the median IOPS (the disk of a shared machine is noisy). One line per
-//! case as it finishes (with every run's figure and the load average), a table at the end,
+//! case as it finishes (with every run's figure, each backend's median CPU time per request
+//! over the timed part, from `/proc/PID/stat`, and the load average), a table at the end,
 //! and `target/engine_vs_qsd.json`. Every read's first and last byte are checked against what
 //! the image holds there: a backend that returns wrong data fails the run.
 //!
@@ -302,6 +303,8 @@ fn median(v: &[f64]) -> f64 {
 #[derive(Default, Clone)]
 struct Series {
     iops: Vec<f64>,
+    /// The server's CPU microseconds per request of each run (when `/proc` told).
+    cpu_us: Vec<f64>,
     errors: Vec<String>,
 }
 
@@ -387,7 +390,7 @@ impl Bench {
         write: bool,
         queues: usize,
         b: Backend,
-    ) -> Result<f64, String> {
+    ) -> Result<(f64, Option<f64>), String> {
         self.prepare_run(regime, fmt, b)?;
         self.run_no += 1;
         let sock = self.cfg.dir.join(format!("{}.sock", b.key()));
@@ -415,6 +418,7 @@ impl Bench {
                 _ => images::raw_byte,
             }),
             warm: regime == Regime::Hot && self.warm_through_server(),
+            server: Some(server.pid()),
         };
         let r = client::drive(&sock, &load, Duration::from_secs(10));
         let tail = server.log_tail();
@@ -438,7 +442,11 @@ impl Bench {
                 r.bad_data, r.ops
             ));
         }
-        Ok(r.iops())
+        let cpu_us = r
+            .server_cpu
+            .filter(|_| r.ops > 0)
+            .map(|c| c * 1e6 / r.ops as f64);
+        Ok((r.iops(), cpu_us))
     }
 
     fn case(&mut self, regime: Regime, fmt: Fmt, write: bool, queues: usize) -> CaseResult {
@@ -467,7 +475,10 @@ impl Bench {
             for i in order {
                 let b = backends[i];
                 match self.one_run(regime, fmt, write, queues, b) {
-                    Ok(iops) => series[i].1.iops.push(iops),
+                    Ok((iops, cpu_us)) => {
+                        series[i].1.iops.push(iops);
+                        series[i].1.cpu_us.extend(cpu_us);
+                    }
                     Err(e) => {
                         println!("  {} run {}: FAILED: {e}", b.describe(), rep + 1);
                         series[i].1.errors.push(e);
@@ -542,7 +553,12 @@ fn case_line(c: &CaseResult) -> String {
                 .iter()
                 .map(|x| format!("{:.0}", x / 1000.0))
                 .collect();
-            format!("{} {}", b.key(), v.join("/"))
+            let cpu = median(&s.cpu_us);
+            if cpu.is_finite() {
+                format!("{} {} ({cpu:.1} us cpu/req)", b.key(), v.join("/"))
+            } else {
+                format!("{} {}", b.key(), v.join("/"))
+            }
         })
         .collect();
     s + &format!(

@@ -4,7 +4,7 @@
 
 use std::mem::MaybeUninit;
 use std::path::Path;
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
@@ -32,6 +32,8 @@ pub struct Run {
     pub bad_data: u64,
     /// The first such read: (offset, byte read, byte expected).
     pub first_bad: (u64, u8, u8),
+    /// CPU seconds the server process used during the timed part (`Load::server`), if known.
+    pub server_cpu: Option<f64>,
 }
 
 impl Run {
@@ -61,6 +63,20 @@ pub struct Load {
     /// share, in 256 KiB requests): the page cache then holds what a guest's earlier reads
     /// through this backend put there.
     pub warm: bool,
+    /// The server's process id: its CPU time over the timed part goes into `Run::server_cpu`.
+    pub server: Option<u32>,
+}
+
+/// CPU seconds (user and system, all threads) process `pid` has used, from `/proc`.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks as f64 / hz as f64)
 }
 
 /// The byte write runs write.
@@ -133,6 +149,7 @@ pub fn drive(sock: &Path, load: &Load, connect_timeout: Duration) -> Result<Run,
     }
     // Every queue finishes its warm-up before any starts the timed part.
     let start = Arc::new(Barrier::new(started.queues.len()));
+    let cpu_at_start = Arc::new(Mutex::new(None));
     let threads: Vec<_> = started
         .queues
         .into_iter()
@@ -141,7 +158,8 @@ pub fn drive(sock: &Path, load: &Load, connect_timeout: Duration) -> Result<Run,
             let load = *load;
             let buf = base + i * per_queue;
             let start = start.clone();
-            std::thread::spawn(move || run_queue(q, buf, pages, &load, i as u64, &start))
+            let cpu = cpu_at_start.clone();
+            std::thread::spawn(move || run_queue(q, buf, pages, &load, i as u64, &start, &cpu))
         })
         .collect();
     let mut total = Run::default();
@@ -164,6 +182,11 @@ pub fn drive(sock: &Path, load: &Load, connect_timeout: Duration) -> Result<Run,
             Err(_) => failure = Some("a client thread panicked".to_string()),
         }
     }
+    let before = *cpu_at_start.lock().unwrap();
+    total.server_cpu = match (before, load.server.and_then(cpu_seconds)) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
     // The queues are gone (dropped by their threads); the instance and region go last.
     drop(b);
     match failure {
@@ -226,6 +249,7 @@ fn run_queue(
     load: &Load,
     qi: u64,
     start: &Barrier,
+    cpu_at_start: &Mutex<Option<f64>>,
 ) -> Result<Run, String> {
     let warmed = if load.warm {
         let r = warm_queue(&mut q, buf, pages, load, qi);
@@ -237,7 +261,9 @@ fn run_queue(
         Ok(())
     };
     // Wait even after a failed warm-up: the other queues would wait for this one forever.
-    start.wait();
+    if start.wait().is_leader() {
+        *cpu_at_start.lock().unwrap() = load.server.and_then(cpu_seconds);
+    }
     warmed?;
     let mut rng = Rng::new(load.seed.wrapping_add(qi.wrapping_mul(0x1000_0001)));
     let mut offsets = vec![0u64; load.depth];

@@ -175,6 +175,11 @@ impl Server {
         Ok(s)
     }
 
+    /// The backend's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The last lines of the backend's output.
     pub fn log_tail(&self) -> String {
         let s = std::fs::read_to_string(&self.log).unwrap_or_default();

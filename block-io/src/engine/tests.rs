@@ -199,8 +199,17 @@ fn syncs_coalesce_until_a_write_completes() {
     }
 }
 
-/// A plain file as a `Storage` with an `IoHandle`, as `FileStorage` is.
-struct PlainFile(std::fs::File);
+/// A plain file as a `Storage` with an `IoHandle`, as `FileStorage` is. `PlainFile::new`
+/// is a buffered file; `PlainFile(f, 4096)` says its transfers must be aligned as an
+/// `O_DIRECT` file's (which the engine then sends to the disk at once, see
+/// `DeviceQueue::set_eager_submit`).
+struct PlainFile(std::fs::File, usize);
+
+impl PlainFile {
+    fn new(f: std::fs::File) -> Self {
+        PlainFile(f, 1)
+    }
+}
 
 impl crate::Storage for PlainFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -224,7 +233,7 @@ impl crate::Storage for PlainFile {
     fn io_handle(&self) -> Option<crate::IoHandle> {
         Some(crate::IoHandle {
             fd: self.0.as_raw_fd(),
-            align: 1,
+            align: self.1,
         })
     }
 }
@@ -240,7 +249,7 @@ fn device_queue_runs_mapped_and_fallback_requests_against_a_model() {
         };
         let f = tempfile::tempfile().unwrap();
         f.set_len(size).unwrap();
-        let file: Arc<dyn BlockDevice> = Arc::new(RawDisk::new(PlainFile(f)).unwrap());
+        let file: Arc<dyn BlockDevice> = Arc::new(RawDisk::new(PlainFile::new(f)).unwrap());
         let m = MemStorage::new();
         m.set_len(size).unwrap();
         let mem: Arc<dyn BlockDevice> = Arc::new(RawDisk::new(m).unwrap());
@@ -368,7 +377,7 @@ fn a_flush_blocks_no_read_and_queued_flushes_share_one() {
         let f = tempfile::tempfile().unwrap();
         f.set_len(1 << 20).unwrap();
         let dev = Arc::new(GatedFlush {
-            inner: crate::RawDisk::new(PlainFile(f)).unwrap(),
+            inner: crate::RawDisk::new(PlainFile::new(f)).unwrap(),
             open: parking_lot::Mutex::new(false),
             cv: parking_lot::Condvar::new(),
             flushes: std::sync::atomic::AtomicUsize::new(0),
@@ -431,7 +440,7 @@ fn page_cache_hits_complete_inline_and_misses_go_to_the_ring() {
         }
     };
     let tmpfs = crate::file::on_tmpfs(&f);
-    let dev: Arc<dyn BlockDevice> = Arc::new(RawDisk::new(PlainFile(f)).unwrap());
+    let dev: Arc<dyn BlockDevice> = Arc::new(RawDisk::new(PlainFile::new(f)).unwrap());
     let mut q = DeviceQueue::new(dev, engine);
     let read = |q: &mut DeviceQueue<usize>, off: usize| -> bool {
         let mut v = vec![0u8; 64 << 10];
@@ -578,7 +587,7 @@ fn allocating_writes_complete_their_guard_with_the_payload_result() {
         let log = Arc::new(AllocLog::default());
         let dev = |fd, refuse_publish| {
             Arc::new(Allocating {
-                inner: crate::RawDisk::new(PlainFile(f.try_clone().unwrap())).unwrap(),
+                inner: crate::RawDisk::new(PlainFile::new(f.try_clone().unwrap())).unwrap(),
                 fd,
                 log: log.clone(),
                 refuse_publish,
@@ -635,7 +644,7 @@ fn reap_ready_picks_up_ring_and_slow_completions_without_waiting() {
         };
         let f = tempfile::tempfile().unwrap();
         f.write_all_at(&[7u8; 65536], 0).unwrap();
-        let dev = Arc::new(crate::RawDisk::new(PlainFile(f)).unwrap()) as Arc<dyn BlockDevice>;
+        let dev = Arc::new(crate::RawDisk::new(PlainFile::new(f)).unwrap()) as Arc<dyn BlockDevice>;
         let mut q = DeviceQueue::new(dev, engine);
         let mut got = Vec::new();
         // Nothing in flight: nothing to reap.
@@ -659,5 +668,43 @@ fn reap_ready_picks_up_ring_and_slow_completions_without_waiting() {
         assert!(got.iter().all(|(_, r)| r.is_ok()));
         assert!(v.iter().all(|&b| b == 7));
         assert_eq!(q.in_flight(), 0);
+    }
+}
+
+#[test]
+fn disk_bound_requests_reach_io_uring_before_the_commit_unless_told_not_to() {
+    use crate::BlockDevice;
+    for aio in [Aio::Threads, Aio::IoUring] {
+        for eager in [true, false] {
+            let Ok(engine) = Engine::new(aio, 16) else {
+                eprintln!("!!! {aio:?} unavailable here; skipped !!!");
+                continue;
+            };
+            let f = tempfile::tempfile().unwrap();
+            f.write_all_at(&[5u8; 65536], 0).unwrap();
+            let dev = Arc::new(crate::RawDisk::new(PlainFile(f, 4096)).unwrap());
+            let mut q = DeviceQueue::new(dev as Arc<dyn BlockDevice>, engine);
+            q.set_eager_submit(eager);
+            // The thread pool takes its ops at the commit only.
+            let eager = eager && aio == Aio::IoUring;
+            let mut mem = vec![0u8; 3 * 4096];
+            let skip = mem.as_ptr().align_offset(4096);
+            let v = &mut mem[skip..skip + 8192];
+            // SAFETY: `mem` outlives the read, which completes below.
+            let started = unsafe { q.start(false, 4096, &[buf(v)], 1usize) };
+            assert!(matches!(started, Started::Queued), "{aio:?}");
+            // No commit: an eager queue's read completes anyway, the other's stays staged.
+            let mut got = Vec::new();
+            let patience = std::time::Duration::from_millis(if eager { 10_000 } else { 300 });
+            let t0 = std::time::Instant::now();
+            while got.is_empty() && t0.elapsed() < patience {
+                q.reap_ready(&mut got).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            assert_eq!(got.len(), usize::from(eager), "{aio:?} eager {eager}");
+            q.drain(&mut got).unwrap();
+            assert!(matches!(got.as_slice(), [(1, Ok(()))]), "{aio:?}: {got:?}");
+            assert!(mem[skip..skip + 8192].iter().all(|&b| b == 5), "{aio:?}");
+        }
     }
 }

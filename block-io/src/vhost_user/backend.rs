@@ -501,8 +501,9 @@ impl BlkBackend {
                 let used = process(&mem, &scratch.descs, &t);
                 complete(vring, head, used);
             }
-            // One system call for the batch's reads and writes, then complete at once what
-            // is already done (page-cache hits complete inline), saving an epoll round trip.
+            // One system call for what the batch left staged (requests bound for the disk
+            // went at once: `DeviceQueue::set_eager_submit`), then complete at once what is
+            // already done (page-cache hits complete inline), saving an epoll round trip.
             if let Some(q) = scratch.queue.as_mut() {
                 if let Err(e) = q.commit() {
                     // The ring itself failed: what is queued stays queued for the next try.
