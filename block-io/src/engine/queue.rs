@@ -355,8 +355,8 @@ impl<T> DeviceQueue<T> {
     /// serves keep one submission per batch. On this project's test machine (a 2-core VM on a
     /// virtio disk), 4 KiB random reads with the page cache dropped, through vhost-user at
     /// queue depth 32 on two queues, went from 80-83k IOPS (the disk's rate for batches) to
-    /// 92-96k, above qemu-storage-daemon's 82-86k on the same run, which submits one request
-    /// at a time too.
+    /// 87-96k, above qemu-storage-daemon's 78-87k in the same runs, which submits one
+    /// request at a time too.
     ///
     /// Only with io_uring: the thread pool wakes its threads at each commit, and a wake-up
     /// per request cost more than it gave (`vdisk bench -t none -i threads` at queue depth
