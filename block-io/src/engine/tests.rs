@@ -634,18 +634,26 @@ fn allocating_writes_complete_their_guard_with_the_payload_result() {
     }
 }
 
+/// A queue on `aio` over a raw disk of 64 KiB, every byte `byte`, whose file claims
+/// transfers aligned to `align` (see [`PlainFile`]); `None` (said loudly) where this machine
+/// has no such engine.
+fn raw_queue(aio: Aio, byte: u8, align: usize) -> Option<DeviceQueue<usize>> {
+    let Ok(engine) = Engine::new(aio, 16) else {
+        eprintln!("!!! {aio:?} unavailable here; skipped !!!");
+        return None;
+    };
+    let f = tempfile::tempfile().unwrap();
+    f.write_all_at(&[byte; 65536], 0).unwrap();
+    let dev = Arc::new(crate::RawDisk::new(PlainFile(f, align)).unwrap());
+    Some(DeviceQueue::new(dev as Arc<dyn crate::BlockDevice>, engine))
+}
+
 #[test]
 fn reap_ready_picks_up_ring_and_slow_completions_without_waiting() {
-    use crate::BlockDevice;
     for aio in [Aio::Threads, Aio::IoUring] {
-        let Ok(engine) = Engine::new(aio, 16) else {
-            eprintln!("!!! {aio:?} unavailable here; skipped !!!");
+        let Some(mut q) = raw_queue(aio, 7, 1) else {
             continue;
         };
-        let f = tempfile::tempfile().unwrap();
-        f.write_all_at(&[7u8; 65536], 0).unwrap();
-        let dev = Arc::new(crate::RawDisk::new(PlainFile::new(f)).unwrap()) as Arc<dyn BlockDevice>;
-        let mut q = DeviceQueue::new(dev, engine);
         let mut got = Vec::new();
         // Nothing in flight: nothing to reap.
         q.reap_ready(&mut got).unwrap();
@@ -673,17 +681,11 @@ fn reap_ready_picks_up_ring_and_slow_completions_without_waiting() {
 
 #[test]
 fn disk_bound_requests_reach_io_uring_before_the_commit_unless_told_not_to() {
-    use crate::BlockDevice;
     for aio in [Aio::Threads, Aio::IoUring] {
         for eager in [true, false] {
-            let Ok(engine) = Engine::new(aio, 16) else {
-                eprintln!("!!! {aio:?} unavailable here; skipped !!!");
+            let Some(mut q) = raw_queue(aio, 5, 4096) else {
                 continue;
             };
-            let f = tempfile::tempfile().unwrap();
-            f.write_all_at(&[5u8; 65536], 0).unwrap();
-            let dev = Arc::new(crate::RawDisk::new(PlainFile(f, 4096)).unwrap());
-            let mut q = DeviceQueue::new(dev as Arc<dyn BlockDevice>, engine);
             q.set_eager_submit(eager);
             // The thread pool takes its ops at the commit only.
             let eager = eager && aio == Aio::IoUring;
