@@ -877,6 +877,42 @@ impl ClientQueue {
         }
     }
 
+    /// Asks the device to notify when it adds the used entry numbered `idx`
+    /// (EVENT_IDX's used event), for tests of when a device notifies. [`wait`](Self::wait)
+    /// overwrites it.
+    pub fn set_used_event(&mut self, idx: u16) -> Result<()> {
+        let at = self.avail + 4 + 2 * u64::from(self.size);
+        self.mem
+            .store(idx, GuestAddress(at), Ordering::Release)
+            .map_err(mem_err)?;
+        fence(Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the device to notify, without touching the used event or
+    /// the used ring; returns how many notifications it counted (0: none in time).
+    pub fn wait_signal(&mut self, timeout: Duration) -> Result<u64> {
+        let deadline = Instant::now() + timeout;
+        let mut events = [EpollEvent::default(); 2];
+        loop {
+            match self.call.read() {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(Error::io("read the call eventfd", e)),
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(0);
+            }
+            let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+            match self.epoll.wait(ms, &mut events) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io("epoll wait", e)),
+            }
+        }
+    }
+
     /// Waits for the chain with head `head` (other completions are dropped).
     pub fn wait_for(&mut self, head: u16, timeout: Duration) -> Result<Completion> {
         let deadline = Instant::now() + timeout;
