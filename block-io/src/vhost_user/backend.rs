@@ -276,17 +276,19 @@ fn complete(vring: &VringRwLock, head: u16, used: u32) {
 
 /// A drain's batch of requests completed on the spot (page-cache hits) notifies the driver
 /// in at most this many parts, not once per request. Waking the driver's thread costs the
-/// worker more than the read itself: with the driver asking to be told of every completion
-/// (EVENT_IDX, used event kept at its last seen entry), one wake-up per request held hot
-/// 4 KiB reads at one queue to 1.05-1.19x qemu-storage-daemon; in eight parts (every 4th of
-/// a batch of 32) they ran at 1.31-1.36x, 2.1-2.3 µs of worker CPU per request instead of
-/// 2.5-2.9. Not in one part: the driver then waits for the whole batch and refills while
-/// the worker idles (0.78x).
+/// worker more than the read itself. With the driver asking to be told of every completion
+/// (EVENT_IDX, its used event kept at the last entry it saw), hot 4 KiB reads at one queue
+/// and QD32 ran at 1.05-1.19x qemu-storage-daemon with a check per request; with a check
+/// every 2nd, 4th and 8th entry (16, 8 and 4 parts) at 1.19-1.26x, 1.35-1.36x and
+/// 1.31-1.32x; worker CPU per request went from 2.5-2.9 µs to 2.0-2.3. Not in one part: the
+/// driver then waits for the whole batch and refills while the worker idles (0.78x).
 const NOTIFY_PARTS: u32 = 8;
 
 /// Like [`complete`], but checks for a notification only every `every` entries;
-/// `unsignalled` counts the entries since the last check ([`flush_notify`] does the last,
-/// and must before the worker waits or runs anything slow).
+/// `unsignalled` counts the entries since the last check. [`flush_notify`] does the last
+/// check of a batch, before the worker moves on or waits, so an entry is never left
+/// unnotified; until then at most `every - 1` entries wait (behind a slow request only
+/// where the queue could not start its slow-path threads and runs it inline).
 fn complete_batched(vring: &VringRwLock, head: u16, used: u32, unsignalled: &mut u32, every: u32) {
     if vring.add_used(head, used).is_err() {
         return;
