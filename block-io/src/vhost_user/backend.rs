@@ -281,8 +281,8 @@ fn complete(vring: &VringRwLock, head: u16, used: u32) {
 /// and QD32 ran at 1.05-1.19x qemu-storage-daemon with a check per request; with a check
 /// every 4th, 8th and 16th entry of a batch of 32 (8, 4 and 2 parts) at 1.35-1.36x,
 /// 1.31-1.32x and 1.19-1.26x; worker CPU per request went from 2.5-2.9 µs to 2.0-2.3 with 8
-/// parts. Not in one part: the
-/// driver then waits for the whole batch and refills while the worker idles (0.78x).
+/// parts. Not in one part: the driver then waits for the whole batch and refills while the
+/// worker idles (0.78x).
 const NOTIFY_PARTS: u32 = 8;
 
 /// Like [`complete`], but checks for a notification only every `every` entries;
