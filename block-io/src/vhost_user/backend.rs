@@ -259,21 +259,6 @@ fn target(shared: &Shared) -> Target<'_> {
     }
 }
 
-/// Puts a completed request in the used ring and interrupts the driver if the used-event
-/// index asks for it. The worker and the offload thread of a queue may both do this:
-/// `add_used` and `needs_notification` each take the vring lock, and each
-/// `needs_notification` covers every entry added since the previous one, so none is missed.
-fn complete(vring: &VringRwLock, head: u16, used: u32) {
-    if vring.add_used(head, used).is_err() {
-        // A head index beyond the queue size (or a used ring outside guest memory): that
-        // chain cannot be completed; the others still can.
-        return;
-    }
-    if vring.needs_notification().unwrap_or(true) {
-        let _ = vring.signal_used_queue();
-    }
-}
-
 /// A drain's batch of requests completed on the spot (page-cache hits) notifies the driver
 /// in at most this many parts, not once per request. Waking the driver's thread costs the
 /// worker more than the read itself. With the driver asking to be told of every completion
@@ -285,35 +270,72 @@ fn complete(vring: &VringRwLock, head: u16, used: u32) {
 /// worker idles (0.78x).
 const NOTIFY_PARTS: u32 = 8;
 
-/// Like [`complete`], but checks for a notification only every `every` entries;
-/// `unsignalled` counts the entries since the last check. [`flush_notify`] does the last
-/// check of a batch, before the worker moves on or waits, so an entry is never left
-/// unnotified; until then at most `every - 1` entries wait (behind a slow request only
-/// where the queue could not start its slow-path threads and runs it inline).
-fn complete_batched(vring: &VringRwLock, head: u16, used: u32, unsignalled: &mut u32, every: u32) {
-    if vring.add_used(head, used).is_err() {
-        return;
-    }
-    *unsignalled += 1;
-    if *unsignalled >= every {
-        flush_notify(vring, unsignalled);
+/// Interrupts the driver if its used event asks for it. The worker and the offload thread
+/// of a queue may both complete into its ring: `add_used` and `needs_notification` each take
+/// the vring lock, and each `needs_notification` covers every entry added since the
+/// previous one, so none is missed.
+fn notify_if_asked(vring: &VringRwLock) {
+    if vring.needs_notification().unwrap_or(true) {
+        let _ = vring.signal_used_queue();
     }
 }
 
-/// Checks for a notification if entries went in the used ring since the last check.
-fn flush_notify(vring: &VringRwLock, unsignalled: &mut u32) {
-    if *unsignalled > 0 {
-        *unsignalled = 0;
-        if vring.needs_notification().unwrap_or(true) {
-            let _ = vring.signal_used_queue();
+/// Puts completed requests in one used ring, checking for a notification every `every`
+/// entries. [`Notify::flush`] does the last check of a batch, before the worker moves on or
+/// waits, so an entry is never left unnotified; until then at most `every - 1` entries wait
+/// (behind a slow request only where the queue could not start its slow-path threads and
+/// runs it inline).
+struct Notify {
+    /// Entries added since the last check.
+    unsignalled: u32,
+    every: u32,
+}
+
+impl Notify {
+    /// A check after every entry.
+    fn each() -> Notify {
+        Notify {
+            unsignalled: 0,
+            every: 1,
+        }
+    }
+
+    /// Checks in [`NOTIFY_PARTS`] parts of a batch of `batch` requests.
+    fn in_parts(batch: usize) -> Notify {
+        let batch = u32::try_from(batch).unwrap_or(u32::MAX);
+        Notify {
+            unsignalled: 0,
+            every: (batch / NOTIFY_PARTS).max(1),
+        }
+    }
+
+    /// Puts a completed request in the used ring; checks for a notification when its part
+    /// is full.
+    fn complete(&mut self, vring: &VringRwLock, head: u16, used: u32) {
+        if vring.add_used(head, used).is_err() {
+            // A head index beyond the queue size (or a used ring outside guest memory): that
+            // chain cannot be completed; the others still can.
+            return;
+        }
+        self.unsignalled += 1;
+        if self.unsignalled >= self.every {
+            self.flush(vring);
+        }
+    }
+
+    /// Checks for a notification if entries went in the used ring since the last check.
+    fn flush(&mut self, vring: &VringRwLock) {
+        if self.unsignalled > 0 {
+            self.unsignalled = 0;
+            notify_if_asked(vring);
         }
     }
 }
 
 /// Completes a read or write that ran on the engine.
-fn finish_io(tok: IoToken, r: crate::Result<()>, in_flight: &InFlight) {
+fn finish_io(tok: IoToken, r: crate::Result<()>, in_flight: &InFlight, notify: &mut Notify) {
     let used = tok.io.finish(&tok.mem, r);
-    complete(&tok.vring, tok.head, used);
+    notify.complete(&tok.vring, tok.head, used);
     in_flight.finish(tok.queue);
 }
 
@@ -323,7 +345,7 @@ fn offload_loop(shared: Arc<Shared>, in_flight: Arc<InFlight>, jobs: mpsc::Recei
         let t = target(&shared);
         let _done = Finish(&in_flight, job.queue);
         let used = process(&job.mem, &job.descs, &t);
-        complete(&job.vring, job.head, used);
+        Notify::each().complete(&job.vring, job.head, used);
     }
 }
 
@@ -391,7 +413,7 @@ impl BlkBackend {
             if let Some(q) = s.queue.as_mut() {
                 let _ = q.drain(&mut s.reaped);
                 for (tok, r) in s.reaped.drain(..) {
-                    finish_io(tok, r, &s.in_flight);
+                    finish_io(tok, r, &s.in_flight, &mut Notify::each());
                 }
             }
             // Its only sender gone, the thread's loop ends after the jobs already sent.
@@ -441,7 +463,6 @@ impl BlkBackend {
     /// longer find it and complete with IOERR (see [`request`](super::request)).
     fn drain(&self, vring: &VringRwLock, queue: u16, scratch: &mut Scratch) -> usize {
         let mut taken = 0;
-        let mut unsignalled = 0u32;
         let t = target(&self.shared);
         loop {
             let atomic = self.mem.read().clone();
@@ -468,7 +489,7 @@ impl BlkBackend {
                 return taken;
             }
             taken += chains.len();
-            let every = (chains.len() as u32 / NOTIFY_PARTS).max(1);
+            let mut notify = Notify::in_parts(chains.len());
             for chain in chains {
                 let head = chain.head_index();
                 scratch.descs.clear();
@@ -509,9 +530,7 @@ impl BlkBackend {
                 }
                 if let Some(q) = scratch.queue.as_mut() {
                     match prepare(&mem, &scratch.descs, &t) {
-                        Prepared::Done(used) => {
-                            complete_batched(vring, head, used, &mut unsignalled, every)
-                        }
+                        Prepared::Done(used) => notify.complete(vring, head, used),
                         Prepared::Io(io) => {
                             let (write, offset) = (io.write, io.offset);
                             let bufs = io.bufs().to_vec();
@@ -533,15 +552,7 @@ impl BlkBackend {
                             match started {
                                 Started::Queued => {}
                                 Started::Done(tok, r) => {
-                                    let used = tok.io.finish(&tok.mem, r);
-                                    complete_batched(
-                                        vring,
-                                        tok.head,
-                                        used,
-                                        &mut unsignalled,
-                                        every,
-                                    );
-                                    scratch.in_flight.finish(tok.queue);
+                                    finish_io(tok, r, &scratch.in_flight, &mut notify)
                                 }
                             }
                         }
@@ -549,11 +560,11 @@ impl BlkBackend {
                     continue;
                 }
                 // No engine: every request runs here, synchronously, and is notified alone.
-                flush_notify(vring, &mut unsignalled);
+                notify.flush(vring);
                 let used = process(&mem, &scratch.descs, &t);
-                complete(vring, head, used);
+                Notify::each().complete(vring, head, used);
             }
-            flush_notify(vring, &mut unsignalled);
+            notify.flush(vring);
             // One system call for what the batch left staged (requests bound for the disk
             // went at once: `DeviceQueue::set_eager_submit`), then complete at once what is
             // already done (page-cache hits complete inline), saving an epoll round trip.
@@ -597,9 +608,7 @@ impl BlkBackend {
             scratch.done.push(tok.queue);
         }
         for v in scratch.notify.drain(..) {
-            if v.needs_notification().unwrap_or(true) {
-                let _ = v.signal_used_queue();
-            }
+            notify_if_asked(&v);
         }
         for q in scratch.done.drain(..) {
             scratch.in_flight.finish(q);

@@ -611,6 +611,22 @@ impl Client {
     }
 }
 
+/// What ended a [`ClientQueue`]'s sleep.
+enum Woke {
+    Deadline,
+    /// The call eventfd (or a signal).
+    Event,
+    /// The backend closed the connection.
+    HungUp,
+}
+
+fn hung_up() -> Error {
+    Error::new(
+        ErrorKind::Io,
+        "the backend closed the vhost-user connection",
+    )
+}
+
 /// One split virtqueue driven by the client.
 #[derive(Debug)]
 pub struct ClientQueue {
@@ -827,7 +843,6 @@ impl ClientQueue {
     /// Waits up to `timeout` for at least one completion.
     pub fn wait(&mut self, timeout: Duration) -> Result<Vec<Completion>> {
         let deadline = Instant::now() + timeout;
-        let mut events = [EpollEvent::default(); 2];
         loop {
             let c = self.reap()?;
             if !c.is_empty() {
@@ -835,11 +850,7 @@ impl ClientQueue {
             }
             if self.event_idx {
                 // Ask to be interrupted at the next completion, then look once more.
-                let at = self.avail + 4 + 2 * u64::from(self.size);
-                self.mem
-                    .store(self.last_used, GuestAddress(at), Ordering::Release)
-                    .map_err(mem_err)?;
-                fence(Ordering::SeqCst);
+                self.set_used_event(self.last_used)?;
                 let used_idx: u16 = self
                     .mem
                     .load(GuestAddress(self.used + 2), Ordering::Acquire)
@@ -848,32 +859,40 @@ impl ClientQueue {
                     continue;
                 }
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Error::new(
-                    ErrorKind::Io,
-                    format!("no completion on queue {} within {timeout:?}", self.index),
-                ));
-            }
-            let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
-            match self.epoll.wait(ms, &mut events) {
-                Ok(n) => {
-                    if events[..n].iter().any(|e| e.data() == 1) {
-                        // One last look: completions may have landed before the hang-up.
-                        let c = self.reap()?;
-                        if !c.is_empty() {
-                            return Ok(c);
-                        }
-                        return Err(Error::new(
-                            ErrorKind::Io,
-                            "the backend closed the vhost-user connection",
-                        ));
-                    }
+            match self.sleep(deadline)? {
+                Woke::Deadline => {
+                    return Err(Error::new(
+                        ErrorKind::Io,
+                        format!("no completion on queue {} within {timeout:?}", self.index),
+                    ))
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Error::io("epoll wait", e)),
+                Woke::HungUp => {
+                    // One last look: completions may have landed before the hang-up.
+                    let c = self.reap()?;
+                    if !c.is_empty() {
+                        return Ok(c);
+                    }
+                    return Err(hung_up());
+                }
+                Woke::Event => {}
             }
             let _ = self.call.read();
+        }
+    }
+
+    /// Sleeps until the device notifies or hangs up, or until `deadline`.
+    fn sleep(&self, deadline: Instant) -> Result<Woke> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(Woke::Deadline);
+        }
+        let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+        let mut events = [EpollEvent::default(); 2];
+        match self.epoll.wait(ms, &mut events) {
+            Ok(n) if events[..n].iter().any(|e| e.data() == 1) => Ok(Woke::HungUp),
+            Ok(_) => Ok(Woke::Event),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(Woke::Event),
+            Err(e) => Err(Error::io("epoll wait", e)),
         }
     }
 
@@ -893,22 +912,16 @@ impl ClientQueue {
     /// the used ring; returns how many notifications it counted (0: none in time).
     pub fn wait_signal(&mut self, timeout: Duration) -> Result<u64> {
         let deadline = Instant::now() + timeout;
-        let mut events = [EpollEvent::default(); 2];
         loop {
             match self.call.read() {
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(Error::io("read the call eventfd", e)),
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(0);
-            }
-            let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
-            match self.epoll.wait(ms, &mut events) {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Error::io("epoll wait", e)),
+            match self.sleep(deadline)? {
+                Woke::Deadline => return Ok(0),
+                Woke::HungUp => return Err(hung_up()),
+                Woke::Event => {}
             }
         }
     }
